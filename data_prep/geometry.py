@@ -1,0 +1,203 @@
+"""5-point similarity alignment to the SphereFace template (SPEC section 2).
+
+Three pieces, all pure functions:
+
+- ``TEMPLATES``: the reference landmark positions of a 112x96 crop (and of 112x112, same points with
+  x + 8), stored as published (MATLAB, 1-based) and converted to the 0-based pixel convention of
+  OpenCV / numpy by :func:`template_points`.
+- :func:`similarity_transform`: the least-squares similarity over all five points with the exact
+  semantics of MATLAB ``cp2tform(input, base, 'similarity')`` used by the original SphereFace
+  preprocessing (``code/preprocess/face_align_demo.m``), including the reflected fit.
+- :func:`align_face`: bilinear ``cv2.warpAffine`` with a black border.
+
+The 1-based / 0-based offset
+----------------------------
+MATLAB indexes the first pixel as (1, 1); the published template points are in that convention and
+the original landmarks (MATLAB MTCNN) were too. OpenCV's first pixel centre is (0, 0), and landmarks in
+this toolkit are 0-based (docs/interfaces.md). A similarity is affine, so shifting both point sets by
+the same (-1, -1) leaves the rotation and scale unchanged and gives the same warp: with 0-based
+landmarks we therefore use ``template - 1``. Ports that pair 0-based landmarks with the 1-based
+template place the face about one pixel too far right and down.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Tuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Published SphereFace template for a 112 (h) x 96 (w) crop, (x, y), MATLAB 1-based coordinates:
+# left eye, right eye, nose tip, left mouth corner, right mouth corner.
+_TEMPLATE_112x96_MATLAB = np.array(
+    [
+        [30.2946, 51.6963],
+        [65.5318, 51.5014],
+        [48.0252, 71.7366],
+        [33.5493, 92.3655],
+        [62.7299, 92.2041],
+    ],
+    dtype=np.float64,
+)
+
+#: name -> (crop height, crop width, 5 x 2 template points in MATLAB 1-based coordinates).
+#: ``112x112`` is the same face placed in a wider crop: x + 8 (SPEC section 2).
+TEMPLATES: Dict[str, Tuple[int, int, np.ndarray]] = {
+    "112x96": (112, 96, _TEMPLATE_112x96_MATLAB),
+    "112x112": (112, 112, _TEMPLATE_112x96_MATLAB + np.array([8.0, 0.0])),
+}
+
+
+def _check_template(template: str) -> Tuple[int, int, np.ndarray]:
+    try:
+        return TEMPLATES[template]
+    except KeyError:
+        raise ValueError(
+            f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}"
+        ) from None
+
+
+def template_points(template: str = "112x96") -> np.ndarray:
+    """The template's five points in 0-based pixel coordinates (published values minus 1)."""
+    _, _, pts = _check_template(template)
+    return pts - 1.0
+
+
+def template_size(template: str = "112x96") -> Tuple[int, int]:
+    """``(height, width)`` of the crop a template produces."""
+    h, w, _ = _check_template(template)
+    return h, w
+
+
+def _as_points(pts, name: str) -> np.ndarray:
+    arr = np.asarray(pts, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < 2:
+        raise ValueError(f"{name} must be an N x 2 array of (x, y) points with N >= 2, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains non-finite values: {arr.tolist()}")
+    return arr
+
+
+def _nonreflective_inverse_fit(uv: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """MATLAB ``findNonreflectiveSimilarity``: fit xy -> uv in least squares, return the 3x3 ``T``.
+
+    ``T`` is the MATLAB row-vector matrix of the *forward* map uv -> xy, ``[u v 1] @ T = [x y 1]``.
+    Like MATLAB, the least squares is solved for the inverse map (base points ``xy`` to input points
+    ``uv``; ``u = sc*x + ss*y + tx``, ``v = -ss*x + sc*y + ty``) and then inverted. The residual is
+    therefore measured in the input image, not in the crop: the inverse of this fit is not the
+    least-squares fit of uv -> xy when the points do not match exactly (its scale is larger by
+    1 / correlation^2), and only the inverse-fit form reproduces the original crops.
+    """
+    m = xy.shape[0]
+    x, y = xy[:, 0], xy[:, 1]
+    ones, zeros = np.ones(m), np.zeros(m)
+    X = np.vstack([np.stack([x, y, ones, zeros], 1), np.stack([y, -x, zeros, ones], 1)])
+    U = np.concatenate([uv[:, 0], uv[:, 1]])
+    if np.linalg.matrix_rank(X) < 4:
+        raise ValueError(
+            f"target points are degenerate (they coincide): {xy.tolist()}; a similarity needs two distinct points"
+        )
+    sc, ss, tx, ty = np.linalg.lstsq(X, U, rcond=None)[0]
+    spread_uv = np.sqrt(np.sum((uv - uv.mean(0)) ** 2))
+    spread_xy = np.sqrt(np.sum((xy - xy.mean(0)) ** 2))
+    if np.hypot(sc, ss) * spread_xy <= 1e-9 * max(spread_uv, np.abs(uv).max(), 1.0):
+        raise ValueError(
+            f"landmarks are degenerate (the points coincide or carry no shape): {uv.tolist()}; "
+            "a similarity needs at least two distinct points"
+        )
+    t_inv = np.array([[sc, -ss, 0.0], [ss, sc, 0.0], [tx, ty, 1.0]])
+    t = np.linalg.inv(t_inv)
+    t[:, 2] = (0.0, 0.0, 1.0)
+    return t
+
+
+def _apply_rowmatrix(t: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    return pts @ t[:2, :2] + t[2, :2]
+
+
+def similarity_transform(src, dst, reflective: bool = True) -> np.ndarray:
+    """Least-squares similarity mapping ``src`` points onto ``dst`` points (MATLAB ``cp2tform``).
+
+    Args:
+        src: N x 2 (x, y) points in the input image (the detected landmarks), N >= 2.
+        dst: N x 2 (x, y) points they should land on (the template).
+        reflective: also fit the mirror-image similarity and keep it when its residual is smaller
+            (``cp2tform(..., 'similarity')``); ``False`` gives ``'nonreflective similarity'``.
+
+    Returns:
+        2 x 3 float64 ``M`` with ``dst ~= M @ [src; 1]``, ready for ``cv2.warpAffine``.
+
+    All points are used (no RANSAC, no outlier rejection). Details that follow MATLAB exactly:
+    the fit is the least-squares inverse map dst -> src, inverted (see
+    :func:`_nonreflective_inverse_fit`); the reflected candidate is fitted on dst with x negated and
+    then composed with the reflection; the candidates are compared by MATLAB's ``norm`` of the
+    N x 2 residual matrix in ``dst`` space, i.e. its largest singular value (not the Frobenius norm),
+    ties going to the non-reflective fit.
+    """
+    uv = _as_points(src, "src")
+    xy = _as_points(dst, "dst")
+    if uv.shape != xy.shape:
+        raise ValueError(f"src and dst must have the same shape, got {uv.shape} and {xy.shape}")
+    t1 = _nonreflective_inverse_fit(uv, xy)
+    best = t1
+    if reflective:
+        xy_r = xy * np.array([-1.0, 1.0])
+        t2r = _nonreflective_inverse_fit(uv, xy_r)
+        t2 = t2r @ np.diag([-1.0, 1.0, 1.0])
+        norm1 = np.linalg.norm(_apply_rowmatrix(t1, uv) - xy, ord=2)
+        norm2 = np.linalg.norm(_apply_rowmatrix(t2, uv) - xy, ord=2)
+        if norm2 < norm1:
+            best = t2
+    return np.ascontiguousarray(best[:, :2].T)
+
+
+def warp_points(matrix, pts) -> np.ndarray:
+    """Apply a 2 x 3 affine matrix to N x 2 points."""
+    m = np.asarray(matrix, dtype=np.float64)
+    p = np.asarray(pts, dtype=np.float64)
+    return p @ m[:, :2].T + m[:, 2]
+
+
+def to_bgr(image: np.ndarray) -> np.ndarray:
+    """Return a 3-channel BGR uint8 view/copy of a grayscale, BGR or BGRA uint8 image."""
+    import cv2
+
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (as cv2.imread returns), got dtype {img.dtype}")
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if img.ndim == 3 and img.shape[2] == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2BGR)
+    if img.ndim == 3 and img.shape[2] == 3:
+        return img
+    if img.ndim == 3 and img.shape[2] == 4:
+        # Alpha is dropped, not composited: cv2.imread(IMREAD_COLOR) does the same.
+        return np.ascontiguousarray(img[:, :, :3])
+    raise ValueError(f"image must be H x W, H x W x 1, H x W x 3 or H x W x 4, got shape {img.shape}")
+
+
+def alignment_matrix(landmarks, template: str = "112x96", reflective: bool = True) -> np.ndarray:
+    """The 2 x 3 matrix that maps 0-based ``landmarks`` (5 x 2) onto the 0-based template."""
+    pts = _as_points(landmarks, "landmarks")
+    if pts.shape != (5, 2):
+        raise ValueError(f"landmarks must be 5 x 2 (SPEC order), got shape {pts.shape}")
+    return similarity_transform(pts, template_points(template), reflective=reflective)
+
+
+def align_face(image: np.ndarray, landmarks, template: str = "112x96") -> np.ndarray:
+    """Warp ``image`` so that its 5 ``landmarks`` (0-based, SPEC order) fit the SphereFace template.
+
+    Returns a 112 x 96 x 3 (or 112 x 112 x 3) BGR uint8 crop: bilinear interpolation, black outside
+    the image, like MATLAB ``imtransform`` in the original preprocessing. Grayscale input is expanded
+    to three channels, an alpha channel is dropped.
+    """
+    import cv2
+
+    img = to_bgr(image)
+    h, w = template_size(template)
+    m = alignment_matrix(landmarks, template)
+    return cv2.warpAffine(
+        img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0)
+    )
