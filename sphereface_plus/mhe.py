@@ -1,0 +1,488 @@
+"""Minimum Hyperspherical Energy (MHE) regularisers (SPEC section 5; Liu et al., NeurIPS 2018).
+
+Three entry points, all built on the same pairwise kernels:
+
+- :func:`mhe_energy` -- the energy of one layer: its neurons (the rows of ``weight.reshape(N, -1)``)
+  are projected to the unit sphere and the kernel ``e(ŵ_i, ŵ_j)`` is averaged over the unordered
+  pairs ``i < j``.
+- :func:`classifier_mhe` -- the SphereFace+ term on classifier weights ``C x d``: the mini-batch form
+  (the classes of the batch against all other classes), the energy among the distinct batch classes,
+  or the exact full-space energy computed in row blocks (memory ``O(block * C)``, never ``O(C^2)``).
+- :class:`MHERegularizer` -- MHE on the convolution and linear layers of any ``nn.Module`` (hidden
+  layers with an optional half-space form, the output layer always full-space), the weighted sum plus
+  the per-layer values for logging.
+
+Kernels (``power``), on ``c_ij = ŵ_i · ŵ_j`` with ``ŵ = w / sqrt(|w|^2 + 1e-4)``:
+
+======  =================================  =====================================
+power   e_ij                                note
+======  =================================  =====================================
+``0``   ``-log(2 - 2c)``                    logarithmic energy (s = 0)
+``1``   ``(2 - 2c)^(-1/2)``                 Coulomb / Thomson energy (s = 1)
+``2``   ``(2 - 2c)^(-1)``                   s = 2
+``a0``  ``-log(θ/π + 1e-4)``                angular variants, θ = arccos(c)
+``a1``  ``(θ/π + 1e-4)^(-1)``
+``a2``  ``(θ/π + 1e-4)^(-2)``
+======  =================================  =====================================
+
+``2 - 2c`` is the squared Euclidean distance of the two unit vectors. For the angular kernels ``c`` is
+clamped to ``[-1 + 1e-5, 1 - 1e-5]`` before ``arccos`` (SPEC section 5; the derivative of arccos is
+infinite at +-1).
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "POWERS",
+    "DEFAULT_COEFFICIENTS",
+    "normalize_power",
+    "normalize_rows",
+    "mhe_kernel",
+    "mhe_energy",
+    "classifier_mhe",
+    "MHERegularizer",
+]
+
+POWERS = ("0", "1", "2", "a0", "a1", "a2")
+CLASSIFIER_MODES = ("batch_vs_all", "batch_unique", "full")
+
+# (hidden, output) coefficients of the MHE reference code, by power (SPEC section 5 table).
+DEFAULT_COEFFICIENTS: Dict[str, Tuple[float, float]] = {
+    "0": (1.0, 10.0),
+    "1": (1.0, 10.0),
+    "2": (1.0, 10.0),
+    "a0": (1.0, 10.0),
+    "a1": (0.1, 1.0),
+    "a2": (0.1, 1.0),
+}
+
+NORM_EPS = 1e-4  # ŵ = w / sqrt(|w|^2 + 1e-4)
+ANGLE_CLAMP = 1e-5  # c clamped to [-1 + 1e-5, 1 - 1e-5] before arccos
+ANGLE_EPS = 1e-4  # θ/π + 1e-4
+# Deliberate deviation: the squared distance 2 - 2c is floored at 1e-6 for the Euclidean kernels. The
+# reference code has no floor. Thanks to the 1e-4 in the normalisation, two rows pointing the same way
+# are still 2e-4 / (|w|^2 + 1e-4) apart, so the floor only acts on identical rows of norm above ~14
+# (and on float32 round-off), where the exact energy would be infinite/NaN and wreck training.
+DIST_FLOOR = 1e-6
+# mhe_energy switches from the dense N x N form to the blocked one above this many neurons.
+DENSE_MAX_NEURONS = 4096
+# default block: about 4M kernel entries (16 MB in float32) per temporary.
+BLOCK_ENTRIES = 1 << 22
+
+
+def normalize_power(power: Union[str, int]) -> str:
+    """Map ``power`` (``'0'``, ``'1'``, ``'2'``, ``'a0'``, ``'a1'``, ``'a2'`` or the ints 0, 1, 2) to its string.
+
+    Raises ``ValueError`` naming the choices for anything else.
+    """
+    if isinstance(power, bool):  # bool is an int subclass: True would silently mean '1'
+        key = None
+    elif isinstance(power, int):
+        key = str(power)
+    elif isinstance(power, str):
+        key = power.strip().lower()
+    else:
+        key = None
+    if key not in POWERS:
+        raise ValueError(
+            f"unknown MHE power {power!r}: choose one of {', '.join(repr(p) for p in POWERS)} "
+            f"(or the integers 0, 1, 2)"
+        )
+    return key
+
+
+def _check_weight(weight: torch.Tensor, what: str = "weight") -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() < 1:
+        raise ValueError(f"{what} must have at least one dimension (neurons along dim 0), got a scalar")
+    if not weight.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {weight.dtype}")
+    if weight.shape[0] < 2:
+        raise ValueError(
+            f"{what} of shape {tuple(weight.shape)} has {weight.shape[0]} neuron(s): MHE needs at least 2 "
+            f"(neurons are the rows of weight.reshape(N, -1))"
+        )
+    if weight.numel() == 0:
+        raise ValueError(f"{what} of shape {tuple(weight.shape)} is empty")
+    if not bool(torch.isfinite(weight).all()):
+        bad = (~torch.isfinite(weight.detach())).nonzero()[0].tolist()
+        raise ValueError(
+            f"{what} of shape {tuple(weight.shape)} contains NaN or inf (first at index {bad}); the "
+            f"training has diverged or the weights were loaded wrongly"
+        )
+
+
+def normalize_rows(weight: torch.Tensor) -> torch.Tensor:
+    """``ŵ_i = w_i / sqrt(|w_i|^2 + 1e-4)`` for the rows of ``weight.reshape(N, -1)`` (SPEC section 5).
+
+    The 1e-4 keeps the map smooth at ``w = 0``; ŵ is therefore slightly shorter than unit length.
+    """
+    w = weight.reshape(weight.shape[0], -1)
+    return w * torch.rsqrt((w * w).sum(dim=1, keepdim=True) + NORM_EPS)
+
+
+def mhe_kernel(c: torch.Tensor, power: Union[str, int] = "2") -> torch.Tensor:
+    """The pair energy ``e`` as a function of the cosine ``c`` (elementwise, autograd-friendly).
+
+    See the module docstring for the six kernels, the arccos clamp and the distance floor.
+    """
+    power = normalize_power(power)
+    if power in ("0", "1", "2"):
+        d = torch.clamp(2.0 - 2.0 * c, min=DIST_FLOOR)
+        if power == "0":
+            return -torch.log(d)
+        if power == "1":
+            return torch.rsqrt(d)
+        return torch.reciprocal(d)
+    t = torch.acos(torch.clamp(c, -1.0 + ANGLE_CLAMP, 1.0 - ANGLE_CLAMP)) / math.pi + ANGLE_EPS
+    if power == "a0":
+        return -torch.log(t)
+    if power == "a1":
+        return torch.reciprocal(t)
+    return torch.reciprocal(t * t)
+
+
+def _kernel_and_slope(c: torch.Tensor, power: str, need_slope: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``e(c)`` and ``de/dc`` for the blocked path. Overwrites ``c`` (it is a scratch block).
+
+    The slope matches autograd through :func:`mhe_kernel` exactly, including the clamps (torch.clamp
+    passes the gradient where the input lies inside the closed interval and zero outside).
+    """
+    if power in ("0", "1", "2"):
+        d = c.mul_(-2.0).add_(2.0)
+        outside = (d < DIST_FLOOR) if need_slope else None
+        d.clamp_(min=DIST_FLOOR)
+        if power == "0":
+            slope = torch.reciprocal(d).mul_(2.0) if need_slope else None  # d/dc -log(2-2c) = 2/(2-2c)
+            val = d.log_().neg_()
+        elif power == "1":
+            val = d.rsqrt_()
+            slope = val * val * val if need_slope else None  # d/dc (2-2c)^-1/2 = (2-2c)^-3/2
+        else:
+            val = d.reciprocal_()
+            slope = (val * val).mul_(2.0) if need_slope else None  # d/dc (2-2c)^-1 = 2 (2-2c)^-2
+    else:
+        lo, hi = -1.0 + ANGLE_CLAMP, 1.0 - ANGLE_CLAMP
+        outside = ((c < lo) | (c > hi)) if need_slope else None
+        cc = c.clamp_(lo, hi)
+        # dθ/dc = -1 / sqrt(1 - c^2);  t = θ/π + 1e-4;  dt/dc = -1 / (π sqrt(1 - c^2))
+        neg_dt = torch.rsqrt(1.0 - cc * cc).mul_(1.0 / math.pi) if need_slope else None
+        t = cc.acos_().mul_(1.0 / math.pi).add_(ANGLE_EPS)
+        if power == "a0":
+            slope = neg_dt.div_(t) if need_slope else None  # d/dc -log t = -dt/t
+            val = t.log_().neg_()
+        elif power == "a1":
+            val = t.reciprocal_()  # 1/t
+            slope = neg_dt.mul_(val).mul_(val) if need_slope else None  # d/dc t^-1 = -t^-2 dt
+        else:
+            inv = t.reciprocal_()
+            slope = neg_dt.mul_(inv).mul_(inv).mul_(inv).mul_(2.0) if need_slope else None  # -2 t^-3 dt
+            val = inv.mul_(inv)
+    if need_slope and bool(outside.any()):
+        slope.masked_fill_(outside, 0.0)
+    return val, slope
+
+
+def _default_block(n: int) -> int:
+    return int(max(32, min(n, BLOCK_ENTRIES // max(n, 1))))
+
+
+class _BlockedPairEnergy(torch.autograd.Function):
+    """Mean kernel over the pairs ``i < j`` of the rows of ``w_hat``, in row blocks.
+
+    Forward walks the upper triangle: rows ``[s, e)`` against columns ``[s, N)``, so each pair is
+    visited once and only a ``block x N`` slab of cosines exists at any time. When a gradient is needed
+    the forward also accumulates ``dE/dŵ`` (``N x d``, the size of the weight): for the slab's kernel
+    slopes ``K'``, rows get ``K' ŵ_cols`` and columns get ``K'^T ŵ_rows``. Backward only scales it, so
+    the whole thing costs about 1.5 ``N^2 d`` multiply-adds (dense autograd: 3) and ``O(block N)`` memory.
+    """
+
+    @staticmethod
+    def forward(ctx, w_hat: torch.Tensor, power: str, block_size: int) -> torch.Tensor:
+        n = w_hat.shape[0]
+        need_grad = bool(ctx.needs_input_grad[0])
+        grad = torch.zeros_like(w_hat) if need_grad else None
+        total = torch.zeros((), dtype=torch.float64, device=w_hat.device)
+        tri = torch.ones(block_size, block_size, dtype=torch.bool, device=w_hat.device).tril_()
+        for s in range(0, n, block_size):
+            e = min(s + block_size, n)
+            b = e - s
+            rows = w_hat[s:e]
+            cols = w_hat[s:]
+            cos = rows @ cols.t()  # b x (N - s); column jj is global index s + jj
+            diag = tri[:b, :b]  # pairs j <= i inside the diagonal block: not counted
+            cos[:, :b].masked_fill_(diag, 0.0)  # a harmless value, so no inf/NaN appears there
+            val, slope = _kernel_and_slope(cos, power, need_grad)
+            val[:, :b].masked_fill_(diag, 0.0)
+            total += val.sum(dtype=torch.float64)
+            if need_grad:
+                slope[:, :b].masked_fill_(diag, 0.0)
+                grad[s:e].addmm_(slope, cols)
+                grad[s:].addmm_(slope.t(), rows)
+            del cos, val, slope
+        pairs = n * (n - 1) / 2.0
+        if need_grad:
+            grad.mul_(1.0 / pairs)
+            ctx.save_for_backward(grad)
+        return (total / pairs).to(w_hat.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out, None, None
+
+
+def _dense_pair_energy(w_hat: torch.Tensor, power: str) -> torch.Tensor:
+    """Mean kernel over ``i < j`` with the full ``N x N`` cosine matrix and plain autograd."""
+    n = w_hat.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=w_hat.device)
+    # the diagonal (c_ii ~ 1) is replaced before the kernel so that no inf enters the graph
+    cos = (w_hat @ w_hat.t()).masked_fill(eye, 0.0)
+    e = mhe_kernel(cos, power).masked_fill(eye, 0.0)
+    # the kernel is symmetric: the ordered off-diagonal sum counts each unordered pair twice
+    return e.sum() / (n * (n - 1))
+
+
+def mhe_energy(
+    weight: torch.Tensor,
+    power: Union[str, int] = "2",
+    half_space: bool = False,
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Hyperspherical energy of one layer (SPEC section 5): mean of ``e(ŵ_i, ŵ_j)`` over pairs ``i < j``.
+
+    Args:
+        weight: any tensor whose dim 0 indexes neurons (``Linear``: ``out x in``; ``Conv``:
+            ``out x in x kh x kw``); neurons are the rows of ``weight.reshape(N, -1)``.
+        power: kernel, ``'0' '1' '2' 'a0' 'a1' 'a2'`` (or 0, 1, 2).
+        half_space: use ``[W; -W]`` (2N neurons), the half-space MHE of the paper (hidden layers).
+        block_size: compute in row blocks of this size with memory ``O(block * N)``. ``None``: dense up
+            to 4096 neurons, blocked beyond that. Both give the same value and gradient.
+
+    Returns:
+        A 0-dim tensor with gradient with respect to ``weight``.
+    """
+    power = normalize_power(power)
+    _check_weight(weight)
+    w = weight.reshape(weight.shape[0], -1)
+    if half_space:
+        w = torch.cat([w, -w], dim=0)
+    w_hat = normalize_rows(w)
+    n = w_hat.shape[0]
+    if block_size is None:
+        if n <= DENSE_MAX_NEURONS:
+            return _dense_pair_energy(w_hat, power)
+        block_size = _default_block(n)
+    block_size = int(block_size)
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size}")
+    return _BlockedPairEnergy.apply(w_hat, power, min(block_size, n))
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
+    labels = labels.reshape(-1).long()
+    if labels.numel() == 0:
+        raise ValueError("labels is empty: classifier_mhe needs at least one sample")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"label {bad} is outside [0, {num_classes}) for a classifier with {num_classes} classes "
+            f"(check the list file's labels and num_classes)"
+        )
+    return labels
+
+
+def classifier_mhe(
+    weight: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    power: Union[str, int] = "2",
+    mode: str = "batch_vs_all",
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    """The SphereFace+ MHE term on classifier weights ``C x d`` (SPEC section 5).
+
+    Modes:
+        ``batch_vs_all``: ``1/(B(C-1)) Σ_b Σ_{j≠y_b} e(ŵ_{y_b}, ŵ_j)``, cost ``O(B C d)`` (a class that
+        appears several times in the batch counts several times, as in the formula).
+        ``batch_unique``: mean pair energy among the distinct classes of the batch; a batch of a
+        single class has no pair and gives 0.
+        ``full``: exactly :func:`mhe_energy` of ``weight`` (full space), computed in row blocks of
+        ``block_size`` (default about 4M entries per block) so memory is ``O(block C)``; ``labels`` is
+        not used (pass ``None`` or the batch labels, which are then only validated).
+
+    Returns:
+        A 0-dim tensor with gradient with respect to ``weight``.
+    """
+    power = normalize_power(power)
+    if mode not in CLASSIFIER_MODES:
+        raise ValueError(f"unknown classifier_mhe mode {mode!r}: choose one of {', '.join(CLASSIFIER_MODES)}")
+    _check_weight(weight, "classifier weight")
+    if weight.dim() != 2:
+        raise ValueError(f"classifier weight must be C x d, got shape {tuple(weight.shape)}")
+    num_classes = weight.shape[0]
+    if mode == "full":
+        if labels is not None:
+            _check_labels(labels, num_classes)
+        return mhe_energy(weight, power, half_space=False, block_size=block_size or _default_block(num_classes))
+    if labels is None:
+        raise ValueError(f"classifier_mhe mode {mode!r} needs the batch labels")
+    labels = _check_labels(labels, num_classes).to(weight.device)
+    w_hat = normalize_rows(weight)
+    if mode == "batch_unique":
+        classes = torch.unique(labels)
+        if classes.numel() < 2:
+            return (w_hat[classes] * 0.0).sum()  # no pair: zero energy, still part of the graph
+        return _dense_pair_energy(w_hat[classes], power)
+    # batch_vs_all
+    bsz = labels.numel()
+    cos = w_hat[labels] @ w_hat.t()  # B x C
+    own = torch.zeros_like(cos, dtype=torch.bool)
+    own[torch.arange(bsz, device=cos.device), labels] = True
+    e = mhe_kernel(cos.masked_fill(own, 0.0), power).masked_fill(own, 0.0)
+    return e.sum() / (bsz * (num_classes - 1))
+
+
+LayerPatterns = Optional[Union[str, Sequence[str]]]
+
+
+def _as_patterns(p: LayerPatterns) -> Optional[List[str]]:
+    if p is None:
+        return None
+    if isinstance(p, str):
+        return [p]
+    return list(p)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+
+
+class MHERegularizer:
+    """MHE on the convolution and linear layers of a model (SPEC section 5, CIFAR experiments section 7).
+
+    ``loss = hidden_coef * Σ_hidden E_layer + output_coef * E_output``. Hidden layers use half-space MHE
+    when ``half_space=True``; the output layer is always full-space.
+
+    Args:
+        model: any ``nn.Module``; its ``Linear`` and ``Conv1d/2d/3d`` layers are the candidates, named
+            as in ``model.named_modules()`` (e.g. ``features.conv1_1``, ``fc6``, ``score``).
+        power: kernel (see :func:`mhe_energy`).
+        half_space: half-space MHE on the hidden layers.
+        hidden_coef, output_coef: weights of the two terms; ``None`` takes the SPEC table for ``power``
+            (1 and 10 for 0/1/2/a0; 0.1 and 1 for a1/a2).
+        include: shell-style patterns (``fnmatch``) of layer names to regularise; default all candidates.
+        exclude: patterns of layer names to leave out (applied after ``include``).
+        output_layers: patterns naming the output layer(s); default: the last selected layer in module
+            order (``score`` for ``cifar_cnn9``). Pass ``()`` for no output layer.
+
+    Calling the regulariser returns ``(loss, values)``: the weighted sum (with gradient) and a dict
+    ``layer name -> detached energy`` for logging. Layers with fewer than two neurons are skipped (with a
+    warning): they have no pair.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        power: Union[str, int] = "0",
+        half_space: bool = False,
+        hidden_coef: Optional[float] = None,
+        output_coef: Optional[float] = None,
+        include: LayerPatterns = None,
+        exclude: LayerPatterns = None,
+        output_layers: LayerPatterns = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MHERegularizer needs an nn.Module, got {type(model).__name__}")
+        self.power = normalize_power(power)
+        self.half_space = bool(half_space)
+        default_hidden, default_output = DEFAULT_COEFFICIENTS[self.power]
+        self.hidden_coef = float(default_hidden if hidden_coef is None else hidden_coef)
+        self.output_coef = float(default_output if output_coef is None else output_coef)
+        include_p, exclude_p = _as_patterns(include), _as_patterns(exclude) or []
+        candidates = [
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and getattr(m, "weight", None) is not None
+        ]
+        selected = [
+            (name, m)
+            for name, m in candidates
+            if (include_p is None or _matches(name, include_p)) and not _matches(name, exclude_p)
+        ]
+        if not selected:
+            raise ValueError(
+                f"MHERegularizer selected no layer (include={include_p}, exclude={exclude_p}); the model's "
+                f"conv/linear layers are: {', '.join(n for n, _ in candidates) or '(none)'}"
+            )
+        usable = []
+        for name, m in selected:
+            if m.weight.shape[0] < 2:
+                logger.warning("MHE skips layer %s: it has %d neuron(s), MHE needs at least 2", name, m.weight.shape[0])
+            else:
+                usable.append((name, m))
+        if not usable:
+            raise ValueError("MHERegularizer: every selected layer has fewer than 2 neurons")
+        out_p = _as_patterns(output_layers)
+        if out_p is None:
+            out_names = {usable[-1][0]}
+        else:
+            out_names = {name for name, _ in usable if _matches(name, out_p)}
+            if out_p and not out_names:
+                raise ValueError(
+                    f"output_layers={out_p} matches none of the selected layers: {', '.join(n for n, _ in usable)}"
+                )
+        self.layers: List[Tuple[str, nn.Module, bool]] = [(name, m, name in out_names) for name, m in usable]
+        logger.debug(
+            "MHE power %s on %d hidden and %d output layers",
+            self.power,
+            sum(not o for *_, o in self.layers),
+            sum(o for *_, o in self.layers),
+        )
+
+    @property
+    def hidden_layers(self) -> List[str]:
+        return [name for name, _, is_out in self.layers if not is_out]
+
+    @property
+    def output_layers(self) -> List[str]:
+        return [name for name, _, is_out in self.layers if is_out]
+
+    def __call__(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        values: Dict[str, torch.Tensor] = {}
+        hidden_sum: Optional[torch.Tensor] = None
+        output_sum: Optional[torch.Tensor] = None
+        for name, module, is_out in self.layers:
+            e = mhe_energy(module.weight, self.power, half_space=self.half_space and not is_out)
+            values[name] = e.detach()
+            if is_out:
+                output_sum = e if output_sum is None else output_sum + e
+            else:
+                hidden_sum = e if hidden_sum is None else hidden_sum + e
+        loss = None
+        if hidden_sum is not None:
+            loss = self.hidden_coef * hidden_sum
+        if output_sum is not None:
+            loss = self.output_coef * output_sum if loss is None else loss + self.output_coef * output_sum
+        return loss, values
+
+    def __repr__(self) -> str:
+        return (
+            f"MHERegularizer(power={self.power!r}, half_space={self.half_space}, hidden_coef={self.hidden_coef}, "
+            f"output_coef={self.output_coef}, hidden={self.hidden_layers}, output={self.output_layers})"
+        )
