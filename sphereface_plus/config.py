@@ -68,6 +68,7 @@ class SyntheticConfig:
     num_identities: int = 40
     images_per_identity: int = 12
     seed: int = 0
+    pairs_per_fold: int = 60  # verification pairs per fold in the generated pairs.txt (10 folds)
     cache_dir: str = ""  # where generated + aligned images go; "" = <out_dir>/synthetic
 
 
@@ -155,6 +156,7 @@ class Config:
             "data.template": (self.data.template, ("112x96", "112x112")),
             "train.amp": (self.train.amp, ("off", "bf16", "fp16")),
             "mhe.power": (self.mhe.power, ("0", "1", "2", "a0", "a1", "a2")),
+            "mhe.mode": (self.mhe.mode, ("batch_vs_all", "batch_unique", "full")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
