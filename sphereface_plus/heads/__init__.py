@@ -1,0 +1,54 @@
+"""Classifier heads (SPEC section 4): registry ``create_head(name, in_features, num_classes, **kw)``.
+
+Registered: ``a_softmax`` (SphereFace), ``softmax`` (plain linear), ``cosface``, ``arcface``. The pure
+functions underneath (``psi``, ``a_softmax_logits``, ``cosface_logits``, ``arcface_logits``,
+``a_softmax_lambda``) are re-exported here; the modules live in :mod:`.modules`.
+"""
+from __future__ import annotations
+
+from typing import Any, List
+
+import torch.nn as nn
+
+from sphereface_plus.registry import Registry
+
+HEADS = Registry("head")
+register_head = HEADS.register
+
+
+def create_head(name: str, in_features: int = 512, num_classes: int = 10572, **kwargs: Any) -> nn.Module:
+    """Build the registered head ``name``; an unknown name raises an error listing the choices."""
+    return HEADS.create(name, in_features=in_features, num_classes=num_classes, **kwargs)
+
+
+def list_heads() -> List[str]:
+    return HEADS.names()
+
+
+# importing the modules registers their builders
+from sphereface_plus.heads.functional import (  # noqa: E402
+    a_softmax_lambda,
+    a_softmax_logits,
+    arcface_logits,
+    cosface_logits,
+    psi,
+    softmax_logits,
+)
+from sphereface_plus.heads.modules import ArcFaceHead, ASoftmaxHead, CosFaceHead, SoftmaxHead  # noqa: E402
+
+__all__ = [
+    "HEADS",
+    "register_head",
+    "create_head",
+    "list_heads",
+    "psi",
+    "a_softmax_lambda",
+    "a_softmax_logits",
+    "softmax_logits",
+    "cosface_logits",
+    "arcface_logits",
+    "ASoftmaxHead",
+    "SoftmaxHead",
+    "CosFaceHead",
+    "ArcFaceHead",
+]
