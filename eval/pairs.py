@@ -223,7 +223,7 @@ def missing_images(root, rel_paths: Iterable[str]) -> List[str]:
 def describe_missing(missing: Sequence[str], total: int, where: str, hint: str = "") -> str:
     """An error message naming how many and which paths are missing."""
     shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-    return f"{len(missing)} of {total} images are missing {where}: {shown}" + (f". {hint}" if hint else "")
+    return f"{len(missing)} of {total} images are missing {where}: {shown}" + (f"; {hint}" if hint else "")
 
 
 # --------------------------------------------------------------------------- insightface .bin packs

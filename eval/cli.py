@@ -1,0 +1,158 @@
+"""``sphereface-plus verify``: face verification accuracy on LFW, any pairs file, a .bin pack or a folder.
+
+Protocols (SPEC section 8; the defaults are the original SphereFace evaluation):
+
+  lfw     LFW View 2: --pairs pairs.txt, 10 person-disjoint folds of 300 + 300 pairs
+  pairs   a generic pairs file: 'path1 path2 same [fold]' per line (tab/space or comma separated)
+  bin     an insightface verification pack (lfw.bin, cfp_fp.bin, agedb_30.bin...): --pack FILE
+  folder  identity folders under --root: seeded, balanced, person-disjoint pairs
+
+Features come from a training checkpoint (--checkpoint, images under --root: aligned crops, or raw
+images aligned on the fly with --landmarks), or from an .npz with 'paths' and 'features'
+(--features). Each image's feature is the embedding of the crop and of its mirror concatenated; for
+each fold the features are centred on the mean of the other 9 folds, L2-normalised and compared by
+cosine; the threshold (1e-4 grid on [-1, 1], strict inequalities, mean of tied best) is chosen on
+the other folds. --no-flip and --no-mean-sub switch those steps off to compare with other toolkits.
+
+examples:
+  sphereface-plus verify lfw --checkpoint runs/x/checkpoints/last.pt --root lfw-112x96 --pairs pairs.txt \\
+      --json lfw.json --plot lfw_roc.png
+  sphereface-plus verify lfw --checkpoint last.pt --root lfw/images --landmarks lfw_landmark.txt --pairs pairs.txt
+  sphereface-plus verify lfw --features feats.npz --pairs pairs.txt --json lfw.json
+  sphereface-plus verify bin --checkpoint last.pt --pack agedb_30.bin
+  sphereface-plus verify folder --checkpoint last.pt --root my-faces-112x96 --num-pairs 2000
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+import sys
+from typing import List, Tuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+HELP = "verification accuracy (LFW 10-fold, pairs file, insightface .bin pack, identity folders)"
+DESCRIPTION = __doc__
+
+PROTOCOLS = ("lfw", "pairs", "bin", "folder")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("protocol", choices=PROTOCOLS, help="where the pairs come from")
+    src = parser.add_argument_group("features (one of)")
+    src.add_argument("--checkpoint", help="training checkpoint (.pt) whose backbone embeds the images")
+    src.add_argument("--features", help=".npz with 'paths' (relative image paths) and 'features' (N x D)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--pairs", help="lfw: pairs.txt; pairs: a 'path1 path2 same [fold]' file")
+    data.add_argument("--pack", help="bin: an insightface verification pack")
+    data.add_argument("--root", help="folder holding the images at the pairs' relative paths (folder: the "
+                                     "identity folders)")
+    data.add_argument("--landmarks", help="landmark file ('relative/path x1 y1 ... x5 y5'): align raw images "
+                                          "under --root on the fly")
+    data.add_argument("--ext", default=".jpg", help="lfw: image extension of the crops (default .jpg)")
+    data.add_argument("--folds", type=int, default=10, help="pairs/bin/folder: number of folds (default 10)")
+    data.add_argument("--num-pairs", type=int, default=6000, help="folder: pairs to draw (default 6000)")
+    data.add_argument("--seed", type=int, default=0, help="folder: seed of the pair draw (default 0)")
+    proto = parser.add_argument_group("protocol")
+    proto.add_argument("--no-mean-sub", action="store_true", help="do not centre features on the other folds' mean")
+    proto.add_argument("--no-flip", action="store_true", help="embed the crop only, not crop + mirror")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", help="write the report (fold accuracies, mean, std, EER, AUC, TAR@FAR, ROC) here")
+    out.add_argument("--plot", help="write the ROC curve (PNG) here")
+    out.add_argument("--save-features", help="also save the computed features to this .npz")
+    run_ = parser.add_argument_group("runtime")
+    run_.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    run_.add_argument("--workers", type=int, default=2, help="DataLoader workers reading images (default 2)")
+    run_.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+
+
+class UsageError(ValueError):
+    """A wrong combination of options."""
+
+
+def _check_args(args) -> None:
+    if bool(args.checkpoint) == bool(args.features):
+        raise UsageError("give exactly one of --checkpoint and --features")
+    if args.protocol in ("lfw", "pairs") and not args.pairs:
+        raise UsageError(f"verify {args.protocol} needs --pairs")
+    if args.protocol == "bin":
+        if not args.pack:
+            raise UsageError("verify bin needs --pack FILE")
+        if args.features:
+            raise UsageError("verify bin embeds the pack's images: use --checkpoint, not --features")
+    if args.protocol == "folder" and not args.root:
+        raise UsageError("verify folder needs --root (the identity folders)")
+    if args.checkpoint and args.protocol != "bin" and not args.root:
+        raise UsageError("--checkpoint needs --root, the folder holding the images")
+    if args.features and args.no_flip:
+        logger.warning("--no-flip has no effect with --features (the features are used as they are)")
+
+
+def build_pairs(args):
+    """The pairs of the chosen protocol (and the pack images for ``bin``)."""
+    from eval import pairs as P
+
+    if args.protocol == "lfw":
+        return P.parse_lfw_pairs(args.pairs, ext=args.ext), None
+    if args.protocol == "pairs":
+        return P.parse_pairs_file(args.pairs, num_folds=args.folds), None
+    if args.protocol == "folder":
+        return P.folder_pairs(args.root, num_pairs=args.num_pairs, num_folds=args.folds, seed=args.seed), None
+    images, issame = P.load_bin_pack(args.pack)
+    return P.bin_pack_pairs(issame, num_folds=args.folds), images
+
+
+def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray]:
+    """``(paths, features)`` of every image in ``pairs``, from the checkpoint or the .npz."""
+    from eval import features as F
+    from eval.pairs import pairs_to_arrays
+
+    if args.features:
+        return F.load_features_npz(args.features)
+    model, info = F.load_checkpoint(args.checkpoint, device=args.device)
+    flip = not args.no_flip
+    if pack_images is not None:
+        feats = F.extract_from_dataset(model, F.EncodedImages(pack_images, info["input_size"]), args.batch_size,
+                                       flip, args.device, args.workers)
+        return [str(i) for i in range(len(pack_images))], feats
+    paths = pairs_to_arrays(pairs)[0]
+    landmarks = F.read_landmarks(args.landmarks) if args.landmarks else None
+    feats = F.extract_features(model, args.root, paths, batch_size=args.batch_size, flip=flip, device=args.device,
+                               num_workers=args.workers, input_size=info["input_size"], landmarks=landmarks,
+                               template=info["template"])
+    return paths, feats
+
+
+def run(args) -> int:
+    from eval.lfw import evaluate_features
+    from eval.report import format_report, plot_roc, write_json_report
+
+    try:
+        _check_args(args)
+        pairs, pack_images = build_pairs(args)
+        logger.info("%d pairs (%d same) in %d folds", len(pairs), sum(p.same for p in pairs),
+                    len({p.fold for p in pairs}))
+        paths, feats = compute_features(args, pairs, pack_images)
+        if args.save_features:
+            from eval.features import save_features_npz
+
+            save_features_npz(args.save_features, paths, feats)
+            logger.info("features saved to %s", args.save_features)
+        source = args.features or "the extracted features"
+        report = evaluate_features(paths, feats, pairs, mean_sub=not args.no_mean_sub, source=source)
+    except (ValueError, OSError, pickle.UnpicklingError) as e:  # bad input: say what and where, no traceback
+        print(f"sphereface-plus verify: error: {e}", file=sys.stderr)
+        return 2
+    report = {"protocol": args.protocol, **report, "flip": not args.no_flip if args.checkpoint else None,
+              "source": args.checkpoint or args.features}
+    print(format_report(report))
+    if args.json:
+        write_json_report(report, args.json)
+        print(f"report: {args.json}")
+    if args.plot:
+        plot_roc({args.protocol: report}, args.plot, title=f"verify {args.protocol}")
+        print(f"ROC plot: {args.plot}")
+    return 0

@@ -1,0 +1,58 @@
+"""LFW View 2 (and any pairs list) from features: the 10-fold protocol of SPEC section 8.
+
+``parse_pairs`` reads ``pairs.txt``; ``evaluate_features`` looks up the feature of both images of
+every pair by relative path and runs :func:`eval.metrics.verification_report` (per-fold mean
+subtraction, L2 normalisation, cosine, strict thresholds on the 1e-4 grid, mean of tied best
+thresholds). The same function scores generic pairs files, packs and folder pairs: only the fold
+indices of the pairs differ.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Sequence
+
+import numpy as np
+
+from eval.metrics import DEFAULT_FARS, verification_report
+from eval.pairs import Pair, describe_missing, parse_lfw_pairs
+
+logger = logging.getLogger(__name__)
+
+
+def parse_pairs(pairs_path, ext: str = ".jpg"):
+    """The 6,000 LFW pairs of ``pairs.txt`` as :class:`eval.pairs.Pair` with fold indices 0..9."""
+    return parse_lfw_pairs(pairs_path, ext=ext)
+
+
+def pair_features(paths: Sequence[str], features, pairs: Sequence[Pair], source: str = "the features file"):
+    """``(feat1, feat2, issame, folds)`` for ``pairs``; every pair image must be among ``paths``."""
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[0] != len(paths):
+        raise ValueError(f"features must be N x D with N = {len(paths)} paths, got {features.shape}")
+    index = {p: i for i, p in enumerate(paths)}
+    if len(index) != len(paths):
+        logger.warning("%d duplicate paths in %s; the last feature of each is used", len(paths) - len(index), source)
+    needed = list(dict.fromkeys([p.path1 for p in pairs] + [p.path2 for p in pairs]))
+    missing = [p for p in needed if p not in index]
+    if missing:
+        raise ValueError(describe_missing(missing, len(needed), f"from {source}",
+                                        "Paths must be relative like Name/Name_0001.jpg, as in the pairs"))
+    i1 = np.fromiter((index[p.path1] for p in pairs), dtype=np.int64, count=len(pairs))
+    i2 = np.fromiter((index[p.path2] for p in pairs), dtype=np.int64, count=len(pairs))
+    issame = np.fromiter((p.same for p in pairs), dtype=bool, count=len(pairs))
+    folds = np.fromiter((p.fold for p in pairs), dtype=np.int64, count=len(pairs))
+    return features[i1], features[i2], issame, folds
+
+
+def evaluate_features(
+    paths: Sequence[str],
+    features,
+    pairs: Sequence[Pair],
+    mean_sub: bool = True,
+    fars: Sequence[float] = DEFAULT_FARS,
+    source: str = "the features file",
+) -> Dict[str, object]:
+    """The verification report (``fold_accuracies``, ``mean_accuracy``, ``std_accuracy``, ``eer``,
+    ``auc``, ``tar_at_far``, ``threshold``, ``roc``...) of ``features`` (rows named by ``paths``)."""
+    f1, f2, issame, folds = pair_features(paths, features, pairs, source)
+    return verification_report(f1, f2, issame, folds, mean_sub=mean_sub, fars=fars)

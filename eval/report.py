@@ -1,0 +1,75 @@
+"""Verification reports: a JSON file, a ROC plot (PNG, matplotlib Agg), and the text table.
+
+All files are written atomically (temporary file + ``os.replace``), so an interrupted run never
+leaves a truncated report.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Dict, Mapping, Optional
+
+from sphereface_plus.utils import atomic_write_bytes, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+def write_json_report(report: Mapping[str, object], path, include_roc: bool = True) -> None:
+    """Write the report dict as JSON (the ROC points under ``roc`` unless ``include_roc=False``)."""
+    obj = dict(report)
+    if not include_roc:
+        obj.pop("roc", None)
+    atomic_write_json(path, obj)
+
+
+def plot_roc(curves: Mapping[str, Mapping[str, object]], path, title: str = "ROC") -> None:
+    """Plot ``{label: report}`` ROC curves (log-scale FAR) to a PNG at ``path``."""
+    # the Agg canvas on a bare Figure: no pyplot, no global backend switch, no display needed
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, rep in curves.items():
+        roc = rep.get("roc")
+        if not roc:
+            raise ValueError(f"report {label!r} has no ROC points (compute it with roc_points=True)")
+        fpr = [max(f, 1e-6) for f in roc["fpr"]]
+        text = f"{label} (acc {100 * rep['mean_accuracy']:.2f}%, AUC {rep['auc']:.4f})"
+        ax.plot(fpr, roc["tpr"], label=text)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-4, 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_report(report: Mapping[str, object], out_dir, name: str = "verification", label: Optional[str] = None) -> Dict[str, Path]:
+    """Write ``out_dir/<name>.json`` and ``out_dir/<name>_roc.png``; returns both paths."""
+    out_dir = Path(out_dir)
+    paths = {"json": out_dir / f"{name}.json", "plot": out_dir / f"{name}_roc.png"}
+    write_json_report(report, paths["json"])
+    plot_roc({label or name: report}, paths["plot"], title=name)
+    return paths
+
+
+def format_report(report: Mapping[str, object]) -> str:
+    """The report as a short text table (fold accuracies in percent, then the summary)."""
+    accs = report["fold_accuracies"]
+    lines = ["fold  accuracy  threshold"]
+    for i, (a, t) in enumerate(zip(accs, report.get("fold_thresholds", [float("nan")] * len(accs))), 1):
+        lines.append(f"{i:>4}  {100 * a:7.2f}%  {t:9.4f}")
+    lines.append(f"mean  {100 * report['mean_accuracy']:7.2f}% +- {100 * report['std_accuracy']:.2f}"
+                 + ("" if report.get("mean_sub", True) else "  (no mean subtraction)"))
+    lines.append(f"EER {100 * report['eer']:.2f}%   AUC {report['auc']:.5f}   threshold {report['threshold']:.4f}")
+    lines.append("TAR@FAR " + "   ".join(f"{k}: {100 * v:.2f}%" for k, v in report["tar_at_far"].items()))
+    return "\n".join(lines)
