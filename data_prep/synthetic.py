@@ -68,7 +68,7 @@ def identity_params(seed: int, identity: int) -> Dict[str, object]:
     hair_dark = r.uniform(0.1, 1.0)
     hair = np.clip(np.array([r.uniform(0.3, 0.7), r.uniform(0.5, 0.9), 1.0]) * 200 * hair_dark ** 1.5 + 10, 0, 255)
     return {
-        "skin": np.clip(skin, 30, 250),
+        "skin": np.clip(skin, 30, 235),
         "hair": hair,
         "face_w": r.uniform(50, 68),  # half axes of the face ellipse
         "face_h": r.uniform(70, 88),
@@ -142,6 +142,11 @@ def _col(c) -> Tuple[float, float, float]:
     return tuple(float(v) for v in np.clip(c, 0, 255))
 
 
+def _highlight(skin: np.ndarray) -> np.ndarray:
+    """Colour of the nose-tip highlight: halfway from the skin to white."""
+    return skin + (255.0 - skin) * 0.5
+
+
 def _draw_canonical(idp: Dict, imp: Dict) -> Tuple[np.ndarray, np.ndarray]:
     """Draw the face upright on the canonical canvas; return (BGR uint8 image, 5 x 2 landmarks)."""
     import cv2
@@ -183,12 +188,16 @@ def _draw_canonical(idp: Dict, imp: Dict) -> Tuple[np.ndarray, np.ndarray]:
     lm_ = np.array([fx - mw + yaw * 2, mouth_y - imp["smile"]]) + jit[3]
     rm_ = np.array([fx + mw + yaw * 2, mouth_y - imp["smile"]]) + jit[4]
 
+    # moles (identity marks) in face-relative coordinates, under the features drawn next
+    for mx, my, mr in idp["moles"]:
+        cv2.circle(img, _p(fx + mx * fw * 0.8, cy + my * fh * 0.7), int(mr * _ONE), _col(skin * 0.45), -1, aa, _SHIFT)
+
     # eyes: sclera, iris, pupil (the landmark is the pupil centre)
     rx, ry = idp["eye_rx"], idp["eye_ry"]
     for k, e in enumerate((le, re)):
         cv2.ellipse(img, _p(*e), _ax(rx, ry), 0, 0, 360, (235, 240, 245), -1, aa, _SHIFT)
         cv2.circle(img, _p(*e), int(ry * 0.95 * _ONE), _col(idp["iris"]), -1, aa, _SHIFT)
-        cv2.circle(img, _p(*e), int(ry * 0.45 * _ONE), (15, 15, 15), -1, aa, _SHIFT)
+        cv2.circle(img, _p(*e), int(ry * 0.55 * _ONE), (15, 15, 15), -1, aa, _SHIFT)
         side = -1 if k == 0 else 1
         b0 = e + np.array([-side * idp["brow_len"] * 0.6, -idp["brow_gap"] - imp["brow_raise"]])
         b1 = e + np.array([side * idp["brow_len"], -idp["brow_gap"] - imp["brow_raise"] - idp["brow_tilt"]])
@@ -206,7 +215,7 @@ def _draw_canonical(idp: Dict, imp: Dict) -> Tuple[np.ndarray, np.ndarray]:
     nw = idp["nose_w"]
     for side in (-1, 1):
         cv2.ellipse(img, _p(nose[0] + side * nw * 0.6, nose[1] + 2.5), _ax(nw * 0.35, 2.0), 0, 0, 360, shade, -1, aa, _SHIFT)
-    cv2.circle(img, _p(*nose), int(2.2 * _ONE), _col(skin * 0.9), -1, aa, _SHIFT)
+    cv2.circle(img, _p(*nose), int(2.5 * _ONE), _col(_highlight(skin)), -1, aa, _SHIFT)  # the tip catches the light
 
     # mouth: lips between the two corners, opening for some images
     t = np.linspace(0, 1, 17)
@@ -224,11 +233,9 @@ def _draw_canonical(idp: Dict, imp: Dict) -> Tuple[np.ndarray, np.ndarray]:
     cv2.fillPoly(img, [to_i(np.vstack([mid_l, lower[::-1]]))], lip, aa, _SHIFT)
     if imp["mouth_open"] > 0.3:
         cv2.fillPoly(img, [to_i(np.vstack([mid_u, mid_l[::-1]]))], (40, 30, 60), aa, _SHIFT)
-    cv2.polylines(img, [to_i(mid_u)], False, _col(idp["lip"] * 0.5), 1, aa, _SHIFT)
+    # the dark line between the lips runs exactly from corner to corner
+    cv2.polylines(img, [to_i(mid_u)], False, _col(idp["lip"] * 0.5), 2, aa, _SHIFT)
 
-    # moles (identity marks) in face-relative coordinates
-    for mx, my, mr in idp["moles"]:
-        cv2.circle(img, _p(fx + mx * fw * 0.8, cy + my * fh * 0.7), int(mr * _ONE), _col(skin * 0.45), -1, aa, _SHIFT)
 
     landmarks = np.stack([le, re, nose, lm_, rm_]).astype(np.float64)
     return img, landmarks
