@@ -41,6 +41,7 @@ class CifarCNN9(nn.Module):
         if int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
+        self.input_size = (32, 32)
         layers: "OrderedDict[str, nn.Module]" = OrderedDict()
         c_in = in_channels
         for s, c_out in enumerate(widths, start=1):
