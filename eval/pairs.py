@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 
 _TRUE = {"1", "true", "t", "yes", "y", "same", "match", "matched", "genuine", "positive"}
+_HEADER_NAMES = {"path1", "path_1", "image1", "image_1", "img1", "file1", "left", "first"}
 _FALSE = {"0", "false", "f", "no", "n", "diff", "different", "mismatch", "mismatched", "impostor", "negative"}
 
 
@@ -155,7 +156,12 @@ def parse_pairs_file(path, num_folds: int = 10) -> List[Pair]:
         s = line.strip()
         if not s or s.startswith("#"):
             continue
-        fields = [x.strip() for x in s.split(",")] if "," in s else s.split()
+        if "\t" in s:  # tabs first: a TSV path may hold spaces or commas
+            fields = [x.strip() for x in s.split("\t")]
+        elif "," in s:
+            fields = [x.strip() for x in s.split(",")]
+        else:
+            fields = s.split()
         where = f"{path}:{line_no}"
         if len(fields) not in (3, 4):
             raise PairsFormatError(
@@ -163,18 +169,20 @@ def parse_pairs_file(path, num_folds: int = 10) -> List[Pair]:
                 f"separated), got {len(fields)} field(s): {s!r}"
             )
         same = _parse_bool(fields[2])
-        if same is None:
-            if first:
-                first = False
-                logger.debug("%s: skipping header line %r", where, s)
-                continue
-            raise PairsFormatError(f"{where}: third field {fields[2]!r} is not a same/different label (1/0, true/false)")
-        fold = None
+        fold: Optional[int] = None
         if len(fields) == 4:
             try:
                 fold = int(fields[3])
             except ValueError:
-                raise PairsFormatError(f"{where}: fold {fields[3]!r} is not an integer") from None
+                fold = None
+        if first and (same is None or (len(fields) == 4 and fold is None) or fields[0].lower() in _HEADER_NAMES):
+            first = False
+            logger.debug("%s: skipping header line %r", where, s)
+            continue
+        if same is None:
+            raise PairsFormatError(f"{where}: third field {fields[2]!r} is not a same/different label (1/0, true/false)")
+        if len(fields) == 4 and fold is None:
+            raise PairsFormatError(f"{where}: fold {fields[3]!r} is not an integer")
         first = False
         rows.append((fields[0], fields[1], same, fold))
     if not rows:

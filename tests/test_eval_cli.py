@@ -1,0 +1,162 @@
+"""`sphereface-plus verify`: lfw/pairs/bin/folder through the real CLI, reports checked against a
+brute-force reference of the protocol."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eval.features import save_features_npz
+from sphereface_plus.cli import main
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ATT = DATA / "att_faces"
+
+
+def _reference(f1, f2, issame, folds, mean_sub=True):
+    """The protocol by brute force: explicit fold means, a thresholds x pairs comparison matrix."""
+    thr = np.arange(-10000, 10001) / 10000.0
+    accs = []
+    for k in range(folds.max() + 1):
+        test, train = folds == k, folds != k
+        mu = np.concatenate([f1[train], f2[train]]).mean(0) if mean_sub else 0.0
+        a, b = f1 - mu, f2 - mu
+        s = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+        c = (s[train][None] > thr[:, None])[:, issame[train]].sum(1) + \
+            (s[train][None] < thr[:, None])[:, ~issame[train]].sum(1)
+        t = thr[c == c.max()].mean()
+        accs.append(((s[test][issame[test]] > t).sum() + (s[test][~issame[test]] < t).sum()) / test.sum())
+    return np.array(accs)
+
+
+@pytest.fixture()
+def lfw_like(tmp_path):
+    """An LFW-format pairs file (10 folds x (20 + 20)) over made-up people, and features for it."""
+    rng = np.random.default_rng(0)
+    lines, centres, n = ["10\t20"], {}, 0
+    for k in range(10):
+        for i in range(20):
+            lines.append(f"P{k}_{i}\t1\t2")
+        for i in range(20):
+            lines.append(f"Q{k}_{i}\t1\tR{k}_{i}\t3")
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    from eval.pairs import pairs_to_arrays, parse_lfw_pairs
+
+    pairs = parse_lfw_pairs(tmp_path / "pairs.txt")
+    paths, i1, i2, issame, folds = pairs_to_arrays(pairs)
+    feats = []
+    for p in paths:
+        person = p.split("/")[0]
+        if person not in centres:
+            centres[person] = rng.normal(size=24)
+        feats.append(centres[person] + 1.1 * rng.normal(size=24) + 0.4)
+    feats = np.array(feats, dtype=np.float32)
+    save_features_npz(tmp_path / "f.npz", paths, feats)
+    return tmp_path, paths, feats, (i1, i2, issame, folds)
+
+
+@pytest.mark.parametrize("mean_sub", [True, False])
+def test_verify_lfw_features_json_and_plot(lfw_like, mean_sub, capsys):
+    d, paths, feats, (i1, i2, issame, folds) = lfw_like
+    out = d / f"r{mean_sub}.json"
+    argv = ["verify", "lfw", "--features", str(d / "f.npz"), "--pairs", str(d / "pairs.txt"), "--json", str(out),
+            "--plot", str(d / "roc.png")] + ([] if mean_sub else ["--no-mean-sub"])
+    assert main(argv) == 0
+    rep = json.loads(out.read_text())
+    ref = _reference(feats[i1].astype(np.float64), feats[i2].astype(np.float64), issame, folds, mean_sub)
+    assert rep["fold_accuracies"] == ref.tolist()
+    assert rep["mean_accuracy"] == pytest.approx(ref.mean()) and rep["std_accuracy"] == pytest.approx(ref.std())
+    assert 0.6 < rep["mean_accuracy"] < 1.0
+    assert set(rep["tar_at_far"]) == {"1e-2", "1e-3", "1e-4"}
+    assert 0 < rep["eer"] < 0.5 and 0.5 < rep["auc"] <= 1
+    assert rep["mean_sub"] is mean_sub
+    assert (d / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert f"{100 * ref.mean():7.2f}%" in printed
+
+
+def test_verify_errors_name_what_is_missing(lfw_like, capsys):
+    d, paths, feats, _ = lfw_like
+    save_features_npz(d / "g.npz", paths[3:], feats[3:])
+    assert main(["verify", "lfw", "--features", str(d / "g.npz"), "--pairs", str(d / "pairs.txt")]) == 2
+    err = capsys.readouterr().err
+    assert f"3 of {len(paths)} images are missing from {d / 'g.npz'}" in err and paths[0] in err
+    text = (d / "pairs.txt").read_text().splitlines()
+    text[5] = "Someone 1"
+    (d / "bad.txt").write_text("\n".join(text) + "\n")
+    assert main(["verify", "lfw", "--features", str(d / "f.npz"), "--pairs", str(d / "bad.txt")]) == 2
+    assert f"{d / 'bad.txt'}:6: expected 3 fields" in capsys.readouterr().err
+    assert main(["verify", "lfw", "--checkpoint", "x.pt", "--pairs", str(d / "pairs.txt")]) == 2
+    assert "--root" in capsys.readouterr().err
+
+
+def test_verify_generic_pairs_file(lfw_like):
+    d, paths, feats, (i1, i2, issame, folds) = lfw_like
+    # the same pairs as a CSV with explicit folds give the same report
+    rows = [f"{paths[a]},{paths[b]},{int(s)},{k}" for a, b, s, k in zip(i1, i2, issame, folds)]
+    (d / "p.csv").write_text("path1,path2,same,fold\n" + "\n".join(rows) + "\n")
+    assert main(["verify", "pairs", "--features", str(d / "f.npz"), "--pairs", str(d / "p.csv"),
+                 "--json", str(d / "a.json")]) == 0
+    assert main(["verify", "lfw", "--features", str(d / "f.npz"), "--pairs", str(d / "pairs.txt"),
+                 "--json", str(d / "b.json")]) == 0
+    a, b = json.loads((d / "a.json").read_text()), json.loads((d / "b.json").read_text())
+    assert a["fold_accuracies"] == b["fold_accuracies"] and a["auc"] == b["auc"]
+
+
+@pytest.mark.skipif(not ATT.is_dir(), reason=f"AT&T faces not found under {ATT}")
+def test_verify_folder_with_features(tmp_path):
+    from eval.pairs import folder_pairs, list_identity_folder
+
+    rng = np.random.default_rng(1)
+    ids = list_identity_folder(ATT)
+    paths, feats = [], []
+    for name, files in ids.items():
+        c = rng.normal(size=16)
+        for f in files:
+            paths.append(f)
+            feats.append(c + 0.8 * rng.normal(size=16))
+    feats = np.array(feats)
+    save_features_npz(tmp_path / "att.npz", paths, feats)
+    assert main(["verify", "folder", "--root", str(ATT), "--features", str(tmp_path / "att.npz"), "--num-pairs",
+                 "400", "--seed", "2", "--json", str(tmp_path / "r.json")]) == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    pairs = folder_pairs(ATT, num_pairs=400, seed=2)
+    index = {p: i for i, p in enumerate(paths)}
+    f1 = feats[[index[p.path1] for p in pairs]].astype(np.float32).astype(np.float64)
+    f2 = feats[[index[p.path2] for p in pairs]].astype(np.float32).astype(np.float64)
+    ref = _reference(f1, f2, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]))
+    assert rep["fold_accuracies"] == ref.tolist() and rep["num_pairs"] == 400
+
+
+def test_verify_bin_pack_with_checkpoint(tmp_path):
+    torch = pytest.importorskip("torch")
+    import cv2
+
+    from eval.pairs import save_bin_pack
+    from sphereface_plus import create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone("sphere4", input_size=(112, 96)).eval()
+    torch.save({"model": model.state_dict(), "head": {}, "iteration": 1,
+                "config": {"model": {"backbone": "sphere4", "input_size": [112, 96]}, "data": {"template": "112x96"}}},
+               tmp_path / "ck.pt")
+    rng = np.random.default_rng(0)
+    # 112x112 crops (the insightface template): the middle 96 columns feed the 112x96 model
+    crops = [cv2.GaussianBlur(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), (0, 0), 3) for _ in range(16)]
+    images = [cv2.imencode(".png", c)[1].tobytes() for c in crops]
+    issame = [True, False] * 4
+    save_bin_pack(tmp_path / "t.bin", images, issame)
+    assert main(["verify", "bin", "--checkpoint", str(tmp_path / "ck.pt"), "--pack", str(tmp_path / "t.bin"),
+                 "--folds", "2", "--workers", "0", "--save-features", str(tmp_path / "feat.npz"),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert len(rep["fold_accuracies"]) == 2 and rep["num_pairs"] == 8
+    # features: the model on the decoded middle crop and its mirror, by hand
+    with np.load(tmp_path / "feat.npz") as z:
+        got = z["features"]
+    x = torch.stack([(torch.from_numpy(c[:, 8:104].copy()).permute(2, 0, 1).float() - 127.5) / 128 for c in crops])
+    with torch.no_grad():
+        ref = torch.cat([model(x), model(x.flip(3))], 1).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
