@@ -76,12 +76,10 @@ class FaceEmbedder:
         boxes, points = self.detector.detect(image)
         if len(boxes) == 0:
             raise NoFaceError(f"no face found in {name}; pass an aligned crop with --aligned if it is one")
-        idx = select_face(boxes, points, image.shape, policy=self.face_policy)
-        if idx is None:
-            raise NoFaceError(f"no face found in {name} under policy {self.face_policy!r}")
+        idx, _, face_points = select_face(boxes, points, image.shape, policy=self.face_policy)
         if len(boxes) > 1:
             logger.info("%s: %d faces, using face %d (policy %s)", name, len(boxes), idx, self.face_policy)
-        return align_face(image, np.asarray(points[idx], dtype=np.float64), template=self.template)
+        return align_face(image, face_points, template=self.template)
 
     def embed(self, images: Sequence[np.ndarray], aligned: bool = False,
               names: Optional[Sequence[str]] = None) -> np.ndarray:
