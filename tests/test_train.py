@@ -1,0 +1,229 @@
+"""The trainer: exact resume (also after SIGKILL), 1 vs 2 processes, NaN guard, sampler, optimiser, CLI.
+
+Every run is a tiny sphere4 / 32-d embedding / batch 4 job on 20 synthetic identities, so a step
+takes a fraction of a second on 2 CPU cores. One uninterrupted 8-iteration run with a checkpoint
+every 2 iterations (all kept) is the reference that the interrupted, resumed and 2-process runs
+are compared with.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sphereface_plus.config import load_config
+from sphereface_plus.engine.checkpoint import find_resume_checkpoint
+from sphereface_plus.engine.optim import build_optimizer, build_scheduler, lr_factor
+from sphereface_plus.engine.sampler import ResumableSampler
+from sphereface_plus.train import Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "cpu_smoke.yaml"
+REF_ITERS = 8
+
+
+def _overrides(out, cache, iters, every=2, workers=0, extra=()):
+    return [
+        f"out_dir={out}", f"train.iterations={iters}", "train.batch_size=4", "train.seed=3",
+        f"checkpoint.every={every}", "checkpoint.keep=0", "model.embedding_dim=32",
+        f"data.synthetic.cache_dir={cache}", "data.synthetic.num_identities=20",
+        "data.synthetic.images_per_identity=3", "data.synthetic.pairs_per_fold=2",
+        "train.log_every=1", "train.tensorboard=false", f"data.num_workers={workers}", *extra,
+    ]
+
+
+def _cfg(out, cache, iters, **kw):
+    return load_config(str(SMOKE), _overrides(out, cache, iters, **kw))
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_state(a, b, atol=0.0):
+    for part in ("model", "head"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            if atol == 0.0:
+                assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+            else:
+                torch.testing.assert_close(a[part][k], b[part][k], atol=atol, rtol=0, msg=f"{part}.{k}")
+    assert a["iteration"] == b["iteration"]
+    mom_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    mom_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    for x, y in zip(mom_a, mom_b):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from data_prep.datasets import prepare_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    prepare_synthetic(root, 20, 3, 0, "112x96", pairs_per_fold=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("reference")
+    summary = train(_cfg(out, cache, REF_ITERS))
+    return out, summary
+
+
+def test_reference_run_trains_and_checkpoints(reference):
+    out, summary = reference
+    assert summary["iteration"] == REF_ITERS
+    assert [h["iteration"] for h in summary["history"]] == list(range(1, REF_ITERS + 1))
+    names = sorted(p.name for p in (out / "checkpoints").glob("*.pt"))
+    assert names == ["ckpt_0000002.pt", "ckpt_0000004.pt", "ckpt_0000006.pt", "ckpt_0000008.pt", "last.pt"]
+    state = _load(out / "checkpoints" / "last.pt")
+    # the λ counter is part of the head state and equals the iteration (SPEC section 4)
+    assert int(state["head"]["iteration"]) == REF_ITERS
+    assert summary["lambda"] == pytest.approx(1000.0 / (1 + 0.12 * REF_ITERS))
+    saved = load_config(str(out / "config.yaml"))
+    assert saved.to_dict() == state["config"]
+
+
+def test_resume_equals_uninterrupted(reference, cache, tmp_path):
+    ref_out, ref_summary = reference
+    # 2 steps, stop, resume for 2 more; the resumed leg uses 2 DataLoader workers (the data order and
+    # flips must not depend on them)
+    first = train(_cfg(tmp_path, cache, 2))
+    second = train(_cfg(tmp_path, cache, 4, workers=2), resume="auto")
+    _assert_same_state(_load(tmp_path / "checkpoints" / "last.pt"), _load(ref_out / "checkpoints" / "ckpt_0000004.pt"))
+    losses = [h["loss"] for h in first["history"] + second["history"]]
+    assert losses == [h["loss"] for h in ref_summary["history"][:4]]
+
+
+def test_cli_sigkill_after_save_then_resume_auto(reference, cache, tmp_path):
+    """A training process killed with SIGKILL, then `sphereface-plus train --resume auto` continues exactly.
+
+    The killed process is the ``python -m sphereface_plus.train`` entry point (the one torchrun runs,
+    same arguments); the resume goes through the ``sphereface-plus`` command-line dispatcher.
+    """
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    args = ["--config", str(SMOKE), *_overrides(out, cache, 1000)]
+    # same thread count as this process (the default), so that float reductions match bit for bit
+    proc = subprocess.Popen([sys.executable, "-m", "sphereface_plus.train", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 90
+        while not (out / "checkpoints" / "ckpt_0000002.pt").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "no checkpoint after 90 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    newest = find_resume_checkpoint(out)
+    k = int(_load(newest)["iteration"])
+    assert k % 2 == 0 and 2 <= k <= REF_ITERS - 2, f"killed too late (checkpoint at {k})"
+
+    from sphereface_plus.cli import main
+
+    assert main(["train", "--config", str(SMOKE), *_overrides(out, cache, k + 2), "--resume", "auto"]) == 0
+    state = _load(out / "checkpoints" / "last.pt")
+    _assert_same_state(state, _load(ref_out / "checkpoints" / f"ckpt_{k + 2:07d}.pt"))
+    # the checkpoint contract of docs/interfaces.md
+    cfg = state["config"]
+    assert cfg["model"]["backbone"] == "sphere4" and cfg["model"]["input_size"] == [112, 96]
+    assert cfg["data"]["template"] == "112x96"
+    assert state["iteration"] == k + 2
+
+
+def test_two_processes_match_one(reference, cache, tmp_path):
+    """torchrun with 2 gloo processes (global batch 4 = 2 x 2) follows the 1-process trajectory."""
+    ref_out, ref_summary = reference
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sphereface_plus.train", "--config", str(SMOKE), *_overrides(tmp_path, cache, 4)]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    got = [h["loss"] for h in summary["history"]]
+    want = [h["loss"] for h in ref_summary["history"][:4]]
+    assert got == pytest.approx(want, abs=1e-5)
+    _assert_same_state(_load(tmp_path / "checkpoints" / "last.pt"), _load(ref_out / "checkpoints" / "ckpt_0000004.pt"),
+                       atol=1e-5)
+
+
+def test_nan_guard_skips_then_rolls_back(cache, tmp_path):
+    cfg = _cfg(tmp_path, cache, 100, extra=["train.nan_patience=2", "train.max_rollbacks=1"])
+    trainer = Trainer(cfg)
+    images, labels, _ = next(iter(trainer.make_loader(100)))
+    for _ in range(2):
+        assert trainer.train_step(images, labels)["finite"]
+    trainer.save()
+    saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    bad = torch.full_like(images, float("nan"))
+
+    s = trainer.train_step(bad, labels)  # skipped: weights untouched
+    assert not s["finite"] and not s["rolled_back"] and trainer.skipped_steps == 1
+    for k, v in trainer.model.state_dict().items():
+        if k == "head.weight":  # A-Softmax renormalises its rows in every training forward (Caffe)
+            torch.testing.assert_close(F.normalize(v, dim=1), F.normalize(saved[k], dim=1), atol=1e-6, rtol=0)
+        elif k != "head.iteration":
+            assert torch.equal(v, saved[k]), k
+    s = trainer.train_step(bad, labels)  # second in a row: roll back to the checkpoint
+    assert s["rolled_back"] and trainer.rollbacks == 1 and trainer.iteration == 2
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    # training goes on from there, and a run that keeps diverging stops with a clear error
+    assert trainer.train_step(images, labels)["finite"]
+    trainer.train_step(bad, labels)
+    with pytest.raises(RuntimeError, match="diverged"):
+        trainer.train_step(bad, labels)
+
+
+def test_sampler_splits_global_batch_and_resumes():
+    full = list(ResumableSampler(10, 4, 7, seed=5))
+    # every epoch is a permutation of the whole set
+    assert sorted(i for i, _ in full[:10]) == list(range(10))
+    assert sorted(i for i, _ in full[10:20]) == list(range(10))
+    r0 = list(ResumableSampler(10, 4, 7, rank=0, world_size=2, seed=5))
+    r1 = list(ResumableSampler(10, 4, 7, rank=1, world_size=2, seed=5))
+    for it in range(7):
+        assert r0[2 * it: 2 * it + 2] + r1[2 * it: 2 * it + 2] == full[4 * it: 4 * it + 4]
+    assert list(ResumableSampler(10, 4, 7, seed=5, start_iter=3)) == full[12:]
+    assert list(ResumableSampler(10, 4, 7, seed=5, shuffle_round=1)) != full
+    assert not any(f for _, f in ResumableSampler(10, 4, 7, seed=5, flip=False))
+    with pytest.raises(ValueError, match="divisible"):
+        ResumableSampler(10, 5, 7, world_size=2)
+
+
+def test_weight_decay_groups_and_schedule():
+    from sphereface_plus.heads import create_head
+    from sphereface_plus.models import create_backbone
+
+    cfg = load_config(None, ["data.source=synthetic", "optim.milestones=[3,6]", "optim.warmup_iters=2",
+                             "optim.warmup_factor=0.5"])
+    net, head = create_backbone("sphere4"), create_head("softmax", in_features=512, num_classes=3)
+    opt = build_optimizer([net, head], cfg.optim)
+    decay = {id(p) for p in opt.param_groups[0]["params"]}
+    for module in (net, head):
+        for name, p in module.named_parameters():
+            want = 0.0 if name.endswith("bias") else 5e-4
+            assert (id(p) in decay) == (want > 0), name
+    assert any(isinstance(m, torch.nn.PReLU) and id(m.weight) in decay for m in net.modules())
+    sched = build_scheduler(opt, cfg.optim)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expect = [0.1 * 0.5, 0.1 * 0.75, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001]
+    assert lrs == pytest.approx(expect)
+    assert lr_factor(5, (3, 6), 0.1, 0, 0.1) == pytest.approx(0.1)
