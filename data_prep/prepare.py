@@ -1,0 +1,691 @@
+"""``sphereface-plus align``: align a whole identity-folder tree (CASIA-WebFace or LFW layout).
+
+For every file under ``--input`` (``<identity>/<image>``) the command finds five landmarks, from a
+landmark file (``--landmarks``, sphereface format: ``relative/path`` then x1 y1 ... x5 y5, tab or
+space separated, 0-based pixels) or with a detector (``--detector mtcnn|retinaface``), warps the
+image to the SphereFace template (:mod:`data_prep.geometry`, SPEC section 2) and writes the crop to
+the same relative path under ``--output`` (extension from ``--format``). It also writes:
+
+- ``<output>/manifest.jsonl``: one JSON object per input, ``{"path", "status", "reason"}``, status
+  ``aligned`` | ``skipped`` (no face / no landmarks) | ``failed`` (unreadable file, bad landmark
+  line, landmark entry without an image), in path order;
+- the training list (``--list``, default ``<output>/list.txt``): ``relative/crop/path label`` for
+  every aligned crop, paths relative to ``<output>``, labels 0..C-1 in sorted identity-folder order;
+- with ``--pack``: ``<output>/packed.npy`` + ``packed.json`` (:mod:`data_prep.packed`).
+
+Exit status: 0 when every input was aligned, 3 when the run finished but something was skipped or
+failed (see the manifest), 2 for a usage error (bad option, missing folder, missing weights).
+
+Resuming: a crop is written to a temporary name and renamed when complete, so a crop that exists
+is finished; rerunning the same command keeps finished crops (checked for a complete JPEG/PNG
+trailer), removes stray temporary files of an interrupted run and does only the rest. The settings
+that change the crops (template, format, quality, landmark source) are recorded in
+``<output>/.align_config.json``; resuming with different ones is refused (use a new ``--output``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+HELP = "align an identity-folder tree of face images to the SphereFace template (landmark file or detector)"
+
+DESCRIPTION = __doc__
+
+#: CASIA-WebFace identities that also appear in LFW (SPEC section 2); removed by --exclude-lfw-overlap.
+LFW_OVERLAP_CASIA = ("0166921", "1056413", "1193098")
+
+#: --fallback landmarks for a W x H image: the mean of lfw_landmark.txt over all 13,233 LFW images,
+#: divided by the 250 px image side, scaled to the image. Suits loosely cropped, roughly centred faces
+#: (LFW, CASIA-WebFace); every image aligned this way is marked in the manifest.
+MEAN_LANDMARKS_UNIT = np.array(
+    [
+        [104.669, 112.486],
+        [145.090, 111.726],
+        [124.850, 136.512],
+        [107.596, 157.144],
+        [143.560, 156.729],
+    ]
+) / 250.0
+
+MANIFEST = "manifest.jsonl"
+CONFIG = ".align_config.json"
+JOURNAL = ".align_journal.jsonl"
+DEFAULT_LIST = "list.txt"
+EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE = 0, 2, 3
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs that stops the run before it starts (exit 2)."""
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, metavar="DIR", help="identity-folder tree: DIR/<identity>/<image>")
+    p.add_argument("--output", required=True, metavar="DIR", help="where the aligned tree, manifest and list go")
+    p.add_argument("--landmarks", metavar="FILE",
+                   help="landmark file: 'relative/path x1 y1 ... x5 y5' per line (0-based pixels, tab or space "
+                        "separated; LFW's lfw_landmark.txt); without it the --detector is run")
+    p.add_argument("--template", default="112x96", choices=("112x96", "112x112"), help="crop template (default 112x96)")
+    p.add_argument("--detector", default="mtcnn", choices=("mtcnn", "retinaface"),
+                   help="face detector used when no --landmarks is given (default mtcnn; weights: sphereface-plus fetch-weights)")
+    p.add_argument("--device", default="cpu", help="device for the detector, e.g. cpu or cuda:0 (default cpu)")
+    p.add_argument("--face-policy", default="center", choices=("center", "largest", "score"),
+                   help="which face to keep when the detector finds several (default: nearest the image centre, as the original)")
+    p.add_argument("--fallback", action="store_true",
+                   help="align images without a face / landmark entry with a fixed mean landmark set (marked in the manifest) "
+                        "instead of skipping them")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes (default: all CPU cores)")
+    p.add_argument("--format", default="jpg", choices=("jpg", "png"), help="output image format (default jpg)")
+    p.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG quality 1-100 (default 95)")
+    p.add_argument("--list", metavar="OUT.txt",
+                   help=f"training list to write ('path label', paths relative to --output; default <output>/{DEFAULT_LIST})")
+    p.add_argument("--exclude-lfw-overlap", action="store_true",
+                   help="CASIA-WebFace: leave out the identities that are also in LFW (" + ", ".join(LFW_OVERLAP_CASIA) + ")")
+    p.add_argument("--pack", action="store_true",
+                   help="also write all crops into <output>/packed.npy + packed.json for fast training I/O")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        summary = align_tree(
+            input_dir=args.input,
+            output_dir=args.output,
+            landmarks=args.landmarks,
+            template=args.template,
+            detector=args.detector,
+            device=args.device,
+            face_policy=args.face_policy,
+            fallback=args.fallback,
+            workers=args.workers,
+            image_format=args.format,
+            quality=args.quality,
+            list_path=args.list,
+            exclude_lfw_overlap=args.exclude_lfw_overlap,
+            pack=args.pack,
+        )
+    except UsageError as exc:
+        print(f"sphereface-plus align: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sphereface-plus align: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
+    c = summary.counts
+    print(
+        f"aligned {c['aligned']} (of which {summary.resumed} from an earlier run), skipped {c['skipped']}, "
+        f"failed {c['failed']} of {summary.total} inputs in {summary.seconds:.1f} s "
+        f"({summary.rate:.0f} images/s for the new ones)"
+    )
+    print(f"manifest: {summary.manifest}")
+    print(f"list:     {summary.list_path} ({summary.num_listed} crops, {summary.num_classes} classes)")
+    if summary.pack_index:
+        print(f"pack:     {summary.pack_index}")
+    if c["skipped"] or c["failed"]:
+        print("some inputs were not aligned: see the manifest (status 'skipped' / 'failed')")
+        return EXIT_INCOMPLETE
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------ reading inputs
+def read_image(data: bytes) -> Tuple[np.ndarray, List[str]]:
+    """Decode an image file's bytes into BGR uint8; return (image, notes). Raises ValueError.
+
+    Grayscale is expanded to three channels and an alpha channel dropped (both noted); 16-bit images
+    are scaled to 8 bits. A JPEG without its end-of-image marker is reported as truncated: libjpeg
+    would otherwise fill the missing rows with grey and only print a warning.
+    """
+    import cv2
+
+    if len(data) == 0:
+        raise ValueError("empty file (0 bytes)")
+    is_jpeg = data[:3] == b"\xff\xd8\xff"
+    if is_jpeg:
+        tail = data.rstrip(b"\x00\r\n ")
+        if not tail.endswith(b"\xff\xd9"):
+            # tolerate trailing junk after a real end-of-image marker, but not a missing one
+            if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+                raise ValueError(f"truncated JPEG: no end-of-image marker ({len(data)} bytes)")
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        kind = _sniff(data)
+        if kind:
+            raise ValueError(f"corrupt {kind} data: OpenCV could not decode it ({len(data)} bytes)")
+        raise ValueError(f"not an image file (unrecognised content, first bytes {data[:8]!r})")
+    notes: List[str] = []
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+        notes.append("16-bit input scaled to 8 bit")
+    elif img.dtype != np.uint8:
+        raise ValueError(f"unsupported pixel type {img.dtype} (expected 8- or 16-bit)")
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
+        img = cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2BGR)
+        notes.append("grayscale input expanded to BGR")
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = np.ascontiguousarray(img[:, :, :3])
+        notes.append("alpha channel dropped")
+    elif not (img.ndim == 3 and img.shape[2] == 3):
+        raise ValueError(f"unsupported image layout {img.shape}")
+    return img, notes
+
+
+def _sniff(data: bytes) -> str:
+    sigs = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"BM": "BMP", b"GIF8": "GIF", b"RIFF": "WebP/RIFF",
+            b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"P5": "PGM", b"P6": "PPM"}
+    for sig, name in sigs.items():
+        if data.startswith(sig):
+            return name
+    return ""
+
+
+def output_complete(path: str) -> bool:
+    """True when ``path`` is a finished crop: non-empty and ending with its format's trailer."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            if size < 16:
+                return False
+            fh.seek(size - 16)
+            tail = fh.read()
+    except OSError:
+        return False
+    if path.endswith(".png"):
+        return tail.endswith(b"IEND\xaeB`\x82")
+    return tail.rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
+@dataclass
+class LandmarkEntry:
+    line: int
+    points: Optional[np.ndarray]  # 5 x 2, or None when the line is bad
+    error: str = ""
+
+
+def parse_landmark_file(path) -> Tuple[Dict[str, LandmarkEntry], List[Tuple[str, int, str]]]:
+    """Parse a sphereface landmark file.
+
+    Returns (entries by normalised relative path, problems that name no usable path as
+    (text, line, reason)). A bad line whose first field looks like a path is kept as an entry with
+    ``points=None`` and an ``error``, so that its image is reported as failed with that reason.
+    A repeated path keeps its first line; the repeat is reported as a problem.
+    """
+    path = Path(path)
+    entries: Dict[str, LandmarkEntry] = {}
+    problems: List[Tuple[str, int, str]] = []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise UsageError(f"cannot read the landmark file {path}: {exc}") from None
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        rel = _norm_rel(fields[0])
+        where = f"{path.name} line {n}"
+        if len(fields) != 11:
+            entry = LandmarkEntry(n, None, f"{where}: expected a path and 10 numbers, got {len(fields)} fields")
+        else:
+            try:
+                vals = np.array([float(v) for v in fields[1:]], dtype=np.float64)
+            except ValueError:
+                bad = next(v for v in fields[1:] if not _is_float(v))
+                entry = LandmarkEntry(n, None, f"{where}: {bad!r} is not a number")
+            else:
+                if not np.all(np.isfinite(vals)):
+                    entry = LandmarkEntry(n, None, f"{where}: non-finite landmark value")
+                else:
+                    entry = LandmarkEntry(n, vals.reshape(5, 2))
+        if rel in entries:
+            problems.append((rel, n, f"{where}: repeats the path of line {entries[rel].line}; the first line is used"))
+            continue
+        entries[rel] = entry
+    return entries, problems
+
+
+def _is_float(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def _norm_rel(p: str) -> str:
+    p = p.replace("\\", "/")
+    while p.startswith("./"):
+        p = p[2:]
+    return p
+
+
+def scan_tree(input_dir: Path, skip: Sequence[Path] = ()) -> List[str]:
+    """Every regular file under ``input_dir`` as a sorted relative POSIX path.
+
+    Hidden entries (names starting with '.', e.g. .DS_Store or our own temporary files) are ignored;
+    so is any folder in ``skip`` (an output folder inside the input).
+    """
+    skip_real = {os.path.realpath(s) for s in skip}
+    seen = {os.path.realpath(input_dir)}
+    out: List[str] = []
+    # symlinked folders are followed (trees assembled from links are common); `seen` breaks cycles
+    for dirpath, dirnames, filenames in os.walk(input_dir, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if d.startswith(".") or real in skip_real or real in seen:
+                continue
+            seen.add(real)
+            keep.append(d)
+        dirnames[:] = keep
+        rel_dir = os.path.relpath(dirpath, input_dir)
+        for f in filenames:
+            if f.startswith("."):
+                continue
+            full = os.path.join(dirpath, f)
+            if not os.path.isfile(full):
+                continue
+            out.append(f if rel_dir == "." else Path(rel_dir, f).as_posix())
+    out.sort()
+    return out
+
+
+# ---------------------------------------------------------------------------------------- workers
+_W: Dict[str, object] = {}  # per-process worker state (set by _init_worker)
+
+
+def _init_worker(cfg: Dict[str, object]) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would only contend
+    _W.clear()
+    _W.update(cfg)
+    ext = cfg["ext"]
+    _W["encode_params"] = [cv2.IMWRITE_JPEG_QUALITY, int(cfg["quality"])] if ext == ".jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    _W["detector_obj"] = None
+    if cfg.get("detector"):
+        from data_prep.detectors import create_detector
+
+        _W["detector_obj"] = create_detector(str(cfg["detector"]), device=str(cfg["device"]))
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path`` and rename it into place.
+
+    Deliberately without the per-file fsync of ``sphereface_plus.utils.atomic_write_bytes``: on this
+    kind of disk an fsync per crop costs ~5 ms, five times the whole alignment. The rename alone
+    guarantees that a killed run never leaves a partial crop under its final name; durability
+    against power loss is provided by one ``os.sync()`` at the end of the run, and a crop that did
+    not survive (empty or without its trailer) is detected and redone on resume.
+    """
+    d = os.path.dirname(path)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except FileNotFoundError:
+        os.makedirs(d, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _process(task: Tuple) -> Tuple[str, str, str]:
+    """Align one image. ``task`` = (rel, out_rel, points or None, landmark line or 0)."""
+    import cv2
+
+    from data_prep.geometry import align_face
+
+    rel, out_rel, pts, line = task
+    src = os.path.join(str(_W["input"]), rel)
+    try:
+        with open(src, "rb") as fh:
+            data = fh.read()
+        img, notes = read_image(data)
+    except (OSError, ValueError) as exc:
+        return rel, "failed", str(exc)
+    h, w = img.shape[:2]
+    how = ""
+    if pts is not None:
+        points = np.asarray(pts, dtype=np.float64).reshape(5, 2)
+        how = f"landmarks line {line}"
+        # landmarks for another image size (wrong file, resized images) land far outside the picture
+        if np.any(points < -0.5 * np.array([w, h])) or np.any(points > 1.5 * np.array([w, h])):
+            return rel, "failed", f"landmarks line {line} lie outside the {w}x{h} image: {points.round(1).tolist()}"
+    elif _W.get("detector_obj") is not None:
+        from data_prep.detectors import select_face
+
+        try:
+            boxes, cand = _W["detector_obj"].detect(img)
+        except Exception as exc:  # a detector crash on one image must not stop the run
+            return rel, "failed", f"detector error: {type(exc).__name__}: {exc}"
+        n = len(boxes)
+        if n == 0:
+            if not _W["fallback"]:
+                return rel, "skipped", f"no face detected ({_W['detector']})"
+            points = MEAN_LANDMARKS_UNIT * np.array([w, h])
+            how = f"fallback: no face detected ({_W['detector']}), aligned with the mean landmark set"
+        else:
+            i, _box, points = select_face(boxes, cand, img.shape, policy=str(_W["policy"]))
+            how = f"{_W['detector']}: 1 face" if n == 1 else f"{_W['detector']}: {n} faces, kept #{i} ({_W['policy']})"
+    elif _W["fallback"]:
+        points = MEAN_LANDMARKS_UNIT * np.array([w, h])
+        how = "fallback: no landmark entry, aligned with the mean landmark set"
+    else:
+        return rel, "skipped", "no landmarks for this image"
+    try:
+        crop = align_face(img, points, str(_W["template"]))
+    except ValueError as exc:
+        return rel, "failed", f"cannot align ({how}): {exc}"
+    ok, buf = cv2.imencode(str(_W["ext"]), crop, _W["encode_params"])
+    if not ok:
+        return rel, "failed", f"could not encode the crop as {_W['ext']}"
+    try:
+        _write_atomic(os.path.join(str(_W["output"]), out_rel), buf.tobytes())
+    except OSError as exc:
+        return rel, "failed", f"cannot write {out_rel}: {exc}"
+    return rel, "aligned", "; ".join([how] + notes) if how else "; ".join(notes)
+
+
+# ------------------------------------------------------------------------------------ the command
+@dataclass
+class AlignSummary:
+    total: int
+    counts: Dict[str, int]
+    resumed: int
+    seconds: float
+    rate: float
+    manifest: Path
+    list_path: Path
+    num_listed: int
+    num_classes: int
+    pack_index: Optional[Path]
+
+
+def _out_rel(rel: str, ext: str) -> str:
+    base, _ = os.path.splitext(rel)
+    return base + ext
+
+
+def _load_journal(path: Path) -> Dict[str, Tuple[str, str]]:
+    out: Dict[str, Tuple[str, str]] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            obj = json.loads(line)
+            out[obj["path"]] = (obj["status"], obj["reason"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by the interruption
+    return out
+
+
+def _clean_stray_temps(output: Path) -> int:
+    """Remove temporary files (``.<name>.<pid>.tmp``) that an interrupted run left in ``output``."""
+    n = 0
+    for dirpath, _dirs, files in os.walk(output):
+        for f in files:
+            if f.startswith(".") and f.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(dirpath, f))
+                    n += 1
+                except FileNotFoundError:
+                    pass
+    return n
+
+
+def align_tree(
+    input_dir,
+    output_dir,
+    landmarks=None,
+    template: str = "112x96",
+    detector: str = "mtcnn",
+    device: str = "cpu",
+    face_policy: str = "center",
+    fallback: bool = False,
+    workers: int = 0,
+    image_format: str = "jpg",
+    quality: int = 95,
+    list_path=None,
+    exclude_lfw_overlap: bool = False,
+    pack: bool = False,
+) -> AlignSummary:
+    """The ``align`` command as a function (see the module docstring). Raises :class:`UsageError`."""
+    from data_prep.geometry import template_size
+    from sphereface_plus.utils import atomic_write_json, atomic_write_text, progress
+
+    t0 = time.perf_counter()
+    inp = Path(input_dir)
+    out = Path(output_dir)
+    if not inp.is_dir():
+        raise UsageError(f"--input {inp} is not a folder (expected <identity>/<image> folders)")
+    if image_format not in ("jpg", "png"):
+        raise UsageError(f"--format {image_format!r}: choose jpg or png")
+    if not 1 <= int(quality) <= 100:
+        raise UsageError(f"--quality {quality}: must be 1..100")
+    try:
+        height, width = template_size(template)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    inp_real, out_real = os.path.realpath(inp), os.path.realpath(out)
+    if out_real == inp_real:
+        raise UsageError("--output must differ from --input (the crops would overwrite the originals)")
+    if inp_real.startswith(out_real + os.sep):
+        raise UsageError(f"--input {inp} lies inside --output {out}; choose an output folder outside the input")
+    if landmarks is not None and not Path(landmarks).is_file():
+        raise UsageError(f"--landmarks {landmarks} does not exist")
+    if workers <= 0:
+        workers = os.cpu_count() or 1
+    ext = "." + image_format
+
+    # settings that determine the crops: resuming with different ones would mix two kinds of crops
+    settings = {
+        "template": template,
+        "format": image_format,
+        "quality": int(quality) if image_format == "jpg" else None,
+        "source": f"landmarks:{os.path.realpath(landmarks)}" if landmarks else f"detector:{detector}:{face_policy}",
+        "fallback": bool(fallback),
+    }
+    cfg_path = out / CONFIG
+    if cfg_path.is_file():
+        try:
+            prev = json.loads(cfg_path.read_text())
+        except ValueError:
+            prev = None
+        if prev is not None and prev != settings:
+            diff = ", ".join(f"{k}: {prev.get(k)!r} -> {v!r}" for k, v in settings.items() if prev.get(k) != v)
+            raise UsageError(
+                f"{out} holds crops made with other settings ({diff}); use a new --output folder "
+                f"(or delete {cfg_path} and the old crops)"
+            )
+
+    det_name = None
+    if landmarks is None:
+        det_name = detector
+        try:  # fail early, in this process, with the detector's own message (missing weights etc.)
+            from data_prep.detectors import create_detector
+
+            create_detector(detector, device=device)
+        except ImportError as exc:
+            raise UsageError(f"detector {detector!r} is not available: {exc}") from None
+        except (FileNotFoundError, RuntimeError, ValueError, KeyError) as exc:
+            raise UsageError(f"cannot create the {detector} detector: {exc}") from None
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cfg_path, settings)
+    stray = _clean_stray_temps(out)
+    if stray:
+        logger.info("removed %d temporary files left by an interrupted run", stray)
+
+    # ---- inputs
+    files = scan_tree(inp, skip=[out])
+    records: Dict[str, Tuple[str, str]] = {}  # path -> (status, reason): the manifest
+    excluded = set(LFW_OVERLAP_CASIA) if exclude_lfw_overlap else set()
+    if excluded:
+        present = {f.split("/", 1)[0] for f in files if "/" in f}
+        found = sorted(excluded & present)
+        n_ex = sum(1 for f in files if f.split("/", 1)[0] in excluded)
+        files = [f for f in files if f.split("/", 1)[0] not in excluded]
+        logger.info("--exclude-lfw-overlap: left out %d images of %s", n_ex, ", ".join(found) or "no identity (none present)")
+        if len(found) < len(excluded):
+            logger.warning("--exclude-lfw-overlap: %s not found in %s (is this CASIA-WebFace?)",
+                           ", ".join(sorted(excluded - set(found))), inp)
+    inputs = set(files)
+
+    entries: Dict[str, LandmarkEntry] = {}
+    if landmarks is not None:
+        entries, problems = parse_landmark_file(landmarks)
+        for rel, line, reason in problems:
+            logger.warning("%s", reason)
+        orphans = [r for r in entries if r not in inputs and r.split("/", 1)[0] not in excluded]
+        for rel in orphans:
+            e = entries[rel]
+            why = f"{Path(landmarks).name} line {e.line}: no such image under --input"
+            records[rel] = ("failed", why + (f" (and the line is bad: {e.error})" if e.error else ""))
+        if entries and len(orphans) == len(entries):
+            logger.warning(
+                "none of the %d paths in %s names a file under %s: paths must be relative to --input (e.g. %s)",
+                len(entries), landmarks, inp, files[0] if files else "Name/Name_0001.jpg",
+            )
+
+    journal_path = out / JOURNAL
+    journal = _load_journal(journal_path)
+    tasks: List[Tuple] = []
+    claimed: Dict[str, str] = {}  # out_rel -> rel, to catch a.jpg + a.png both mapping to a.jpg
+    resumed = 0
+    for rel in files:
+        if "/" not in rel:
+            records[rel] = ("failed", "not inside an identity folder (expected <input>/<identity>/<image>)")
+            continue
+        out_rel = _out_rel(rel, ext)
+        if out_rel in claimed:
+            records[rel] = ("failed", f"output name {out_rel} is already used by {claimed[out_rel]}")
+            continue
+        claimed[out_rel] = rel
+        pts, line = None, 0
+        if landmarks is not None:
+            e = entries.get(rel)
+            if e is not None and e.points is None:
+                records[rel] = ("failed", e.error)
+                continue
+            if e is not None:
+                pts, line = tuple(e.points.reshape(-1).tolist()), e.line
+            elif not fallback:
+                records[rel] = ("skipped", f"no entry in the landmark file {Path(landmarks).name}")
+                continue
+        if output_complete(str(out / out_rel)):
+            prev = journal.get(rel)
+            reason = prev[1] if prev and prev[0] == "aligned" else ""
+            records[rel] = ("aligned", (reason + "; " if reason else "") + "done in an earlier run")
+            resumed += 1
+            continue
+        tasks.append((rel, out_rel, pts, line))
+
+    # ---- the work
+    cfg = {
+        "input": str(inp), "output": str(out), "template": template, "ext": ext, "quality": int(quality),
+        "detector": det_name, "device": device, "policy": face_policy, "fallback": bool(fallback),
+    }
+    counts = {"aligned": 0, "skipped": 0, "failed": 0}
+    for st, _ in records.values():
+        counts[st] += 1
+    total = len(records) + len(tasks)
+    t_work = time.perf_counter()
+    bar = progress(total=total, initial=total - len(tasks), desc="align", unit="img", smoothing=0.05)
+    bar.set_postfix(counts, refresh=False)
+    with open(journal_path, "a", encoding="utf-8") as jf:
+        last_post = 0.0
+        for rel, status, reason in _run_tasks(tasks, cfg, workers, cuda=det_name is not None and device.startswith("cuda")):
+            records[rel] = (status, reason)
+            counts[status] += 1
+            jf.write(json.dumps({"path": rel, "status": status, "reason": reason}) + "\n")
+            bar.update(1)
+            now = time.perf_counter()
+            if now - last_post > 0.5:
+                bar.set_postfix(counts, refresh=False)
+                jf.flush()
+                last_post = now
+        bar.set_postfix(counts, refresh=False)
+    bar.close()
+    new_seconds = time.perf_counter() - t_work
+    if hasattr(os, "sync"):
+        os.sync()  # make the renamed crops durable before the manifest says they are done
+
+    # ---- manifest, list, pack
+    manifest = out / MANIFEST
+    atomic_write_text(
+        manifest,
+        "".join(json.dumps({"path": p, "status": s, "reason": r}) + "\n" for p, (s, r) in sorted(records.items())),
+    )
+    aligned = sorted(p for p, (s, _) in records.items() if s == "aligned" and p in inputs)
+    classes = sorted({p.split("/", 1)[0] for p in aligned})
+    label_of = {c: i for i, c in enumerate(classes)}
+    all_ids = sorted({p.split("/", 1)[0] for p in files if "/" in p})
+    if len(classes) < len(all_ids):
+        logger.warning("%d identity folders have no aligned image and get no label: %s", len(all_ids) - len(classes),
+                       ", ".join(sorted(set(all_ids) - set(classes))[:10]))
+    listed = [(_out_rel(p, ext), label_of[p.split("/", 1)[0]]) for p in aligned]
+    lp = Path(list_path) if list_path else out / DEFAULT_LIST
+    atomic_write_text(lp, "".join(f"{r} {lab}\n" for r, lab in listed))
+    journal_path.unlink(missing_ok=True)  # everything it held is in the manifest now
+
+    pack_index = None
+    if pack:
+        from data_prep.packed import pack_folder
+
+        pack_index = pack_folder(out, listed, classes, template, height, width, workers=workers)
+
+    n_new = len(tasks)
+    return AlignSummary(
+        total=len(records), counts=counts, resumed=resumed, seconds=time.perf_counter() - t0,
+        rate=n_new / new_seconds if new_seconds > 0 else math.nan, manifest=manifest, list_path=lp,
+        num_listed=len(listed), num_classes=len(classes), pack_index=pack_index,
+    )
+
+
+def _run_tasks(tasks: List[Tuple], cfg: Dict[str, object], workers: int, cuda: bool) -> Iterable[Tuple[str, str, str]]:
+    """Yield (rel, status, reason) for every task, in completion order."""
+    if not tasks:
+        return
+    if cuda and workers > 1:
+        logger.info("detector on %s: one process feeds the GPU (--workers ignored)", cfg["device"])
+        workers = 1
+    if workers == 1 or len(tasks) < 64:
+        _init_worker(cfg)
+        try:
+            for t in tasks:
+                yield _process(t)
+        finally:
+            _W.clear()
+        return
+    import multiprocessing as mp
+
+    # fork is cheapest for the landmark path (numpy + cv2 only); a detector holds torch / onnxruntime
+    # thread pools that must not be forked, so its workers start fresh
+    method = "fork" if cfg["detector"] is None and "fork" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
+    chunk = max(1, min(64, len(tasks) // (workers * 8)))
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,))
+    try:
+        for res in pool.imap_unordered(_process, tasks, chunksize=chunk):
+            yield res
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
