@@ -1,0 +1,115 @@
+"""The typed config tree: precedence, type checks, nearest-key errors, round trips, the shipped recipes."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sphereface_plus.config import Config, ConfigError, apply_overrides, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("optim:\n  lr: 0.5\n  milestones: [5, 9]\ntrain:\n  batch_size: 64\ndata:\n  source: synthetic\n")
+    cfg = load_config(str(p), ["train.batch_size=32", "mhe.power=0", "optim.milestones=[1, 2, 3]", "out_dir=x/y"])
+    assert cfg.optim.lr == 0.5  # YAML over default
+    assert cfg.train.batch_size == 32  # override over YAML
+    assert cfg.optim.milestones == [1, 2, 3] and cfg.out_dir == "x/y"
+    assert cfg.mhe.power == "0"  # YAML parses 0 as an int; a str field keeps it as written
+    assert cfg.optim.momentum == Config().optim.momentum == 0.9  # untouched default
+    assert isinstance(load_config(str(p), ["optim.lr=1"]).optim.lr, float)  # int accepted for a float
+
+
+@pytest.mark.parametrize(
+    "override, nearest",
+    [("train.batch_sise=3", "train.batch_size"), ("trian.iterations=3", "train.iterations"),
+     ("optim.weightdecay=0", "optim.weight_decay"), ("checkpoint.evry=5", "checkpoint.every")],
+)
+def test_unknown_key_names_the_nearest(override, nearest):
+    with pytest.raises(ConfigError, match=f"Did you mean '{nearest}'"):
+        load_config(None, ["data.source=synthetic", override])
+
+
+def test_unknown_key_in_yaml_names_file_and_nearest(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("data:\n  source: synthetic\nhead:\n  lambda_mn: 5\n")
+    with pytest.raises(ConfigError, match=r"head\.lambda_mn.*bad\.yaml.*Did you mean 'head\.lambda_min'"):
+        load_config(str(p))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("train.batch_size=abc", "expects an integer"), ("train.batch_size=1.5", "expects an integer"),
+     ("optim.lr=fast", "expects a number"), ("train.tensorboard=3", "true or false"),
+     ("optim.milestones=7", "expects a list"), ("data.source=imagenet", "synthetic, folder, list, rec, packed"),
+     ("train.amp=fp8", "off, bf16, fp16"), ("train.iterations=0", "must be positive"),
+     ("model.input_size=[112,112]", "does not match data.template"), ("noequals", "key=value")],
+)
+def test_wrong_types_and_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.source=synthetic", override])
+
+
+def test_real_data_source_needs_root():
+    with pytest.raises(ConfigError, match="data.root"):
+        load_config(None, ["data.source=folder"])
+
+
+def test_round_trip_is_plain_data():
+    cfg = load_config(None, ["data.source=synthetic", "head.name=cosface", "optim.milestones=[3]"])
+    d = cfg.to_dict()
+    assert yaml.safe_load(yaml.safe_dump(d)) == d  # nothing but plain nested containers
+    assert Config.from_dict(d) == cfg
+    d["train"]["bogus"] = 1
+    with pytest.raises(ConfigError, match="train.bogus"):
+        Config.from_dict(d)
+
+
+def test_section_override_with_mapping():
+    cfg = apply_overrides(Config(), ["data.synthetic={num_identities: 30, seed: 4}"])
+    assert (cfg.data.synthetic.num_identities, cfg.data.synthetic.seed) == (30, 4)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_recipes_load(path):
+    overrides = [] if "smoke" in path.name else ["data.root=/data/casia-112x96"]
+    cfg = load_config(str(path), overrides)
+    assert cfg.model.input_size == [112, 96] and cfg.data.template == "112x96"
+
+
+def test_sphereface20_recipe_is_spec_section_6():
+    cfg = load_config(str(REPO / "configs" / "sphereface20_casia.yaml"), ["data.root=x"])
+    assert cfg.model.backbone == "sphere20" and cfg.model.embedding_dim == 512
+    assert (cfg.train.batch_size, cfg.train.iterations) == (512, 28000)
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 5e-4)
+    assert cfg.optim.milestones == [16000, 24000, 28000] and cfg.optim.lr_gamma == 0.1
+    h = cfg.head
+    assert (h.name, h.m, h.base, h.gamma, h.power, h.lambda_min) == ("a_softmax", 4, 1000.0, 0.12, 1.0, 5.0)
+    assert cfg.mhe.lambda_m == 0.0
+
+
+def test_spherefaceplus_recipe_is_spec_section_5():
+    cfg = load_config(str(REPO / "configs" / "spherefaceplus20_casia.yaml"), ["data.root=x"])
+    assert cfg.mhe.lambda_m > 0 and cfg.train.init_from  # fine-tune from a SphereFace checkpoint
+    assert (cfg.head.m, cfg.head.base, cfg.head.lambda_min) == (4, 5.0, 5.0)  # λ fixed at 5
+    assert (cfg.optim.lr, cfg.optim.milestones, cfg.train.iterations) == (0.01, [4000, 6000], 8000)
+    assert (cfg.train.batch_size, cfg.optim.weight_decay, cfg.optim.momentum) == (512, 5e-4, 0.9)
+
+
+def test_cli_reports_bad_key_with_exit_status_2(capsys):
+    from sphereface_plus import train as train_cmd
+
+    parser = argparse.ArgumentParser()
+    train_cmd.add_arguments(parser)
+    args = parser.parse_args(["--config", str(REPO / "configs" / "cpu_smoke.yaml"), "train.iteratons=3"])
+    assert train_cmd.run(args) == 2
+    assert "Did you mean 'train.iterations'" in capsys.readouterr().err
+    args = parser.parse_args(["--config", str(REPO / "configs" / "cpu_smoke.yaml"), "--print-config", "train.seed=9"])
+    assert train_cmd.run(args) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["seed"] == 9 and printed["data"]["source"] == "synthetic"
