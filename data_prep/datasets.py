@@ -339,28 +339,31 @@ class RecordIODataset(FaceDataset):
 
 # ------------------------------------------------------------------------------------------ packed
 class PackedDataset(FaceDataset):
-    """The shards of ``sphereface-plus align --pack``, read through :mod:`data_prep.packed`."""
+    """The memory-mapped pack of ``sphereface-plus align --pack`` (:class:`data_prep.packed.PackedReader`).
+
+    Crops are stored decoded, so a sample is one page-cache read and no JPEG decoding.
+    """
 
     def __init__(self, root, input_size=(112, 96)):
         super().__init__(input_size)
-        from data_prep import packed
+        from data_prep.packed import PackedReader
 
         self.root = Path(root)
-        self.reader = packed.PackedReader(root)
-        self.labels = np.asarray(self.reader.labels, dtype=np.int64)
-        self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        self.reader = PackedReader(root)
+        self.labels = self.reader.labels
+        self.num_classes = int(self.reader.num_classes)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.reader)
 
     def label(self, index: int) -> int:
         return int(self.labels[index])
 
     def describe(self, index: int) -> str:
-        return f"{self.root} (packed entry {index}: {self.reader.path(index)})"
+        return f"{self.reader.data_path} (entry {index}: {self.reader.path(index)})"
 
     def read(self, index: int) -> Optional[np.ndarray]:
-        return _decode(self.reader.read_bytes(index))
+        return self.reader.read(index)
 
 
 # --------------------------------------------------------------------------------------- synthetic

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.datasets import ImageFolderDataset, ListDataset, RecordIODataset, preprocess
+from data_prep.datasets import ImageFolderDataset, ListDataset, PackedDataset, RecordIODataset, preprocess
 
 MAGIC = 0xCED7230A
 
@@ -150,6 +150,26 @@ def test_list_file(folder, tmp_path_factory):
     lst.write_text("alice/alice_0.png 0\nbob/bob_0.png minus-one\n")
     with pytest.raises(ValueError, match=r"train\.txt:2"):
         ListDataset(root, lst)
+
+
+def test_packed_source(folder, tmp_path_factory):
+    from data_prep.packed import PackWriter
+
+    root, imgs = folder
+    out = tmp_path_factory.mktemp("pack")
+    rels = sorted(imgs)
+    classes = sorted({r.split("/")[0] for r in rels})
+    labels = [classes.index(r.split("/")[0]) for r in rels]
+    with PackWriter(out, len(rels), 112, 96) as w:
+        for r in rels:
+            w.add(imgs[r])
+        w.finish(rels, labels, classes, "112x96")
+    ds = PackedDataset(out)
+    assert len(ds) == len(rels) and ds.num_classes == 3
+    for i, r in enumerate(rels):
+        x, y, bad = ds[(i, i % 2 == 0)]
+        assert (y, bad) == (labels[i], 0)
+        np.testing.assert_allclose(x.numpy(), _model_input(imgs[r], flip=i % 2 == 0), atol=1e-6)
 
 
 def test_wrong_size_and_missing_images_are_replaced(folder, caplog):
