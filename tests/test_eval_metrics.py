@@ -176,3 +176,20 @@ def test_bad_input_is_named():
         metrics.best_threshold(np.array([0.1, np.nan]), np.array([True, False]))
     with pytest.raises(ValueError, match="different lengths"):
         metrics.threshold_correct_counts(np.zeros(3), np.zeros(2, bool))
+
+
+def test_fold_scores_precise_with_a_large_common_offset():
+    # features dominated by a shared component (an untrained or collapsed net): the fold-mean
+    # expansion must still give the scores of centring each fold explicitly
+    rng = np.random.default_rng(6)
+    n, dim = 200, 32
+    offset = 100.0 * rng.normal(size=dim)
+    f1 = offset + rng.normal(size=(n, dim))
+    f2 = offset + rng.normal(size=(n, dim))
+    folds = np.arange(n) % 4
+    fold_ids, got = metrics.fold_scores(f1, f2, folds)
+    for f, k in enumerate(fold_ids):
+        mu = np.concatenate([f1[folds != k], f2[folds != k]]).mean(0)
+        a, b = f1 - mu, f2 - mu
+        ref = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        np.testing.assert_allclose(got[f], ref, rtol=0, atol=1e-12)
