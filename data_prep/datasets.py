@@ -411,12 +411,15 @@ def prepare_synthetic(
     return cache
 
 
-def build_train_dataset(data_cfg, input_size: Sequence[int], out_dir) -> FaceDataset:
-    """The dataset named by ``data.source`` (see the module docstring)."""
+def build_train_dataset(data_cfg, input_size: Sequence[int], synthetic_cache=None) -> FaceDataset:
+    """The dataset named by ``data.source`` (see the module docstring).
+
+    ``synthetic_cache``: the folder for ``source=synthetic`` (default ``data.synthetic.cache_dir``).
+    """
     source = data_cfg.source
     if source == "synthetic":
         s = data_cfg.synthetic
-        cache = Path(s.cache_dir) if s.cache_dir else Path(out_dir) / "synthetic"
+        cache = Path(synthetic_cache or s.cache_dir or "synthetic")
         prepare_synthetic(cache, s.num_identities, s.images_per_identity, s.seed, data_cfg.template, s.pairs_per_fold)
         return ImageFolderDataset(cache / "aligned", input_size)
     if source == "folder":

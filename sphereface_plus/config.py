@@ -118,7 +118,7 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    pairs: str = ""  # LFW-style pairs.txt; "" = no periodic verification
+    pairs: str = ""  # LFW-style pairs.txt; "" = no verification; "auto" = the synthetic set's pairs
     root: str = ""  # folder of aligned crops the pairs refer to
     every: int = 0  # iterations between verifications (0 = only at the end when pairs is set)
     batch_size: int = 64

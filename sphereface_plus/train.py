@@ -105,6 +105,12 @@ class Trainer:
         self.model.to(memory_format=self.memory_format)
         if cfg.train.init_from:
             self._init_from(cfg.train.init_from)
+        self.eval_pairs, self.eval_root = cfg.eval.pairs, cfg.eval.root
+        if cfg.eval.pairs == "auto":  # the synthetic set's own person-disjoint pairs, on its aligned crops
+            if cfg.data.source != "synthetic":
+                raise ValueError("eval.pairs=auto needs data.source=synthetic; give eval.pairs=<pairs.txt> eval.root=<crops>")
+            cache = _synthetic_cache(cfg)
+            self.eval_pairs, self.eval_root = str(cache / "raw" / "pairs.txt"), str(cache / "aligned")
         self.optimizer = build_optimizer([self.model], cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.amp_dtype = None
@@ -131,7 +137,7 @@ class Trainer:
         # rank 0 generates / indexes first (the synthetic set is written once), the others then read it
         if self.dist.distributed and not self.dist.is_main:
             torch.distributed.barrier()
-        ds = build_train_dataset(self.cfg.data, self.cfg.model.input_size, self.cfg.out_dir)
+        ds = build_train_dataset(self.cfg.data, self.cfg.model.input_size, _synthetic_cache(self.cfg))
         if self.dist.distributed and self.dist.is_main:
             torch.distributed.barrier()
         logger.info("training set: %d images of %d identities (%s)", len(ds), ds.num_classes, self.cfg.data.source)
@@ -308,7 +314,7 @@ class Trainer:
                                     last_report["images_per_s"])
                 if it % cfg.checkpoint.every == 0 or it == total:
                     self.save()
-                if cfg.eval.pairs and ((cfg.eval.every and it % cfg.eval.every == 0) or it == total):
+                if self.eval_pairs and ((cfg.eval.every and it % cfg.eval.every == 0) or it == total):
                     eval_report = self.verify()
                     if writer and eval_report:
                         writer.add_scalar("eval/mean_accuracy", eval_report["mean_accuracy"], it)
@@ -321,7 +327,7 @@ class Trainer:
             writer.close()
         summary = {
             "out_dir": str(self.out_dir), "checkpoint": str(ckpt.checkpoint_dir(self.out_dir) / "last.pt"),
-            "iteration": self.iteration, "history": history, "final": last_report, "eval": eval_report,
+            "iteration": self.iteration, "history": history, "final": last_report, "eval": _plain(eval_report),
             "bad_images": bad_total, "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
             "lambda": self.current_lambda(), "num_classes": self.dataset.num_classes,
             "images_per_s": (self.iteration - it_start) * cfg.train.batch_size / max(elapsed, 1e-9),
@@ -339,10 +345,10 @@ class Trainer:
             from eval.features import extract_features
             from eval.lfw import evaluate_features, parse_pairs
 
-            pairs = parse_pairs(self.cfg.eval.pairs)
+            pairs = parse_pairs(self.eval_pairs)
             paths = sorted({p for pair in pairs for p in (pair.path1, pair.path2)})
             self.model.eval()
-            feats = extract_features(self.model.backbone, self.cfg.eval.root, paths, batch_size=self.cfg.eval.batch_size,
+            feats = extract_features(self.model.backbone, self.eval_root, paths, batch_size=self.cfg.eval.batch_size,
                                      flip=True, device=self.device, num_workers=0)
             report = evaluate_features(paths, feats, pairs)
             logger.info("verification at iteration %d: %.4f +- %.4f", self.iteration, report["mean_accuracy"],
@@ -381,6 +387,11 @@ class _Window:
                "images_per_s": self.steps * global_batch / max(dt, 1e-9)}
         self.reset()
         return out
+
+
+def _synthetic_cache(cfg: Config) -> Path:
+    """Where the synthetic identities are generated and aligned (``data.synthetic.cache_dir``)."""
+    return Path(cfg.data.synthetic.cache_dir) if cfg.data.synthetic.cache_dir else Path(cfg.out_dir) / "synthetic"
 
 
 def _seed_everything(seed: int) -> None:

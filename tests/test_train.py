@@ -75,7 +75,8 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("reference")
-    summary = train(_cfg(out, cache, REF_ITERS))
+    # verification on the synthetic pairs every 4 iterations: it must not disturb training state
+    summary = train(_cfg(out, cache, REF_ITERS, extra=["eval.pairs=auto", "eval.every=4"]))
     return out, summary
 
 
@@ -91,6 +92,11 @@ def test_reference_run_trains_and_checkpoints(reference):
     assert summary["lambda"] == pytest.approx(1000.0 / (1 + 0.12 * REF_ITERS))
     saved = load_config(str(out / "config.yaml"))
     assert saved.to_dict() == state["config"]
+    # periodic LFW-style verification through eval, at 4 and 8
+    assert sorted(p.name for p in (out / "eval").glob("*.json")) == ["verify_0000004.json", "verify_0000008.json"]
+    report = json.loads((out / "eval" / "verify_0000008.json").read_text())
+    assert len(report["fold_accuracies"]) == 10 and 0.0 <= report["mean_accuracy"] <= 1.0
+    assert summary["eval"]["mean_accuracy"] == report["mean_accuracy"]
 
 
 def test_resume_equals_uninterrupted(reference, cache, tmp_path):
