@@ -152,15 +152,17 @@ def mhe_kernel(c: torch.Tensor, power: Union[str, int] = "2") -> torch.Tensor:
     return torch.reciprocal(t * t)
 
 
-def _kernel_and_slope(c: torch.Tensor, power: str, need_slope: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``e(c)`` and ``de/dc`` for the blocked path. Overwrites ``c`` (it is a scratch block).
+def _kernel_and_slope(x: torch.Tensor, power: str, need_slope: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``e`` and ``de/dc`` for the blocked path, overwriting the scratch block ``x``.
 
-    The slope matches autograd through :func:`mhe_kernel` exactly, including the clamps (torch.clamp
-    passes the gradient where the input lies inside the closed interval and zero outside).
+    ``x`` holds the squared distance ``2 - 2c`` for the Euclidean kernels and the cosine ``c`` for the
+    angular ones. The slope matches autograd through :func:`mhe_kernel` exactly, including the clamps
+    (torch.clamp passes the gradient inside the closed interval and zero outside).
     """
     if power in ("0", "1", "2"):
-        d = c.mul_(-2.0).add_(2.0)
-        outside = (d < DIST_FLOOR) if need_slope else None
+        d = x
+        clamped = need_slope and float(d.min()) < DIST_FLOOR
+        outside = (d < DIST_FLOOR) if clamped else None
         d.clamp_(min=DIST_FLOOR)
         if power == "0":
             slope = torch.reciprocal(d).mul_(2.0) if need_slope else None  # d/dc -log(2-2c) = 2/(2-2c)
@@ -170,13 +172,16 @@ def _kernel_and_slope(c: torch.Tensor, power: str, need_slope: bool) -> Tuple[to
             slope = val * val * val if need_slope else None  # d/dc (2-2c)^-1/2 = (2-2c)^-3/2
         else:
             val = d.reciprocal_()
-            slope = (val * val).mul_(2.0) if need_slope else None  # d/dc (2-2c)^-1 = 2 (2-2c)^-2
+            slope = torch.square(val).mul_(2.0) if need_slope else None  # d/dc (2-2c)^-1 = 2 (2-2c)^-2
     else:
         lo, hi = -1.0 + ANGLE_CLAMP, 1.0 - ANGLE_CLAMP
-        outside = ((c < lo) | (c > hi)) if need_slope else None
-        cc = c.clamp_(lo, hi)
+        clamped = need_slope and (float(x.min()) < lo or float(x.max()) > hi)
+        outside = ((x < lo) | (x > hi)) if clamped else None
+        cc = x.clamp_(lo, hi)
         # dθ/dc = -1 / sqrt(1 - c^2);  t = θ/π + 1e-4;  dt/dc = -1 / (π sqrt(1 - c^2))
-        neg_dt = torch.rsqrt(1.0 - cc * cc).mul_(1.0 / math.pi) if need_slope else None
+        neg_dt = torch.addcmul(torch.ones((), dtype=cc.dtype, device=cc.device), cc, cc, value=-1.0).rsqrt_().mul_(
+            1.0 / math.pi
+        ) if need_slope else None
         t = cc.acos_().mul_(1.0 / math.pi).add_(ANGLE_EPS)
         if power == "a0":
             slope = neg_dt.div_(t) if need_slope else None  # d/dc -log t = -dt/t
@@ -188,7 +193,7 @@ def _kernel_and_slope(c: torch.Tensor, power: str, need_slope: bool) -> Tuple[to
             inv = t.reciprocal_()
             slope = neg_dt.mul_(inv).mul_(inv).mul_(inv).mul_(2.0) if need_slope else None  # -2 t^-3 dt
             val = inv.mul_(inv)
-    if need_slope and bool(outside.any()):
+    if outside is not None:
         slope.masked_fill_(outside, 0.0)
     return val, slope
 
@@ -211,25 +216,33 @@ class _BlockedPairEnergy(torch.autograd.Function):
     def forward(ctx, w_hat: torch.Tensor, power: str, block_size: int) -> torch.Tensor:
         n = w_hat.shape[0]
         need_grad = bool(ctx.needs_input_grad[0])
+        euclidean = power in ("0", "1", "2")
         grad = torch.zeros_like(w_hat) if need_grad else None
+        two = torch.full((), 2.0, dtype=w_hat.dtype, device=w_hat.device)
         total = torch.zeros((), dtype=torch.float64, device=w_hat.device)
-        tri = torch.ones(block_size, block_size, dtype=torch.bool, device=w_hat.device).tril_()
         for s in range(0, n, block_size):
             e = min(s + block_size, n)
             b = e - s
             rows = w_hat[s:e]
             cols = w_hat[s:]
-            cos = rows @ cols.t()  # b x (N - s); column jj is global index s + jj
-            diag = tri[:b, :b]  # pairs j <= i inside the diagonal block: not counted
-            cos[:, :b].masked_fill_(diag, 0.0)  # a harmless value, so no inf/NaN appears there
-            val, slope = _kernel_and_slope(cos, power, need_grad)
-            val[:, :b].masked_fill_(diag, 0.0)
-            total += val.sum(dtype=torch.float64)
+            # b x (N - s) slab; column jj is global index s + jj. The Euclidean kernels take 2 - 2c,
+            # folded into the matrix product. Entries on and below the diagonal are not pairs i < j:
+            # the diagonal (c_ii ~ 1) is set to the value of an orthogonal pair so that it does not
+            # trip the clamps, and the whole lower part is zeroed after the kernel.
+            if euclidean:
+                x = torch.addmm(two, rows, cols.t(), alpha=-2.0)
+                x[:, :b].diagonal().fill_(2.0)
+            else:
+                x = rows @ cols.t()
+                x[:, :b].diagonal().fill_(0.0)
+            val, slope = _kernel_and_slope(x, power, need_grad)
+            val[:, :b].triu_(1)  # keep the pairs j > i only
+            total += val.sum().double()
             if need_grad:
-                slope[:, :b].masked_fill_(diag, 0.0)
+                slope[:, :b].triu_(1)
                 grad[s:e].addmm_(slope, cols)
                 grad[s:].addmm_(slope.t(), rows)
-            del cos, val, slope
+            del x, val, slope
         pairs = n * (n - 1) / 2.0
         if need_grad:
             grad.mul_(1.0 / pairs)
