@@ -1,6 +1,7 @@
 """Verification (LFW 10-fold, any pairs list, insightface .bin packs) and MegaFace scoring.
 
-``from eval import load_bin_pack``; names are resolved on first use.
+``from eval import load_bin_pack, parse_pairs, evaluate_features, FaceEmbedder``; names are
+resolved on first use, so importing the package loads neither torch nor matplotlib.
 """
 from __future__ import annotations
 
@@ -9,6 +10,20 @@ from typing import Any
 
 _EXPORTS = {
     "load_bin_pack": "eval.pairs",
+    "parse_lfw_pairs": "eval.pairs",
+    "parse_pairs_file": "eval.pairs",
+    "folder_pairs": "eval.pairs",
+    "Pair": "eval.pairs",
+    "parse_pairs": "eval.lfw",
+    "evaluate_features": "eval.lfw",
+    "verification_report": "eval.metrics",
+    "kfold_accuracy": "eval.metrics",
+    "roc_curve": "eval.metrics",
+    "tar_at_far": "eval.metrics",
+    "extract_features": "eval.features",
+    "load_checkpoint": "eval.features",
+    "write_report": "eval.report",
+    "FaceEmbedder": "eval.embedder",
 }
 
 __all__ = sorted(_EXPORTS)
