@@ -77,7 +77,7 @@ def vectorised_protocol(f1, f2, issame, folds):
 def make_data(pairs_path: Path, dim: int, seed: int):
     if pairs_path.is_file():
         pairs = parse_lfw_pairs(pairs_path)
-        source = f"real LFW pairs.txt ({pairs_path})"
+        source = "real LFW pairs.txt (10 folds of 300 + 300 pairs, 7,701 images)"
     else:  # same structure: 10 folds x (300 matched + 300 mismatched), made-up names
         from eval.pairs import Pair
 

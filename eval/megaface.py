@@ -224,15 +224,26 @@ def evaluate(
         raise ValueError("no distractors")
     sizes = sorted({int(s) for s in (sizes if sizes is not None else DEFAULT_SIZES) if 0 < int(s) <= M} | {M})
 
-    # probe x probe: trials (ordered pairs of distinct images of one identity) and genuine scores
-    S_pp = P @ P.T
-    same = labels[:, None] == labels[None, :]
-    np.fill_diagonal(same, False)
-    num_trials = int(same.sum())
-    if num_trials == 0:
+    # trials (ordered pairs of distinct images of one identity) and genuine scores, identity by
+    # identity: memory grows with the number of trials, not with probes squared
+    _, inverse = np.unique(labels, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.flatnonzero(np.diff(inverse[order])) + 1
+    trial_probe, trial_score, genuine = [], [], []
+    for g in np.split(order, bounds):
+        if g.size < 2:
+            continue
+        S = P[g] @ P[g].T
+        off = ~np.eye(g.size, dtype=bool)
+        trial_probe.append(np.broadcast_to(g[:, None], S.shape)[off])
+        trial_score.append(S[off])
+        genuine.append(S[np.triu_indices(g.size, 1)])
+    if not trial_probe:
         raise ValueError("no identity has two probe images: no identification trials")
-    genuine = S_pp[np.triu(same, 1)].astype(np.float64)
-    trial_scores = np.where(same, S_pp, -np.inf)  # -inf: not a trial
+    trial_probe = np.concatenate(trial_probe)
+    trial_score = np.concatenate(trial_score)
+    genuine = np.concatenate(genuine).astype(np.float64)
+    num_trials = int(trial_probe.size)
 
     n_imp = P.shape[0] * M
     keep = allowed_false_accepts(far, n_imp) + 1  # top impostor scores needed for TAR@FAR
@@ -257,7 +268,7 @@ def evaluate(
             seen += end - pos
             pos = end
             if seen == boundary:
-                hits = int((trial_scores > best[:, None]).sum())
+                hits = int((trial_score > best[trial_probe]).sum())
                 rank1_by_size[str(boundary)] = hits / num_trials
                 boundary = next(next_size, M + 1)
     if seen != M:
