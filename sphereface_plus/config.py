@@ -290,11 +290,35 @@ def _set_dotted(cfg: Config, key: str, value: Any, source: str) -> None:
                 raise _unknown_key(key, cfg, source)
 
 
+def _yaml_loader():
+    """A SafeLoader with YAML 1.2 booleans: only true/false are booleans, so ``amp: off`` stays "off"."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    return Loader
+
+
+def _yaml_load(text_or_stream) -> Any:
+    import yaml
+
+    return yaml.load(text_or_stream, Loader=_yaml_loader())  # a SafeLoader subclass: no object tags
+
+
 def _parse_value(text: str) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return _yaml_load(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
 
@@ -320,7 +344,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
             raise ConfigError(f"config file {str(p)!r} does not exist (recipes live in configs/*.yaml)")
         with open(p, "r", encoding="utf-8") as fh:
             try:
-                data = yaml.safe_load(fh) or {}
+                data = _yaml_load(fh) or {}
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{p}: not valid YAML: {exc}") from None
         _merge(cfg, data, prefix="", source=str(p))

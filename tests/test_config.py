@@ -23,6 +23,9 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     assert cfg.mhe.power == "0"  # YAML parses 0 as an int; a str field keeps it as written
     assert cfg.optim.momentum == Config().optim.momentum == 0.9  # untouched default
     assert isinstance(load_config(str(p), ["optim.lr=1"]).optim.lr, float)  # int accepted for a float
+    # YAML 1.2 booleans: "off" is a string (train.amp=off), only true/false are booleans
+    cfg = load_config(str(p), ["train.amp=off", "train.tensorboard=false", "model.backbone=sphere4"])
+    assert (cfg.train.amp, cfg.train.tensorboard) == ("off", False)
 
 
 @pytest.mark.parametrize(
