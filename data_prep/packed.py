@@ -152,7 +152,7 @@ def pack_folder(
     tasks = [(str(root), rel) for rel, _ in entries]
     with PackWriter(out, len(entries), height, width) as writer:
         bar = progress(total=len(tasks), desc="pack", unit="img")
-        if workers > 1 and len(tasks) > 256:
+        if workers > 1 and len(tasks) >= 64:
             ctx = get_context("fork") if "fork" in _start_methods() else get_context()
             with ctx.Pool(workers, initializer=_init_reader_worker) as pool:
                 it: Iterable = pool.imap(_read_crop, tasks, chunksize=64)

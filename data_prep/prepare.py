@@ -384,9 +384,9 @@ def _process(task: Tuple) -> Tuple[str, str, str]:
             how = f"{_W['detector']}: 1 face" if n == 1 else f"{_W['detector']}: {n} faces, kept #{i} ({_W['policy']})"
     elif _W["fallback"]:
         points = MEAN_LANDMARKS_UNIT * np.array([w, h])
-        how = "fallback: no landmark entry, aligned with the mean landmark set"
+        how = f"fallback: no entry in {_W['landmarks_name']}, aligned with the mean landmark set"
     else:
-        return rel, "skipped", "no landmarks for this image"
+        return rel, "skipped", f"no entry in the landmark file {_W['landmarks_name']}"
     try:
         crop = align_face(img, points, str(_W["template"]))
     except ValueError as exc:
@@ -422,6 +422,7 @@ def _out_rel(rel: str, ext: str) -> str:
 
 
 def _load_journal(path: Path) -> Dict[str, Tuple[str, str]]:
+    """path -> (status, reason) from a JSON-lines manifest or journal (bad or cut lines are skipped)."""
     out: Dict[str, Tuple[str, str]] = {}
     if not path.is_file():
         return out
@@ -513,13 +514,13 @@ def align_tree(
                 f"(or delete {cfg_path} and the old crops)"
             )
 
-    det_name = None
+    det_name, det_obj = None, None
     if landmarks is None:
         det_name = detector
         try:  # fail early, in this process, with the detector's own message (missing weights etc.)
             from data_prep.detectors import create_detector
 
-            create_detector(detector, device=device)
+            det_obj = create_detector(detector, device=device)
         except ImportError as exc:
             raise UsageError(f"detector {detector!r} is not available: {exc}") from None
         except (FileNotFoundError, RuntimeError, ValueError, KeyError) as exc:
@@ -563,7 +564,10 @@ def align_tree(
             )
 
     journal_path = out / JOURNAL
-    journal = _load_journal(journal_path)
+    # what earlier runs said about the crops that are already there (the journal of an interrupted
+    # run is newer than the manifest of a finished one)
+    journal = _load_journal(out / MANIFEST)
+    journal.update(_load_journal(journal_path))
     tasks: List[Tuple] = []
     claimed: Dict[str, str] = {}  # out_rel -> rel, to catch a.jpg + a.png both mapping to a.jpg
     resumed = 0
@@ -584,13 +588,14 @@ def align_tree(
                 continue
             if e is not None:
                 pts, line = tuple(e.points.reshape(-1).tolist()), e.line
-            elif not fallback:
-                records[rel] = ("skipped", f"no entry in the landmark file {Path(landmarks).name}")
-                continue
-        if output_complete(str(out / out_rel)):
+            # without an entry the worker still reads the file: an unreadable one is 'failed', a
+            # readable one 'skipped' (or aligned with --fallback)
+        if (pts is not None or fallback or landmarks is None) and output_complete(str(out / out_rel)):
             prev = journal.get(rel)
             reason = prev[1] if prev and prev[0] == "aligned" else ""
-            records[rel] = ("aligned", (reason + "; " if reason else "") + "done in an earlier run")
+            if not reason.endswith("done in an earlier run"):
+                reason = (reason + "; " if reason else "") + "done in an earlier run"
+            records[rel] = ("aligned", reason)
             resumed += 1
             continue
         tasks.append((rel, out_rel, pts, line))
@@ -599,6 +604,7 @@ def align_tree(
     cfg = {
         "input": str(inp), "output": str(out), "template": template, "ext": ext, "quality": int(quality),
         "detector": det_name, "device": device, "policy": face_policy, "fallback": bool(fallback),
+        "landmarks_name": Path(landmarks).name if landmarks else "",
     }
     counts = {"aligned": 0, "skipped": 0, "failed": 0}
     for st, _ in records.values():
@@ -609,7 +615,8 @@ def align_tree(
     bar.set_postfix(counts, refresh=False)
     with open(journal_path, "a", encoding="utf-8") as jf:
         last_post = 0.0
-        for rel, status, reason in _run_tasks(tasks, cfg, workers, cuda=det_name is not None and device.startswith("cuda")):
+        cuda = det_name is not None and device.startswith("cuda")
+        for rel, status, reason in _run_tasks(tasks, cfg, workers, cuda=cuda, detector=det_obj):
             records[rel] = (status, reason)
             counts[status] += 1
             jf.write(json.dumps({"path": rel, "status": status, "reason": reason}) + "\n")
@@ -657,15 +664,22 @@ def align_tree(
     )
 
 
-def _run_tasks(tasks: List[Tuple], cfg: Dict[str, object], workers: int, cuda: bool) -> Iterable[Tuple[str, str, str]]:
-    """Yield (rel, status, reason) for every task, in completion order."""
+def _run_tasks(
+    tasks: List[Tuple], cfg: Dict[str, object], workers: int, cuda: bool, detector=None
+) -> Iterable[Tuple[str, str, str]]:
+    """Yield (rel, status, reason) for every task, in completion order.
+
+    ``detector``: an already created detector, reused when the work runs in this process.
+    """
     if not tasks:
         return
     if cuda and workers > 1:
         logger.info("detector on %s: one process feeds the GPU (--workers ignored)", cfg["device"])
         workers = 1
     if workers == 1 or len(tasks) < 64:
-        _init_worker(cfg)
+        _init_worker({**cfg, "detector": None} if detector is not None else cfg)
+        if detector is not None:
+            _W["detector"], _W["detector_obj"] = cfg["detector"], detector
         try:
             for t in tasks:
                 yield _process(t)
