@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 
