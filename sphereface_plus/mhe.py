@@ -401,8 +401,11 @@ class MHERegularizer:
             (1 and 10 for 0/1/2/a0; 0.1 and 1 for a1/a2).
         include: shell-style patterns (``fnmatch``) of layer names to regularise; default all candidates.
         exclude: patterns of layer names to leave out (applied after ``include``).
-        output_layers: patterns naming the output layer(s); default: the last selected layer in module
-            order (``score`` for ``cifar_cnn9``). Pass ``()`` for no output layer.
+        output_layers: patterns naming the output layer(s); default: the model's last conv/linear
+            layer in module order (``score`` for ``cifar_cnn9``), if it is among the selected layers.
+            Pass ``()`` for no output layer. (On a face backbone alone the last layer is the embedding
+            ``fc5``, not a classifier: pass ``output_layers=()`` there and use :func:`classifier_mhe`
+            on the head's weight.)
 
     Calling the regulariser returns ``(loss, values)``: the weighted sum (with gradient) and a dict
     ``layer name -> detached energy`` for logging. Layers with fewer than two neurons are skipped (with a
@@ -453,7 +456,8 @@ class MHERegularizer:
             raise ValueError("MHERegularizer: every selected layer has fewer than 2 neurons")
         out_p = _as_patterns(output_layers)
         if out_p is None:
-            out_names = {usable[-1][0]}
+            # the model's output layer: its last conv/linear layer in module order, when it is selected
+            out_names = {candidates[-1][0]} & {name for name, _ in usable}
         else:
             out_names = {name for name, _ in usable if _matches(name, out_p)}
             if out_p and not out_names:

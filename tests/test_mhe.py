@@ -260,7 +260,7 @@ class Tiny(nn.Module):
 def test_regularizer_matches_brute_force():
     torch.manual_seed(9)
     model = Tiny().double()
-    reg = MHERegularizer(model, power="0", half_space=True, exclude="gate")
+    reg = MHERegularizer(model, power="0", half_space=True, exclude="gate", output_layers="out")
     assert reg.hidden_layers == ["conv", "proj"] and reg.output_layers == ["out"]
     assert (reg.hidden_coef, reg.output_coef) == (1.0, 10.0)  # SPEC table for s = 0
     loss, values = reg()
@@ -290,6 +290,11 @@ def test_regularizer_selection_and_coefficients():
         MHERegularizer(model, output_layers="fc*")
     with pytest.raises(ValueError, match="unknown MHE power"):
         MHERegularizer(model, power="b1")
+    # default output layer: the model's last conv/linear layer (here 'out' once 'gate' is gone)
+    model.gate = nn.Identity()
+    reg = MHERegularizer(model, power="1")
+    assert reg.hidden_layers == ["conv", "proj"] and reg.output_layers == ["out"]
+    assert MHERegularizer(model, power="1", exclude="out").output_layers == []
 
 
 def test_regularizer_on_cifar_cnn9():
