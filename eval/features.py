@@ -250,7 +250,10 @@ def load_checkpoint(path, device="cpu"):
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a training checkpoint: missing {e} (expected keys model, config"
                          f"[model][backbone], config[model][input_size])") from None
-    model = create_backbone(name, input_size=input_size)
+    kwargs = {"input_size": input_size}
+    if "embedding_dim" in cfg["model"]:  # sphereface_plus.config.ModelConfig: fc5 width
+        kwargs["embedding_dim"] = int(cfg["model"]["embedding_dim"])
+    model = create_backbone(name, **kwargs)
     model.load_state_dict(strip_module_prefix(state))
     model.to(torch.device(device)).eval()
     threshold = ckpt.get("threshold")

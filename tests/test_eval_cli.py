@@ -138,10 +138,9 @@ def test_verify_bin_pack_with_checkpoint(tmp_path):
     from sphereface_plus import create_backbone
 
     torch.manual_seed(0)
-    model = create_backbone("sphere4", input_size=(112, 96)).eval()
-    torch.save({"model": model.state_dict(), "head": {}, "iteration": 1,
-                "config": {"model": {"backbone": "sphere4", "input_size": [112, 96]}, "data": {"template": "112x96"}}},
-               tmp_path / "ck.pt")
+    model = create_backbone("sphere4", input_size=(112, 96), embedding_dim=64).eval()
+    cfg = {"model": {"backbone": "sphere4", "input_size": [112, 96], "embedding_dim": 64}, "data": {"template": "112x96"}}
+    torch.save({"model": model.state_dict(), "head": {}, "iteration": 1, "config": cfg}, tmp_path / "ck.pt")
     rng = np.random.default_rng(0)
     # 112x112 crops (the insightface template): the middle 96 columns feed the 112x96 model
     crops = [cv2.GaussianBlur(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), (0, 0), 3) for _ in range(16)]
@@ -159,4 +158,5 @@ def test_verify_bin_pack_with_checkpoint(tmp_path):
     x = torch.stack([(torch.from_numpy(c[:, 8:104].copy()).permute(2, 0, 1).float() - 127.5) / 128 for c in crops])
     with torch.no_grad():
         ref = torch.cat([model(x), model(x.flip(3))], 1).numpy()
+    assert got.shape == (16, 128)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
