@@ -22,7 +22,8 @@ template place the face about one pixel too far right and down.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Tuple
+import math
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -80,40 +81,64 @@ def _as_points(pts, name: str) -> np.ndarray:
 
 
 def _nonreflective_inverse_fit(uv: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """MATLAB ``findNonreflectiveSimilarity``: fit xy -> uv in least squares, return the 3x3 ``T``.
+    """MATLAB ``findNonreflectiveSimilarity``: fit xy -> uv in least squares, return the forward map.
 
-    ``T`` is the MATLAB row-vector matrix of the *forward* map uv -> xy, ``[u v 1] @ T = [x y 1]``.
-    Like MATLAB, the least squares is solved for the inverse map (base points ``xy`` to input points
-    ``uv``; ``u = sc*x + ss*y + tx``, ``v = -ss*x + sc*y + ty``) and then inverted. The residual is
-    therefore measured in the input image, not in the crop: the inverse of this fit is not the
-    least-squares fit of uv -> xy when the points do not match exactly (its scale is larger by
-    1 / correlation^2), and only the inverse-fit form reproduces the original crops.
+    Returns the 2 x 3 matrix of the map uv -> xy. Like MATLAB, the least squares is solved for the
+    inverse map (base points ``xy`` to input points ``uv``: ``u = sc*x + ss*y + tx``,
+    ``v = -ss*x + sc*y + ty``) and then inverted. The residual is therefore measured in the input
+    image, not in the crop: the inverse of this fit is not the least-squares fit of uv -> xy when
+    the points do not match exactly (its scale is larger by 1 / correlation^2), and only the
+    inverse-fit form reproduces the original crops.
     """
-    m = xy.shape[0]
-    x, y = xy[:, 0], xy[:, 1]
-    ones, zeros = np.ones(m), np.zeros(m)
-    X = np.vstack([np.stack([x, y, ones, zeros], 1), np.stack([y, -x, zeros, ones], 1)])
-    U = np.concatenate([uv[:, 0], uv[:, 1]])
-    if np.linalg.matrix_rank(X) < 4:
+    return np.array(_fit(uv[:, 0].tolist(), uv[:, 1].tolist(), xy[:, 0].tolist(), xy[:, 1].tolist())).reshape(2, 3)
+
+
+def _fit(u: List[float], v: List[float], x: List[float], y: List[float]) -> Tuple[float, ...]:
+    """Closed form of :func:`_nonreflective_inverse_fit` on plain floats, as (m00, m01, m02, m10, m11, m12).
+
+    MATLAB solves the 2N x 4 system ``X \\ U``; its normal equations decouple after centring, so the
+    same solution is written in closed form here. Plain Python floats because for five points numpy's
+    per-call overhead (a ``lstsq`` per image cost more than decoding the JPEG) dominates.
+    tests/test_geometry.py checks it against a line-by-line ``lstsq`` port of the MATLAB code.
+    """
+    n = len(u)
+    mx, my, mu, mv = sum(x) / n, sum(y) / n, sum(u) / n, sum(v) / n
+    s_xy = s_uv = num_c = num_s = 0.0
+    for i in range(n):
+        xc, yc, uc, vc = x[i] - mx, y[i] - my, u[i] - mu, v[i] - mv
+        s_xy += xc * xc + yc * yc
+        s_uv += uc * uc + vc * vc
+        num_c += uc * xc + vc * yc
+        num_s += uc * yc - vc * xc
+    if not s_xy > 0.0:
         raise ValueError(
-            f"target points are degenerate (they coincide): {xy.tolist()}; a similarity needs two distinct points"
+            f"target points are degenerate (they coincide): {list(zip(x, y))}; a similarity needs two distinct points"
         )
-    sc, ss, tx, ty = np.linalg.lstsq(X, U, rcond=None)[0]
-    spread_uv = np.sqrt(np.sum((uv - uv.mean(0)) ** 2))
-    spread_xy = np.sqrt(np.sum((xy - xy.mean(0)) ** 2))
-    if np.hypot(sc, ss) * spread_xy <= 1e-9 * max(spread_uv, np.abs(uv).max(), 1.0):
+    sc, ss = num_c / s_xy, num_s / s_xy
+    tx = mu - sc * mx - ss * my
+    ty = mv + ss * mx - sc * my
+    r2 = sc * sc + ss * ss
+    scale_ref = max(s_uv, max(abs(t) for t in u + v) ** 2, 1.0)
+    if r2 * s_xy <= 1e-18 * scale_ref:
         raise ValueError(
-            f"landmarks are degenerate (the points coincide or carry no shape): {uv.tolist()}; "
+            f"landmarks are degenerate (the points coincide or carry no shape): {list(zip(u, v))}; "
             "a similarity needs at least two distinct points"
         )
-    t_inv = np.array([[sc, -ss, 0.0], [ss, sc, 0.0], [tx, ty, 1.0]])
-    t = np.linalg.inv(t_inv)
-    t[:, 2] = (0.0, 0.0, 1.0)
-    return t
+    # invert u = A x + t with A = [[sc, ss], [-ss, sc]]:  x = A^-1 (u - t),  A^-1 = A^T / r2
+    a, b = sc / r2, ss / r2
+    return a, -b, -(a * tx - b * ty), b, a, -(b * tx + a * ty)
 
 
-def _apply_rowmatrix(t: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    return pts @ t[:2, :2] + t[2, :2]
+def _residual_norm(m: Tuple[float, ...], u, v, x, y) -> float:
+    """MATLAB ``norm`` of the N x 2 residual of ``m`` (its largest singular value, via the 2x2 Gram)."""
+    a = c = b = 0.0
+    for i in range(len(u)):
+        rx = m[0] * u[i] + m[1] * v[i] + m[2] - x[i]
+        ry = m[3] * u[i] + m[4] * v[i] + m[5] - y[i]
+        a += rx * rx
+        c += ry * ry
+        b += rx * ry
+    return math.sqrt(max(0.0, (a + c) / 2 + math.hypot((a - c) / 2, b)))
 
 
 def similarity_transform(src, dst, reflective: bool = True) -> np.ndarray:
@@ -139,17 +164,14 @@ def similarity_transform(src, dst, reflective: bool = True) -> np.ndarray:
     xy = _as_points(dst, "dst")
     if uv.shape != xy.shape:
         raise ValueError(f"src and dst must have the same shape, got {uv.shape} and {xy.shape}")
-    t1 = _nonreflective_inverse_fit(uv, xy)
-    best = t1
+    u, v, x, y = uv[:, 0].tolist(), uv[:, 1].tolist(), xy[:, 0].tolist(), xy[:, 1].tolist()
+    m = _fit(u, v, x, y)
     if reflective:
-        xy_r = xy * np.array([-1.0, 1.0])
-        t2r = _nonreflective_inverse_fit(uv, xy_r)
-        t2 = t2r @ np.diag([-1.0, 1.0, 1.0])
-        norm1 = np.linalg.norm(_apply_rowmatrix(t1, uv) - xy, ord=2)
-        norm2 = np.linalg.norm(_apply_rowmatrix(t2, uv) - xy, ord=2)
-        if norm2 < norm1:
-            best = t2
-    return np.ascontiguousarray(best[:, :2].T)
+        r = _fit(u, v, [-t for t in x], y)
+        m2 = (-r[0], -r[1], -r[2], r[3], r[4], r[5])  # undo the reflection of the target: x -> -x
+        if _residual_norm(m2, u, v, x, y) < _residual_norm(m, u, v, x, y):
+            m = m2
+    return np.array(m, dtype=np.float64).reshape(2, 3)
 
 
 def warp_points(matrix, pts) -> np.ndarray:

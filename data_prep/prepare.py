@@ -208,7 +208,7 @@ def output_complete(path: str) -> bool:
 @dataclass
 class LandmarkEntry:
     line: int
-    points: Optional[np.ndarray]  # 5 x 2, or None when the line is bad
+    points: Optional[Tuple[float, ...]]  # x1, y1, ..., x5, y5; None when the line is bad
     error: str = ""
 
 
@@ -238,15 +238,15 @@ def parse_landmark_file(path) -> Tuple[Dict[str, LandmarkEntry], List[Tuple[str,
             entry = LandmarkEntry(n, None, f"{where}: expected a path and 10 numbers, got {len(fields)} fields")
         else:
             try:
-                vals = np.array([float(v) for v in fields[1:]], dtype=np.float64)
+                vals = [float(v) for v in fields[1:]]
             except ValueError:
                 bad = next(v for v in fields[1:] if not _is_float(v))
                 entry = LandmarkEntry(n, None, f"{where}: {bad!r} is not a number")
             else:
-                if not np.all(np.isfinite(vals)):
+                if not all(math.isfinite(v) for v in vals):
                     entry = LandmarkEntry(n, None, f"{where}: non-finite landmark value")
                 else:
-                    entry = LandmarkEntry(n, vals.reshape(5, 2))
+                    entry = LandmarkEntry(n, tuple(vals))
         if rel in entries:
             problems.append((rel, n, f"{where}: repeats the path of line {entries[rel].line}; the first line is used"))
             continue
@@ -553,9 +553,10 @@ def align_tree(
         for rel, line, reason in problems:
             logger.warning("%s", reason)
         orphans = [r for r in entries if r not in inputs and r.split("/", 1)[0] not in excluded]
+        lm_name = Path(landmarks).name
         for rel in orphans:
             e = entries[rel]
-            why = f"{Path(landmarks).name} line {e.line}: no such image under --input"
+            why = f"{lm_name} line {e.line}: no such image under --input"
             records[rel] = ("failed", why + (f" (and the line is bad: {e.error})" if e.error else ""))
         if entries and len(orphans) == len(entries):
             logger.warning(
@@ -587,7 +588,7 @@ def align_tree(
                 records[rel] = ("failed", e.error)
                 continue
             if e is not None:
-                pts, line = tuple(e.points.reshape(-1).tolist()), e.line
+                pts, line = e.points, e.line
             # without an entry the worker still reads the file: an unreadable one is 'failed', a
             # readable one 'skipped' (or aligned with --fallback)
         if (pts is not None or fallback or landmarks is None) and output_complete(str(out / out_rel)):
