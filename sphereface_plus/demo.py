@@ -1,0 +1,550 @@
+"""``sphereface-plus demo``: the whole pipeline in one command (``make demo``).
+
+    sphereface-plus demo --out runs/demo                    # embedded synthetic identities
+    sphereface-plus demo --out runs/demo-lfw --data lfw      # real LFW: images/, pairs.txt, lfw_landmark.txt
+
+Steps, each printed as it starts, all reused when the command is run again on the same folder:
+
+1. data: without ``--data``, two deterministic synthetic identity sets from :mod:`data_prep.synthetic`
+   (cartoon faces, NOT real people): a training set and a separate test set with its own 10
+   person-disjoint folds of pairs, so that verification runs on people never seen in training. With
+   ``--data`` (an LFW folder): the people named in the pairs of every fold but the test fold
+   (``--test-fold``, default 10) who have at least ``--min-images`` images are the training
+   identities; the test fold's 600 pairs are the test.
+2. align: ``sphereface-plus align`` (:func:`data_prep.prepare.align_tree`) from the landmark file, to
+   the 112x96 template (SPEC section 2). Finished crops are kept on a rerun.
+3. train: a small SphereFace+ model (``--backbone``, default sphere4; A-Softmax m=4 + MHE on the
+   classifier, SPEC sections 4-5) for about ``--minutes`` of wall time: a short timed probe turns the
+   budget into an iteration count, stored in ``plan.json`` so a rerun resumes the same run
+   (``--resume auto``) instead of starting another one.
+4. verify: the 10-fold protocol (SPEC section 8) on the test pairs; for LFW the 600 pairs of the test
+   fold are split into 10 stratified folds (the threshold of each is chosen on the other 540 pairs).
+5. report: ``report.md`` (accuracy table), ``report.json``, ``verification.json``,
+   ``verification_roc.png``, ``config.yaml`` (the resolved training config) and ``model.pt`` (a
+   checkpoint with its cosine ``threshold`` for ``sphereface-plus compare``).
+
+Deliberate deviations from the paper recipe, to fit a couple of CPU minutes: the smallest network
+(sphere4 by default), batch 32, and the A-Softmax lambda schedule compressed so that lambda reaches
+its floor of 5 halfway through the run (``gamma`` chosen from the iteration count) instead of after
+about 1,700 iterations; ``report.md`` states the values used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger(__name__)
+
+HELP = "run the whole pipeline: data -> align -> train SphereFace+ -> 10-fold verification report (make demo)"
+DESCRIPTION = __doc__
+
+__all__ = [
+    "HELP", "add_arguments", "run", "run_demo", "DemoData", "prepare_synthetic_demo", "prepare_lfw",
+    "train_config", "schedule_gamma", "time_per_iteration", "evaluate_checkpoint", "export_model",
+]
+
+#: seed offset of the synthetic TEST identities (their appearance is drawn from seed + this), so they
+#: are other people than the training identities drawn from ``seed``.
+TEST_SEED_OFFSET = 7919
+
+#: the SphereFace+ setting of configs/spherefaceplus20_casia.yaml: output-layer MHE, Riesz s=2 kernel
+MHE_LAMBDA, MHE_POWER, MHE_MODE = 1.0, "2", "batch_vs_all"
+
+
+# ------------------------------------------------------------------------------------------- data
+@dataclass
+class DemoData:
+    """What training and verification need, wherever it came from."""
+
+    kind: str  # "synthetic" | "lfw"
+    train_root: Path  # aligned crops the training list refers to
+    train_list: Path  # "relative/path label" lines, labels 0..C-1
+    num_train_identities: int
+    num_train_images: int
+    test_root: Path  # aligned crops the pairs refer to
+    pairs: list  # eval.pairs.Pair with fold indices 0..9
+    description: str  # one paragraph for the report
+    details: Dict[str, Any] = field(default_factory=dict)
+
+
+def _align(input_dir: Path, output_dir: Path, landmarks: Path, workers: int, what: str):
+    """The ``align`` command as a function; a rerun keeps the finished crops."""
+    from data_prep.prepare import UsageError, align_tree
+
+    try:
+        s = align_tree(input_dir=input_dir, output_dir=output_dir, landmarks=landmarks, template="112x96",
+                       workers=workers)
+    except UsageError as exc:
+        raise RuntimeError(f"aligning {what}: {exc}") from None
+    c = s.counts
+    print(f"  aligned {what}: {c['aligned']} crops ({s.resumed} kept from an earlier run), "
+          f"{c['skipped']} skipped, {c['failed']} failed, {s.seconds:.1f} s -> {output_dir}", flush=True)
+    if c["aligned"] == 0:
+        raise RuntimeError(f"aligning {what}: no image was aligned; see {s.manifest}")
+    return s
+
+
+def _write_list(path: Path, items: Sequence[Tuple[str, int]]) -> None:
+    from sphereface_plus.utils import atomic_write_text
+
+    atomic_write_text(path, "".join(f"{p} {lab}\n" for p, lab in items))
+
+
+def prepare_synthetic_demo(work: Path, seed: int = 0, train_identities: int = 100, train_images: int = 16,
+                           test_identities: int = 100, test_images: int = 8, pairs_per_fold: int = 60,
+                           workers: int = 0) -> DemoData:
+    """Generate (or reuse) the synthetic training and test identity sets and align both.
+
+    Two separate sets, not one set split by folds: the 10-fold protocol then scores people that the
+    model never saw, which is what a verification number means.
+    """
+    from data_prep.synthetic import ensure_synthetic_dataset
+    from eval.lfw import parse_pairs
+
+    sets = {}
+    for name, n_id, n_img, s, ppf in (("train", train_identities, train_images, seed, 2),
+                                      ("test", test_identities, test_images, seed + TEST_SEED_OFFSET, pairs_per_fold)):
+        raw = ensure_synthetic_dataset(work / f"synthetic_{name}", n_id, n_img, seed=s, pairs_per_fold=ppf,
+                                       workers=workers)
+        print(f"  synthetic {name} set: {n_id} identities x {n_img} images (seed {s}) in {raw.root}", flush=True)
+        aligned = work / f"synthetic_{name}_112x96"
+        summary = _align(raw.images, aligned, raw.landmarks_file, workers, f"synthetic {name} set")
+        sets[name] = (raw, aligned, summary)
+    raw_tr, aligned_tr, s_tr = sets["train"]
+    raw_te, aligned_te, _ = sets["test"]
+    pairs = parse_pairs(raw_te.pairs_file)
+    return DemoData(
+        kind="synthetic", train_root=aligned_tr, train_list=Path(s_tr.list_path),
+        num_train_identities=s_tr.num_classes, num_train_images=s_tr.num_listed,
+        test_root=aligned_te, pairs=pairs,
+        description=(
+            f"SYNTHETIC data (data_prep.synthetic: cartoon faces drawn with OpenCV, not real people). "
+            f"Training: {train_identities} identities x {train_images} images (seed {seed}); test: "
+            f"{test_identities} other identities x {test_images} images (seed {seed + TEST_SEED_OFFSET}) with "
+            f"{len(pairs)} pairs in 10 person-disjoint folds. Aligned from their exact landmarks to 112x96."
+        ),
+        details={"train_seed": seed, "test_seed": seed + TEST_SEED_OFFSET, "train_identities": train_identities,
+                 "train_images_per_identity": train_images, "test_identities": test_identities,
+                 "test_images_per_identity": test_images},
+    )
+
+
+def lfw_people_split(pairs, image_counts: Dict[str, int], test_fold: int, min_images: int) -> Tuple[List[str], List[str]]:
+    """(training people, test people) for a fold split of LFW View 2.
+
+    Test people: everyone named in the pairs of ``test_fold`` (0-based). Training people: those named in
+    the pairs of the other nine folds with at least ``min_images`` images. The View-2 folds are
+    person-disjoint, so no test person is trained on (checked here all the same).
+    """
+    def people(fold_pred):
+        return {p.split("/", 1)[0] for q in pairs if fold_pred(q.fold) for p in (q.path1, q.path2)}
+
+    test_people = people(lambda f: f == test_fold)
+    other = people(lambda f: f != test_fold)
+    train = sorted(n for n in other - test_people if image_counts.get(n, 0) >= min_images)
+    return train, sorted(test_people)
+
+
+def prepare_lfw(data_dir, work: Path, test_fold: int = 10, min_images: int = 5, workers: int = 0) -> DemoData:
+    """Align LFW with its landmark file (reused when done) and split it by the folds of pairs.txt.
+
+    ``test_fold`` is 1-based as in the LFW documentation. The test pairs are that fold's 600 pairs,
+    re-split into 10 stratified folds of 60 (30 matched + 30 mismatched) for the 10-fold protocol.
+    """
+    from eval.lfw import parse_pairs
+    from eval.pairs import stratified_folds
+
+    data = Path(data_dir)
+    images, pairs_file, lm_file = data / "images", data / "pairs.txt", data / "lfw_landmark.txt"
+    for p, what in ((images, "an images/ folder"), (pairs_file, "pairs.txt"), (lm_file, "lfw_landmark.txt")):
+        if not p.exists():
+            raise FileNotFoundError(f"--data {data}: {p} is missing; an LFW folder holds images/<Name>/<Name>_NNNN.jpg, "
+                                    f"pairs.txt and lfw_landmark.txt ({what})")
+    all_pairs = parse_pairs(pairs_file)
+    n_folds = max(p.fold for p in all_pairs) + 1
+    if not 1 <= test_fold <= n_folds:
+        raise ValueError(f"--test-fold {test_fold}: {pairs_file} has folds 1..{n_folds}")
+    aligned = work / "lfw_112x96"
+    s = _align(images, aligned, lm_file, workers, "LFW")
+    listed = [ln.rsplit(None, 1)[0] for ln in Path(s.list_path).read_text().splitlines() if ln.strip()]
+    by_person: Dict[str, List[str]] = {}
+    for rel in listed:
+        by_person.setdefault(rel.split("/", 1)[0], []).append(rel)
+    counts = {k: len(v) for k, v in by_person.items()}
+    train_people, test_people = lfw_people_split(all_pairs, counts, test_fold - 1, min_images)
+    if not train_people:
+        raise RuntimeError(f"no LFW person outside fold {test_fold} has {min_images} or more aligned images; lower --min-images")
+    leak = set(train_people) & set(test_people)
+    if leak:  # cannot happen with the official pairs.txt (person-disjoint folds)
+        raise RuntimeError(f"{pairs_file}: fold {test_fold} shares people with the other folds: {sorted(leak)[:5]}")
+    items = [(rel, label) for label, name in enumerate(train_people) for rel in sorted(by_person[name])]
+    train_list = work / f"lfw_train_fold{test_fold}_min{min_images}.txt"
+    _write_list(train_list, items)
+    test = [p for p in all_pairs if p.fold == test_fold - 1]
+    sub = stratified_folds([p.same for p in test], 10)
+    pairs = [p._replace(fold=int(f)) for p, f in zip(test, sub)]
+    print(f"  LFW split: train on {len(train_people)} people of the other folds with >= {min_images} images "
+          f"({len(items)} images); test on the {len(pairs)} pairs of fold {test_fold} ({len(test_people)} people)",
+          flush=True)
+    return DemoData(
+        kind="lfw", train_root=aligned, train_list=train_list, num_train_identities=len(train_people),
+        num_train_images=len(items), test_root=aligned, pairs=pairs,
+        description=(
+            f"LFW ({data}), aligned from lfw_landmark.txt to 112x96. Training: the {len(train_people)} people "
+            f"named in the pairs of the folds other than fold {test_fold} who have at least {min_images} images "
+            f"({len(items)} images). Test: the {len(pairs)} pairs of fold {test_fold} ({len(test_people)} people, "
+            f"none of them trained on), split into 10 stratified folds of {len(pairs) // 10} pairs for the "
+            f"10-fold protocol (threshold of each chosen on the other nine)."
+        ),
+        details={"data": str(data), "test_fold": test_fold, "min_images": min_images,
+                 "train_people": len(train_people), "test_people": len(test_people)},
+    )
+
+
+# ------------------------------------------------------------------------------------------- train
+def schedule_gamma(iterations: int, base: float = 1000.0, lambda_min: float = 5.0, power: float = 1.0,
+                   reach: float = 0.5) -> float:
+    """``gamma`` of the A-Softmax schedule ``lambda = base (1 + gamma t)^-power`` that hits ``lambda_min``
+    at ``t = reach * iterations`` (SPEC section 4 uses gamma 0.12, i.e. t ~ 1,660, for 28k iterations)."""
+    t = max(1.0, reach * iterations)
+    return ((base / lambda_min) ** (1.0 / power) - 1.0) / t
+
+
+def train_config(out_dir, data: DemoData, iterations: int, seed: int = 0, batch_size: int = 32,
+                 backbone: str = "sphere4", head: str = "a_softmax", lambda_m: float = MHE_LAMBDA,
+                 mhe_power: str = MHE_POWER, lr: float = 0.05, device: str = "auto", num_workers: int = 0,
+                 tensorboard: bool = True):
+    """The resolved :class:`~sphereface_plus.config.Config` of a short run on ``data``.
+
+    SGD momentum 0.9, weight decay 5e-4, lr divided by 10 at 50 % and 75 % of the run (the proportions
+    of SPEC section 6's 16k/24k of 28k would leave too few iterations at full lr in a short run), a
+    linear warm-up over the first 5 %, gradient-norm clipping at 10 (a no-BN network from scratch
+    with A-Softmax is otherwise prone to blowing up at this lr), A-Softmax m = 4 with the lambda
+    schedule compressed by :func:`schedule_gamma`.
+    """
+    from sphereface_plus.config import Config
+
+    cfg = Config()
+    cfg.out_dir = str(out_dir)
+    cfg.model.backbone = backbone
+    cfg.model.input_size = [112, 96]
+    cfg.model.embedding_dim = 512  # eval.features.load_checkpoint builds the backbone with its default width
+    cfg.head.name = head
+    cfg.head.m = 4
+    cfg.head.base, cfg.head.power, cfg.head.lambda_min = 1000.0, 1.0, 5.0
+    cfg.head.gamma = schedule_gamma(iterations)
+    cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode = float(lambda_m), str(mhe_power), MHE_MODE
+    cfg.data.source = "list"
+    cfg.data.root = str(data.train_root)
+    cfg.data.list_file = str(data.train_list)
+    cfg.data.template = "112x96"
+    cfg.data.flip = True
+    cfg.data.num_workers = num_workers
+    cfg.optim.lr = lr
+    cfg.optim.milestones = sorted({max(1, iterations // 2), max(2, (3 * iterations) // 4)})
+    cfg.optim.warmup_iters = max(0, iterations // 20)
+    cfg.optim.clip_grad_norm = 10.0
+    cfg.train.iterations = int(iterations)
+    cfg.train.batch_size = int(batch_size)
+    cfg.train.seed = int(seed)
+    cfg.train.device = device
+    cfg.train.log_every = max(1, iterations // 20)
+    cfg.train.tensorboard = tensorboard
+    cfg.checkpoint.every = max(1, iterations // 4)
+    cfg.checkpoint.keep = 2
+    cfg.validate()
+    return cfg
+
+
+def time_per_iteration(backbone: str, num_classes: int, batch_size: int, device: str = "cpu", steps: int = 3,
+                       lambda_m: float = MHE_LAMBDA) -> float:
+    """Seconds of one training step (forward, A-Softmax + MHE, backward, SGD) of ``backbone`` on a
+    random batch: the median of ``steps`` timed steps after one warm-up step. Used to turn a
+    wall-clock budget into an iteration count."""
+    import torch
+    import torch.nn.functional as F
+
+    from sphereface_plus.heads import create_head
+    from sphereface_plus.mhe import classifier_mhe
+    from sphereface_plus.models import create_backbone
+
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    net = create_backbone(backbone, input_size=(112, 96)).to(dev)
+    head = create_head("a_softmax", 512, num_classes, m=4).to(dev)
+    opt = torch.optim.SGD(list(net.parameters()) + list(head.parameters()), lr=1e-3, momentum=0.9)
+    x = torch.randn(batch_size, 3, 112, 96, generator=gen).to(dev)
+    y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(head(net(x), y), y) + lambda_m * classifier_mhe(head.weight, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if i:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+# ------------------------------------------------------------------------------------------- verify
+def evaluate_checkpoint(checkpoint, data: DemoData, device: str = "cpu", batch_size: int = 64) -> Tuple[Dict, float]:
+    """The 10-fold verification report of a checkpoint on ``data.pairs``, and the cosine threshold for
+    ``compare`` (chosen the same way but without the per-fold mean subtraction, since ``compare``
+    scores two images alone, with no set to take a mean over)."""
+    from eval.features import extract_features, load_checkpoint
+    from eval.lfw import evaluate_features
+
+    model, _ = load_checkpoint(checkpoint, device=device)
+    paths = sorted({p for q in data.pairs for p in (q.path1, q.path2)})
+    feats = extract_features(model, data.test_root, paths, batch_size=batch_size, flip=True, device=device)
+    report = evaluate_features(paths, feats, data.pairs, mean_sub=True)
+    plain = evaluate_features(paths, feats, data.pairs, mean_sub=False)
+    report["accuracy_without_mean_sub"] = plain["mean_accuracy"]
+    return report, float(plain["threshold"])
+
+
+def export_model(checkpoint, path, threshold: float, extra: Optional[Dict[str, Any]] = None) -> None:
+    """A compact checkpoint (``model``, ``head``, ``iteration``, ``config``, ``threshold``; docs/interfaces.md)."""
+    from sphereface_plus.utils import atomic_torch_save, safe_torch_load
+
+    state = safe_torch_load(checkpoint)
+    out = {k: state[k] for k in ("model", "head", "iteration", "config")}
+    out["threshold"] = float(threshold)
+    if extra:
+        out.update(extra)
+    atomic_torch_save(out, path)
+
+
+# ------------------------------------------------------------------------------------------- report
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def report_markdown(result: Dict[str, Any]) -> str:
+    """``report.md``: what ran, the fold table and the summary numbers."""
+    v, tr = result["verification"], result["training"]
+    cfg = tr["config"]
+    lines = [f"# SphereFace+ demo report ({result['data']['kind']})", ""]
+    if result["data"]["kind"] == "synthetic":
+        lines += ["**These numbers are on SYNTHETIC faces** (cartoon identities generated by `data_prep.synthetic`), "
+                  "not on real people: they show that the pipeline works, not how well a face model performs.", ""]
+    lines += [
+        f"Command: `{result['command']}`", "",
+        "## Data", "", result["data"]["description"], "",
+        "## Training", "",
+        f"- backbone `{cfg['model']['backbone']}` at 112x96, 512-d embedding, head `{cfg['head']['name']}` "
+        f"(m = {cfg['head']['m']}, lambda = 1000 (1 + {cfg['head']['gamma']:.4g} t)^-1, floor {cfg['head']['lambda_min']:g}; "
+        f"final lambda {tr['lambda']:.3g})",
+        f"- MHE on the classifier: lambda_M = {cfg['mhe']['lambda_m']:g}, kernel power {cfg['mhe']['power']} "
+        f"(Riesz s = 2: (2 - 2cos)^-1), mode {cfg['mhe']['mode']}; final classifier energy "
+        f"{tr['mhe_energy']:.6f} (mhe_energy, mean over pairs of classes)",
+        f"- {cfg['train']['iterations']} iterations of batch {cfg['train']['batch_size']} ({tr['epochs']:.2f} epochs over "
+        f"{result['data']['num_train_images']} images of {result['data']['num_train_identities']} identities), "
+        f"SGD lr {cfg['optim']['lr']:g} (x0.1 at {cfg['optim']['milestones']}), momentum {cfg['optim']['momentum']:g}, "
+        f"wd {cfg['optim']['weight_decay']:g}, seed {cfg['train']['seed']}",
+        f"- last logged training loss {tr['loss']:.4f}, training accuracy {_pct(tr['train_accuracy'])}",
+        "",
+        "## Verification (10-fold protocol)", "",
+        "| fold | accuracy | threshold |", "| ---: | ---: | ---: |",
+    ]
+    for i, (a, t) in enumerate(zip(v["fold_accuracies"], v["fold_thresholds"]), 1):
+        lines.append(f"| {i} | {_pct(a)} | {t:.4f} |")
+    lines += [
+        f"| **mean** | **{_pct(v['mean_accuracy'])} ± {_pct(v['std_accuracy'])}** | {v['threshold']:.4f} |", "",
+        f"- EER {_pct(v['eer'])}, AUC {v['auc']:.4f}, "
+        + ", ".join(f"TAR@FAR={k} {_pct(x)}" for k, x in v["tar_at_far"].items()),
+        f"- {v['num_pairs']} pairs ({v['num_positive']} matched); accuracy without per-fold mean subtraction "
+        f"{_pct(v['accuracy_without_mean_sub'])}",
+        f"- `model.pt` stores the cosine threshold {result['compare_threshold']:.4f} for "
+        "`sphereface-plus compare A.jpg B.jpg --checkpoint model.pt`", "",
+        "![ROC](verification_roc.png)", "",
+        "## Time", "",
+        "| step | seconds |", "| --- | ---: |",
+    ]
+    for k, s in result["timings"].items():
+        lines.append(f"| {k} | {s:.1f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+def _final_training_stats(summary: Dict[str, Any]) -> Tuple[float, float]:
+    hist = summary.get("history") or []
+    last = summary.get("final") or (hist[-1] if hist else None)
+    if not last:
+        return math.nan, math.nan
+    return float(last["loss"]), float(last["acc"])
+
+
+def run_demo(out, data_dir=None, minutes: float = 2.0, iterations: Optional[int] = None, seed: int = 0,
+             batch_size: int = 32, backbone: str = "sphere4", device: str = "cpu", test_fold: int = 10,
+             min_images: int = 5, synthetic_sizes: Optional[Dict[str, int]] = None, workers: int = 0,
+             command: str = "sphereface-plus demo") -> Dict[str, Any]:
+    """The pipeline of the module docstring; returns the ``report.json`` dict."""
+    import torch
+
+    from eval.report import write_report
+    from sphereface_plus.mhe import mhe_energy
+    from sphereface_plus.train import train
+    from sphereface_plus.utils import atomic_write_json, atomic_write_text, safe_torch_load
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "data"
+    timings: Dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    # 1-2: data + alignment
+    t0 = time.perf_counter()
+    if data_dir is None:
+        print("[1/4] data: generating the SYNTHETIC identity sets (not real faces) and aligning them", flush=True)
+        data = prepare_synthetic_demo(work, seed=seed, workers=workers, **(synthetic_sizes or {}))
+    else:
+        print(f"[1/4] data: aligning LFW from {data_dir} with its landmark file", flush=True)
+        data = prepare_lfw(data_dir, work, test_fold=test_fold, min_images=min_images, workers=workers)
+    timings["data + alignment"] = time.perf_counter() - t0
+
+    # 3: training (the plan is fixed on the first run so that a rerun resumes the same run)
+    t0 = time.perf_counter()
+    plan_path = out / "plan.json"
+    want = {"data": data.kind, "data_dir": str(data_dir) if data_dir else None, "seed": seed, "batch_size": batch_size,
+            "backbone": backbone, "minutes": None if iterations else minutes, "fixed_iterations": iterations,
+            "test_fold": test_fold if data_dir else None, "min_images": min_images if data_dir else None,
+            "synthetic_sizes": synthetic_sizes if not data_dir else None}
+    plan = None
+    if plan_path.is_file():
+        try:
+            plan = json.loads(plan_path.read_text())
+        except ValueError:
+            plan = None
+        if plan is not None and plan.get("request") != want:
+            raise RuntimeError(f"{out} holds a demo run with other settings ({plan_path}); use another --out "
+                               f"or delete {out}")
+    if plan is None:
+        if iterations:
+            n_iter, t_it = int(iterations), None
+        else:
+            print(f"  timing a training step of {backbone} (batch {batch_size}) to fit {minutes:g} minutes", flush=True)
+            t_it = time_per_iteration(backbone, data.num_train_identities, batch_size, device=device)
+            # ~15 % on top of the model step for data loading, logging and checkpoints
+            n_iter = max(10, int(minutes * 60 / (1.15 * t_it)))
+            print(f"  {t_it:.2f} s per iteration -> {n_iter} iterations", flush=True)
+        plan = {"request": want, "iterations": n_iter, "seconds_per_iteration_probe": t_it}
+        atomic_write_json(plan_path, plan)
+    else:
+        print(f"  reusing the plan of an earlier run: {plan['iterations']} iterations ({plan_path})", flush=True)
+    n_iter = int(plan["iterations"])
+    cfg = train_config(out / "train", data, n_iter, seed=seed, batch_size=batch_size, backbone=backbone,
+                       device=device)
+    print(f"[2/4] train: {backbone} + A-Softmax (m=4) + classifier MHE (lambda_M={MHE_LAMBDA:g}, power {MHE_POWER}), "
+          f"{n_iter} iterations of batch {batch_size} on {data.num_train_images} images of "
+          f"{data.num_train_identities} identities -> {cfg.out_dir}", flush=True)
+    summary = train(cfg, resume="auto")
+    timings["training"] = time.perf_counter() - t0
+    ckpt_path = Path(summary["checkpoint"])
+    loss, acc = _final_training_stats(summary)
+    state = safe_torch_load(ckpt_path)
+    energy = float(mhe_energy(state["head"]["weight"].double(), power=MHE_POWER))
+
+    # 4: verification
+    t0 = time.perf_counter()
+    print(f"[3/4] verify: 10-fold protocol on {len(data.pairs)} pairs", flush=True)
+    report, compare_thr = evaluate_checkpoint(ckpt_path, data, device=device)
+    timings["verification"] = time.perf_counter() - t0
+
+    # 5: report
+    print(f"[4/4] report -> {out}", flush=True)
+    label = "synthetic test identities" if data.kind == "synthetic" else f"LFW fold {test_fold}"
+    write_report(report, out, name="verification", label=label)
+    export_model(ckpt_path, out / "model.pt", compare_thr)
+    atomic_write_text(out / "config.yaml", (Path(cfg.out_dir) / "config.yaml").read_text())
+    timings["total"] = time.perf_counter() - t_all
+    result = {
+        "command": command,
+        "data": {"kind": data.kind, "synthetic": data.kind == "synthetic", "description": data.description,
+                 "num_train_identities": data.num_train_identities, "num_train_images": data.num_train_images,
+                 "num_pairs": len(data.pairs), **data.details},
+        "training": {"config": cfg.to_dict(), "iterations": summary["iteration"], "loss": loss, "train_accuracy": acc,
+                     "lambda": summary["lambda"], "mhe_energy": energy, "images_per_s": summary["images_per_s"],
+                     "epochs": summary["iteration"] * batch_size / max(1, data.num_train_images),
+                     "checkpoint": str(ckpt_path), "skipped_steps": summary["skipped_steps"],
+                     "rollbacks": summary["rollbacks"]},
+        "verification": {k: v for k, v in report.items() if k != "roc"},
+        "compare_threshold": compare_thr,
+        "timings": timings,
+        "torch_threads": torch.get_num_threads(),
+        "files": {"report": "report.md", "roc": "verification_roc.png", "verification": "verification.json",
+                  "config": "config.yaml", "model": "model.pt"},
+    }
+    atomic_write_json(out / "report.json", result)
+    atomic_write_text(out / "report.md", report_markdown(result))
+    return result
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", metavar="DIR", help="run folder (default runs/demo); rerun to resume")
+    parser.add_argument("--data", metavar="DIR",
+                        help="an LFW folder (images/, pairs.txt, lfw_landmark.txt); default: the synthetic identities")
+    parser.add_argument("--minutes", type=float, default=2.0, metavar="M",
+                        help="training budget in wall-clock minutes, turned into iterations by a timed step (default 2)")
+    parser.add_argument("--iterations", type=int, metavar="N", help="train exactly N iterations (overrides --minutes)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default 0)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="training batch (default 32)")
+    parser.add_argument("--backbone", default="sphere4", help="registered backbone (default sphere4, the smallest)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--test-fold", type=int, default=10, metavar="K",
+                        help="with --data: the LFW fold (1-10) whose 600 pairs are the test (default 10)")
+    parser.add_argument("--min-images", type=int, default=5, metavar="N",
+                        help="with --data: train on people with at least N images (default 5)")
+    parser.add_argument("--identities", type=int, default=100, metavar="K",
+                        help="synthetic: training identities (default 100); the test set has as many other ones")
+    parser.add_argument("--images", type=int, default=16, metavar="M",
+                        help="synthetic: images per training identity (default 16; test identities get half)")
+    parser.add_argument("--pairs-per-fold", type=int, default=60, metavar="N",
+                        help="synthetic: verification pairs per fold, 10 folds (default 60)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N", help="processes for drawing and aligning (0 = all cores)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.minutes <= 0 and not args.iterations:
+        print("sphereface-plus demo: error: --minutes must be positive (or give --iterations N)", file=sys.stderr)
+        return 2
+    if args.iterations is not None and args.iterations <= 0:
+        print(f"sphereface-plus demo: error: --iterations must be positive, got {args.iterations}", file=sys.stderr)
+        return 2
+    sizes = None
+    if not args.data:
+        sizes = {"train_identities": args.identities, "train_images": args.images,
+                 "test_identities": args.identities, "test_images": max(2, args.images // 2),
+                 "pairs_per_fold": args.pairs_per_fold}
+    command = "sphereface-plus demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else \
+        f"sphereface-plus demo --out {args.out}" + (f" --data {args.data}" if args.data else "")
+    try:
+        result = run_demo(args.out, data_dir=args.data, minutes=args.minutes, iterations=args.iterations,
+                          seed=args.seed, batch_size=args.batch_size, backbone=args.backbone, device=args.device,
+                          test_fold=args.test_fold, min_images=args.min_images, synthetic_sizes=sizes,
+                          workers=args.workers, command=command)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"sphereface-plus demo: error: {exc}", file=sys.stderr)
+        return 2
+    v = result["verification"]
+    kind = "SYNTHETIC test identities (not real faces)" if result["data"]["synthetic"] else \
+        f"LFW fold {args.test_fold} ({v['num_pairs']} pairs)"
+    print(f"verification on {kind}: {100 * v['mean_accuracy']:.2f}% +- {100 * v['std_accuracy']:.2f} "
+          f"(10 folds), EER {100 * v['eer']:.2f}%, AUC {v['auc']:.4f}")
+    print(f"report: {Path(args.out) / 'report.md'}  (total {result['timings']['total']:.0f} s)")
+    return 0
