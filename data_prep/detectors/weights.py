@@ -168,7 +168,12 @@ def _extract_literal(source: bytes, variable: str, origin: str) -> bytes:
     tree = ast.parse(source, filename=origin)
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == variable for t in node.targets):
-            value = ast.literal_eval(node.value)
+            try:
+                value = ast.literal_eval(node.value)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                raise WeightsError(
+                    f"{origin}: {variable} (line {node.lineno}) is not a plain bytes literal; refusing to evaluate it"
+                ) from None
             if not isinstance(value, bytes):
                 raise WeightsError(f"{origin}: {variable} is a {type(value).__name__}, expected a bytes literal")
             return value
