@@ -6,9 +6,9 @@ An image goes through the same chain as the evaluation: detect the face and its 
 faces are compared by cosine similarity against the threshold stored in the checkpoint (the one
 chosen by LFW-style verification during training) or one given by the user.
 
-The stored threshold was chosen with the per-fold mean subtraction of the LFW protocol, which a
-single pair cannot have (there is no dataset mean); the decision here therefore uses plain cosine,
-a small deviation that the printed similarity lets users judge.
+A single pair has no dataset mean to subtract, so ``compare`` scores plain cosine; the matching
+threshold is the one the 10-fold protocol chooses with ``mean_sub=False`` (what ``sphereface-plus
+demo`` stores). A threshold chosen with mean subtraction is close to it but not the same.
 """
 from __future__ import annotations
 
