@@ -1,8 +1,10 @@
 """The ``sphereface-plus`` command: parses the command line and dispatches, nothing else.
 
 Each subcommand lives beside the code it drives, in a module that provides
-``add_arguments(parser)``, ``run(args) -> int`` and a one-line ``HELP`` string. ``python -m
-sphereface_plus ...`` and the ``sphereface-plus`` console script are the same entry point.
+``add_arguments(parser)``, ``run(args) -> int`` and a one-line ``HELP`` string. Only the module of the
+command being run is imported, so a command starts fast and an optional dependency of one command
+(onnxruntime, say) never breaks another. ``python -m sphereface_plus ...`` and the
+``sphereface-plus`` console script are the same entry point.
 """
 from __future__ import annotations
 
@@ -12,17 +14,17 @@ import logging
 import sys
 from typing import List, Optional
 
-# subcommand -> module that implements it (imported only when the parser is built)
+# subcommand -> (module that implements it, one-line summary for the top-level help)
 COMMANDS = {
-    "info": "sphereface_plus.info",
-    "fetch-weights": "data_prep.detectors.weights",
-    "align": "data_prep.prepare",
-    "train": "sphereface_plus.train",
-    "verify": "eval.cli",
-    "compare": "eval.embedder",
-    "megaface": "eval.megaface",
-    "cifar": "sphereface_plus.cifar",
-    "demo": "sphereface_plus.demo",
+    "info": ("sphereface_plus.info", "print versions, device, registered backbones and heads"),
+    "fetch-weights": ("data_prep.detectors.weights", "download and verify the MTCNN / RetinaFace weights"),
+    "align": ("data_prep.prepare", "detect / read 5 landmarks and warp a dataset tree to 112x96 or 112x112 crops"),
+    "train": ("sphereface_plus.train", "train SphereFace / SphereFace+ from a YAML recipe (torchrun for many GPUs)"),
+    "verify": ("eval.cli", "LFW 10-fold verification, any pairs list, insightface .bin packs, identity folders"),
+    "compare": ("eval.embedder", "cosine similarity and same/different decision for two photos"),
+    "megaface": ("eval.megaface", "export MegaFace devkit feature files and score them without the devkit"),
+    "cifar": ("sphereface_plus.cifar", "CIFAR MHE experiments (9-conv CNN, MHE on every layer)"),
+    "demo": ("sphereface_plus.demo", "the whole pipeline (align, train, verify, report) on built-in or LFW data"),
 }
 
 EPILOG = """\
@@ -39,7 +41,7 @@ Run 'sphereface-plus COMMAND --help' for the options of a command.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sphereface-plus",
         description="SphereFace / SphereFace+ face recognition and Minimum Hyperspherical Energy (MHE) toolkit.",
@@ -47,13 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The full parser; only ``command``'s module is imported (all of them when ``command`` is None)."""
+    parser = _top_parser()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
+    for name, (module_name, summary) in COMMANDS.items():
+        if command is not None and name != command:
+            sub.add_parser(name, help=summary)
+            continue
         module = importlib.import_module(module_name)
-        help_text = getattr(module, "HELP", None) or (module.__doc__ or "").strip().splitlines()[0]
         p = sub.add_parser(
             name,
-            help=help_text,
+            help=getattr(module, "HELP", summary),
             description=getattr(module, "DESCRIPTION", None) or module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -62,8 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _find_command(argv: List[str]) -> Optional[str]:
+    for token in argv:
+        if token in COMMANDS:
+            return token
+        if not token.startswith("-"):
+            return None
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _find_command(argv)
+    parser = build_parser(command) if command else build_parser("")
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
