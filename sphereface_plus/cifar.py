@@ -365,6 +365,44 @@ def evaluate(model, images, labels, cfg: CifarConfig, device, batch_size: int = 
     return correct / max(n, 1), loss_sum / max(n, 1)
 
 
+def build_optimizer(model, lr: float):
+    """SGD, momentum 0.9, weight decay 5e-4 on every parameter, BN gamma/beta included.
+
+    The reference put ``l2_regularizer(5e-4)`` (``5e-4 * |w|^2 / 2``, gradient ``5e-4 * w``) on the
+    filters and the BN variables and used TF's momentum update ``v = 0.9 v + g; w -= lr v``: exactly
+    ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4)``, including how a changed lr acts on ``v``.
+    """
+    import torch
+
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+
+def train_step(model, reg, optimizer, x, y, cfg: CifarConfig) -> Dict[str, float]:
+    """One SGD update on a prepared batch: task loss + weighted MHE terms, backward, step.
+
+    Returns the quantities of the update as floats: ``loss`` (the full objective), ``task_loss``,
+    ``mhe_hidden``, ``mhe_output`` (weighted, as added to the loss) and ``train_accuracy``.
+    """
+    logits = model(x)
+    task = smoothed_cross_entropy(logits, y, cfg.label_smoothing, cfg.log_eps)
+    loss = task
+    hidden = output = 0.0
+    if reg is not None:
+        mhe_loss, values = reg()
+        loss = loss + mhe_loss
+        hidden, output = split_terms(reg, values)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {
+        "loss": float(loss.detach()),
+        "task_loss": float(task.detach()),
+        "mhe_hidden": hidden,
+        "mhe_output": output,
+        "train_accuracy": float((logits.detach().argmax(1) == y).float().mean()),
+    }
+
+
 def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
@@ -528,9 +566,7 @@ def train_cifar(
 
     model = build_model(cfg.num_classes, cfg.seed, cfg.bn_momentum).to(dev)
     reg = build_regularizer(model, cfg)
-    # weight decay 5e-4 on every parameter, BN gamma/beta included (the reference's l2_regularizer on
-    # filters and BN variables: 5e-4 * |w|^2 / 2, whose gradient 5e-4 * w is SGD's weight_decay)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    optimizer = build_optimizer(model, cfg.lr)
 
     history: Dict[str, List[Dict[str, Any]]] = {"train": [], "test": []}
     start = 0
@@ -630,26 +666,8 @@ def train_cifar(
             for g in optimizer.param_groups:
                 g["lr"] = lr
             x, y = batch(update)
-            logits = model(x)
-            task = smoothed_cross_entropy(logits, y, cfg.label_smoothing, cfg.log_eps)
-            loss = task
-            hidden = output = 0.0
-            if reg is not None:
-                mhe_loss, values = reg()
-                loss = loss + mhe_loss
-                hidden, output = split_terms(reg, values)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
+            vals = train_step(model, reg, optimizer, x, y, cfg)
             it = done = update + 1  # updates done
-            vals = {
-                "loss": float(loss.detach()),
-                "task_loss": float(task.detach()),
-                "mhe_hidden": hidden,
-                "mhe_output": output,
-                "train_accuracy": float((logits.detach().argmax(1) == y).float().mean()),
-            }
             if not math.isfinite(vals["loss"]):
                 raise CifarRunError(
                     f"{cfg.setting}: the loss became {vals['loss']} at iteration {it} (lr {lr}); lower --lr"
