@@ -41,7 +41,24 @@ logger = logging.getLogger(__name__)
 
 HELP = "align an identity-folder tree of face images to the SphereFace template (landmark file or detector)"
 
-DESCRIPTION = __doc__
+DESCRIPTION = """\
+Align every image of an identity-folder tree (<input>/<identity>/<image>, CASIA-WebFace or LFW
+layout) to the SphereFace template: 5 landmarks from --landmarks (path then x1 y1 ... x5 y5, 0-based
+pixels) or from the --detector, a least-squares similarity (MATLAB cp2tform semantics), a bilinear
+warp. The output mirrors the input tree and holds:
+
+  manifest.jsonl  one {"path", "status", "reason"} per input; status aligned | skipped | failed
+  list.txt        'crop/path label' for the aligned crops, labels in sorted folder order (--list)
+  packed.npy/.json  with --pack: all crops in one memory-mappable array + index
+
+Exit status: 0 all aligned, 3 finished with some skipped/failed (see the manifest), 2 usage error.
+Interrupted? Run the same command again: finished crops are kept, the rest is done.
+
+examples:
+  sphereface-plus align --input lfw/images --output lfw-112x96 --landmarks lfw/lfw_landmark.txt
+  sphereface-plus align --input CASIA-WebFace --output casia-112x96 --exclude-lfw-overlap --pack
+  sphereface-plus align --input photos --output crops --detector retinaface --template 112x112
+"""
 
 #: CASIA-WebFace identities that also appear in LFW (SPEC section 2); removed by --exclude-lfw-overlap.
 LFW_OVERLAP_CASIA = ("0166921", "1056413", "1193098")
