@@ -15,6 +15,7 @@ On CUDA an extra table compares AMP off / bf16 / fp16 through the trainer. Write
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -161,7 +162,9 @@ def main() -> int:
         f"Command: `.venv/bin/python bench/train_throughput.py --batch {args.batch} --classes {args.classes} "
         f"--steps {args.steps} --rounds {args.rounds}`",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}; median of {args.rounds} interleaved rounds of {args.steps} steps.",
+        f"torch {torch.__version__}; median of {args.rounds} interleaved rounds of {args.steps} steps; "
+        f"1-minute load average at the end: {os.getloadavg()[0]:.1f} (other jobs sharing the cores make "
+        "absolute numbers noisy, the interleaved ratio less so).",
         "",
         f"## CPU, batch {args.batch}, {args.classes} classes",
         "",

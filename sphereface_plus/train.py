@@ -94,8 +94,8 @@ class Trainer:
         self.dist = dist or DistInfo(device=resolve_device(cfg.train.device))
         self.device = self.dist.device
         self.out_dir = Path(cfg.out_dir)
-        _seed_everything(cfg.train.seed)
         self.dataset = dataset if dataset is not None else self._build_dataset()
+        _seed_everything(cfg.train.seed)  # after the data: initial weights depend on the seed alone
         backbone = create_backbone(cfg.model.backbone, input_size=tuple(cfg.model.input_size),
                                    embedding_dim=cfg.model.embedding_dim)
         head = create_head(cfg.head.name, in_features=cfg.model.embedding_dim,
@@ -127,6 +127,7 @@ class Trainer:
         self.rollbacks = 0
         self.bad_images = 0
         self.skipped_steps = 0
+        self.threshold: Optional[float] = None  # cosine threshold of the latest verification
         self._streak = 0
         self._initial_state = ckpt.serialize(self.state_dict())
 
@@ -159,7 +160,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        return {
+        state = {
             "model": self.model.backbone.state_dict(),
             "head": self.model.head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -174,6 +175,9 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "config": self.cfg.to_dict(),
         }
+        if self.threshold is not None:  # docs/interfaces.md: used by `sphereface-plus compare`
+            state["threshold"] = self.threshold
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.model.backbone.load_state_dict(state["model"])
@@ -187,6 +191,7 @@ class Trainer:
         self.rollbacks = int(state.get("rollbacks", 0))
         self.bad_images = int(state.get("bad_images", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.threshold = float(state["threshold"]) if state.get("threshold") is not None else None
 
     def resume(self, resume: str) -> Optional[Path]:
         """``auto``: the newest checkpoint of ``out_dir`` (a fresh start when there is none); else a path."""
@@ -312,16 +317,20 @@ class Trainer:
                                     total, last_report["loss"], last_report["ce"], last_report["mhe"],
                                     last_report["acc"], last_report["lambda"], last_report["lr"],
                                     last_report["images_per_s"])
-                if it % cfg.checkpoint.every == 0 or it == total:
-                    self.save()
+                t_pause = time.perf_counter()
                 if self.eval_pairs and ((cfg.eval.every and it % cfg.eval.every == 0) or it == total):
-                    eval_report = self.verify()
+                    eval_report = self.verify()  # before the save: the checkpoint carries its threshold
                     if writer and eval_report:
                         writer.add_scalar("eval/mean_accuracy", eval_report["mean_accuracy"], it)
+                if it % cfg.checkpoint.every == 0 or it == total:
+                    self.save()
+                window.t0 += time.perf_counter() - t_pause  # images/s counts training time only
         bar.close()
         if self.iteration == it_start:  # nothing to do (already finished): make sure last.pt exists
             self.save()
-        bad_total = int(all_reduce_sum(torch.tensor(self.bad_images)).item()) if self.dist.distributed else self.bad_images
+        bad_total = self.bad_images
+        if self.dist.distributed:  # each rank read its own share of the images
+            bad_total = int(all_reduce_sum(torch.tensor(self.bad_images, device=self.device)).item())
         elapsed = time.perf_counter() - t_start
         if writer:
             writer.close()
@@ -351,6 +360,7 @@ class Trainer:
             feats = extract_features(self.model.backbone, self.eval_root, paths, batch_size=self.cfg.eval.batch_size,
                                      flip=True, device=self.device, num_workers=0)
             report = evaluate_features(paths, feats, pairs)
+            self.threshold = float(report["threshold"])
             logger.info("verification at iteration %d: %.4f +- %.4f", self.iteration, report["mean_accuracy"],
                         report["std_accuracy"])
             atomic_write_json(self.out_dir / "eval" / f"verify_{self.iteration:07d}.json", _plain(report))
@@ -438,6 +448,12 @@ def train(cfg: Union[Config, Dict[str, Any], str, Path], resume: Optional[str] =
 
     ``cfg``: a Config, a nested dict, or a YAML path (``overrides`` are ``key=value`` strings applied on
     top). ``resume``: None, ``"auto"`` or a checkpoint path. Works under torchrun as well.
+
+    The summary: ``out_dir``, ``checkpoint`` (path of ``last.pt``), ``iteration``, ``final`` (the last
+    logged ``loss``/``ce``/``mhe``/``acc``/``lambda``/``lr``/``images_per_s``), ``history`` (one such
+    dict per ``train.log_every`` iterations), ``eval`` (the last verification report of
+    ``eval.lfw.evaluate_features`` or None), ``bad_images``, ``skipped_steps``, ``rollbacks``,
+    ``lambda``, ``num_classes``, ``images_per_s``.
     """
     if isinstance(cfg, (str, Path)):
         cfg = load_config(str(cfg), overrides)

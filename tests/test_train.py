@@ -97,6 +97,7 @@ def test_reference_run_trains_and_checkpoints(reference):
     report = json.loads((out / "eval" / "verify_0000008.json").read_text())
     assert len(report["fold_accuracies"]) == 10 and 0.0 <= report["mean_accuracy"] <= 1.0
     assert summary["eval"]["mean_accuracy"] == report["mean_accuracy"]
+    assert state["threshold"] == pytest.approx(report["threshold"])  # for `sphereface-plus compare`
 
 
 def test_resume_equals_uninterrupted(reference, cache, tmp_path):
