@@ -234,3 +234,18 @@ def test_weight_decay_groups_and_schedule():
     expect = [0.1 * 0.5, 0.1 * 0.75, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001]
     assert lrs == pytest.approx(expect)
     assert lr_factor(5, (3, 6), 0.1, 0, 0.1) == pytest.approx(0.1)
+
+
+def test_checkpoint_rotation_and_damaged_last(tmp_path):
+    from sphereface_plus.engine.checkpoint import save_checkpoint
+
+    for it in range(1, 9):
+        save_checkpoint({"iteration": it, "w": torch.full((3,), float(it))}, tmp_path, every=2, keep=2)
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt_0000006.pt", "ckpt_0000008.pt", "last.pt"]
+    assert find_resume_checkpoint(tmp_path).name == "last.pt"
+    save_checkpoint({"iteration": 9, "w": torch.zeros(3)}, tmp_path, every=2, keep=2)  # last.pt only
+    assert int(_load(find_resume_checkpoint(tmp_path))["iteration"]) == 9
+    (folder / "last.pt").write_bytes(b"truncated")  # damaged: fall back to the newest periodic file
+    assert find_resume_checkpoint(tmp_path).name == "ckpt_0000008.pt"
+    assert find_resume_checkpoint(tmp_path / "nothing") is None
