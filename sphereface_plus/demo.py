@@ -49,7 +49,7 @@ DESCRIPTION = __doc__
 
 __all__ = [
     "HELP", "add_arguments", "run", "run_demo", "DemoData", "prepare_synthetic_demo", "prepare_lfw",
-    "train_config", "schedule_gamma", "time_per_iteration", "evaluate_checkpoint", "export_model",
+    "train_config", "schedule_gamma", "time_per_iteration", "train_with_stats", "evaluate_checkpoint", "export_model",
 ]
 
 #: seed offset of the synthetic TEST identities (their appearance is drawn from seed + this), so they
@@ -381,12 +381,27 @@ def report_markdown(result: Dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- pipeline
-def _final_training_stats(summary: Dict[str, Any]) -> Tuple[float, float]:
-    hist = summary.get("history") or []
-    last = summary.get("final") or (hist[-1] if hist else None)
-    if not last:
-        return math.nan, math.nan
-    return float(last["loss"]), float(last["acc"])
+def train_with_stats(cfg) -> Tuple[Dict[str, Any], Dict[str, float]]:
+    """``train(cfg, resume="auto")`` plus the last logged statistics of the run.
+
+    A rerun of a finished run trains nothing and its summary has no history, so the statistics of
+    the run that did the training are kept in ``<out_dir>/final_stats.json`` and read back.
+    """
+    from sphereface_plus.train import train
+    from sphereface_plus.utils import atomic_write_json
+
+    summary = train(cfg, resume="auto")
+    path = Path(cfg.out_dir) / "final_stats.json"
+    last = summary.get("final")
+    if last:
+        stats = {"loss": float(last["loss"]), "ce": float(last["ce"]), "mhe": float(last["mhe"]),
+                 "acc": float(last["acc"]), "images_per_s": float(summary["images_per_s"])}
+        atomic_write_json(path, stats)
+    elif path.is_file():
+        stats = json.loads(path.read_text())
+    else:
+        stats = {k: math.nan for k in ("loss", "ce", "mhe", "acc", "images_per_s")}
+    return summary, stats
 
 
 def run_demo(out, data_dir=None, minutes: float = 2.0, iterations: Optional[int] = None, seed: int = 0,
@@ -398,7 +413,6 @@ def run_demo(out, data_dir=None, minutes: float = 2.0, iterations: Optional[int]
 
     from eval.report import write_report
     from sphereface_plus.mhe import mhe_energy
-    from sphereface_plus.train import train
     from sphereface_plus.utils import atomic_write_json, atomic_write_text, safe_torch_load
 
     out = Path(out)
@@ -452,10 +466,9 @@ def run_demo(out, data_dir=None, minutes: float = 2.0, iterations: Optional[int]
     print(f"[2/4] train: {backbone} + A-Softmax (m=4) + classifier MHE (lambda_M={MHE_LAMBDA:g}, power {MHE_POWER}), "
           f"{n_iter} iterations of batch {batch_size} on {data.num_train_images} images of "
           f"{data.num_train_identities} identities -> {cfg.out_dir}", flush=True)
-    summary = train(cfg, resume="auto")
+    summary, stats = train_with_stats(cfg)
     timings["training"] = time.perf_counter() - t0
     ckpt_path = Path(summary["checkpoint"])
-    loss, acc = _final_training_stats(summary)
     state = safe_torch_load(ckpt_path)
     energy = float(mhe_energy(state["head"]["weight"].double(), power=MHE_POWER))
 
@@ -477,8 +490,8 @@ def run_demo(out, data_dir=None, minutes: float = 2.0, iterations: Optional[int]
         "data": {"kind": data.kind, "synthetic": data.kind == "synthetic", "description": data.description,
                  "num_train_identities": data.num_train_identities, "num_train_images": data.num_train_images,
                  "num_pairs": len(data.pairs), **data.details},
-        "training": {"config": cfg.to_dict(), "iterations": summary["iteration"], "loss": loss, "train_accuracy": acc,
-                     "lambda": summary["lambda"], "mhe_energy": energy, "images_per_s": summary["images_per_s"],
+        "training": {"config": cfg.to_dict(), "iterations": summary["iteration"], "loss": stats["loss"], "train_accuracy": stats["acc"],
+                     "lambda": summary["lambda"], "mhe_energy": energy, "images_per_s": stats["images_per_s"],
                      "epochs": summary["iteration"] * batch_size / max(1, data.num_train_images),
                      "checkpoint": str(ckpt_path), "skipped_steps": summary["skipped_steps"],
                      "rollbacks": summary["rollbacks"]},
