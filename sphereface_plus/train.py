@@ -497,8 +497,9 @@ def run(args: argparse.Namespace) -> int:
 
     if summary["final"] and is_rank0():
         f = summary["final"]
+        verified = f", verification {summary['eval']['mean_accuracy']:.4f}" if summary["eval"] else ""
         print(f"trained {summary['iteration']} iterations: loss {f['loss']:.4f}, acc {f['acc']:.4f}, "
-              f"lambda {summary['lambda']:.4g}; checkpoint {summary['checkpoint']}")
+              f"lambda {summary['lambda']:.4g}{verified}; checkpoint {summary['checkpoint']}")
     return 0
 
 

@@ -36,7 +36,7 @@ def _overrides(out, cache, iters, every=2, workers=0, extra=()):
         f"checkpoint.every={every}", "checkpoint.keep=0", "model.embedding_dim=32",
         f"data.synthetic.cache_dir={cache}", "data.synthetic.num_identities=20",
         "data.synthetic.images_per_identity=3", "data.synthetic.pairs_per_fold=2",
-        "train.log_every=1", "train.tensorboard=false", f"data.num_workers={workers}", *extra,
+        "train.log_every=1", "train.tensorboard=false", f"data.num_workers={workers}", "eval.pairs=", *extra,
     ]
 
 

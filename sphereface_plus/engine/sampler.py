@@ -16,7 +16,7 @@ It yields ``(dataset_index, flip)`` pairs that the training datasets understand.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 from torch.utils.data import Sampler
@@ -64,9 +64,9 @@ class ResumableSampler(Sampler):
         self.flip = bool(flip)
         self.start_iter = int(start_iter)
         self.shuffle_round = int(shuffle_round)
-        self._cache: Tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._cache: Tuple[int, List[int], List[bool]] | None = None
 
-    def _epoch(self, epoch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _epoch(self, epoch: int) -> Tuple[List[int], List[bool]]:
         if self._cache is None or self._cache[0] != epoch:
             g = torch.Generator()
             # distinct, reproducible stream per (seed, round, epoch)
@@ -75,7 +75,7 @@ class ResumableSampler(Sampler):
             flips = torch.randint(0, 2, (self.num_samples,), generator=g, dtype=torch.uint8)
             if not self.flip:
                 flips.zero_()
-            self._cache = (epoch, perm, flips)
+            self._cache = (epoch, perm.tolist(), [bool(f) for f in flips.tolist()])  # lists: fast per-item access
         return self._cache[1], self._cache[2]
 
     def positions(self, iteration: int) -> range:
@@ -87,7 +87,7 @@ class ResumableSampler(Sampler):
             for p in self.positions(it):
                 perm, flips = self._epoch(p // self.num_samples)
                 off = p % self.num_samples
-                yield int(perm[off]), bool(flips[off])
+                yield perm[off], flips[off]
 
     def __len__(self) -> int:
         return max(0, self.total_iters - self.start_iter) * self.local_batch
