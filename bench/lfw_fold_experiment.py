@@ -21,7 +21,8 @@ data order and initial weights, from ``--seed``):
   configs/spherefaceplus20_casia.yaml), trained from scratch here rather than fine-tuned.
 
 For every variant the table reports the fold-1 accuracy (mean ± std over the 10 sub-folds), EER, AUC,
-the final training loss / accuracy, and the hyperspherical energy of the classifier weights at the end
+the final training loss / accuracy, the same network with its initial weights (no training) as a
+reference, and the hyperspherical energy of the classifier weights at the end
 (:func:`sphereface_plus.mhe.mhe_energy`, kernel s = 2: mean over pairs of classes of ``1 / ||ŵ_i - ŵ_j||^2``;
 0.5 for mutually orthogonal weights, lower = more uniformly spread). Runs are resumable: rerunning the
 same command continues unfinished variants (``--resume auto``) and re-evaluates finished ones.
@@ -99,7 +100,7 @@ def run_variant(name, args, data, out_root):
         "accuracy": report["mean_accuracy"], "std": report["std_accuracy"], "fold_accuracies": report["fold_accuracies"],
         "eer": report["eer"], "auc": report["auc"], "tar_at_far": report["tar_at_far"],
         "accuracy_without_mean_sub": report["accuracy_without_mean_sub"],
-        "train_seconds_this_call": t_train, "eval_seconds": t_eval,
+        "train_seconds": final["train_seconds"], "train_seconds_this_call": t_train, "eval_seconds": t_eval,
         "images_per_s": final["images_per_s"], "skipped_steps": summary["skipped_steps"], "rollbacks": summary["rollbacks"],
         "torch_threads": torch.get_num_threads(),
     }
@@ -144,11 +145,15 @@ def markdown(results, meta):
         "| variant | fold-1 accuracy | EER | AUC | TAR@FAR=1e-2 | train loss / acc (last window) | classifier MHE energy at end | train time |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    b = meta["untrained"]
+    lines.append(f"| untrained network (initial weights, no training) | {100 * b['mean_accuracy']:.2f}% ± "
+                 f"{100 * b['std_accuracy']:.2f} | {100 * b['eer']:.2f}% | {b['auc']:.4f} | "
+                 f"{100 * b['tar_at_far'].get('1e-2', float('nan')):.2f}% | - | - | - |")
     for r in results:
         lines.append(
             f"| {r['variant']} | {100 * r['accuracy']:.2f}% ± {100 * r['std']:.2f} | {100 * r['eer']:.2f}% | {r['auc']:.4f} | "
             f"{100 * r['tar_at_far'].get('1e-2', float('nan')):.2f}% | {r['train_loss']:.3f} / {100 * r['train_acc']:.1f}% | "
-            f"{r['mhe_energy']:.6f} | {r['train_seconds_this_call'] / 60:.1f} min |"
+            f"{r['mhe_energy']:.6f} | {r['train_seconds'] / 60:.1f} min |"
         )
     lines += [
         "",
@@ -189,6 +194,13 @@ def main(argv=None):
     data = prepare_lfw(args.data, work, test_fold=args.test_fold, min_images=args.min_images, workers=args.workers)
     print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
     out_root = work / "lfw_fold" / args.tag
+    from sphereface_plus.demo import evaluate_model, untrained_backbone
+
+    t0 = time.perf_counter()
+    untrained, _ = evaluate_model(untrained_backbone(args.backbone, args.seed), data, device="cpu")
+    untrained = {k: v for k, v in untrained.items() if k != "roc"}
+    print(f"== untrained {args.backbone} (seed {args.seed}): fold-{args.test_fold} accuracy "
+          f"{100 * untrained['mean_accuracy']:.2f}%, AUC {untrained['auc']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     results = []
     for name in names:
         results.append(run_variant(name, args, data, out_root))
@@ -204,7 +216,7 @@ def main(argv=None):
         "data_description": data.description, "backbone": args.backbone, "iterations": args.iterations,
         "batch_size": args.batch_size, "epochs": args.iterations * args.batch_size / data.num_train_images,
         "lr": args.lr, "warmup": cfg.optim.warmup_iters, "milestones": cfg.optim.milestones, "seed": args.seed,
-        "gamma": cfg.head.gamma, "num_classes": data.num_train_identities,
+        "gamma": cfg.head.gamma, "num_classes": data.num_train_identities, "untrained": untrained,
     }
     atomic_write_json(out_root / "results.json", {"args": vars(args), "meta": meta, "results": results})
     text = markdown(results, meta)

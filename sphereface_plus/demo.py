@@ -49,7 +49,7 @@ DESCRIPTION = __doc__
 
 __all__ = [
     "HELP", "add_arguments", "run", "run_demo", "DemoData", "prepare_synthetic_demo", "prepare_lfw",
-    "train_config", "schedule_gamma", "time_per_iteration", "train_with_stats", "evaluate_checkpoint", "export_model",
+    "train_config", "schedule_gamma", "untrained_backbone", "evaluate_model", "time_per_iteration", "train_with_stats", "evaluate_checkpoint", "export_model",
 ]
 
 #: seed offset of the synthetic TEST identities (their appearance is drawn from seed + this), so they
@@ -304,10 +304,29 @@ def evaluate_checkpoint(checkpoint, data: DemoData, device: str = "cpu", batch_s
     """The 10-fold verification report of a checkpoint on ``data.pairs``, and the cosine threshold for
     ``compare`` (chosen the same way but without the per-fold mean subtraction, since ``compare``
     scores two images alone, with no set to take a mean over)."""
-    from eval.features import extract_features, load_checkpoint
-    from eval.lfw import evaluate_features
+    from eval.features import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint, device=device)
+    return evaluate_model(model, data, device=device, batch_size=batch_size)
+
+
+def untrained_backbone(backbone: str, seed: int):
+    """The backbone exactly as the trainer initialises it for ``train.seed = seed`` (same RNG order:
+    seeding, then the backbone is the first thing drawn), before any training step."""
+    import torch
+
+    from sphereface_plus.models import create_backbone
+
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG state alone
+        torch.manual_seed(seed)
+        return create_backbone(backbone, input_size=(112, 96)).eval()
+
+
+def evaluate_model(model, data: DemoData, device: str = "cpu", batch_size: int = 64) -> Tuple[Dict, float]:
+    """:func:`evaluate_checkpoint` for a model in memory."""
+    from eval.features import extract_features
+    from eval.lfw import evaluate_features
+
     paths = sorted({p for q in data.pairs for p in (q.path1, q.path2)})
     feats = extract_features(model, data.test_root, paths, batch_size=batch_size, flip=True, device=device)
     report = evaluate_features(paths, feats, data.pairs, mean_sub=True)
@@ -368,6 +387,9 @@ def report_markdown(result: Dict[str, Any]) -> str:
         + ", ".join(f"TAR@FAR={k} {_pct(x)}" for k, x in v["tar_at_far"].items()),
         f"- {v['num_pairs']} pairs ({v['num_positive']} matched); accuracy without per-fold mean subtraction "
         f"{_pct(v['accuracy_without_mean_sub'])}",
+        f"- the same network with its initial weights (no training): {_pct(result['untrained']['mean_accuracy'])} ± "
+        f"{_pct(result['untrained']['std_accuracy'])}, EER {_pct(result['untrained']['eer'])}, AUC "
+        f"{result['untrained']['auc']:.4f}: the difference is what the training added",
         f"- `model.pt` stores the cosine threshold {result['compare_threshold']:.4f} for "
         "`sphereface-plus compare A.jpg B.jpg --checkpoint model.pt`", "",
         "![ROC](verification_roc.png)", "",
@@ -390,17 +412,21 @@ def train_with_stats(cfg) -> Tuple[Dict[str, Any], Dict[str, float]]:
     from sphereface_plus.train import train
     from sphereface_plus.utils import atomic_write_json
 
-    summary = train(cfg, resume="auto")
     path = Path(cfg.out_dir) / "final_stats.json"
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    t0 = time.perf_counter()
+    summary = train(cfg, resume="auto")
+    seconds = time.perf_counter() - t0
     last = summary.get("final")
-    if last:
+    if last:  # this call trained (all of the run, or the rest of an interrupted one)
         stats = {"loss": float(last["loss"]), "ce": float(last["ce"]), "mhe": float(last["mhe"]),
-                 "acc": float(last["acc"]), "images_per_s": float(summary["images_per_s"])}
+                 "acc": float(last["acc"]), "images_per_s": float(summary["images_per_s"]),
+                 "train_seconds": float(before.get("train_seconds", 0.0)) + seconds}
         atomic_write_json(path, stats)
-    elif path.is_file():
-        stats = json.loads(path.read_text())
+    elif before:
+        stats = before
     else:
-        stats = {k: math.nan for k in ("loss", "ce", "mhe", "acc", "images_per_s")}
+        stats = {k: math.nan for k in ("loss", "ce", "mhe", "acc", "images_per_s", "train_seconds")}
     return summary, stats
 
 
@@ -476,6 +502,9 @@ def run_demo(out, data_dir=None, minutes: float = 2.0, iterations: Optional[int]
     t0 = time.perf_counter()
     print(f"[3/4] verify: 10-fold protocol on {len(data.pairs)} pairs", flush=True)
     report, compare_thr = evaluate_checkpoint(ckpt_path, data, device=device)
+    # the same network with its initial weights: what the training added (random convolutional
+    # features already separate some identities, on synthetic faces more than on real ones)
+    base, _ = evaluate_model(untrained_backbone(backbone, seed), data, device=device)
     timings["verification"] = time.perf_counter() - t0
 
     # 5: report
@@ -497,6 +526,7 @@ def run_demo(out, data_dir=None, minutes: float = 2.0, iterations: Optional[int]
                      "rollbacks": summary["rollbacks"]},
         "verification": {k: v for k, v in report.items() if k != "roc"},
         "compare_threshold": compare_thr,
+        "untrained": {k: base[k] for k in ("mean_accuracy", "std_accuracy", "eer", "auc")},
         "timings": timings,
         "torch_threads": torch.get_num_threads(),
         "files": {"report": "report.md", "roc": "verification_roc.png", "verification": "verification.json",
@@ -558,6 +588,7 @@ def run(args: argparse.Namespace) -> int:
     kind = "SYNTHETIC test identities (not real faces)" if result["data"]["synthetic"] else \
         f"LFW fold {args.test_fold} ({v['num_pairs']} pairs)"
     print(f"verification on {kind}: {100 * v['mean_accuracy']:.2f}% +- {100 * v['std_accuracy']:.2f} "
-          f"(10 folds), EER {100 * v['eer']:.2f}%, AUC {v['auc']:.4f}")
+          f"(10 folds), EER {100 * v['eer']:.2f}%, AUC {v['auc']:.4f}; untrained network: "
+          f"{100 * result['untrained']['mean_accuracy']:.2f}%")
     print(f"report: {Path(args.out) / 'report.md'}  (total {result['timings']['total']:.0f} s)")
     return 0

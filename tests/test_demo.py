@@ -163,3 +163,19 @@ def test_lfw_fold_split_is_person_disjoint_and_complete():
     assert test == sorted(fold_people[0])
     assert not set(train) & set(test)
     assert len(train) > 300  # LFW: 423 people have >= 5 images
+
+
+def test_untrained_reference_is_the_trainers_initial_network(demo_run):
+    """The 'no training' line of the report uses exactly the weights the trainer starts from."""
+    from sphereface_plus.config import Config
+    from sphereface_plus.demo import untrained_backbone
+    from sphereface_plus.train import Trainer
+
+    cfg = Config.from_dict(json.loads((demo_run / "report.json").read_text())["training"]["config"])
+    cfg.out_dir = str(demo_run / "unused")
+    start = Trainer(cfg).model.backbone.state_dict()
+    mine = untrained_backbone(cfg.model.backbone, cfg.train.seed).state_dict()
+    assert start.keys() == mine.keys()
+    assert all(torch.equal(start[k], mine[k]) for k in start)
+    rep = json.loads((demo_run / "report.json").read_text())
+    assert 0 <= rep["untrained"]["mean_accuracy"] <= 1
