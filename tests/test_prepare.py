@@ -303,6 +303,12 @@ def test_fallback_and_usage_errors(tmp_path):
     assert _align("--input", src, "--output", out2, "--landmarks", lm, "--fallback", "--workers", "1") == 0
     r = _manifest(out2)["0000045/001.jpg"]
     assert r["status"] == "aligned" and "fallback" in r["reason"]
+    # an output folder inside the input is not read back as an identity
+    inner = src / "aligned"
+    assert _align("--input", src, "--output", inner, "--landmarks", lm, "--workers", "1") == 3
+    assert not [k for k in _manifest(inner) if k.startswith("aligned/")]
+    assert _align("--input", src, "--output", inner, "--landmarks", lm, "--workers", "1") == 3
+    shutil.rmtree(inner)
     assert _align("--input", tmp_path / "nowhere", "--output", out) == 2
     assert _align("--input", src, "--output", out, "--landmarks", tmp_path / "missing.txt") == 2
     assert _align("--input", src, "--output", src) == 2
