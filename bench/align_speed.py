@@ -10,7 +10,10 @@ The crops of both must be byte-identical (checked on a sample).
 CPU time per image is reported beside wall-clock speed: on a machine shared with other jobs the
 wall-clock figures depend on the load (shown in the table), CPU ms/image much less.
 
-    .venv/bin/python bench/align_speed.py [--lfw ../shared/data/lfw] [--workers 2] [--limit 0]
+    .venv/bin/python bench/align_speed.py [--lfw ../shared/data/lfw] [--workers 2] [--limit 0] [--detect 100]
+
+With --detect N it also times `align` with each detector (MTCNN, RetinaFace; no landmark file) on the
+first N images, in one process (the detector's own threads do the work), including weight loading.
 
 Writes bench/results/align.md and the table into docs/readme/align.md (between the bench markers).
 """
@@ -62,11 +65,39 @@ def plain_loop(items, images: Path, out: Path) -> None:
         cv2.imwrite(str(dst), crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
 
 
+def detect_rows(items, images: Path, out: Path):
+    """`align` without a landmark file: detector + alignment per image, in this process."""
+    from data_prep.detectors import create_detector
+
+    src = out / "detect_input"
+    for rel, _ in items:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        if not (src / rel).exists():
+            os.symlink(images / rel, src / rel)
+    rows = []
+    for name in ("mtcnn", "retinaface"):
+        try:
+            create_detector(name)  # load the weights once before timing (and skip when missing)
+        except Exception as exc:  # noqa: BLE001 - any missing piece means: not measured
+            rows.append(f"| {name} | - | - | - | - | - | not available: {type(exc).__name__} |")
+            continue
+        load = os.getloadavg()[0]
+        t, c = time.perf_counter(), _cpu_self()
+        s = align_tree(src, out / f"detect_{name}", detector=name, workers=1, quality=95)
+        wall, cpu = time.perf_counter() - t, _cpu_self() - c
+        n = len(items)
+        rows.append(f"| {name} (CPU) | {n:,} | {wall:.1f} | {n / wall:,.1f} | {1e3 * cpu / n:.1f} | "
+                    f"{s.counts['aligned']} | {load:.1f} |")
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lfw", type=Path, default=DEFAULT_LFW, help="folder with images/ and lfw_landmark.txt")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
+    ap.add_argument("--detect", type=int, default=100, metavar="N",
+                    help="also time detection + alignment (MTCNN, RetinaFace, one process) on the first N images (0 = skip)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "align", help="scratch folder (deleted first)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "align.md")
     ap.add_argument("--readme", type=Path, default=ROOT / "docs" / "readme" / "align.md")
@@ -120,6 +151,10 @@ def main() -> int:
         b = (args.out / "command" / rel).read_bytes()
         assert a == b, f"crops differ for {rel}"
 
+    det_rows = []
+    if args.detect:
+        det_rows = detect_rows(items[: args.detect], images, args.out)
+
     base = rows[0][1]
     table = [
         "| run | images | wall s | images/s | CPU ms / image | speed-up | load avg at start |",
@@ -130,6 +165,10 @@ def main() -> int:
             f"| {name} | {n:,} | {wall_s:.1f} | {n / wall_s:,.0f} | {1e3 * cpu_s / n:.2f} | "
             f"{base / wall_s:.2f}x | {load:.1f} |"
         )
+    if det_rows:
+        table += ["", "| detection + alignment, 1 process | images | wall s | images/s | CPU ms / image | aligned | load avg at start |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        table += det_rows
     table_text = "\n".join(table)
     info = (
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
