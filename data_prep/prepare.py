@@ -543,6 +543,10 @@ def align_tree(
         except (FileNotFoundError, RuntimeError, ValueError, KeyError) as exc:
             raise UsageError(f"cannot create the {detector} detector: {exc}") from None
 
+    files = scan_tree(inp, skip=[out])
+    if not files:
+        raise UsageError(f"no files under --input {inp} (expected <identity>/<image> folders)")
+
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg_path, settings)
     stray = _clean_stray_temps(out)
@@ -550,7 +554,6 @@ def align_tree(
         logger.info("removed %d temporary files left by an interrupted run", stray)
 
     # ---- inputs
-    files = scan_tree(inp, skip=[out])
     records: Dict[str, Tuple[str, str]] = {}  # path -> (status, reason): the manifest
     excluded = set(LFW_OVERLAP_CASIA) if exclude_lfw_overlap else set()
     if excluded:

@@ -310,6 +310,8 @@ def test_fallback_and_usage_errors(tmp_path):
     assert _align("--input", src, "--output", inner, "--landmarks", lm, "--workers", "1") == 3
     shutil.rmtree(inner)
     assert _align("--input", tmp_path / "nowhere", "--output", out) == 2
+    (tmp_path / "empty").mkdir()
+    assert _align("--input", tmp_path / "empty", "--output", tmp_path / "out3", "--landmarks", lm) == 2
     assert _align("--input", src, "--output", out, "--landmarks", tmp_path / "missing.txt") == 2
     assert _align("--input", src, "--output", src) == 2
     with pytest.raises(SystemExit) as e:
