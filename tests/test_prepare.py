@@ -350,24 +350,25 @@ def _detector_or_skip(name):
 
 
 @needs_lfw
-def test_detector_path(tmp_path, lfw_lm):
-    det = _detector_or_skip("mtcnn")
+@pytest.mark.parametrize("name", ["mtcnn", "retinaface"])
+def test_detector_path(tmp_path, lfw_lm, name):
+    det = _detector_or_skip(name)
     from data_prep.detectors import select_face
 
     src = tmp_path / "in"
-    rels = [r for r in sorted(lfw_lm) if r.endswith("_0001.jpg")][:3]
+    rels = [r for r in sorted(lfw_lm) if r.endswith("_0001.jpg")][:2]
     for rel in rels:
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(LFW / "images" / rel, src / rel)
     (src / "Nobody").mkdir()
     cv2.imwrite(str(src / "Nobody/Nobody_0001.jpg"), np.full((250, 250, 3), 127, np.uint8))
     out = tmp_path / "out"
-    assert _align("--input", src, "--output", out, "--workers", "1", "--format", "png") == 3
+    assert _align("--input", src, "--output", out, "--detector", name, "--workers", "1", "--format", "png") == 3
     man = _manifest(out)
     assert man["Nobody/Nobody_0001.jpg"]["status"] == "skipped"
     assert "no face" in man["Nobody/Nobody_0001.jpg"]["reason"]
     for rel in rels:
-        assert man[rel]["status"] == "aligned" and "mtcnn" in man[rel]["reason"]
+        assert man[rel]["status"] == "aligned" and name in man[rel]["reason"]
         crop = cv2.imread(str(out / rel.replace(".jpg", ".png")))
         img = cv2.imread(str(src / rel))
         boxes, pts = det.detect(img)
@@ -380,6 +381,6 @@ def test_detector_path(tmp_path, lfw_lm):
     (only / "Nobody").mkdir(parents=True)
     shutil.copy(src / "Nobody/Nobody_0001.jpg", only / "Nobody/Nobody_0001.jpg")
     out2 = tmp_path / "out2"
-    assert _align("--input", only, "--output", out2, "--workers", "1", "--fallback") == 0
+    assert _align("--input", only, "--output", out2, "--detector", name, "--workers", "1", "--fallback") == 0
     r = _manifest(out2)["Nobody/Nobody_0001.jpg"]
     assert r["status"] == "aligned" and "fallback" in r["reason"]
