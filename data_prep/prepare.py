@@ -333,6 +333,11 @@ def _init_worker(cfg: Dict[str, object]) -> None:
     if cfg.get("detector"):
         from data_prep.detectors import create_detector
 
+        if cfg.get("one_thread"):  # several worker processes: one thread each, no oversubscription
+            import torch
+
+            torch.set_num_threads(1)
+
         _W["detector_obj"] = create_detector(str(cfg["detector"]), device=str(cfg["device"]))
 
 
@@ -353,12 +358,19 @@ def _write_atomic(path: str, data: bytes) -> None:
     tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _process(task: Tuple) -> Tuple[str, str, str]:
@@ -379,10 +391,10 @@ def _process(task: Tuple) -> Tuple[str, str, str]:
     how = ""
     if pts is not None:
         points = np.asarray(pts, dtype=np.float64).reshape(5, 2)
-        how = f"landmarks line {line}"
+        how = f"{_W['landmarks_name']} line {line}"
         # landmarks for another image size (wrong file, resized images) land far outside the picture
         if np.any(points < -0.5 * np.array([w, h])) or np.any(points > 1.5 * np.array([w, h])):
-            return rel, "failed", f"landmarks line {line} lie outside the {w}x{h} image: {points.round(1).tolist()}"
+            return rel, "failed", f"{how}: landmarks lie outside the {w}x{h} image: {points.round(1).tolist()}"
     elif _W.get("detector_obj") is not None:
         from data_prep.detectors import select_face
 
@@ -714,7 +726,7 @@ def _run_tasks(
     method = "fork" if cfg["detector"] is None and "fork" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
     chunk = max(1, min(64, len(tasks) // (workers * 8)))
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,))
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=({**cfg, "one_thread": True},))
     try:
         for res in pool.imap_unordered(_process, tasks, chunksize=chunk):
             yield res

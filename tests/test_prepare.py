@@ -79,7 +79,7 @@ def bad_tree(tmp_path, lfw_lm):
             rel = f"{p}/{p}_{k:04d}.jpg"
             put(rel, (LFW / "images" / rel).read_bytes())
             lines.append(_fmt(rel, lfw_lm[rel]))
-            expect[rel] = ("aligned", "landmarks line")
+            expect[rel] = ("aligned", "landmarks.txt line")
             ref[rel] = (src / rel, lfw_lm[rel])
     # a repeated line for an image: the first one is used
     first = f"{people[0]}/{people[0]}_0001.jpg"
@@ -115,7 +115,7 @@ def bad_tree(tmp_path, lfw_lm):
         put(rel, real)
         if name == "good":
             lines.append(_fmt(rel, lfw_lm[donor]))
-            expect[rel] = ("aligned", "landmarks line")
+            expect[rel] = ("aligned", "landmarks.txt line")
             ref[rel] = (src / rel, lfw_lm[donor])
         elif name == "fields":
             lines.append(rel + "\t" + "\t".join(["100"] * 9))  # 9 numbers
@@ -193,7 +193,7 @@ def test_resume_keeps_finished_crops(bad_tree, tmp_path):
         np.testing.assert_array_equal(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), _crop_ref(*ref[rel]))
     resumed = [k for k, v in second.items() if "done in an earlier run" in v["reason"]]
     assert len(resumed) == len(kept)
-    assert all("landmarks line" in second[k]["reason"] for k in resumed)  # kept from the first manifest
+    assert all("landmarks.txt line" in second[k]["reason"] for k in resumed)  # kept from the first manifest
     assert (out / "list.txt").read_text().count("\n") == len(crops)
     # resuming with settings that change the crops is a usage error
     assert _align("--input", src, "--output", out, "--landmarks", lm_file, "--format", "jpg") == 2
