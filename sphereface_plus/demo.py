@@ -19,6 +19,9 @@ Steps, each printed as it starts, all reused when the command is run again on th
    (``--resume auto``) instead of starting another one.
 4. verify: the 10-fold protocol (SPEC section 8) on the test pairs; for LFW the 600 pairs of the test
    fold are split into 10 stratified folds (the threshold of each is chosen on the other 540 pairs).
+   The same network with its initial weights is scored too: random convolutional features already
+   separate identities somewhat (synthetic ones more than real ones), and the difference is what the
+   training added.
 5. report: ``report.md`` (accuracy table), ``report.json``, ``verification.json``,
    ``verification_roc.png``, ``config.yaml`` (the resolved training config) and ``model.pt`` (a
    checkpoint with its cosine ``threshold`` for ``sphereface-plus compare``).
