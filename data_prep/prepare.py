@@ -2,7 +2,7 @@
 
 For every file under ``--input`` (``<identity>/<image>``) the command finds five landmarks, from a
 landmark file (``--landmarks``, sphereface format: ``relative/path`` then x1 y1 ... x5 y5, tab or
-space separated, 0-based pixels) or with a detector (``--detector mtcnn|retinaface``), warps the
+space separated, 0-based pixels unless ``--landmark-base 1`` says MATLAB 1-based) or with a detector (``--detector mtcnn|retinaface``), warps the
 image to the SphereFace template (:mod:`data_prep.geometry`, SPEC section 2) and writes the crop to
 the same relative path under ``--output`` (extension from ``--format``). It also writes:
 
@@ -94,6 +94,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--landmarks", metavar="FILE",
                    help="landmark file: 'relative/path x1 y1 ... x5 y5' per line (0-based pixels, tab or space "
                         "separated; LFW's lfw_landmark.txt); without it the --detector is run")
+    p.add_argument("--landmark-base", type=int, default=0, choices=(0, 1),
+                   help="pixel convention of the landmark file: 0 = OpenCV/numpy (first pixel at 0, default), "
+                        "1 = MATLAB (first pixel at 1, e.g. points written by the original MATLAB MTCNN)")
     p.add_argument("--template", default="112x96", choices=("112x96", "112x112"), help="crop template (default 112x96)")
     p.add_argument("--detector", default="mtcnn", choices=("mtcnn", "retinaface"),
                    help="face detector used when no --landmarks is given (default mtcnn; weights: sphereface-plus fetch-weights)")
@@ -120,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             input_dir=args.input,
             output_dir=args.output,
             landmarks=args.landmarks,
+            landmark_base=args.landmark_base,
             template=args.template,
             detector=args.detector,
             device=args.device,
@@ -484,6 +488,7 @@ def align_tree(
     landmarks=None,
     template: str = "112x96",
     detector: str = "mtcnn",
+    landmark_base: int = 0,
     device: str = "cpu",
     face_policy: str = "center",
     fallback: bool = False,
@@ -518,6 +523,8 @@ def align_tree(
         raise UsageError(f"--input {inp} lies inside --output {out}; choose an output folder outside the input")
     if landmarks is not None and not Path(landmarks).is_file():
         raise UsageError(f"--landmarks {landmarks} does not exist")
+    if landmark_base not in (0, 1):
+        raise UsageError(f"--landmark-base {landmark_base}: must be 0 (OpenCV) or 1 (MATLAB)")
     if workers <= 0:
         workers = os.cpu_count() or 1
     ext = "." + image_format
@@ -527,7 +534,8 @@ def align_tree(
         "template": template,
         "format": image_format,
         "quality": int(quality) if image_format == "jpg" else None,
-        "source": f"landmarks:{os.path.realpath(landmarks)}" if landmarks else f"detector:{detector}:{face_policy}",
+        "source": (f"landmarks:{os.path.realpath(landmarks)}:base{int(landmark_base)}" if landmarks
+                   else f"detector:{detector}:{face_policy}"),
         "fallback": bool(fallback),
     }
     cfg_path = out / CONFIG
@@ -621,6 +629,8 @@ def align_tree(
                 continue
             if e is not None:
                 pts, line = e.points, e.line
+                if landmark_base:  # MATLAB 1-based points -> the 0-based convention of align_face
+                    pts = tuple(v - landmark_base for v in pts)
             # without an entry the worker still reads the file: an unreadable one is 'failed', a
             # readable one 'skipped' (or aligned with --fallback)
         if (pts is not None or fallback or landmarks is None) and output_complete(str(out / out_rel)):

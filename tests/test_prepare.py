@@ -290,6 +290,17 @@ def test_exclude_lfw_overlap_and_labels(tmp_path):
     assert _align("--input", src, "--output", out2, "--landmarks", lm, "--workers", "1") == 0
     labels = {line.split()[0].split("/")[0]: int(line.split()[1]) for line in (out2 / "list.txt").read_text().splitlines()}
     assert labels == {i: k for k, i in enumerate(sorted(labels))} and len(labels) == 6
+    # MATLAB 1-based landmarks (every value + 1) with --landmark-base 1 give the very same crops
+    lm1 = tmp_path / "lm1.txt"
+    lm1.write_text("".join(p[0] + "\t" + "\t".join(f"{float(v) + 1:.4f}" for v in p[1:]) + "\n"
+                           for p in (ln.split() for ln in lm.read_text().splitlines())))
+    out3 = tmp_path / "out3"
+    assert _align("--input", src, "--output", out3, "--landmarks", lm1, "--landmark-base", "1", "--format", "png",
+                  "--workers", "1") == 0
+    out4 = tmp_path / "out4"
+    assert _align("--input", src, "--output", out4, "--landmarks", lm, "--format", "png", "--workers", "1") == 0
+    for p in out4.rglob("*.png"):
+        assert (out3 / p.relative_to(out4)).read_bytes() == p.read_bytes()
 
 
 def test_fallback_and_usage_errors(tmp_path):
