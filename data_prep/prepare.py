@@ -10,7 +10,8 @@ the same relative path under ``--output`` (extension from ``--format``). It also
   ``aligned`` | ``skipped`` (no face / no landmarks) | ``failed`` (unreadable file, bad landmark
   line, landmark entry without an image), in path order;
 - the training list (``--list``, default ``<output>/list.txt``): ``relative/crop/path label`` for
-  every aligned crop, paths relative to ``<output>``, labels 0..C-1 in sorted identity-folder order;
+  every aligned crop, paths relative to ``<output>``, labels 0..C-1 in sorted identity-folder order
+  (Python string order; a folder without any aligned crop gets no label, with a warning);
 - with ``--pack``: ``<output>/packed.npy`` + ``packed.json`` (:mod:`data_prep.packed`).
 
 Exit status: 0 when every input was aligned, 3 when the run finished but something was skipped or
