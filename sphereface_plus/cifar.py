@@ -614,9 +614,9 @@ def train_cifar(
         x = random_pad_crop_flip(train_x[idx.to(train_x.device)], schedule.augment_generator(update))
         return to_network_input(x.to(dev, non_blocking=True)), train_y[idx.to(train_y.device)].to(dev)
 
-    def record_eval(iteration: int, train_means: Dict[str, float]) -> Dict[str, Any]:
+    def record_eval(iteration: int, train_means: Dict[str, float], snap: Optional[Dict[str, Any]] = None):
         acc, test_loss = evaluate(model, test_x, test_y, cfg, dev)
-        snap = mhe_snapshot(reg)
+        snap = snap if snap is not None else mhe_snapshot(reg)
         row = {
             "iteration": iteration,
             "test_accuracy": acc,
@@ -655,7 +655,7 @@ def train_cifar(
                 "task_loss": task,
                 "train_accuracy": train_acc,
             }
-            record_eval(0, first)
+            record_eval(0, first, snap)
             _write_outputs(out, cfg, history)
             save(0)
 
@@ -690,6 +690,7 @@ def train_cifar(
                 save(it)
             if stop_after is not None and it >= stop_after and it < cfg.iterations:
                 if it % cfg.eval_every != 0:
+                    _write_outputs(out, cfg, history)
                     save(it)
                 stopped = True
                 break
