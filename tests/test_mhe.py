@@ -101,6 +101,27 @@ def test_blocked_equals_dense_value_and_gradient(power):
         torch.testing.assert_close(g_blocked, g_dense, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("power", POWERS)
+def test_blocked_equals_dense_when_the_clamps_act(power):
+    """Duplicate rows of large norm push 2 - 2c below its floor and c above 1 - 1e-5: the hand-written
+    slopes of the blocked path must then be zero exactly where autograd's clamp gives zero."""
+    torch.manual_seed(10)
+    w0 = torch.randn(12, 3, dtype=torch.float64) * 100
+    w0[7] = w0[2]
+    w0[9] = -w0[4] * 1.5  # antipodal pair: c below -1 + 1e-5 for the angular kernels
+    w = w0.clone().requires_grad_(True)
+    dense = mhe_energy(w, power)
+    (g_dense,) = torch.autograd.grad(dense, w)
+    assert torch.isfinite(dense) and torch.isfinite(g_dense).all()
+    assert dense.item() == pytest.approx(ref_layer_energy(w0, power), rel=1e-9)
+    for block in (1, 5, 12):
+        wb = w0.clone().requires_grad_(True)
+        blocked = mhe_energy(wb, power, block_size=block)
+        (g_blocked,) = torch.autograd.grad(blocked, wb)
+        torch.testing.assert_close(blocked, dense, rtol=1e-12, atol=0)
+        torch.testing.assert_close(g_blocked, g_dense, rtol=1e-10, atol=1e-14)
+
+
 def test_blocked_float32_matches_float64():
     torch.manual_seed(4)
     w = torch.randn(600, 32, dtype=torch.float64)
