@@ -158,3 +158,10 @@ def test_cifar_rejects_wrong_input():
     model = create_backbone("cifar_cnn9")
     with pytest.raises(ValueError, match="32 x 32"):
         model(torch.randn(2, 3, 28, 28))
+
+
+def test_sphere_embedding_dim_and_112x112():
+    model = create_backbone("sphere4", input_size=(112, 112), embedding_dim=128)
+    assert model.fc5.in_features == 512 * 7 * 7
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 112, 112)).shape == (2, 128)
