@@ -727,7 +727,7 @@ def results_table(results: Dict[str, Dict[str, Any]], dataset: str, iterations: 
         "Each cell: ours / published (CIFAR-100, 42.5k iterations, SPEC section 7; the published full-space "
         "runs correspond to mhe_scale 0.1, the half-space runs to 1). "
         + ("" if dataset == "cifar100" else "The published numbers are for CIFAR-100 and are not comparable. ")
-        + "An empty 'ours' means the run has not finished.",
+        + "'-' means the run has not finished.",
         "",
         "| model | " + " | ".join(f"s={c}" if c in "012" else c for c in cols) + " |",
         "| --- |" + " --- |" * len(cols),
