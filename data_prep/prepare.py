@@ -292,32 +292,44 @@ def _norm_rel(p: str) -> str:
 
 
 def scan_tree(input_dir: Path, skip: Sequence[Path] = ()) -> List[str]:
-    """Every regular file under ``input_dir`` as a sorted relative POSIX path.
+    """Every file under ``input_dir`` as a sorted relative POSIX path.
 
     Hidden entries (names starting with '.', e.g. .DS_Store or our own temporary files) are ignored;
-    so is any folder in ``skip`` (an output folder inside the input).
+    so is any folder in ``skip`` (an output folder inside the input). Symlinked folders are followed
+    (trees assembled from links are common), each real folder once, so link cycles end.
     """
     skip_real = {os.path.realpath(s) for s in skip}
+    skip_ino = {os.stat(s).st_ino for s in skip_real if os.path.isdir(s)}
     seen = {os.path.realpath(input_dir)}
     out: List[str] = []
-    # symlinked folders are followed (trees assembled from links are common); `seen` breaks cycles
-    for dirpath, dirnames, filenames in os.walk(input_dir, followlinks=True):
-        keep = []
-        for d in sorted(dirnames):
-            real = os.path.realpath(os.path.join(dirpath, d))
-            if d.startswith(".") or real in skip_real or real in seen:
+
+    def walk(folder: str, prefix: str) -> None:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            logger.warning("cannot list %s: %s", folder, exc)
+            return
+        for e in entries:
+            if e.name.startswith("."):
                 continue
-            seen.add(real)
-            keep.append(d)
-        dirnames[:] = keep
-        rel_dir = os.path.relpath(dirpath, input_dir)
-        for f in filenames:
-            if f.startswith("."):
+            rel = prefix + e.name
+            try:
+                is_dir = e.is_dir()  # follows symlinks; d_type, no extra system call for plain entries
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                out.append(rel)
                 continue
-            full = os.path.join(dirpath, f)
-            if not os.path.isfile(full):
-                continue
-            out.append(f if rel_dir == "." else Path(rel_dir, f).as_posix())
+            # realpath (a dozen system calls) only for links and for a possible output folder
+            if e.is_symlink() or e.inode() in skip_ino:
+                real = os.path.realpath(e.path)
+                if real in seen or real in skip_real:
+                    continue
+                seen.add(real)
+            walk(e.path, rel + "/")
+
+    walk(str(input_dir), "")
     out.sort()
     return out
 
@@ -613,6 +625,20 @@ def align_tree(
     tasks: List[Tuple] = []
     claimed: Dict[str, str] = {}  # out_rel -> rel, to catch a.jpg + a.png both mapping to a.jpg
     resumed = 0
+    out_s = str(out)
+    existing: Dict[str, set] = {}  # output folder -> names in it (one listing per folder, not a probe per crop)
+
+    def already_done(out_rel: str) -> bool:
+        d, name = os.path.split(out_rel)
+        names = existing.get(d)
+        if names is None:
+            try:
+                names = set(os.listdir(os.path.join(out_s, d)))
+            except OSError:
+                names = set()
+            existing[d] = names
+        return name in names and output_complete(os.path.join(out_s, out_rel))
+
     for rel in files:
         if "/" not in rel:
             records[rel] = ("failed", "not inside an identity folder (expected <input>/<identity>/<image>)")
@@ -634,7 +660,7 @@ def align_tree(
                     pts = tuple(v - landmark_base for v in pts)
             # without an entry the worker still reads the file: an unreadable one is 'failed', a
             # readable one 'skipped' (or aligned with --fallback)
-        if (pts is not None or fallback or landmarks is None) and output_complete(str(out / out_rel)):
+        if (pts is not None or fallback or landmarks is None) and already_done(out_rel):
             prev = journal.get(rel)
             reason = prev[1] if prev and prev[0] == "aligned" else ""
             if not reason.endswith("done in an earlier run"):
