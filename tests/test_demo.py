@@ -127,6 +127,11 @@ def test_demo_rerun_resumes_and_refuses_other_settings(demo_run, capsys):
 def test_demo_bad_arguments(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "x"), "--iterations", "0"]) == 2
     assert "--iterations" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "x"), "--iterations", "5", "--minutes", "1"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "x"), "--minutes", "-1"]) == 2
+    assert "--minutes" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
     assert main(["demo", "--out", str(tmp_path / "y"), "--data", str(tmp_path / "nolfw"), "--iterations", "1"]) == 2
     err = capsys.readouterr().err
     assert "pairs.txt" in err or "images" in err
