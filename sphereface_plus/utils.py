@@ -7,6 +7,7 @@ POSIX file systems).
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -44,7 +45,9 @@ def atomic_open(path, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+@functools.lru_cache(maxsize=None)
 def _umask() -> int:
+    # os.umask can only be read by setting it; do that once, not around every write
     mask = os.umask(0)
     os.umask(mask)
     return mask
