@@ -363,6 +363,7 @@ class Trainer:
             # `compare` scores a single pair by plain cosine (no dataset mean to subtract), so the
             # threshold stored with the model is the one chosen on plain-cosine scores
             self.threshold = float(evaluate_features(paths, feats, pairs, mean_sub=False)["threshold"])
+            report["compare_threshold"] = self.threshold
             logger.info("verification at iteration %d: %.4f +- %.4f", self.iteration, report["mean_accuracy"],
                         report["std_accuracy"])
             atomic_write_json(self.out_dir / "eval" / f"verify_{self.iteration:07d}.json", _plain(report))
