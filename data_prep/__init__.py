@@ -5,8 +5,7 @@ first use, so importing the package has no side effects.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sphereface_plus.registry import lazy_exports
 
 _EXPORTS = {
     "similarity_transform": "data_prep.geometry",
@@ -19,14 +18,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'data_prep' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

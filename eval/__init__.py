@@ -5,8 +5,7 @@ resolved on first use, so importing the package loads neither torch nor matplotl
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sphereface_plus.registry import lazy_exports
 
 _EXPORTS = {
     "load_bin_pack": "eval.pairs",
@@ -29,14 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'eval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

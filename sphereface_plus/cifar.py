@@ -44,12 +44,13 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from sphereface_plus.mhe import DEFAULT_COEFFICIENTS, POWERS
+
 log = logging.getLogger(__name__)
 
 HELP = "MHE CIFAR-100/10 experiments (9-conv CNN; baseline, full- and half-space MHE, s in 0/1/2/a0/a1/a2)"
 
 MODEL_NAMES = ("baseline", "mhe", "half_mhe")
-POWERS = ("0", "1", "2", "a0", "a1", "a2")
 
 # The reference schedule (SPEC section 7): 42.5k iterations, lr x0.1 at 20k, 30k and 37.5k.
 REFERENCE_ITERATIONS = 42500
@@ -64,14 +65,7 @@ EVAL_BATCH = 500
 
 # (hidden, output) MHE coefficients of the reference code by power_s (SPEC section 5); --mhe_scale
 # multiplies both. The published full-space logs match these x 0.1, the half-space logs exactly.
-COEFFICIENTS: Dict[str, Tuple[float, float]] = {
-    "0": (1.0, 10.0),
-    "1": (1.0, 10.0),
-    "2": (1.0, 10.0),
-    "a0": (1.0, 10.0),
-    "a1": (0.1, 1.0),
-    "a2": (0.1, 1.0),
-}
+COEFFICIENTS: Dict[str, Tuple[float, float]] = DEFAULT_COEFFICIENTS
 
 # Published CIFAR-100 test accuracy (%) at the final iteration (SPEC section 7).
 PUBLISHED_CIFAR100: Dict[Tuple[str, str], float] = {
