@@ -33,7 +33,6 @@ Writes ``bench/out/lfw_fold/<tag>/results.json`` and the markdown table ``bench/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

@@ -39,10 +39,8 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
