@@ -16,7 +16,7 @@ data order and initial weights, from ``--seed``):
 - ``a_softmax``: A-Softmax, m = 4, lambda = 1000 (1 + 0.12 t)^-1 floored at 5 (SPEC section 4): a run of
   N iterations is the first N iterations of the paper's schedule (lambda ~8 after 1,000). With
   ``--lambda-reach R`` the schedule is compressed to reach 5 at R x N instead (``--lambda-reach 0.5
-  --iterations 200`` was measured: A-Softmax then stopped learning, see docs/readme/demo.md);
+  --iterations 200`` was measured: A-Softmax then stopped learning, see the README);
 - ``sphereface_plus``: the same A-Softmax plus the classifier MHE of SPEC section 5 with
   lambda_M = 1, Riesz kernel s = 2 ((2 - 2cos)^-1), mode batch_vs_all (as
   configs/spherefaceplus20_casia.yaml), trained from scratch here rather than fine-tuned.

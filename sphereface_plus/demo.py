@@ -61,7 +61,7 @@ TEST_SEED_OFFSET = 7919
 
 #: default training length (sphere4, batch 32): the whole demo took 6 CPU-minutes when measured on 2
 #: cores, and gave 97.7 % on the synthetic test pairs against 77.7 % for the untrained network
-#: (docs/readme/demo.md). A fixed count rather than a time budget, so every machine gets the same numbers.
+#: (README, "make demo"). A fixed count rather than a time budget, so every machine gets the same numbers.
 DEFAULT_ITERATIONS = 300
 
 #: the SphereFace+ setting of configs/spherefaceplus20_casia.yaml: output-layer MHE, Riesz s=2 kernel
