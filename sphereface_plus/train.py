@@ -37,7 +37,7 @@ from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.dist import DistInfo, all_reduce_sum, cleanup_distributed, resolve_device, setup_distributed
 from sphereface_plus.engine.optim import build_optimizer, build_scheduler
 from sphereface_plus.engine.sampler import ResumableSampler
-from sphereface_plus.utils import atomic_write_json, atomic_write_text, progress
+from sphereface_plus.utils import atomic_write_json, atomic_write_text, progress, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -218,8 +218,10 @@ class Trainer:
     def rollback(self) -> None:
         """Restore the newest checkpoint (or the start state) and change the data order."""
         path = ckpt.find_resume_checkpoint(self.out_dir)
-        state = ckpt.load_checkpoint(path, self.device) if path else torch.load(
-            io.BytesIO(self._initial_state), map_location=self.device, weights_only=True)
+        if path:
+            state = ckpt.load_checkpoint(path, self.device)
+        else:  # no checkpoint yet: the state captured at start-up
+            state = safe_torch_load(io.BytesIO(self._initial_state), map_location=self.device)
         failed_at, rollbacks = self.iteration, self.rollbacks + 1
         if rollbacks > self.cfg.train.max_rollbacks:
             raise RuntimeError(
