@@ -100,7 +100,7 @@ def normalize_power(power: Union[str, int]) -> str:
     return key
 
 
-def _check_weight(weight: torch.Tensor, what: str = "weight") -> None:
+def _check_weight(weight: torch.Tensor, what: str = "weight", check_finite: bool = True) -> None:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() < 1:
@@ -114,7 +114,7 @@ def _check_weight(weight: torch.Tensor, what: str = "weight") -> None:
         )
     if weight.numel() == 0:
         raise ValueError(f"{what} of shape {tuple(weight.shape)} is empty")
-    if not bool(torch.isfinite(weight).all()):
+    if check_finite and not bool(torch.isfinite(weight).all()):
         bad = (~torch.isfinite(weight.detach())).nonzero()[0].tolist()
         raise ValueError(
             f"{what} of shape {tuple(weight.shape)} contains NaN or inf (first at index {bad}); the "
@@ -272,6 +272,7 @@ def mhe_energy(
     power: Union[str, int] = "2",
     half_space: bool = False,
     block_size: Optional[int] = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Hyperspherical energy of one layer (SPEC section 5): mean of ``e(ŵ_i, ŵ_j)`` over pairs ``i < j``.
 
@@ -282,12 +283,15 @@ def mhe_energy(
         half_space: use ``[W; -W]`` (2N neurons), the half-space MHE of the paper (hidden layers).
         block_size: compute in row blocks of this size with memory ``O(block * N)``. ``None``: dense up
             to 4096 neurons, blocked beyond that. Both give the same value and gradient.
+        check_finite: raise on NaN/inf weights (the default). The check costs a host-device sync per
+            call; a training loop that guards its loss for non-finite values can turn it off (the
+            energy of a non-finite weight is then non-finite too, and the guard sees it).
 
     Returns:
         A 0-dim tensor with gradient with respect to ``weight``.
     """
     power = normalize_power(power)
-    _check_weight(weight)
+    _check_weight(weight, check_finite=check_finite)
     w = weight.reshape(weight.shape[0], -1)
     if half_space:
         w = torch.cat([w, -w], dim=0)
@@ -327,6 +331,7 @@ def classifier_mhe(
     power: Union[str, int] = "2",
     mode: str = "batch_vs_all",
     block_size: Optional[int] = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """The SphereFace+ MHE term on classifier weights ``C x d`` (SPEC section 5).
 
@@ -339,20 +344,23 @@ def classifier_mhe(
         ``block_size`` (default about 4M entries per block) so memory is ``O(block C)``; ``labels`` is
         not used (pass ``None`` or the batch labels, which are then only validated).
 
+    ``check_finite``: as in :func:`mhe_energy`.
+
     Returns:
         A 0-dim tensor with gradient with respect to ``weight``.
     """
     power = normalize_power(power)
     if mode not in CLASSIFIER_MODES:
         raise ValueError(f"unknown classifier_mhe mode {mode!r}: choose one of {', '.join(CLASSIFIER_MODES)}")
-    _check_weight(weight, "classifier weight")
+    _check_weight(weight, "classifier weight", check_finite)
     if weight.dim() != 2:
         raise ValueError(f"classifier weight must be C x d, got shape {tuple(weight.shape)}")
     num_classes = weight.shape[0]
     if mode == "full":
         if labels is not None:
             _check_labels(labels, num_classes)
-        return mhe_energy(weight, power, half_space=False, block_size=block_size or _default_block(num_classes))
+        return mhe_energy(weight, power, half_space=False, block_size=block_size or _default_block(num_classes),
+                          check_finite=check_finite)
     if labels is None:
         raise ValueError(f"classifier_mhe mode {mode!r} needs the batch labels")
     labels = _check_labels(labels, num_classes).to(weight.device)
@@ -406,6 +414,7 @@ class MHERegularizer:
             Pass ``()`` for no output layer. (On a face backbone alone the last layer is the embedding
             ``fc5``, not a classifier: pass ``output_layers=()`` there and use :func:`classifier_mhe`
             on the head's weight.)
+        check_finite: refuse NaN/inf weights (see :func:`mhe_energy`; off saves a sync per layer).
 
     Calling the regulariser returns ``(loss, values)``: the weighted sum (with gradient) and a dict
     ``layer name -> detached energy`` for logging. Layers with fewer than two neurons are skipped (with a
@@ -422,11 +431,13 @@ class MHERegularizer:
         include: LayerPatterns = None,
         exclude: LayerPatterns = None,
         output_layers: LayerPatterns = None,
+        check_finite: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"MHERegularizer needs an nn.Module, got {type(model).__name__}")
         self.power = normalize_power(power)
         self.half_space = bool(half_space)
+        self.check_finite = bool(check_finite)
         default_hidden, default_output = DEFAULT_COEFFICIENTS[self.power]
         self.hidden_coef = float(default_hidden if hidden_coef is None else hidden_coef)
         self.output_coef = float(default_output if output_coef is None else output_coef)
@@ -485,7 +496,8 @@ class MHERegularizer:
         hidden_sum: Optional[torch.Tensor] = None
         output_sum: Optional[torch.Tensor] = None
         for name, module, is_out in self.layers:
-            e = mhe_energy(module.weight, self.power, half_space=self.half_space and not is_out)
+            e = mhe_energy(module.weight, self.power, half_space=self.half_space and not is_out,
+                           check_finite=self.check_finite)
             values[name] = e.detach()
             if is_out:
                 output_sum = e if output_sum is None else output_sum + e

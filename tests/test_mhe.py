@@ -256,6 +256,17 @@ def test_bad_input_errors():
     bad[2, 1] = float("inf")
     with pytest.raises(ValueError, match=r"\[2, 1\]"):
         classifier_mhe(bad, torch.tensor([0]))
+    # without the check a non-finite weight is not refused but yields a non-finite energy (what the
+    # trainer's loss guard relies on)
+    assert not torch.isfinite(mhe_energy(bad, check_finite=False))
+    for mode in ("batch_vs_all", "batch_unique", "full"):
+        assert not torch.isfinite(classifier_mhe(bad, torch.tensor([0, 2]), mode=mode, check_finite=False))
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
+    with torch.no_grad():
+        net[0].weight[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        MHERegularizer(net, power="2")()
+    assert not torch.isfinite(MHERegularizer(net, power="2", check_finite=False)()[0])
     with pytest.raises(ValueError, match="label 6 is outside"):
         classifier_mhe(w, torch.tensor([0, 6]))
     with pytest.raises(ValueError, match="label -1 is outside"):
