@@ -39,6 +39,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from sphereface_plus.heads.functional import check_labels
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -308,20 +310,9 @@ def mhe_energy(
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-        raise TypeError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
-    labels = labels.reshape(-1).long()
+    labels = check_labels(labels, None, num_classes)
     if labels.numel() == 0:
         raise ValueError("labels is empty: classifier_mhe needs at least one sample")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_classes:
-        bad = lo if lo < 0 else hi
-        raise ValueError(
-            f"label {bad} is outside [0, {num_classes}) for a classifier with {num_classes} classes "
-            f"(check the list file's labels and num_classes)"
-        )
     return labels
 
 

@@ -36,22 +36,23 @@ def check_margin_m(m) -> int:
     return int(m)
 
 
-def check_labels(labels: torch.Tensor, batch_size: int, num_classes: int) -> torch.Tensor:
-    """``labels``: B integer class indices in ``[0, num_classes)``; returns them as a long tensor."""
+def check_labels(labels: torch.Tensor, batch_size: Optional[int], num_classes: int) -> torch.Tensor:
+    """``labels``: integer class indices in ``[0, num_classes)`` (exactly ``batch_size`` of them unless
+    that is None); returns them as a flat long tensor. Shared by the heads and the MHE terms."""
     if not isinstance(labels, torch.Tensor):
         labels = torch.as_tensor(labels)
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
         raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
     labels = labels.reshape(-1).long()
-    if labels.numel() != batch_size:
+    if batch_size is not None and labels.numel() != batch_size:
         raise ValueError(f"got {labels.numel()} labels for a batch of {batch_size} embeddings")
-    if batch_size:
+    if labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi
             raise ValueError(
-                f"label {bad} is outside [0, {num_classes}) for a head with num_classes={num_classes} "
-                f"(check the list file's labels and the head's num_classes)"
+                f"label {bad} is outside [0, {num_classes}) for a classifier with {num_classes} classes "
+                f"(check the list file's labels and num_classes)"
             )
     return labels
 
