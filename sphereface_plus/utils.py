@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-PathLike = "str | os.PathLike[str]"
-
 
 @contextmanager
 def atomic_open(path, mode: str = "wb") -> Iterator[Any]:

@@ -35,7 +35,7 @@ def _reference(f1, f2, issame, folds, mean_sub=True):
 def lfw_like(tmp_path):
     """An LFW-format pairs file (10 folds x (20 + 20)) over made-up people, and features for it."""
     rng = np.random.default_rng(0)
-    lines, centres, n = ["10\t20"], {}, 0
+    lines, centres = ["10\t20"], {}
     for k in range(10):
         for i in range(20):
             lines.append(f"P{k}_{i}\t1\t2")
