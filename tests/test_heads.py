@@ -7,6 +7,7 @@ import torch
 
 from sphereface_plus import a_softmax_logits, create_head, list_heads, psi
 from sphereface_plus.heads import a_softmax_lambda
+from sphereface_plus.heads import functional as HF
 
 
 def ref_psi(theta, m):
@@ -194,3 +195,34 @@ def test_unknown_head_lists_choices():
         create_head("sphereface", in_features=4, num_classes=3)
     for name in ("a_softmax", "arcface", "cosface", "softmax"):
         assert name in str(info.value)
+
+
+@pytest.mark.parametrize("fn, kw", [(HF.a_softmax_logits, dict(m=4, lam=2.5)), (HF.cosface_logits, dict(s=30.0, m=0.35)),
+                                    (HF.arcface_logits, dict(s=30.0, m=0.5))])
+def test_row_blocks_with_no_target_labels_equal_the_full_classifier(fn, kw):
+    # A row-sharded classifier calls the margin functions on a block of rows [lo, hi) with the labels
+    # shifted into the block and NO_TARGET elsewhere: the blocks side by side must be the full logits,
+    # with the same gradients for the embeddings and every row.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, 3, 9, 5, 6, 1, 8, 4])
+    full = fn(x, w, y, **kw)
+    (full * torch.linspace(-1, 1, full.numel(), dtype=torch.float64).view_as(full)).sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    blocks = []
+    for lo, hi in ((0, 4), (4, 7), (7, 10)):
+        local = torch.where((y >= lo) & (y < hi), y - lo, torch.full_like(y, HF.NO_TARGET))
+        blocks.append(fn(x, w[lo:hi], local, **kw))
+    joined = torch.cat(blocks, dim=1)
+    torch.testing.assert_close(joined, full, rtol=0, atol=1e-12)
+    (joined * torch.linspace(-1, 1, joined.numel(), dtype=torch.float64).view_as(joined)).sum().backward()
+    torch.testing.assert_close(x.grad, gx, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w.grad, gw, rtol=0, atol=1e-12)
+
+
+def test_heads_reject_no_target_labels():
+    head = create_head("a_softmax", in_features=4, num_classes=3)
+    with pytest.raises(ValueError, match="label -1 is outside"):
+        head(torch.randn(2, 4), torch.tensor([0, -1]))

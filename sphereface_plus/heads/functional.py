@@ -24,9 +24,15 @@ __all__ = [
     "arcface_logits",
     "check_margin_m",
     "check_labels",
+    "NO_TARGET",
 ]
 
 NORM_EPS = 1e-12  # guards the division by ‖x‖ for an all-zero feature
+
+# A label of -1 given to the margin functions means "this sample's class is not among these rows": its
+# row of logits is margin-free. A row-sharded classifier (each process holds a block of the classes)
+# calls them with its block's weight and the labels shifted into the block, -1 elsewhere.
+NO_TARGET = -1
 
 
 def check_margin_m(m) -> int:
@@ -36,9 +42,12 @@ def check_margin_m(m) -> int:
     return int(m)
 
 
-def check_labels(labels: torch.Tensor, batch_size: Optional[int], num_classes: int) -> torch.Tensor:
+def check_labels(
+    labels: torch.Tensor, batch_size: Optional[int], num_classes: int, allow_no_target: bool = False
+) -> torch.Tensor:
     """``labels``: integer class indices in ``[0, num_classes)`` (exactly ``batch_size`` of them unless
-    that is None); returns them as a flat long tensor. Shared by the heads and the MHE terms."""
+    that is None); returns them as a flat long tensor. Shared by the heads and the MHE terms.
+    ``allow_no_target`` also accepts :data:`NO_TARGET` (-1) entries (the margin functions do)."""
     if not isinstance(labels, torch.Tensor):
         labels = torch.as_tensor(labels)
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
@@ -48,7 +57,7 @@ def check_labels(labels: torch.Tensor, batch_size: Optional[int], num_classes: i
         raise ValueError(f"got {labels.numel()} labels for a batch of {batch_size} embeddings")
     if labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
+        if lo < (NO_TARGET if allow_no_target else 0) or hi >= num_classes:
             bad = lo if lo < 0 else hi
             raise ValueError(
                 f"label {bad} is outside [0, {num_classes}) for a classifier with {num_classes} classes "
@@ -121,7 +130,8 @@ def a_softmax_logits(
     Weight rows are normalised to unit length (in the graph, so the gradient is exact); features are
     not. Non-target ``f_j = ‖x‖ cos θ_j`` (= ``x · ŵ_j``); target
     ``f_y = (λ ‖x‖ cos θ_y + ‖x‖ ψ(θ_y)) / (1 + λ)``. ``labels=None`` gives the margin-free logits
-    (inference). ``lam`` is the annealing weight λ ≥ 0 (0: the pure angular margin).
+    (inference). ``lam`` is the annealing weight λ ≥ 0 (0: the pure angular margin). A label of
+    :data:`NO_TARGET` leaves that sample's row margin-free (its class is in another block of rows).
     """
     m = check_margin_m(m)
     if lam < 0:
@@ -129,11 +139,18 @@ def a_softmax_logits(
     raw, x_norm, cos = _cosine_and_norm(embeddings, weight)
     if labels is None:
         return raw
-    labels = check_labels(labels, embeddings.shape[0], weight.shape[0]).to(embeddings.device)
-    idx = labels.unsqueeze(1)
+    has_target, idx = _target_index(labels, embeddings, weight)
     cos_y = cos.gather(1, idx)
     target = x_norm * (lam * cos_y + psi(cos_y, m)) / (1.0 + lam)
-    return raw.scatter(1, idx, target)
+    return raw.scatter(1, idx, torch.where(has_target, target, raw.gather(1, idx)))
+
+
+def _target_index(labels: torch.Tensor, embeddings: torch.Tensor, weight: torch.Tensor):
+    """``(has_target B x 1, index B x 1)``: which rows have their class among ``weight``'s rows, and where
+    (a :data:`NO_TARGET` row points at column 0, whose value the caller leaves unchanged)."""
+    labels = check_labels(labels, embeddings.shape[0], weight.shape[0], allow_no_target=True)
+    labels = labels.to(embeddings.device).unsqueeze(1)
+    return labels >= 0, labels.clamp_min(0)
 
 
 def softmax_logits(embeddings: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -144,13 +161,14 @@ def softmax_logits(embeddings: torch.Tensor, weight: torch.Tensor, bias: Optiona
 def cosface_logits(
     embeddings: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor], s: float = 64.0, m: float = 0.35
 ) -> torch.Tensor:
-    """CosFace / LMCL: ``s (cos θ_j - m [j = y])`` with normalised features and weights."""
+    """CosFace / LMCL: ``s (cos θ_j - m [j = y])`` with normalised features and weights
+    (:data:`NO_TARGET` labels: no margin in that row)."""
     x_hat = F.normalize(embeddings, dim=1)
     cos = (x_hat @ F.normalize(weight, dim=1).t()).clamp(-1.0, 1.0)
     if labels is None:
         return s * cos
-    labels = check_labels(labels, embeddings.shape[0], weight.shape[0]).to(embeddings.device)
-    return s * cos.scatter_add(1, labels.unsqueeze(1), torch.full_like(cos[:, :1], -float(m)))
+    has_target, idx = _target_index(labels, embeddings, weight)
+    return s * cos.scatter_add(1, idx, -float(m) * has_target.to(cos.dtype))
 
 
 def arcface_logits(
@@ -166,13 +184,13 @@ def arcface_logits(
     ``cos(θ + m) = c cos m - sin θ sin m``. Where ``θ + m > π`` the target logit would increase with θ
     again, so (as in the ArcFace reference code) it is replaced there by the linear ``c - m sin m``
     continuation, which keeps it monotonic; ``easy_margin`` applies the margin only where c > 0.
+    :data:`NO_TARGET` labels: no margin in that row.
     """
     x_hat = F.normalize(embeddings, dim=1)
     cos = (x_hat @ F.normalize(weight, dim=1).t()).clamp(-1.0, 1.0)
     if labels is None:
         return s * cos
-    labels = check_labels(labels, embeddings.shape[0], weight.shape[0]).to(embeddings.device)
-    idx = labels.unsqueeze(1)
+    has_target, idx = _target_index(labels, embeddings, weight)
     c = cos.gather(1, idx)
     # sin θ = sqrt(1 - c^2); the clamp keeps the sqrt's gradient finite at c = ±1
     sin = torch.sqrt((1.0 - c * c).clamp_min(1e-12))
@@ -181,4 +199,4 @@ def arcface_logits(
         phi = torch.where(c > 0, phi, c)
     else:
         phi = torch.where(c > math.cos(math.pi - m), phi, c - math.sin(math.pi - m) * m)
-    return s * cos.scatter(1, idx, phi)
+    return s * cos.scatter(1, idx, torch.where(has_target, phi, c))

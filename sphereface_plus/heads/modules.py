@@ -56,6 +56,12 @@ class _NormalisedClassifier(nn.Module):
             with torch.no_grad():
                 self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
+    def _check(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
+        # a head holds every class, so a label must name one of them (the functions also accept -1,
+        # "not in this block of rows", for the row-sharded classifier; a head does not)
+        if labels is not None:
+            HF.check_labels(labels, embeddings.shape[0], self.num_classes)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}"
 
@@ -106,6 +112,7 @@ class ASoftmaxHead(_NormalisedClassifier):
         return self.lambda_at(int(self.iteration))
 
     def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check(embeddings, labels)
         self._renorm()
         if self.training:
             self.iteration += 1
@@ -149,6 +156,7 @@ class CosFaceHead(_NormalisedClassifier):
         self.s, self.m = float(s), float(m)
 
     def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check(embeddings, labels)
         self._renorm()
         return HF.cosface_logits(embeddings, self.weight, labels, s=self.s, m=self.m)
 
@@ -174,6 +182,7 @@ class ArcFaceHead(_NormalisedClassifier):
         self.s, self.m, self.easy_margin = float(s), float(m), bool(easy_margin)
 
     def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check(embeddings, labels)
         self._renorm()
         return HF.arcface_logits(embeddings, self.weight, labels, s=self.s, m=self.m, easy_margin=self.easy_margin)
 
