@@ -411,6 +411,26 @@ def prepare_synthetic(
     return cache
 
 
+#: the values of ``data.source`` (one owner: the readers below; config validation and docs read it here)
+DATA_SOURCES = ("synthetic", "folder", "list", "rec", "packed")
+
+
+def check_data_config(data_cfg) -> Tuple[int, int]:
+    """Check ``data.source`` and ``data.template`` before anything is written; the crop size ``(H, W)``."""
+    from sphereface_plus.config import ConfigError
+
+    from data_prep.geometry import TEMPLATES, template_size
+
+    if data_cfg.source not in DATA_SOURCES:
+        raise ConfigError(f"data.source={data_cfg.source!r} is not valid; choose one of {', '.join(DATA_SOURCES)}")
+    if data_cfg.template not in TEMPLATES:
+        raise ConfigError(f"data.template={data_cfg.template!r} is not valid; choose one of {', '.join(TEMPLATES)}")
+    if data_cfg.source != "synthetic" and not data_cfg.root:
+        raise ConfigError(f"data.source={data_cfg.source!r} needs data.root=<folder>; "
+                          "or use data.source=synthetic for the generated demo identities")
+    return template_size(data_cfg.template)
+
+
 def build_train_dataset(data_cfg, input_size: Sequence[int], synthetic_cache=None) -> FaceDataset:
     """The dataset named by ``data.source`` (see the module docstring).
 
@@ -431,4 +451,4 @@ def build_train_dataset(data_cfg, input_size: Sequence[int], synthetic_cache=Non
         return RecordIODataset(data_cfg.root, input_size)
     if source == "packed":
         return PackedDataset(data_cfg.root, input_size)
-    raise ValueError(f"data.source={source!r}: choose synthetic, folder, list, rec or packed")
+    raise ValueError(f"data.source={source!r}: choose one of {', '.join(DATA_SOURCES)}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sphereface_plus.apps.train import load_train_config
 from sphereface_plus.config import Config, ConfigError, apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,13 +55,14 @@ def test_unknown_key_in_yaml_names_file_and_nearest(tmp_path):
      ("model.input_size=[112,112]", "does not match data.template"), ("noequals", "key=value")],
 )
 def test_wrong_types_and_values(override, message):
+    # the train runner's loader: the library's checks plus data_prep's (sources, templates)
     with pytest.raises(ConfigError, match=message):
-        load_config(None, ["data.source=synthetic", override])
+        load_train_config(None, ["data.source=synthetic", override])
 
 
 def test_real_data_source_needs_root():
     with pytest.raises(ConfigError, match="data.root"):
-        load_config(None, ["data.source=folder"])
+        load_train_config(None, ["data.source=folder"])
 
 
 def test_round_trip_is_plain_data():
@@ -81,8 +83,8 @@ def test_section_override_with_mapping():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_recipes_load(path):
     overrides = [] if "smoke" in path.name else ["data.root=/data/casia-112x96"]
-    cfg = load_config(str(path), overrides)
-    assert cfg.model.input_size == [112, 96] and cfg.data.template == "112x96"
+    cfg = load_train_config(str(path), overrides)
+    assert cfg.data.template == "112x96" and cfg.model.input_size is None  # follows from the template
 
 
 def test_sphereface20_recipe_is_spec_section_6():
@@ -105,7 +107,7 @@ def test_spherefaceplus_recipe_is_spec_section_5():
 
 
 def test_cli_reports_bad_key_with_exit_status_2(capsys):
-    from sphereface_plus import train as train_cmd
+    from sphereface_plus.apps import train as train_cmd
 
     parser = argparse.ArgumentParser()
     train_cmd.add_arguments(parser)

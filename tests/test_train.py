@@ -23,7 +23,8 @@ from sphereface_plus.config import load_config
 from sphereface_plus.engine.checkpoint import find_resume_checkpoint
 from sphereface_plus.engine.optim import build_optimizer, build_scheduler, lr_factor
 from sphereface_plus.engine.sampler import ResumableSampler
-from sphereface_plus.train import Trainer, train
+from sphereface_plus.apps.train import make_trainer, train
+
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "cpu_smoke.yaml"
@@ -160,14 +161,14 @@ def test_resume_equals_uninterrupted(reference, cache, tmp_path):
 def test_cli_sigkill_after_save_then_resume_auto(reference, cache, tmp_path):
     """A training process killed with SIGKILL, then `sphereface-plus train --resume auto` continues exactly.
 
-    The killed process is the ``python -m sphereface_plus.train`` entry point (the one torchrun runs,
+    The killed process is the ``python -m sphereface_plus.apps.train`` entry point (the one torchrun runs,
     same arguments); the resume goes through the ``sphereface-plus`` command-line dispatcher.
     """
     ref_out, _ = reference
     out = tmp_path / "run"
     args = ["--config", str(SMOKE), *_overrides(out, cache, 1000)]
     # same thread count as this process (the default), so that float reductions match bit for bit
-    proc = subprocess.Popen([sys.executable, "-m", "sphereface_plus.train", *args], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "sphereface_plus.apps.train", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 90
@@ -202,7 +203,7 @@ def test_two_processes_match_one(reference, cache, tmp_path):
     ref_out, ref_summary = reference
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sphereface_plus.train", "--config", str(SMOKE), *_overrides(tmp_path, cache, 4)]
+           "-m", "sphereface_plus.apps.train", "--config", str(SMOKE), *_overrides(tmp_path, cache, 4)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -215,7 +216,7 @@ def test_two_processes_match_one(reference, cache, tmp_path):
 
 def test_nan_guard_skips_then_rolls_back(cache, tmp_path):
     cfg = _cfg(tmp_path, cache, 100, extra=["train.nan_patience=2", "train.max_rollbacks=1"])
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)
     images, labels, _ = next(iter(trainer.make_loader(100)))
     for _ in range(2):
         assert trainer.train_step(images, labels)["finite"]
