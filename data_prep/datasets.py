@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data_prep.geometry import cut_wide_crop, to_bgr
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -54,27 +56,28 @@ _IRHEADER = struct.Struct("<IfQQ")  # flag, label, id, id2 (mxnet.recordio.IRHea
 _MAX_REPLACEMENTS = 100
 
 
+def to_network_tensor(image_bgr: np.ndarray) -> torch.Tensor:
+    """``H x W x 3`` BGR uint8 -> ``3 x H x W`` float32 ``(x - 127.5) / 128``: the one model transform
+    (SPEC section 3), shared by training and feature extraction."""
+    t = torch.from_numpy(np.ascontiguousarray(image_bgr)).permute(2, 0, 1).float()
+    return t.sub_(127.5).div_(128.0)
+
+
 def preprocess(image: np.ndarray, input_size: Tuple[int, int], flip: bool = False) -> torch.Tensor:
     """BGR uint8 ``H x W x 3`` -> ``3 x H x W`` float32 ``(x - 127.5) / 128`` (SPEC section 3).
 
-    A 112x112 crop fed to a 112x96 model is cut to its central 96 columns: the 112x112 template is the
-    112x96 one shifted by 8 px in x (SPEC section 2), so this is exactly the 112x96 alignment. Any other
-    size mismatch is an error (the data was aligned for another template).
+    A 112x112 crop fed to a 112x96 model is cut to its central 96 columns
+    (:func:`data_prep.geometry.cut_wide_crop`). Any other size mismatch is an error (the data was
+    aligned for another template).
     """
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = image[:, :, :3]
+    image = to_bgr(image)
     h, w = input_size
-    if image.shape[:2] != (h, w):
-        if image.shape[:2] == (h, w + 16):
-            image = image[:, 8 : 8 + w]
-        else:
-            raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} (WxH), the model expects {w}x{h}")
+    fitted = cut_wide_crop(image, input_size)
+    if fitted is None:
+        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} (WxH), the model expects {w}x{h}")
     if flip:
-        image = image[:, ::-1]
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-    return t.sub_(127.5).div_(128.0)
+        fitted = fitted[:, ::-1]
+    return to_network_tensor(fitted)
 
 
 def _decode(data: bytes) -> Optional[np.ndarray]:

@@ -93,3 +93,19 @@ def pairs_verifier(pairs_path, root, batch_size: int = 64, num_workers: int = 0)
         return verify_on_pairs(model, root, pairs, batch_size=batch_size, device=device, num_workers=num_workers)
 
     return verifier
+
+
+def lfw_people_split(pairs, image_counts: Dict[str, int], test_fold: int, min_images: int) -> Tuple[List[str], List[str]]:
+    """(training people, test people) for a fold split of LFW View 2.
+
+    Test people: everyone named in the pairs of ``test_fold`` (0-based). Training people: those named in
+    the pairs of the other nine folds with at least ``min_images`` images. The View-2 folds are
+    person-disjoint, so no test person is trained on (checked here all the same).
+    """
+    def people(fold_pred):
+        return {p.split("/", 1)[0] for q in pairs if fold_pred(q.fold) for p in (q.path1, q.path2)}
+
+    test_people = people(lambda f: f == test_fold)
+    other = people(lambda f: f != test_fold)
+    train = sorted(n for n in other - test_people if image_counts.get(n, 0) >= min_images)
+    return train, sorted(test_people)

@@ -149,7 +149,7 @@ def test_schedule_gamma_reaches_the_floor_at_the_chosen_iteration():
 @pytest.mark.skipif(not (LFW / "pairs.txt").is_file(), reason=f"real LFW not found at {LFW} (../shared/data/lfw)")
 def test_lfw_fold_split_is_person_disjoint_and_complete():
     from eval.lfw import parse_pairs
-    from sphereface_plus.apps.demo import lfw_people_split
+    from eval.lfw import lfw_people_split
 
     pairs = parse_pairs(LFW / "pairs.txt")
     counts = {d: len(os.listdir(LFW / "images" / d)) for d in os.listdir(LFW / "images")}

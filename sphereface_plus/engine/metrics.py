@@ -178,6 +178,16 @@ class MetricsLogger:
         for k, v in values.items():
             self.writer.add_scalar(f"{prefix}/{k}" if prefix else k, _number(v), int(iteration))
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The rows logged so far (plain data, checkpoint-safe): a trainer that keeps them in its
+        checkpoint gets its files back exactly as they were at that checkpoint on resume."""
+        return {"rows": [dict(r) for r in self.rows]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.rows = [dict(r) for r in state["rows"]]
+        if self.enabled:
+            self._rewrite()
+
     def flush(self) -> None:
         if self.enabled and self.writer is not None:
             self.writer.flush()
