@@ -9,7 +9,7 @@ indices of the pairs differ.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 

@@ -23,6 +23,7 @@ from sphereface_plus.apps import cifar
 from data_prep.cifar import random_pad_crop_flip
 from sphereface_plus.engine.optim import lr_factor
 from sphereface_plus.losses import smoothed_cross_entropy
+from sphereface_plus.mhe import DEFAULT_COEFFICIENTS
 from sphereface_plus.cli import main as cli_main
 from sphereface_plus.safe_pickle import UnsafePickleError
 
@@ -270,11 +271,11 @@ def test_mhe_terms_at_initialisation(model_name, power, sanity):
     reg = cifar.build_regularizer(model, cfg)
     assert reg.hidden_layers == list(cifar.HIDDEN_LAYERS) and reg.output_layers == ["score"]
     snap = cifar.mhe_snapshot(reg)
-    ref_h, ref_o = _brute_terms(model, power, model_name == "half_mhe", *cifar.COEFFICIENTS[power])
+    ref_h, ref_o = _brute_terms(model, power, model_name == "half_mhe", *DEFAULT_COEFFICIENTS[power])
     assert snap["mhe_hidden"] == pytest.approx(ref_h, rel=1e-4)
     assert snap["mhe_output"] == pytest.approx(ref_o, rel=1e-4)
     # random He-normal filters are nearly orthogonal: ~10 layers x sanity x λ_h, ~sanity x λ_o
-    coef_h, coef_o = cifar.COEFFICIENTS[power]
+    coef_h, coef_o = DEFAULT_COEFFICIENTS[power]
     assert snap["mhe_hidden"] == pytest.approx(10 * sanity * coef_h, rel=0.03)
     assert snap["mhe_output"] == pytest.approx(sanity * coef_o, rel=0.03)
     loss, _ = reg()
