@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sphereface_plus import cifar  # noqa: E402
+from data_prep.cifar import random_pad_crop_flip, to_network_input  # noqa: E402
+from sphereface_plus.apps import cifar  # noqa: E402
 from sphereface_plus.utils import atomic_write_text  # noqa: E402
 
 SETTINGS = [
@@ -48,14 +49,14 @@ def make_runner(model_name: str, power: str, device: torch.device, batch: int, i
     cfg = cifar.CifarConfig(model_name=model_name, power_s=power, dataset="cifar100", batch_size=batch)
     model = cifar.build_model(100, seed=0).to(device)
     reg = cifar.build_regularizer(model, cfg)
-    opt = cifar.build_optimizer(model, 0.01)
+    opt = cifar.build_optimizer(model, cifar.CifarConfig(lr=0.01))
     gen = torch.Generator().manual_seed(0)
     n = images.shape[0]
 
     def step() -> float:
         idx = torch.randint(0, n, (batch,), generator=gen)
         t = clock()
-        x = cifar.to_network_input(cifar.random_pad_crop_flip(images[idx.to(images.device)], gen))
+        x = to_network_input(random_pad_crop_flip(images[idx.to(images.device)], gen))
         cifar.train_step(model, reg, opt, x, labels[idx.to(labels.device)], cfg)
         _sync(device)
         return clock() - t

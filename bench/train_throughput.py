@@ -5,7 +5,7 @@
 Both sides do the same work per step: sphere20 forward, A-Softmax (m = 4) logits, cross-entropy,
 SphereFace+ batch-vs-all MHE (s = 2) on the classifier, backward, SGD with momentum and weight decay.
 The baseline is written out here with plain tensor operations (no trainer, no registry, no config);
-the trainer side is ``sphereface_plus.train.Trainer.train_step`` (NaN guard, scheduler, statistics
+the trainer side is ``sphereface_plus.trainer.Trainer.train_step`` (NaN guard, scheduler, statistics
 included). Inputs are random tensors, so data loading is not part of either number. Variants are
 timed in interleaved rounds (median of rounds) so that a busy machine affects them alike.
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from sphereface_plus.config import load_config  # noqa: E402
 from sphereface_plus.engine.dist import DistInfo  # noqa: E402
-from sphereface_plus.train import Trainer  # noqa: E402
+from sphereface_plus.trainer import Trainer  # noqa: E402
 from sphereface_plus.utils import atomic_write_text  # noqa: E402
 
 
@@ -40,6 +40,7 @@ class _RandomFaces:
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
+        self.input_size = (112, 96)
 
     def __len__(self) -> int:
         return self.num_classes
@@ -110,7 +111,7 @@ def build_trainer(num_classes, device, batch, amp="off", channels_last=False):
         "optim.lr=0.01", f"train.batch_size={batch}", f"train.amp={amp}", "train.tensorboard=false",
         "out_dir=/tmp/sphereface_plus_bench",
     ])
-    trainer = Trainer(cfg, DistInfo(device=torch.device(device)), dataset=_RandomFaces(num_classes))
+    trainer = Trainer(cfg, _RandomFaces(num_classes), DistInfo(device=torch.device(device)))
     return lambda x, y: trainer.train_step(x, y)["loss"]
 
 

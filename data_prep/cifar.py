@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
+import torch
 
 from sphereface_plus.safe_pickle import NUMPY_ARRAY_GLOBALS, UnsafePickleError, restricted_load
 
@@ -70,6 +71,10 @@ DATASETS: Dict[str, Dict[str, Any]] = {
         "archive": "cifar-10-python.tar.gz",
     },
 }
+
+
+#: the dataset names the loaders know (the ``dataset`` setting of the CIFAR recipe reads them here)
+CIFAR_DATASETS = tuple(DATASETS)
 
 
 class CifarDataError(FileNotFoundError):
@@ -234,3 +239,50 @@ def load_cifar_class_names(root, dataset: str = "cifar100") -> List[str]:
     if len(names) != spec["num_classes"]:
         raise CifarDataError(f"{path}: {len(names)} class names, expected {spec['num_classes']}")
     return names
+
+
+# ----------------------------------------------------------------------------------------------------
+# augmentation and network input of the MHE CIFAR recipe (SPEC section 7), on whole batches in torch
+
+
+def _symmetric_index(pos, size: int):
+    """Map positions in ``[-size, 2*size)`` onto ``[0, size)`` by edge-including mirroring.
+
+    This is numpy's ``np.pad(mode='symmetric')``: ``-1 -> 0``, ``-2 -> 1``, ``size -> size - 1``.
+    (``torch.nn.functional.pad(mode='reflect')`` would exclude the edge: ``-1 -> 1``.)
+    """
+    pos = torch.where(pos < 0, -pos - 1, pos)
+    return torch.where(pos >= size, 2 * size - 1 - pos, pos)
+
+
+def random_pad_crop_flip(images, generator=None, pad: int = 4):
+    """Symmetric padding by ``pad``, a random crop back to the input size, a random horizontal flip.
+
+    The reference did this image by image in numpy (``np.pad(..., 'symmetric')``, ``randint(9)``
+    offsets, ``fliplr`` with probability 1/2); here the three steps are folded into one gather over
+    the batch: each output pixel ``(b, y, x)`` reads the input at ``(row[b, y], col[b, x])``.
+
+    Args:
+        images: ``B x H x W x C`` tensor (any dtype, any device), ``pad <= min(H, W)``.
+        generator: a CPU ``torch.Generator`` for the offsets and flips (None: the global one).
+
+    Returns:
+        ``B x H x W x C`` tensor of the same dtype and device.
+    """
+    b, h, w = images.shape[:3]
+    if pad > min(h, w):
+        raise ValueError(f"symmetric padding of {pad} needs images of at least {pad} pixels, got {h}x{w}")
+    off_y = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator)
+    off_x = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator)
+    flip = torch.randint(0, 2, (b, 1), generator=generator).bool()
+    rows = _symmetric_index(off_y + torch.arange(h) - pad, h)
+    cols = off_x + torch.arange(w) - pad
+    cols = _symmetric_index(torch.where(flip, cols.flip(1), cols), w)
+    dev = images.device
+    bidx = torch.arange(b, device=dev).view(b, 1, 1)
+    return images[bidx, rows.to(dev).view(b, h, 1), cols.to(dev).view(b, 1, w)]
+
+
+def to_network_input(images):
+    """``B x 32 x 32 x 3`` uint8 RGB -> ``B x 3 x 32 x 32`` float32 ``(x - 127.5) / 128`` (SPEC section 7)."""
+    return images.permute(0, 3, 1, 2).float().sub_(127.5).div_(128.0).contiguous()

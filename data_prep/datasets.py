@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data_prep.geometry import cut_wide_crop, to_bgr
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -54,27 +56,28 @@ _IRHEADER = struct.Struct("<IfQQ")  # flag, label, id, id2 (mxnet.recordio.IRHea
 _MAX_REPLACEMENTS = 100
 
 
+def to_network_tensor(image_bgr: np.ndarray) -> torch.Tensor:
+    """``H x W x 3`` BGR uint8 -> ``3 x H x W`` float32 ``(x - 127.5) / 128``: the one model transform
+    (SPEC section 3), shared by training and feature extraction."""
+    t = torch.from_numpy(np.ascontiguousarray(image_bgr)).permute(2, 0, 1).float()
+    return t.sub_(127.5).div_(128.0)
+
+
 def preprocess(image: np.ndarray, input_size: Tuple[int, int], flip: bool = False) -> torch.Tensor:
     """BGR uint8 ``H x W x 3`` -> ``3 x H x W`` float32 ``(x - 127.5) / 128`` (SPEC section 3).
 
-    A 112x112 crop fed to a 112x96 model is cut to its central 96 columns: the 112x112 template is the
-    112x96 one shifted by 8 px in x (SPEC section 2), so this is exactly the 112x96 alignment. Any other
-    size mismatch is an error (the data was aligned for another template).
+    A 112x112 crop fed to a 112x96 model is cut to its central 96 columns
+    (:func:`data_prep.geometry.cut_wide_crop`). Any other size mismatch is an error (the data was
+    aligned for another template).
     """
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = image[:, :, :3]
+    image = to_bgr(image)
     h, w = input_size
-    if image.shape[:2] != (h, w):
-        if image.shape[:2] == (h, w + 16):
-            image = image[:, 8 : 8 + w]
-        else:
-            raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} (WxH), the model expects {w}x{h}")
+    fitted = cut_wide_crop(image, input_size)
+    if fitted is None:
+        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} (WxH), the model expects {w}x{h}")
     if flip:
-        image = image[:, ::-1]
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-    return t.sub_(127.5).div_(128.0)
+        fitted = fitted[:, ::-1]
+    return to_network_tensor(fitted)
 
 
 def _decode(data: bytes) -> Optional[np.ndarray]:
@@ -411,6 +414,26 @@ def prepare_synthetic(
     return cache
 
 
+#: the values of ``data.source`` (one owner: the readers below; config validation and docs read it here)
+DATA_SOURCES = ("synthetic", "folder", "list", "rec", "packed")
+
+
+def check_data_config(data_cfg) -> Tuple[int, int]:
+    """Check ``data.source`` and ``data.template`` before anything is written; the crop size ``(H, W)``."""
+    from sphereface_plus.config import ConfigError
+
+    from data_prep.geometry import TEMPLATES, template_size
+
+    if data_cfg.source not in DATA_SOURCES:
+        raise ConfigError(f"data.source={data_cfg.source!r} is not valid; choose one of {', '.join(DATA_SOURCES)}")
+    if data_cfg.template not in TEMPLATES:
+        raise ConfigError(f"data.template={data_cfg.template!r} is not valid; choose one of {', '.join(TEMPLATES)}")
+    if data_cfg.source != "synthetic" and not data_cfg.root:
+        raise ConfigError(f"data.source={data_cfg.source!r} needs data.root=<folder>; "
+                          "or use data.source=synthetic for the generated demo identities")
+    return template_size(data_cfg.template)
+
+
 def build_train_dataset(data_cfg, input_size: Sequence[int], synthetic_cache=None) -> FaceDataset:
     """The dataset named by ``data.source`` (see the module docstring).
 
@@ -431,4 +454,4 @@ def build_train_dataset(data_cfg, input_size: Sequence[int], synthetic_cache=Non
         return RecordIODataset(data_cfg.root, input_size)
     if source == "packed":
         return PackedDataset(data_cfg.root, input_size)
-    raise ValueError(f"data.source={source!r}: choose synthetic, folder, list, rec or packed")
+    raise ValueError(f"data.source={source!r}: choose one of {', '.join(DATA_SOURCES)}")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -198,6 +198,23 @@ def to_bgr(image: np.ndarray) -> np.ndarray:
         # Alpha is dropped, not composited: cv2.imread(IMREAD_COLOR) does the same.
         return np.ascontiguousarray(img[:, :, :3])
     raise ValueError(f"image must be H x W, H x W x 1, H x W x 3 or H x W x 4, got shape {img.shape}")
+
+
+def cut_wide_crop(image: np.ndarray, input_size) -> Optional[np.ndarray]:
+    """Fit an aligned crop to a model's ``(H, W)``: the crop itself when it has that size; the central
+    columns when it is the wide (112x112) version of a narrower (112x96) input; else None.
+
+    The 112x112 template is the 112x96 one shifted by 8 px in x (SPEC section 2), so the middle 96
+    columns of a 112x112 crop are exactly the 112x96 alignment.
+    """
+    h, w = int(input_size[0]), int(input_size[1])
+    ih, iw = image.shape[:2]
+    if (ih, iw) == (h, w):
+        return image
+    if ih == h and iw > w and (iw - w) % 2 == 0:
+        dx = (iw - w) // 2
+        return image[:, dx : dx + w]
+    return None
 
 
 def alignment_matrix(landmarks, template: str = "112x96", reflective: bool = True) -> np.ndarray:

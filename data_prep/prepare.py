@@ -38,6 +38,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from data_prep.landmarks import LandmarkEntry, parse_landmark_file
+
 logger = logging.getLogger(__name__)
 
 HELP = "align an identity-folder tree of face images to the SphereFace template (landmark file or detector)"
@@ -225,70 +227,6 @@ def output_complete(path: str) -> bool:
     if path.endswith(".png"):
         return tail.endswith(b"IEND\xaeB`\x82")
     return tail.rstrip(b"\x00").endswith(b"\xff\xd9")
-
-
-@dataclass
-class LandmarkEntry:
-    line: int
-    points: Optional[Tuple[float, ...]]  # x1, y1, ..., x5, y5; None when the line is bad
-    error: str = ""
-
-
-def parse_landmark_file(path) -> Tuple[Dict[str, LandmarkEntry], List[Tuple[str, int, str]]]:
-    """Parse a sphereface landmark file.
-
-    Returns (entries by normalised relative path, problems that name no usable path as
-    (text, line, reason)). A bad line whose first field looks like a path is kept as an entry with
-    ``points=None`` and an ``error``, so that its image is reported as failed with that reason.
-    A repeated path keeps its first line; the repeat is reported as a problem.
-    """
-    path = Path(path)
-    entries: Dict[str, LandmarkEntry] = {}
-    problems: List[Tuple[str, int, str]] = []
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise UsageError(f"cannot read the landmark file {path}: {exc}") from None
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.split()
-        rel = _norm_rel(fields[0])
-        where = f"{path.name} line {n}"
-        if len(fields) != 11:
-            entry = LandmarkEntry(n, None, f"{where}: expected a path and 10 numbers, got {len(fields)} fields")
-        else:
-            try:
-                vals = [float(v) for v in fields[1:]]
-            except ValueError:
-                bad = next(v for v in fields[1:] if not _is_float(v))
-                entry = LandmarkEntry(n, None, f"{where}: {bad!r} is not a number")
-            else:
-                if not all(math.isfinite(v) for v in vals):
-                    entry = LandmarkEntry(n, None, f"{where}: non-finite landmark value")
-                else:
-                    entry = LandmarkEntry(n, tuple(vals))
-        if rel in entries:
-            problems.append((rel, n, f"{where}: repeats the path of line {entries[rel].line}; the first line is used"))
-            continue
-        entries[rel] = entry
-    return entries, problems
-
-
-def _is_float(v: str) -> bool:
-    try:
-        float(v)
-        return True
-    except ValueError:
-        return False
-
-
-def _norm_rel(p: str) -> str:
-    p = p.replace("\\", "/")
-    while p.startswith("./"):
-        p = p[2:]
-    return p
 
 
 def scan_tree(input_dir: Path, skip: Sequence[Path] = ()) -> List[str]:

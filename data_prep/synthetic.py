@@ -43,6 +43,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from data_prep.landmarks import read_landmarks
+
 logger = logging.getLogger(__name__)
 
 CANVAS = 250  # faces are drawn on a 250 x 250 canonical canvas, then warped to image_size
@@ -503,16 +505,6 @@ def make_synthetic_dataset(
     )
 
 
-def load_landmark_file(path) -> Dict[str, np.ndarray]:
-    """Read a landmark file written here (``rel/path`` then 10 numbers) into rel path -> 5 x 2."""
-    out: Dict[str, np.ndarray] = {}
-    for line in Path(path).read_text().splitlines():
-        parts = line.split()
-        if parts:
-            out[parts[0]] = np.asarray(parts[1:11], dtype=np.float64).reshape(5, 2)
-    return out
-
-
 def ensure_synthetic_dataset(
     root,
     num_identities: int = 100,
@@ -547,6 +539,6 @@ def ensure_synthetic_dataset(
                 identities=names,
                 images_per_identity=images_per_identity,
                 fold_of=fold_of,
-                landmarks=load_landmark_file(root / "landmarks.txt"),
+                landmarks=read_landmarks(root / "landmarks.txt"),
             )
     return make_synthetic_dataset(root, num_identities, images_per_identity, seed, image_size, pairs_per_fold, workers)

@@ -15,52 +15,26 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data_prep.datasets import to_network_tensor as preprocess  # the one model transform
+from data_prep.geometry import cut_wide_crop, to_bgr
+from data_prep.landmarks import read_landmarks  # noqa: F401 (eval.cli / eval.megaface use F.read_landmarks)
 from sphereface_plus.utils import progress
 
 logger = logging.getLogger(__name__)
 
-# the 112x112 (insightface/ArcFace) template is the 112x96 SphereFace template shifted by 8 px in x,
-# so a 112x112 crop holds a 112x96 one in its middle columns
-_WIDE_TO_NARROW = ((112, 112), (112, 96), 8)
-
-
-def preprocess(image_bgr: np.ndarray) -> torch.Tensor:
-    """``H x W x 3`` BGR uint8 -> ``3 x H x W`` float32 ``(x - 127.5) / 128`` (the training transform)."""
-    x = torch.from_numpy(np.ascontiguousarray(image_bgr)).permute(2, 0, 1).float()
-    return (x - 127.5) / 128.0
-
-
 def fit_crop(image: np.ndarray, input_size: Optional[Tuple[int, int]], name: str) -> np.ndarray:
     """Check an aligned crop against the model's ``(H, W)``; a 112x112 crop feeds a 112x96 model."""
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if input_size is None or tuple(image.shape[:2]) == tuple(input_size):
+    image = to_bgr(image)
+    if input_size is None:
         return image
-    wide, narrow, dx = _WIDE_TO_NARROW
-    if tuple(image.shape[:2]) == wide and tuple(input_size) == narrow:
-        return image[:, dx:dx + narrow[1]]
+    fitted = cut_wide_crop(image, input_size)
+    if fitted is not None:
+        return fitted
     h, w = image.shape[:2]
     raise ValueError(
         f"{name} is {h}x{w} but the model expects {input_size[0]}x{input_size[1]} aligned crops: align the "
         f"images first (sphereface-plus align) or pass --landmarks to align them on the fly"
     )
-
-
-def read_landmarks(path) -> Dict[str, np.ndarray]:
-    """Read a landmark file: ``relative/path`` then 10 numbers (x1 y1 ... x5 y5) per line."""
-    out: Dict[str, np.ndarray] = {}
-    path = Path(path)
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        f = line.split()
-        if not f:
-            continue
-        if len(f) != 11:
-            raise ValueError(f"{path}:{line_no}: expected a path and 10 numbers, got {len(f)} fields")
-        try:
-            out[f[0]] = np.array([float(v) for v in f[1:]], dtype=np.float64).reshape(5, 2)
-        except ValueError:
-            raise ValueError(f"{path}:{line_no}: landmark values must be numbers: {line.strip()!r}") from None
-    return out
 
 
 class ImageFiles(Dataset):

@@ -9,7 +9,7 @@ indices of the pairs differ.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -56,3 +56,56 @@ def evaluate_features(
     ``auc``, ``tar_at_far``, ``threshold``, ``roc``...) of ``features`` (rows named by ``paths``)."""
     f1, f2, issame, folds = pair_features(paths, features, pairs, source)
     return verification_report(f1, f2, issame, folds, mean_sub=mean_sub, fars=fars)
+
+
+def verify_on_pairs(model, root, pairs: Sequence[Pair], batch_size: int = 64, device="cpu",
+                    num_workers: int = 0) -> Dict[str, object]:
+    """Verify ``model`` (a backbone) on ``pairs`` of aligned crops under ``root`` and pick the compare threshold.
+
+    Returns the protocol's report (:func:`evaluate_features`, crop + mirror features, per-fold mean
+    subtraction) plus ``accuracy_without_mean_sub`` and ``compare_threshold``: ``sphereface-plus
+    compare`` scores one pair by plain cosine, with no set to take a mean over, so the threshold stored
+    with a model is the one chosen on plain-cosine scores. Used by the train runner (its verifier), the
+    demo and the LFW bench.
+    """
+    from eval.features import extract_features
+
+    paths = sorted({p for pair in pairs for p in (pair.path1, pair.path2)})
+    was_training = model.training
+    model.eval()
+    try:
+        feats = extract_features(model, root, paths, batch_size=batch_size, flip=True, device=device,
+                                 num_workers=num_workers)
+    finally:
+        model.train(was_training)
+    report = evaluate_features(paths, feats, pairs, mean_sub=True)
+    plain = evaluate_features(paths, feats, pairs, mean_sub=False)
+    report["accuracy_without_mean_sub"] = plain["mean_accuracy"]
+    report["compare_threshold"] = float(plain["threshold"])
+    return report
+
+
+def pairs_verifier(pairs_path, root, batch_size: int = 64, num_workers: int = 0):
+    """A verifier for :class:`sphereface_plus.trainer.Trainer`: ``verifier(backbone, device) -> report``."""
+    pairs = parse_pairs(pairs_path)
+
+    def verifier(model, device) -> Dict[str, object]:
+        return verify_on_pairs(model, root, pairs, batch_size=batch_size, device=device, num_workers=num_workers)
+
+    return verifier
+
+
+def lfw_people_split(pairs, image_counts: Dict[str, int], test_fold: int, min_images: int) -> Tuple[List[str], List[str]]:
+    """(training people, test people) for a fold split of LFW View 2.
+
+    Test people: everyone named in the pairs of ``test_fold`` (0-based). Training people: those named in
+    the pairs of the other nine folds with at least ``min_images`` images. The View-2 folds are
+    person-disjoint, so no test person is trained on (checked here all the same).
+    """
+    def people(fold_pred):
+        return {p.split("/", 1)[0] for q in pairs if fold_pred(q.fold) for p in (q.path1, q.path2)}
+
+    test_people = people(lambda f: f == test_fold)
+    other = people(lambda f: f != test_fold)
+    train = sorted(n for n in other - test_people if image_counts.get(n, 0) >= min_images)
+    return train, sorted(test_people)

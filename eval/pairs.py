@@ -199,14 +199,6 @@ def parse_pairs_file(path, num_folds: int = 10) -> List[Pair]:
     return [Pair(a, b, s, int(k)) for (a, b, s, _), k in zip(rows, folds)]
 
 
-def write_pairs_file(path, pairs: Iterable[Pair]) -> None:
-    """Write pairs as ``path1<TAB>path2<TAB>same<TAB>fold`` lines (readable by :func:`parse_pairs_file`)."""
-    from sphereface_plus.utils import atomic_write_text
-
-    lines = [f"{p.path1}\t{p.path2}\t{int(p.same)}\t{p.fold}\n" for p in pairs]
-    atomic_write_text(path, "".join(lines))
-
-
 def pairs_to_arrays(pairs: Sequence[Pair]):
     """``(unique_paths, index1, index2, issame, folds)``: each distinct image once, pairs as indices."""
     if not pairs:

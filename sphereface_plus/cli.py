@@ -1,6 +1,6 @@
 """The ``sphereface-plus`` command: parses the command line and dispatches, nothing else.
 
-Each subcommand lives beside the code it drives, in a module that provides
+Each subcommand's runner (``sphereface_plus.apps.*``, ``data_prep.*``, ``eval.*``) is a module that provides
 ``add_arguments(parser)``, ``run(args) -> int`` and a one-line ``HELP`` string. Only the module of the
 command being run is imported, so a command starts fast and an optional dependency of one command
 (onnxruntime, say) never breaks another. ``python -m sphereface_plus ...`` and the
@@ -16,15 +16,15 @@ from typing import List, Optional
 
 # subcommand -> (module that implements it, one-line summary for the top-level help)
 COMMANDS = {
-    "info": ("sphereface_plus.info", "print versions, device, registered backbones and heads"),
+    "info": ("sphereface_plus.apps.info", "print versions, device, registered backbones and heads"),
     "fetch-weights": ("data_prep.detectors.weights", "download and verify the MTCNN / RetinaFace weights"),
     "align": ("data_prep.prepare", "detect / read 5 landmarks and warp a dataset tree to 112x96 or 112x112 crops"),
-    "train": ("sphereface_plus.train", "train SphereFace / SphereFace+ from a YAML recipe (torchrun for many GPUs)"),
+    "train": ("sphereface_plus.apps.train", "train SphereFace / SphereFace+ from a YAML recipe (torchrun for many GPUs)"),
     "verify": ("eval.cli", "LFW 10-fold verification, any pairs list, insightface .bin packs, identity folders"),
     "compare": ("eval.embedder", "cosine similarity and same/different decision for two photos"),
     "megaface": ("eval.megaface", "export MegaFace devkit feature files and score them without the devkit"),
-    "cifar": ("sphereface_plus.cifar", "CIFAR MHE experiments (9-conv CNN, MHE on every layer)"),
-    "demo": ("sphereface_plus.demo", "the whole pipeline (align, train, verify, report) on built-in or LFW data"),
+    "cifar": ("sphereface_plus.apps.cifar", "CIFAR MHE experiments (9-conv CNN, MHE on every layer)"),
+    "demo": ("sphereface_plus.apps.demo", "the whole pipeline (align, train, verify, report) on built-in or LFW data"),
 }
 
 EPILOG = """\

@@ -1,6 +1,12 @@
-"""The typed configuration tree of a training run: defaults < YAML file < ``key=value`` overrides.
+"""Typed run configurations: defaults < YAML file < ``key=value`` overrides, for any dataclass schema.
 
-One dataclass per section (``model``, ``head``, ``mhe``, ``data``, ``optim``, ``train``,
+The loader is generic: :func:`load_config` takes the schema (a dataclass whose fields are plain types,
+lists, ``Optional`` of those, or nested dataclasses) and returns a validated instance; the face
+trainer's :class:`Config` is the default schema, CIFAR's ``CifarConfig`` (and the GAN's) use the same
+code. Values are parsed as YAML 1.2 (only ``true``/``false`` are booleans, so ``amp: off`` stays the
+string ``"off"``) and checked against the declared types.
+
+The face trainer's tree: one dataclass per section (``model``, ``head``, ``mhe``, ``data``, ``optim``, ``train``,
 ``checkpoint``, ``eval``) plus ``out_dir``. A YAML recipe in ``configs/`` sets any subset of the
 fields; command-line overrides use dotted keys (``train.batch_size=64``, ``optim.milestones=[10,20]``)
 and are parsed with YAML, then checked against the field's declared type. An unknown key or a value
@@ -18,49 +24,65 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
+
+from sphereface_plus.errors import UsageError
+
+T = TypeVar("T")
 
 __all__ = [
     "Config",
     "ConfigError",
     "load_config",
+    "from_dict",
     "apply_overrides",
+    "config_to_dict",
     "config_to_yaml",
+    "yaml_load",
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration problem: unknown key, wrong type or invalid value (the message says how to fix it)."""
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "sphere20"  # registered name (sphereface_plus.create_backbone)
-    input_size: List[int] = field(default_factory=lambda: [112, 96])  # [H, W] of the aligned crops
+    backbone: str = "sphere20"  # registered name (sphereface_plus.models.list_backbones())
+    # [H, W] of the network input: follows from data.template (the trainer fills it in from the
+    # dataset's crop size, and config.yaml records it); set it only to check that it is what you expect
+    input_size: Optional[List[int]] = None
     embedding_dim: int = 512  # fc5 width (SPEC section 3: 512)
     channels_last: bool = False  # NHWC memory format (helps oneDNN / tensor cores on some machines)
 
 
 @dataclass
 class HeadConfig:
-    name: str = "a_softmax"  # a_softmax | softmax | cosface | arcface
-    # A-Softmax (SPEC section 4): margin m and lambda = max(lambda_min, base * (1 + gamma * t) ** -power)
-    m: int = 4
-    base: float = 1000.0
-    gamma: float = 0.12
-    power: float = 1.0
-    lambda_min: float = 5.0
-    # CosFace / ArcFace: scale s and additive margin
-    scale: float = 30.0
-    margin: float = 0.35
+    """The classifier head and the settings given to it.
+
+    Each setting is named as the head's constructor argument and is passed only when set here; the
+    others keep the head's own defaults (A-Softmax m=4, base=1000, gamma=0.12, power=1, lambda_min=5;
+    CosFace s=64, m=0.35; ArcFace s=64, m=0.5). The values in force are written back under ``head`` in
+    the run's config.yaml and checkpoints. A new optional head setting is one more line here.
+    """
+
+    name: str = "a_softmax"  # registered name (sphereface_plus.heads.list_heads())
+    m: Optional[float] = None  # margin: A-Softmax's integer m (1..4), CosFace/ArcFace's additive margin
+    s: Optional[float] = None  # CosFace / ArcFace scale
+    # A-Softmax lambda = max(lambda_min, base * (1 + gamma * t) ** -power) (SPEC section 4)
+    base: Optional[float] = None
+    gamma: Optional[float] = None
+    power: Optional[float] = None
+    lambda_min: Optional[float] = None
+    easy_margin: Optional[bool] = None  # ArcFace
 
 
 @dataclass
 class MHEConfig:
     # SphereFace+ (SPEC section 5): loss = CE + lambda_m * classifier MHE; 0 turns it off
     lambda_m: float = 0.0
-    power: str = "2"  # kernel: 0 | 1 | 2 | a0 | a1 | a2
-    mode: str = "batch_vs_all"  # see sphereface_plus.mhe.classifier_mhe
+    power: str = "2"  # kernel: sphereface_plus.mhe.POWERS (0 | 1 | 2 | a0 | a1 | a2)
+    mode: str = "batch_vs_all"  # sphereface_plus.mhe.CLASSIFIER_MODES (see classifier_mhe)
 
 
 @dataclass
@@ -74,10 +96,10 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "folder"  # synthetic | folder | list | rec | packed
+    source: str = "folder"  # data_prep.datasets.DATA_SOURCES (synthetic | folder | list | rec | packed)
     root: str = ""  # the aligned folder / the list file's image root / folder with train.rec / pack
     list_file: str = ""  # for source=list: "relative/path label" per line ("" = <root>/list.txt)
-    template: str = "112x96"  # alignment template of the crops ('112x96' or '112x112')
+    template: str = "112x96"  # alignment template of the crops (data_prep.geometry.TEMPLATES); sets model.input_size
     flip: bool = True  # random horizontal flip (SPEC section 3)
     num_workers: int = 2
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -102,7 +124,7 @@ class TrainConfig:
     batch_size: int = 512  # GLOBAL batch, split evenly across the processes
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)
-    amp: str = "bf16"  # off | bf16 | fp16 (CUDA only; CPU always trains in float32)
+    amp: str = "bf16"  # sphereface_plus.trainer.AMP_MODES: off | bf16 | fp16 (CUDA only; CPU trains in float32)
     log_every: int = 20
     nan_patience: int = 5  # consecutive non-finite losses before rolling back to the last checkpoint
     max_rollbacks: int = 3  # then give up with an error
@@ -144,31 +166,32 @@ class Config:
     @classmethod
     def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "Config":
         """Build from nested dicts (e.g. a checkpoint's ``config``); unknown keys are errors."""
-        cfg = cls()
-        _merge(cfg, data, prefix="", source=source)
-        cfg.validate()
-        return cfg
+        return from_dict(cls, data, source)
 
     def validate(self) -> None:
-        """Cross-field checks that a type alone cannot express."""
+        """Checks that a type alone cannot express; the lists of valid names come from their owners.
+
+        Data sources and templates belong to ``data_prep``, which this library does not import: the
+        train runner checks them (``data_prep.datasets.check_data_config``) before anything is written.
+        """
+        from sphereface_plus.heads import list_heads
+        from sphereface_plus.mhe import CLASSIFIER_MODES, POWERS, normalize_power
+        from sphereface_plus.models import list_backbones
+        from sphereface_plus.trainer import AMP_MODES
+
         choices = {
-            "data.source": (self.data.source, ("synthetic", "folder", "list", "rec", "packed")),
-            "data.template": (self.data.template, ("112x96", "112x112")),
-            "train.amp": (self.train.amp, ("off", "bf16", "fp16")),
-            "mhe.power": (self.mhe.power, ("0", "1", "2", "a0", "a1", "a2")),
-            "mhe.mode": (self.mhe.mode, ("batch_vs_all", "batch_unique", "full")),
+            "model.backbone": (self.model.backbone, list_backbones()),
+            "head.name": (self.head.name, list_heads()),
+            "train.amp": (self.train.amp, AMP_MODES),
+            "mhe.power": (self.mhe.power, POWERS),
+            "mhe.mode": (self.mhe.mode, CLASSIFIER_MODES),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
-        if len(self.model.input_size) != 2:
+        self.mhe.power = normalize_power(self.mhe.power)  # parsed once, here
+        if self.model.input_size is not None and len(self.model.input_size) != 2:
             raise ConfigError(f"model.input_size must be [H, W], got {self.model.input_size}")
-        expected = {"112x96": [112, 96], "112x112": [112, 112]}[self.data.template]
-        if list(self.model.input_size) != expected:
-            raise ConfigError(
-                f"model.input_size={self.model.input_size} does not match data.template={self.data.template!r} "
-                f"(crops of that template are {expected}); set both consistently"
-            )
         positive = {
             "train.iterations": self.train.iterations,
             "train.batch_size": self.train.batch_size,
@@ -180,11 +203,6 @@ class Config:
                 raise ConfigError(f"{key} must be positive, got {value}")
         if sorted(self.optim.milestones) != list(self.optim.milestones):
             raise ConfigError(f"optim.milestones must be increasing, got {self.optim.milestones}")
-        if self.data.source != "synthetic" and not self.data.root:
-            raise ConfigError(
-                f"data.source={self.data.source!r} needs data.root=<folder>; "
-                "or use data.source=synthetic for the generated demo identities"
-            )
 
 
 # ---------------------------------------------------------------------- merging and type checks
@@ -271,7 +289,7 @@ def _merge(obj: Any, data: Dict[str, Any], prefix: str, source: str, root: Any =
             setattr(obj, name, _coerce(value, types[name], key, source))
 
 
-def _set_dotted(cfg: Config, key: str, value: Any, source: str) -> None:
+def _set_dotted(cfg: Any, key: str, value: Any, source: str) -> None:
     parts = key.split(".")
     obj = cfg
     for i, part in enumerate(parts):
@@ -308,7 +326,7 @@ def _yaml_loader():
     return Loader
 
 
-def _yaml_load(text_or_stream) -> Any:
+def yaml_load(text_or_stream) -> Any:
     import yaml
 
     return yaml.load(text_or_stream, Loader=_yaml_loader())  # a SafeLoader subclass: no object tags
@@ -318,12 +336,12 @@ def _parse_value(text: str) -> Any:
     import yaml
 
     try:
-        return _yaml_load(text) if text.strip() else ""
+        return yaml_load(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
 
 
-def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
     """Apply ``key=value`` strings in order (values parsed as YAML scalars/lists)."""
     for item in overrides:
         if "=" not in item:
@@ -333,27 +351,45 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     return cfg
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``; validated."""
+def _validate(cfg: Any) -> Any:
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        check()
+    return cfg
+
+
+def from_dict(schema: Type[T], data: Dict[str, Any], source: str = "config") -> T:
+    """An instance of ``schema`` from nested dicts (unknown keys and wrong types are errors), validated."""
+    cfg = schema()
+    _merge(cfg, data, prefix="", source=source)
+    return _validate(cfg)
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), schema: Type[T] = None) -> T:
+    """Defaults of ``schema`` (default :class:`Config`), then the YAML file at ``path`` (if any), then
+    ``overrides``; validated (the schema's ``validate()`` method, when it has one)."""
     import yaml
 
-    cfg = Config()
+    cfg = (schema or Config)()
     if path:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist (recipes live in configs/*.yaml)")
         with open(p, "r", encoding="utf-8") as fh:
             try:
-                data = _yaml_load(fh) or {}
+                data = yaml_load(fh) or {}
             except yaml.YAMLError as exc:
-                raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+                raise ConfigError(f"{p}: not valid YAML: {' '.join(str(exc).split())}") from None
         _merge(cfg, data, prefix="", source=str(p))
     apply_overrides(cfg, overrides)
-    cfg.validate()
-    return cfg
+    return _validate(cfg)
 
 
-def config_to_yaml(cfg: Config) -> str:
+def config_to_dict(cfg: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Any) -> str:
     import yaml
 
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)

@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sphereface_plus.apps.train import load_train_config
 from sphereface_plus.config import Config, ConfigError, apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("cifar_"))  # face recipes
+CIFAR_CONFIGS = sorted((REPO / "configs").glob("cifar_*.yaml"))
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):
@@ -54,13 +56,14 @@ def test_unknown_key_in_yaml_names_file_and_nearest(tmp_path):
      ("model.input_size=[112,112]", "does not match data.template"), ("noequals", "key=value")],
 )
 def test_wrong_types_and_values(override, message):
+    # the train runner's loader: the library's checks plus data_prep's (sources, templates)
     with pytest.raises(ConfigError, match=message):
-        load_config(None, ["data.source=synthetic", override])
+        load_train_config(None, ["data.source=synthetic", override])
 
 
 def test_real_data_source_needs_root():
     with pytest.raises(ConfigError, match="data.root"):
-        load_config(None, ["data.source=folder"])
+        load_train_config(None, ["data.source=folder"])
 
 
 def test_round_trip_is_plain_data():
@@ -81,8 +84,10 @@ def test_section_override_with_mapping():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_recipes_load(path):
     overrides = [] if "smoke" in path.name else ["data.root=/data/casia-112x96"]
-    cfg = load_config(str(path), overrides)
-    assert cfg.model.input_size == [112, 96] and cfg.data.template == "112x96"
+    if path.name == "demo.yaml":  # the demo adds its computed overrides (data.list_file, iterations, ...)
+        overrides = ["data.root=/data/demo"]
+    cfg = load_train_config(str(path), overrides)
+    assert cfg.data.template == "112x96" and cfg.model.input_size is None  # follows from the template
 
 
 def test_sphereface20_recipe_is_spec_section_6():
@@ -105,7 +110,7 @@ def test_spherefaceplus_recipe_is_spec_section_5():
 
 
 def test_cli_reports_bad_key_with_exit_status_2(capsys):
-    from sphereface_plus import train as train_cmd
+    from sphereface_plus.apps import train as train_cmd
 
     parser = argparse.ArgumentParser()
     train_cmd.add_arguments(parser)
@@ -116,3 +121,35 @@ def test_cli_reports_bad_key_with_exit_status_2(capsys):
     assert train_cmd.run(args) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["seed"] == 9 and printed["data"]["source"] == "synthetic"
+
+
+@pytest.mark.parametrize("name, model_name, power", [("cifar_baseline", "baseline", "-"), ("cifar_mhe", "mhe", "0"),
+                                                      ("cifar_half_mhe", "half_mhe", "2")])
+def test_cifar_recipes_are_spec_section_7(name, model_name, power):
+    """The CIFAR recipes load through the same loader into the CIFAR schema, with SPEC section 7's values."""
+    from sphereface_plus.apps.cifar import CifarConfig
+
+    cfg = load_config(str(REPO / "configs" / f"{name}.yaml"), schema=CifarConfig)
+    assert (cfg.model_name, cfg.power_s, cfg.dataset) == (model_name, power, "cifar100")
+    assert (cfg.iterations, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (42500, 128, 0.1, 0.9, 5e-4)
+    assert cfg.milestones == (20000, 30000, 37500) and (cfg.label_smoothing, cfg.log_eps) == (0.01, 1e-4)
+    assert cfg == CifarConfig(model_name=model_name, power_s="0" if power == "-" else power)  # = the built-in defaults
+    assert len(CIFAR_CONFIGS) == 3
+
+
+def test_cifar_seed_flags_are_aliases_that_override_the_yaml():
+    import argparse
+
+    from sphereface_plus.apps import cifar
+
+    parser = argparse.ArgumentParser()
+    cifar.add_arguments(parser)
+    args = parser.parse_args(["--config", str(REPO / "configs" / "cifar_half_mhe.yaml"), "iterations=50",
+                              "--power_s", "a1", "--batch-size", "64", "--dataset", "cifar10"])
+    cfg = cifar.config_from_args(args)
+    assert (cfg.model_name, cfg.power_s, cfg.batch_size, cfg.iterations, cfg.dataset) == ("half_mhe", "a1", 64, 50, "cifar10")
+    args = parser.parse_args(["--model-name", "baseline", "lr=0.5", "--lr", "0.2"])  # a flag wins over key=value
+    cfg = cifar.config_from_args(args)
+    assert (cfg.model_name, cfg.power_s, cfg.lr) == ("baseline", "-", 0.2)
+    with pytest.raises(ConfigError, match="Did you mean 'batch_size'"):
+        cifar.config_from_args(parser.parse_args(["batch_sise=3"]))

@@ -189,7 +189,7 @@ def test_wrong_size_and_missing_images_are_replaced(folder, caplog):
 def test_training_run_counts_replaced_images(folder, tmp_path_factory):
     """End to end: a broken file in the training folder is replaced, counted, and training finishes."""
     from sphereface_plus.config import load_config
-    from sphereface_plus.train import train
+    from sphereface_plus.apps.train import train
 
     root, _ = folder
     ds = ImageFolderDataset(root)

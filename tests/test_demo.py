@@ -138,7 +138,7 @@ def test_demo_bad_arguments(tmp_path, capsys):
 
 
 def test_schedule_gamma_reaches_the_floor_at_the_chosen_iteration():
-    from sphereface_plus.demo import schedule_gamma
+    from sphereface_plus.apps.demo import schedule_gamma
 
     g = schedule_gamma(300, base=1000.0, lambda_min=5.0, power=1.0, reach=0.5)
     assert 1000.0 * (1 + g * 150) ** -1.0 == pytest.approx(5.0)
@@ -149,7 +149,7 @@ def test_schedule_gamma_reaches_the_floor_at_the_chosen_iteration():
 @pytest.mark.skipif(not (LFW / "pairs.txt").is_file(), reason=f"real LFW not found at {LFW} (../shared/data/lfw)")
 def test_lfw_fold_split_is_person_disjoint_and_complete():
     from eval.lfw import parse_pairs
-    from sphereface_plus.demo import lfw_people_split
+    from eval.lfw import lfw_people_split
 
     pairs = parse_pairs(LFW / "pairs.txt")
     counts = {d: len(os.listdir(LFW / "images" / d)) for d in os.listdir(LFW / "images")}
@@ -170,12 +170,12 @@ def test_lfw_fold_split_is_person_disjoint_and_complete():
 def test_untrained_reference_is_the_trainers_initial_network(demo_run):
     """The 'no training' line of the report uses exactly the weights the trainer starts from."""
     from sphereface_plus.config import Config
-    from sphereface_plus.demo import untrained_backbone
-    from sphereface_plus.train import Trainer
+    from sphereface_plus.apps.demo import untrained_backbone
+    from sphereface_plus.apps.train import make_trainer
 
     cfg = Config.from_dict(json.loads((demo_run / "report.json").read_text())["training"]["config"])
     cfg.out_dir = str(demo_run / "unused")
-    start = Trainer(cfg).model.backbone.state_dict()
+    start = make_trainer(cfg).model.backbone.state_dict()
     mine = untrained_backbone(cfg.model.backbone, cfg.train.seed).state_dict()
     assert start.keys() == mine.keys()
     assert all(torch.equal(start[k], mine[k]) for k in start)

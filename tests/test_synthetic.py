@@ -8,11 +8,11 @@ import cv2
 import numpy as np
 import pytest
 
+from data_prep.landmarks import read_landmarks
 from data_prep.synthetic import (
     ensure_synthetic_dataset,
     identity_params,
     image_params,
-    load_landmark_file,
     make_synthetic_dataset,
     render_image,
 )
@@ -47,7 +47,7 @@ def test_layout_and_determinism(synth, tmp_path):
     other = make_synthetic_dataset(tmp_path / "other", K, M, seed=4, pairs_per_fold=PAIRS, workers=1)
     assert _digest(other.images) != _digest(synth.images)
     # the landmark file holds the same values as the returned landmarks
-    lms = load_landmark_file(synth.landmarks_file)
+    lms = read_landmarks(synth.landmarks_file)
     assert set(lms) == set(synth.paths())
     for rel, lm in synth.landmarks.items():
         np.testing.assert_allclose(lms[rel], lm, atol=5e-4)

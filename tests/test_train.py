@@ -17,13 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 import torch.nn.functional as F
 
-from sphereface_plus.config import load_config
+from sphereface_plus.config import ConfigError, load_config
+from sphereface_plus.errors import UsageError
 from sphereface_plus.engine.checkpoint import find_resume_checkpoint
 from sphereface_plus.engine.optim import build_optimizer, build_scheduler, lr_factor
 from sphereface_plus.engine.sampler import ResumableSampler
-from sphereface_plus.train import Trainer, train
+from sphereface_plus.apps.train import make_trainer, train
+
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "cpu_smoke.yaml"
@@ -160,14 +163,14 @@ def test_resume_equals_uninterrupted(reference, cache, tmp_path):
 def test_cli_sigkill_after_save_then_resume_auto(reference, cache, tmp_path):
     """A training process killed with SIGKILL, then `sphereface-plus train --resume auto` continues exactly.
 
-    The killed process is the ``python -m sphereface_plus.train`` entry point (the one torchrun runs,
+    The killed process is the ``python -m sphereface_plus.apps.train`` entry point (the one torchrun runs,
     same arguments); the resume goes through the ``sphereface-plus`` command-line dispatcher.
     """
     ref_out, _ = reference
     out = tmp_path / "run"
     args = ["--config", str(SMOKE), *_overrides(out, cache, 1000)]
     # same thread count as this process (the default), so that float reductions match bit for bit
-    proc = subprocess.Popen([sys.executable, "-m", "sphereface_plus.train", *args], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "sphereface_plus.apps.train", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 90
@@ -202,7 +205,7 @@ def test_two_processes_match_one(reference, cache, tmp_path):
     ref_out, ref_summary = reference
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sphereface_plus.train", "--config", str(SMOKE), *_overrides(tmp_path, cache, 4)]
+           "-m", "sphereface_plus.apps.train", "--config", str(SMOKE), *_overrides(tmp_path, cache, 4)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -215,7 +218,7 @@ def test_two_processes_match_one(reference, cache, tmp_path):
 
 def test_nan_guard_skips_then_rolls_back(cache, tmp_path):
     cfg = _cfg(tmp_path, cache, 100, extra=["train.nan_patience=2", "train.max_rollbacks=1"])
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)
     images, labels, _ = next(iter(trainer.make_loader(100)))
     for _ in range(2):
         assert trainer.train_step(images, labels)["finite"]
@@ -295,3 +298,46 @@ def test_checkpoint_rotation_and_damaged_last(tmp_path):
     (folder / "last.pt").write_bytes(b"truncated")  # damaged: fall back to the newest periodic file
     assert find_resume_checkpoint(tmp_path).name == "ckpt_0000008.pt"
     assert find_resume_checkpoint(tmp_path / "nothing") is None
+
+
+# the papers' values: ArcFace (Deng et al. 2019) s=64, m=0.5; CosFace (Wang et al. 2018) s=64, m=0.35;
+# SphereFace A-Softmax m=4 with lambda = max(5, 1000 (1 + 0.12 t)^-1) (SPEC section 4)
+PAPER_HEADS = {
+    "arcface": {"s": 64.0, "m": 0.5},
+    "cosface": {"s": 64.0, "m": 0.35},
+    "a_softmax": {"m": 4, "base": 1000.0, "gamma": 0.12, "power": 1.0, "lambda_min": 5.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_HEADS))
+def test_each_head_keeps_its_own_defaults_and_config_yaml_records_them(name, cache, tmp_path):
+    from sphereface_plus.cli import main
+
+    out = tmp_path / name
+    args = ["train", "--config", str(SMOKE), f"head.name={name}", *_overrides(out, cache, 1)]
+    assert main(args) == 0
+    written = yaml.safe_load((out / "config.yaml").read_text())["head"]
+    for key, value in PAPER_HEADS[name].items():
+        assert written[key] == pytest.approx(value), (name, key, written)
+    state = _load(out / "checkpoints" / "last.pt")
+    assert state["config"]["head"] == written
+    # and the head that trained used them
+    trainer = make_trainer(load_config(str(SMOKE), [f"head.name={name}", *_overrides(tmp_path / "x", cache, 1)]))
+    for key, value in PAPER_HEADS[name].items():
+        assert getattr(trainer.head, key) == pytest.approx(value)
+
+
+def test_a_head_setting_given_is_passed_and_the_others_keep_their_defaults(cache, tmp_path):
+    cfg = load_config(str(SMOKE), ["head.name=arcface", "head.s=30", *_overrides(tmp_path, cache, 1)])
+    trainer = make_trainer(cfg)
+    assert (trainer.head.s, trainer.head.m) == (30.0, 0.5)
+    assert (cfg.head.s, cfg.head.m) == (30.0, 0.5)  # the values in force, as config.yaml writes them
+    with pytest.raises(ConfigError, match="a_softmax.*does not take"):
+        make_trainer(load_config(str(SMOKE), ["head.s=30", *_overrides(tmp_path / "b", cache, 1)]))
+
+
+def test_resume_with_changed_settings_is_refused(reference, cache, tmp_path):
+    train(_cfg(tmp_path, cache, 2))
+    with pytest.raises(UsageError, match=r"settings changed.*optim\.lr: 0\.01 -> 0\.02"):
+        train(_cfg(tmp_path, cache, 4, extra=["optim.lr=0.02"]), resume="auto")
+    assert _load(tmp_path / "checkpoints" / "last.pt")["iteration"] == 2  # nothing was overwritten

@@ -41,6 +41,8 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
+from data_prep.geometry import to_bgr
+
 logger = logging.getLogger(__name__)
 
 _MEAN = 127.5
@@ -239,16 +241,9 @@ def _valid_boxes(boxes: torch.Tensor) -> torch.Tensor:
 def _as_bgr(image: np.ndarray) -> np.ndarray:
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be a numpy array (BGR uint8 as cv2.imread returns), got {type(image).__name__}")
-    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
-        image = cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2BGR)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be H x W x 3 BGR (or gray / BGRA), got shape {image.shape}")
+    image = to_bgr(image)  # gray / BGRA -> BGR; non-uint8 and other layouts are errors
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"image is empty, shape {image.shape}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 (as cv2.imread returns), got {image.dtype}")
     return image
 
 

@@ -1,19 +1,23 @@
-"""Full-state training checkpoints: atomic, rank-0 written, ``weights_only``-loadable.
+"""Checkpoints for every trainer: atomic, rank-0 written, keep-N, ``weights_only``-loadable, resumable.
 
-A checkpoint is a ``torch.save`` dict of tensors and plain Python containers only (docs/interfaces.md):
+A checkpoint is a ``torch.save`` dict of tensors and plain Python containers only (docs/interfaces.md),
+so ``torch.load(path, weights_only=True)`` reads it and a file never runs code. Each trainer decides
+what goes in (the face trainer: ``model``, ``head``, ``optimizer``, ``scheduler``, ``scaler``, ``rng``,
+``iteration``, ``config``, counters; CIFAR: ``model``, ``optimizer``, ``scheduler``, ``iteration``,
+``config``, its metric windows); the engine requires only an integer ``iteration``.
 
-- ``model`` / ``head``: state dicts (the head's holds the A-Softmax iteration counter that drives the
-  lambda annealing of SPEC section 4, so lambda survives resume);
-- ``optimizer``, ``scheduler``, ``scaler``: their state dicts;
-- ``rng``: python / numpy / torch (/ CUDA) generator states, converted to lists and tensors so that
-  ``torch.load(weights_only=True)`` accepts them (numpy's state is an ndarray: stored as a tensor);
-- ``sampler``: the data-order seed and round (the position is ``iteration * batch``), ``iteration``,
-  ``config`` (the resolved config as nested dicts), ``rollbacks`` and ``bad_images``.
-
-Files: ``<out_dir>/checkpoints/last.pt`` (always the newest) and ``ckpt_<iteration>.pt`` every
-``checkpoint.every`` iterations, the ``checkpoint.keep`` newest of them kept. Every file is written to
-a temporary file and moved into place (``os.replace``), so a kill at any moment leaves either the old
-or the new file, never a torn one.
+- :func:`save_checkpoint` writes ``<out_dir>/checkpoints/last.pt`` (always the newest) and, every
+  ``every`` iterations, ``ckpt_<iteration>.pt``, keeping the ``keep`` newest periodic files. Each file
+  goes to a temporary file that is moved into place (``os.replace``), so a kill at any moment leaves
+  the old or the new file, never a torn one.
+- :func:`find_resume_checkpoint` / :func:`load_resume_state` find the newest *readable* one: a
+  damaged ``last.pt`` falls back to the newest periodic file that loads.
+- :func:`check_settings` is the one "settings changed since the last run?" check, with one policy:
+  a resume (or a rerun into the same folder) with settings that differ from the stored ones, other
+  than those a trainer declares free to change (the total iteration count, paths that move between
+  machines), is refused with a message that lists the differences and says what to do.
+- :func:`capture_rng` / :func:`restore_rng`: python / numpy / torch (/ CUDA) generator states as
+  tensors and lists (numpy's state is an ndarray: stored as a tensor).
 """
 from __future__ import annotations
 
@@ -22,11 +26,12 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from sphereface_plus.errors import CheckpointError, MissingFileError, UsageError
 from sphereface_plus.utils import atomic_write_bytes, safe_torch_load
 
 logger = logging.getLogger(__name__)
@@ -37,8 +42,12 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "find_resume_checkpoint",
+    "load_resume_state",
+    "periodic_checkpoints",
     "checkpoint_dir",
     "serialize",
+    "settings_changes",
+    "check_settings",
 ]
 
 _PERIODIC = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -86,16 +95,18 @@ def restore_rng(state: Dict[str, Any]) -> None:
 
 
 def serialize(state: Dict[str, Any]) -> bytes:
+    """The bytes ``torch.save`` writes for ``state`` (the one place checkpoints are serialised)."""
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
 
 
-def save_checkpoint(state: Dict[str, Any], out_dir, every: int, keep: int) -> Path:
-    """Write ``last.pt`` (and ``ckpt_<iteration>.pt`` when the iteration is a multiple of ``every``).
+def save_checkpoint(state: Dict[str, Any], out_dir, every: int = 0, keep: int = 0) -> Path:
+    """Write ``last.pt`` (and ``ckpt_<iteration>.pt`` when the iteration is a multiple of ``every`` > 0).
 
     ``last.pt`` is written first, so after a kill between the two writes the newest state is still
-    ``last.pt``; periodic files beyond the ``keep`` newest are removed afterwards.
+    ``last.pt``; periodic files beyond the ``keep`` newest (``keep`` 0: all kept) are removed afterwards.
+    Call it on rank 0 only.
     """
     folder = checkpoint_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,21 +134,24 @@ def periodic_checkpoints(folder) -> List[Path]:
 
 
 def load_checkpoint(path, map_location: Any = "cpu") -> Dict[str, Any]:
-    """``torch.load(weights_only=True)`` with an error that names the file on failure."""
+    """``torch.load(weights_only=True)``; a missing or unreadable file is an error that names it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise MissingFileError(f"checkpoint {str(path)!r} does not exist; check the path (or the run's out folder)")
     try:
-        return safe_torch_load(path, map_location=map_location)
+        state = safe_torch_load(path, map_location=map_location)
     except Exception as exc:
-        raise RuntimeError(
-            f"could not load checkpoint {str(path)!r} (weights_only=True): {exc}. "
-            "The file may be truncated or not a sphereface-plus checkpoint."
+        raise CheckpointError(
+            f"could not load checkpoint {str(path)!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            "The file is truncated or not a sphereface-plus checkpoint; resume from another one (ckpt_*.pt)"
         ) from exc
+    if not isinstance(state, dict) or "iteration" not in state:
+        raise CheckpointError(f"{str(path)!r} is not a sphereface-plus checkpoint (no 'iteration' entry)")
+    return state
 
 
-def find_resume_checkpoint(out_dir) -> Optional[Path]:
-    """The newest readable checkpoint of a run folder (``--resume auto``), or None.
+def load_resume_state(out_dir, map_location: Any = "cpu") -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """``(path, state)`` of the newest readable checkpoint of a run folder, or None when there is none.
 
     Compares ``last.pt`` with the newest periodic file by their stored iteration, skipping files that
     do not load (with a warning), so a damaged ``last.pt`` falls back to the previous periodic one.
@@ -148,15 +162,47 @@ def find_resume_checkpoint(out_dir) -> Optional[Path]:
     candidates = list(reversed(periodic_checkpoints(folder)))
     if (folder / "last.pt").is_file():
         candidates.insert(0, folder / "last.pt")
-    best, best_it = None, -1
+    best: Optional[Tuple[Path, Dict[str, Any]]] = None
     for p in candidates:
         try:
-            it = int(load_checkpoint(p)["iteration"])
-        except Exception as exc:  # a damaged file must not block the resume
+            state = load_checkpoint(p, map_location)
+        except CheckpointError as exc:  # a damaged file must not block the resume
             logger.warning("skipping unreadable checkpoint %s: %s", p, exc)
             continue
-        if it > best_it:
-            best, best_it = p, it
+        if best is None or int(state["iteration"]) > int(best[1]["iteration"]):
+            best = (p, state)
         if p.name != "last.pt":
             break  # periodic files are sorted newest first: the first readable one is enough
     return best
+
+
+def find_resume_checkpoint(out_dir) -> Optional[Path]:
+    """The path of :func:`load_resume_state` (``--resume auto``), or None."""
+    found = load_resume_state(out_dir)
+    return found[0] if found else None
+
+
+def settings_changes(old: Dict[str, Any], new: Dict[str, Any], may_change: Iterable[str] = (),
+                     prefix: str = "") -> List[str]:
+    """``key: old -> new`` for every dotted key whose value differs, except the keys in ``may_change``."""
+    free = set(may_change)
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        key = f"{prefix}{k}"
+        if key in free:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_changes(a, b, free, key + ".")
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def check_settings(saved: Dict[str, Any], current: Dict[str, Any], where, may_change: Iterable[str] = (),
+                   fix: str = "use the original settings, or another output folder for the new ones") -> None:
+    """The one policy: refuse to continue a run whose settings changed (see the module docstring)."""
+    changes = settings_changes(saved or {}, current, may_change)
+    if changes:
+        raise UsageError(f"cannot continue the run in {where}: its settings changed since the last run "
+                         f"({'; '.join(changes)}); {fix}")

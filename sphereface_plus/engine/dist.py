@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sphereface_plus.engine.device import resolve_device
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "setup_distributed", "cleanup_distributed", "resolve_device", "all_reduce_mean", "all_reduce_sum"]
+__all__ = ["DistInfo", "setup_distributed", "cleanup_distributed", "all_reduce_sum"]
 
 
 @dataclass(frozen=True)
@@ -35,24 +37,12 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the local rank's GPU when CUDA exists, else CPU; ``cuda`` -> ``cuda:<local_rank>``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu")
-    return device
-
-
 def setup_distributed(device: str = "auto") -> DistInfo:
     """Read the torchrun variables; create the process group only when ``WORLD_SIZE > 1``."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, setting="train.device")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
@@ -72,10 +62,4 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        return all_reduce_sum(t) / dist.get_world_size()
     return t

@@ -1,25 +1,35 @@
-"""SGD with the SphereFace weight-decay rule and an iteration-based multistep schedule.
+"""Parameter groups, optimisers and iteration-based learning-rate schedules for every trainer.
 
-SPEC sections 3 and 6: SGD momentum 0.9, weight decay 5e-4 on weights and PReLU slopes but not on
-biases (Caffe's ``decay_mult: 0`` for biases), learning rate x0.1 at fixed iterations; optionally a
-linear warm-up from ``warmup_factor * lr`` over ``warmup_iters`` iterations.
+- :func:`param_groups`: the SphereFace rule (SPEC sections 3 and 6: weight decay on weights and PReLU
+  slopes, never on biases, Caffe's ``decay_mult: 0``), or with ``decay_biases=True`` weight decay on
+  every parameter (the MHE CIFAR recipe, SPEC section 7, which puts ``l2_regularizer(5e-4)`` on the
+  filters *and* the BN variables).
+- :func:`build_sgd` / :func:`build_adam`: the two optimisers the recipes use, on those groups.
+- :func:`lr_factor` / :func:`multistep_scheduler`: ``gamma ** (#milestones <= iteration)`` times an
+  optional linear warm-up, as a ``LambdaLR`` stepped once per iteration (its state dict is plain
+  numbers, so it checkpoints under ``weights_only``).
+
+A trainer builds its optimiser and schedule from these and steps the scheduler once per update.
 """
 from __future__ import annotations
 
 import bisect
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ["param_groups", "build_optimizer", "build_scheduler", "lr_factor"]
+__all__ = ["param_groups", "build_sgd", "build_adam", "build_optimizer", "lr_factor", "multistep_scheduler",
+           "build_scheduler"]
 
 
-def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> List[Dict]:
+def param_groups(modules: Iterable[nn.Module], weight_decay: float, decay_biases: bool = False) -> List[Dict]:
     """Two groups: with decay (conv/linear/classifier weights, PReLU slopes) and without (biases).
 
     A parameter is "bias" when its name ends in ``bias``; everything else (including the 1-d PReLU
-    ``weight``, which is the slope) is decayed, as in the original Caffe prototxts.
+    ``weight``, which is the slope) is decayed, as in the original Caffe prototxts. With
+    ``decay_biases`` every parameter is in the first group (the second is empty). A parameter shared
+    by two modules is counted once; frozen parameters are left out.
     """
     decay, no_decay, seen = [], [], set()
     for module in modules:
@@ -27,24 +37,43 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> List[Dict
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (no_decay if name.rsplit(".", 1)[-1] == "bias" else decay).append(p)
+            is_bias = name.rsplit(".", 1)[-1] == "bias"
+            (no_decay if is_bias and not decay_biases else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
 
 
+def build_sgd(modules: Iterable[nn.Module], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+              nesterov: bool = False, decay_biases: bool = False) -> torch.optim.SGD:
+    """SGD on :func:`param_groups`.
+
+    ``torch.optim.SGD``'s update ``v = momentum v + g + wd w; w -= lr v`` is exactly Caffe's and TF's
+    ``MomentumOptimizer`` with an L2 term ``wd |w|^2 / 2``, including how a changed lr acts on ``v``.
+    """
+    return torch.optim.SGD(param_groups(modules, weight_decay, decay_biases), lr=lr, momentum=momentum,
+                           nesterov=nesterov)
+
+
+def build_adam(modules: Iterable[nn.Module], lr: float, betas: Tuple[float, float] = (0.9, 0.999),
+               weight_decay: float = 0.0, decay_biases: bool = False, eps: float = 1e-8) -> torch.optim.Adam:
+    """Adam on :func:`param_groups` (L2 weight decay added to the gradient, as TF's ``l2_regularizer``)."""
+    return torch.optim.Adam(param_groups(modules, weight_decay, decay_biases), lr=lr, betas=tuple(betas), eps=eps)
+
+
 def build_optimizer(modules: Iterable[nn.Module], optim_cfg) -> torch.optim.SGD:
-    return torch.optim.SGD(
-        param_groups(modules, optim_cfg.weight_decay),
-        lr=optim_cfg.lr,
-        momentum=optim_cfg.momentum,
-        nesterov=optim_cfg.nesterov,
-    )
+    """The face trainer's SGD from its ``optim`` config section (biases not decayed)."""
+    return build_sgd(modules, optim_cfg.lr, optim_cfg.momentum, optim_cfg.weight_decay, optim_cfg.nesterov)
 
 
-def lr_factor(iteration: int, milestones: Tuple[int, ...], gamma: float, warmup_iters: int, warmup_factor: float) -> float:
-    """Multiplier of the base lr at ``iteration``: ``gamma ** (#milestones <= iteration)`` x warm-up ramp."""
+def lr_factor(iteration: int, milestones: Sequence[int], gamma: float, warmup_iters: int = 0,
+              warmup_factor: float = 1.0) -> float:
+    """Multiplier of the base lr at ``iteration``: ``gamma ** (#milestones <= iteration)`` x warm-up ramp.
+
+    The update whose 0-based index equals a milestone already uses the reduced rate (the reference
+    loops' ``if i == 20000: lr *= 0.1`` before step ``i``).
+    """
     factor = gamma ** bisect.bisect_right(list(milestones), iteration)
     if warmup_iters > 0 and iteration < warmup_iters:
         alpha = iteration / warmup_iters
@@ -52,12 +81,19 @@ def lr_factor(iteration: int, milestones: Tuple[int, ...], gamma: float, warmup_
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` stepped once per iteration; its state dict is plain numbers (weights_only-safe)."""
-    milestones = tuple(int(m) for m in optim_cfg.milestones)
-    gamma, wi, wf = float(optim_cfg.lr_gamma), int(optim_cfg.warmup_iters), float(optim_cfg.warmup_factor)
+def multistep_scheduler(optimizer: torch.optim.Optimizer, milestones: Sequence[int], gamma: float = 0.1,
+                        warmup_iters: int = 0, warmup_factor: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` of :func:`lr_factor`, stepped once per iteration (after the optimiser step)."""
+    milestones = tuple(int(m) for m in milestones)
+    gamma, wi, wf = float(gamma), int(warmup_iters), float(warmup_factor)
 
     def fn(it: int) -> float:
         return lr_factor(it, milestones, gamma, wi, wf)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """The face trainer's schedule from its ``optim`` config section."""
+    return multistep_scheduler(optimizer, optim_cfg.milestones, optim_cfg.lr_gamma, optim_cfg.warmup_iters,
+                               optim_cfg.warmup_factor)

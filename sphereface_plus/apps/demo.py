@@ -36,14 +36,33 @@ floor 5), so a short run covers only its start (lambda still far above 5: a mild
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from data_prep.prepare import UsageError, align_tree
+from data_prep.synthetic import ensure_synthetic_dataset
+from eval.features import load_checkpoint
+from eval.lfw import lfw_people_split, parse_pairs, verify_on_pairs
+from eval.pairs import stratified_folds
+from eval.report import write_report
+from sphereface_plus.apps.train import train
+from sphereface_plus.config import load_config
+from sphereface_plus.engine.checkpoint import check_settings
+from sphereface_plus.mhe import mhe_energy
+from sphereface_plus.models import create_backbone
+from sphereface_plus.trainer import Trainer
+from sphereface_plus.utils import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +91,6 @@ MHE_LAMBDA, MHE_POWER, MHE_MODE = 1.0, "2", "batch_vs_all"
 @dataclass
 class DemoData:
     """What training and verification need, wherever it came from."""
-
     kind: str  # "synthetic" | "lfw"
     train_root: Path  # aligned crops the training list refers to
     train_list: Path  # "relative/path label" lines, labels 0..C-1
@@ -86,8 +104,6 @@ class DemoData:
 
 def _align(input_dir: Path, output_dir: Path, landmarks: Path, workers: int, what: str):
     """The ``align`` command as a function; a rerun keeps the finished crops."""
-    from data_prep.prepare import UsageError, align_tree
-
     try:
         s = align_tree(input_dir=input_dir, output_dir=output_dir, landmarks=landmarks, template="112x96",
                        workers=workers)
@@ -102,7 +118,6 @@ def _align(input_dir: Path, output_dir: Path, landmarks: Path, workers: int, wha
 
 
 def _write_list(path: Path, items: Sequence[Tuple[str, int]]) -> None:
-    from sphereface_plus.utils import atomic_write_text
 
     atomic_write_text(path, "".join(f"{p} {lab}\n" for p, lab in items))
 
@@ -115,9 +130,6 @@ def prepare_synthetic_demo(work: Path, seed: int = 0, train_identities: int = 10
     Two separate sets, not one set split by folds: the 10-fold protocol then scores people that the
     model never saw, which is what a verification number means.
     """
-    from data_prep.synthetic import ensure_synthetic_dataset
-    from eval.lfw import parse_pairs
-
     sets = {}
     for name, n_id, n_img, s, ppf in (("train", train_identities, train_images, seed, 2),
                                       ("test", test_identities, test_images, seed + TEST_SEED_OFFSET, pairs_per_fold)):
@@ -146,31 +158,12 @@ def prepare_synthetic_demo(work: Path, seed: int = 0, train_identities: int = 10
     )
 
 
-def lfw_people_split(pairs, image_counts: Dict[str, int], test_fold: int, min_images: int) -> Tuple[List[str], List[str]]:
-    """(training people, test people) for a fold split of LFW View 2.
-
-    Test people: everyone named in the pairs of ``test_fold`` (0-based). Training people: those named in
-    the pairs of the other nine folds with at least ``min_images`` images. The View-2 folds are
-    person-disjoint, so no test person is trained on (checked here all the same).
-    """
-    def people(fold_pred):
-        return {p.split("/", 1)[0] for q in pairs if fold_pred(q.fold) for p in (q.path1, q.path2)}
-
-    test_people = people(lambda f: f == test_fold)
-    other = people(lambda f: f != test_fold)
-    train = sorted(n for n in other - test_people if image_counts.get(n, 0) >= min_images)
-    return train, sorted(test_people)
-
-
 def prepare_lfw(data_dir, work: Path, test_fold: int = 10, min_images: int = 5, workers: int = 0) -> DemoData:
     """Align LFW with its landmark file (reused when done) and split it by the folds of pairs.txt.
 
     ``test_fold`` is 1-based as in the LFW documentation. The test pairs are that fold's 600 pairs,
     re-split into 10 stratified folds of 60 (30 matched + 30 mismatched) for the 10-fold protocol.
     """
-    from eval.lfw import parse_pairs
-    from eval.pairs import stratified_folds
-
     data = Path(data_dir)
     images, pairs_file, lm_file = data / "images", data / "pairs.txt", data / "lfw_landmark.txt"
     for p, what in ((images, "an images/ folder"), (pairs_file, "pairs.txt"), (lm_file, "lfw_landmark.txt")):
@@ -227,86 +220,75 @@ def schedule_gamma(iterations: int, base: float = 1000.0, lambda_min: float = 5.
     return ((base / lambda_min) ** (1.0 / power) - 1.0) / t
 
 
+DEMO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
 def train_config(out_dir, data: DemoData, iterations: int, seed: int = 0, batch_size: int = 32,
                  backbone: str = "sphere4", head: str = "a_softmax", lambda_m: float = MHE_LAMBDA,
                  mhe_power: str = MHE_POWER, lr: float = 0.05, device: str = "auto", num_workers: int = 0,
                  tensorboard: bool = True, lambda_reach: Optional[float] = None):
-    """The resolved :class:`~sphereface_plus.config.Config` of a short run on ``data``.
+    """The resolved :class:`~sphereface_plus.config.Config` of a short run on ``data``: the recipe
+    ``configs/demo.yaml`` (its comments say why each value) plus the overrides computed here.
 
-    SGD momentum 0.9, weight decay 5e-4, lr divided by 10 at 50 % and 75 % of the run (the proportions
-    of SPEC section 6's 16k/24k of 28k would leave too few iterations at full lr in a short run), a
-    linear warm-up over the first 5 %, gradient-norm clipping at 10 (a no-BN network from scratch
-    with A-Softmax is otherwise prone to blowing up at this lr), A-Softmax m = 4 with the lambda
-    schedule of SPEC section 4 as is (base 1000, gamma 0.12, power 1, floor 5: a short run is the
-    start of the paper's schedule, lambda still well above 5) or, with ``lambda_reach=R``, compressed
-    by :func:`schedule_gamma` to reach the floor at ``R x iterations``. Measured on LFW
-    (bench/lfw_fold_experiment.py): compressed to reach 5 at 50 % of a 200-iteration run, A-Softmax
-    from scratch stopped learning once lambda was low (training accuracy 0 %), hence the default.
+    The lr is divided by 10 at 50 % and 75 % of the run, with a linear warm-up over the first 5 %.
+    With ``lambda_reach=R`` the A-Softmax lambda schedule is compressed by :func:`schedule_gamma` to
+    reach the floor at ``R x iterations``. Measured on LFW (bench/lfw_fold_experiment.py): compressed to
+    reach 5 at 50 % of a 200-iteration run, A-Softmax from scratch stopped learning once lambda was low
+    (training accuracy 0 %), hence the default (the recipe's schedule as is).
     """
-    from sphereface_plus.config import Config
-
-    cfg = Config()
-    cfg.out_dir = str(out_dir)
-    cfg.model.backbone = backbone
-    cfg.model.input_size = [112, 96]
-    cfg.model.embedding_dim = 512  # eval.features.load_checkpoint builds the backbone with its default width
-    cfg.head.name = head
-    cfg.head.m = 4
-    cfg.head.base, cfg.head.power, cfg.head.lambda_min = 1000.0, 1.0, 5.0
-    cfg.head.gamma = 0.12 if lambda_reach is None else schedule_gamma(iterations, reach=lambda_reach)
-    cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode = float(lambda_m), str(mhe_power), MHE_MODE
-    cfg.data.source = "list"
-    cfg.data.root = str(data.train_root)
-    cfg.data.list_file = str(data.train_list)
-    cfg.data.template = "112x96"
-    cfg.data.flip = True
-    cfg.data.num_workers = num_workers
-    cfg.optim.lr = lr
-    cfg.optim.milestones = sorted({max(1, iterations // 2), max(2, (3 * iterations) // 4)})
-    cfg.optim.warmup_iters = max(0, iterations // 20)
-    cfg.optim.clip_grad_norm = 10.0
-    cfg.train.iterations = int(iterations)
-    cfg.train.batch_size = int(batch_size)
-    cfg.train.seed = int(seed)
-    cfg.train.device = device
-    cfg.train.log_every = max(1, iterations // 20)
-    cfg.train.tensorboard = tensorboard
-    cfg.checkpoint.every = max(1, iterations // 4)
-    cfg.checkpoint.keep = 2
-    cfg.validate()
-    return cfg
+    iterations = int(iterations)
+    milestones = sorted({max(1, iterations // 2), max(2, (3 * iterations) // 4)})
+    overrides = {
+        "out_dir": str(out_dir), "model.backbone": backbone, "head.name": head, "mhe.lambda_m": float(lambda_m),
+        "mhe.power": str(mhe_power), "data.root": str(data.train_root), "data.list_file": str(data.train_list),
+        "data.num_workers": num_workers, "optim.lr": lr, "optim.milestones": milestones,
+        "optim.warmup_iters": max(0, iterations // 20), "train.iterations": iterations,
+        "train.batch_size": int(batch_size), "train.seed": int(seed), "train.device": device,
+        "train.log_every": max(1, iterations // 20), "train.tensorboard": bool(tensorboard),
+        "checkpoint.every": max(1, iterations // 4),
+    }
+    if head != "a_softmax":  # the recipe's head settings are A-Softmax's; another head keeps its own defaults
+        overrides.update({f"head.{k}": None for k in ("m", "base", "gamma", "power", "lambda_min")})
+    if lambda_reach is not None:
+        overrides["head.gamma"] = schedule_gamma(iterations, reach=lambda_reach)
+    return load_config(str(DEMO_RECIPE), [f"{k}={_yaml_value(v)}" for k, v in overrides.items()])
 
 
-def time_per_iteration(backbone: str, num_classes: int, batch_size: int, device: str = "cpu", steps: int = 3,
-                       lambda_m: float = MHE_LAMBDA) -> float:
-    """Seconds of one training step (forward, A-Softmax + MHE, backward, SGD) of ``backbone`` on a
-    random batch: the median of ``steps`` timed steps after one warm-up step. Used to turn a
-    wall-clock budget into an iteration count."""
-    import torch
-    import torch.nn.functional as F
+def _yaml_value(v: Any) -> str:
+    """A value as YAML text for a ``key=value`` override (strings quoted, so '2' stays a string)."""
+    return json.dumps(v)
 
-    from sphereface_plus.heads import create_head
-    from sphereface_plus.mhe import classifier_mhe
-    from sphereface_plus.models import create_backbone
 
-    dev = torch.device(device)
-    gen = torch.Generator().manual_seed(0)
-    net = create_backbone(backbone, input_size=(112, 96)).to(dev)
-    head = create_head("a_softmax", 512, num_classes, m=4).to(dev)
-    opt = torch.optim.SGD(list(net.parameters()) + list(head.parameters()), lr=1e-3, momentum=0.9)
-    x = torch.randn(batch_size, 3, 112, 96, generator=gen).to(dev)
-    y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(head(net(x), y), y) + lambda_m * classifier_mhe(head.weight, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        if i:
-            times.append(time.perf_counter() - t0)
+def time_per_iteration(cfg, num_classes: int, steps: int = 3) -> float:
+    """Seconds of one training step of the run ``cfg`` (``Trainer.train_step``: forward, A-Softmax + MHE,
+    backward, SGD, schedule) on a random batch: the median of ``steps`` timed steps after one warm-up
+    step. Used to turn a wall-clock budget into an iteration count; the caller's RNG states are kept."""
+    class _Shape:  # only what the Trainer asks of a dataset here: the steps get tensors directly
+        input_size = (112, 96)
+
+        def __init__(self, n: int):
+            self.num_classes = n
+
+        def __len__(self) -> int:
+            return self.num_classes
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        trainer = Trainer(copy.deepcopy(cfg), _Shape(num_classes))
+        gen = torch.Generator().manual_seed(0)
+        b = cfg.train.batch_size
+        x = torch.randn(b, 3, *_Shape.input_size, generator=gen)
+        y = torch.randint(0, num_classes, (b,), generator=gen)
+        times = []
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            trainer.train_step(x, y)
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize(trainer.device)
+            if i:
+                times.append(time.perf_counter() - t0)
+    random.setstate(py_state)
+    np.random.set_state(np_state)
     times.sort()
     return times[len(times) // 2]
 
@@ -316,8 +298,6 @@ def evaluate_checkpoint(checkpoint, data: DemoData, device: str = "cpu", batch_s
     """The 10-fold verification report of a checkpoint on ``data.pairs``, and the cosine threshold for
     ``compare`` (chosen the same way but without the per-fold mean subtraction, since ``compare``
     scores two images alone, with no set to take a mean over)."""
-    from eval.features import load_checkpoint
-
     model, _ = load_checkpoint(checkpoint, device=device)
     return evaluate_model(model, data, device=device, batch_size=batch_size)
 
@@ -325,32 +305,19 @@ def evaluate_checkpoint(checkpoint, data: DemoData, device: str = "cpu", batch_s
 def untrained_backbone(backbone: str, seed: int):
     """The backbone exactly as the trainer initialises it for ``train.seed = seed`` (same RNG order:
     seeding, then the backbone is the first thing drawn), before any training step."""
-    import torch
-
-    from sphereface_plus.models import create_backbone
-
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG state alone
         torch.manual_seed(seed)
         return create_backbone(backbone, input_size=(112, 96)).eval()
 
 
 def evaluate_model(model, data: DemoData, device: str = "cpu", batch_size: int = 64) -> Tuple[Dict, float]:
-    """:func:`evaluate_checkpoint` for a model in memory."""
-    from eval.features import extract_features
-    from eval.lfw import evaluate_features
-
-    paths = sorted({p for q in data.pairs for p in (q.path1, q.path2)})
-    feats = extract_features(model, data.test_root, paths, batch_size=batch_size, flip=True, device=device)
-    report = evaluate_features(paths, feats, data.pairs, mean_sub=True)
-    plain = evaluate_features(paths, feats, data.pairs, mean_sub=False)
-    report["accuracy_without_mean_sub"] = plain["mean_accuracy"]
-    return report, float(plain["threshold"])
+    """:func:`evaluate_checkpoint` for a model in memory (``eval.lfw.verify_on_pairs``)."""
+    report = verify_on_pairs(model, data.test_root, data.pairs, batch_size=batch_size, device=device)
+    return report, float(report.pop("compare_threshold"))
 
 
 def export_model(checkpoint, path, threshold: float, extra: Optional[Dict[str, Any]] = None) -> None:
     """A compact checkpoint (``model``, ``head``, ``iteration``, ``config``, ``threshold``; docs/interfaces.md)."""
-    from sphereface_plus.utils import atomic_torch_save, safe_torch_load
-
     state = safe_torch_load(checkpoint)
     out = {k: state[k] for k in ("model", "head", "iteration", "config")}
     out["threshold"] = float(threshold)
@@ -421,9 +388,6 @@ def train_with_stats(cfg) -> Tuple[Dict[str, Any], Dict[str, float]]:
     A rerun of a finished run trains nothing and its summary has no history, so the statistics of
     the run that did the training are kept in ``<out_dir>/final_stats.json`` and read back.
     """
-    from sphereface_plus.train import train
-    from sphereface_plus.utils import atomic_write_json
-
     path = Path(cfg.out_dir) / "final_stats.json"
     before = json.loads(path.read_text()) if path.is_file() else {}
     t0 = time.perf_counter()
@@ -447,12 +411,6 @@ def run_demo(out, data_dir=None, minutes: float = 0.0, iterations: Optional[int]
              min_images: int = 5, synthetic_sizes: Optional[Dict[str, int]] = None, workers: int = 0,
              command: str = "sphereface-plus demo") -> Dict[str, Any]:
     """The pipeline of the module docstring; returns the ``report.json`` dict."""
-    import torch
-
-    from eval.report import write_report
-    from sphereface_plus.mhe import mhe_energy
-    from sphereface_plus.utils import atomic_write_json, atomic_write_text, safe_torch_load
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "data"
@@ -482,15 +440,16 @@ def run_demo(out, data_dir=None, minutes: float = 0.0, iterations: Optional[int]
             plan = json.loads(plan_path.read_text())
         except ValueError:
             plan = None
-        if plan is not None and plan.get("request") != want:
-            raise RuntimeError(f"{out} holds a demo run with other settings ({plan_path}); use another --out "
-                               f"or delete {out}")
+        if plan is not None:  # the engine's one policy: a rerun with other settings is refused
+            check_settings(plan.get("request", {}), want, plan_path, fix=f"use another --out or delete {out}")
     if plan is None:
         if iterations:
             n_iter, t_it = int(iterations), None
         else:
             print(f"  timing a training step of {backbone} (batch {batch_size}) to fit {minutes:g} minutes", flush=True)
-            t_it = time_per_iteration(backbone, data.num_train_identities, batch_size, device=device)
+            probe = train_config(out / "train", data, 100, seed=seed, batch_size=batch_size, backbone=backbone,
+                                 device=device, tensorboard=False)
+            t_it = time_per_iteration(probe, data.num_train_identities)
             # ~15 % on top of the model step for data loading, logging and checkpoints
             n_iter = max(10, int(minutes * 60 / (1.15 * t_it)))
             print(f"  {t_it:.2f} s per iteration -> {n_iter} iterations", flush=True)

@@ -1,12 +1,14 @@
-"""``sphereface-plus train``: one readable training loop for SphereFace / SphereFace+ (SPEC sections 3-6).
+"""The face trainer: one readable training loop for SphereFace / SphereFace+ (SPEC sections 3-6).
 
-    sphereface-plus train --config configs/sphereface20_casia.yaml data.root=casia-112x96
-    torchrun --nproc_per_node=2 -m sphereface_plus.train --config configs/sphereface20_casia.yaml ...
-    sphereface-plus train --config configs/cpu_smoke.yaml out_dir=runs/smoke --resume auto
+This is library code: it receives its training set and an optional verifier from outside and imports
+nothing from ``data_prep`` or ``eval`` (``tests/test_layering.py``). The command that builds them from
+a config and runs the loop is :mod:`sphereface_plus.apps.train` (``sphereface-plus train``,
+``torchrun -m sphereface_plus.apps.train``). The :class:`Trainer` exposes single steps (used by the
+tests, the demo and ``bench/train_throughput.py``).
 
-From Python: ``train(cfg, resume=None)`` (``cfg`` a :class:`~sphereface_plus.config.Config`, a dict
-or a YAML path) runs the whole loop and returns a dict of final statistics and paths; the
-:class:`Trainer` exposes single steps (used by the tests and ``bench/train_throughput.py``).
+    trainer = Trainer(cfg, dataset, dist, verifier=None)   # dataset: len(), num_classes, input_size
+    trainer.resume("auto")                                 # optional
+    summary = trainer.fit()
 
 Loss: ``CE(head logits) + mhe.lambda_m * classifier_mhe(head.weight, labels)`` (SphereFace+, SPEC
 section 5), both terms and the A-Softmax lambda logged separately. Each step: forward under autocast
@@ -17,51 +19,80 @@ new data order (A-Softmax is known to diverge now and then; this replaces "kill 
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import io
 import logging
-import math
 import random
-import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sphereface_plus.config import Config, config_to_yaml, load_config
+from sphereface_plus.config import Config, ConfigError
 from sphereface_plus.engine import checkpoint as ckpt
-from sphereface_plus.engine.dist import DistInfo, all_reduce_sum, cleanup_distributed, resolve_device, setup_distributed
+from sphereface_plus.engine.device import resolve_device
+from sphereface_plus.engine.dist import DistInfo, all_reduce_sum
+from sphereface_plus.engine.metrics import MetricsLogger, RunningMeans, open_tensorboard
 from sphereface_plus.engine.optim import build_optimizer, build_scheduler
 from sphereface_plus.engine.sampler import ResumableSampler
-from sphereface_plus.utils import atomic_write_json, atomic_write_text, progress, safe_torch_load
+from sphereface_plus.heads import create_head
+from sphereface_plus.mhe import classifier_mhe
+from sphereface_plus.models import create_backbone
+from sphereface_plus.utils import atomic_write_json, progress, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
-HELP = "train a SphereFace / SphereFace+ model from a YAML recipe (key=value overrides)"
-DESCRIPTION = __doc__
+__all__ = ["AMP_MODES", "RESUMABLE_CHANGES", "Trainer", "FaceTrainModel", "head_kwargs", "head_settings"]
 
-__all__ = ["HELP", "add_arguments", "run", "train", "Trainer", "FaceTrainModel", "head_kwargs"]
+#: train.amp choices (CUDA only; the CPU always trains in float32)
+AMP_MODES = ("off", "bf16", "fp16")
+
+#: settings that may differ when a run is resumed: they change where and how fast, not what is computed
+RESUMABLE_CHANGES = ("out_dir", "train.iterations", "train.device", "train.log_every", "train.tensorboard",
+                     "data.root", "data.list_file", "data.num_workers", "data.synthetic.cache_dir",
+                     "checkpoint.keep", "eval")
+
+Verifier = Callable[[nn.Module, torch.device], Dict[str, Any]]
+
+
+def head_settings(head_cfg) -> Dict[str, Any]:
+    """The ``head`` settings the user gave (everything but ``name`` that is not None)."""
+    return {f.name: getattr(head_cfg, f.name) for f in dataclasses.fields(head_cfg)
+            if f.name != "name" and getattr(head_cfg, f.name) is not None}
 
 
 def head_kwargs(head_cfg) -> Dict[str, Any]:
-    """The constructor arguments of each registered head, taken from the ``head`` section."""
-    if head_cfg.name == "a_softmax":
-        return dict(m=head_cfg.m, base=head_cfg.base, gamma=head_cfg.gamma, power=head_cfg.power,
-                    lambda_min=head_cfg.lambda_min)
-    if head_cfg.name in ("cosface", "arcface"):
-        return dict(s=head_cfg.scale, m=head_cfg.margin)
-    return {}
+    """Constructor arguments of the head: only the settings that were set, so each head keeps its own
+    defaults for the others (config.HeadConfig). Integral numbers go in as ints (A-Softmax's m)."""
+    return {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in head_settings(head_cfg).items()}
+
+
+def build_head(head_cfg, in_features: int, num_classes: int) -> nn.Module:
+    """The registered head with :func:`head_kwargs`, and ``head_cfg`` filled with the values in force."""
+    kwargs = head_kwargs(head_cfg)
+    try:
+        head = create_head(head_cfg.name, in_features=in_features, num_classes=num_classes, **kwargs)
+    except TypeError as exc:  # a setting the head does not take
+        raise ConfigError(f"head.name={head_cfg.name!r} does not take {sorted(kwargs)} ({exc}); remove the "
+                          f"setting or choose another head") from None
+    for f in dataclasses.fields(head_cfg):
+        if f.name != "name" and hasattr(head, f.name):
+            value = getattr(head, f.name)
+            if isinstance(value, (bool, int, float)):
+                setattr(head_cfg, f.name, value)
+    return head
 
 
 class FaceTrainModel(nn.Module):
     """Backbone + classifier head + the SphereFace+ MHE term, as one module (what DDP wraps).
 
-    ``forward(images, labels) -> (logits B x C, mhe 0-dim)``. The MHE term is computed inside the
-    forward so that DDP sees every use of ``head.weight`` in one graph.
+    ``forward(images, labels) -> (logits B x C, mhe 0-dim)``, ``mhe`` the unweighted classifier energy;
+    the trainer adds ``lambda_m * mhe`` to the loss (the one place lambda_M is applied). The MHE term is
+    computed inside the forward so that DDP sees every use of ``head.weight`` in one graph.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, lambda_m: float = 0.0, mhe_power: str = "2",
@@ -75,8 +106,6 @@ class FaceTrainModel(nn.Module):
         with torch.autocast(images.device.type, enabled=False):
             logits = self.head(emb.float(), labels)
             if self.lambda_m > 0:
-                from sphereface_plus.mhe import classifier_mhe
-
                 # no NaN check (a host sync every step): a non-finite weight gives a non-finite loss,
                 # which the trainer's guard skips and, if it persists, rolls back
                 mhe = classifier_mhe(self.head.weight.float(), labels, power=self.mhe_power, mode=self.mhe_mode,
@@ -89,31 +118,28 @@ class FaceTrainModel(nn.Module):
 class Trainer:
     """Everything a run holds: model, optimiser, schedule, scaler, data order, counters; ``fit()`` runs it."""
 
-    def __init__(self, cfg: Config, dist: Optional[DistInfo] = None, dataset=None):
-        from sphereface_plus.heads import create_head
-        from sphereface_plus.models import create_backbone
-
+    def __init__(self, cfg: Config, dataset, dist: Optional[DistInfo] = None, verifier: Optional[Verifier] = None):
+        """``dataset``: a map-style dataset of ``(image, label, bad)`` indexed by ``(index, flip)``, with
+        ``num_classes`` and ``input_size`` (H, W); ``verifier(backbone, device) -> report`` (a dict
+        with ``mean_accuracy``, ``std_accuracy`` and ``compare_threshold``) or None."""
         self.cfg = cfg
-        self.dist = dist or DistInfo(device=resolve_device(cfg.train.device))
+        self.dist = dist or DistInfo(device=resolve_device(cfg.train.device, setting="train.device"))
         self.device = self.dist.device
         self.out_dir = Path(cfg.out_dir)
-        self.dataset = dataset if dataset is not None else self._build_dataset()
+        self.dataset = dataset
+        self.verifier = verifier
+        input_size = [int(v) for v in dataset.input_size]
+        if cfg.model.input_size is not None and list(cfg.model.input_size) != input_size:
+            raise ConfigError(f"model.input_size={cfg.model.input_size} but the data are {input_size} crops "
+                              f"(data.template={cfg.data.template!r}); leave model.input_size unset, it follows "
+                              "from data.template")
+        cfg.model.input_size = input_size  # the value in force, recorded in config.yaml and checkpoints
         _seed_everything(cfg.train.seed)  # after the data: initial weights depend on the seed alone
-        backbone = create_backbone(cfg.model.backbone, input_size=tuple(cfg.model.input_size),
-                                   embedding_dim=cfg.model.embedding_dim)
-        head = create_head(cfg.head.name, in_features=cfg.model.embedding_dim,
-                           num_classes=self.dataset.num_classes, **head_kwargs(cfg.head))
-        self.model = FaceTrainModel(backbone, head, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode).to(self.device)
+        self.model = self.build_model(dataset.num_classes).to(self.device)
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         if cfg.train.init_from:
             self._init_from(cfg.train.init_from)
-        self.eval_pairs, self.eval_root = cfg.eval.pairs, cfg.eval.root
-        if cfg.eval.pairs == "auto":  # the synthetic set's own person-disjoint pairs, on its aligned crops
-            if cfg.data.source != "synthetic":
-                raise ValueError("eval.pairs=auto needs data.source=synthetic; give eval.pairs=<pairs.txt> eval.root=<crops>")
-            cache = _synthetic_cache(cfg)
-            self.eval_pairs, self.eval_root = str(cache / "raw" / "pairs.txt"), str(cache / "aligned")
         self.optimizer = build_optimizer([self.model], cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.amp_dtype = None
@@ -135,17 +161,14 @@ class Trainer:
         self._initial_state = ckpt.serialize(self.state_dict())
 
     # ------------------------------------------------------------------ set-up helpers
-    def _build_dataset(self):
-        from data_prep.datasets import build_train_dataset
-
-        # rank 0 generates / indexes first (the synthetic set is written once), the others then read it
-        if self.dist.distributed and not self.dist.is_main:
-            torch.distributed.barrier()
-        ds = build_train_dataset(self.cfg.data, self.cfg.model.input_size, _synthetic_cache(self.cfg))
-        if self.dist.distributed and self.dist.is_main:
-            torch.distributed.barrier()
-        logger.info("training set: %d images of %d identities (%s)", len(ds), ds.num_classes, self.cfg.data.source)
-        return ds
+    def build_model(self, num_classes: int) -> nn.Module:
+        """Backbone + head + MHE term: the one place the network is made (a subclass may replace the head,
+        e.g. by a sharded classifier). Fills ``cfg.head`` with the head settings in force."""
+        cfg = self.cfg
+        backbone = create_backbone(cfg.model.backbone, input_size=tuple(cfg.model.input_size),
+                                   embedding_dim=cfg.model.embedding_dim)
+        head = build_head(cfg.head, cfg.model.embedding_dim, num_classes)
+        return FaceTrainModel(backbone, head, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode)
 
     def _init_from(self, path: str) -> None:
         state = ckpt.load_checkpoint(path)
@@ -170,8 +193,6 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": ckpt.capture_rng(),
-            "sampler": {"seed": self.cfg.train.seed, "shuffle_round": self.rollbacks,
-                        "position": self.iteration * self.cfg.train.batch_size},
             "iteration": self.iteration,
             "rollbacks": self.rollbacks,
             "bad_images": self.bad_images,
@@ -197,15 +218,22 @@ class Trainer:
         self.threshold = float(state["threshold"]) if state.get("threshold") is not None else None
 
     def resume(self, resume: str) -> Optional[Path]:
-        """``auto``: the newest checkpoint of ``out_dir`` (a fresh start when there is none); else a path."""
-        path = ckpt.find_resume_checkpoint(self.out_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            logger.info("--resume auto: no checkpoint in %s, starting from scratch", ckpt.checkpoint_dir(self.out_dir))
-            return None
-        state = ckpt.load_checkpoint(path, map_location=self.device)
-        changed = _config_changes(state.get("config", {}), self.cfg.to_dict())
-        if changed:
-            logger.warning("resuming with a config that differs from the checkpoint's: %s", ", ".join(changed))
+        """``auto``: the newest readable checkpoint of ``out_dir`` (a fresh start when there is none); else a path.
+
+        A checkpoint whose settings differ from this run's (other than :data:`RESUMABLE_CHANGES`) is
+        refused (:func:`sphereface_plus.engine.checkpoint.check_settings`).
+        """
+        if resume == "auto":
+            found = ckpt.load_resume_state(self.out_dir, map_location=self.device)
+            if found is None:
+                logger.info("--resume auto: no checkpoint in %s, starting from scratch", ckpt.checkpoint_dir(self.out_dir))
+                return None
+            path, state = found
+        else:
+            path = Path(resume)
+            state = ckpt.load_checkpoint(path, map_location=self.device)
+        ckpt.check_settings(state.get("config", {}), self.cfg.to_dict(), path, RESUMABLE_CHANGES,
+                            fix="use the original recipe and overrides, or another out_dir for the new settings")
         self.load_state_dict(state)
         logger.info("resumed from %s at iteration %d (lambda %.4g)", path, self.iteration, self.current_lambda())
         return path
@@ -220,9 +248,10 @@ class Trainer:
 
     def rollback(self) -> None:
         """Restore the newest checkpoint (or the start state) and change the data order."""
-        path = ckpt.find_resume_checkpoint(self.out_dir)
-        if path:
-            state = ckpt.load_checkpoint(path, self.device)
+        found = ckpt.load_resume_state(self.out_dir, map_location=self.device)
+        path = found[0] if found else None
+        if found:
+            state = found[1]
         else:  # no checkpoint yet: the state captured at start-up
             state = safe_torch_load(io.BytesIO(self._initial_state), map_location=self.device)
         failed_at, rollbacks = self.iteration, self.rollbacks + 1
@@ -247,7 +276,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             logits, mhe = self.net(images, labels)
         ce = F.cross_entropy(logits, labels)
-        loss = ce + self.cfg.mhe.lambda_m * mhe
+        loss = ce + self.model.lambda_m * mhe  # the one place lambda_M is applied
         self.scaler.scale(loss).backward()
         finite = torch.isfinite(loss.detach()).float()
         if self.dist.distributed:  # every rank must take the same branch
@@ -289,13 +318,19 @@ class Trainer:
             prefetch_factor=4 if workers > 0 else None)
 
     def fit(self) -> Dict[str, Any]:
+        """Train to ``train.iterations``: log every ``train.log_every``, verify every ``eval.every`` (when a
+        verifier was given), checkpoint every ``checkpoint.every`` and at the end; returns the summary."""
         cfg, main = self.cfg, self.dist.is_main
         total = cfg.train.iterations
-        writer = _tensorboard(self.out_dir / "tb") if (main and cfg.train.tensorboard) else None
-        history: List[Dict[str, float]] = []
-        window = _Window(self.device)
+        writer = open_tensorboard(self.out_dir / "tb") if (main and cfg.train.tensorboard) else None
         bar = progress(total=total, initial=self.iteration, desc="train", unit="it", disable=None if main else True)
+        metrics = MetricsLogger(self.out_dir, jsonl="metrics.jsonl", writer=writer, tb_prefix="train", bar=bar,
+                                postfix=("loss", "acc", "lambda", "mhe", "lr", "images_per_s"),
+                                resume_iteration=self.iteration if self.iteration else None, enabled=main)
+        window = RunningMeans()
+        history: List[Dict[str, float]] = []
         last_report, eval_report, t_start, it_start = None, None, time.perf_counter(), self.iteration
+        t_window = time.perf_counter()
         while self.iteration < total:
             for images, labels, bad in self.make_loader(total):
                 self.bad_images += int(bad.sum())
@@ -303,33 +338,38 @@ class Trainer:
                 bar.update(1)
                 if stats["rolled_back"]:
                     window.reset()
+                    t_window = time.perf_counter()
                     bar.n = self.iteration
                     break  # restart the loader at the restored iteration with the new data order
-                window.add(stats)
+                if stats["finite"]:
+                    n = stats["count"]
+                    window.add(n, loss=stats["loss"], ce=stats["ce"], mhe=stats["mhe"],
+                               acc=stats["correct"].double() / n)
                 it = self.iteration
                 if it % cfg.train.log_every == 0 or it == total:
-                    last_report = window.report(self.dist, cfg.train.batch_size)
-                    last_report.update(iteration=it, lr=self.optimizer.param_groups[0]["lr"], **{"lambda": self.current_lambda()})
+                    means = window.means(distributed=self.dist.distributed)
+                    steps = window.count
+                    ips = steps * cfg.train.batch_size / max(time.perf_counter() - t_window, 1e-9)
+                    last_report = {k: means.get(k, float("nan")) for k in ("loss", "ce", "mhe", "acc")}
+                    last_report.update(images_per_s=ips, iteration=it, lr=self.optimizer.param_groups[0]["lr"],
+                                       **{"lambda": self.current_lambda()})
                     history.append(last_report)
-                    bar.set_postfix(loss=f"{last_report['loss']:.3f}", acc=f"{last_report['acc']:.3f}",
-                                    lam=f"{last_report['lambda']:.3g}", mhe=f"{last_report['mhe']:.4f}",
-                                    lr=f"{last_report['lr']:.2g}", ips=f"{last_report['images_per_s']:.0f}")
-                    if writer:
-                        for k in ("loss", "ce", "mhe", "acc", "lambda", "lr", "images_per_s"):
-                            writer.add_scalar(f"train/{k}", last_report[k], it)
+                    metrics.log(it, **{k: v for k, v in last_report.items() if k != "iteration"})
+                    window.reset()
+                    t_window = time.perf_counter()
                     if bar.disable and main:  # no bar on screen: a log line instead
                         logger.info("it %d/%d loss %.4f ce %.4f mhe %.4f acc %.3f lambda %.4g lr %.3g %.0f img/s", it,
                                     total, last_report["loss"], last_report["ce"], last_report["mhe"],
                                     last_report["acc"], last_report["lambda"], last_report["lr"],
                                     last_report["images_per_s"])
                 t_pause = time.perf_counter()
-                if self.eval_pairs and ((cfg.eval.every and it % cfg.eval.every == 0) or it == total):
+                if self.verifier is not None and ((cfg.eval.every and it % cfg.eval.every == 0) or it == total):
                     eval_report = self.verify()  # before the save: the checkpoint carries its threshold
-                    if writer and eval_report:
-                        writer.add_scalar("eval/mean_accuracy", eval_report["mean_accuracy"], it)
+                    if eval_report:
+                        metrics.scalars(it, "eval", mean_accuracy=eval_report["mean_accuracy"])
                 if it % cfg.checkpoint.every == 0 or it == total:
                     self.save()
-                window.t0 += time.perf_counter() - t_pause  # images/s counts training time only
+                t_window += time.perf_counter() - t_pause  # images/s counts training time only
         bar.close()
         if self.iteration == it_start:  # nothing to do (already finished): make sure last.pt exists
             self.save()
@@ -353,22 +393,11 @@ class Trainer:
         return summary
 
     def verify(self) -> Optional[Dict[str, Any]]:
-        """LFW-style 10-fold verification of the backbone on ``eval.pairs`` (rank 0; the others wait)."""
+        """The verifier's report on the backbone (rank 0; the others wait); keeps its compare threshold."""
         report = None
-        if self.dist.is_main:
-            from eval.features import extract_features
-            from eval.lfw import evaluate_features, parse_pairs
-
-            pairs = parse_pairs(self.eval_pairs)
-            paths = sorted({p for pair in pairs for p in (pair.path1, pair.path2)})
-            self.model.eval()
-            feats = extract_features(self.model.backbone, self.eval_root, paths, batch_size=self.cfg.eval.batch_size,
-                                     flip=True, device=self.device, num_workers=0)
-            report = evaluate_features(paths, feats, pairs)
-            # `compare` scores a single pair by plain cosine (no dataset mean to subtract), so the
-            # threshold stored with the model is the one chosen on plain-cosine scores
-            self.threshold = float(evaluate_features(paths, feats, pairs, mean_sub=False)["threshold"])
-            report["compare_threshold"] = self.threshold
+        if self.dist.is_main and self.verifier is not None:
+            report = self.verifier(self.model.backbone, self.device)
+            self.threshold = float(report["compare_threshold"])
             logger.info("verification at iteration %d: %.4f +- %.4f", self.iteration, report["mean_accuracy"],
                         report["std_accuracy"])
             atomic_write_json(self.out_dir / "eval" / f"verify_{self.iteration:07d}.json", _plain(report))
@@ -377,54 +406,10 @@ class Trainer:
         return report
 
 
-class _Window:
-    """Sums of the step statistics since the last log line, kept on the device (no sync per step)."""
-
-    def __init__(self, device):
-        self.device = device
-        self.reset()
-
-    def reset(self):
-        self.sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, ce, mhe, correct, count
-        self.steps, self.t0 = 0, time.perf_counter()
-
-    def add(self, s):
-        if s["finite"]:
-            n = float(s["count"])
-            vals = torch.stack([s["loss"].double() * n, s["ce"].double() * n, s["mhe"].double() * n,
-                                s["correct"].double(), torch.tensor(n, dtype=torch.float64, device=self.device)])
-            self.sums += vals
-        self.steps += 1
-
-    def report(self, dist: DistInfo, global_batch: int) -> Dict[str, float]:
-        sums = all_reduce_sum(self.sums) if dist.distributed else self.sums
-        loss, ce, mhe, correct, count = sums.tolist()
-        dt = time.perf_counter() - self.t0
-        out = {"loss": loss / count if count else math.nan, "ce": ce / count if count else math.nan,
-               "mhe": mhe / count if count else math.nan, "acc": correct / count if count else math.nan,
-               "images_per_s": self.steps * global_batch / max(dt, 1e-9)}
-        self.reset()
-        return out
-
-
-def _synthetic_cache(cfg: Config) -> Path:
-    """Where the synthetic identities are generated and aligned (``data.synthetic.cache_dir``)."""
-    return Path(cfg.data.synthetic.cache_dir) if cfg.data.synthetic.cache_dir else Path(cfg.out_dir) / "synthetic"
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
-        logger.warning("tensorboard is not importable: no TensorBoard scalars")
-        return None
-    return SummaryWriter(str(folder))
 
 
 def _plain(obj: Any) -> Any:
@@ -437,90 +422,3 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return obj
-
-
-def _config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_changes(a, b, prefix + k + ".")
-        elif a != b and prefix + k not in ("train.iterations", "out_dir"):
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
-
-
-# ---------------------------------------------------------------------------------------- entry points
-def train(cfg: Union[Config, Dict[str, Any], str, Path], resume: Optional[str] = None, overrides=()) -> Dict[str, Any]:
-    """Run a training job from Python; returns the summary dict (also written to ``out_dir/summary.json``).
-
-    ``cfg``: a Config, a nested dict, or a YAML path (``overrides`` are ``key=value`` strings applied on
-    top). ``resume``: None, ``"auto"`` or a checkpoint path. Works under torchrun as well.
-
-    The summary: ``out_dir``, ``checkpoint`` (path of ``last.pt``), ``iteration``, ``final`` (the last
-    logged ``loss``/``ce``/``mhe``/``acc``/``lambda``/``lr``/``images_per_s``), ``history`` (one such
-    dict per ``train.log_every`` iterations), ``eval`` (the last verification report of
-    ``eval.lfw.evaluate_features`` or None), ``bad_images``, ``skipped_steps``, ``rollbacks``,
-    ``lambda``, ``num_classes``, ``images_per_s``.
-    """
-    if isinstance(cfg, (str, Path)):
-        cfg = load_config(str(cfg), overrides)
-    elif isinstance(cfg, dict):
-        cfg = Config.from_dict(cfg)
-    dist = setup_distributed(cfg.train.device)
-    try:
-        trainer = Trainer(cfg, dist)
-        if dist.is_main:
-            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(cfg.out_dir) / "config.yaml", config_to_yaml(cfg))
-        if resume:
-            trainer.resume(resume)
-        return trainer.fit()
-    finally:
-        cleanup_distributed()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML recipe (configs/*.yaml); omitted: the built-in defaults")
-    parser.add_argument("--resume", metavar="auto|PATH",
-                        help="continue a run: 'auto' = the newest checkpoint in <out_dir>/checkpoints, or a file")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides with dotted keys, e.g. train.batch_size=256 optim.milestones=[10,20]")
-
-
-def run(args: argparse.Namespace) -> int:
-    from sphereface_plus.config import ConfigError
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(config_to_yaml(cfg), end="")
-        return 0
-    summary = train(cfg, resume=args.resume)
-    from sphereface_plus.utils import is_rank0
-
-    if summary["final"] and is_rank0():
-        f = summary["final"]
-        verified = f", verification {summary['eval']['mean_accuracy']:.4f}" if summary["eval"] else ""
-        print(f"trained {summary['iteration']} iterations: loss {f['loss']:.4f}, acc {f['acc']:.4f}, "
-              f"lambda {summary['lambda']:.4g}{verified}; checkpoint {summary['checkpoint']}")
-    return 0
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m sphereface_plus.train`` / ``torchrun -m sphereface_plus.train``."""
-    from sphereface_plus.utils import setup_logging
-
-    parser = argparse.ArgumentParser(prog="sphereface_plus.train", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    setup_logging()
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

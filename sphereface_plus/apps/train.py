@@ -1,0 +1,165 @@
+"""``sphereface-plus train``: train SphereFace / SphereFace+ from a YAML recipe (SPEC sections 3-6).
+
+    sphereface-plus train --config configs/sphereface20_casia.yaml data.root=casia-112x96
+    torchrun --nproc_per_node=2 -m sphereface_plus.apps.train --config configs/sphereface20_casia.yaml ...
+    sphereface-plus train --config configs/cpu_smoke.yaml out_dir=runs/smoke --resume auto
+
+This runner builds what the library's :class:`~sphereface_plus.trainer.Trainer` receives: the training
+set (``data_prep.datasets``) and, with ``eval.pairs``, a verifier (``eval.lfw.pairs_verifier``); then it
+resumes (when asked), writes ``<out_dir>/config.yaml`` (the resolved config, with the head settings and
+input size in force) and runs the loop. From Python: ``train(cfg, resume=None, overrides=())``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from data_prep.datasets import build_train_dataset, check_data_config
+from eval.lfw import pairs_verifier
+from sphereface_plus.config import Config, ConfigError, config_to_yaml, load_config
+from sphereface_plus.engine.device import resolve_device
+from sphereface_plus.engine.dist import DistInfo, cleanup_distributed, setup_distributed
+from sphereface_plus.trainer import Trainer
+from sphereface_plus.utils import atomic_write_text, is_rank0, setup_logging
+
+logger = logging.getLogger(__name__)
+
+HELP = "train a SphereFace / SphereFace+ model from a YAML recipe (key=value overrides)"
+DESCRIPTION = __doc__
+
+__all__ = ["HELP", "add_arguments", "run", "main", "train", "load_train_config", "build_dataset", "build_verifier", "make_trainer",
+           "synthetic_cache"]
+
+
+def load_train_config(path: Optional[str] = None, overrides=()) -> Config:
+    """:func:`sphereface_plus.config.load_config` plus the data checks that belong to ``data_prep``."""
+    cfg = load_config(path, overrides)
+    _check_data(cfg)
+    return cfg
+
+
+def _check_data(cfg: Config):
+    size = list(check_data_config(cfg.data))
+    if cfg.model.input_size is not None and list(cfg.model.input_size) != size:
+        raise ConfigError(f"model.input_size={cfg.model.input_size} does not match data.template={cfg.data.template!r} "
+                          f"(crops of that template are {size}); leave model.input_size unset, it follows from the template")
+    return size
+
+
+def synthetic_cache(cfg: Config) -> Path:
+    """Where the synthetic identities are generated and aligned (``data.synthetic.cache_dir``)."""
+    return Path(cfg.data.synthetic.cache_dir) if cfg.data.synthetic.cache_dir else Path(cfg.out_dir) / "synthetic"
+
+
+def build_dataset(cfg: Config, dist: DistInfo):
+    """The training set of ``cfg.data`` at the template's crop size (rank 0 prepares it first)."""
+    size = check_data_config(cfg.data)
+    # rank 0 generates / indexes first (the synthetic set is written once), the others then read it
+    if dist.distributed and not dist.is_main:
+        torch.distributed.barrier()
+    ds = build_train_dataset(cfg.data, size, synthetic_cache(cfg))
+    if dist.distributed and dist.is_main:
+        torch.distributed.barrier()
+    logger.info("training set: %d images of %d identities (%s)", len(ds), ds.num_classes, cfg.data.source)
+    return ds
+
+
+def build_verifier(cfg: Config):
+    """The LFW-style verifier of ``eval.pairs`` / ``eval.root`` (``auto``: the synthetic set's own pairs), or None."""
+    pairs, root = cfg.eval.pairs, cfg.eval.root
+    if not pairs:
+        return None
+    if pairs == "auto":  # the synthetic set's own person-disjoint pairs, on its aligned crops
+        if cfg.data.source != "synthetic":
+            raise ConfigError("eval.pairs=auto needs data.source=synthetic; give eval.pairs=<pairs.txt> eval.root=<crops>")
+        cache = synthetic_cache(cfg)
+        pairs, root = str(cache / "raw" / "pairs.txt"), str(cache / "aligned")
+    return pairs_verifier(pairs, root, batch_size=cfg.eval.batch_size)
+
+
+def make_trainer(cfg: Config, dist: Optional[DistInfo] = None) -> Trainer:
+    """A :class:`Trainer` with the dataset and verifier of ``cfg`` (one process unless ``dist`` says otherwise)."""
+    dist = dist or DistInfo(device=resolve_device(cfg.train.device, setting="train.device"))
+    return Trainer(cfg, build_dataset(cfg, dist), dist, verifier=build_verifier(cfg))
+
+
+def train(cfg: Union[Config, Dict[str, Any], str, Path], resume: Optional[str] = None, overrides=()) -> Dict[str, Any]:
+    """Run a training job from Python; returns the summary dict (also written to ``out_dir/summary.json``).
+
+    ``cfg``: a Config, a nested dict, or a YAML path (``overrides`` are ``key=value`` strings applied on
+    top). ``resume``: None, ``"auto"`` or a checkpoint path. Works under torchrun as well.
+
+    The summary: ``out_dir``, ``checkpoint`` (path of ``last.pt``), ``iteration``, ``final`` (the last
+    logged ``loss``/``ce``/``mhe``/``acc``/``lambda``/``lr``/``images_per_s``), ``history`` (one such
+    dict per ``train.log_every`` iterations, also in ``metrics.jsonl``), ``eval`` (the last verification
+    report of ``eval.lfw.verify_on_pairs`` or None), ``bad_images``, ``skipped_steps``, ``rollbacks``,
+    ``lambda``, ``num_classes``, ``images_per_s``.
+    """
+    if isinstance(cfg, (str, Path)):
+        cfg = load_train_config(str(cfg), overrides)
+    elif isinstance(cfg, dict):
+        cfg = Config.from_dict(cfg)
+    _check_data(cfg)
+    dist = setup_distributed(cfg.train.device)
+    try:
+        trainer = make_trainer(cfg, dist)
+        if resume:
+            trainer.resume(resume)  # refused before anything is written when the settings changed
+        if dist.is_main:
+            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(cfg.out_dir) / "config.yaml", config_to_yaml(cfg))
+        return trainer.fit()
+    finally:
+        cleanup_distributed()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML recipe (configs/*.yaml); omitted: the built-in defaults")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="continue a run: 'auto' = the newest readable checkpoint in <out_dir>/checkpoints, "
+                             "or a file; refused when the settings changed (other than iterations, paths, workers)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides with dotted keys, e.g. train.batch_size=256 optim.milestones=[10,20]")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    summary = train(cfg, resume=args.resume)
+    if summary["final"] and is_rank0():
+        f = summary["final"]
+        verified = f", verification {summary['eval']['mean_accuracy']:.4f}" if summary["eval"] else ""
+        print(f"trained {summary['iteration']} iterations: loss {f['loss']:.4f}, acc {f['acc']:.4f}, "
+              f"lambda {summary['lambda']:.4g}{verified}; checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m sphereface_plus.apps.train`` / ``torchrun -m sphereface_plus.apps.train``."""
+    from sphereface_plus.errors import ToolkitError
+
+    parser = argparse.ArgumentParser(prog="sphereface_plus.apps.train", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    setup_logging()
+    try:
+        return run(parser.parse_args(argv))
+    except ToolkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
