@@ -387,3 +387,21 @@ def test_angular_kernel_substitutes_only_where_tf_is_not_finite(power):
     t_in = torch.acos(c_in) / math.pi + 1e-4
     (g_in,) = torch.autograd.grad({"a0": -torch.log(t_in), "a1": 1 / t_in, "a2": t_in ** -2}[power].sum(), c_in)
     torch.testing.assert_close(grad[4:], g_in, rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------ the released recipes
+@pytest.mark.parametrize("name, gradient, mode, lambda_m", [
+    ("sphereface20_casia_released", "caffe", None, 0.0),
+    ("spherefaceplus20_casia_released", "caffe", "caffe_among", 10.0),
+])
+def test_released_recipes_use_the_caffe_semantics(name, gradient, mode, lambda_m):
+    import pathlib
+
+    import yaml
+
+    cfg = yaml.safe_load((pathlib.Path(__file__).parents[1] / "configs" / f"{name}.yaml").read_text())
+    assert cfg["head"]["gradient"] == gradient and gradient in A_SOFTMAX_GRADIENTS
+    assert cfg["mhe"]["lambda_m"] == lambda_m
+    if mode is not None:
+        assert cfg["mhe"]["mode"] == mode and mode in M.CLASSIFIER_MODES
+    assert cfg["train"]["batch_size"] == 512 and cfg["train"]["amp"] == "off"
