@@ -25,9 +25,17 @@ power   e_ij                                note
 ``a2``  ``(θ/π + 1e-4)^(-2)``
 ======  =================================  =====================================
 
-``2 - 2c`` is the squared Euclidean distance of the two unit vectors. For the angular kernels ``c`` is
-clamped to ``[-1 + 1e-5, 1 - 1e-5]`` before ``arccos`` (SPEC section 5; the derivative of arccos is
-infinite at +-1).
+``2 - 2c`` is the squared Euclidean distance of the two unit vectors. The angular kernels follow the TF
+reference (wy1iu/MHE ``code/architecture.py``, ``_add_thomson_constraint``: ``tf.acos(inner_pro)`` with no
+clamp) wherever it is finite: the value is ``arccos(c)`` for ``|c| <= 1`` and its slope is
+``-1/sqrt(1 - c^2)`` for ``|c| < 1``. Only where TF would give a non-finite number do we substitute:
+``c`` beyond ``+-1`` (possible only through round-off, since the 1e-4 keeps ``|c| < 1`` exactly) takes the
+value at ``+-1`` (TF: NaN), and at ``|c| >= 1`` the slope is 0 (TF: infinite or NaN).
+
+:func:`classifier_mhe` also offers ``mode='caffe_among'``: the Caffe ``InterClass`` layer of type
+``AMONG`` that trained the released SphereFace+ models (wy1iu/sphereface-plus,
+``tools/caffe-sfplus/src/caffe/layers/inter_class_layer.cpp``). It is not a pairwise kernel energy; see
+:func:`caffe_among_distance` and :func:`caffe_among_diff`.
 """
 from __future__ import annotations
 
@@ -51,11 +59,16 @@ __all__ = [
     "mhe_kernel",
     "mhe_energy",
     "classifier_mhe",
+    "caffe_among_partial_sums",
+    "caffe_among_distance_from_sums",
+    "caffe_among_distance",
+    "caffe_among_direction",
+    "caffe_among_diff",
     "MHERegularizer",
 ]
 
 POWERS = ("0", "1", "2", "a0", "a1", "a2")
-CLASSIFIER_MODES = ("batch_vs_all", "batch_unique", "full")
+CLASSIFIER_MODES = ("batch_vs_all", "batch_unique", "full", "caffe_among")
 
 # (hidden, output) coefficients of the MHE reference code, by power (SPEC section 5 table).
 DEFAULT_COEFFICIENTS: Dict[str, Tuple[float, float]] = {
@@ -68,7 +81,6 @@ DEFAULT_COEFFICIENTS: Dict[str, Tuple[float, float]] = {
 }
 
 NORM_EPS = 1e-4  # ŵ = w / sqrt(|w|^2 + 1e-4)
-ANGLE_CLAMP = 1e-5  # c clamped to [-1 + 1e-5, 1 - 1e-5] before arccos
 ANGLE_EPS = 1e-4  # θ/π + 1e-4
 # Deliberate deviation: the squared distance 2 - 2c is floored at 1e-6 for the Euclidean kernels. The
 # reference code has no floor. Thanks to the 1e-4 in the normalisation, two rows pointing the same way
@@ -133,6 +145,18 @@ def normalize_rows(weight: torch.Tensor) -> torch.Tensor:
     return w * torch.rsqrt((w * w).sum(dim=1, keepdim=True) + NORM_EPS)
 
 
+def _tf_acos(c: torch.Tensor) -> torch.Tensor:
+    """``arccos(c)`` exactly as TF's ``tf.acos`` wherever TF is finite, finite everywhere.
+
+    Inside ``(-1, 1)`` value and gradient are torch's (= TF's). At ``|c| >= 1`` the gradient is 0 (TF:
+    infinite at +-1, NaN beyond) and the value is ``arccos(clamp(c, -1, 1))`` (TF: NaN beyond +-1). The
+    inner ``where`` keeps the infinite slope of the other branch out of the graph.
+    """
+    inside = c.abs() < 1.0
+    theta_inside = torch.acos(torch.where(inside, c, torch.zeros_like(c)))
+    return torch.where(inside, theta_inside, torch.acos(c.detach().clamp(-1.0, 1.0)))
+
+
 def mhe_kernel(c: torch.Tensor, power: Union[str, int] = "2") -> torch.Tensor:
     """The pair energy ``e`` as a function of the cosine ``c`` (elementwise, autograd-friendly).
 
@@ -146,7 +170,7 @@ def mhe_kernel(c: torch.Tensor, power: Union[str, int] = "2") -> torch.Tensor:
         if power == "1":
             return torch.rsqrt(d)
         return torch.reciprocal(d)
-    t = torch.acos(torch.clamp(c, -1.0 + ANGLE_CLAMP, 1.0 - ANGLE_CLAMP)) / math.pi + ANGLE_EPS
+    t = _tf_acos(c) / math.pi + ANGLE_EPS
     if power == "a0":
         return -torch.log(t)
     if power == "a1":
@@ -158,8 +182,9 @@ def _kernel_and_slope(x: torch.Tensor, power: str, need_slope: bool) -> Tuple[to
     """``e`` and ``de/dc`` for the blocked path, overwriting the scratch block ``x``.
 
     ``x`` holds the squared distance ``2 - 2c`` for the Euclidean kernels and the cosine ``c`` for the
-    angular ones. The slope matches autograd through :func:`mhe_kernel` exactly, including the clamps
-    (torch.clamp passes the gradient inside the closed interval and zero outside).
+    angular ones. The slope matches autograd through :func:`mhe_kernel` exactly, including where the
+    floor and :func:`_tf_acos` substitute (torch.clamp passes the gradient inside the closed interval and
+    zero outside; :func:`_tf_acos` gives zero at ``|c| >= 1``).
     """
     if power in ("0", "1", "2"):
         d = x
@@ -176,10 +201,10 @@ def _kernel_and_slope(x: torch.Tensor, power: str, need_slope: bool) -> Tuple[to
             val = d.reciprocal_()
             slope = torch.square(val).mul_(2.0) if need_slope else None  # d/dc (2-2c)^-1 = 2 (2-2c)^-2
     else:
-        lo, hi = -1.0 + ANGLE_CLAMP, 1.0 - ANGLE_CLAMP
-        clamped = need_slope and (float(x.min()) < lo or float(x.max()) > hi)
-        outside = ((x < lo) | (x > hi)) if clamped else None
-        cc = x.clamp_(lo, hi)
+        # as _tf_acos: arccos of c clamped to [-1, 1], slope 0 where |c| >= 1
+        clamped = need_slope and (float(x.min()) <= -1.0 or float(x.max()) >= 1.0)
+        outside = (x.abs() >= 1.0) if clamped else None
+        cc = x.clamp_(-1.0, 1.0)  # the slope is infinite at |c| = 1 here and set to 0 at the end
         # dθ/dc = -1 / sqrt(1 - c^2);  t = θ/π + 1e-4;  dt/dc = -1 / (π sqrt(1 - c^2))
         neg_dt = torch.addcmul(torch.ones((), dtype=cc.dtype, device=cc.device), cc, cc, value=-1.0).rsqrt_().mul_(
             1.0 / math.pi
@@ -316,6 +341,117 @@ def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return labels
 
 
+# ---------------------------------------------------------------- Caffe InterClass, type AMONG
+# wy1iu/sphereface-plus, tools/caffe-sfplus/src/caffe/layers/inter_class_layer.cpp (CPU semantics; the
+# .cu kernel differs, see the README's "Reproducing the released models"). With the classifier rows W
+# (N of them, shared with the margin layer, which has made them unit just before) and the batch labels
+# y (M samples, repeats counted):
+#   Forward_cpu:  D = (1/N) sum_i sum_b |W_i - W_{y_b}|^2          (the layer's output, also logged)
+#                 w_n = w_mean / sqrt(|w_mean|^2 + 1e-5),  w_mean = (1/N) sum_i W_i   (normalize: true)
+#   Backward_cpu: diff[y_b] += -4 alpha / (M D^2 + 1e-5) * (W_{y_b} - w_n)   for every sample b;
+#                 top_diff is not read, so alpha (alpha_start_value) is a layer parameter there.
+# The functions below are pure in (rows, labels) and split into sums over rows and over samples, so a
+# row-sharded classifier can all-reduce the two partial sums and the row sum and call them per block
+# (labels NO_TARGET = -1 for samples whose class is in another block).
+CAFFE_MEAN_EPS = 1e-5  # w_n = w_mean / sqrt(|w_mean|^2 + 1e-5)   (Forward_cpu, "normalize weight")
+CAFFE_COEF_EPS = 1e-5  # -4 alpha / (M D^2 + 1e-5)                   (Backward_cpu)
+
+
+def caffe_among_partial_sums(
+    weight: torch.Tensor, labels: torch.Tensor, row_mean: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_i |W_i - w_mean|^2, sum_b |W_{y_b} - w_mean|^2)`` over the given rows and the samples whose
+    label is one of them (labels ``-1`` are skipped); ``row_mean`` is the mean of ALL the classifier's rows.
+
+    These two sums give D without the ``N x M`` loop of the C++ (see :func:`caffe_among_distance_from_sums`):
+    ``sum_i |W_i - W_y|^2 = sum_i |W_i - w_mean|^2 + N |W_y - w_mean|^2`` because the centred rows sum to 0.
+    """
+    centred = weight - row_mean
+    spread = (centred * centred).sum()
+    own = labels[labels >= 0]
+    target = centred[own]
+    return spread, (target * target).sum()
+
+
+def caffe_among_distance_from_sums(
+    spread_sum: torch.Tensor, target_sum: torch.Tensor, num_classes: int, num_samples: int
+) -> torch.Tensor:
+    """``D = (1/N) sum_i sum_b |W_i - W_{y_b}|^2 = M * spread_sum / N + target_sum`` (N classes, M samples)."""
+    return spread_sum * (float(num_samples) / float(num_classes)) + target_sum
+
+
+def caffe_among_distance(weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The Caffe AMONG layer's output ``D = (1/N) sum_i sum_b |W_i - W_{y_b}|^2`` (Forward_cpu), ``O((N + M) d)``.
+
+    ``weight``: the ``N x d`` rows as given (no normalisation here; the Caffe margin layer has made them
+    unit); ``labels``: ``M`` class indices, repeats counted. Plain autograd would give D's own gradient,
+    which is NOT what the layer propagates: use :func:`classifier_mhe` with ``mode='caffe_among'``.
+    """
+    row_mean = weight.mean(dim=0)
+    spread, target = caffe_among_partial_sums(weight, labels, row_mean)
+    return caffe_among_distance_from_sums(spread, target, weight.shape[0], labels.numel())
+
+
+def caffe_among_direction(row_mean: torch.Tensor) -> torch.Tensor:
+    """``w_n = w_mean / sqrt(|w_mean|^2 + 1e-5)``: the normalised mean row the backward pushes away from."""
+    return row_mean * torch.rsqrt((row_mean * row_mean).sum() + CAFFE_MEAN_EPS)
+
+
+def caffe_among_diff(
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    direction: torch.Tensor,
+    distance: torch.Tensor,
+    num_samples: Optional[int] = None,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """The Caffe AMONG weight diff (Backward_cpu) for the given rows: for every sample b whose label is one
+    of them (``-1``: skipped), row ``y_b`` gets ``-4 alpha / (M D^2 + 1e-5) * (W_{y_b} - w_n)``.
+
+    Rows of classes absent from the batch get exactly 0; a class seen k times gets k contributions.
+    ``direction`` is :func:`caffe_among_direction` of the mean of ALL rows, ``distance`` the layer's D and
+    ``num_samples`` M (default: ``labels.numel()``, the whole batch).
+    """
+    m = labels.numel() if num_samples is None else int(num_samples)
+    coef = (-4.0 * alpha) / (m * distance * distance + CAFFE_COEF_EPS)
+    own = labels[labels >= 0]
+    diff = torch.zeros_like(weight)
+    diff.index_add_(0, own, (weight[own] - direction) * coef)
+    return diff
+
+
+class _CaffeAmong(torch.autograd.Function):
+    """D forward, the Caffe AMONG diff backward, scaled by the incoming gradient (see classifier_mhe)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, labels: torch.Tensor, replicas: int) -> torch.Tensor:
+        groups = labels.reshape(replicas, -1)
+        row_mean = weight.mean(dim=0)
+        centred = weight - row_mean
+        spread = (centred * centred).sum()
+        distances = []
+        for g in groups:
+            target = centred[g]
+            distances.append(caffe_among_distance_from_sums(spread, (target * target).sum(), weight.shape[0],
+                                                            g.numel()))
+        distances = torch.stack(distances)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(weight, groups, caffe_among_direction(row_mean), distances)
+        return distances.mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        weight, groups, direction, distances = ctx.saved_tensors
+        replicas = groups.shape[0]
+        diff = torch.zeros_like(weight)
+        for g, dist in zip(groups, distances):
+            # Caffe's NCCL all-reduce sums the GPUs' diffs and divides by the solver count
+            diff += caffe_among_diff(weight, g, direction, dist, alpha=1.0 / replicas)
+        # the incoming gradient plays Caffe's alpha (see classifier_mhe)
+        return diff * grad_out, None, None
+
+
 def classifier_mhe(
     weight: torch.Tensor,
     labels: Optional[torch.Tensor],
@@ -323,6 +459,7 @@ def classifier_mhe(
     mode: str = "batch_vs_all",
     block_size: Optional[int] = None,
     check_finite: bool = True,
+    replicas: int = 1,
 ) -> torch.Tensor:
     """The SphereFace+ MHE term on classifier weights ``C x d`` (SPEC section 5).
 
@@ -334,8 +471,22 @@ def classifier_mhe(
         ``full``: exactly :func:`mhe_energy` of ``weight`` (full space), computed in row blocks of
         ``block_size`` (default about 4M entries per block) so memory is ``O(block C)``; ``labels`` is
         not used (pass ``None`` or the batch labels, which are then only validated).
+        ``caffe_among``: the Caffe ``InterClass`` layer (type ``AMONG``) that trained the released
+        SphereFace+ models (``inter_class_layer.cpp``, CPU forward and backward). The value is the layer's
+        output ``D = (1/N) Σ_i Σ_b |W_i - W_{y_b}|²`` on the rows as given (no normalisation: the head
+        keeps them unit, as Caffe's margin layer does before this layer; ``power`` is not used). Its
+        backward is not D's gradient: it is the layer's diff, ``-4/(M D² + 1e-5) (W_{y_b} - w_n)`` added
+        to row ``y_b`` for every sample b (``w_n`` the normalised mean row; classes absent from the batch
+        get nothing, a class seen k times gets k terms), multiplied by the incoming gradient. The Caffe
+        layer ignores its top_diff and takes alpha as a parameter; here alpha arrives as that incoming
+        gradient, so ``(alpha * classifier_mhe(W, y, mode='caffe_among')).backward()`` gives exactly the
+        Caffe diff for that alpha (the trainer's ``mhe.lambda_m`` is alpha; a loss scaler or gradient
+        accumulation then scales it as it scales every other gradient). ``replicas`` > 1 splits the
+        labels into that many equal consecutive groups, each one Caffe GPU's layer with its own D, and
+        averages them (Caffe's multi-GPU all-reduce divides the summed diffs by the number of GPUs): the
+        released recipe ran 2 GPUs x 256, and D, hence the diff, depends on the per-GPU batch.
 
-    ``check_finite``: as in :func:`mhe_energy`.
+    ``check_finite``: as in :func:`mhe_energy`. ``replicas``: only for ``caffe_among``.
 
     Returns:
         A 0-dim tensor with gradient with respect to ``weight``.
@@ -355,6 +506,15 @@ def classifier_mhe(
     if labels is None:
         raise ValueError(f"classifier_mhe mode {mode!r} needs the batch labels")
     labels = _check_labels(labels, num_classes).to(weight.device)
+    if replicas != 1 and mode != "caffe_among":
+        raise ValueError(f"replicas={replicas!r} is only for mode 'caffe_among' (got mode {mode!r})")
+    if mode == "caffe_among":
+        if isinstance(replicas, bool) or int(replicas) != replicas or replicas < 1 or labels.numel() % int(replicas):
+            raise ValueError(
+                f"replicas must be a positive integer dividing the {labels.numel()} labels (one equal group per "
+                f"Caffe GPU), got {replicas!r}"
+            )
+        return _CaffeAmong.apply(weight, labels, int(replicas))
     w_hat = normalize_rows(weight)
     if mode == "batch_unique":
         classes = torch.unique(labels)

@@ -15,7 +15,7 @@ def ref_kernel(c, power):
     if power in ("0", "1", "2"):
         d = max(2.0 - 2.0 * c, 1e-6)
         return {"0": -math.log(d), "1": d ** -0.5, "2": 1.0 / d}[power]
-    theta = math.acos(min(max(c, -1 + 1e-5), 1 - 1e-5))
+    theta = math.acos(min(max(c, -1.0), 1.0))  # tf.acos, finite only on [-1, 1] (wy1iu/MHE architecture.py)
     t = theta / math.pi + 1e-4
     return {"a0": -math.log(t), "a1": 1.0 / t, "a2": t ** -2}[power]
 
@@ -103,23 +103,28 @@ def test_blocked_equals_dense_value_and_gradient(power):
 
 @pytest.mark.parametrize("power", POWERS)
 def test_blocked_equals_dense_when_the_clamps_act(power):
-    """Duplicate rows of large norm push 2 - 2c below its floor and c above 1 - 1e-5: the hand-written
-    slopes of the blocked path must then be zero exactly where autograd's clamp gives zero."""
+    """Duplicate rows of large norm push 2 - 2c below its floor and c to within 1e-9 of +-1: the
+    hand-written slopes of the blocked path must then equal autograd's (finite, steep) ones."""
     torch.manual_seed(10)
     w0 = torch.randn(12, 3, dtype=torch.float64) * 100
     w0[7] = w0[2]
-    w0[9] = -w0[4] * 1.5  # antipodal pair: c below -1 + 1e-5 for the angular kernels
+    w0[9] = -w0[4] * 1.5  # antipodal pair: c within 1e-9 of -1 for the angular kernels
     w = w0.clone().requires_grad_(True)
     dense = mhe_energy(w, power)
     (g_dense,) = torch.autograd.grad(dense, w)
     assert torch.isfinite(dense) and torch.isfinite(g_dense).all()
-    assert dense.item() == pytest.approx(ref_layer_energy(w0, power), rel=1e-9)
+    # c is within 3e-9 of +-1 here, where arccos turns the ulp-level difference between the loop's and
+    # the matrix product's c into ~1e-8 relative (d theta = dc / sqrt(1 - c^2)): hence 1e-7, not 1e-9
+    assert dense.item() == pytest.approx(ref_layer_energy(w0, power), rel=1e-7)
     for block in (1, 5, 12):
         wb = w0.clone().requires_grad_(True)
         blocked = mhe_energy(wb, power, block_size=block)
         (g_blocked,) = torch.autograd.grad(blocked, wb)
         torch.testing.assert_close(blocked, dense, rtol=1e-12, atol=0)
-        torch.testing.assert_close(g_blocked, g_dense, rtol=1e-10, atol=1e-14)
+        # the angular slopes ~ t^-3 / sqrt(1 - c^2) are ~1e15 here and amplify the two matrix products'
+        # ulp-level differences in c the same way (measured: up to 7e-7 relative for a2)
+        rtol = 1e-5 if power.startswith("a") else 1e-10
+        torch.testing.assert_close(g_blocked, g_dense, rtol=rtol, atol=1e-12)
 
 
 def test_blocked_float32_matches_float64():

@@ -2,7 +2,8 @@
 
 Registered: ``a_softmax`` (SphereFace), ``softmax`` (plain linear), ``cosface``, ``arcface``. The pure
 functions underneath (``psi``, ``a_softmax_logits``, ``cosface_logits``, ``arcface_logits``,
-``a_softmax_lambda``) are re-exported here; the modules live in :mod:`.modules`.
+``a_softmax_lambda``) are re-exported here; the modules live in :mod:`.modules`. ``A_SOFTMAX_GRADIENTS``
+lists the backward passes ``a_softmax`` offers (``gradient='exact'`` or ``'caffe'``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def list_heads() -> List[str]:
 
 # importing the modules registers their builders
 from sphereface_plus.heads.functional import (  # noqa: E402
+    A_SOFTMAX_GRADIENTS,
     a_softmax_lambda,
     a_softmax_logits,
     arcface_logits,
@@ -44,6 +46,7 @@ __all__ = [
     "psi",
     "a_softmax_lambda",
     "a_softmax_logits",
+    "A_SOFTMAX_GRADIENTS",
     "softmax_logits",
     "cosface_logits",
     "arcface_logits",

@@ -1,7 +1,9 @@
 """Pure functions of the classifier heads: ψ, A-Softmax, CosFace and ArcFace logits, the λ schedule.
 
-Stateless and differentiable (plain autograd everywhere, which gives the exact gradient); the modules in
-:mod:`sphereface_plus.heads.modules` only hold parameters and the λ iteration counter.
+Stateless and differentiable (plain autograd, which gives the exact gradient, except where a caller asks
+A-Softmax for ``gradient='caffe'``: the released SphereFace models' backward, see
+:func:`a_softmax_logits`); the modules in :mod:`sphereface_plus.heads.modules` only hold parameters and
+the λ iteration counter.
 
 References: SphereFace (Liu et al., CVPR 2017, eq. 6-7; SPEC section 4), CosFace (Wang et al., CVPR 2018),
 ArcFace (Deng et al., CVPR 2019).
@@ -19,6 +21,9 @@ __all__ = [
     "chebyshev_cos",
     "a_softmax_lambda",
     "a_softmax_logits",
+    "caffe_target_coefficients",
+    "A_SOFTMAX_GRADIENTS",
+    "check_gradient",
     "softmax_logits",
     "cosface_logits",
     "arcface_logits",
@@ -33,6 +38,20 @@ NORM_EPS = 1e-12  # guards the division by ‖x‖ for an all-zero feature
 # row of logits is margin-free. A row-sharded classifier (each process holds a block of the classes)
 # calls them with its block's weight and the labels shifted into the block, -1 elsewhere.
 NO_TARGET = -1
+
+# The backward passes A-Softmax offers: "exact" (autograd of the forward) and "caffe" (the
+# MarginInnerProduct layer's Backward of wy1iu/sphereface, which trained the released models).
+A_SOFTMAX_GRADIENTS = ("exact", "caffe")
+
+
+def check_gradient(gradient: str) -> str:
+    """``gradient`` must be one of :data:`A_SOFTMAX_GRADIENTS`."""
+    if gradient not in A_SOFTMAX_GRADIENTS:
+        raise ValueError(
+            f"unknown A-Softmax gradient {gradient!r}: choose one of {', '.join(A_SOFTMAX_GRADIENTS)} "
+            f"('caffe' is the released SphereFace backward)"
+        )
+    return gradient
 
 
 def check_margin_m(m) -> int:
@@ -124,25 +143,134 @@ def a_softmax_logits(
     labels: Optional[torch.Tensor],
     m: int = 4,
     lam: float = 0.0,
+    gradient: str = "exact",
 ) -> torch.Tensor:
     """A-Softmax logits (SPEC section 4): B x C.
 
-    Weight rows are normalised to unit length (in the graph, so the gradient is exact); features are
-    not. Non-target ``f_j = ‖x‖ cos θ_j`` (= ``x · ŵ_j``); target
-    ``f_y = (λ ‖x‖ cos θ_y + ‖x‖ ψ(θ_y)) / (1 + λ)``. ``labels=None`` gives the margin-free logits
-    (inference). ``lam`` is the annealing weight λ ≥ 0 (0: the pure angular margin). A label of
-    :data:`NO_TARGET` leaves that sample's row margin-free (its class is in another block of rows).
+    Weight rows are normalised to unit length (in the graph); features are not. Non-target
+    ``f_j = ‖x‖ cos θ_j`` (= ``x · ŵ_j``); target ``f_y = (λ ‖x‖ cos θ_y + ‖x‖ ψ(θ_y)) / (1 + λ)``.
+    ``labels=None`` gives the margin-free logits (inference). ``lam`` is the annealing weight λ ≥ 0 (0:
+    the pure angular margin). A label of :data:`NO_TARGET` leaves that sample's row margin-free (its
+    class is in another block of rows).
+
+    ``gradient``: ``'exact'`` (autograd of this forward) or ``'caffe'``: the same forward with the
+    backward of the SphereFace Caffe layer (wy1iu/sphereface, ``margin_inner_product_layer.cpp`` /
+    ``.cu``, Backward), which trained the released models. With ``G = dL/dlogits``:
+
+    - features: ``G ŵ`` for every non-target column (exact); for the target column the exact
+      ``∂f_y/∂x = (coeff_w ŵ_y + coeff_x x) / (1 + λ) + λ/(1 + λ) ŵ_y`` with the pair
+      ``(coeff_w, coeff_x)`` rescaled to unit length (:func:`caffe_target_coefficients`);
+    - weights: ``G^T x`` with respect to the weight parameter itself: no margin, and no Jacobian of the
+      row normalisation (Caffe normalises the stored rows in place and differentiates the plain inner
+      product).
+
+    It is not the gradient of any function (the wy1iu/sphereface README calls it a normalised gradient;
+    that README also says the weight gradient is rescaled the same way, which the code does not do: we
+    follow the code). A row block with :data:`NO_TARGET` labels gets only the margin-free parts, so the
+    blocks of a row-sharded classifier sum to the full classifier's Caffe gradient.
     """
     m = check_margin_m(m)
+    check_gradient(gradient)
     if lam < 0:
         raise ValueError(f"A-Softmax λ must be >= 0, got {lam}")
+    if gradient == "caffe":
+        if labels is None:
+            labels = torch.full((embeddings.shape[0],), NO_TARGET, dtype=torch.long)
+        has_target, idx = _target_index(labels, embeddings, weight)
+        return _CaffeASoftmax.apply(embeddings, weight, has_target, idx, m, float(lam))
     raw, x_norm, cos = _cosine_and_norm(embeddings, weight)
     if labels is None:
         return raw
     has_target, idx = _target_index(labels, embeddings, weight)
+    return _a_softmax_with_target(raw, x_norm, cos, has_target, idx, m, lam)
+
+
+def _a_softmax_with_target(raw, x_norm, cos, has_target, idx, m: int, lam: float) -> torch.Tensor:
+    """The forward's target column, shared by both gradients (so ``gradient='caffe'`` changes no value)."""
     cos_y = cos.gather(1, idx)
     target = x_norm * (lam * cos_y + psi(cos_y, m)) / (1.0 + lam)
     return raw.scatter(1, idx, torch.where(has_target, target, raw.gather(1, idx)))
+
+
+def _caffe_sign(v: torch.Tensor) -> torch.Tensor:
+    # caffe_sign: (0 < v) - (v < 0), so sign(0) = 0 (torch.sign agrees)
+    return torch.sign(v)
+
+
+def caffe_target_coefficients(cos_theta: torch.Tensor, x_norm: torch.Tensor, m: int):
+    """The Caffe layer's target-column feature-gradient pair ``(coeff_w, coeff_x)``, rescaled to unit length.
+
+    Transcribed from ``MarginInnerProductLayer::Backward_cpu`` (wy1iu/sphereface), with the same sign
+    variables as its forward (``caffe_sign(0) = 0``), so the cosines on ψ's boundaries ``cos(kπ/m)`` take
+    the layer's branch (the pair is continuous there):
+
+    ====  ==========================================  =======================================================
+    m     coeff_w                                      coeff_x · (-‖x‖)
+    ====  ==========================================  =======================================================
+    1     1                                            0 (the layer's SINGLE type: a plain inner product)
+    2     4 s0 c                                       2 s0 c² + 1,                    s0 = sign(c)
+    3     s1 (12 c² - 3)                               8 s1 c³ - s2,                   s1 = sign(|c| - 1/2),
+                                                                                       s2 = s0 (1 + s1) - 2
+    4     s3 (32 c³ - 16 c)                            s3 (24 c⁴ - 8 c² - 1) - s4,     s3 = s0 sign(2c² - 1),
+                                                                                       s4 = 2 s0 + s3 - 3
+    ====  ==========================================  =======================================================
+
+    Without the rescaling, ``coeff_w ŵ + coeff_x x`` is the exact ``∂(‖x‖ ψ)/∂x`` at fixed ŵ.
+    """
+    m = check_margin_m(m)
+    c = cos_theta
+    if m == 1:
+        return torch.ones_like(c), torch.zeros_like(c)
+    s0 = _caffe_sign(c)
+    c2 = c * c
+    if m == 2:
+        cw = 4.0 * s0 * c
+        cx = (2.0 * s0 * c2 + 1.0) / (-x_norm)
+    elif m == 3:
+        s1 = _caffe_sign(c.abs() - 0.5)
+        s2 = s0 * (1.0 + s1) - 2.0
+        cw = s1 * (12.0 * c2 - 3.0)
+        cx = (8.0 * s1 * c2 * c - s2) / (-x_norm)
+    else:
+        s3 = s0 * _caffe_sign(2.0 * c2 - 1.0)
+        s4 = 2.0 * s0 + s3 - 3.0
+        cw = s3 * (32.0 * c2 * c - 16.0 * c)
+        cx = (s3 * (24.0 * c2 * c2 - 8.0 * c2 - 1.0) - s4) / (-x_norm)
+    norm = torch.sqrt(cw * cw + cx * cx)
+    return cw / norm, cx / norm
+
+
+class _CaffeASoftmax(torch.autograd.Function):
+    """A-Softmax logits with the Caffe layer's backward (see :func:`a_softmax_logits`, ``gradient='caffe'``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, has_target, idx, m: int, lam: float):
+        raw, x_norm, cos = _cosine_and_norm(x, weight)
+        logits = _a_softmax_with_target(raw, x_norm, cos, has_target, idx, m, lam)
+        ctx.save_for_backward(x, weight, has_target, idx)
+        ctx.m, ctx.lam = m, lam
+        return logits
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, has_target, idx = ctx.saved_tensors
+        m, lam = ctx.m, ctx.lam
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.t().mm(x)  # top_diff^T x: the stored rows' diff, no margin, no normalisation
+        if ctx.needs_input_grad[0]:
+            w_hat = F.normalize(weight, dim=1)
+            grad_x = grad.mm(w_hat)  # every column as a plain inner product ...
+            if m > 1:
+                # ... and the target column replaced: G_y [(cw ŵ_y + cx x)/(1+λ) + λ/(1+λ) ŵ_y] - G_y ŵ_y
+                w_y = w_hat[idx.squeeze(1)]
+                x_norm = x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+                cos_y = (x * w_y).sum(dim=1, keepdim=True) * (1.0 / x_norm)  # cos_theta_ of the layer: no clamp
+                cw, cx = caffe_target_coefficients(cos_y, x_norm, m)
+                g_y = grad.gather(1, idx) * has_target.to(grad.dtype)
+                grad_x = grad_x + (g_y / (1.0 + lam)) * ((cw - 1.0) * w_y + cx * x)
+        return grad_x, grad_w, None, None, None, None
 
 
 def _target_index(labels: torch.Tensor, embeddings: torch.Tensor, weight: torch.Tensor):

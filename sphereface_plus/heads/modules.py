@@ -81,6 +81,9 @@ class ASoftmaxHead(_NormalisedClassifier):
         base, gamma, power, lambda_min: the λ schedule (SphereFace: 1000, 0.12, 1, 5). A fixed λ (as in
             SphereFace+ fine-tuning, λ = 5): ``base=5, lambda_min=5``.
         renorm_weight: rescale the stored rows to unit length at each training forward (Caffe).
+        gradient: ``'exact'`` (autograd) or ``'caffe'`` (the released SphereFace layer's backward, see
+            :func:`~sphereface_plus.heads.functional.a_softmax_logits`), whenever autograd runs
+            (training or evaluation mode); the forward is the same.
     """
 
     def __init__(
@@ -93,9 +96,11 @@ class ASoftmaxHead(_NormalisedClassifier):
         power: float = 1.0,
         lambda_min: float = 5.0,
         renorm_weight: bool = True,
+        gradient: str = "exact",
     ):
         super().__init__(in_features, num_classes, renorm_weight)
         self.m = HF.check_margin_m(m)
+        self.gradient = HF.check_gradient(gradient)
         if base < 0 or lambda_min < 0 or gamma < 0:
             raise ValueError(f"A-Softmax λ schedule needs base, gamma, lambda_min >= 0; got {base}, {gamma}, {lambda_min}")
         self.base = float(base)
@@ -116,12 +121,13 @@ class ASoftmaxHead(_NormalisedClassifier):
         self._renorm()
         if self.training:
             self.iteration += 1
-        return HF.a_softmax_logits(embeddings, self.weight, labels, m=self.m, lam=self.current_lambda)
+        return HF.a_softmax_logits(embeddings, self.weight, labels, m=self.m, lam=self.current_lambda,
+                                   gradient=self.gradient)
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, m={self.m}, base={self.base}, gamma={self.gamma}, power={self.power}, "
-            f"lambda_min={self.lambda_min}"
+            f"lambda_min={self.lambda_min}, gradient={self.gradient!r}"
         )
 
 
@@ -192,7 +198,7 @@ class ArcFaceHead(_NormalisedClassifier):
 
 @register_head("a_softmax")
 def a_softmax(in_features: int = 512, num_classes: int = 10572, **kwargs) -> ASoftmaxHead:
-    """A-Softmax (SphereFace): m, base, gamma, power, lambda_min."""
+    """A-Softmax (SphereFace): m, base, gamma, power, lambda_min, gradient ('exact' | 'caffe')."""
     return ASoftmaxHead(in_features, num_classes, **kwargs)
 
 
