@@ -9,7 +9,6 @@ Each world size is one spawned job that runs every check (process start-up costs
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 import torch
