@@ -31,6 +31,10 @@ def _check_sizes(in_features: int, num_classes: int) -> None:
 class _NormalisedClassifier(nn.Module):
     """Shared part of the hyperspherical heads: a ``C x d`` weight whose rows live on the unit sphere."""
 
+    # True on a head that holds one block of rows of a row-sharded classifier (sphereface_plus.parallel
+    # sets it on its instance): its labels may then be NO_TARGET (-1), "this sample's class is elsewhere"
+    row_block: bool = False
+
     def __init__(self, in_features: int, num_classes: int, renorm_weight: bool = True):
         super().__init__()
         _check_sizes(in_features, num_classes)
@@ -57,10 +61,10 @@ class _NormalisedClassifier(nn.Module):
                 self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     def _check(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
-        # a head holds every class, so a label must name one of them (the functions also accept -1,
-        # "not in this block of rows", for the row-sharded classifier; a head does not)
+        # a head holds every class, so a label must name one of them; only a head that is one block of
+        # a row-sharded classifier (row_block) also accepts -1, "not in this block of rows"
         if labels is not None:
-            HF.check_labels(labels, embeddings.shape[0], self.num_classes)
+            HF.check_labels(labels, embeddings.shape[0], self.num_classes, allow_no_target=self.row_block)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}"
@@ -134,6 +138,8 @@ class ASoftmaxHead(_NormalisedClassifier):
 class SoftmaxHead(nn.Module):
     """Plain linear classifier ``x W^T + b`` (the softmax-loss baseline); ``labels`` are not used."""
 
+    row_block: bool = False  # as in _NormalisedClassifier
+
     def __init__(self, in_features: int, num_classes: int, bias: bool = True):
         super().__init__()
         _check_sizes(in_features, num_classes)
@@ -145,7 +151,7 @@ class SoftmaxHead(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if labels is not None:
-            HF.check_labels(labels, embeddings.shape[0], self.num_classes)
+            HF.check_labels(labels, embeddings.shape[0], self.num_classes, allow_no_target=self.row_block)
         return HF.softmax_logits(embeddings, self.weight, self.bias)
 
     def extra_repr(self) -> str:
