@@ -6,6 +6,8 @@ Protocols (SPEC section 8; the defaults are the original SphereFace evaluation):
   pairs   a generic pairs file: 'path1 path2 same [fold]' per line (tab/space or comma separated)
   bin     an insightface verification pack (lfw.bin, cfp_fp.bin, agedb_30.bin...): --pack FILE
   folder  identity folders under --root: seeded, balanced, person-disjoint pairs
+  ijb     IJB-B / IJB-C 1:1 templates (insightface's protocol, TAR@FAR 1e-6..1e-1): --root IJBC --dataset IJBC
+          (see eval/ijb.py and the README for the pipeline and its options)
 
 Features come from a training checkpoint (--checkpoint, images under --root: aligned crops, or raw
 images aligned on the fly with --landmarks), or from an .npz with 'paths' and 'features'
@@ -21,6 +23,7 @@ examples:
   sphereface-plus verify lfw --features feats.npz --pairs pairs.txt --json lfw.json
   sphereface-plus verify bin --checkpoint last.pt --pack agedb_30.bin
   sphereface-plus verify folder --checkpoint last.pt --root my-faces-112x96 --num-pairs 2000
+  sphereface-plus verify ijb --root IJBC --dataset IJBC --checkpoint sphere20.onnx --json ijbc.json --plot ijbc.png
 """
 from __future__ import annotations
 
@@ -37,13 +40,13 @@ logger = logging.getLogger(__name__)
 HELP = "verification accuracy (LFW 10-fold, pairs file, insightface .bin pack, identity folders)"
 DESCRIPTION = __doc__
 
-PROTOCOLS = ("lfw", "pairs", "bin", "folder")
+PROTOCOLS = ("lfw", "pairs", "bin", "folder", "ijb")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("protocol", choices=PROTOCOLS, help="where the pairs come from")
     src = parser.add_argument_group("features (one of)")
-    src.add_argument("--checkpoint", help="training checkpoint (.pt) whose backbone embeds the images")
+    src.add_argument("--checkpoint", help="training checkpoint (.pt) or exported model (.onnx) that embeds the images")
     src.add_argument("--features", help=".npz with 'paths' (relative image paths) and 'features' (N x D)")
     data = parser.add_argument_group("data")
     data.add_argument("--pairs", help="lfw: pairs.txt; pairs: a 'path1 path2 same [fold]' file")
@@ -67,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     run_.add_argument("--workers", type=int, default=2, help="DataLoader workers reading images (default 2)")
     run_.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    from eval.ijb import add_ijb_arguments
+
+    add_ijb_arguments(parser)
 
 
 class UsageError(ValueError):
@@ -127,6 +133,10 @@ def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray]:
 
 
 def run(args) -> int:
+    if args.protocol == "ijb":
+        from eval.ijb import run_ijb
+
+        return run_ijb(args)
     from eval.lfw import evaluate_features
     from eval.report import format_report, plot_roc, write_json_report
 

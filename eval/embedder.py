@@ -38,7 +38,7 @@ class NoFaceError(ValueError):
 
 
 class FaceEmbedder:
-    """Detect, align and embed faces with a trained checkpoint.
+    """Detect, align and embed faces with a trained checkpoint or its ``.onnx`` export.
 
     ``embed(images)`` takes BGR ``uint8`` arrays (as ``cv2.imread`` returns them) and returns
     ``N x D`` float32 L2-normalised features (crop + mirror embeddings concatenated when ``flip``).
@@ -120,7 +120,7 @@ def read_image(path) -> np.ndarray:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image1", help="first image (any size; a face is detected and aligned)")
     parser.add_argument("image2", help="second image")
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or exported model (.onnx)")
     parser.add_argument("--threshold", type=float, help="cosine threshold (default: the one stored in the checkpoint)")
     parser.add_argument("--detector", default="mtcnn", help="face detector: mtcnn or retinaface (default mtcnn)")
     parser.add_argument("--aligned", action="store_true", help="the images are already aligned crops: no detection")

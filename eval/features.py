@@ -206,8 +206,14 @@ def load_checkpoint(path, device="cpu"):
     """Build the backbone described by a training checkpoint (docs/interfaces.md) and load its weights.
 
     Returns ``(model in eval mode, info)`` with ``info`` holding ``backbone``, ``input_size``,
-    ``template`` and ``threshold`` (``None`` when the checkpoint stores none).
+    ``template`` and ``threshold`` (``None`` when the checkpoint stores none). An ``.onnx`` file
+    written by ``sphereface-plus export`` loads as an :class:`eval.models.OnnxModel` with the same
+    ``info`` (from its metadata), so every caller accepts either.
     """
+    if Path(path).suffix.lower() == ".onnx":
+        from eval.models import load_onnx_model
+
+        return load_onnx_model(path, device=device)
     from sphereface_plus import create_backbone
     from sphereface_plus.utils import safe_torch_load
 

@@ -267,6 +267,19 @@ def tar_from_top_impostors(genuine, top_impostors, n_impostors: int, far: float)
     }
 
 
+def tar_at_nearest_far(fpr, tpr, thresholds, far: float) -> Dict[str, float]:
+    """TAR at the ROC point whose FPR is nearest to ``far`` (insightface's IJB tables, ``ijb_11.py``).
+
+    insightface flips the ``roc_curve`` arrays and takes the first minimum of ``|fpr - far|``:
+    among equally near points that is the last one in ROC order, the one with the highest TPR.
+    The chosen FPR may exceed ``far``; :func:`tar_at_far` gives the FAR-bounded figure.
+    """
+    fpr = np.asarray(fpr, dtype=np.float64)
+    d = np.abs(fpr - far)
+    i = int(np.flatnonzero(d == d.min())[-1])
+    return {"tar": float(np.asarray(tpr)[i]), "far": float(fpr[i]), "threshold": float(np.asarray(thresholds)[i])}
+
+
 def far_key(far: float) -> str:
     """``1e-2`` -> ``"1e-2"`` (the JSON key of a FAR)."""
     mant, exp = f"{far:e}".split("e")

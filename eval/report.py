@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 from sphereface_plus.utils import atomic_write_bytes, atomic_write_json
 
@@ -23,8 +23,9 @@ def write_json_report(report: Mapping[str, object], path, include_roc: bool = Tr
     atomic_write_json(path, obj)
 
 
-def plot_roc(curves: Mapping[str, Mapping[str, object]], path, title: str = "ROC") -> None:
-    """Plot ``{label: report}`` ROC curves (log-scale FAR) to a PNG at ``path``."""
+def plot_roc(curves: Mapping[str, Mapping[str, object]], path, title: str = "ROC",
+             xlim: Tuple[float, float] = (1e-4, 1.0)) -> None:
+    """Plot ``{label: report}`` ROC curves (log-scale FAR over ``xlim``) to a PNG at ``path``."""
     # the Agg canvas on a bare Figure: no pyplot, no global backend switch, no display needed
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -36,11 +37,12 @@ def plot_roc(curves: Mapping[str, Mapping[str, object]], path, title: str = "ROC
         roc = rep.get("roc")
         if not roc:
             raise ValueError(f"report {label!r} has no ROC points (compute it with roc_points=True)")
-        fpr = [max(f, 1e-6) for f in roc["fpr"]]
-        text = f"{label} (acc {100 * rep['mean_accuracy']:.2f}%, AUC {rep['auc']:.4f})"
+        fpr = [max(f, min(xlim[0], 1e-6)) for f in roc["fpr"]]
+        acc = f"acc {100 * rep['mean_accuracy']:.2f}%, " if "mean_accuracy" in rep else ""
+        text = f"{label} ({acc}AUC {rep['auc']:.4f})"
         ax.plot(fpr, roc["tpr"], label=text)
     ax.set_xscale("log")
-    ax.set_xlim(1e-4, 1.0)
+    ax.set_xlim(*xlim)
     ax.set_ylim(0.0, 1.01)
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")

@@ -1,0 +1,431 @@
+"""IJB-B / IJB-C 1:1 template verification (``sphereface-plus verify ijb``), as insightface evaluates it.
+
+The facts follow insightface's ``recognition/_evaluation_/ijb/ijb_11.py`` (and ``ijb_onnx.py``);
+the code is this toolkit's own. The official layout under ``--root``::
+
+    meta/<ds>_face_tid_mid.txt          image_name template_id media_id        (one line per face)
+    meta/<ds>_template_pair_label.txt   template_id_1 template_id_2 label      (1 = same subject)
+    meta/<ds>_name_5pts_score.txt       image_name x1 y1 ... x5 y5 detector_score
+    loose_crop/<image_name>
+
+with ``<ds>`` = ``ijbc`` or ``ijbb``. The pipeline:
+
+1. every face is aligned with its 5 points to the model's template (``data_prep.align_face``; the
+   landmarks are 0-based pixel coordinates) and embedded with its mirror; the face feature is the
+   *sum* ``f(crop) + f(mirror)`` (insightface's flip mode F2), not normalised: its norm acts as a
+   quality weight (mode N1). ``normalize_faces`` L2-normalises each face first (mode N0);
+2. optionally (``detector_score``, mode D1) each face feature is multiplied by its detector score;
+3. media pooling: the faces of one media (one video, or one still) inside a template are averaged;
+4. template pooling: the media features of a template are summed, then L2-normalised (a zero sum
+   stays zero, like ``sklearn.preprocessing.normalize``);
+5. the score of a template pair is the cosine (dot product) of the two template features;
+6. the ROC is sklearn's ``roc_curve`` (decision ``score >= t``, collinear points dropped), and
+   TAR@FAR takes, for each FAR in 1e-6 .. 1e-1, the ROC point whose FPR is *nearest* to it, the
+   highest TPR among equally near points (insightface flips the arrays and takes the first minimum
+   of ``|fpr - far|``). That point's FPR can lie slightly above the target, so the report also
+   gives ``tar_at_far_bounded``: the best TAR with FAR <= target (``eval.metrics.tar_at_far``).
+
+Faces are joined to the meta files by image name (insightface joins by line order; the official
+files list the same names in the same order, so the two agree), which lets a features file hold
+its rows in any order. Everything after the embedding is vectorised numpy in float64.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from sphereface_plus.errors import InputFileError, MissingFileError, ToolkitError, UsageError
+
+logger = logging.getLogger(__name__)
+
+IJB_DATASETS = ("IJBC", "IJBB")
+IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+PAIR_BLOCK = 100_000  # template pairs scored per block
+FACE_CHUNK = 65_536  # faces pooled per chunk (bounded float64 memory)
+
+
+# --------------------------------------------------------------------------- meta files
+
+
+def meta_files(root, dataset: str) -> Dict[str, Path]:
+    """The three meta files and the image folder of ``dataset`` under ``root`` (official names)."""
+    if dataset not in IJB_DATASETS:
+        raise UsageError(f"--dataset {dataset!r} is not one of {', '.join(IJB_DATASETS)}")
+    root, ds = Path(root), dataset.lower()
+    return {
+        "tid_mid": root / "meta" / f"{ds}_face_tid_mid.txt",
+        "pairs": root / "meta" / f"{ds}_template_pair_label.txt",
+        "landmarks": root / "meta" / f"{ds}_name_5pts_score.txt",
+        "images": root / "loose_crop",
+    }
+
+
+def _require(path: Path, what: str) -> None:
+    if not path.exists():
+        raise MissingFileError(f"{path} does not exist ({what}); --root must be the IJB folder holding meta/ and "
+                               f"loose_crop/ as distributed (and --dataset must match the file names)")
+
+
+def _bad_line(path, line_no: int, line: str, problem: str, fix: str) -> InputFileError:
+    return InputFileError(f"{path}:{line_no}: {problem}: {line.strip()!r}; {fix}")
+
+
+def _data_lines(path: Path):
+    """``(line number, text, fields)`` of every non-blank line."""
+    with open(path, "r", encoding="utf-8", errors="replace") as fh:
+        for line_no, line in enumerate(fh, 1):
+            fields = line.split()
+            if fields:
+                yield line_no, line, fields
+
+
+def read_face_tid_mid(path) -> Tuple[List[str], np.ndarray, np.ndarray]:
+    """``(image names, template ids, media ids)``, one entry per line of ``<ds>_face_tid_mid.txt``."""
+    path = Path(path)
+    _require(path, "the face -> template, media list")
+    fix = "each line must be 'image_name template_id media_id' (integer ids), as in the official meta files"
+    names, tids, mids = [], [], []
+    for line_no, line, f in _data_lines(path):
+        if len(f) != 3:
+            raise _bad_line(path, line_no, line, f"expected 3 fields, got {len(f)}", fix)
+        try:
+            tids.append(int(f[1]))
+            mids.append(int(f[2]))
+        except ValueError:
+            raise _bad_line(path, line_no, line, "template and media ids must be integers", fix) from None
+        names.append(f[0])
+    if not names:
+        raise InputFileError(f"{path} lists no faces; {fix}")
+    return names, np.asarray(tids, dtype=np.int64), np.asarray(mids, dtype=np.int64)
+
+
+def _scan_pairs(path: Path) -> None:
+    """Raise the one-line error of the first malformed line of a pairs file (the slow, exact path)."""
+    fix = "each line must be 'template_id_1 template_id_2 label' with integer ids and label 0 or 1"
+    for line_no, line, f in _data_lines(path):
+        if len(f) != 3:
+            raise _bad_line(path, line_no, line, f"expected 3 fields, got {len(f)}", fix)
+        try:
+            values = [int(v) for v in f]
+        except ValueError:
+            raise _bad_line(path, line_no, line, "fields must be integers", fix) from None
+        if values[2] not in (0, 1):
+            raise _bad_line(path, line_no, line, f"label must be 0 or 1, got {values[2]}", fix)
+
+
+def _nth_data_line(path: Path, index: int) -> Tuple[int, str]:
+    for i, (line_no, line, _) in enumerate(_data_lines(path)):
+        if i == index:
+            return line_no, line
+    return -1, ""
+
+
+def read_template_pairs(path) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(template_1, template_2, label)`` int64 arrays of ``<ds>_template_pair_label.txt``.
+
+    The 15.7 M lines of IJB-C go through numpy's C parser; a malformed file is rescanned line by
+    line to name the first bad line.
+    """
+    path = Path(path)
+    _require(path, "the template pairs")
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as fh:
+            data = np.loadtxt(fh, dtype=np.int64, ndmin=2, comments=None)
+        ok = data.ndim == 2 and data.shape[1] == 3 and bool(np.isin(data[:, 2], (0, 1)).all())
+    except ValueError:
+        ok = False
+    if not ok:
+        _scan_pairs(path)
+        raise InputFileError(f"{path} cannot be read as 'template_id_1 template_id_2 label' lines")
+    if data.shape[0] == 0:
+        raise InputFileError(f"{path} lists no template pairs")
+    return data[:, 0].copy(), data[:, 1].copy(), data[:, 2].copy()
+
+
+def read_name_5pts_score(path) -> Tuple[List[str], np.ndarray, np.ndarray]:
+    """``(image names, N x 5 x 2 landmarks, N detector scores)`` of ``<ds>_name_5pts_score.txt``."""
+    path = Path(path)
+    _require(path, "the landmarks and detector scores")
+    fix = "each line must be 'image_name x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 score' (11 numbers), as in the official files"
+    names, values, first_line = [], [], {}
+    for line_no, line, f in _data_lines(path):
+        if len(f) != 12:
+            raise _bad_line(path, line_no, line, f"expected a name and 11 numbers, got {len(f)} fields", fix)
+        try:
+            row = [float(v) for v in f[1:]]
+        except ValueError:
+            raise _bad_line(path, line_no, line, "landmarks and score must be numbers", fix) from None
+        if not np.isfinite(row).all():
+            raise _bad_line(path, line_no, line, "landmarks and score must be finite", fix)
+        if f[0] in first_line:
+            raise _bad_line(path, line_no, line, f"image {f[0]} is already listed on line {first_line[f[0]]}",
+                            "keep one line per image")
+        first_line[f[0]] = line_no
+        names.append(f[0])
+        values.append(row)
+    if not names:
+        raise InputFileError(f"{path} lists no faces; {fix}")
+    arr = np.asarray(values, dtype=np.float64)
+    return names, arr[:, :10].reshape(-1, 5, 2), arr[:, 10]
+
+
+@dataclass
+class IJBMeta:
+    """The parsed meta files (``landmarks`` and ``scores`` follow ``landmark_names``)."""
+
+    files: Dict[str, Path]
+    face_names: List[str]  # one per face -> template, media line
+    templates: np.ndarray
+    medias: np.ndarray
+    t1: np.ndarray
+    t2: np.ndarray
+    labels: np.ndarray
+    landmark_names: Optional[List[str]] = None
+    landmarks: Optional[np.ndarray] = None
+    scores: Optional[np.ndarray] = None
+
+    def landmark_index(self) -> Dict[str, int]:
+        return {n: i for i, n in enumerate(self.landmark_names or [])}
+
+
+def load_ijb_meta(root, dataset: str, need_landmarks: bool = True) -> IJBMeta:
+    """Read and cross-check the meta files: every face has landmarks, every pair's templates exist."""
+    from eval.pairs import describe_missing
+
+    files = meta_files(root, dataset)
+    names, templates, medias = read_face_tid_mid(files["tid_mid"])
+    t1, t2, labels = read_template_pairs(files["pairs"])
+    meta = IJBMeta(files, names, templates, medias, t1, t2, labels)
+    known = np.unique(templates)
+    for side, t in (("first", t1), ("second", t2)):
+        bad = ~np.isin(t, known)
+        if bad.any():
+            line_no, line = _nth_data_line(files["pairs"], int(np.flatnonzero(bad)[0]))
+            raise _bad_line(files["pairs"], line_no, line,
+                            f"the {side} template ({int(t[bad][0])}) has no face in {files['tid_mid'].name}",
+                            f"{int(bad.sum())} pairs name unknown templates: use the meta files of one release")
+    if need_landmarks:
+        meta.landmark_names, meta.landmarks, meta.scores = read_name_5pts_score(files["landmarks"])
+        index = meta.landmark_index()
+        missing = list(dict.fromkeys(n for n in names if n not in index))
+        if missing:
+            raise InputFileError(describe_missing(missing, len(set(names)), f"from {files['landmarks']}",
+                                                  f"every face of {files['tid_mid'].name} needs its 5 points and "
+                                                  f"score; use the meta files of one release"))
+    logger.info("%s: %d faces, %d templates, %d media, %d pairs (%d genuine)", dataset, len(names), known.size,
+                np.unique(np.stack([templates, medias], 1), axis=0).shape[0], labels.size, int(labels.sum()))
+    return meta
+
+
+# --------------------------------------------------------------------------- pooling and scores
+
+
+def flip_sum(features: np.ndarray) -> np.ndarray:
+    """``[f(crop), f(mirror)]`` concatenated (``eval.features.embed_batch``) -> ``f(crop) + f(mirror)`` (F2)."""
+    d = features.shape[1] // 2
+    return features[:, :d] + features[:, d:]
+
+
+def template_features(features: np.ndarray, templates: Sequence[int], medias: Sequence[int],
+                      weights: Optional[np.ndarray] = None, normalize_faces: bool = False,
+                      chunk: int = FACE_CHUNK) -> Tuple[np.ndarray, np.ndarray]:
+    """``(sorted template ids, L2-normalised template features)`` by media then template pooling.
+
+    ``features[i]`` is the face of ``templates[i]`` / ``medias[i]``; ``weights[i]`` (detector
+    scores) multiplies it after the optional normalisation, as in insightface. The media mean and
+    template sum are one weighted sum per template (weight = score / faces in the media), computed
+    with ``np.add.reduceat`` on faces sorted by (template, media), ``chunk`` faces at a time.
+    """
+    from sphereface_plus.utils import progress
+
+    features = np.asarray(features)
+    t = np.asarray(templates, dtype=np.int64)
+    m = np.asarray(medias, dtype=np.int64)
+    n = t.size
+    if features.ndim != 2 or features.shape[0] != n or m.size != n:
+        raise ValueError(f"features {features.shape}, {n} template ids and {m.size} media ids do not match")
+    order = np.lexsort((m, t))
+    ts, ms = t[order], m[order]
+    new_media = np.r_[True, (ts[1:] != ts[:-1]) | (ms[1:] != ms[:-1])]
+    media_id = np.cumsum(new_media) - 1
+    w = 1.0 / np.bincount(media_id)[media_id]
+    if weights is not None:
+        w = w * np.asarray(weights, dtype=np.float64)[order]
+    starts = np.flatnonzero(np.r_[True, ts[1:] != ts[:-1]])
+    ends = np.r_[starts[1:], n]
+    out = np.zeros((starts.size, features.shape[1]), dtype=np.float64)
+    bar = progress(total=n, desc="pool", unit="face")
+    ti = 0
+    while ti < starts.size:
+        a = starts[ti]
+        tj = max(ti + 1, int(np.searchsorted(ends, a + chunk, side="right")))  # whole templates only
+        b = ends[tj - 1]
+        x = features[order[a:b]].astype(np.float64)
+        if normalize_faces:
+            norm = np.linalg.norm(x, axis=1, keepdims=True)
+            x /= np.where(norm == 0, 1.0, norm)
+        x *= w[a:b, None]
+        out[ti:tj] = np.add.reduceat(x, starts[ti:tj] - a, axis=0)
+        bar.update(int(b - a))
+        ti = tj
+    bar.close()
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    return ts[starts], out / np.where(norm == 0, 1.0, norm)
+
+
+def pair_scores(template_ids: np.ndarray, template_feats: np.ndarray, t1, t2, block: int = PAIR_BLOCK) -> np.ndarray:
+    """Cosine score of every template pair (``template_ids`` sorted, features L2-normalised)."""
+    from sphereface_plus.utils import progress
+
+    i1 = np.searchsorted(template_ids, t1)
+    i2 = np.searchsorted(template_ids, t2)
+    scores = np.empty(len(i1), dtype=np.float64)
+    for s in progress(range(0, len(i1), block), desc="score", unit="block"):
+        scores[s:s + block] = np.einsum("nd,nd->n", template_feats[i1[s:s + block]], template_feats[i2[s:s + block]])
+    return scores
+
+
+def ijb_report(scores, labels, fars: Sequence[float] = IJB_FARS) -> Dict[str, object]:
+    """TAR@FAR (insightface's nearest ROC point, and the FAR-bounded one), AUC and the ROC points."""
+    from eval.metrics import auc, far_key, roc_curve, tar_at_far, tar_at_nearest_far
+
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    fpr, tpr, thr = roc_curve(scores, labels)
+    nearest = {far_key(f): tar_at_nearest_far(fpr, tpr, thr, f) for f in fars}
+    return {
+        "tar_at_far": {k: v["tar"] for k, v in nearest.items()},
+        "roc_point_at_far": {k: {"far": v["far"], "threshold": v["threshold"]} for k, v in nearest.items()},
+        "tar_at_far_bounded": {far_key(f): tar_at_far(scores[labels], scores[~labels], f)["tar"] for f in fars},
+        "auc": auc(fpr, tpr),
+        "num_pairs": int(labels.size),
+        "num_positive": int(labels.sum()),
+        "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+    }
+
+
+def evaluate_ijb(meta: IJBMeta, names: Sequence[str], features: np.ndarray, detector_score: bool = False,
+                 normalize_faces: bool = False, fars: Sequence[float] = IJB_FARS,
+                 source: str = "the features") -> Tuple[Dict[str, object], np.ndarray]:
+    """The report and the pair scores from per-face ``features`` named by ``names`` (any order)."""
+    from eval.pairs import describe_missing
+
+    index = {n: i for i, n in enumerate(names)}
+    if len(index) != len(names):
+        logger.warning("%d duplicate image names in %s; the last feature of each is used", len(names) - len(index),
+                       source)
+    missing = list(dict.fromkeys(n for n in meta.face_names if n not in index))
+    if missing:
+        raise InputFileError(describe_missing(missing, len(set(meta.face_names)), f"from {source}",
+                                              f"'paths' must be the image names of {meta.files['tid_mid'].name} "
+                                              f"(e.g. 1.jpg)"))
+    rows = np.fromiter((index[n] for n in meta.face_names), dtype=np.int64, count=len(meta.face_names))
+    weights = None
+    if detector_score:
+        lm = meta.landmark_index()
+        weights = meta.scores[np.fromiter((lm[n] for n in meta.face_names), dtype=np.int64,
+                                          count=len(meta.face_names))]
+    tids, tfeats = template_features(np.asarray(features)[rows], meta.templates, meta.medias, weights,
+                                     normalize_faces)
+    scores = pair_scores(tids, tfeats, meta.t1, meta.t2)
+    report = ijb_report(scores, meta.labels, fars)
+    report.update({"num_templates": int(tids.size), "num_faces": len(meta.face_names),
+                   "detector_score": bool(detector_score), "normalize_faces": bool(normalize_faces)})
+    return report, scores
+
+
+def model_face_features(model, info, meta: IJBMeta, batch_size: int = 64, flip: bool = True, device="cpu",
+                        num_workers: int = 2) -> Tuple[List[str], np.ndarray]:
+    """``(names, features)`` of every face of the meta files: aligned, embedded, flip-summed (F2)."""
+    from eval.features import extract_features
+
+    lm = meta.landmark_index()
+    names = list(dict.fromkeys(meta.face_names))
+    landmarks = {n: meta.landmarks[lm[n]] for n in names}
+    feats = extract_features(model, meta.files["images"], names, batch_size=batch_size, flip=flip, device=device,
+                             num_workers=num_workers, input_size=info["input_size"], landmarks=landmarks,
+                             template=info["template"])
+    return names, flip_sum(feats) if flip else feats
+
+
+# --------------------------------------------------------------------------- the command (verify ijb)
+
+
+def add_ijb_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``verify ijb`` (it also uses --root, --checkpoint, --features, --json, --plot...)."""
+    g = parser.add_argument_group("ijb (IJB-B / IJB-C 1:1, insightface's protocol; --root is the IJB folder)")
+    g.add_argument("--dataset", default="IJBC", choices=IJB_DATASETS,
+                   help="which meta file names to read under --root/meta (default IJBC)")
+    g.add_argument("--detector-score", action="store_true",
+                   help="weight each face by its detector score from <ds>_name_5pts_score.txt (insightface D1; "
+                        "its published tables use it)")
+    g.add_argument("--normalize-faces", action="store_true",
+                   help="L2-normalise each face feature before pooling (insightface N0; default N1 keeps the "
+                        "norm as a quality weight)")
+
+
+def _check_ijb_args(args) -> None:
+    if bool(args.checkpoint) == bool(args.features):
+        raise UsageError("verify ijb: give exactly one of --checkpoint (a .pt checkpoint or an exported .onnx) "
+                         "and --features (an .npz with 'paths' and 'features')")
+    if not args.root:
+        raise UsageError("verify ijb needs --root, the IJB folder holding meta/ and loose_crop/")
+    if args.features and args.no_flip:
+        logger.warning("--no-flip has no effect with --features (the features are used as they are)")
+
+
+def compute_ijb(args) -> Dict[str, object]:
+    """Everything ``verify ijb`` computes, as a report dict (also used by tests)."""
+    from eval import features as F
+
+    _check_ijb_args(args)
+    meta = load_ijb_meta(args.root, args.dataset, need_landmarks=bool(args.checkpoint or args.detector_score))
+    if args.features:
+        names, feats = F.load_features_npz(args.features)
+    else:
+        model, info = F.load_checkpoint(args.checkpoint, device=args.device)
+        names, feats = model_face_features(model, info, meta, args.batch_size, not args.no_flip, args.device,
+                                           args.workers)
+        if args.save_features:
+            F.save_features_npz(args.save_features, names, feats)
+            logger.info("features saved to %s", args.save_features)
+    report, _ = evaluate_ijb(meta, names, feats, args.detector_score, args.normalize_faces,
+                             source=args.features or "the extracted features")
+    return {"protocol": "ijb", "dataset": args.dataset, **report,
+            "flip": (not args.no_flip) if args.checkpoint else None, "source": args.checkpoint or args.features}
+
+
+def format_ijb_report(report: Dict[str, object]) -> str:
+    """The TAR@FAR table as insightface prints it (percent), with the AUC."""
+    keys = list(report["tar_at_far"])
+    lines = [f"{report.get('dataset', 'IJB')} 1:1: {report['num_pairs']} template pairs ({report['num_positive']} "
+             f"genuine), {report.get('num_templates', '?')} templates, {report.get('num_faces', '?')} faces",
+             "FAR              " + "".join(f"{k:>9}" for k in keys),
+             "TAR (%)          " + "".join(f"{100 * report['tar_at_far'][k]:9.2f}" for k in keys),
+             "TAR, FAR<=target " + "".join(f"{100 * report['tar_at_far_bounded'][k]:9.2f}" for k in keys),
+             f"AUC {report['auc']:.5f}"]
+    return "\n".join(lines)
+
+
+def run_ijb(args) -> int:
+    from eval.report import plot_roc, write_json_report
+
+    try:
+        report = compute_ijb(args)
+    except (ToolkitError, ValueError, OSError) as e:  # bad input: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_ijb_report(report))
+    if args.json:
+        write_json_report(report, args.json)
+        print(f"report: {args.json}")
+    if args.plot:
+        plot_roc({f"{args.dataset}": report}, args.plot, title=f"{args.dataset} 1:1 verification", xlim=(1e-6, 1e-1))
+        print(f"ROC plot: {args.plot}")
+    return 0
