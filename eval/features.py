@@ -175,8 +175,9 @@ def embed_batch(model: torch.nn.Module, x: torch.Tensor, flip: bool = True, prec
                 channels_last: bool = False) -> torch.Tensor:
     """float32 embeddings of a preprocessed batch; with ``flip`` ``[f(x), f(mirror(x))]`` concatenated.
 
-    The crop and its mirror go through ONE forward of a doubled batch (measured faster than two
-    forwards: ``bench/results/embed_throughput.md``). ``precision`` is a resolved one (``fp32`` or
+    The crop and its mirror go through ONE forward of a doubled batch (in bf16 + channels_last it ties
+    with two forwards, in float32 two forwards measured 1.10x faster once: ``bench/results/
+    embed_throughput.md``; kept as one forward, the bf16 path being the default where it is fast). ``precision`` is a resolved one (``fp32`` or
     ``bf16``, see :func:`inference_setup`): only the backbone runs under autocast, the features come
     back float32. ``channels_last`` feeds the batch in NHWC (the model should be converted too).
     """

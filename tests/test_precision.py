@@ -24,8 +24,8 @@ IMAGES = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Aaron_Peirsol/Aaron_Peirsol_0
           "Abdullah_Gul/Abdullah_Gul_0001.jpg", "Abdullah_Gul/Abdullah_Gul_0002.jpg",
           "Aaron_Eckhart/Aaron_Eckhart_0001.jpg", "Abba_Eban/Abba_Eban_0001.jpg"]
 # bf16 keeps 8 significand bits: sphere20's 1024-d crop + mirror feature stays within this cosine of
-# the float32 one (measured on a trained model over all 7,701 LFW pair images: min 0.9993, see
-# bench/results/bf16_lfw.md; random weights give about 0.99997)
+# the float32 one (measured on a trained sphere20 over all 7,701 LFW pair images: min 0.999996, see
+# bench/results/bf16_lfw.md; random weights give about 0.99997); 0.999 leaves a wide margin
 BF16_MIN_COSINE = 0.999
 
 
