@@ -1,6 +1,7 @@
 """Training throughput of sphere20 at 112x96: the trainer's step vs a plain eager step, same process.
 
     .venv/bin/python bench/train_throughput.py [--batch 16] [--classes 1000] [--steps 3] [--rounds 3]
+        [--threads 2] [--device cpu|cuda] [--no-compile] [--peak-tflops T]
 
 Both sides do the same work per step: sphere20 forward, A-Softmax (m = 4) logits, cross-entropy,
 SphereFace+ batch-vs-all MHE (s = 2) on the classifier, backward, SGD with momentum and weight decay.
@@ -9,7 +10,15 @@ the trainer side is ``sphereface_plus.trainer.Trainer.train_step`` (NaN guard, s
 included). Inputs are random tensors, so data loading is not part of either number. Variants are
 timed in interleaved rounds (median of rounds) so that a busy machine affects them alike.
 
-On CUDA an extra table compares AMP off / bf16 / fp16 through the trainer. Writes
+Precision variants (issue 14): float32 eager vs bf16 vs bf16 + channels_last (+ ``torch.compile`` of
+the backbone), all on the trainer's model and optimiser. bf16 goes through the trainer's own step
+when the trainer honours ``train.amp=bf16`` on this device; until it does (the trainer ignores it on a
+CPU), the step is run the way the trainer will run it: :func:`sphereface_plus.engine.precision.autocast`
+around ``FaceTrainModel.forward`` (which keeps head, loss and MHE in float32 inside), cross-entropy
++ MHE in float32, backward, SGD step. The table says which was timed.
+
+On CUDA (``--device cuda``) the same table runs with AMP, plus fp16 + GradScaler through the trainer,
+and an MFU column (``--peak-tflops``: the GPU's dense bf16 peak). Writes
 ``bench/results/train_throughput.md``.
 """
 from __future__ import annotations
@@ -31,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from sphereface_plus.config import load_config  # noqa: E402
 from sphereface_plus.engine.dist import DistInfo  # noqa: E402
+from sphereface_plus.engine.precision import autocast, bf16_support  # noqa: E402
 from sphereface_plus.trainer import Trainer  # noqa: E402
 from sphereface_plus.utils import atomic_write_text  # noqa: E402
 
@@ -104,15 +114,83 @@ def build_plain(num_classes, device):
     return lambda x, y: plain_step(net, weight, opt, x, y, lam=5.0, lambda_m=1.0)
 
 
-def build_trainer(num_classes, device, batch, amp="off", channels_last=False):
+def make_trainer(num_classes, device, batch, amp="off", channels_last=False):
     cfg = load_config(None, [
         "data.source=synthetic", "model.backbone=sphere20", f"model.channels_last={str(channels_last).lower()}",
         "head.name=a_softmax", "head.base=5", "head.lambda_min=5", "mhe.lambda_m=1.0", "mhe.power=2",
         "optim.lr=0.01", f"train.batch_size={batch}", f"train.amp={amp}", "train.tensorboard=false",
-        "out_dir=/tmp/sphereface_plus_bench",
+        f"train.device={device}", "out_dir=/tmp/sphereface_plus_bench",
     ])
-    trainer = Trainer(cfg, _RandomFaces(num_classes), DistInfo(device=torch.device(device)))
+    return Trainer(cfg, _RandomFaces(num_classes), DistInfo(device=torch.device(device)))
+
+
+def build_trainer(num_classes, device, batch, amp="off", channels_last=False):
+    trainer = make_trainer(num_classes, device, batch, amp, channels_last)
     return lambda x, y: trainer.train_step(x, y)["loss"]
+
+
+def trainer_runs_bf16(trainer) -> bool:
+    """Whether the trainer itself trains in bf16 (``precision`` once wired, ``amp_dtype`` today)."""
+    precision = getattr(trainer, "precision", None)
+    if precision is not None:
+        return precision == "bf16"
+    return getattr(trainer, "amp_dtype", None) == torch.bfloat16
+
+
+def trainer_style_step(trainer, precision: str):
+    """The trainer's step as it will run with ``train.amp=bf16``: autocast around the model forward
+    only (``FaceTrainModel`` computes head and MHE in float32 inside), float32 loss, SGD step."""
+    model, opt, sched, lambda_m = trainer.model, trainer.optimizer, trainer.scheduler, trainer.cfg.mhe.lambda_m
+    device, fmt = trainer.device, trainer.memory_format
+
+    def step(x, y):
+        model.train()
+        x = x.to(device).contiguous(memory_format=fmt)
+        with autocast(device, precision):
+            logits, mhe = model(x, y)
+        loss = F.cross_entropy(logits.float(), y) + lambda_m * mhe.float()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        return loss.detach()
+
+    return step
+
+
+def build_precision(num_classes, device, batch, channels_last=False, compile_backbone=False, how=None):
+    """A bf16 step on the trainer's model: the trainer's own step where it honours bf16, else the
+    trainer-style step above. ``how`` (a list) receives which one was built."""
+    trainer = make_trainer(num_classes, device, batch, "bf16", channels_last)
+    if compile_backbone:
+        trainer.model.backbone = torch.compile(trainer.model.backbone)
+    if trainer_runs_bf16(trainer):
+        if how is not None:
+            how.append("the trainer's own train_step (train.amp=bf16 honoured)")
+        return lambda x, y: trainer.train_step(x, y)["loss"]
+    if how is not None:
+        how.append("the trainer's model and optimiser under engine.precision.autocast (the trainer ignores "
+                   "train.amp=bf16 on this device today)")
+    return trainer_style_step(trainer, "bf16")
+
+
+def build_fp32_compiled(num_classes, device, batch):
+    trainer = make_trainer(num_classes, device, batch, "off", True)
+    trainer.model.backbone = torch.compile(trainer.model.backbone)
+    return lambda x, y: trainer.train_step(x, y)["loss"]
+
+
+def step_flops(batch, classes, device) -> float:
+    """FLOPs of one float32 training step per image (forward + backward), by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = build_plain(classes, device)
+    x = torch.randn(batch, 3, 112, 96, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(x, y)
+    return counter.get_total_flops() / batch
 
 
 def time_steps(step, x, y, steps, device):
@@ -128,17 +206,46 @@ def time_steps(step, x, y, steps, device):
     return x.shape[0] * steps / (time.perf_counter() - t0)
 
 
-def run_table(variants, batch, classes, steps, rounds, device):
+def run_table(variants, batch, classes, steps, rounds, device, notes=None):
+    """Interleaved rounds of every variant; ``{name: [images/s per round]}`` (a variant whose build or
+    warm-up fails, e.g. torch.compile without a toolchain, is left out with a note)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 112, 96, generator=g).to(device)
     y = torch.randint(0, classes, (batch,), generator=g).to(device)
-    steps_fns = {name: build() for name, build in variants.items()}
-    results = {name: [] for name in variants}
+    steps_fns = {}
+    for name, build in variants.items():
+        t0 = time.perf_counter()
+        try:
+            fn = build()
+            fn(x, y)  # first call outside the timing (compilation, oneDNN primitives)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            if notes is not None:
+                notes.append(f"`{name}` failed and was left out: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+            continue
+        if notes is not None and "compile" in name:
+            notes.append(f"`{name}`: build and first step (compilation) took {time.perf_counter() - t0:.0f} s")
+        steps_fns[name] = fn
+    results = {name: [] for name in steps_fns}
     for r in range(rounds):
         for name, fn in steps_fns.items():
             results[name].append(time_steps(fn, x, y, steps, device))
             print(f"round {r + 1}/{rounds} {name}: {results[name][-1]:.2f} images/s", flush=True)
-    return {name: statistics.median(v) for name, v in results.items()}
+    return results
+
+
+def table(results, base_name, flops=None, peak=None):
+    base = statistics.median(results[base_name])
+    mfu = flops is not None and peak
+    lines = ["| variant | images/s (median) | images/s (best) | vs " + base_name + " |" + (" MFU |" if mfu else ""),
+             "| --- | --- | --- | --- |" + (" --- |" if mfu else "")]
+    for name, v in results.items():
+        med = statistics.median(v)
+        row = f"| {name} | {med:.2f} | {max(v):.2f} | {med / base:.2f}x |"
+        if mfu:
+            row += f" {100 * med * flops / (peak * 1e12):.1f} % |"
+        lines.append(row)
+    return lines
 
 
 def main() -> int:
@@ -147,47 +254,57 @@ def main() -> int:
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for the GPU table")
     ap.add_argument("--gpu-batch", type=int, default=256)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="CUDA: dense bf16 peak of the GPU in TFLOP/s for the MFU column (989 for H100/H200 SXM)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_throughput.md"))
     args = ap.parse_args()
-
-    cpu = run_table({
-        "plain eager step": lambda: build_plain(args.classes, "cpu"),
-        "trainer step": lambda: build_trainer(args.classes, "cpu", args.batch),
-        "trainer step, channels_last": lambda: build_trainer(args.classes, "cpu", args.batch, channels_last=True),
-    }, args.batch, args.classes, args.steps, args.rounds, "cpu")
-    base = cpu["plain eager step"]
+    torch.set_num_threads(args.threads)
+    dev = args.device
+    cuda = dev.startswith("cuda")
+    batch = args.gpu_batch if cuda else args.batch
+    steps = max(args.steps, 10) if cuda else args.steps
+    how: list = []
+    notes: list = []
+    variants = {
+        "plain eager step (fp32)": lambda: build_plain(args.classes, dev),
+        "trainer step (fp32)": lambda: build_trainer(args.classes, dev, batch),
+        "trainer step, channels_last (fp32)": lambda: build_trainer(args.classes, dev, batch, channels_last=True),
+        "bf16": lambda: build_precision(args.classes, dev, batch, how=how),
+        "bf16 + channels_last": lambda: build_precision(args.classes, dev, batch, channels_last=True),
+    }
+    if cuda:
+        variants["trainer, amp fp16 + GradScaler"] = lambda: build_trainer(args.classes, dev, batch, "fp16")
+    if not args.no_compile:
+        variants["bf16 + channels_last + torch.compile(backbone)"] = lambda: build_precision(
+            args.classes, dev, batch, channels_last=True, compile_backbone=True)
+    results = run_table(variants, batch, args.classes, steps, args.rounds, dev, notes)
+    flops = step_flops(min(batch, 16), args.classes, dev)
+    load = os.getloadavg()
+    name = torch.cuda.get_device_name(torch.device(dev)) if cuda else (platform.processor() or platform.machine())
     lines = [
         "# Training throughput: sphere20, 112x96, A-Softmax m=4 + MHE (batch_vs_all, s=2)",
         "",
         f"Command: `.venv/bin/python bench/train_throughput.py --batch {args.batch} --classes {args.classes} "
-        f"--steps {args.steps} --rounds {args.rounds}`",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}; median of {args.rounds} interleaved rounds of {args.steps} steps; "
-        f"1-minute load average at the end: {os.getloadavg()[0]:.1f} (other jobs sharing the cores make "
-        "absolute numbers noisy, the interleaved ratio less so).",
+        f"--steps {args.steps} --rounds {args.rounds} --threads {args.threads} --device {dev}`",
         "",
-        f"## CPU, batch {args.batch}, {args.classes} classes",
+        f"Machine: {name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, bf16 support: "
+        f"{bf16_support(dev)}; {args.rounds} interleaved rounds of {steps} steps (every variant once per round, "
+        f"median and best round). Load average (1, 5, 15 min) at the end: {load[0]:.2f}, {load[1]:.2f}, "
+        f"{load[2]:.2f} (other jobs share the cores: absolute numbers are noisy, the interleaved ratios less so).",
         "",
-        "| variant | images/s | vs plain eager |",
-        "| --- | --- | --- |",
+        f"## {'CUDA' if cuda else 'CPU'}, batch {batch}, {args.classes} classes; "
+        f"{flops / 1e9:.1f} GFLOP per image per float32 step (forward + backward, torch.utils.flop_counter)",
+        "",
     ]
-    lines += [f"| {name} | {v:.2f} | {v / base:.2f}x |" for name, v in cpu.items()]
-    if torch.cuda.is_available():
-        dev = "cuda:0"
-        gpu = run_table({
-            "plain eager step (fp32)": lambda: build_plain(args.classes, dev),
-            "trainer, amp off": lambda: build_trainer(args.classes, dev, args.gpu_batch, "off"),
-            "trainer, amp bf16": lambda: build_trainer(args.classes, dev, args.gpu_batch, "bf16"),
-            "trainer, amp fp16 + GradScaler": lambda: build_trainer(args.classes, dev, args.gpu_batch, "fp16"),
-            "trainer, amp bf16, channels_last": lambda: build_trainer(args.classes, dev, args.gpu_batch, "bf16", True),
-        }, args.gpu_batch, args.classes, max(args.steps, 10), args.rounds, dev)
-        gbase = gpu["plain eager step (fp32)"]
-        lines += ["", f"## {torch.cuda.get_device_name(0)}, batch {args.gpu_batch}", "",
-                  "| variant | images/s | vs plain eager |", "| --- | --- | --- |"]
-        lines += [f"| {name} | {v:.1f} | {v / gbase:.2f}x |" for name, v in gpu.items()]
-    else:
-        lines += ["", "No CUDA device here: the AMP on/off table runs only on a GPU."]
+    lines += table(results, "plain eager step (fp32)", flops if cuda else None, args.peak_tflops)
+    lines += ["", f"bf16 rows: {how[0] if how else 'not run'}."]
+    lines += [f"- {n}" for n in notes]
+    if not cuda:
+        lines += ["", "On a GPU: `--device cuda --peak-tflops 989` gives the same table with AMP and MFU."]
     text = "\n".join(lines) + "\n"
     atomic_write_text(args.out, text)
     print(text)

@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     run_.add_argument("--workers", type=int, default=2, help="DataLoader workers reading images (default 2)")
     run_.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    from eval.features import add_precision_argument
+
+    add_precision_argument(run_)
     from eval.ijb import add_ijb_arguments
 
     add_ijb_arguments(parser)
@@ -122,13 +125,13 @@ def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray]:
     flip = not args.no_flip
     if pack_images is not None:
         feats = F.extract_from_dataset(model, F.EncodedImages(pack_images, info["input_size"]), args.batch_size,
-                                       flip, args.device, args.workers)
+                                       flip, args.device, args.workers, precision=args.precision)
         return [str(i) for i in range(len(pack_images))], feats
     paths = pairs_to_arrays(pairs)[0]
     landmarks = F.read_landmarks(args.landmarks) if args.landmarks else None
     feats = F.extract_features(model, args.root, paths, batch_size=args.batch_size, flip=flip, device=args.device,
                                num_workers=args.workers, input_size=info["input_size"], landmarks=landmarks,
-                               template=info["template"])
+                               template=info["template"], precision=args.precision)
     return paths, feats
 
 

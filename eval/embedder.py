@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from eval.features import ArrayImages, extract_from_dataset, load_checkpoint
+from eval.features import (ArrayImages, add_precision_argument, extract_from_dataset, inference_setup,
+                           load_checkpoint)
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,14 @@ class FaceEmbedder:
     ``embed(images)`` takes BGR ``uint8`` arrays (as ``cv2.imread`` returns them) and returns
     ``N x D`` float32 L2-normalised features (crop + mirror embeddings concatenated when ``flip``).
     With ``aligned=True`` the images are already aligned crops and no detector is loaded.
+    ``precision`` (``auto|fp32|bf16``) is the backbone's (:func:`eval.features.inference_setup`).
     """
 
     def __init__(self, checkpoint, device="cpu", detector: str = "mtcnn", flip: bool = True,
-                 face_policy: str = "center", batch_size: int = 32):
+                 face_policy: str = "center", batch_size: int = 32, precision: str = "auto"):
         self.device = torch.device(device)
         self.model, self.info = load_checkpoint(checkpoint, device=self.device)
+        self.precision, self.channels_last = inference_setup(self.model, precision, self.device)
         self.threshold: Optional[float] = self.info["threshold"]
         self.template: str = self.info["template"]
         self.flip = flip
@@ -87,7 +90,8 @@ class FaceEmbedder:
         crops = [_as_bgr(im, n) for im, n in zip(images, names)] if aligned else \
             [self.align(im, n) for im, n in zip(images, names)]
         feats = extract_from_dataset(self.model, ArrayImages(crops, self.info["input_size"]), self.batch_size,
-                                     self.flip, self.device, num_workers=0, desc="embed")
+                                     self.flip, self.device, num_workers=0, desc="embed",
+                                     precision=self.precision, channels_last=self.channels_last)
         return feats / np.linalg.norm(feats, axis=1, keepdims=True)
 
     def similarity(self, image1: np.ndarray, image2: np.ndarray, aligned: bool = False) -> float:
@@ -126,12 +130,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aligned", action="store_true", help="the images are already aligned crops: no detection")
     parser.add_argument("--no-flip", action="store_true", help="embed the crop only (default: crop + mirror)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_precision_argument(parser)
 
 
 def run(args) -> int:
     try:
         images = [read_image(args.image1), read_image(args.image2)]
-        emb = FaceEmbedder(args.checkpoint, device=args.device, detector=args.detector, flip=not args.no_flip)
+        emb = FaceEmbedder(args.checkpoint, device=args.device, detector=args.detector, flip=not args.no_flip,
+                           precision=args.precision)
         f = emb.embed(images, aligned=args.aligned, names=[args.image1, args.image2])
     except (ValueError, OSError) as e:
         print(f"sphereface-plus compare: error: {e}", file=sys.stderr)

@@ -3,7 +3,9 @@
 The feature of an image is the embedding of the crop concatenated with the embedding of its
 horizontal mirror (SPEC section 8: 1024-d for a 512-d model), as in the SphereFace evaluation.
 Images are read by DataLoader workers, preprocessed like training (BGR, ``(x - 127.5) / 128``), and
-embedded under ``torch.inference_mode`` with the crop and its mirror in one forward pass.
+embedded under ``torch.inference_mode`` with the crop and its mirror in one forward pass. The
+backbone runs in float32 or, with ``precision="bf16"`` (the ``auto`` choice on hardware with native
+bf16), under bfloat16 autocast with NHWC tensors; features are always returned float32.
 """
 from __future__ import annotations
 
@@ -109,12 +111,63 @@ class ArrayImages(Dataset):
         return preprocess(fit_crop(self.images[i], self.input_size, f"image {i}"))
 
 
-def embed_batch(model: torch.nn.Module, x: torch.Tensor, flip: bool = True) -> torch.Tensor:
-    """Embeddings of a preprocessed batch; with ``flip`` ``[f(x), f(mirror(x))]`` concatenated."""
+def inference_setup(model, precision: str = "auto", device="cpu",
+                    channels_last: Optional[bool] = None) -> Tuple[str, bool]:
+    """Resolve ``precision`` (``auto|fp32|bf16``) and ``channels_last`` for embedding with ``model`` on ``device``.
+
+    ``auto`` is bf16 where the device has native bf16 (:func:`sphereface_plus.engine.precision.
+    resolve_precision`); ``channels_last=None`` turns NHWC on with bf16 on a CPU, where it measured
+    faster (``bench/results/embed_throughput.md``). A model that is not an ``nn.Module`` or sets
+    ``supports_autocast = False`` (an ONNX Runtime session wrapper: it runs its own float32 graph)
+    embeds as it is: fp32, no memory-format change. Returns ``(precision, channels_last)``.
+    """
+    from sphereface_plus.engine.precision import EMBED_SETTINGS, resolve_precision
+    from sphereface_plus.errors import UsageError
+
+    if precision not in EMBED_SETTINGS:
+        raise UsageError(f"--precision {precision!r}: choose one of {', '.join(EMBED_SETTINGS)}")
+    if not isinstance(model, torch.nn.Module) or not getattr(model, "supports_autocast", True):
+        return "fp32", False
+    device = torch.device(device)
+    resolved = resolve_precision(precision, device, what="--precision")
+    if channels_last is None:
+        channels_last = resolved == "bf16" and device.type == "cpu"
+    return resolved, bool(channels_last)
+
+
+def add_precision_argument(parser) -> None:
+    """``--precision auto|fp32|bf16`` for the commands that embed images (verify, compare, megaface export)."""
+    from sphereface_plus.engine.precision import EMBED_SETTINGS
+
+    parser.add_argument("--precision", choices=EMBED_SETTINGS, default="auto",
+                        help="backbone precision: bf16 (autocast, NHWC on CPU; features stay float32) or fp32; "
+                             "default auto = bf16 where the CPU/GPU has native bf16 (AVX512-BF16, AMX, "
+                             "Ampere+), else fp32")
+
+
+def embed_batch(model: torch.nn.Module, x: torch.Tensor, flip: bool = True, precision: str = "fp32",
+                channels_last: bool = False) -> torch.Tensor:
+    """float32 embeddings of a preprocessed batch; with ``flip`` ``[f(x), f(mirror(x))]`` concatenated.
+
+    The crop and its mirror go through ONE forward of a doubled batch (in bf16 + channels_last it ties
+    with two forwards, in float32 two forwards measured 1.10x faster once: ``bench/results/
+    embed_throughput.md``; kept as one forward, the bf16 path being the default where it is fast). ``precision`` is a resolved one (``fp32`` or
+    ``bf16``, see :func:`inference_setup`): only the backbone runs under autocast, the features come
+    back float32. ``channels_last`` feeds the batch in NHWC (the model should be converted too).
+    """
+    from sphereface_plus.engine.precision import autocast
+
+    n = x.shape[0]
+    if flip:
+        x = torch.cat([x, torch.flip(x, dims=[3])])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device, precision):
+        out = model(x)
+    out = out.float()
     if not flip:
-        return model(x)
-    out = model(torch.cat([x, torch.flip(x, dims=[3])]))
-    a, b = out.split(x.shape[0])
+        return out
+    a, b = out.split(n)
     return torch.cat([a, b], dim=1)
 
 
@@ -126,13 +179,23 @@ def iter_embeddings(
     device="cpu",
     num_workers: int = 0,
     desc: str = "features",
+    precision: str = "fp32",
+    channels_last: Optional[bool] = None,
 ) -> Iterator[Tuple[int, np.ndarray]]:
     """Yield ``(index of the first image, float32 features)`` batch by batch, in dataset order.
 
     Lets long exports write each batch as soon as it is ready (resumable, bounded memory).
+    ``precision`` (``auto|fp32|bf16``) and ``channels_last`` are resolved by :func:`inference_setup`.
+    The library default stays ``fp32`` so that callers such as the trainer's periodic evaluation keep
+    their numbers; the commands (verify, compare, megaface export) and ``FaceEmbedder`` default to
+    ``auto``. With channels_last the model is converted to NHWC in place (same weights, same results).
     """
     device = torch.device(device)
+    precision, channels_last = inference_setup(model, precision, device, channels_last)
     model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    logger.info("embedding on %s in %s%s", device, precision, ", channels_last" if channels_last else "")
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -144,7 +207,7 @@ def iter_embeddings(
     with torch.inference_mode():
         for x in progress(loader, desc=desc, unit="batch"):
             x = x.to(device, non_blocking=True)
-            feats = embed_batch(model, x, flip).float().cpu().numpy()
+            feats = embed_batch(model, x, flip, precision, channels_last).cpu().numpy()
             yield start, feats
             start += feats.shape[0]
 
@@ -157,9 +220,12 @@ def extract_from_dataset(
     device="cpu",
     num_workers: int = 0,
     desc: str = "features",
+    precision: str = "fp32",
+    channels_last: Optional[bool] = None,
 ) -> np.ndarray:
     """Run ``model`` over a dataset of preprocessed tensors; ``N x D`` float32 numpy, in order."""
-    chunks = [f for _, f in iter_embeddings(model, dataset, batch_size, flip, device, num_workers, desc)]
+    chunks = [f for _, f in iter_embeddings(model, dataset, batch_size, flip, device, num_workers, desc,
+                                            precision, channels_last)]
     if not chunks:
         raise ValueError("no images to embed")
     return np.concatenate(chunks)
@@ -176,6 +242,8 @@ def extract_features(
     input_size: Optional[Tuple[int, int]] = None,
     landmarks: Optional[Mapping[str, np.ndarray]] = None,
     template: str = "112x96",
+    precision: str = "fp32",
+    channels_last: Optional[bool] = None,
 ) -> np.ndarray:
     """Features of the images ``root/rel_path`` (``N x D`` float32; ``D`` doubles with ``flip``).
 
@@ -189,7 +257,8 @@ def extract_features(
         raise FileNotFoundError(describe_missing(missing, len(rel_paths), f"under {root}",
                                                  "Check --root (it must hold the images at these relative paths)"))
     dataset = ImageFiles(root, rel_paths, input_size=input_size, landmarks=landmarks, template=template)
-    return extract_from_dataset(model, dataset, batch_size, flip, device, num_workers)
+    return extract_from_dataset(model, dataset, batch_size, flip, device, num_workers, precision=precision,
+                                channels_last=channels_last)
 
 
 # --------------------------------------------------------------------------- checkpoints and files

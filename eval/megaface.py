@@ -312,6 +312,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ex.add_argument("--batch-size", type=int, default=64)
     ex.add_argument("--workers", type=int, default=2)
     ex.add_argument("--device", default="cpu")
+    from eval.features import add_precision_argument
+
+    add_precision_argument(ex)
     sc = sub.add_parser("score", help="rank-1 identification and TAR@FAR from feature files",
                         description="Score MegaFace Challenge 1 from devkit feature files: rank-1 with "
                                     "distractor set sizes 10 .. 1M, and TAR at FAR (default 1e-6).")
@@ -349,7 +352,7 @@ def export(args) -> int:
     dataset = F.ImageFiles(args.root, todo, input_size=info["input_size"], landmarks=landmarks,
                            template=info["template"])
     for start, feats in F.iter_embeddings(model, dataset, args.batch_size, not args.no_flip, args.device,
-                                          args.workers, desc="export"):
+                                          args.workers, desc="export", precision=args.precision):
         for rel, v in zip(todo[start:start + feats.shape[0]], feats):
             write_feature(feature_path(out, rel, args.suffix), v, normalize=True)
     print(f"wrote {len(todo)} feature files to {out} ({len(paths)} in the list)")

@@ -53,7 +53,7 @@ def test_embed_aligned_batch_matches_model(setup):
     from eval.embedder import FaceEmbedder
 
     d, ckpt, crops, ref = setup
-    emb = FaceEmbedder(ckpt)
+    emb = FaceEmbedder(ckpt, precision="fp32")  # bit-level reference; bf16: tests/test_precision.py
     got = emb.embed([crops[r] for r in IMAGES], aligned=True)
     assert got.shape == (3, 1024) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=1e-5)
@@ -64,12 +64,13 @@ def test_compare_cli_on_lfw_crops(setup, capsys):
     d, ckpt, crops, ref = setup
     a, b, c = (str(d / Path(r).name.replace(".jpg", ".png")) for r in IMAGES)
     sim = float(ref[0] @ ref[1])
-    assert main(["compare", a, b, "--checkpoint", str(ckpt), "--aligned"]) == 0
+    assert main(["compare", a, b, "--checkpoint", str(ckpt), "--aligned", "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
     printed = float(re.search(r"cosine similarity: (-?[\d.]+)", out).group(1))
     assert printed == pytest.approx(sim, abs=1e-4)
     assert "same person" in out and "from the checkpoint" in out  # stored threshold = sim - 0.01
-    assert main(["compare", a, c, "--checkpoint", str(ckpt), "--aligned", "--threshold", str(sim + 0.5)]) == 0
+    assert main(["compare", a, c, "--checkpoint", str(ckpt), "--aligned", "--threshold", str(sim + 0.5),
+                 "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
     assert float(re.search(r"cosine similarity: (-?[\d.]+)", out).group(1)) == pytest.approx(ref[0] @ ref[2], abs=1e-4)
     assert "different people" in out and "given" in out

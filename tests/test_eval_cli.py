@@ -149,7 +149,7 @@ def test_verify_bin_pack_with_checkpoint(tmp_path):
     save_bin_pack(tmp_path / "t.bin", images, issame)
     assert main(["verify", "bin", "--checkpoint", str(tmp_path / "ck.pt"), "--pack", str(tmp_path / "t.bin"),
                  "--folds", "2", "--workers", "0", "--save-features", str(tmp_path / "feat.npz"),
-                 "--json", str(tmp_path / "r.json")]) == 0
+                 "--json", str(tmp_path / "r.json"), "--precision", "fp32"]) == 0
     rep = json.loads((tmp_path / "r.json").read_text())
     assert len(rep["fold_accuracies"]) == 2 and rep["num_pairs"] == 8
     # features: the model on the decoded middle crop and its mirror, by hand

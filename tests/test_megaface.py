@@ -128,7 +128,7 @@ def test_export_score_round_trip(tmp_path):
     (tmp_path / "dist.json").write_text(json.dumps({"path": dist}))
     out = tmp_path / "feats"
     common = ["--checkpoint", str(ckpt), "--root", str(LFW / "images"), "--landmarks", str(tmp_path / "lm.txt"),
-              "--workers", "0", "--batch-size", "4", "--suffix", "_t.bin"]
+              "--workers", "0", "--batch-size", "4", "--suffix", "_t.bin", "--precision", "fp32"]
     assert main(["megaface", "export", "--list", str(tmp_path / "probes.txt"), "--out", str(out / "p")] + common) == 0
     assert main(["megaface", "export", "--list", str(tmp_path / "dist.json"), "--out", str(out / "d")] + common) == 0
     # reference: the model run by hand on landmark-aligned crops, crop + mirror, L2-normalised
