@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
+from sphereface_plus.errors import MissingFileError
 from sphereface_plus.safe_pickle import NUMPY_ARRAY_GLOBALS, UnsafePickleError, restricted_load
 
 __all__ = [
@@ -72,7 +73,7 @@ DATASETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-class CifarDataError(FileNotFoundError):
+class CifarDataError(MissingFileError):
     """The CIFAR files are missing or malformed; the message names the file and how to fix it."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from eval.features import ArrayImages, extract_from_dataset, load_checkpoint
+from sphereface_plus.errors import InputFileError, MissingFileError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ examples:
 """
 
 
-class NoFaceError(ValueError):
+class NoFaceError(InputFileError):
     """The detector found no face in an image."""
 
 

@@ -24,6 +24,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from sphereface_plus.errors import InputFileError
 from sphereface_plus.safe_pickle import UnsafePickleError, restricted_loads
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class Pair(NamedTuple):
     fold: int
 
 
-class PairsFormatError(ValueError):
+class PairsFormatError(InputFileError):
     """A pairs file line or pack that cannot be read; the message names the file and line."""
 
 

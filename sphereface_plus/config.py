@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from sphereface_plus.errors import UsageError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -29,7 +31,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):  # a ToolkitError and a ValueError
     """A configuration problem: unknown key, wrong type or invalid value (the message says how to fix it)."""
 
 

@@ -124,16 +124,9 @@ def periodic_checkpoints(folder) -> List[Path]:
 
 def load_checkpoint(path, map_location: Any = "cpu") -> Dict[str, Any]:
     """``torch.load(weights_only=True)`` with an error that names the file on failure."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        return safe_torch_load(path, map_location=map_location)
-    except Exception as exc:
-        raise RuntimeError(
-            f"could not load checkpoint {str(path)!r} (weights_only=True): {exc}. "
-            "The file may be truncated or not a sphereface-plus checkpoint."
-        ) from exc
+    # MissingFileError / CheckpointError (sphereface_plus.errors) with a one-line message that never
+    # repeats torch's advice to turn weights_only off
+    return safe_torch_load(Path(path), map_location=map_location)
 
 
 def find_resume_checkpoint(out_dir) -> Optional[Path]:
