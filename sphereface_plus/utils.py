@@ -108,10 +108,10 @@ def safe_torch_load(path, map_location: Any = "cpu") -> Any:
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, KeyError,
             TypeError, AttributeError, ImportError, IndexError) as exc:
         # the kind only: torch's text would tell the user to turn weights_only off
-        kind = "Python objects a safe load refuses" if isinstance(exc, pickle.UnpicklingError) and \
+        kind = "it holds Python objects a safe load refuses" if isinstance(exc, pickle.UnpicklingError) and \
             "weights_only" in str(exc) and "Unsupported global" in str(exc) else type(exc).__name__
         raise CheckpointError(
-            f"{name} is not a valid checkpoint (truncated or not written by this toolkit; {kind}); "
+            f"{name} is not a valid checkpoint (truncated or not written by this toolkit): {kind}; "
             "use a checkpoint written by 'sphereface-plus train' (<out_dir>/checkpoints/*.pt) or "
             "'verify --save-model'"
         ) from None
