@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import traceback
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 # subcommand -> (module that implements it, one-line summary for the top-level help)
 COMMANDS = {
@@ -101,31 +101,19 @@ def _debug_wanted(argv: List[str]) -> bool:
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Parse, dispatch, and turn a :class:`~sphereface_plus.errors.ToolkitError` into one line, exit 2.
+def run_guarded(func: Callable[[], int], prog: str, debug: Optional[bool] = None) -> int:
+    """``func()``, with a :class:`~sphereface_plus.errors.ToolkitError` turned into one line and exit 2.
 
-    ``sphereface-plus COMMAND: error: <message>`` on stderr; the traceback only with ``--debug``
-    (anywhere on the command line) or ``SPHEREFACE_PLUS_DEBUG=1``. Other exceptions are bugs and
-    keep their traceback.
+    ``prog: error: <message>`` on stderr; the traceback only with ``debug`` (default: the
+    ``SPHEREFACE_PLUS_DEBUG`` variable). Other exceptions are bugs and keep their traceback. Entry
+    points outside :func:`main` (``python -m sphereface_plus.train`` under torchrun) use it too.
     """
     from sphereface_plus.errors import ToolkitError, one_line
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = _debug_wanted(argv)
-    if "--debug" in argv:  # accepted before or after the command
-        argv = [a for a in argv if a != "--debug"]
-    command = _find_command(argv)
-    prog = f"sphereface-plus {command}" if command else "sphereface-plus"
+    if debug is None:
+        debug = _debug_wanted([])
     try:
-        parser = build_parser(command) if command else build_parser("")
-        args = parser.parse_args(argv)
-        if not getattr(args, "_run", None):
-            parser.print_help()
-            return 2
-        from sphereface_plus.utils import setup_logging
-
-        setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-        return int(args._run(args) or 0)
+        return int(func() or 0)
     except ToolkitError as exc:
         if debug:
             traceback.print_exc()
@@ -136,6 +124,34 @@ def main(argv: Optional[List[str]] = None) -> int:
             traceback.print_exc()
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse, dispatch, and turn a :class:`~sphereface_plus.errors.ToolkitError` into one line, exit 2.
+
+    ``sphereface-plus COMMAND: error: <message>`` on stderr; the traceback only with ``--debug``
+    (anywhere on the command line) or ``SPHEREFACE_PLUS_DEBUG=1``. Other exceptions are bugs and
+    keep their traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_wanted(argv)
+    if "--debug" in argv:  # accepted before or after the command
+        argv = [a for a in argv if a != "--debug"]
+    command = _find_command(argv)
+    prog = f"sphereface-plus {command}" if command else "sphereface-plus"
+
+    def dispatch() -> int:
+        parser = build_parser(command) if command else build_parser("")
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 2
+        from sphereface_plus.utils import setup_logging
+
+        setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+        return int(args._run(args) or 0)
+
+    return run_guarded(dispatch, prog, debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,8 @@ value, ``FileNotFoundError`` for a missing file), so ``except ValueError`` keeps
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = [
     "ToolkitError", "UsageError", "InputFileError", "MissingFileError", "CheckpointError",
     "require_file", "require_dir", "one_line",
@@ -40,14 +42,12 @@ class CheckpointError(InputFileError):
     """
 
 
-def require_file(path, what: str, fix: str = "") -> "Path":
+def require_file(path, what: str, fix: str = "") -> Path:
     """``Path(path)`` when it is a file, else :class:`MissingFileError` naming ``what`` and the fix.
 
     For checks made before a command writes anything (``--resume``, ``train.init_from``,
     ``--checkpoint``...): ``require_file(args.resume, "--resume", "give an existing checkpoint or 'auto'")``.
     """
-    from pathlib import Path
-
     p = Path(path)
     if not p.is_file():
         where = "is a folder, not a file" if p.is_dir() else "does not exist"
@@ -55,10 +55,8 @@ def require_file(path, what: str, fix: str = "") -> "Path":
     return p
 
 
-def require_dir(path, what: str, fix: str = "") -> "Path":
+def require_dir(path, what: str, fix: str = "") -> Path:
     """``Path(path)`` when it is a folder, else :class:`MissingFileError` naming ``what`` and the fix."""
-    from pathlib import Path
-
     p = Path(path)
     if not p.is_dir():
         where = "is a file, not a folder" if p.is_file() else "does not exist"
