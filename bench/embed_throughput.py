@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from eval.features import embed_batch  # noqa: E402
-from sphereface_plus.engine.precision import autocast, bf16_support  # noqa: E402
+from sphereface_plus.engine.precision import bf16_support  # noqa: E402
 from sphereface_plus.models import create_backbone  # noqa: E402
 from sphereface_plus.utils import atomic_write_text  # noqa: E402
 

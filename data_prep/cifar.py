@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 
+from sphereface_plus.errors import MissingFileError
 from sphereface_plus.safe_pickle import NUMPY_ARRAY_GLOBALS, UnsafePickleError, restricted_load
 
 __all__ = [
@@ -77,7 +78,7 @@ DATASETS: Dict[str, Dict[str, Any]] = {
 CIFAR_DATASETS = tuple(DATASETS)
 
 
-class CifarDataError(FileNotFoundError):
+class CifarDataError(MissingFileError):
     """The CIFAR files are missing or malformed; the message names the file and how to fix it."""
 
 

@@ -27,13 +27,14 @@ import logging
 import os
 import struct
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from data_prep.geometry import cut_wide_crop, to_bgr
+from sphereface_plus.errors import InputFileError
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 RECORDIO_MAGIC = 0xCED7230A
 _IRHEADER = struct.Struct("<IfQQ")  # flag, label, id, id2 (mxnet.recordio.IRHeader)
 _MAX_REPLACEMENTS = 100
+#: images decoded at construction to catch a wrong root, raw photos or a broken tree up front; a
+#: bigger set is sampled evenly and the rest is checked as it is read (CASIA's 494k images would
+#: take minutes to decode at start-up)
+SCAN_LIMIT = 512
 
 
 def to_network_tensor(image_bgr: np.ndarray) -> torch.Tensor:
@@ -74,26 +79,51 @@ def preprocess(image: np.ndarray, input_size: Tuple[int, int], flip: bool = Fals
     h, w = input_size
     fitted = cut_wide_crop(image, input_size)
     if fitted is None:
-        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} (WxH), the model expects {w}x{h}")
+        raise InputFileError(f"image is {image.shape[1]}x{image.shape[0]} (WxH), the model expects {w}x{h}")
     if flip:
         fitted = fitted[:, ::-1]
     return to_network_tensor(fitted)
 
 
-def _decode(data: bytes) -> Optional[np.ndarray]:
-    import cv2
+def _fits(shape: Sequence[int], input_size: Tuple[int, int]) -> bool:
+    h, w = input_size
+    return tuple(shape[:2]) in ((h, w), (h, w + 16))
 
-    arr = np.frombuffer(data, dtype=np.uint8)
-    return cv2.imdecode(arr, cv2.IMREAD_COLOR) if arr.size else None
+
+def _decode(data: bytes) -> np.ndarray:
+    """``align``'s decoder and checks (:func:`data_prep.prepare.read_image`): empty file, JPEG without
+    its end-of-image marker, undecodable or non-image content all raise ``ValueError`` with the reason."""
+    from data_prep.prepare import read_image
+
+    return read_image(data)[0]
 
 
 class FaceDataset(Dataset):
-    """Base class: subclasses provide ``__len__``, ``num_classes``, ``label(i)``, ``read(i)``, ``describe(i)``."""
+    """Base class: subclasses provide ``__len__``, ``num_classes``, ``label(i)``, ``read(i)``, ``describe(i)``.
+
+    Bad images (see the module docstring) are found in two places, so that a 500k-image tree starts
+    in seconds and still no bad file reaches a batch:
+
+    - at construction, :meth:`_scan` decodes a bounded, evenly spread sample (all images when there are
+      at most ``scan_limit``): a tree in which nothing reads, or whose images have the wrong size
+      (raw photos, another template), is one :class:`~sphereface_plus.errors.InputFileError` up front;
+      the bad files it meets are left out (path datasets) or marked;
+    - every read in :meth:`__getitem__` applies the same checks; a failing sample is replaced by the next
+      readable one and marked in a shared-memory flag array, so marks made in DataLoader worker
+      processes are seen by the main process.
+
+    :attr:`bad_images` is the list of ``{"path", "reason"}`` found so far (for the trainer's start-up
+    log and ``summary.json``).
+    """
 
     num_classes: int = 0
 
     def __init__(self, input_size: Sequence[int] = (112, 96)):
         self.input_size = (int(input_size[0]), int(input_size[1]))
+        self._found: List[Dict[str, str]] = []  # bad files met by the up-front scan (left out or marked)
+        self._reasons: Dict[int, str] = {}  # index -> reason, for marks made in this process
+        self._flags: Optional[torch.Tensor] = None
+        self._scan_bad: List[int] = []
 
     def __len__(self) -> int:
         raise TypeError(f"{type(self).__name__} must define __len__")
@@ -101,34 +131,129 @@ class FaceDataset(Dataset):
     def label(self, index: int) -> int:
         raise TypeError(f"{type(self).__name__} must define label()")
 
-    def read(self, index: int) -> Optional[np.ndarray]:
-        """The BGR uint8 image, or None when it cannot be read."""
+    def read(self, index: int) -> np.ndarray:
+        """The BGR uint8 image; raises ``OSError`` / ``ValueError`` saying why it cannot be used."""
         raise TypeError(f"{type(self).__name__} must define read()")
 
     def describe(self, index: int) -> str:
         return f"{type(self).__name__}[{index}]"
 
-    def _try(self, index: int, flip: bool) -> Optional[torch.Tensor]:
+    def where(self) -> str:
+        """The data source in words, for messages."""
+        return type(self).__name__
+
+    def _load(self, index: int, flip: bool = False) -> torch.Tensor:
+        image = self.read(index)
+        if image is None:  # a subclass outside this module may still return None
+            raise ValueError("missing or not a decodable image")
+        return preprocess(image, self.input_size, flip)
+
+    # ------------------------------------------------------------------ bad-image bookkeeping
+    def _reason(self, index: int) -> Optional[str]:
+        """Why sample ``index`` cannot be used, or None when it can (the full check of a training read)."""
         try:
-            image = self.read(index)
-            if image is None:
-                raise ValueError("missing or not a decodable image")
-            return preprocess(image, self.input_size, flip)
-        except Exception as exc:  # any unreadable sample is replaced, never fatal
-            logger.warning("unreadable training image %s: %s (replaced by the next sample)", self.describe(index), exc)
+            self._load(index)
             return None
+        except FileNotFoundError:
+            return "missing file"
+        except (OSError, ValueError) as exc:
+            return str(exc)
+
+    def _mark(self, index: int, reason: str) -> None:
+        if self._flags is not None:
+            self._flags[index] = 1
+        if index not in self._reasons:
+            self._reasons[index] = reason
+            logger.warning("bad training image %s: %s (skipped)", self.describe(index), reason)
+
+    @property
+    def bad_images(self) -> List[Dict[str, str]]:
+        """Every bad file found so far, ``[{"path", "reason"}]`` in index order (scan findings first).
+
+        Includes the samples marked by DataLoader workers: their reason is re-derived here (the check
+        is deterministic), so only the few bad files are read again.
+        """
+        out = list(self._found)
+        marked = set(self._reasons)
+        if self._flags is not None:
+            marked |= set(int(i) for i in torch.nonzero(self._flags).flatten().tolist())
+        for i in sorted(marked):
+            reason = self._reasons.get(i) or self._reason(i) or "unreadable during training (readable now)"
+            out.append({"path": self.describe(i), "reason": reason})
+        return out
+
+    def _scan(self, limit: int) -> List[int]:
+        """The up-front check; returns the indices found bad (raises when nothing usable is found)."""
+        n = len(self)
+        if n == 0:
+            return []
+        picks = range(n) if n <= limit else np.unique(np.linspace(0, n - 1, max(1, limit)).round().astype(np.int64))
+        bad: List[Tuple[int, str]] = []
+        wrong: List[Tuple[int, Tuple[int, ...]]] = []
+        readable = 0
+        for i in picks:
+            i = int(i)
+            try:
+                image = self.read(i)
+                if image is None:
+                    raise ValueError("missing or not a decodable image")
+            except FileNotFoundError:
+                bad.append((i, "missing file"))
+                continue
+            except (OSError, ValueError) as exc:
+                bad.append((i, str(exc)))
+                continue
+            readable += 1
+            if not _fits(image.shape, self.input_size):
+                wrong.append((i, tuple(image.shape[:2])))
+        checked = len(picks)
+        h, w = self.input_size
+        if readable == 0:
+            i, reason = bad[0]
+            scope = f"all {checked}" if checked == n else f"all {checked} checked (of {n})"
+            raise InputFileError(
+                f"{self.where()}: {scope} images are unusable, e.g. {self.describe(i)}: {reason}; "
+                "check data.root (and data.list_file)"
+            )
+        if 2 * len(wrong) > readable:  # mostly the wrong size: raw photos or another template
+            i, (fh, fw) = wrong[0]
+            raise InputFileError(
+                f"{self.where()}: images are {fw}x{fh} (WxH, e.g. {self.describe(i)}) but the model expects "
+                f"{w}x{h} aligned crops (or {w + 16}x{h}); align them first with 'sphereface-plus align "
+                f"--input <photos> --output <crops> --template {h}x{w}' and train on the crops"
+            )
+        for i, shape in wrong:
+            bad.append((i, f"image is {shape[1]}x{shape[0]} (WxH), the model expects {w}x{h}"))
+        bad.sort()
+        for i, reason in bad:
+            self._found.append({"path": self.describe(i), "reason": reason})
+            logger.warning("bad training image %s: %s (skipped)", self.describe(i), reason)
+        if checked < n:
+            logger.info("checked %d of %d training images up front; the others are checked as they are read",
+                        checked, n)
+        self._scan_bad = [i for i, _ in bad]
+        return self._scan_bad
+
+    def _enable_marks(self) -> None:
+        # shared memory: a mark set in a DataLoader worker (fork or spawn) is visible here
+        self._flags = torch.zeros(len(self), dtype=torch.uint8).share_memory_()
 
     def __getitem__(self, item: Any) -> Tuple[torch.Tensor, int, int]:
         index, flip = item if isinstance(item, tuple) else (item, False)
         n = len(self)
         for bad in range(min(n, _MAX_REPLACEMENTS)):
             i = (int(index) + bad) % n
-            x = self._try(i, bool(flip))
-            if x is not None:
-                return x, self.label(i), bad
-        raise RuntimeError(
-            f"{_MAX_REPLACEMENTS} consecutive unreadable images from {self.describe(index)} on: "
-            "the dataset root is probably wrong"
+            if self._flags is not None and self._flags[i]:
+                continue  # known bad: not read again
+            try:
+                return self._load(i, bool(flip)), self.label(i), bad
+            except FileNotFoundError:
+                self._mark(i, "missing file")
+            except Exception as exc:  # any unreadable sample is replaced, never fatal
+                self._mark(i, str(exc))
+        raise InputFileError(
+            f"{_MAX_REPLACEMENTS} consecutive unusable images from {self.describe(int(index))} on in "
+            f"{self.where()}: check data.root and the images (bad ones are logged above)"
         )
 
 
@@ -149,39 +274,74 @@ class _PathDataset(FaceDataset):
     def describe(self, index: int) -> str:
         return str(self.root / self.paths[index])
 
-    def read(self, index: int) -> Optional[np.ndarray]:
-        import cv2
+    def read(self, index: int) -> np.ndarray:
+        with open(self.root / self.paths[index], "rb") as fh:
+            return _decode(fh.read())
 
-        return cv2.imread(str(self.root / self.paths[index]), cv2.IMREAD_COLOR)
+    def _drop(self, indices: Sequence[int]) -> None:
+        keep = np.ones(len(self.paths), dtype=bool)
+        keep[list(indices)] = False
+        self.paths = [p for p, k in zip(self.paths, keep) if k]
+        self.labels = self.labels[keep]
+
+    def _check(self, scan_limit: int) -> None:
+        self._drop(self._scan(scan_limit))
+        if not self.paths:
+            raise InputFileError(f"{self.where()}: no usable training image (every one is listed above as bad)")
+        self._enable_marks()
 
 
 class ImageFolderDataset(_PathDataset):
-    """``root/<identity>/<image>``; labels 0..C-1 in sorted identity-folder order."""
+    """``root/<identity>/<image>``; labels 0..C-1 in sorted order of the identity folders that hold images.
 
-    def __init__(self, root, input_size=(112, 96)):
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"data.root {str(root)!r} is not a folder (expected root/<identity>/<image>)")
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    A folder without image files is not a class (it would give the classifier a row that no sample
+    ever trains): it is skipped with a warning naming it, and so is a folder whose every image the
+    up-front check found bad.
+    """
+
+    def __init__(self, root, input_size=(112, 96), scan_limit: int = None):
+        from sphereface_plus.errors import require_dir
+
+        root = require_dir(root, "data.root", "give the folder of aligned crops, root/<identity>/<image> "
+                                              "(made by 'sphereface-plus align')")
+        folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         items = []
-        for label, name in enumerate(classes):
+        for name in folders:
             for f in sorted((root / name).iterdir()):
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
-                    items.append((f"{name}/{f.name}", label))
+                if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."):
+                    items.append((f"{name}/{f.name}", name))
         if not items:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}/<identity>/")
-        self.classes = classes
-        super().__init__(root, items, input_size)
-        self.num_classes = len(classes)
+            raise InputFileError(
+                f"data.root {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in identity folders "
+                f"({len(folders)} folders found); expected root/<identity>/<image>"
+            )
+        super().__init__(root, [(p, 0) for p, _ in items], input_size)
+        self._check(SCAN_LIMIT if scan_limit is None else scan_limit)
+        # classes: identity folders with at least one image left (labels follow sorted folder names)
+        ids = [p.split("/", 1)[0] for p in self.paths]
+        self.classes = sorted(set(ids))
+        label_of = {c: k for k, c in enumerate(self.classes)}
+        self.labels = np.asarray([label_of[c] for c in ids], dtype=np.int64)
+        self.num_classes = len(self.classes)
+        self.empty_folders = [f for f in folders if f not in label_of]
+        if self.empty_folders:
+            shown = ", ".join(self.empty_folders[:10]) + (", ..." if len(self.empty_folders) > 10 else "")
+            logger.warning("%d identity folders under %s have no usable image and are not classes: %s",
+                           len(self.empty_folders), root, shown)
+
+    def where(self) -> str:
+        return f"data.root {str(self.root)!r}"
 
 
 class ListDataset(_PathDataset):
     """A list file of ``relative/path label`` lines (paths may contain spaces; the label is the last field)."""
 
-    def __init__(self, root, list_file, input_size=(112, 96)):
-        list_file = Path(list_file)
-        if not list_file.is_file():
-            raise FileNotFoundError(f"list file {str(list_file)!r} does not exist (set data.list_file=...)")
+    def __init__(self, root, list_file, input_size=(112, 96), scan_limit: int = None):
+        from sphereface_plus.errors import require_file
+
+        list_file = require_file(list_file, "list file", "set data.list_file=<file of 'relative/path label' lines> "
+                                                         "(default <data.root>/list.txt)")
+        self.list_file = list_file
         items = []
         with open(list_file, "r", encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -196,14 +356,18 @@ class ListDataset(_PathDataset):
                     if label < 0:
                         raise ValueError
                 except ValueError:
-                    raise ValueError(
+                    raise InputFileError(
                         f"{list_file}:{lineno}: expected 'relative/path label' with a non-negative integer "
                         f"label, got {line!r}"
                     ) from None
                 items.append((parts[0], label))
         if not items:
-            raise ValueError(f"list file {str(list_file)!r} has no entries")
+            raise InputFileError(f"list file {str(list_file)!r} has no entries ('relative/path label' lines)")
         super().__init__(root, items, input_size)
+        self._check(SCAN_LIMIT if scan_limit is None else scan_limit)
+
+    def where(self) -> str:
+        return f"list file {str(self.list_file)!r} (images under data.root {str(self.root)!r})"
 
 
 # ---------------------------------------------------------------------------------------- RecordIO
@@ -216,7 +380,7 @@ def read_recordio_index(idx_path) -> List[Tuple[int, int]]:
                 continue
             parts = line.split()
             if len(parts) != 2:
-                raise ValueError(f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {line.rstrip()!r}")
+                raise InputFileError(f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {line.rstrip()!r}")
             out.append((int(parts[0]), int(parts[1])))
     return sorted(out)
 
@@ -236,20 +400,26 @@ class RecordIODataset(FaceDataset):
     classes; without it every record is an image and the class count is ``max(label) + 1``.
     """
 
-    def __init__(self, root, input_size=(112, 96)):
+    def __init__(self, root, input_size=(112, 96), scan_limit: int = None):
+        from sphereface_plus.errors import require_file
+
         super().__init__(input_size)
         root = Path(root)
         rec = root if root.suffix == ".rec" else root / "train.rec"
         idx = rec.with_suffix(".idx")
         for p in (rec, idx):
-            if not p.is_file():
-                raise FileNotFoundError(f"{str(p)!r} does not exist (data.source=rec wants train.rec + train.idx)")
+            require_file(p, "data.root: RecordIO file", "data.source=rec wants a folder with train.rec + train.idx")
         self.rec_path = rec
         self._fd: Optional[int] = None
         self._pid: Optional[int] = None
         offsets = dict(read_recordio_index(idx))
+        if not offsets:
+            raise InputFileError(f"{idx} lists no records")
         first = min(offsets)
-        flag, labels, _ = self._parse_header(self._read_record(offsets[first]))
+        try:
+            flag, labels, _ = self._parse_header(self._read_record(offsets[first]))
+        except ValueError as exc:
+            raise InputFileError(f"{rec} is not an insightface RecordIO file: {exc}") from None
         if flag > 0 and first == 0 and len(labels) >= 2 and labels[0] >= 1:
             a, b = int(labels[0]), int(labels[1])
             keys = [k for k in range(1, a) if k in offsets]
@@ -263,7 +433,14 @@ class RecordIODataset(FaceDataset):
         self.labels = np.asarray([self._read_label(int(o)) for o in self.offsets], dtype=np.int64)
         if self.num_classes < 0:
             self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        self._scan(SCAN_LIMIT if scan_limit is None else scan_limit)
+        self._enable_marks()
+        for i in self._scan_bad:
+            self._flags[i] = 1
         self._close()
+
+    def where(self) -> str:
+        return f"RecordIO file {str(self.rec_path)!r}"
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -335,7 +512,7 @@ class RecordIODataset(FaceDataset):
             (label,) = struct.unpack_from("<f", head, 8 + _IRHEADER.size)
         return int(label)
 
-    def read(self, index: int) -> Optional[np.ndarray]:
+    def read(self, index: int) -> np.ndarray:
         _, _, body = self._parse_header(self._read_record(int(self.offsets[index])))
         return _decode(body)
 
@@ -347,7 +524,7 @@ class PackedDataset(FaceDataset):
     Crops are stored decoded, so a sample is one page-cache read and no JPEG decoding.
     """
 
-    def __init__(self, root, input_size=(112, 96)):
+    def __init__(self, root, input_size=(112, 96), scan_limit: int = None):
         super().__init__(input_size)
         from data_prep.packed import PackedReader
 
@@ -355,6 +532,13 @@ class PackedDataset(FaceDataset):
         self.reader = PackedReader(root)
         self.labels = self.reader.labels
         self.num_classes = int(self.reader.num_classes)
+        self._scan(SCAN_LIMIT if scan_limit is None else scan_limit)  # the crop size of the pack
+        self._enable_marks()
+        for i in self._scan_bad:
+            self._flags[i] = 1
+
+    def where(self) -> str:
+        return f"pack {str(self.reader.data_path)!r}"
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -365,7 +549,7 @@ class PackedDataset(FaceDataset):
     def describe(self, index: int) -> str:
         return f"{self.reader.data_path} (entry {index}: {self.reader.path(index)})"
 
-    def read(self, index: int) -> Optional[np.ndarray]:
+    def read(self, index: int) -> np.ndarray:
         return self.reader.read(index)
 
 
@@ -435,23 +619,38 @@ def check_data_config(data_cfg) -> Tuple[int, int]:
 
 
 def build_train_dataset(data_cfg, input_size: Sequence[int], synthetic_cache=None) -> FaceDataset:
-    """The dataset named by ``data.source`` (see the module docstring).
+    """The dataset named by ``data.source`` (see the module docstring), its inputs checked.
 
     ``synthetic_cache``: the folder for ``source=synthetic`` (default ``data.synthetic.cache_dir``).
+    Raises a :class:`~sphereface_plus.errors.ToolkitError` (one line: what, where, how to fix) for an
+    unset or missing ``data.root``, an empty tree, a list naming only missing images, raw (unaligned)
+    photos; nothing is written for the real-data sources, so a caller that builds the dataset first
+    leaves no ``out_dir`` behind on such a mistake.
     """
+    from sphereface_plus.errors import UsageError, require_dir
+
     source = data_cfg.source
     if source == "synthetic":
         s = data_cfg.synthetic
         cache = Path(synthetic_cache or s.cache_dir or "synthetic")
         prepare_synthetic(cache, s.num_identities, s.images_per_identity, s.seed, data_cfg.template, s.pairs_per_fold)
         return ImageFolderDataset(cache / "aligned", input_size)
+    if source not in ("folder", "list", "rec", "packed"):
+        raise UsageError(f"data.source={source!r}: choose synthetic, folder, list, rec or packed")
+    if not data_cfg.root:
+        raise UsageError(f"data.source={source} needs data.root=<folder> (the aligned crops made by "
+                         "'sphereface-plus align'), or use data.source=synthetic")
     if source == "folder":
         return ImageFolderDataset(data_cfg.root, input_size)
     if source == "list":
+        require_dir(data_cfg.root, "data.root", "give the folder the list file's paths are relative to")
         list_file = data_cfg.list_file or str(Path(data_cfg.root) / "list.txt")
         return ListDataset(data_cfg.root, list_file, input_size)
     if source == "rec":
+        if not str(data_cfg.root).endswith(".rec"):
+            require_dir(data_cfg.root, "data.root", "give the folder holding train.rec + train.idx")
         return RecordIODataset(data_cfg.root, input_size)
     if source == "packed":
+        require_dir(data_cfg.root, "data.root", "give the folder of 'sphereface-plus align --pack' (packed.json)")
         return PackedDataset(data_cfg.root, input_size)
     raise ValueError(f"data.source={source!r}: choose one of {', '.join(DATA_SOURCES)}")

@@ -33,6 +33,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from sphereface_plus.errors import InputFileError, MissingFileError
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "sphereface-plus-pack"
@@ -197,18 +199,18 @@ class PackedReader:
         elif p.suffix == ".npy":
             p = p.with_suffix(".json")
         if not p.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no pack index at {p}: create one with 'sphereface-plus align ... --pack' "
                 "(or pass the folder that holds packed.json)"
             )
         try:
             index = json.loads(p.read_text())
         except ValueError as exc:
-            raise ValueError(f"{p} is not a valid pack index (JSON error: {exc})") from None
+            raise InputFileError(f"{p} is not a valid pack index (JSON error: {exc})") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT:
-            raise ValueError(f"{p} is not a {FORMAT} index (format field: {index.get('format') if isinstance(index, dict) else None!r})")
+            raise InputFileError(f"{p} is not a {FORMAT} index (format field: {index.get('format') if isinstance(index, dict) else None!r})")
         if int(index.get("version", 0)) > VERSION:
-            raise ValueError(f"{p} is pack version {index['version']}; this toolkit reads up to version {VERSION}")
+            raise InputFileError(f"{p} is pack version {index['version']}; this toolkit reads up to version {VERSION}")
         self.index_path = p
         self.data_path = p.parent / index["data"]
         self.shape = tuple(int(v) for v in index["shape"])
@@ -217,9 +219,9 @@ class PackedReader:
         self.paths: List[str] = list(index["paths"])
         self.labels = np.asarray(index["labels"], dtype=np.int64)
         if not (len(self.paths) == len(self.labels) == self.shape[0]):
-            raise ValueError(f"{p}: {len(self.paths)} paths, {len(self.labels)} labels but {self.shape[0]} crops")
+            raise InputFileError(f"{p}: {len(self.paths)} paths, {len(self.labels)} labels but {self.shape[0]} crops")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
-            raise ValueError(f"{p}: labels outside 0..{len(self.classes) - 1}")
+            raise InputFileError(f"{p}: labels outside 0..{len(self.classes) - 1}")
         self.num_classes = len(self.classes)
         self._array: Optional[np.ndarray] = None
 
@@ -232,10 +234,10 @@ class PackedReader:
         """The memory-mapped ``N x H x W x 3`` uint8 array (read-only)."""
         if self._array is None:
             if not self.data_path.is_file():
-                raise FileNotFoundError(f"pack data {self.data_path} (named by {self.index_path}) is missing")
+                raise MissingFileError(f"pack data {self.data_path} (named by {self.index_path}) is missing")
             arr = np.load(self.data_path, mmap_mode="r", allow_pickle=False)
             if arr.shape != self.shape or arr.dtype != np.uint8:
-                raise ValueError(
+                raise InputFileError(
                     f"{self.data_path} holds {arr.shape} {arr.dtype}, its index {self.index_path} says {self.shape} uint8"
                 )
             self._array = arr

@@ -39,6 +39,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from data_prep.landmarks import LandmarkEntry, parse_landmark_file
+from sphereface_plus.errors import UsageError  # noqa: F401  (re-exported: data_prep.prepare.UsageError)
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,9 @@ DEFAULT_LIST = "list.txt"
 EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE = 0, 2, 3
 
 
-class UsageError(Exception):
-    """A problem with the command line or its inputs that stops the run before it starts (exit 2)."""
+#: what a file at the top of --input must look like to count as an input (others, e.g. AT&T's README,
+#: are ignored with a note); inside identity folders every file is an input and a non-image fails
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp", ".jp2")
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -121,6 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # a UsageError is reported by the command line (one 'error:' line, exit 2)
     try:
         summary = align_tree(
             input_dir=args.input,
@@ -139,9 +142,6 @@ def run(args: argparse.Namespace) -> int:
             exclude_lfw_overlap=args.exclude_lfw_overlap,
             pack=args.pack,
         )
-    except UsageError as exc:
-        print(f"sphereface-plus align: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("sphereface-plus align: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130
@@ -151,6 +151,12 @@ def run(args: argparse.Namespace) -> int:
         f"failed {c['failed']} of {summary.total} inputs in {summary.seconds:.1f} s "
         f"({summary.rate:.0f} images/s for the new ones)"
     )
+    if summary.unused_landmarks:
+        print(f"landmarks: {summary.unused_landmarks} entries of {summary.landmarks_name} name no image under "
+              f"--input (unused; normal when aligning a subset)")
+    if summary.ignored:
+        shown = ", ".join(summary.ignored[:5]) + (", ..." if len(summary.ignored) > 5 else "")
+        print(f"ignored:  {len(summary.ignored)} non-image files at the top of --input: {shown}")
     print(f"manifest: {summary.manifest}")
     print(f"list:     {summary.list_path} ({summary.num_listed} crops, {summary.num_classes} classes)")
     if summary.pack_index:
@@ -398,6 +404,13 @@ class AlignSummary:
     num_listed: int
     num_classes: int
     pack_index: Optional[Path]
+    unused_landmarks: int = 0  # landmark entries naming no image under --input (not failures)
+    landmarks_name: str = ""
+    ignored: List[str] = None  # non-image files at the top of --input, not inputs
+
+    def __post_init__(self) -> None:
+        if self.ignored is None:
+            self.ignored = []
 
 
 def _out_rel(rel: str, ext: str) -> str:
@@ -502,6 +515,7 @@ def align_tree(
                 f"(or delete {cfg_path} and the old crops)"
             )
 
+    unused = 0
     det_name, det_obj = None, None
     if landmarks is None:
         det_name = detector
@@ -515,6 +529,12 @@ def align_tree(
             raise UsageError(f"cannot create the {detector} detector: {exc}") from None
 
     files = scan_tree(inp, skip=[out])
+    # a file at the top of the tree that is not an image (AT&T's README, a LICENSE) is not an input
+    ignored = [f for f in files if "/" not in f and os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS]
+    if ignored:
+        logger.info("ignoring %d non-image files at the top of %s (not in an identity folder): %s", len(ignored),
+                    inp, ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else ""))
+        files = [f for f in files if f not in set(ignored)]
     if not files:
         raise UsageError(f"no files under --input {inp} (expected <identity>/<image> folders)")
 
@@ -543,12 +563,13 @@ def align_tree(
         entries, problems = parse_landmark_file(landmarks)
         for rel, line, reason in problems:
             logger.warning("%s", reason)
-        orphans = [r for r in entries if r not in inputs and r.split("/", 1)[0] not in excluded]
-        lm_name = Path(landmarks).name
-        for rel in orphans:
-            e = entries[rel]
-            why = f"{lm_name} line {e.line}: no such image under --input"
-            records[rel] = ("failed", why + (f" (and the line is bad: {e.error})" if e.error else ""))
+        # entries for images that are not under --input (the whole lfw_landmark.txt over a subset)
+        # are unused, not failures of this run: counted in one summary line
+        orphans = [r for r in entries if r not in inputs]
+        unused = len(orphans)
+        if unused:
+            logger.info("%d of %d entries in %s name no image under %s (unused)", unused, len(entries),
+                        Path(landmarks).name, inp)
         if entries and len(orphans) == len(entries):
             logger.warning(
                 "none of the %d paths in %s names a file under %s: paths must be relative to --input (e.g. %s)",
@@ -669,6 +690,7 @@ def align_tree(
         total=len(records), counts=counts, resumed=resumed, seconds=time.perf_counter() - t0,
         rate=n_new / new_seconds if new_seconds > 0 else math.nan, manifest=manifest, list_path=lp,
         num_listed=len(listed), num_classes=len(classes), pack_index=pack_index,
+        unused_landmarks=unused, landmarks_name=Path(landmarks).name if landmarks else "", ignored=ignored,
     )
 
 

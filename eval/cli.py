@@ -24,16 +24,24 @@ examples:
   sphereface-plus verify bin --checkpoint last.pt --pack agedb_30.bin
   sphereface-plus verify folder --checkpoint last.pt --root my-faces-112x96 --num-pairs 2000
   sphereface-plus verify ijb --root IJBC --dataset IJBC --checkpoint sphere20.onnx --json ijbc.json --plot ijbc.png
+  sphereface-plus verify lfw --checkpoint last.pt --root lfw-112x96 --pairs pairs.txt --save-model model.pt
+
+--save-model OUT.pt stores the model with the threshold this run found (chosen on plain cosine
+scores, as 'compare' scores a single pair), so 'sphereface-plus compare --checkpoint OUT.pt' can
+decide same/different.
+
+exit status: 0 done; 2 usage or input error (one 'error:' line; --debug for the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import pickle
-import sys
+from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
+
+from sphereface_plus.errors import UsageError, require_dir, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--json", help="write the report (fold accuracies, mean, std, EER, AUC, TAR@FAR, ROC) here")
     out.add_argument("--plot", help="write the ROC curve (PNG) here")
     out.add_argument("--save-features", help="also save the computed features to this .npz")
+    out.add_argument("--save-model", metavar="OUT.pt",
+                     help="with --checkpoint: write a copy of the model that stores the threshold found here "
+                          "(what 'compare' uses); the input checkpoint is not changed")
     run_ = parser.add_argument_group("runtime")
     run_.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     run_.add_argument("--workers", type=int, default=2, help="DataLoader workers reading images (default 2)")
@@ -78,11 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_ijb_arguments(parser)
 
 
-class UsageError(ValueError):
-    """A wrong combination of options."""
-
-
 def _check_args(args) -> None:
+    """Options and input files, checked before anything is computed or written."""
     if bool(args.checkpoint) == bool(args.features):
         raise UsageError("give exactly one of --checkpoint and --features")
     if args.protocol in ("lfw", "pairs") and not args.pairs:
@@ -96,6 +104,17 @@ def _check_args(args) -> None:
         raise UsageError("verify folder needs --root (the identity folders)")
     if args.checkpoint and args.protocol != "bin" and not args.root:
         raise UsageError("--checkpoint needs --root, the folder holding the images")
+    if args.save_model:
+        if not args.checkpoint:
+            raise UsageError("--save-model copies the model of --checkpoint: give --checkpoint, not --features")
+        if Path(args.save_model).resolve() == Path(args.checkpoint).resolve():
+            raise UsageError(f"--save-model {args.save_model} is the --checkpoint itself; write the copy to "
+                             "another file (the training checkpoint keeps the optimiser state for --resume)")
+    for flag in ("checkpoint", "features", "pairs", "pack", "landmarks"):
+        if getattr(args, flag):
+            require_file(getattr(args, flag), f"--{flag}")
+    if args.root:
+        require_dir(args.root, "--root")
     if args.features and args.no_flip:
         logger.warning("--no-flip has no effect with --features (the features are used as they are)")
 
@@ -143,22 +162,29 @@ def run(args) -> int:
     from eval.lfw import evaluate_features
     from eval.report import format_report, plot_roc, write_json_report
 
-    try:
-        _check_args(args)
-        pairs, pack_images = build_pairs(args)
-        logger.info("%d pairs (%d same) in %d folds", len(pairs), sum(p.same for p in pairs),
-                    len({p.fold for p in pairs}))
-        paths, feats = compute_features(args, pairs, pack_images)
-        if args.save_features:
-            from eval.features import save_features_npz
+    # input mistakes raise ToolkitErrors: the command line prints them as one 'error:' line, exit 2
+    _check_args(args)
+    pairs, pack_images = build_pairs(args)
+    logger.info("%d pairs (%d same) in %d folds", len(pairs), sum(p.same for p in pairs),
+                len({p.fold for p in pairs}))
+    paths, feats = compute_features(args, pairs, pack_images)
+    if args.save_features:
+        from eval.features import save_features_npz
 
-            save_features_npz(args.save_features, paths, feats)
-            logger.info("features saved to %s", args.save_features)
-        source = args.features or "the extracted features"
-        report = evaluate_features(paths, feats, pairs, mean_sub=not args.no_mean_sub, source=source)
-    except (ValueError, OSError, pickle.UnpicklingError) as e:  # bad input: say what and where, no traceback
-        print(f"sphereface-plus verify: error: {e}", file=sys.stderr)
-        return 2
+        save_features_npz(args.save_features, paths, feats)
+        logger.info("features saved to %s", args.save_features)
+    source = args.features or "the extracted features"
+    report = evaluate_features(paths, feats, pairs, mean_sub=not args.no_mean_sub, source=source)
+    if args.save_model:
+        # compare scores one pair by plain cosine (no dataset mean to subtract): store that threshold
+        plain = report if args.no_mean_sub else evaluate_features(paths, feats, pairs, mean_sub=False, source=source)
+        threshold = float(plain["threshold"])
+        how = (f"verify {args.protocol}, {len(pairs)} pairs, plain cosine, "
+               f"{'crop only' if args.no_flip else 'crop + mirror'}")
+        save_model_with_threshold(args.checkpoint, args.save_model, threshold, how)
+        report["compare_threshold"] = threshold
+        print(f"model with threshold {threshold:.4f}: {args.save_model} "
+              f"(sphereface-plus compare A B --checkpoint {args.save_model})")
     report = {"protocol": args.protocol, **report, "flip": not args.no_flip if args.checkpoint else None,
               "source": args.checkpoint or args.features}
     print(format_report(report))
@@ -169,3 +195,25 @@ def run(args) -> int:
         plot_roc({args.protocol: report}, args.plot, title=f"verify {args.protocol}")
         print(f"ROC plot: {args.plot}")
     return 0
+
+
+def save_model_with_threshold(checkpoint, out, threshold: float, source: str = "") -> Path:
+    """Write a copy of ``checkpoint``'s model with ``threshold`` stored, atomically.
+
+    The copy has the model part of a training checkpoint (docs/interfaces.md): ``model`` (backbone
+    state dict), ``head``, ``config`` and ``iteration`` as stored, plus ``threshold`` (the cosine
+    threshold ``compare`` uses) and ``threshold_source`` (how it was found). No optimiser state, so it
+    cannot ``--resume`` a run, but ``train.init_from`` and every evaluation command accept it, and it
+    loads with ``torch.load(weights_only=True)``.
+    """
+    from sphereface_plus.engine.checkpoint import load_checkpoint, serialize
+    from sphereface_plus.utils import atomic_write_bytes
+
+    state = load_checkpoint(checkpoint)
+    copy = {k: state[k] for k in ("model", "head", "config", "iteration") if k in state}
+    copy["threshold"] = float(threshold)
+    copy["threshold_source"] = str(source)
+    out = Path(out)
+    atomic_write_bytes(out, serialize(copy))
+    logger.info("wrote %s (threshold %.4f from %s)", out, threshold, source or "verification")
+    return out

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 
 from eval.features import (ArrayImages, add_precision_argument, extract_from_dataset, inference_setup,
                            load_checkpoint)
+from sphereface_plus.errors import InputFileError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,19 @@ examples:
   sphereface-plus compare a.jpg b.jpg --checkpoint runs/x/checkpoints/last.pt
   sphereface-plus compare a.jpg b.jpg --checkpoint last.pt --threshold 0.35 --detector retinaface
   sphereface-plus compare crop_a.png crop_b.png --checkpoint last.pt --aligned
+
+The threshold: --threshold, else the one stored in the checkpoint. A checkpoint from 'train' stores
+one when the run verified (eval.pairs); for any other, store one with
+'sphereface-plus verify lfw --checkpoint last.pt --root lfw-112x96 --pairs pairs.txt --save-model model.pt'.
+
+exit status: 0 done (also without a threshold: the similarity is printed); 2 usage or input error.
 """
 
+#: the fix for a wrong-size image given with --aligned (compare has no --landmarks)
+ALIGNED_HINT = "it is not an aligned crop: drop --aligned so that compare detects and aligns the face"
 
-class NoFaceError(ValueError):
+
+class NoFaceError(InputFileError):
     """The detector found no face in an image."""
 
 
@@ -89,8 +98,9 @@ class FaceEmbedder:
         names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
         crops = [_as_bgr(im, n) for im, n in zip(images, names)] if aligned else \
             [self.align(im, n) for im, n in zip(images, names)]
-        feats = extract_from_dataset(self.model, ArrayImages(crops, self.info["input_size"]), self.batch_size,
-                                     self.flip, self.device, num_workers=0, desc="embed",
+        data = ArrayImages(crops, self.info["input_size"], names=names, hint=ALIGNED_HINT)
+        feats = extract_from_dataset(self.model, data, self.batch_size, self.flip, self.device, num_workers=0,
+                                     desc="embed",
                                      precision=self.precision, channels_last=self.channels_last)
         return feats / np.linalg.norm(feats, axis=1, keepdims=True)
 
@@ -103,22 +113,27 @@ class FaceEmbedder:
 def _as_bgr(image: np.ndarray, name: str) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype != np.uint8:
-        raise ValueError(f"{name}: expected a uint8 BGR image, got dtype {image.dtype}")
+        raise InputFileError(f"{name}: expected a uint8 BGR image, got dtype {image.dtype}")
     if image.ndim == 2:
         return np.repeat(image[:, :, None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"{name}: expected an H x W x 3 BGR image, got shape {image.shape}")
+        raise InputFileError(f"{name}: expected an H x W x 3 BGR image, got shape {image.shape}")
     return image[:, :, :3]
 
 
 def read_image(path) -> np.ndarray:
-    """``cv2.imread`` with an error that names the file."""
-    import cv2
+    """The image at ``path`` (BGR uint8) with ``align``'s checks; errors name the file and the reason."""
+    from pathlib import Path
 
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise FileNotFoundError(f"cannot read image {path} (missing or not an image)")
-    return image
+    from data_prep.prepare import read_image as decode
+
+    p = Path(path)
+    if not p.is_file():
+        raise MissingFileError(f"image {path} does not exist")
+    try:
+        return decode(p.read_bytes())[0]
+    except ValueError as exc:
+        raise InputFileError(f"cannot use image {path}: {exc}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image2", help="second image")
     parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or exported model (.onnx)")
     parser.add_argument("--threshold", type=float, help="cosine threshold (default: the one stored in the checkpoint)")
-    parser.add_argument("--detector", default="mtcnn", help="face detector: mtcnn or retinaface (default mtcnn)")
+    parser.add_argument("--detector", default="mtcnn", choices=("mtcnn", "retinaface"),
+                        help="face detector (default mtcnn)")
     parser.add_argument("--aligned", action="store_true", help="the images are already aligned crops: no detection")
     parser.add_argument("--no-flip", action="store_true", help="embed the crop only (default: crop + mirror)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -134,19 +150,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    try:
-        images = [read_image(args.image1), read_image(args.image2)]
-        emb = FaceEmbedder(args.checkpoint, device=args.device, detector=args.detector, flip=not args.no_flip,
-                           precision=args.precision)
-        f = emb.embed(images, aligned=args.aligned, names=[args.image1, args.image2])
-    except (ValueError, OSError) as e:
-        print(f"sphereface-plus compare: error: {e}", file=sys.stderr)
-        return 2
+    # input mistakes raise ToolkitErrors: the command line prints them as one 'error:' line, exit 2
+    images = [read_image(args.image1), read_image(args.image2)]
+    emb = FaceEmbedder(args.checkpoint, device=args.device, detector=args.detector, flip=not args.no_flip,
+                       precision=args.precision)
+    f = emb.embed(images, aligned=args.aligned, names=[args.image1, args.image2])
     sim = float(f[0] @ f[1])
     print(f"cosine similarity: {sim:.4f}")
     threshold = args.threshold if args.threshold is not None else emb.threshold
     if threshold is None:
-        print("no threshold: the checkpoint stores none; pass --threshold to get a decision")
+        print(f"no threshold: {args.checkpoint} stores none (its training run did not verify). Pass --threshold T, "
+              f"or store one: sphereface-plus verify lfw --checkpoint {args.checkpoint} --root <aligned LFW> "
+              f"--pairs pairs.txt --save-model model.pt, then compare with --checkpoint model.pt")
         return 0
     source = "given" if args.threshold is not None else "from the checkpoint"
     verdict = "same person" if sim > threshold else "different people"

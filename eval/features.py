@@ -10,6 +10,7 @@ bf16), under bfloat16 autocast with NHWC tensors; features are always returned f
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
@@ -20,22 +21,29 @@ from torch.utils.data import DataLoader, Dataset
 from data_prep.datasets import to_network_tensor as preprocess  # the one model transform
 from data_prep.geometry import cut_wide_crop, to_bgr
 from data_prep.landmarks import read_landmarks  # noqa: F401 (eval.cli / eval.megaface use F.read_landmarks)
+from sphereface_plus.errors import CheckpointError, InputFileError, MissingFileError
 from sphereface_plus.utils import progress
 
 logger = logging.getLogger(__name__)
 
-def fit_crop(image: np.ndarray, input_size: Optional[Tuple[int, int]], name: str) -> np.ndarray:
-    """Check an aligned crop against the model's ``(H, W)``; a 112x112 crop feeds a 112x96 model."""
+#: how to fix a crop of the wrong size, for commands that can align on the fly (verify, megaface export)
+ALIGN_HINT = "align the images first (sphereface-plus align) or pass --landmarks to align them on the fly"
+
+
+def fit_crop(image: np.ndarray, input_size: Optional[Tuple[int, int]], name: str,
+             hint: str = ALIGN_HINT) -> np.ndarray:
+    """Check an aligned crop against the model's ``(H, W)``; a 112x112 crop feeds a 112x96 model.
+
+    ``hint``: the fix named in the error (it depends on the command's options)."""
     image = to_bgr(image)
-    if input_size is None:
+    if input_size is None or tuple(image.shape[:2]) == tuple(input_size):
         return image
     fitted = cut_wide_crop(image, input_size)
     if fitted is not None:
         return fitted
     h, w = image.shape[:2]
-    raise ValueError(
-        f"{name} is {h}x{w} but the model expects {input_size[0]}x{input_size[1]} aligned crops: align the "
-        f"images first (sphereface-plus align) or pass --landmarks to align them on the fly"
+    raise InputFileError(
+        f"{name} is {h}x{w} (HxW) but the model expects {input_size[0]}x{input_size[1]} aligned crops: {hint}"
     )
 
 
@@ -58,7 +66,7 @@ class ImageFiles(Dataset):
         if landmarks is not None:
             missing = [p for p in self.rel_paths if p not in landmarks]
             if missing:
-                raise ValueError(f"{len(missing)} of {len(self.rel_paths)} images have no landmarks: "
+                raise InputFileError(f"{len(missing)} of {len(self.rel_paths)} images have no landmarks: "
                                  + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
 
     def __len__(self) -> int:
@@ -70,7 +78,7 @@ class ImageFiles(Dataset):
         rel = self.rel_paths[i]
         image = cv2.imread(str(self.root / rel), cv2.IMREAD_COLOR)
         if image is None:
-            raise ValueError(f"cannot read image {self.root / rel} (missing or not an image)")
+            raise InputFileError(f"cannot read image {self.root / rel} (missing or not an image)")
         if self.landmarks is not None:
             from data_prep import align_face
 
@@ -93,22 +101,26 @@ class EncodedImages(Dataset):
 
         image = cv2.imdecode(np.frombuffer(self.images[i], dtype=np.uint8), cv2.IMREAD_COLOR)
         if image is None:
-            raise ValueError(f"pack image {i} cannot be decoded")
+            raise InputFileError(f"pack image {i} cannot be decoded")
         return preprocess(fit_crop(image, self.input_size, f"pack image {i}"))
 
 
 class ArrayImages(Dataset):
-    """In-memory BGR crops."""
+    """In-memory BGR crops (``names`` and ``hint`` go into the wrong-size error)."""
 
-    def __init__(self, images: Sequence[np.ndarray], input_size: Optional[Tuple[int, int]] = None):
+    def __init__(self, images: Sequence[np.ndarray], input_size: Optional[Tuple[int, int]] = None,
+                 names: Optional[Sequence[str]] = None, hint: str = ALIGN_HINT):
         self.images = images
         self.input_size = tuple(input_size) if input_size is not None else None
+        self.names = list(names) if names is not None else None
+        self.hint = hint
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return preprocess(fit_crop(self.images[i], self.input_size, f"image {i}"))
+        name = self.names[i] if self.names is not None else f"image {i}"
+        return preprocess(fit_crop(self.images[i], self.input_size, name, self.hint))
 
 
 def inference_setup(model, precision: str = "auto", device="cpu",
@@ -227,7 +239,7 @@ def extract_from_dataset(
     chunks = [f for _, f in iter_embeddings(model, dataset, batch_size, flip, device, num_workers, desc,
                                             precision, channels_last)]
     if not chunks:
-        raise ValueError("no images to embed")
+        raise InputFileError("no images to embed")
     return np.concatenate(chunks)
 
 
@@ -254,11 +266,22 @@ def extract_features(
 
     missing = missing_images(root, rel_paths)
     if missing:
-        raise FileNotFoundError(describe_missing(missing, len(rel_paths), f"under {root}",
-                                                 "Check --root (it must hold the images at these relative paths)"))
+        raise MissingFileError(describe_missing(missing, len(rel_paths), f"under {root}",
+                                                "Check --root (it must hold the images at these relative paths)"))
     dataset = ImageFiles(root, rel_paths, input_size=input_size, landmarks=landmarks, template=template)
+    check_first_image(dataset)
     return extract_from_dataset(model, dataset, batch_size, flip, device, num_workers, precision=precision,
                                 channels_last=channels_last)
+
+
+def check_first_image(dataset: Dataset) -> None:
+    """Read the first image in this process, before any DataLoader worker starts.
+
+    Raw photos where aligned crops are expected (a wrong size) are then one clear error with the size
+    found and the size expected, instead of a traceback from inside a worker process.
+    """
+    if len(dataset):
+        dataset[0]
 
 
 # --------------------------------------------------------------------------- checkpoints and files
@@ -287,9 +310,7 @@ def load_checkpoint(path, device="cpu"):
     from sphereface_plus.utils import safe_torch_load
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = safe_torch_load(path, map_location="cpu")
+    ckpt = safe_torch_load(path, map_location="cpu")  # MissingFileError / CheckpointError
     try:
         cfg = ckpt["config"]
         name = cfg["model"]["backbone"]
@@ -297,13 +318,18 @@ def load_checkpoint(path, device="cpu"):
         template = cfg.get("data", {}).get("template", "112x96")
         state = ckpt["model"]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a training checkpoint: missing {e} (expected keys model, config"
-                         f"[model][backbone], config[model][input_size])") from None
+        raise CheckpointError(f"{path} is not a valid checkpoint (not written by this toolkit): missing {e} "
+                              f"(expected keys model, config[model][backbone], config[model][input_size])") from None
     kwargs = {"input_size": input_size}
     if "embedding_dim" in cfg["model"]:  # sphereface_plus.config.ModelConfig: fc5 width
         kwargs["embedding_dim"] = int(cfg["model"]["embedding_dim"])
     model = create_backbone(name, **kwargs)
-    model.load_state_dict(strip_module_prefix(state))
+    try:
+        model.load_state_dict(strip_module_prefix(state))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: the stored weights do not fit the {name} backbone its config names "
+                              f"({first})") from None
     model.to(torch.device(device)).eval()
     threshold = ckpt.get("threshold")
     info = {
@@ -332,20 +358,24 @@ def load_features_npz(path) -> Tuple[list, np.ndarray]:
     """Read ``paths`` and ``features`` from an ``.npz`` (no pickled objects are allowed)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"features file {path} does not exist")
+        raise MissingFileError(f"features file {path} does not exist")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = {"paths", "features"} - set(z.files)
             if missing:
-                raise ValueError(f"{path} lacks {sorted(missing)}; it needs 'paths' (N relative image paths) "
+                raise InputFileError(f"{path} lacks {sorted(missing)}; it needs 'paths' (N relative image paths) "
                                  f"and 'features' (N x D)")
             paths = [str(p) for p in z["paths"]]
             feats = np.asarray(z["features"])
+    except InputFileError:
+        raise
     except ValueError as e:
         if "allow_pickle" in str(e) or "Object arrays" in str(e):
-            raise ValueError(f"{path}: 'paths' is stored as Python objects; save it as a string array "
-                             f"(np.asarray(paths, dtype=str))") from None
-        raise
+            raise InputFileError(f"{path}: 'paths' is stored as Python objects; save it as a string array "
+                                 f"(np.asarray(paths, dtype=str))") from None
+        raise InputFileError(f"{path} is not a readable .npz of features ({type(e).__name__})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise InputFileError(f"{path} is not a readable .npz of features ({type(e).__name__})") from None
     if feats.ndim != 2 or feats.shape[0] != len(paths):
-        raise ValueError(f"{path}: features must be N x D with N = {len(paths)} paths, got {feats.shape}")
+        raise InputFileError(f"{path}: features must be N x D with N = {len(paths)} paths, got {feats.shape}")
     return paths, feats

@@ -15,6 +15,7 @@ import numpy as np
 
 from eval.metrics import DEFAULT_FARS, verification_report
 from eval.pairs import Pair, describe_missing, parse_lfw_pairs
+from sphereface_plus.errors import InputFileError
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +29,14 @@ def pair_features(paths: Sequence[str], features, pairs: Sequence[Pair], source:
     """``(feat1, feat2, issame, folds)`` for ``pairs``; every pair image must be among ``paths``."""
     features = np.asarray(features)
     if features.ndim != 2 or features.shape[0] != len(paths):
-        raise ValueError(f"features must be N x D with N = {len(paths)} paths, got {features.shape}")
+        raise InputFileError(f"features must be N x D with N = {len(paths)} paths, got {features.shape}")
     index = {p: i for i, p in enumerate(paths)}
     if len(index) != len(paths):
         logger.warning("%d duplicate paths in %s; the last feature of each is used", len(paths) - len(index), source)
     needed = list(dict.fromkeys([p.path1 for p in pairs] + [p.path2 for p in pairs]))
     missing = [p for p in needed if p not in index]
     if missing:
-        raise ValueError(describe_missing(missing, len(needed), f"from {source}",
+        raise InputFileError(describe_missing(missing, len(needed), f"from {source}",
                                         "Paths must be relative like Name/Name_0001.jpg, as in the pairs"))
     i1 = np.fromiter((index[p.path1] for p in pairs), dtype=np.int64, count=len(pairs))
     i2 = np.fromiter((index[p.path2] for p in pairs), dtype=np.int64, count=len(pairs))

@@ -26,14 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import struct
-import sys
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from eval.metrics import allowed_false_accepts, tar_from_top_impostors
+from sphereface_plus.errors import InputFileError, MissingFileError, require_dir, require_file
 from sphereface_plus.utils import atomic_write_bytes, progress
 
 logger = logging.getLogger(__name__)
@@ -79,20 +80,45 @@ def read_feature(path) -> np.ndarray:
     path = Path(path)
     data = path.read_bytes()
     if len(data) < HEADER.size:
-        raise ValueError(f"{path}: {len(data)} bytes, shorter than the 16-byte header")
+        raise InputFileError(f"{path}: {len(data)} bytes, shorter than the 16-byte header")
     rows, cols, stride, cv_type = HEADER.unpack_from(data)
     dtype = CV_TYPES.get(cv_type)
     if dtype is None:
-        raise ValueError(f"{path}: OpenCV type {cv_type} is not a float matrix (expected 5 = CV_32F)")
+        raise InputFileError(f"{path}: OpenCV type {cv_type} is not a float matrix (expected 5 = CV_32F)")
     if rows < 1 or cols < 1 or stride != cols * dtype.itemsize:
-        raise ValueError(f"{path}: header rows={rows} cols={cols} stride={stride} is not a dense matrix")
+        raise InputFileError(f"{path}: header rows={rows} cols={cols} stride={stride} is not a dense matrix")
     if min(rows, cols) != 1:
-        raise ValueError(f"{path}: a {rows} x {cols} matrix is not a feature vector")
+        raise InputFileError(f"{path}: a {rows} x {cols} matrix is not a feature vector")
     expected = HEADER.size + rows * stride
     if len(data) != expected:
-        raise ValueError(f"{path}: {len(data)} bytes, but the header (rows={rows}, cols={cols}) needs {expected}; "
+        raise InputFileError(f"{path}: {len(data)} bytes, but the header (rows={rows}, cols={cols}) needs {expected}; "
                          f"the file is truncated or not a devkit feature")
     return np.frombuffer(data, dtype=dtype, offset=HEADER.size).astype(np.float32)
+
+
+def feature_file_problem(path, dim: Optional[int] = None) -> Optional[str]:
+    """Why an existing feature file cannot be kept on resume, or None when it is complete.
+
+    Reads only the 16-byte header and the file size: a file cut short, one with a header that is not a
+    float vector, or one of another dimension than ``dim`` (another model) is redone.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(HEADER.size)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if len(head) < HEADER.size:
+        return f"{size} bytes, shorter than the 16-byte header"
+    rows, cols, stride, cv_type = HEADER.unpack(head)
+    dtype = CV_TYPES.get(cv_type)
+    if dtype is None or rows < 1 or cols < 1 or min(rows, cols) != 1 or stride != cols * dtype.itemsize:
+        return f"header rows={rows} cols={cols} stride={stride} type={cv_type} is not a float feature vector"
+    if size != HEADER.size + rows * stride:
+        return f"{size} bytes, the header needs {HEADER.size + rows * stride} (truncated)"
+    if dim is not None and rows * cols != dim:
+        return f"{rows * cols}-d, this model makes {dim}-d features"
+    return None
 
 
 def feature_path(out_dir, rel_path: str, suffix: str = DEFAULT_SUFFIX) -> Path:
@@ -107,7 +133,7 @@ def read_features(out_dir, rel_paths: Sequence[str], suffix: str = DEFAULT_SUFFI
     if missing:
         from eval.pairs import describe_missing
 
-        raise FileNotFoundError(describe_missing(missing, len(files), f"in {out_dir}",
+        raise MissingFileError(describe_missing(missing, len(files), f"in {out_dir}",
                                                  "run 'sphereface-plus megaface export' for this list first"))
     return np.stack([read_feature(f) for f in progress(files, desc=desc, unit="file")])
 
@@ -126,23 +152,23 @@ def iter_feature_chunks(out_dir, rel_paths: Sequence[str], suffix: str, chunk: i
 def read_image_list(path) -> Tuple[List[str], Optional[List[str]]]:
     """Read an image list: the devkit JSON (``{"path": [...], "id": [...]}``), a JSON list of paths,
     or a text file of ``relative/path [label]`` lines. Returns ``(paths, labels or None)``."""
-    path = Path(path)
+    path = require_file(path, "image list")
     text = path.read_text()
     s = text.lstrip()
     if s.startswith("{") or s.startswith("["):
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
+            raise InputFileError(f"{path}: invalid JSON ({e})") from None
         if isinstance(obj, list):
             return [str(p) for p in obj], None
         if "path" not in obj:
-            raise ValueError(f"{path}: a JSON image list needs a 'path' list (the devkit layout), found keys "
+            raise InputFileError(f"{path}: a JSON image list needs a 'path' list (the devkit layout), found keys "
                              f"{sorted(obj)[:5]}")
         paths = [str(p) for p in obj["path"]]
         labels = [str(v) for v in obj["id"]] if "id" in obj else None
         if labels is not None and len(labels) != len(paths):
-            raise ValueError(f"{path}: {len(paths)} paths but {len(labels)} ids")
+            raise InputFileError(f"{path}: {len(paths)} paths but {len(labels)} ids")
         return paths, labels
     paths, labels = [], []
     for line_no, line in enumerate(text.splitlines(), 1):
@@ -150,7 +176,7 @@ def read_image_list(path) -> Tuple[List[str], Optional[List[str]]]:
         if not f:
             continue
         if len(f) > 2:
-            raise ValueError(f"{path}:{line_no}: expected 'relative/path [label]', got {len(f)} fields")
+            raise InputFileError(f"{path}:{line_no}: expected 'relative/path [label]', got {len(f)} fields")
         paths.append(f[0])
         labels.append(f[1] if len(f) == 2 else None)
     if any(lab is None for lab in labels):
@@ -164,7 +190,7 @@ def labels_from_folders(paths: Sequence[str]) -> List[str]:
     for p in paths:
         parent = str(Path(p).parent)
         if parent in ("", "."):
-            raise ValueError(f"cannot tell the identity of {p!r}: give the list with an 'id' per image")
+            raise InputFileError(f"cannot tell the identity of {p!r}: give the list with an 'id' per image")
         out.append(parent)
     return out
 
@@ -175,7 +201,7 @@ def labels_from_folders(paths: Sequence[str]) -> List[str]:
 def _normalise(x: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(x, axis=1, keepdims=True)
     if (n == 0).any():
-        raise ValueError(f"{int((n == 0).sum())} zero feature vector(s)")
+        raise InputFileError(f"{int((n == 0).sum())} zero feature vector(s)")
     return x / n
 
 
@@ -213,7 +239,7 @@ def evaluate(
     P = _normalise(np.asarray(probe_features, dtype=np.float64)).astype(dtype)
     labels = np.asarray(probe_labels)
     if labels.shape[0] != P.shape[0]:
-        raise ValueError(f"{P.shape[0]} probe features but {labels.shape[0]} labels")
+        raise InputFileError(f"{P.shape[0]} probe features but {labels.shape[0]} labels")
     if isinstance(distractor_features, np.ndarray):
         M = distractor_features.shape[0]
     elif num_distractors is None:
@@ -221,7 +247,7 @@ def evaluate(
     else:
         M = int(num_distractors)
     if M < 1:
-        raise ValueError("no distractors")
+        raise InputFileError("no distractors")
     sizes = sorted({int(s) for s in (sizes if sizes is not None else DEFAULT_SIZES) if 0 < int(s) <= M} | {M})
 
     # trials (ordered pairs of distinct images of one identity) and genuine scores, identity by
@@ -239,7 +265,7 @@ def evaluate(
         trial_score.append(S[off])
         genuine.append(S[np.triu_indices(g.size, 1)])
     if not trial_probe:
-        raise ValueError("no identity has two probe images: no identification trials")
+        raise InputFileError("no identity has two probe images: no identification trials")
     trial_probe = np.concatenate(trial_probe)
     trial_score = np.concatenate(trial_score)
     genuine = np.concatenate(genuine).astype(np.float64)
@@ -299,8 +325,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ex = sub.add_parser("export", help="write devkit feature files for an image list (resumable)",
                         description="Embed every image of a list (aligned crops, or raw images with "
                                     "--landmarks) and write <out>/<path><suffix> in the devkit format, "
-                                    "L2-normalised. Files that exist are skipped, so an interrupted export "
-                                    "resumes where it stopped.")
+                                    "L2-normalised. Complete files that exist are kept (each one's header "
+                                    "and size are checked; damaged ones are redone), so an interrupted "
+                                    "export resumes where it stopped; --overwrite recomputes everything.")
     ex.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
     ex.add_argument("--list", required=True, help="image list: devkit JSON, JSON list, or 'path [label]' lines")
     ex.add_argument("--root", required=True, help="folder holding the images at the list's relative paths")
@@ -331,32 +358,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sc.add_argument("--json", help="write the results here")
 
 
+def _resume_todo(paths: Sequence[str], out: Path, suffix: str, dim: Optional[int]) -> Tuple[List[str], List[str]]:
+    """``(to do, damaged)``: images without a complete feature file; damaged files are named in the log."""
+    todo, damaged = [], []
+    for p in progress(paths, desc="check existing", unit="file"):
+        f = feature_path(out, p, suffix)
+        if not f.is_file():
+            todo.append(p)
+            continue
+        problem = feature_file_problem(f, dim)
+        if problem:
+            todo.append(p)
+            damaged.append(p)
+            logger.warning("redoing %s: %s", f, problem)
+    return todo, damaged
+
+
 def export(args) -> int:
     from eval import features as F
 
+    require_file(args.checkpoint, "--checkpoint")
+    require_dir(args.root, "--root")
     paths, _ = read_image_list(args.list)
     out = Path(args.out)
-    todo = paths if args.overwrite else [p for p in paths if not feature_path(out, p, args.suffix).is_file()]
-    logger.info("%d images in %s, %d already exported, %d to do", len(paths), args.list, len(paths) - len(todo),
-                len(todo))
+    model, info = F.load_checkpoint(args.checkpoint, device=args.device)  # before anything is written
+    landmarks = F.read_landmarks(args.landmarks) if args.landmarks else None
+    dim = _feature_dim(model, info, not args.no_flip)
+    damaged: List[str] = []
+    if args.overwrite:
+        todo = list(paths)
+    else:
+        todo, damaged = _resume_todo(paths, out, args.suffix, dim)
+    logger.info("%d images in %s, %d already exported, %d to do (%d damaged files redone)", len(paths), args.list,
+                len(paths) - len(todo), len(todo), len(damaged))
     if not todo:
-        print(f"all {len(paths)} features already in {out}")
+        print(f"all {len(paths)} features already in {out} (each file's header and size checked); "
+              f"--overwrite recomputes them")
         return 0
     from eval.pairs import describe_missing, missing_images
 
     missing = missing_images(args.root, todo)
     if missing:
-        raise FileNotFoundError(describe_missing(missing, len(todo), f"under {args.root}", "check --root"))
-    model, info = F.load_checkpoint(args.checkpoint, device=args.device)
-    landmarks = F.read_landmarks(args.landmarks) if args.landmarks else None
+        raise MissingFileError(describe_missing(missing, len(todo), f"under {args.root}", "check --root"))
     dataset = F.ImageFiles(args.root, todo, input_size=info["input_size"], landmarks=landmarks,
                            template=info["template"])
+    F.check_first_image(dataset)  # raw photos: one clear error here, not a worker traceback
     for start, feats in F.iter_embeddings(model, dataset, args.batch_size, not args.no_flip, args.device,
                                           args.workers, desc="export", precision=args.precision):
         for rel, v in zip(todo[start:start + feats.shape[0]], feats):
             write_feature(feature_path(out, rel, args.suffix), v, normalize=True)
-    print(f"wrote {len(todo)} feature files to {out} ({len(paths)} in the list)")
+    redone = f", {len(damaged)} of them replacing damaged files" if damaged else ""
+    print(f"wrote {len(todo)} feature files to {out} ({len(paths)} in the list{redone}); "
+          f"--overwrite recomputes all")
     return 0
+
+
+def _feature_dim(model, info, flip: bool) -> Optional[int]:
+    """The length of this model's feature vectors (doubled by the mirror), from one dummy forward."""
+    import torch
+
+    h, w = info["input_size"]
+    try:
+        with torch.inference_mode():
+            d = int(model(torch.zeros(1, 3, h, w, device=next(model.parameters()).device)).shape[1])
+    except StopIteration:
+        return None
+    return 2 * d if flip else d
 
 
 def score(args) -> int:
@@ -369,13 +436,15 @@ def score(args) -> int:
     try:
         sizes = [int(float(s)) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
+        from sphereface_plus.errors import UsageError
+
+        raise UsageError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
     probes = read_features(args.probe_dir, probe_paths, args.suffix, desc="probes")
     missing = [p for p in dist_paths if not feature_path(args.distractor_dir, p, args.suffix).is_file()]
     if missing:
         from eval.pairs import describe_missing
 
-        raise FileNotFoundError(describe_missing(missing, len(dist_paths), f"in {args.distractor_dir}",
+        raise MissingFileError(describe_missing(missing, len(dist_paths), f"in {args.distractor_dir}",
                                                  "run 'sphereface-plus megaface export' for this list first"))
     res = evaluate(probes, labels, iter_feature_chunks(args.distractor_dir, dist_paths, args.suffix, args.chunk),
                    far=args.far, sizes=sizes, num_distractors=len(dist_paths))
@@ -393,8 +462,5 @@ def score(args) -> int:
 
 
 def run(args) -> int:
-    try:
-        return export(args) if args.action == "export" else score(args)
-    except (ValueError, OSError) as e:
-        print(f"sphereface-plus megaface {args.action}: error: {e}", file=sys.stderr)
-        return 2
+    # input mistakes raise ToolkitErrors: the command line prints them as one 'error:' line, exit 2
+    return export(args) if args.action == "export" else score(args)

@@ -22,6 +22,8 @@ from typing import Dict, Sequence
 
 import numpy as np
 
+from sphereface_plus.errors import InputFileError
+
 logger = logging.getLogger(__name__)
 
 # (-10000:10000) / 10000 as in evaluation.m; dividing integers keeps every threshold the exact
@@ -43,7 +45,7 @@ def _as_scores_labels(scores, issame):
         raise ValueError(f"scores ({scores.size}) and issame ({issame.size}) have different lengths")
     if not np.isfinite(scores).all():
         bad = int((~np.isfinite(scores)).sum())
-        raise ValueError(f"{bad} score(s) are NaN or infinite (are some features all zero?)")
+        raise InputFileError(f"{bad} score(s) are NaN or infinite (are some features all zero?)")
     return scores, issame
 
 
@@ -82,7 +84,7 @@ def best_threshold(scores, issame, thresholds: np.ndarray = THRESHOLDS) -> float
 def _normalise_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms == 0).any():
-        raise ValueError(f"{int((norms == 0).sum())} feature vector(s) are zero after centring; cannot normalise")
+        raise InputFileError(f"{int((norms == 0).sum())} feature vector(s) are zero after centring; cannot normalise")
     return x / norms
 
 
@@ -137,7 +139,7 @@ def fold_scores(feat1, feat2, folds, mean_sub: bool = True):
     na = aa[:, None] - 2 * ad + dd[None, :]
     nb = bb[:, None] - 2 * bd + dd[None, :]
     if (na <= 0).any() or (nb <= 0).any():
-        raise ValueError("some feature vectors equal the fold mean; cannot normalise")
+        raise InputFileError("some feature vectors equal the fold mean; cannot normalise")
     return fold_ids, np.ascontiguousarray((num / np.sqrt(na * nb)).T)
 
 

@@ -24,6 +24,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from sphereface_plus.errors import InputFileError, MissingFileError
 from sphereface_plus.safe_pickle import UnsafePickleError, restricted_loads
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class Pair(NamedTuple):
     fold: int
 
 
-class PairsFormatError(ValueError):
+class PairsFormatError(InputFileError):
     """A pairs file line or pack that cannot be read; the message names the file and line."""
 
 
@@ -74,7 +75,7 @@ def parse_lfw_pairs(path, ext: str = ".jpg") -> List[Pair]:
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
-        raise FileNotFoundError(f"pairs file {path} does not exist") from None
+        raise MissingFileError(f"pairs file {path} does not exist") from None
     lines = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()]
     if not lines:
         raise PairsFormatError(f"{path} is empty")
@@ -149,7 +150,7 @@ def parse_pairs_file(path, num_folds: int = 10) -> List[Pair]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise FileNotFoundError(f"pairs file {path} does not exist") from None
+        raise MissingFileError(f"pairs file {path} does not exist") from None
     rows: List[Tuple[str, str, bool, Optional[int]]] = []
     first = True
     for line_no, line in enumerate(text.splitlines(), 1):
@@ -242,7 +243,7 @@ def load_bin_pack(path) -> Tuple[List[bytes], np.ndarray]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"pack {path} does not exist") from None
+        raise MissingFileError(f"pack {path} does not exist") from None
     try:
         obj = restricted_loads(data, allowed={("_codecs", "encode")}, encoding="bytes")
     except UnsafePickleError as e:
@@ -291,7 +292,7 @@ def list_identity_folder(root) -> Dict[str, List[str]]:
     """``{identity: sorted relative image paths}`` for every sub-folder of ``root`` with images."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"identity folder root {root} does not exist")
+        raise MissingFileError(f"identity folder root {root} does not exist")
     out: Dict[str, List[str]] = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         files = sorted(f.name for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)

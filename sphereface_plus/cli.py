@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
-from typing import List, Optional
+import traceback
+from typing import Callable, List, Optional
 
 # subcommand -> (module that implements it, one-line summary for the top-level help)
 COMMANDS = {
@@ -26,6 +28,7 @@ COMMANDS = {
     "megaface": ("eval.megaface", "export MegaFace devkit feature files and score them without the devkit"),
     "cifar": ("sphereface_plus.apps.cifar", "CIFAR MHE experiments (9-conv CNN, MHE on every layer)"),
     "demo": ("sphereface_plus.apps.demo", "the whole pipeline (align, train, verify, report) on built-in or LFW data"),
+    "pack-bin": ("eval.pack_bin", "write an insightface-style .bin verification pack from a pairs file and aligned crops"),
 }
 
 EPILOG = """\
@@ -37,9 +40,17 @@ examples:
   sphereface-plus verify lfw --checkpoint runs/x/checkpoints/last.pt --root lfw-112x96 --pairs pairs.txt
   sphereface-plus cifar --model_name mhe --power_s 0 --data cifar-100-python
   sphereface-plus demo
+  sphereface-plus pack-bin --pairs pairs.txt --root lfw-112x96 --out lfw.bin
 
 Run 'sphereface-plus COMMAND --help' for the options of a command.
+
+exit status: 0 success; 2 usage or input error (one 'error:' line says what, where and how to fix
+it; --debug or SPHEREFACE_PLUS_DEBUG=1 adds the traceback); 3 align finished but skipped or failed
+some images (see its manifest); 130 interrupted. Any other failure with a traceback is a bug: please
+report it.
 """
+
+DEBUG_ENV = "SPHEREFACE_PLUS_DEBUG"
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -49,7 +60,12 @@ def _top_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from sphereface_plus import __version__
+
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (also: {DEBUG_ENV}=1)")
+    parser.add_argument("--version", action="version", version=f"sphereface-plus {__version__}")
     return parser
 
 
@@ -82,18 +98,61 @@ def _find_command(argv: List[str]) -> Optional[str]:
     return None
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = _find_command(argv)
-    parser = build_parser(command) if command else build_parser("")
-    args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
-    from sphereface_plus.utils import setup_logging
+def _debug_wanted(argv: List[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    return int(args._run(args) or 0)
+
+def run_guarded(func: Callable[[], int], prog: str, debug: Optional[bool] = None) -> int:
+    """``func()``, with a :class:`~sphereface_plus.errors.ToolkitError` turned into one line and exit 2.
+
+    ``prog: error: <message>`` on stderr; the traceback only with ``debug`` (default: the
+    ``SPHEREFACE_PLUS_DEBUG`` variable). Other exceptions are bugs and keep their traceback. Entry
+    points outside :func:`main` (``python -m sphereface_plus.train`` under torchrun) use it too.
+    """
+    from sphereface_plus.errors import ToolkitError, one_line
+
+    if debug is None:
+        debug = _debug_wanted([])
+    try:
+        return int(func() or 0)
+    except ToolkitError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse, dispatch, and turn a :class:`~sphereface_plus.errors.ToolkitError` into one line, exit 2.
+
+    ``sphereface-plus COMMAND: error: <message>`` on stderr; the traceback only with ``--debug``
+    (anywhere on the command line) or ``SPHEREFACE_PLUS_DEBUG=1``. Other exceptions are bugs and
+    keep their traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_wanted(argv)
+    if "--debug" in argv:  # accepted before or after the command
+        argv = [a for a in argv if a != "--debug"]
+    command = _find_command(argv)
+    prog = f"sphereface-plus {command}" if command else "sphereface-plus"
+
+    def dispatch() -> int:
+        parser = build_parser(command) if command else build_parser("")
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 2
+        from sphereface_plus.utils import setup_logging
+
+        setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+        return int(args._run(args) or 0)
+
+    return run_guarded(dispatch, prog, debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

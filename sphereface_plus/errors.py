@@ -11,7 +11,12 @@ value, ``FileNotFoundError`` for a missing file), so ``except ValueError`` keeps
 """
 from __future__ import annotations
 
-__all__ = ["ToolkitError", "UsageError", "InputFileError", "MissingFileError", "CheckpointError"]
+from pathlib import Path
+
+__all__ = [
+    "ToolkitError", "UsageError", "InputFileError", "MissingFileError", "CheckpointError",
+    "require_file", "require_dir", "one_line",
+]
 
 
 class ToolkitError(Exception):
@@ -35,3 +40,40 @@ class CheckpointError(InputFileError):
 
     Never suggests loading it with ``weights_only=False``: that would run code from the file.
     """
+
+
+def require_file(path, what: str, fix: str = "") -> Path:
+    """``Path(path)`` when it is a file, else :class:`MissingFileError` naming ``what`` and the fix.
+
+    For checks made before a command writes anything (``--resume``, ``train.init_from``,
+    ``--checkpoint``...): ``require_file(args.resume, "--resume", "give an existing checkpoint or 'auto'")``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        where = "is a folder, not a file" if p.is_dir() else "does not exist"
+        raise MissingFileError(f"{what} {str(p)!r} {where}" + (f"; {fix}" if fix else ""))
+    return p
+
+
+def require_dir(path, what: str, fix: str = "") -> Path:
+    """``Path(path)`` when it is a folder, else :class:`MissingFileError` naming ``what`` and the fix."""
+    p = Path(path)
+    if not p.is_dir():
+        where = "is a file, not a folder" if p.is_file() else "does not exist"
+        raise MissingFileError(f"{what} {str(p)!r} {where}" + (f"; {fix}" if fix else ""))
+    return p
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` as one line (what ``error:`` prints).
+
+    An error raised in a DataLoader worker arrives re-raised with the worker's traceback in its
+    message ("Caught X in DataLoader worker process 0. Original Traceback ..."): its last line is
+    the original message, so that one is kept.
+    """
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
+        name, sep, rest = last.partition(": ")
+        text = rest if sep and name.replace(".", "").replace("_", "").isalnum() else last
+    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(exc).__name__

@@ -8,8 +8,10 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Dict, List
 
+from sphereface_plus.errors import UsageError
 
-class UnknownNameError(KeyError):
+
+class UnknownNameError(UsageError, KeyError):
     """Raised for a name that is not registered; the message lists the registered names."""
 
     def __str__(self) -> str:  # KeyError would print the repr of the message

@@ -10,6 +10,8 @@ import io
 import pickle
 from typing import Any, Collection, Tuple
 
+from sphereface_plus.errors import InputFileError
+
 GlobalName = Tuple[str, str]
 
 # What numpy arrays need to be rebuilt from a pickle (numpy 1.x and 2.x module names).
@@ -27,7 +29,7 @@ NUMPY_ARRAY_GLOBALS: frozenset = frozenset(
 )
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(InputFileError, pickle.UnpicklingError):
     """The pickle names a global that is not on the allow-list."""
 
 

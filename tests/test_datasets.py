@@ -186,18 +186,21 @@ def test_wrong_size_and_missing_images_are_replaced(folder, caplog):
         preprocess(np.zeros((50, 40, 3), np.uint8), (112, 96))
 
 
-def test_training_run_counts_replaced_images(folder, tmp_path_factory):
-    """End to end: a broken file in the training folder is replaced, counted, and training finishes."""
+def test_training_run_leaves_out_a_broken_file(folder, tmp_path_factory):
+    """End to end: a 0-byte file in the training folder is left out at start-up and training finishes."""
     from sphereface_plus.config import load_config
     from sphereface_plus.apps.train import train
 
     root, _ = folder
     ds = ImageFolderDataset(root)
-    (root / ds.paths[4]).unlink()
-    (root / ds.paths[4]).write_bytes(b"")
+    broken = ds.paths[4]
+    (root / broken).write_bytes(b"")
+    ds = ImageFolderDataset(root)
+    assert len(ds) == 5 and broken not in ds.paths and ds.num_classes == 3
+    assert ds.bad_images == [{"path": str(root / broken), "reason": "empty file (0 bytes)"}]
     out = tmp_path_factory.mktemp("run")
     cfg = load_config(None, [f"out_dir={out}", "data.source=folder", f"data.root={root}", "data.num_workers=0",
                              "model.backbone=sphere4", "model.embedding_dim=16", "train.iterations=1",
-                             "train.batch_size=6", "train.tensorboard=false", "train.log_every=1"])
+                             "train.batch_size=5", "train.tensorboard=false", "train.log_every=1"])
     summary = train(cfg)
-    assert summary["bad_images"] == 1 and summary["iteration"] == 1  # one epoch: each file read once
+    assert summary["iteration"] == 1 and summary["num_classes"] == 3

@@ -125,10 +125,12 @@ def bad_tree(tmp_path, lfw_lm):
             expect[rel] = ("failed", "'abc' is not a number")
         else:
             expect[rel] = ("skipped", "no entry in the landmark file")
+    # a landmark entry without an image is unused (not in the manifest), a top-level README is no input,
+    # a top-level image is an input outside any identity folder
     lines.append(_fmt("Ghost/Ghost_0001.jpg", lfw_lm[donor]))
-    expect["Ghost/Ghost_0001.jpg"] = ("failed", "no such image")
     put("README.txt", b"not a face\n")
-    expect["README.txt"] = ("failed", "not inside an identity folder")
+    put("Stray.jpg", real)
+    expect["Stray.jpg"] = ("failed", "not inside an identity folder")
     lm_file = tmp_path / "landmarks.txt"
     lm_file.write_text("\n".join(lines) + "\n")
     return src, lm_file, expect, ref

