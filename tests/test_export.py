@@ -111,7 +111,8 @@ def test_onnx_model_gives_same_lfw_fold_accuracies(setup):
         out, npz = d / f"{name}.json", d / f"{name}.npz"
         assert main(["verify", "pairs", "--checkpoint", str(setup[name]), "--root", str(LFW / "images"),
                      "--landmarks", str(LFW / "lfw_landmark.txt"), "--pairs", str(d / "pairs.txt"),
-                     "--json", str(out), "--save-features", str(npz), "--workers", "0", "--batch-size", "17"]) == 0
+                     "--json", str(out), "--save-features", str(npz), "--workers", "0", "--batch-size", "17",
+                     "--precision", "fp32"]) == 0  # ONNX runs in float32: compare like with like
         reports[name] = json.loads(out.read_text())
         with np.load(npz) as z:
             feats[name] = z["features"]
@@ -148,7 +149,7 @@ def test_embedder_and_compare_accept_onnx(setup, capsys):
     from eval.embedder import FaceEmbedder
 
     crops = setup["crops"][:5]
-    a = FaceEmbedder(setup["ckpt"]).embed(crops, aligned=True)
+    a = FaceEmbedder(setup["ckpt"], precision="fp32").embed(crops, aligned=True)  # ONNX runs in float32
     emb = FaceEmbedder(setup["onnx"])
     b = emb.embed(crops, aligned=True)
     assert np.abs(a - b).max() <= TOL
@@ -156,7 +157,7 @@ def test_embedder_and_compare_accept_onnx(setup, capsys):
     p1, p2 = (str(setup["check_dir"] / f"{i:02d}.png") for i in (0, 1))
     sims = []
     for model in ("ckpt", "onnx"):
-        assert main(["compare", p1, p2, "--checkpoint", str(setup[model]), "--aligned"]) == 0
+        assert main(["compare", p1, p2, "--checkpoint", str(setup[model]), "--aligned", "--precision", "fp32"]) == 0
         out = capsys.readouterr().out
         sims.append(float(re.search(r"cosine similarity: (-?[\d.]+)", out).group(1)))
         assert "from the checkpoint" in out
