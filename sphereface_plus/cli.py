@@ -107,7 +107,7 @@ def run_guarded(func: Callable[[], int], prog: str, debug: Optional[bool] = None
 
     ``prog: error: <message>`` on stderr; the traceback only with ``debug`` (default: the
     ``SPHEREFACE_PLUS_DEBUG`` variable). Other exceptions are bugs and keep their traceback. Entry
-    points outside :func:`main` (``python -m sphereface_plus.train`` under torchrun) use it too.
+    points outside :func:`main` (``python -m sphereface_plus.apps.train`` under torchrun) use it too.
     """
     from sphereface_plus.errors import ToolkitError, one_line
 
