@@ -166,3 +166,22 @@ def test_head_settings_are_checked():
         load_config(None, ["head.parallel=sharded", "head.sample_rate=1.5"])
     with pytest.raises(ConfigError, match="needs head.parallel=sharded"):
         load_config(None, ["head.sample_rate=0.5"])
+
+
+def test_cli_train_with_a_sharded_head_on_one_process(tmp_path):
+    """`sphereface-plus train ... head.parallel=sharded` (one process): trains, writes a whole-head checkpoint
+    and records the layout in config.yaml."""
+    pytest.importorskip("data_prep.datasets")
+    import yaml
+
+    from sphereface_plus.cli import main
+
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "cpu_smoke.yaml"
+    args = ["train", "--config", str(smoke), f"out_dir={tmp_path / 'run'}", "train.iterations=2", "train.batch_size=4",
+            "model.embedding_dim=16", f"data.synthetic.cache_dir={tmp_path / 'cache'}", "data.synthetic.num_identities=20",
+            "data.synthetic.images_per_identity=2", "data.synthetic.pairs_per_fold=2", "train.tensorboard=false",
+            "eval.pairs=", "head.parallel=sharded", "mhe.mode=full"]
+    assert main(args) == 0
+    state = _load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["head"]["weight"].shape == (20, 16) and state["iteration"] == 2
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["head"]["parallel"] == "sharded"
