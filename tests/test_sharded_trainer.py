@@ -185,3 +185,27 @@ def test_cli_train_with_a_sharded_head_on_one_process(tmp_path):
     state = _load(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["head"]["weight"].shape == (20, 16) and state["iteration"] == 2
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["head"]["parallel"] == "sharded"
+
+
+def test_sharded_rollback_to_the_start_state_and_to_a_checkpoint(tmp_path):
+    """The NaN guard with a sharded head: the start state is this rank's own (no collective), a
+    checkpoint is cut to this rank's rows; both restore the exact weights and momentum."""
+    trainer = make_trainer(tmp_path, "sharded")
+    trainer.cfg.train.nan_patience = 1
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    images, labels = batch(0)
+    bad = torch.full_like(images, float("nan"))
+    assert trainer.train_step(bad, labels)["rolled_back"] and trainer.iteration == 0
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, start[k]), k
+    for step in range(2):
+        assert trainer.train_step(*batch(step))["finite"]
+    trainer.save()
+    saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    momentum = [s["momentum_buffer"].clone() for s in trainer.optimizer.state_dict()["state"].values()]
+    assert trainer.train_step(*batch(2))["finite"]
+    assert trainer.train_step(bad, labels)["rolled_back"] and trainer.iteration == 2
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    for got, want in zip(trainer.optimizer.state_dict()["state"].values(), momentum):
+        assert torch.equal(got["momentum_buffer"], want)
