@@ -16,6 +16,10 @@ section 5), both terms and the A-Softmax lambda logged separately. Each step: fo
 16 bits), backward, optional gradient clipping, SGD step, one scheduler step. A non-finite loss skips
 the update; ``train.nan_patience`` of them in a row roll the run back to the last checkpoint with a
 new data order (A-Softmax is known to diverge now and then; this replaces "kill and restart by hand").
+
+``head.parallel=sharded`` (issue 13): :class:`ShardedFaceModel` replaces :class:`FaceTrainModel`; the
+classifier's rows are split over the ranks (:mod:`sphereface_plus.parallel`), only the backbone is in
+DDP, and checkpoints still hold the whole head, so a run resumes on any number of processes.
 """
 from __future__ import annotations
 
