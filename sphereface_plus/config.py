@@ -75,6 +75,10 @@ class HeadConfig:
     power: Optional[float] = None
     lambda_min: Optional[float] = None
     easy_margin: Optional[bool] = None  # ArcFace
+    # how the classifier is laid out over the processes (sphereface_plus.parallel.PARALLEL_MODES): the
+    # trainer's settings, not the head's (TRAINER_HEAD_SETTINGS), so they are never passed to the head
+    parallel: str = "replicated"  # replicated: the whole head on every rank; sharded: rows split over ranks
+    sample_rate: float = 1.0  # sharded only: Partial FC negative-class sampling rate in (0, 1]; 1 is exact
 
 
 @dataclass
@@ -177,11 +181,13 @@ class Config:
         from sphereface_plus.heads import list_heads
         from sphereface_plus.mhe import CLASSIFIER_MODES, POWERS, normalize_power
         from sphereface_plus.models import list_backbones
+        from sphereface_plus.parallel import PARALLEL_MODES
         from sphereface_plus.trainer import AMP_MODES
 
         choices = {
             "model.backbone": (self.model.backbone, list_backbones()),
             "head.name": (self.head.name, list_heads()),
+            "head.parallel": (self.head.parallel, PARALLEL_MODES),
             "train.amp": (self.train.amp, AMP_MODES),
             "mhe.power": (self.mhe.power, POWERS),
             "mhe.mode": (self.mhe.mode, CLASSIFIER_MODES),
@@ -201,6 +207,11 @@ class Config:
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
+        if not 0.0 < self.head.sample_rate <= 1.0:
+            raise ConfigError(f"head.sample_rate={self.head.sample_rate} must be in (0, 1]; 1 disables sampling")
+        if self.head.sample_rate < 1.0 and self.head.parallel != "sharded":
+            raise ConfigError(f"head.sample_rate={self.head.sample_rate} needs head.parallel=sharded; set "
+                              "head.parallel=sharded or head.sample_rate=1")
         if sorted(self.optim.milestones) != list(self.optim.milestones):
             raise ConfigError(f"optim.milestones must be increasing, got {self.optim.milestones}")
 

@@ -16,6 +16,10 @@ section 5), both terms and the A-Softmax lambda logged separately. Each step: fo
 16 bits), backward, optional gradient clipping, SGD step, one scheduler step. A non-finite loss skips
 the update; ``train.nan_patience`` of them in a row roll the run back to the last checkpoint with a
 new data order (A-Softmax is known to diverge now and then; this replaces "kill and restart by hand").
+
+``head.parallel=sharded`` (issue 13): :class:`ShardedFaceModel` replaces :class:`FaceTrainModel`; the
+classifier's rows are split over the ranks (:mod:`sphereface_plus.parallel`), only the backbone is in
+DDP, and checkpoints still hold the whole head, so a run resumes on any number of processes.
 """
 from __future__ import annotations
 
@@ -42,11 +46,14 @@ from sphereface_plus.engine.sampler import ResumableSampler
 from sphereface_plus.heads import create_head
 from sphereface_plus.mhe import classifier_mhe
 from sphereface_plus.models import create_backbone
+from sphereface_plus.parallel import (ShardedClassifier, gather_head_state, gather_optimizer_state, load_head_state,
+                                      shard_optimizer_state, sharded_classifier_mhe)
 from sphereface_plus.utils import atomic_write_json, progress, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AMP_MODES", "RESUMABLE_CHANGES", "Trainer", "FaceTrainModel", "head_kwargs", "head_settings"]
+__all__ = ["AMP_MODES", "RESUMABLE_CHANGES", "TRAINER_HEAD_SETTINGS", "Trainer", "FaceTrainModel", "ShardedFaceModel",
+           "head_kwargs", "head_settings"]
 
 #: train.amp choices (CUDA only; the CPU always trains in float32)
 AMP_MODES = ("off", "bf16", "fp16")
@@ -54,15 +61,18 @@ AMP_MODES = ("off", "bf16", "fp16")
 #: settings that may differ when a run is resumed: they change where and how fast, not what is computed
 RESUMABLE_CHANGES = ("out_dir", "train.iterations", "train.device", "train.log_every", "train.tensorboard",
                      "data.root", "data.list_file", "data.num_workers", "data.synthetic.cache_dir",
-                     "checkpoint.keep", "eval")
+                     "checkpoint.keep", "eval", "head.parallel")
+
+#: ``head`` settings that belong to the trainer (the classifier's layout), never passed to the head
+TRAINER_HEAD_SETTINGS = ("name", "parallel", "sample_rate")
 
 Verifier = Callable[[nn.Module, torch.device], Dict[str, Any]]
 
 
 def head_settings(head_cfg) -> Dict[str, Any]:
-    """The ``head`` settings the user gave (everything but ``name`` that is not None)."""
+    """The ``head`` settings the user gave for the head itself (not :data:`TRAINER_HEAD_SETTINGS`, not None)."""
     return {f.name: getattr(head_cfg, f.name) for f in dataclasses.fields(head_cfg)
-            if f.name != "name" and getattr(head_cfg, f.name) is not None}
+            if f.name not in TRAINER_HEAD_SETTINGS and getattr(head_cfg, f.name) is not None}
 
 
 def head_kwargs(head_cfg) -> Dict[str, Any]:
@@ -79,12 +89,17 @@ def build_head(head_cfg, in_features: int, num_classes: int) -> nn.Module:
     except TypeError as exc:  # a setting the head does not take
         raise ConfigError(f"head.name={head_cfg.name!r} does not take {sorted(kwargs)} ({exc}); remove the "
                           f"setting or choose another head") from None
+    _record_head_settings(head_cfg, head)
+    return head
+
+
+def _record_head_settings(head_cfg, head: nn.Module) -> None:
+    """Write the head's settings in force back into ``head_cfg`` (config.yaml and checkpoints show them)."""
     for f in dataclasses.fields(head_cfg):
-        if f.name != "name" and hasattr(head, f.name):
+        if f.name not in TRAINER_HEAD_SETTINGS and hasattr(head, f.name):
             value = getattr(head, f.name)
             if isinstance(value, (bool, int, float)):
                 setattr(head_cfg, f.name, value)
-    return head
 
 
 class FaceTrainModel(nn.Module):
@@ -114,6 +129,84 @@ class FaceTrainModel(nn.Module):
                 mhe = logits.new_zeros(())
         return logits, mhe
 
+    # the trainer's view of the forward's output (the same calls for ShardedFaceModel)
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
+
+    @torch.no_grad()
+    def num_correct(self, logits: torch.Tensor, labels: torch.Tensor):
+        """(correct, count) of this rank's batch."""
+        return (logits.argmax(1) == labels).sum(), labels.numel()
+
+    def clip_grad_norm_(self, max_norm: float) -> None:
+        nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+
+
+class ShardedFaceModel(nn.Module):
+    """Backbone + a row-sharded classifier (:class:`~sphereface_plus.parallel.ShardedClassifier`) + the
+    SphereFace+ MHE term of the whole classifier from the shards (issue 13).
+
+    The same interface as :class:`FaceTrainModel`: ``forward(images, labels) -> (out, mhe)`` with
+    ``out`` a :class:`~sphereface_plus.parallel.ShardedLogits`, and :meth:`cross_entropy`,
+    :meth:`num_correct`, :meth:`clip_grad_norm_`. Every value is the *global* batch's (the same on every
+    rank). Only the backbone is data-parallel: the trainer wraps ``backbone`` alone in DDP and passes
+    the wrapper to :meth:`forward`; ``head`` is the shard (parameters backbone first, head second, as
+    :class:`FaceTrainModel`, so optimiser state dicts line up with a replicated run's).
+    """
+
+    def __init__(self, backbone: nn.Module, head: ShardedClassifier, lambda_m: float = 0.0, mhe_power: str = "2",
+                 mhe_mode: str = "batch_vs_all"):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.lambda_m, self.mhe_power, self.mhe_mode = float(lambda_m), str(mhe_power), mhe_mode
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, backbone: Optional[nn.Module] = None):
+        emb = (backbone or self.backbone)(images)
+        with torch.autocast(images.device.type, enabled=False):
+            out = self.head(emb.float(), labels)
+            if self.lambda_m > 0:
+                mhe = sharded_classifier_mhe(self.head.weight.float(), out.labels, self.head.num_classes,
+                                             self.mhe_power, self.mhe_mode, group=self.head.group)
+            else:
+                mhe = out.logits.new_zeros(())
+        return out, mhe
+
+    def cross_entropy(self, out, labels: torch.Tensor) -> torch.Tensor:
+        return self.head.cross_entropy(out)
+
+    @torch.no_grad()
+    def num_correct(self, out, labels: torch.Tensor):
+        """(correct, count) of the global batch (every rank reports the same pair, so the mean over
+        ranks that the stats reporter takes is this pair's ratio: nothing is counted twice)."""
+        return self.head.num_correct(out), out.labels.numel()
+
+    def clip_grad_norm_(self, max_norm: float) -> None:
+        """``clip_grad_norm_`` over the whole model: the backbone's gradients are the same on every rank
+        (DDP), the head's are disjoint row blocks, so the global squared norm is the backbone's plus the
+        all-reduced sum of the blocks'."""
+        backbone = [p.grad for p in self.backbone.parameters() if p.grad is not None]
+        head = [p.grad for p in self.head.parameters() if p.grad is not None]
+        ref = (backbone + head)[0]
+        sq_backbone = sum((g.detach().double().pow(2).sum() for g in backbone), ref.new_zeros((), dtype=torch.float64))
+        sq_head = sum((g.detach().double().pow(2).sum() for g in head), ref.new_zeros((), dtype=torch.float64))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sq_head, group=self.head.group)
+        total = (sq_backbone + sq_head).sqrt()
+        scale = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        for g in backbone + head:
+            g.mul_(scale.to(g.dtype))
+
+
+class _ShardedNet(nn.Module):
+    """What the trainer calls when the head is sharded: the model with its DDP-wrapped backbone."""
+
+    def __init__(self, model: ShardedFaceModel, backbone: nn.Module):
+        super().__init__()
+        self.model, self.backbone = model, backbone
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        return self.model(images, labels, backbone=self.backbone)
+
 
 class Trainer:
     """Everything a run holds: model, optimiser, schedule, scaler, data order, counters; ``fit()`` runs it."""
@@ -135,6 +228,7 @@ class Trainer:
                               "from data.template")
         cfg.model.input_size = input_size  # the value in force, recorded in config.yaml and checkpoints
         _seed_everything(cfg.train.seed)  # after the data: initial weights depend on the seed alone
+        self.sharded = cfg.head.parallel == "sharded"
         self.model = self.build_model(dataset.num_classes).to(self.device)
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
@@ -151,14 +245,17 @@ class Trainer:
         self.net: nn.Module = self.model
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            if self.sharded:  # only the backbone is data-parallel; the head is split by rows
+                self.net = _ShardedNet(self.model, nn.parallel.DistributedDataParallel(self.model.backbone, device_ids=ids))
+            else:
+                self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.iteration = 0
         self.rollbacks = 0
         self.bad_images = 0
         self.skipped_steps = 0
         self.threshold: Optional[float] = None  # cosine threshold of the latest verification
         self._streak = 0
-        self._initial_state = ckpt.serialize(self.state_dict())
+        self._initial_state = ckpt.serialize(self._rank_state())
 
     # ------------------------------------------------------------------ set-up helpers
     def build_model(self, num_classes: int) -> nn.Module:
@@ -167,13 +264,19 @@ class Trainer:
         cfg = self.cfg
         backbone = create_backbone(cfg.model.backbone, input_size=tuple(cfg.model.input_size),
                                    embedding_dim=cfg.model.embedding_dim)
+        if self.sharded:
+            clf = ShardedClassifier(cfg.head.name, cfg.model.embedding_dim, num_classes, head_kwargs(cfg.head),
+                                    sample_rate=cfg.head.sample_rate, seed=cfg.train.seed,
+                                    embedding_grad_scale=self.dist.world_size)
+            _record_head_settings(cfg.head, clf.head)
+            return ShardedFaceModel(backbone, clf, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode)
         head = build_head(cfg.head, cfg.model.embedding_dim, num_classes)
         return FaceTrainModel(backbone, head, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode)
 
     def _init_from(self, path: str) -> None:
         state = ckpt.load_checkpoint(path)
         self.model.backbone.load_state_dict(state["model"])
-        self.model.head.load_state_dict(state["head"])
+        self._load_head(state["head"], path)
         logger.info("initialised model and head from %s (iteration %s)", path, state.get("iteration"))
 
     @property
@@ -186,10 +289,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
+        """The checkpoint's content. With a sharded head it is collective (every rank must call it) and
+        its ``head`` / ``optimizer`` entries are whole (C x d, as a replicated run's) on rank 0 only."""
+        return self._state(whole=True)
+
+    def _rank_state(self) -> Dict[str, Any]:
+        """This rank's state: :meth:`state_dict`, but a sharded head keeps its own rows (no collective;
+        the rollback start state)."""
+        return self._state(whole=False)
+
+    def _state(self, whole: bool) -> Dict[str, Any]:
+        if not self.sharded:
+            head, optimizer = self.model.head.state_dict(), self.optimizer.state_dict()
+        elif whole:
+            head, optimizer = gather_head_state(self.model.head), gather_optimizer_state(self.optimizer, self.model.head)
+        else:
+            head, optimizer = self.model.head.head.state_dict(), self.optimizer.state_dict()
         state = {
             "model": self.model.backbone.state_dict(),
-            "head": self.model.head.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "head": head,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": ckpt.capture_rng(),
@@ -201,12 +320,31 @@ class Trainer:
         }
         if self.threshold is not None:  # docs/interfaces.md: used by `sphereface-plus compare`
             state["threshold"] = self.threshold
+        if self.sharded and not whole:
+            state["rank_rows"] = [self.model.head.start, self.model.head.end]
         return state
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def _load_head(self, head_state: Dict[str, Any], source: Any = "checkpoint") -> None:
+        """A whole head state dict (any world size, sharded or replicated run) into this run's head."""
+        if self.sharded:
+            load_head_state(self.model.head, head_state, source=str(source))
+        else:
+            self.model.head.load_state_dict(head_state)
+
+    def load_state_dict(self, state: Dict[str, Any], source: Any = "checkpoint") -> None:
+        """Load a :meth:`state_dict` (whole head: from a run on any number of processes, sharded or
+        replicated) or this rank's own :meth:`_rank_state`."""
         self.model.backbone.load_state_dict(state["model"])
-        self.model.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("rank_rows") is not None:  # this rank's own rows (the rollback start state)
+            self.model.head.head.load_state_dict(state["head"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        elif self.sharded:
+            self._load_head(state["head"], source)
+            self.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], self.optimizer, self.model.head,
+                                                                 source=str(source)))
+        else:
+            self.model.head.load_state_dict(state["head"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -234,14 +372,16 @@ class Trainer:
             state = ckpt.load_checkpoint(path, map_location=self.device)
         ckpt.check_settings(state.get("config", {}), self.cfg.to_dict(), path, RESUMABLE_CHANGES,
                             fix="use the original recipe and overrides, or another out_dir for the new settings")
-        self.load_state_dict(state)
+        self.load_state_dict(state, path)
         logger.info("resumed from %s at iteration %d (lambda %.4g)", path, self.iteration, self.current_lambda())
         return path
 
     def save(self) -> Optional[Path]:
         path = None
+        # a sharded head is gathered collectively: every rank builds the state, rank 0 writes it
+        state = self.state_dict() if (self.sharded or self.dist.is_main) else None
         if self.dist.is_main:
-            path = ckpt.save_checkpoint(self.state_dict(), self.out_dir, self.cfg.checkpoint.every, self.cfg.checkpoint.keep)
+            path = ckpt.save_checkpoint(state, self.out_dir, self.cfg.checkpoint.every, self.cfg.checkpoint.keep)
         if self.dist.distributed:
             torch.distributed.barrier()  # nobody may read (rollback) a half-written file
         return path
@@ -275,7 +415,7 @@ class Trainer:
         labels = labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             logits, mhe = self.net(images, labels)
-        ce = F.cross_entropy(logits, labels)
+        ce = self.model.cross_entropy(logits, labels)
         loss = ce + self.model.lambda_m * mhe  # the one place lambda_M is applied
         self.scaler.scale(loss).backward()
         finite = torch.isfinite(loss.detach()).float()
@@ -285,7 +425,7 @@ class Trainer:
         if finite:
             if self.cfg.optim.clip_grad_norm > 0:
                 self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
+                self.model.clip_grad_norm_(self.cfg.optim.clip_grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self._streak = 0
@@ -297,10 +437,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.iteration += 1
-        with torch.no_grad():
-            correct = (logits.argmax(1) == labels).sum()
+        correct, count = self.model.num_correct(logits, labels)
         stats = {"loss": loss.detach(), "ce": ce.detach(), "mhe": mhe.detach().float(), "correct": correct,
-                 "count": labels.numel(), "finite": finite, "rolled_back": False}
+                 "count": count, "finite": finite, "rolled_back": False}
         if self._streak >= self.cfg.train.nan_patience:
             self.rollback()
             stats["rolled_back"] = True
