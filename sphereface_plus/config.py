@@ -75,6 +75,9 @@ class HeadConfig:
     power: Optional[float] = None
     lambda_min: Optional[float] = None
     easy_margin: Optional[bool] = None  # ArcFace
+    # A-Softmax backward: sphereface_plus.heads.A_SOFTMAX_GRADIENTS (exact = autograd, the default;
+    # caffe = the released models' margin_inner_product_layer Backward, issue 11)
+    gradient: Optional[str] = None
 
 
 @dataclass
@@ -174,7 +177,7 @@ class Config:
         Data sources and templates belong to ``data_prep``, which this library does not import: the
         train runner checks them (``data_prep.datasets.check_data_config``) before anything is written.
         """
-        from sphereface_plus.heads import list_heads
+        from sphereface_plus.heads import A_SOFTMAX_GRADIENTS, list_heads
         from sphereface_plus.mhe import CLASSIFIER_MODES, POWERS, normalize_power
         from sphereface_plus.models import list_backbones
         from sphereface_plus.trainer import AMP_MODES
@@ -189,6 +192,13 @@ class Config:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
+        if self.head.gradient is not None:
+            if self.head.gradient not in A_SOFTMAX_GRADIENTS:
+                raise ConfigError(f"head.gradient={self.head.gradient!r} is not valid; choose one of "
+                                  f"{', '.join(A_SOFTMAX_GRADIENTS)}")
+            if self.head.name != "a_softmax":
+                raise ConfigError(f"head.gradient={self.head.gradient!r} applies to head.name=a_softmax only, not "
+                                  f"{self.head.name!r}; remove head.gradient or choose head.name=a_softmax")
         self.mhe.power = normalize_power(self.mhe.power)  # parsed once, here
         if self.model.input_size is not None and len(self.model.input_size) != 2:
             raise ConfigError(f"model.input_size must be [H, W], got {self.model.input_size}")
