@@ -53,7 +53,9 @@ class ModelConfig:
     # dataset's crop size, and config.yaml records it); set it only to check that it is what you expect
     input_size: Optional[List[int]] = None
     embedding_dim: int = 512  # fc5 width (SPEC section 3: 512)
-    channels_last: bool = False  # NHWC memory format (helps oneDNN / tensor cores on some machines)
+    # NHWC memory format; null = auto: on with bf16 on a CPU (measured faster there,
+    # bench/results/train_throughput.md), off otherwise; true / false are honoured as given
+    channels_last: Optional[bool] = None
 
 
 @dataclass
@@ -127,7 +129,11 @@ class TrainConfig:
     batch_size: int = 512  # GLOBAL batch, split evenly across the processes
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)
-    amp: str = "bf16"  # sphereface_plus.trainer.AMP_MODES: off | bf16 | fp16 (CUDA only; CPU trains in float32)
+    # backbone precision: sphereface_plus.engine.precision.SETTINGS; auto = bf16 where the CPU/GPU has
+    # native bf16, else fp32; fp32 (or off) = float32; fp16 = CUDA only (with a GradScaler). Head, losses
+    # and MHE always run in float32.
+    amp: str = "auto"
+    compile: bool = False  # torch.compile the backbone (before DDP)
     log_every: int = 20
     nan_patience: int = 5  # consecutive non-finite losses before rolling back to the last checkpoint
     max_rollbacks: int = 3  # then give up with an error
@@ -180,7 +186,7 @@ class Config:
         from sphereface_plus.heads import A_SOFTMAX_GRADIENTS, list_heads
         from sphereface_plus.mhe import CLASSIFIER_MODES, POWERS, normalize_power
         from sphereface_plus.models import list_backbones
-        from sphereface_plus.trainer import AMP_MODES
+        from sphereface_plus.engine.precision import SETTINGS as AMP_MODES
 
         choices = {
             "model.backbone": (self.model.backbone, list_backbones()),

@@ -52,7 +52,7 @@ def test_unknown_key_in_yaml_names_file_and_nearest(tmp_path):
     [("train.batch_size=abc", "expects an integer"), ("train.batch_size=1.5", "expects an integer"),
      ("optim.lr=fast", "expects a number"), ("train.tensorboard=3", "true or false"),
      ("optim.milestones=7", "expects a list"), ("data.source=imagenet", "synthetic, folder, list, rec, packed"),
-     ("train.amp=fp8", "off, bf16, fp16"), ("train.iterations=0", "must be positive"),
+     ("train.amp=fp8", "auto, fp32, bf16, fp16, off"), ("train.iterations=0", "must be positive"),
      ("model.input_size=[112,112]", "does not match data.template"), ("noequals", "key=value")],
 )
 def test_wrong_types_and_values(override, message):
