@@ -9,7 +9,7 @@ indices of the pairs differ.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -60,7 +60,8 @@ def evaluate_features(
 
 
 def verify_on_pairs(model, root, pairs: Sequence[Pair], batch_size: int = 64, device="cpu",
-                    num_workers: int = 0) -> Dict[str, object]:
+                    num_workers: int = 0, precision: str = "fp32",
+                    channels_last: Optional[bool] = None) -> Dict[str, object]:
     """Verify ``model`` (a backbone) on ``pairs`` of aligned crops under ``root`` and pick the compare threshold.
 
     Returns the protocol's report (:func:`evaluate_features`, crop + mirror features, per-fold mean
@@ -76,7 +77,7 @@ def verify_on_pairs(model, root, pairs: Sequence[Pair], batch_size: int = 64, de
     model.eval()
     try:
         feats = extract_features(model, root, paths, batch_size=batch_size, flip=True, device=device,
-                                 num_workers=num_workers)
+                                 num_workers=num_workers, precision=precision, channels_last=channels_last)
     finally:
         model.train(was_training)
     report = evaluate_features(paths, feats, pairs, mean_sub=True)
@@ -87,11 +88,14 @@ def verify_on_pairs(model, root, pairs: Sequence[Pair], batch_size: int = 64, de
 
 
 def pairs_verifier(pairs_path, root, batch_size: int = 64, num_workers: int = 0):
-    """A verifier for :class:`sphereface_plus.trainer.Trainer`: ``verifier(backbone, device) -> report``."""
+    """A verifier for :class:`sphereface_plus.trainer.Trainer`: ``verifier(backbone, device, precision=,
+    channels_last=) -> report``; the trainer passes its own precision and memory format (a backbone
+    trained in NHWC is embedded in NHWC, one trained in NCHW is not converted mid-run)."""
     pairs = parse_pairs(pairs_path)
 
-    def verifier(model, device) -> Dict[str, object]:
-        return verify_on_pairs(model, root, pairs, batch_size=batch_size, device=device, num_workers=num_workers)
+    def verifier(model, device, precision: str = "fp32", channels_last: bool = False) -> Dict[str, object]:
+        return verify_on_pairs(model, root, pairs, batch_size=batch_size, device=device, num_workers=num_workers,
+                               precision=precision, channels_last=channels_last)
 
     return verifier
 

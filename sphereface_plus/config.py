@@ -53,7 +53,9 @@ class ModelConfig:
     # dataset's crop size, and config.yaml records it); set it only to check that it is what you expect
     input_size: Optional[List[int]] = None
     embedding_dim: int = 512  # fc5 width (SPEC section 3: 512)
-    channels_last: bool = False  # NHWC memory format (helps oneDNN / tensor cores on some machines)
+    # NHWC memory format; null = auto: on with bf16 on a CPU (measured faster there,
+    # bench/results/train_throughput.md), off otherwise; true / false are honoured as given
+    channels_last: Optional[bool] = None
 
 
 @dataclass
@@ -75,6 +77,9 @@ class HeadConfig:
     power: Optional[float] = None
     lambda_min: Optional[float] = None
     easy_margin: Optional[bool] = None  # ArcFace
+    # A-Softmax backward: sphereface_plus.heads.A_SOFTMAX_GRADIENTS (exact = autograd, the default;
+    # caffe = the released models' margin_inner_product_layer Backward, issue 11)
+    gradient: Optional[str] = None
     # how the classifier is laid out over the processes (sphereface_plus.parallel.PARALLEL_MODES): the
     # trainer's settings, not the head's (TRAINER_HEAD_SETTINGS), so they are never passed to the head
     parallel: str = "replicated"  # replicated: the whole head on every rank; sharded: rows split over ranks
@@ -128,7 +133,11 @@ class TrainConfig:
     batch_size: int = 512  # GLOBAL batch, split evenly across the processes
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)
-    amp: str = "bf16"  # sphereface_plus.trainer.AMP_MODES: off | bf16 | fp16 (CUDA only; CPU trains in float32)
+    # backbone precision: sphereface_plus.engine.precision.SETTINGS; auto = bf16 where the CPU/GPU has
+    # native bf16, else fp32; fp32 (or off) = float32; fp16 = CUDA only (with a GradScaler). Head, losses
+    # and MHE always run in float32.
+    amp: str = "auto"
+    compile: bool = False  # torch.compile the backbone (before DDP)
     log_every: int = 20
     nan_patience: int = 5  # consecutive non-finite losses before rolling back to the last checkpoint
     max_rollbacks: int = 3  # then give up with an error
@@ -178,23 +187,30 @@ class Config:
         Data sources and templates belong to ``data_prep``, which this library does not import: the
         train runner checks them (``data_prep.datasets.check_data_config``) before anything is written.
         """
-        from sphereface_plus.heads import list_heads
+        from sphereface_plus.heads import A_SOFTMAX_GRADIENTS, list_heads
         from sphereface_plus.mhe import CLASSIFIER_MODES, POWERS, normalize_power
         from sphereface_plus.models import list_backbones
+        from sphereface_plus.engine.precision import SETTINGS as AMP_SETTINGS
         from sphereface_plus.parallel import PARALLEL_MODES
-        from sphereface_plus.trainer import AMP_MODES
 
         choices = {
             "model.backbone": (self.model.backbone, list_backbones()),
             "head.name": (self.head.name, list_heads()),
             "head.parallel": (self.head.parallel, PARALLEL_MODES),
-            "train.amp": (self.train.amp, AMP_MODES),
+            "train.amp": (self.train.amp, AMP_SETTINGS),
             "mhe.power": (self.mhe.power, POWERS),
             "mhe.mode": (self.mhe.mode, CLASSIFIER_MODES),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
+        if self.head.gradient is not None:
+            if self.head.gradient not in A_SOFTMAX_GRADIENTS:
+                raise ConfigError(f"head.gradient={self.head.gradient!r} is not valid; choose one of "
+                                  f"{', '.join(A_SOFTMAX_GRADIENTS)}")
+            if self.head.name != "a_softmax":
+                raise ConfigError(f"head.gradient={self.head.gradient!r} applies to head.name=a_softmax only, not "
+                                  f"{self.head.name!r}; remove head.gradient or choose head.name=a_softmax")
         self.mhe.power = normalize_power(self.mhe.power)  # parsed once, here
         if self.model.input_size is not None and len(self.model.input_size) != 2:
             raise ConfigError(f"model.input_size must be [H, W], got {self.model.input_size}")

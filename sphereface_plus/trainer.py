@@ -11,8 +11,9 @@ tests, the demo and ``bench/train_throughput.py``).
     summary = trainer.fit()
 
 Loss: ``CE(head logits) + mhe.lambda_m * classifier_mhe(head.weight, labels)`` (SphereFace+, SPEC
-section 5), both terms and the A-Softmax lambda logged separately. Each step: forward under autocast
-(CUDA only; the head and the losses always in float32, since cos(m theta) polynomials lose too much in
+section 5), both terms and the A-Softmax lambda logged separately. Each step: the backbone forward under autocast
+in ``train.amp`` (:mod:`sphereface_plus.engine.precision`: auto = bf16 where the CPU/GPU has native
+bf16; the head, the losses and MHE always in float32, since cos(m theta) polynomials lose too much in
 16 bits), backward, optional gradient clipping, SGD step, one scheduler step. A non-finite loss skips
 the update; ``train.nan_patience`` of them in a row roll the run back to the last checkpoint with a
 new data order (A-Softmax is known to diverge now and then; this replaces "kill and restart by hand").
@@ -42,6 +43,7 @@ from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.dist import DistInfo, all_reduce_sum
 from sphereface_plus.engine.metrics import MetricsLogger, RunningMeans, open_tensorboard
 from sphereface_plus.engine.optim import build_optimizer, build_scheduler
+from sphereface_plus.engine.precision import autocast, resolve_precision
 from sphereface_plus.engine.sampler import ResumableSampler
 from sphereface_plus.heads import create_head
 from sphereface_plus.mhe import classifier_mhe
@@ -52,11 +54,11 @@ from sphereface_plus.utils import atomic_write_json, progress, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AMP_MODES", "RESUMABLE_CHANGES", "TRAINER_HEAD_SETTINGS", "Trainer", "FaceTrainModel", "ShardedFaceModel",
+__all__ = ["RESUMABLE_CHANGES", "TRAINER_HEAD_SETTINGS", "Trainer", "FaceTrainModel", "ShardedFaceModel",
            "head_kwargs", "head_settings"]
 
-#: train.amp choices (CUDA only; the CPU always trains in float32)
-AMP_MODES = ("off", "bf16", "fp16")
+#: steps left out of summary.json's images_per_s (allocator, oneDNN and compile warm-up)
+WARMUP_STEPS = 3
 
 #: settings that may differ when a run is resumed: they change where and how fast, not what is computed
 RESUMABLE_CHANGES = ("out_dir", "train.iterations", "train.device", "train.log_every", "train.tensorboard",
@@ -66,7 +68,7 @@ RESUMABLE_CHANGES = ("out_dir", "train.iterations", "train.device", "train.log_e
 #: ``head`` settings that belong to the trainer (the classifier's layout), never passed to the head
 TRAINER_HEAD_SETTINGS = ("name", "parallel", "sample_rate")
 
-Verifier = Callable[[nn.Module, torch.device], Dict[str, Any]]
+Verifier = Callable[..., Dict[str, Any]]  # (backbone, device, precision=..., channels_last=...) -> report
 
 
 def head_settings(head_cfg) -> Dict[str, Any]:
@@ -131,7 +133,7 @@ class FaceTrainModel(nn.Module):
 
     # the trainer's view of the forward's output (the same calls for ShardedFaceModel)
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits.float(), labels)  # float32 whatever the autocast
 
     @torch.no_grad()
     def num_correct(self, logits: torch.Tensor, labels: torch.Tensor):
@@ -213,7 +215,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, dataset, dist: Optional[DistInfo] = None, verifier: Optional[Verifier] = None):
         """``dataset``: a map-style dataset of ``(image, label, bad)`` indexed by ``(index, flip)``, with
-        ``num_classes`` and ``input_size`` (H, W); ``verifier(backbone, device) -> report`` (a dict
+        ``num_classes`` and ``input_size`` (H, W); ``verifier(backbone, device, precision=, channels_last=)
+        -> report`` (a dict
         with ``mean_accuracy``, ``std_accuracy`` and ``compare_threshold``) or None."""
         self.cfg = cfg
         self.dist = dist or DistInfo(device=resolve_device(cfg.train.device, setting="train.device"))
@@ -230,18 +233,22 @@ class Trainer:
         _seed_everything(cfg.train.seed)  # after the data: initial weights depend on the seed alone
         self.sharded = cfg.head.parallel == "sharded"
         self.model = self.build_model(dataset.num_classes).to(self.device)
-        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        # backbone precision (issue 14): only the backbone runs under autocast; head, losses and MHE
+        # stay float32 (FaceTrainModel.forward). channels_last auto = on with bf16 on a CPU.
+        self.precision = resolve_precision(cfg.train.amp, self.device, what="train.amp")
+        self.channels_last = (cfg.model.channels_last if cfg.model.channels_last is not None
+                              else self.precision == "bf16" and self.device.type == "cpu")
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
+        logger.info("training precision %s (train.amp=%s)%s", self.precision, cfg.train.amp,
+                    ", channels_last" if self.channels_last else "")
         if cfg.train.init_from:
             self._init_from(cfg.train.init_from)
         self.optimizer = build_optimizer([self.model], cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
-        self.amp_dtype = None
-        if self.device.type == "cuda" and cfg.train.amp != "off":
-            self.amp_dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
-        elif cfg.train.amp != "off":
-            logger.info("train.amp=%s ignored on %s: training in float32", cfg.train.amp, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        if cfg.train.compile:  # in place (Module.compile): state_dict keys stay those of the plain backbone
+            self.model.backbone.compile()
         self.net: nn.Module = self.model
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -413,7 +420,7 @@ class Trainer:
         self.net.train()
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        with autocast(self.device, self.precision):  # the head and MHE inside turn it off again
             logits, mhe = self.net(images, labels)
         ce = self.model.cross_entropy(logits, labels)
         loss = ce + self.model.lambda_m * mhe  # the one place lambda_M is applied
@@ -470,10 +477,12 @@ class Trainer:
         history: List[Dict[str, float]] = []
         last_report, eval_report, t_start, it_start = None, None, time.perf_counter(), self.iteration
         t_window = time.perf_counter()
+        speed = _Throughput(WARMUP_STEPS)  # summary.json's images_per_s: training time after the warm-up
         while self.iteration < total:
             for images, labels, bad in self.make_loader(total):
                 self.bad_images += int(bad.sum())
                 stats = self.train_step(images, labels)
+                speed.step(cfg.train.batch_size)
                 bar.update(1)
                 if stats["rolled_back"]:
                     window.reset()
@@ -508,7 +517,9 @@ class Trainer:
                         metrics.scalars(it, "eval", mean_accuracy=eval_report["mean_accuracy"])
                 if it % cfg.checkpoint.every == 0 or it == total:
                     self.save()
-                t_window += time.perf_counter() - t_pause  # images/s counts training time only
+                paused = time.perf_counter() - t_pause
+                t_window += paused  # images/s counts training time only
+                speed.pause(paused)
         bar.close()
         if self.iteration == it_start:  # nothing to do (already finished): make sure last.pt exists
             self.save()
@@ -523,7 +534,8 @@ class Trainer:
             "iteration": self.iteration, "history": history, "final": last_report, "eval": _plain(eval_report),
             "bad_images": bad_total, "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
             "lambda": self.current_lambda(), "num_classes": self.dataset.num_classes,
-            "images_per_s": (self.iteration - it_start) * cfg.train.batch_size / max(elapsed, 1e-9),
+            "images_per_s": speed.mean(fallback=(self.iteration - it_start) * cfg.train.batch_size / max(elapsed, 1e-9)),
+            "precision": self.precision,
         }
         if main:
             atomic_write_json(self.out_dir / "summary.json", summary)
@@ -535,7 +547,9 @@ class Trainer:
         """The verifier's report on the backbone (rank 0; the others wait); keeps its compare threshold."""
         report = None
         if self.dist.is_main and self.verifier is not None:
-            report = self.verifier(self.model.backbone, self.device)
+            # the training precision, and the backbone's memory format as it is (never converted mid-run)
+            report = self.verifier(self.model.backbone, self.device, precision=self.precision,
+                                   channels_last=self.channels_last)
             self.threshold = float(report["compare_threshold"])
             logger.info("verification at iteration %d: %.4f +- %.4f", self.iteration, report["mean_accuracy"],
                         report["std_accuracy"])
@@ -543,6 +557,31 @@ class Trainer:
         if self.dist.distributed:
             torch.distributed.barrier()
         return report
+
+
+class _Throughput:
+    """Mean images/s over the steps after the first ``warmup`` (of this process's run), pauses
+    (verification, checkpoints) excluded; data loading counts, as it is part of training."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.steps, self.images, self.start, self.paused = warmup, 0, 0, None, 0.0
+
+    def step(self, images: int) -> None:
+        self.steps += 1
+        if self.steps == self.warmup:
+            self.start = time.perf_counter()
+        elif self.steps > self.warmup:
+            self.images += images
+
+    def pause(self, seconds: float) -> None:
+        if self.start is not None:
+            self.paused += seconds
+
+    def mean(self, fallback: float) -> float:
+        """The mean after the warm-up; ``fallback`` (the whole run's) for a run not longer than it."""
+        if self.start is None or self.images == 0:
+            return fallback
+        return self.images / max(time.perf_counter() - self.start - self.paused, 1e-9)
 
 
 def _seed_everything(seed: int) -> None:
