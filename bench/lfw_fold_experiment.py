@@ -44,10 +44,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 VARIANTS = {
-    # name: (head, lambda_M)
-    "softmax": ("softmax", 0.0),
-    "a_softmax": ("a_softmax", 0.0),
-    "sphereface_plus": ("a_softmax", 1.0),
+    # name: (head, lambda_M, further config settings). Every variant pins train.amp: the first three
+    # were measured in float32 (the trainer then ignored train.amp on a CPU) and stay what they were.
+    "softmax": ("softmax", 0.0, {"train.amp": "fp32"}),
+    "a_softmax": ("a_softmax", 0.0, {"train.amp": "fp32"}),
+    "sphereface_plus": ("a_softmax", 1.0, {"train.amp": "fp32"}),
+    # issue 11: the released recipes' Caffe A-Softmax backward, and SphereFace+ with the Caffe InterClass
+    # AMONG term at the released alpha = lambda_M = 10 (configs/spherefaceplus20_casia_released.yaml)
+    "sphereface_plus_caffe": ("a_softmax", 10.0, {"train.amp": "fp32", "head.gradient": "caffe",
+                                                  "mhe.mode": "caffe_among"}),
+    "a_softmax_caffe": ("a_softmax", 0.0, {"train.amp": "fp32", "head.gradient": "caffe"}),
+    # issue 14: the sphereface_plus variant with the backbone in bfloat16 (autocast; head, CE, MHE float32)
+    "sphereface_plus_bf16": ("a_softmax", 1.0, {"train.amp": "bf16"}),
 }
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "lfw"
 
@@ -80,11 +88,16 @@ def run_variant(name, args, data, out_root):
     from sphereface_plus.mhe import mhe_energy
     from sphereface_plus.utils import safe_torch_load
 
-    head, lambda_m = VARIANTS[name]
+    from sphereface_plus.config import apply_overrides
+
+    head, lambda_m, settings = VARIANTS[name]
     cfg = train_config(out_root / name, data, args.iterations, seed=args.seed, batch_size=args.batch_size,
                        backbone=args.backbone, head=head, lambda_m=lambda_m, lr=args.lr, device="cpu",
                        tensorboard=False, lambda_reach=args.lambda_reach)
-    print(f"== {name}: head {head}, lambda_M {lambda_m:g}, {args.iterations} iterations -> {cfg.out_dir}", flush=True)
+    cfg = apply_overrides(cfg, [f"{k}={v}" for k, v in settings.items()])
+    cfg.validate()
+    print(f"== {name}: head {head}, lambda_M {lambda_m:g}, {settings}, {args.iterations} iterations -> "
+          f"{cfg.out_dir}", flush=True)
     t0 = time.perf_counter()
     summary, final = train_with_stats(cfg)
     t_train = time.perf_counter() - t0
@@ -96,7 +109,8 @@ def run_variant(name, args, data, out_root):
     energy = float(mhe_energy(w, power="2"))
     energy_init = initial_energy(args, head, data.num_train_identities)
     res = {
-        "variant": name, "head": head, "lambda_m": lambda_m, "iterations": summary["iteration"],
+        "variant": name, "head": head, "lambda_m": lambda_m, "settings": settings, "iterations": summary["iteration"],
+        "precision": summary.get("precision", "fp32"),
         "gamma": cfg.head.gamma, "final_lambda": summary["lambda"] if head == "a_softmax" else None,
         "train_loss": final.get("loss"), "train_ce": final.get("ce"), "train_acc": final.get("acc"),
         "mhe_energy": energy, "mhe_energy_init": energy_init,
@@ -127,7 +141,29 @@ def initial_energy(args, head_name, num_classes):
     return float(mhe_energy(head.weight.detach().double(), power="2"))
 
 
-def markdown(results, meta):
+def earlier_rows(path, skip):
+    """The table rows of variants measured by an earlier call (in ``path``) that this call did not rerun."""
+    if not Path(path).is_file():
+        return []
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) > 2 and cells[1] in VARIANTS and cells[1] not in skip:
+            rows.append(line)
+    return rows
+
+
+VARIANT_NOTES = {
+    "sphereface_plus_caffe": "SphereFace+ with the Caffe InterClass AMONG term (mhe.mode=caffe_among, alpha = "
+                             "lambda_M = 10, the released m = 4 value) and the Caffe A-Softmax backward "
+                             "(head.gradient=caffe), as configs/spherefaceplus20_casia_released.yaml, here from scratch",
+    "a_softmax_caffe": "A-Softmax with the Caffe backward (head.gradient=caffe)",
+    "sphereface_plus_bf16": "the sphereface_plus variant with the backbone under bf16 autocast (train.amp=bf16; "
+                            "head, CE and MHE in float32)",
+}
+
+
+def markdown(results, meta, kept=()):
     lines = [
         "# LFW fold experiment: softmax vs A-Softmax vs SphereFace+",
         "",
@@ -153,14 +189,20 @@ def markdown(results, meta):
     lines.append(f"| untrained network (initial weights, no training) | {100 * b['mean_accuracy']:.2f}% ± "
                  f"{100 * b['std_accuracy']:.2f} | {100 * b['eer']:.2f}% | {b['auc']:.4f} | "
                  f"{100 * b['tar_at_far'].get('1e-2', float('nan')):.2f}% | - | - | - |")
+    lines += list(kept)
     for r in results:
         lines.append(
             f"| {r['variant']} | {100 * r['accuracy']:.2f}% ± {100 * r['std']:.2f} | {100 * r['eer']:.2f}% | {r['auc']:.4f} | "
             f"{100 * r['tar_at_far'].get('1e-2', float('nan')):.2f}% | {r['train_loss']:.3f} / {100 * r['train_acc']:.1f}% | "
             f"{r['mhe_energy']:.6f} | {r['train_seconds'] / 60:.1f} min |"
         )
+    notes = [f"`{r['variant']}`: {VARIANT_NOTES[r['variant']]}." for r in results if r["variant"] in VARIANT_NOTES]
+    lines += [""] + ([" ".join(notes), ""] if notes else [])
+    if kept:
+        lines += [f"Rows {', '.join(k.split('|')[1].strip() for k in kept)} are from an earlier call of this script "
+                  "(same data, seed, budget and training code path, all float32); the others were measured by the "
+                  "command above.", ""]
     lines += [
-        "",
         "Classifier MHE energy at initialisation (same seed): "
         + ", ".join(f"{r['variant']} {r['mhe_energy_init']:.6f}" for r in results) + ". Energy: "
         "`sphereface_plus.mhe.mhe_energy(head.weight, power='2')`, the mean over the "
@@ -224,7 +266,8 @@ def main(argv=None):
         "num_classes": data.num_train_identities, "untrained": untrained,
     }
     atomic_write_json(out_root / "results.json", {"args": vars(args), "meta": meta, "results": results})
-    text = markdown(results, meta)
+    done = {r["variant"] for r in results}
+    text = markdown(results, meta, earlier_rows(args.results, done) if args.tag == "main" else ())
     print(text)
     if args.tag == "main":
         atomic_write_text(args.results, text)

@@ -12,10 +12,9 @@ timed in interleaved rounds (median of rounds) so that a busy machine affects th
 
 Precision variants (issue 14): float32 eager vs bf16 vs bf16 + channels_last (+ ``torch.compile`` of
 the backbone), all on the trainer's model and optimiser. bf16 goes through the trainer's own step
-when the trainer honours ``train.amp=bf16`` on this device; until it does (the trainer ignores it on a
-CPU), the step is run the way the trainer will run it: :func:`sphereface_plus.engine.precision.autocast`
-around ``FaceTrainModel.forward`` (which keeps head, loss and MHE in float32 inside), cross-entropy
-+ MHE in float32, backward, SGD step. The table says which was timed.
+(``Trainer.train_step`` with ``train.amp=bf16``: the backbone under autocast, head, loss and MHE in
+float32); the compile rows set ``train.compile=true`` (``Module.compile`` of the backbone, in place).
+``--no-compile`` leaves those rows out.
 
 On CUDA (``--device cuda``) the same table runs with AMP, plus fp16 + GradScaler through the trainer,
 and an MFU column (``--peak-tflops``: the GPU's dense bf16 peak). Writes
@@ -40,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from sphereface_plus.config import load_config  # noqa: E402
 from sphereface_plus.engine.dist import DistInfo  # noqa: E402
-from sphereface_plus.engine.precision import autocast, bf16_support  # noqa: E402
+from sphereface_plus.engine.precision import bf16_support  # noqa: E402
 from sphereface_plus.trainer import Trainer  # noqa: E402
 from sphereface_plus.utils import atomic_write_text  # noqa: E402
 
@@ -114,8 +113,8 @@ def build_plain(num_classes, device):
     return lambda x, y: plain_step(net, weight, opt, x, y, lam=5.0, lambda_m=1.0)
 
 
-def make_trainer(num_classes, device, batch, amp="off", channels_last=False):
-    cfg = load_config(None, [
+def make_trainer(num_classes, device, batch, amp="off", channels_last=False, compile_backbone=False):
+    cfg = load_config(None, [f"train.compile={str(compile_backbone).lower()}",
         "data.source=synthetic", "model.backbone=sphere20", f"model.channels_last={str(channels_last).lower()}",
         "head.name=a_softmax", "head.base=5", "head.lambda_min=5", "mhe.lambda_m=1.0", "mhe.power=2",
         "optim.lr=0.01", f"train.batch_size={batch}", f"train.amp={amp}", "train.tensorboard=false",
@@ -129,54 +128,20 @@ def build_trainer(num_classes, device, batch, amp="off", channels_last=False):
     return lambda x, y: trainer.train_step(x, y)["loss"]
 
 
-def trainer_runs_bf16(trainer) -> bool:
-    """Whether the trainer itself trains in bf16 (``precision`` once wired, ``amp_dtype`` today)."""
-    precision = getattr(trainer, "precision", None)
-    if precision is not None:
-        return precision == "bf16"
-    return getattr(trainer, "amp_dtype", None) == torch.bfloat16
-
-
-def trainer_style_step(trainer, precision: str):
-    """The trainer's step as it will run with ``train.amp=bf16``: autocast around the model forward
-    only (``FaceTrainModel`` computes head and MHE in float32 inside), float32 loss, SGD step."""
-    model, opt, sched, lambda_m = trainer.model, trainer.optimizer, trainer.scheduler, trainer.cfg.mhe.lambda_m
-    device, fmt = trainer.device, trainer.memory_format
-
-    def step(x, y):
-        model.train()
-        x = x.to(device).contiguous(memory_format=fmt)
-        with autocast(device, precision):
-            logits, mhe = model(x, y)
-        loss = F.cross_entropy(logits.float(), y) + lambda_m * mhe.float()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        return loss.detach()
-
-    return step
-
-
 def build_precision(num_classes, device, batch, channels_last=False, compile_backbone=False, how=None):
-    """A bf16 step on the trainer's model: the trainer's own step where it honours bf16, else the
-    trainer-style step above. ``how`` (a list) receives which one was built."""
-    trainer = make_trainer(num_classes, device, batch, "bf16", channels_last)
-    if compile_backbone:
-        trainer.model.backbone = torch.compile(trainer.model.backbone)
-    if trainer_runs_bf16(trainer):
-        if how is not None:
-            how.append("the trainer's own train_step (train.amp=bf16 honoured)")
-        return lambda x, y: trainer.train_step(x, y)["loss"]
+    """A bf16 step: the trainer's own ``train_step`` with ``train.amp=bf16`` (and ``train.compile``).
+    ``how`` (a list) receives what was timed."""
+    trainer = make_trainer(num_classes, device, batch, "bf16", channels_last, compile_backbone)
+    if trainer.precision != "bf16":
+        raise SystemExit(f"bf16 does not run on {device} here (train.amp=bf16 resolved to {trainer.precision})")
     if how is not None:
-        how.append("the trainer's model and optimiser under engine.precision.autocast (the trainer ignores "
-                   "train.amp=bf16 on this device today)")
-    return trainer_style_step(trainer, "bf16")
+        how.append("the trainer's own train_step with train.amp=bf16 (backbone under autocast; head, CE and MHE "
+                   "float32); torch.compile rows: train.compile=true")
+    return lambda x, y: trainer.train_step(x, y)["loss"]
 
 
 def build_fp32_compiled(num_classes, device, batch):
-    trainer = make_trainer(num_classes, device, batch, "off", True)
-    trainer.model.backbone = torch.compile(trainer.model.backbone)
+    trainer = make_trainer(num_classes, device, batch, "off", True, compile_backbone=True)
     return lambda x, y: trainer.train_step(x, y)["loss"]
 
 

@@ -526,13 +526,14 @@ class Trainer:
         bad_total = self.bad_images
         if self.dist.distributed:  # each rank read its own share of the images
             bad_total = int(all_reduce_sum(torch.tensor(self.bad_images, device=self.device)).item())
+        bad_list = self._bad_image_list()
         elapsed = time.perf_counter() - t_start
         if writer:
             writer.close()
         summary = {
             "out_dir": str(self.out_dir), "checkpoint": str(ckpt.checkpoint_dir(self.out_dir) / "last.pt"),
             "iteration": self.iteration, "history": history, "final": last_report, "eval": _plain(eval_report),
-            "bad_images": bad_total, "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
+            "bad_images": bad_list, "bad_reads": bad_total, "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
             "lambda": self.current_lambda(), "num_classes": self.dataset.num_classes,
             "images_per_s": speed.mean(fallback=(self.iteration - it_start) * cfg.train.batch_size / max(elapsed, 1e-9)),
             "precision": self.precision,
@@ -542,6 +543,17 @@ class Trainer:
             logger.info("done: %d iterations, %d unreadable images replaced, %d steps skipped, %d rollbacks",
                         self.iteration, bad_total, self.skipped_steps, self.rollbacks)
         return summary
+
+    def _bad_image_list(self) -> List[Dict[str, str]]:
+        """The dataset's ``bad_images`` (``[{"path", "reason"}]``), re-read now so that the marks made by
+        DataLoader workers count; the union over the ranks when distributed (each read its own share)."""
+        found = list(getattr(self.dataset, "bad_images", []))
+        if self.dist.distributed:
+            gathered: List[Any] = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, found)
+            found = [b for part in gathered for b in part]
+        unique = {(b["path"], b["reason"]): b for b in found}
+        return sorted(unique.values(), key=lambda b: b["path"])
 
     def verify(self) -> Optional[Dict[str, Any]]:
         """The verifier's report on the backbone (rank 0; the others wait); keeps its compare threshold."""

@@ -400,3 +400,32 @@ def test_short_run_learns(subset, tmp_path):
     # chance is 0.10 with a binomial sd of 0.021 on 200 test images (20 per class); 0.20 is ~5 sd above
     assert rows[0]["test_accuracy"] < 0.16, rows[0]
     assert rows[-1]["test_accuracy"] >= 0.20, rows[-1]
+
+
+def test_amp_setting_runs_the_network_in_bf16_and_keeps_loss_and_mhe_float32():
+    """Issue 14 for CIFAR: ``amp`` is checked against engine.precision.SETTINGS; under bf16 the network's
+    convolutions run in bf16, the logits reach the loss in float32, and the MHE terms equal their
+    float32 value on the same weights."""
+    from sphereface_plus.apps import cifar as C
+    from sphereface_plus.engine.precision import resolve_precision
+
+    with pytest.raises(C.ConfigError, match="amp 'half'.*auto, fp32, bf16, fp16, off"):
+        C.CifarConfig(amp="half")
+    if resolve_precision("bf16", "cpu") != "bf16":
+        pytest.skip("this CPU has no bf16")
+    cfg = C.CifarConfig(model_name="mhe", power_s="0", dataset="cifar10", amp="bf16")
+    model = C.build_model(cfg.num_classes, 0)
+    reg = C.build_regularizer(model, cfg)
+    x = torch.randn(4, 3, 32, 32)
+    seen = []
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    logits = C.forward(model, x, "bf16")
+    assert seen == [torch.bfloat16] and logits.dtype == torch.float32
+    ref = C.forward(model, x, "fp32")
+    assert torch.allclose(logits, ref, atol=0.1 * ref.abs().max().item())  # bf16 is close, not equal
+    before, _ = reg()
+    opt = C.build_optimizer(model, cfg)
+    vals = C.train_step(model, reg, opt, x, torch.tensor([0, 1, 2, 3]), cfg, "bf16")
+    assert vals["loss"] == pytest.approx(vals["task_loss"] + vals["mhe_hidden"] + vals["mhe_output"], rel=1e-6)
+    assert before.dtype == torch.float32

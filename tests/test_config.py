@@ -116,8 +116,9 @@ def test_cli_reports_bad_key_with_exit_status_2(capsys):
 
     parser = argparse.ArgumentParser()
     train_cmd.add_arguments(parser)
-    args = parser.parse_args(["--config", str(REPO / "configs" / "cpu_smoke.yaml"), "train.iteratons=3"])
-    assert train_cmd.run(args) == 2
+    from sphereface_plus.cli import main
+
+    assert main(["train", "--config", str(REPO / "configs" / "cpu_smoke.yaml"), "train.iteratons=3"]) == 2
     assert "Did you mean 'train.iterations'" in capsys.readouterr().err
     args = parser.parse_args(["--config", str(REPO / "configs" / "cpu_smoke.yaml"), "--print-config", "train.seed=9"])
     assert train_cmd.run(args) == 0

@@ -18,7 +18,6 @@ cv2 = pytest.importorskip("cv2")
 
 ROOT = Path(__file__).resolve().parents[1]
 LFW = ROOT.parent / "shared" / "data" / "lfw"
-NEEDS_WIRING = pytest.mark.xfail(reason="needs the trainer wiring of issue 10", strict=True)
 TRAIN_SMALL = ["model.backbone=sphere4", "model.embedding_dim=16", "train.iterations=1", "train.batch_size=4",
                "train.tensorboard=false", "data.num_workers=0", "train.device=cpu", "eval.pairs="]
 
@@ -133,7 +132,6 @@ def test_version_debug_and_env():
 
 
 # ----------------------------------------------------------------------------------- case 1 (trainer)
-@NEEDS_WIRING
 def test_case1_eval_pairs_auto_without_synthetic_pairs(data, tmp_path, capsys, caplog):
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO):
@@ -178,7 +176,6 @@ def test_case2_list_with_some_missing_images_skips_and_names_them(data, tmp_path
     assert ds.bad_images == [{"path": str(data["crops"] / "ghost/1.jpg"), "reason": "missing file"}]
 
 
-@NEEDS_WIRING
 @pytest.mark.parametrize("flag", ["--resume", "train.init_from="])
 def test_case2_missing_resume_or_init_file_writes_nothing(tmp_path, flag):
     out = tmp_path / "run"
@@ -261,7 +258,6 @@ def test_case5_broken_training_folder(broken_tree, scan_limit, caplog):
         assert frag in found[path], (path, found[path])
 
 
-@NEEDS_WIRING
 def test_case5_summary_reports_classes_and_bad_images(broken_tree, tmp_path, capsys, caplog):
     root, good, bad = broken_tree
     out = tmp_path / "run"

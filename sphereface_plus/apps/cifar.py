@@ -53,6 +53,8 @@ from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.metrics import MetricsLogger, RunningMeans, open_tensorboard
 from sphereface_plus.engine.optim import build_sgd, lr_factor, multistep_scheduler
+from sphereface_plus.engine.precision import SETTINGS as PRECISION_SETTINGS
+from sphereface_plus.engine.precision import autocast, resolve_precision
 from sphereface_plus.engine.sampler import ResumableSampler, derive_seed, step_generator
 from sphereface_plus.errors import ToolkitError, UsageError
 from sphereface_plus.losses import smoothed_cross_entropy
@@ -112,6 +114,9 @@ class CifarConfig:
     label_smoothing: float = 0.01
     log_eps: float = 1e-4
     bn_momentum: Optional[float] = None  # None: the network's own (0.001, SPEC section 7)
+    # network precision: sphereface_plus.engine.precision.SETTINGS; auto = bf16 where the CPU/GPU has
+    # native bf16, else fp32 (fp32 / off = float32). The loss and the MHE terms are always float32.
+    amp: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -139,6 +144,8 @@ class CifarConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not self.log_eps >= 0:
             raise ConfigError(f"log_eps must be >= 0, got {self.log_eps}")
+        if self.amp not in PRECISION_SETTINGS:
+            raise ConfigError(f"amp {self.amp!r}: choose one of {', '.join(PRECISION_SETTINGS)}")
         if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
             raise ConfigError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
 
@@ -253,7 +260,14 @@ def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(nbt)
 
 
-def evaluate(model, images, labels, cfg: CifarConfig, device, batch_size: int = EVAL_BATCH) -> Tuple[float, float]:
+def forward(model, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """float32 logits of the network run in ``precision`` (a resolved one: fp32 | bf16 | fp16)."""
+    with autocast(x.device, precision):
+        return model(x).float()
+
+
+def evaluate(model, images, labels, cfg: CifarConfig, device, batch_size: int = EVAL_BATCH,
+             precision: str = "fp32") -> Tuple[float, float]:
     """Accuracy (in [0, 1]) and mean classification loss on a whole split, BN in inference mode."""
     was_training = model.training
     model.eval()
@@ -262,20 +276,21 @@ def evaluate(model, images, labels, cfg: CifarConfig, device, batch_size: int = 
         for s in range(0, n, batch_size):
             x = to_network_input(images[s : s + batch_size].to(device, non_blocking=True))
             y = labels[s : s + batch_size].to(device, non_blocking=True)
-            logits = model(x)
+            logits = forward(model, x, precision)
             correct += int((logits.argmax(1) == y).sum())
             loss_sum += float(smoothed_cross_entropy(logits, y, cfg.label_smoothing, cfg.log_eps)) * y.shape[0]
     model.train(was_training)
     return correct / max(n, 1), loss_sum / max(n, 1)
 
 
-def train_step(model, reg, optimizer, x, y, cfg: CifarConfig) -> Dict[str, float]:
+def train_step(model, reg, optimizer, x, y, cfg: CifarConfig, precision: str = "fp32") -> Dict[str, float]:
     """One SGD update on a prepared batch: task loss + weighted MHE terms, backward, step.
 
     Returns the quantities of the update as floats: ``loss`` (the full objective), ``task_loss``,
-    ``mhe_hidden``, ``mhe_output`` (weighted, as added to the loss) and ``train_accuracy``.
+    ``mhe_hidden``, ``mhe_output`` (weighted, as added to the loss) and ``train_accuracy``. The network
+    runs in ``precision``; the loss and the MHE terms (on the float32 weights, outside autocast) in float32.
     """
-    logits = model(x)
+    logits = forward(model, x, precision)
     task = smoothed_cross_entropy(logits, y, cfg.label_smoothing, cfg.log_eps)
     loss = task
     hidden = output = 0.0
@@ -345,6 +360,8 @@ def train_cifar(cfg: CifarConfig, out_dir, device: str = "auto", resume: bool = 
                                drop_last=True, epoch_seed=lambda e: derive_seed(cfg.seed, 1, e))
 
     model = build_model(cfg.num_classes, cfg.seed, cfg.bn_momentum).to(dev)
+    precision = resolve_precision(cfg.amp, dev, what="amp")
+    log.info("%s: training precision %s (amp=%s)", cfg.setting, precision, cfg.amp)
     reg = build_regularizer(model, cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = multistep_scheduler(optimizer, cfg.milestones, cfg.lr_gamma)
@@ -390,7 +407,7 @@ def train_cifar(cfg: CifarConfig, out_dir, device: str = "auto", resume: bool = 
         return to_network_input(x.to(dev, non_blocking=True)), train_y[idx.to(train_y.device)].to(dev)
 
     def record_eval(iteration: int, train_means: Dict[str, float], snap: Optional[Dict[str, Any]] = None) -> None:
-        acc, test_loss = evaluate(model, test_x, test_y, cfg, dev)
+        acc, test_loss = evaluate(model, test_x, test_y, cfg, dev, precision=precision)
         snap = snap if snap is not None else mhe_snapshot(reg)
         row = test_log.log(iteration, test_accuracy=acc, test_loss=test_loss, loss=train_means["loss"],
                            task_loss=train_means["task_loss"], train_accuracy=train_means["train_accuracy"],
@@ -410,7 +427,7 @@ def train_cifar(cfg: CifarConfig, out_dir, device: str = "auto", resume: bool = 
             model.train()
             with torch.no_grad(), frozen_batchnorm_stats(model):
                 x, y = batch(0)
-                logits = model(x)
+                logits = forward(model, x, precision)
                 task = float(smoothed_cross_entropy(logits, y, cfg.label_smoothing, cfg.log_eps))
                 train_acc = float((logits.argmax(1) == y).float().mean())
             snap = mhe_snapshot(reg)
@@ -421,7 +438,7 @@ def train_cifar(cfg: CifarConfig, out_dir, device: str = "auto", resume: bool = 
         for update in bar:
             lr = optimizer.param_groups[0]["lr"]
             x, y = batch(update)
-            vals = train_step(model, reg, optimizer, x, y, cfg)
+            vals = train_step(model, reg, optimizer, x, y, cfg, precision)
             scheduler.step()
             it = done = update + 1  # updates done
             if not math.isfinite(vals["loss"]):
@@ -452,7 +469,7 @@ def train_cifar(cfg: CifarConfig, out_dir, device: str = "auto", resume: bool = 
     rows = test_log.rows
     return {"setting": cfg.setting, "final_accuracy": rows[-1]["test_accuracy"],
             "best_accuracy": max(r["test_accuracy"] for r in rows), "iterations": done, "out": str(out),
-            "elapsed_s": round(elapsed(), 1), "stopped": stopped}
+            "elapsed_s": round(elapsed(), 1), "stopped": stopped, "precision": precision}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -520,7 +537,10 @@ _SETTING_FLAGS = {
     "log_eps": (float, "the +eps inside log(softmax + eps) of the reference loss; 0: plain log_softmax"),
     "bn_momentum": (float, "BN running-statistics momentum (PyTorch convention; recipe: 0.001)"),
     "label_smoothing": (float, "label smoothing of the targets"),
+    "amp": (str, "network precision (also --precision): auto (default: bf16 where the CPU/GPU has native bf16, "
+                 "else fp32) | fp32 | bf16 | fp16 (CUDA) | off (= fp32); loss and MHE stay float32"),
 }
+_FLAG_ALIASES = {"amp": ["--precision"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -539,7 +559,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe fields, e.g. power_s=2 iterations=2000")
     g = parser.add_argument_group("recipe fields as flags (the reference's flags; override the YAML)")
     for name, (tp, text) in _SETTING_FLAGS.items():
-        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else []) + _FLAG_ALIASES.get(name, [])
         g.add_argument(*flags, dest=name, type=tp, default=None, help=text)
     r = parser.add_argument_group("run")
     r.add_argument("--sweep", action="store_true",
@@ -588,4 +608,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = ["CifarConfig", "train_cifar", "run_sweep", "results_table", "scaled_milestones", "build_model",
-           "build_optimizer", "build_regularizer", "mhe_snapshot", "evaluate", "train_step"]
+           "build_optimizer", "build_regularizer", "mhe_snapshot", "evaluate", "train_step", "forward"]

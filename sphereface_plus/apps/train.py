@@ -24,6 +24,7 @@ from eval.lfw import pairs_verifier
 from sphereface_plus.config import Config, ConfigError, config_to_yaml, load_config
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.dist import DistInfo, cleanup_distributed, setup_distributed
+from sphereface_plus.errors import MissingFileError
 from sphereface_plus.trainer import Trainer
 from sphereface_plus.utils import atomic_write_text, is_rank0, setup_logging
 
@@ -66,6 +67,10 @@ def build_dataset(cfg: Config, dist: DistInfo):
     if dist.distributed and dist.is_main:
         torch.distributed.barrier()
     logger.info("training set: %d images of %d identities (%s)", len(ds), ds.num_classes, cfg.data.source)
+    bad = list(getattr(ds, "bad_images", []))
+    if bad:  # issue 10 case 5: named at start-up (and in summary.json), never trained on
+        logger.warning("%d bad training image(s) skipped: %s", len(bad),
+                       "; ".join(f"{b['path']} ({b['reason']})" for b in bad))
     return ds
 
 
@@ -74,12 +79,24 @@ def build_verifier(cfg: Config):
     pairs, root = cfg.eval.pairs, cfg.eval.root
     if not pairs:
         return None
-    if pairs == "auto":  # the synthetic set's own person-disjoint pairs, on its aligned crops
+    if pairs == "auto":  # the synthetic set's own person-disjoint pairs, on its aligned crops, if any
         if cfg.data.source != "synthetic":
-            raise ConfigError("eval.pairs=auto needs data.source=synthetic; give eval.pairs=<pairs.txt> eval.root=<crops>")
+            logger.info("eval.pairs=auto: no synthetic pairs, no verification during training (give "
+                        "eval.pairs=<pairs.txt> eval.root=<crops> to verify on your own pairs)")
+            return None
         cache = synthetic_cache(cfg)
         pairs, root = str(cache / "raw" / "pairs.txt"), str(cache / "aligned")
     return pairs_verifier(pairs, root, batch_size=cfg.eval.batch_size)
+
+
+def check_inputs(cfg: Config, resume: Optional[str] = None) -> None:
+    """The input files named by the run that nothing else checks before writing: ``--resume PATH`` and
+    ``train.init_from`` must exist (issue 10 case 2: one error line, and no out_dir left behind)."""
+    files = {"--resume": resume if resume and resume != "auto" else "", "train.init_from": cfg.train.init_from}
+    for what, path in files.items():
+        if path and not Path(path).is_file():
+            raise MissingFileError(f"{what} {path}: no such file; give an existing checkpoint "
+                                   f"(<out_dir>/checkpoints/last.pt of a run){' or --resume auto' if what == '--resume' else ''}")
 
 
 def make_trainer(cfg: Config, dist: Optional[DistInfo] = None) -> Trainer:
@@ -97,14 +114,17 @@ def train(cfg: Union[Config, Dict[str, Any], str, Path], resume: Optional[str] =
     The summary: ``out_dir``, ``checkpoint`` (path of ``last.pt``), ``iteration``, ``final`` (the last
     logged ``loss``/``ce``/``mhe``/``acc``/``lambda``/``lr``/``images_per_s``), ``history`` (one such
     dict per ``train.log_every`` iterations, also in ``metrics.jsonl``), ``eval`` (the last verification
-    report of ``eval.lfw.verify_on_pairs`` or None), ``bad_images``, ``skipped_steps``, ``rollbacks``,
-    ``lambda``, ``num_classes``, ``images_per_s``.
+    report of ``eval.lfw.verify_on_pairs`` or None), ``bad_images`` (the dataset's ``[{"path", "reason"}]``),
+    ``bad_reads`` (reads replaced by the next readable sample), ``skipped_steps``, ``rollbacks``, ``lambda``,
+    ``num_classes``, ``images_per_s`` (mean after a warm-up of a few steps, training time only) and
+    ``precision`` (the one used: fp32 | bf16 | fp16).
     """
     if isinstance(cfg, (str, Path)):
         cfg = load_train_config(str(cfg), overrides)
     elif isinstance(cfg, dict):
         cfg = Config.from_dict(cfg)
     _check_data(cfg)
+    check_inputs(cfg, resume)  # before the dataset: the synthetic source writes its cache under out_dir
     dist = setup_distributed(cfg.train.device)
     try:
         trainer = make_trainer(cfg, dist)
@@ -129,11 +149,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_train_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """The command; a :class:`~sphereface_plus.errors.ToolkitError` is turned into one ``error:`` line
+    by the caller (:func:`sphereface_plus.cli.main`, or :func:`sphereface_plus.cli.run_guarded`)."""
+    cfg = load_train_config(args.config, args.overrides)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
@@ -147,18 +165,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m sphereface_plus.apps.train`` / ``torchrun -m sphereface_plus.apps.train``."""
-    from sphereface_plus.errors import ToolkitError
+    """``python -m sphereface_plus.apps.train`` / ``torchrun -m sphereface_plus.apps.train``: the same
+    command, its errors one line and exit 2 through :func:`sphereface_plus.cli.run_guarded`."""
+    from sphereface_plus.cli import run_guarded
 
-    parser = argparse.ArgumentParser(prog="sphereface_plus.apps.train", description=DESCRIPTION,
+    prog = "sphereface_plus.apps.train"
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     setup_logging()
-    try:
-        return run(parser.parse_args(argv))
-    except ToolkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    return run_guarded(lambda: run(args), prog)
 
 
 if __name__ == "__main__":
