@@ -128,30 +128,51 @@ def test_mhe_term_and_spectral_norm_reach_the_discriminator(tmp_path):
     assert on["rows"][1]["mhe"] == pytest.approx(expected, rel=1e-3)
 
 
-def test_cli_accepts_the_original_flags_in_both_spellings(tmp_path):
-    proc = cli("--config", ROOT / "configs" / "gan_mhe.yaml", "--no-sn", "--mhe", "2e-6", "--batch_size", "32",
-               "--eval-every", "7", "--eval_samples", "10", "--iterations", "9", "--seed", "5", "--real_stats", "train",
-               "lr=2e-4", "--print-config")
-    assert proc.returncode == 0, proc.stderr
+def main_inproc(capsys, *args):
+    """The real command line (``sphereface_plus.cli.main``) in this process: no interpreter start-up per case."""
+    from sphereface_plus.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(["gan", *map(str, args)])
+    except SystemExit as exc:  # argparse's own errors (a flag's type)
+        rc = exc.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_accepts_the_original_flags_in_both_spellings(capsys):
     import yaml
 
-    got = yaml.safe_load(proc.stdout)
+    rc, out, err = main_inproc(capsys, "--config", ROOT / "configs" / "gan_mhe.yaml", "--no-sn", "--mhe", "2e-6",
+                               "--batch_size", "32", "--eval-every", "7", "--eval_samples", "10", "--iterations", "9",
+                               "--seed", "5", "--real_stats", "train", "lr=2.0e-4", "--print-config")
+    assert rc == 0, err
+    got = yaml.safe_load(out)
     assert got["sn"] is False and got["mhe"] == 2e-6 and got["batch_size"] == 32 and got["eval_every"] == 7
     assert got["eval_samples"] == 10 and got["iterations"] == 9 and got["seed"] == 5 and got["real_stats"] == "train"
     assert got["lr"] == 2e-4
+    rc, out, _ = main_inproc(capsys, "--sn", "--seed", "1", "--print-config")
+    assert rc == 0 and yaml.safe_load(out)["sn"] is True
     # the four recipes are the published rows
     for name, sn, mhe in (("baseline", False, 0), ("sn", True, 0), ("mhe", False, 1e-6), ("sn_mhe", True, 1e-7)):
-        p = cli("--config", ROOT / "configs" / f"gan_{name}.yaml", "--print-config")
-        c = yaml.safe_load(p.stdout)
-        assert (c["sn"], c["mhe"], c["iterations"], c["batch_size"]) == (sn, mhe, 200000, 64), name
-    assert "Inception Score" in cli("--help").stdout
+        rc, out, _ = main_inproc(capsys, "--config", ROOT / "configs" / f"gan_{name}.yaml", "--print-config")
+        c = yaml.safe_load(out)
+        assert (rc, c["sn"], c["mhe"], c["iterations"], c["batch_size"]) == (0, sn, mhe, 200000, 64), name
 
 
-def _one_error(proc, *fragments):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
-    assert len(lines) == 1, proc.stderr
+def test_help_explains_why_there_is_no_built_in_inception_score():
+    proc = cli("--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "Why no built-in Inception Score" in text and "1008-class" in text and "--inception-weights" in text
+
+
+def _one_error(rc, err, *fragments):
+    assert rc == 2, (rc, err[-2000:])
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1, err
     for f in fragments:
         assert f in lines[0], (f, lines[0])
 
@@ -164,14 +185,15 @@ def _one_error(proc, *fragments):
     (["no_such_key=1"], ["no_such_key"]),
     (["--iterations", "many"], ["iterations", "many"]),
     (["--precision", "fp8"], ["precision", "fp8"]),
+    (["mhe_half_space=true"], ["mhe_half_space"]),
 ])
-def test_cli_bad_values_give_one_error_line(tmp_path, args, fragments):
-    proc = cli("--out", tmp_path / "run", "--data", tmp_path, *args)
-    _one_error(proc, *fragments)
+def test_cli_bad_values_give_one_error_line(tmp_path, capsys, args, fragments):
+    rc, _, err = main_inproc(capsys, "--out", tmp_path / "run", "--data", tmp_path, *args)
+    _one_error(rc, err, *fragments)
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_missing_data_is_one_error_before_anything_is_written(tmp_path):
+def test_cli_missing_data_is_one_error_exit_2_before_anything_is_written(tmp_path):
     proc = cli("--out", tmp_path / "run", "--data", tmp_path / "nowhere", "--iterations", "1", "--eval_samples", "0")
-    _one_error(proc, "nowhere")
+    _one_error(proc.returncode, proc.stderr, "nowhere")
     assert not (tmp_path / "run").exists()

@@ -320,9 +320,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
 
 
+def _yaml_scalar(value: Any) -> str:
+    """A flag value as a YAML scalar: floats always with a dot, since YAML 1.1 reads ``1e-06`` as a string."""
+    if isinstance(value, float) and math.isfinite(value):
+        mantissa, _, exp = repr(value).partition("e")
+        return (mantissa if "." in mantissa else mantissa + ".0") + (f"e{exp}" if exp else "")
+    return str(value)
+
+
 def config_from_args(args: argparse.Namespace) -> GanConfig:
     """Defaults < ``--config`` YAML < ``key=value`` < the flags given."""
-    flags = [f"{n}={getattr(args, n)}" for n in ("sn", *_FLAGS) if getattr(args, n, None) is not None]
+    flags = [f"{n}={_yaml_scalar(getattr(args, n))}" for n in ("sn", *_FLAGS) if getattr(args, n, None) is not None]
     return load_config(args.config, list(args.overrides) + flags, schema=GanConfig)
 
 
