@@ -48,7 +48,7 @@ def cli(*args) -> subprocess.CompletedProcess:
 
 
 def _cfg(tmp_path, **kw) -> GanConfig:
-    base = dict(sn=True, mhe=1e-7, data=str(SUBSET), iterations=4, batch_size=8, eval_every=2,
+    base = dict(sn=True, mhe=1e-7, data=str(SUBSET), iterations=2, batch_size=8, eval_every=1,
                 eval_samples=0, real_limit=4, stats_cache=str(tmp_path / "stats"))
     base.update(kw)
     return GanConfig(**base)
@@ -73,7 +73,7 @@ def test_run_writes_the_documented_files_and_resumes_exactly(tmp_path):
     train_gan(cfg, full, device="cpu")
     # documented outputs
     rows = _rows(full)
-    assert [r["iteration"] for r in rows] == [0, 2, 4]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
     keys = {"iteration", "d_loss", "g_loss", "mhe", "elapsed_s"}
     for r in rows:
         assert keys <= set(r), r
@@ -81,16 +81,16 @@ def test_run_writes_the_documented_files_and_resumes_exactly(tmp_path):
     # iteration 0 is before any update: its losses are those of an untrained pair (log 2 and 2 log 2)
     assert abs(rows[0]["g_loss"] - math.log(2)) < 0.05 and abs(rows[0]["d_loss"] - 2 * math.log(2)) < 0.1
     assert rows[0]["mhe"] > 0
-    for it in (0, 2, 4):
+    for it in (0, 1, 2):
         img = Image.open(full / f"samples_{it:07d}.png")
         assert img.size == (64 * 32 // 8, 8 * 32)  # 64 images, 8 x 8
     assert list((full / "tb").iterdir())
     assert GanConfig(**__import__("yaml").safe_load((full / "config.yaml").read_text())) == cfg
     state = load_checkpoint(full / "checkpoints" / "last.pt")  # weights_only
-    assert state["iteration"] == 4
-    # a run stopped at 2 and resumed equals the uninterrupted one: weights, optimiser, metrics
-    first = train_gan(cfg, split, device="cpu", stop_after=2)
-    assert first["stopped"] and first["iterations"] == 2
+    assert state["iteration"] == 2
+    # a run stopped at 1 and resumed equals the uninterrupted one: weights, optimiser, metrics
+    first = train_gan(cfg, split, device="cpu", stop_after=1)
+    assert first["stopped"] and first["iterations"] == 1
     with pytest.raises(Exception, match="--resume"):
         train_gan(cfg, split, device="cpu")
     train_gan(cfg, split, device="cpu", resume=True)
@@ -147,7 +147,7 @@ def main_inproc(capsys, *args):
 def test_evaluation_rows_have_finite_fid_and_kid(tmp_path):
     """FID/KID in the rows (Inception on CPU: 3 evaluations x 4 images + 4 real ones, ~20-60 s)."""
     out = tmp_path / "run"
-    res = train_gan(_cfg(tmp_path, iterations=2, eval_every=1, eval_samples=4), out, device="cpu")
+    res = train_gan(_cfg(tmp_path, eval_samples=4), out, device="cpu")
     assert [r["iteration"] for r in res["rows"]] == [0, 1, 2]
     for r in res["rows"]:
         assert math.isfinite(r["fid"]) and r["fid"] > 0 and math.isfinite(r["kid"]), r
