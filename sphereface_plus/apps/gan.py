@@ -108,7 +108,9 @@ class GanConfig:
 
     @property
     def variant(self) -> str:
-        return ("sn_" if self.sn else "") + ("mhe" if self.mhe > 0 else "") if (self.sn or self.mhe > 0) else "baseline"
+        """``baseline``, ``sn``, ``mhe`` or ``sn_mhe``: the published row (and recipe name) of these settings."""
+        parts = [p for p, on in (("sn", self.sn), ("mhe", self.mhe > 0)) if on]
+        return "_".join(parts) or "baseline"
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
