@@ -222,7 +222,7 @@ def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = Fals
 
     stopped, done = False, start
     try:
-        if start == 0:
+        if state is None:  # a run resumed from its iteration-0 checkpoint already has row 0
             evaluate(0, _loss_at_start(G, D, *batch(0), cfg))
             save(0)
         for it in bar:
