@@ -27,6 +27,7 @@ COMMANDS = {
     "compare": ("eval.embedder", "cosine similarity and same/different decision for two photos"),
     "megaface": ("eval.megaface", "export MegaFace devkit feature files and score them without the devkit"),
     "cifar": ("sphereface_plus.apps.cifar", "CIFAR MHE experiments (9-conv CNN, MHE on every layer)"),
+    "gan": ("sphereface_plus.apps.gan", "MHE-GAN on CIFAR-10 (SN / MHE variants of the published table, FID/KID offline)"),
     "demo": ("sphereface_plus.apps.demo", "the whole pipeline (align, train, verify, report) on built-in or LFW data"),
     "pack-bin": ("eval.pack_bin", "write an insightface-style .bin verification pack from a pairs file and aligned crops"),
 }
