@@ -336,7 +336,11 @@ def _set_dotted(cfg: Any, key: str, value: Any, source: str) -> None:
 
 
 def _yaml_loader():
-    """A SafeLoader with YAML 1.2 booleans: only true/false are booleans, so ``amp: off`` stays "off"."""
+    """A SafeLoader with YAML 1.2 booleans and floats.
+
+    Only true/false are booleans, so ``amp: off`` stays "off"; and, as in YAML 1.2, ``2e-4`` or ``1E5``
+    (no dot) are floats, which YAML 1.1 would read as strings (``optim.lr=2e-4`` must be a number).
+    """
     import re
 
     import yaml
@@ -350,6 +354,8 @@ def _yaml_loader():
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
     Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
     return Loader
 
 

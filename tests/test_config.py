@@ -189,3 +189,11 @@ def test_head_gradient_is_checked_against_the_heads_list():
         load_config(None, ["data.source=synthetic", "head.name=arcface", "head.gradient=caffe"])
     with pytest.raises(ConfigError, match="mhe.mode='among'.*caffe_among"):
         load_config(None, ["data.source=synthetic", "mhe.mode=among"])
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    # YAML 1.1 reads "2e-4" as a string; the loader follows YAML 1.2 here, as it does for booleans
+    from sphereface_plus.config import load_config
+
+    cfg = load_config(None, ["optim.lr=2e-4", "optim.weight_decay=5E-4"])
+    assert cfg.optim.lr == 2e-4 and cfg.optim.weight_decay == 5e-4
