@@ -11,7 +11,7 @@ from sphereface_plus.apps.train import load_train_config
 from sphereface_plus.config import Config, ConfigError, apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("cifar_"))  # face recipes
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith(("cifar_", "gan_")))  # face recipes (GAN recipes: test_gan_runner)
 CIFAR_CONFIGS = sorted((REPO / "configs").glob("cifar_*.yaml"))
 
 
