@@ -339,15 +339,10 @@ def train_cifar(cfg: CifarConfig, out_dir, device: str = "auto", resume: bool = 
     dev = resolve_device(device, setting="--device")
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    found = ckpt.load_resume_state(out) if ckpt.checkpoint_dir(out).is_dir() else None
-    if found is not None and not resume:
-        raise UsageError(f"{out} already holds a run ({found[0]}); pass --resume to continue it, or choose another --out")
-    state = None
-    if found is not None:
-        path, state = found
-        ckpt.check_settings(state["config"], cfg.to_dict(), path, RESUMABLE_CHANGES,
-                            fix="use the original flags, or a new --out folder for the new settings")
-        log.info("resuming %s from iteration %d (%s)", cfg.setting, int(state["iteration"]), path)
+    found = ckpt.resume_run_state(out, resume, cfg.to_dict(), RESUMABLE_CHANGES)
+    state = found[1] if found else None
+    if found:
+        log.info("resuming %s from iteration %d (%s)", cfg.setting, int(state["iteration"]), found[0])
     elif resume:
         log.info("no checkpoint in %s: starting %s from scratch", out, cfg.setting)
 

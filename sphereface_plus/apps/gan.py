@@ -144,14 +144,8 @@ def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = Fals
     out = Path(out_dir)
     dev = resolve_device(device, setting="--device")
     precision = resolve_precision(cfg.precision, dev, what="--precision")
-    found = ckpt.load_resume_state(out) if ckpt.checkpoint_dir(out).is_dir() else None
-    if found is not None and not resume:
-        raise UsageError(f"{out} already holds a run ({found[0]}); pass --resume to continue it, or choose another --out")
-    state = None
-    if found is not None:
-        path, state = found
-        ckpt.check_settings(state["config"], cfg.to_dict(), path, RESUMABLE_CHANGES,
-                            fix="use the original flags, or a new --out folder for the new settings")
+    found = ckpt.resume_run_state(out, resume, cfg.to_dict(), RESUMABLE_CHANGES)
+    state = found[1] if found else None
     # inputs first (data, weights files), before anything is written
     train_x, _ = load_cifar_split(cfg.data, "cifar10", "train")
     if inception_weights is not None:

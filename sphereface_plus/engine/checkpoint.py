@@ -48,6 +48,7 @@ __all__ = [
     "serialize",
     "settings_changes",
     "check_settings",
+    "resume_run_state",
 ]
 
 _PERIODIC = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -199,3 +200,23 @@ def check_settings(saved: Dict[str, Any], current: Dict[str, Any], where, may_ch
     if changes:
         raise UsageError(f"cannot continue the run in {where}: its settings changed since the last run "
                          f"({'; '.join(changes)}); {fix}")
+
+
+def resume_run_state(out_dir, resume: bool, config: Dict[str, Any], may_change: Iterable[str] = (),
+                     map_location: Any = "cpu") -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The one resume policy of the runners that own a whole ``--out`` folder (CIFAR, GAN).
+
+    ``(path, state)`` of the newest readable checkpoint when ``resume`` is set and the saved settings
+    agree with ``config`` (:func:`check_settings`, only ``may_change`` may differ); None for a fresh
+    start. A folder that already holds a run without ``resume`` is refused, so a run is never
+    overwritten by accident.
+    """
+    found = load_resume_state(out_dir, map_location)
+    if found is None:
+        return None
+    path, state = found
+    if not resume:
+        raise UsageError(f"{out_dir} already holds a run ({path}); pass --resume to continue it, or choose another --out")
+    check_settings(state["config"], config, path, may_change,
+                   fix="use the original flags, or a new --out folder for the new settings")
+    return found
