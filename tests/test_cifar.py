@@ -26,14 +26,10 @@ from sphereface_plus.losses import smoothed_cross_entropy
 from sphereface_plus.mhe import DEFAULT_COEFFICIENTS
 from sphereface_plus.cli import main as cli_main
 from sphereface_plus.safe_pickle import UnsafePickleError
+from shared_data import CIFAR_SUBSET, needs_cifar_subset as needs_subset
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SUBSET = DATA / "cifar10-subset"
+SUBSET = CIFAR_SUBSET
 SUBSET_BATCHES = SUBSET / "cifar-10-batches-py"
-needs_subset = pytest.mark.skipif(
-    not (SUBSET_BATCHES / "test_batch").is_file(),
-    reason=f"real CIFAR-10 subset not found at {SUBSET_BATCHES} (../shared/data is absent in this checkout)",
-)
 
 
 def _rows(images: np.ndarray) -> np.ndarray:

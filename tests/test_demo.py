@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from sphereface_plus.cli import main
+from shared_data import LFW
 
-LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw"
 
 TINY = ["--iterations", "4", "--batch-size", "8", "--identities", "20", "--images", "6", "--pairs-per-fold", "6",
         "--workers", "1", "--seed", "3"]

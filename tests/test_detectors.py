@@ -21,9 +21,8 @@ import pytest
 
 from data_prep.detectors import create_detector, list_detectors, select_face
 from data_prep.detectors import weights as W
+from shared_data import LFW
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-LFW = DATA / "lfw"
 LANDMARKS = LFW / "lfw_landmark.txt"
 
 needs_lfw = pytest.mark.skipif(not LANDMARKS.exists(), reason=f"real LFW data not found at {LFW}")

@@ -11,9 +11,8 @@ torch = pytest.importorskip("torch")
 cv2 = pytest.importorskip("cv2")
 
 from sphereface_plus.cli import main  # noqa: E402
+from shared_data import LFW
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-LFW = DATA / "lfw"
 pytestmark = pytest.mark.skipif(not (LFW / "lfw_landmark.txt").is_file(), reason=f"real LFW not found at {LFW}")
 
 IMAGES = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Aaron_Peirsol/Aaron_Peirsol_0002.jpg",

@@ -3,16 +3,14 @@ brute-force reference of the protocol."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from eval.features import save_features_npz
 from sphereface_plus.cli import main
+from shared_data import ATT
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-ATT = DATA / "att_faces"
 
 
 def _reference(f1, f2, issame, folds, mean_sub=True):

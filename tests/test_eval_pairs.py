@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pickle
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,10 +17,8 @@ from eval.pairs import (
     save_bin_pack,
 )
 from sphereface_plus.safe_pickle import UnsafePickleError
+from shared_data import ATT, LFW
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-LFW = DATA / "lfw"
-ATT = DATA / "att_faces"
 
 
 @pytest.mark.skipif(not (LFW / "pairs.txt").is_file(), reason=f"real LFW pairs.txt not found under {LFW}")

@@ -27,9 +27,9 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 from sphereface_plus.cli import main  # noqa: E402
+from shared_data import LFW
 
 REPO = Path(__file__).resolve().parents[1]
-LFW = REPO.parent / "shared" / "data" / "lfw"
 pytestmark = pytest.mark.skipif(not (LFW / "lfw_landmark.txt").is_file(), reason=f"real LFW not found at {LFW}")
 TOL = 1e-4
 

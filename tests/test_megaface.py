@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from eval.megaface import evaluate, feature_bytes, read_feature, read_image_list, write_feature
+from shared_data import LFW
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-LFW = DATA / "lfw"
 
 
 def test_reader_on_file_written_byte_by_byte(tmp_path):

@@ -16,9 +16,8 @@ torch = pytest.importorskip("torch")
 from sphereface_plus.engine.precision import (autocast, autocast_dtype, bf16_support,  # noqa: E402
                                               cpu_bf16_support, resolve_precision)
 from sphereface_plus.errors import UsageError  # noqa: E402
+from shared_data import LFW
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-LFW = DATA / "lfw"
 needs_lfw = pytest.mark.skipif(not (LFW / "lfw_landmark.txt").is_file(), reason=f"real LFW not found at {LFW}")
 IMAGES = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Aaron_Peirsol/Aaron_Peirsol_0002.jpg",
           "Abdullah_Gul/Abdullah_Gul_0001.jpg", "Abdullah_Gul/Abdullah_Gul_0002.jpg",

