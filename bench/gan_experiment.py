@@ -3,11 +3,14 @@
 Runs ``sphereface-plus gan --config configs/gan_<variant>.yaml`` for baseline, SN, MHE and SN+MHE on
 the CIFAR-10 subset (``../shared/data/cifar10-subset``: 10k training images), ``--jobs`` at a time,
 one torch thread each, then writes ``bench/results/gan_experiment.md``: FID and KID against the
-subset's test images at each evaluation, next to the published Inception Scores (200k iterations,
-full CIFAR-10), and copies each variant's last sample grid to ``bench/results/gan_samples_<variant>.png``.
-Each run is resumable (``--resume``), so an interrupted experiment continues where it stopped::
+subset's test images and against as many of its training images (``--real_limit``, the first N of
+each split, so both reference sets have the same size and FID's sample-size bias is the same) at each
+evaluation, next to the published Inception Scores (200k iterations, full CIFAR-10), and copies each
+variant's last sample grid to ``bench/results/gan_samples_<variant>.png``. The real statistics are
+computed once up front (cached, all threads) so the runs do not each compute them. Each run is
+resumable (``--resume``), so an interrupted experiment continues where it stopped::
 
-    python bench/gan_experiment.py --iterations 120 --eval_every 60 --eval_samples 256 --jobs 2
+    python bench/gan_experiment.py                    # 450 iterations per variant: ~20 CPU-minutes of training
     python bench/gan_experiment.py --report-only      # rebuild the table from bench/out/gan_experiment
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Dict, List
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sphereface_plus.apps.gan import PUBLISHED_IS  # noqa: E402
+from sphereface_plus.apps.gan import DEFAULT_STATS_CACHE, PUBLISHED_IS  # noqa: E402
 from sphereface_plus.engine.metrics import read_jsonl  # noqa: E402
 
 VARIANTS = ("baseline", "sn", "mhe", "sn_mhe")
@@ -37,9 +40,29 @@ def launch(variant: str, args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sphereface_plus", "gan", "--config", str(ROOT / "configs" / f"gan_{variant}.yaml"),
            "--data", args.data, "--out", str(out), "--resume", "--threads", "1", "--device", "cpu",
            f"iterations={args.iterations}", f"eval_every={args.eval_every}", f"eval_samples={args.eval_samples}",
-           f"seed={args.seed}", f"real_stats={args.real_stats}"]
+           f"seed={args.seed}", f"real_stats={args.real_stats}", f"real_limit={args.real_limit}",
+           f"stats_cache={args.stats_cache}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=open(out / "stdout.log", "w"), stderr=subprocess.STDOUT, env=env)
+
+
+def prepare_real_stats(args) -> float:
+    """The real-image Inception statistics of every split, cached where the runs read them; seconds taken."""
+    from data_prep.cifar import load_cifar_split
+    from sphereface_plus.gan.metrics import InceptionPool3, real_stats
+
+    t = time.perf_counter()
+    net = InceptionPool3()
+    for split in args.real_stats.split(","):
+        x = load_cifar_split(args.data, "cifar10", split)[0]
+        real_stats(x[: args.real_limit] if args.real_limit else x, net, Path(args.stats_cache).expanduser())
+    return time.perf_counter() - t
+
+
+def _scores(r: dict, suffix: str) -> str:
+    if f"fid{suffix}" not in r:
+        return "- | -"
+    return f"{r[f'fid{suffix}']:.1f} | {1e3 * r[f'kid{suffix}']:.1f} ± {1e3 * r[f'kid_std{suffix}']:.1f}"
 
 
 def report(args, wall: Dict[str, float]) -> str:
@@ -49,30 +72,30 @@ def report(args, wall: Dict[str, float]) -> str:
         f"`bench/gan_experiment.py --iterations {args.iterations} --eval_every {args.eval_every} "
         f"--eval_samples {args.eval_samples} --jobs {args.jobs}`: the four recipes `configs/gan_*.yaml` at the same "
         f"seed ({args.seed}) and budget, batch 64, on `cifar10-subset` (10k training images), one torch thread per "
-        f"run, {args.jobs} runs at a time on a shared 2-core machine. FID and KID (x1e3, mean ± std over subsets) of "
-        f"{args.eval_samples} generated images (G in eval mode, noise seed 0) against the subset's "
-        f"{args.real_stats} images, in the TF-2015 Inception pool3 space.",
+        f"run, {args.jobs} runs at a time on a 2-core machine. FID and KID (x1e3, mean ± std over 100 subsets) of "
+        f"{args.eval_samples} generated images (G in eval mode, noise seed 0) against the first "
+        f"{args.real_limit or 'all'} images of the subset's {' and '.join(args.real_stats.split(','))} split, "
+        f"in the TF-2015 Inception pool3 space. `elapsed s`: wall time of the run at that row, evaluations included.",
         "",
-        "| variant | published IS (200k it., CIFAR-10) | iteration | FID | KID x1e3 | d_loss | g_loss | mhe term | elapsed s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | published IS (200k it., CIFAR-10) | iteration | FID test | KID test x1e3 | FID train | "
+        "KID train x1e3 | d_loss | g_loss | mhe term | elapsed s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in VARIANTS:
         path = Path(args.out) / v / "metrics.jsonl"
         rows = read_jsonl(path) if path.is_file() else []
         if not rows:
-            lines.append(f"| {LABELS[v]} | {PUBLISHED_IS[v]:.2f} | not run | | | | | | |")
+            lines.append(f"| {LABELS[v]} | {PUBLISHED_IS[v]:.2f} | not run | | | | | | | | |")
             continue
         for i, r in enumerate(rows):
-            fid = f"{r['fid']:.1f}" if "fid" in r else "-"
-            kid = f"{1e3 * r['kid']:.1f} ± {1e3 * r['kid_std']:.1f}" if "kid" in r else "-"
             name, pub = (LABELS[v], f"{PUBLISHED_IS[v]:.2f}") if i == 0 else ("", "")
-            lines.append(f"| {name} | {pub} | {r['iteration']} | {fid} | {kid} | {r['d_loss']:.3f} | "
-                         f"{r['g_loss']:.3f} | {r['mhe']:.3g} | {r['elapsed_s']:.0f} |")
+            lines.append(f"| {name} | {pub} | {r['iteration']} | {_scores(r, '')} | {_scores(r, '_train')} | "
+                         f"{r['d_loss']:.3f} | {r['g_loss']:.3f} | {r['mhe']:.3g} | {r['elapsed_s']:.0f} |")
         grid = sorted((Path(args.out) / v).glob("samples_*.png"))
         if grid:
             shutil.copyfile(grid[-1], ROOT / "bench" / "results" / f"gan_samples_{v}.png")
     if wall:
-        lines += ["", "Wall time per run (s): " + ", ".join(f"{v} {t:.0f}" for v, t in wall.items()) + "."]
+        lines += ["", "Wall time (s): " + ", ".join(f"{v} {t:.0f}" for v, t in wall.items()) + "."]
     lines.append("")
     return "\n".join(lines)
 
@@ -81,10 +104,12 @@ def main(argv: List[str] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "cifar10-subset"))
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "gan_experiment"))
-    p.add_argument("--iterations", type=int, default=120)
-    p.add_argument("--eval_every", type=int, default=60)
-    p.add_argument("--eval_samples", type=int, default=256)
-    p.add_argument("--real_stats", default="test", choices=("test", "train"))
+    p.add_argument("--iterations", type=int, default=450, help="per variant (450: ~20 CPU-minutes of training)")
+    p.add_argument("--eval_every", type=int, default=150)
+    p.add_argument("--eval_samples", type=int, default=1000)
+    p.add_argument("--real_stats", default="test,train", choices=("test", "train", "test,train"))
+    p.add_argument("--real_limit", type=int, default=2000, help="first N images of each split (0: all)")
+    p.add_argument("--stats_cache", default=DEFAULT_STATS_CACHE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
@@ -92,6 +117,9 @@ def main(argv: List[str] = None) -> int:
     args = p.parse_args(argv)
     wall: Dict[str, float] = {}
     if not args.report_only:
+        if args.eval_samples:
+            wall["real statistics"] = prepare_real_stats(args)
+            print(f"real statistics: {wall['real statistics']:.0f} s", flush=True)
         pending, running = list(args.variants), {}
         while pending or running:
             while pending and len(running) < args.jobs:

