@@ -219,6 +219,30 @@ def test_two_processes_match_one(reference, cache, tmp_path):
                        atol=1e-5)
 
 
+def test_torchrun_with_a_sharded_head_matches_one_sharded_process(cache, tmp_path):
+    """The sharded classifier through the real launcher: ``torchrun`` with 2 gloo processes and
+    ``head.parallel=sharded`` (each rank holds half of the 20 class rows, MHE over all of them) follows
+    the 1-process sharded run (same initialisation: it does not depend on the world size) and saves the
+    same whole-head checkpoint."""
+    from sphereface_plus.cli import main
+
+    extra = ("head.parallel=sharded", "mhe.mode=full")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", "--config", str(SMOKE), *_overrides(one, cache, 4, extra=extra)]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sphereface_plus.apps.train", "--config", str(SMOKE), *_overrides(two, cache, 4, extra=extra)]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = [h["loss"] for h in json.loads((two / "summary.json").read_text())["history"]]
+    want = [h["loss"] for h in json.loads((one / "summary.json").read_text())["history"]]
+    assert len(got) == len(want) == 4 and got == pytest.approx(want, abs=1e-5)
+    a, b = _load(two / "checkpoints" / "last.pt"), _load(one / "checkpoints" / "last.pt")
+    assert a["head"]["weight"].shape == (20, 32)  # the whole head, not rank 0's half
+    _assert_same_state(a, b, atol=1e-5)
+    assert yaml.safe_load((two / "config.yaml").read_text())["head"]["parallel"] == "sharded"
+
+
 def test_nan_guard_skips_then_rolls_back(cache, tmp_path):
     cfg = _cfg(tmp_path, cache, 100, extra=["train.nan_patience=2", "train.max_rollbacks=1"])
     trainer = make_trainer(cfg)
