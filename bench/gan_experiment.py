@@ -11,7 +11,12 @@ computed once up front (cached, all threads) so the runs do not each compute the
 resumable (``--resume``), so an interrupted experiment continues where it stopped::
 
     python bench/gan_experiment.py                    # 450 iterations per variant: ~20 CPU-minutes of training
+    python bench/gan_experiment.py --seeds 1 --variants baseline sn   # seed controls: how far the seed alone moves FID
     python bench/gan_experiment.py --report-only      # rebuild the table from bench/out/gan_experiment
+
+The table is the first of ``--seeds`` (run folder ``<out>/<variant>`` for seed 0,
+``<out>/<variant>_seed<k>`` otherwise); every other seed found there goes into a last-row table per
+(variant, seed).
 """
 from __future__ import annotations
 
@@ -34,13 +39,17 @@ VARIANTS = ("baseline", "sn", "mhe", "sn_mhe")
 LABELS = {"baseline": "GAN", "sn": "GAN + SN", "mhe": "GAN + MHE (1e-6)", "sn_mhe": "GAN + SN + MHE (1e-7)"}
 
 
-def launch(variant: str, args) -> subprocess.Popen:
-    out = Path(args.out) / variant
+def run_dir(args, variant: str, seed: int) -> Path:
+    return Path(args.out) / (variant if seed == 0 else f"{variant}_seed{seed}")
+
+
+def launch(variant: str, seed: int, args) -> subprocess.Popen:
+    out = run_dir(args, variant, seed)
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "sphereface_plus", "gan", "--config", str(ROOT / "configs" / f"gan_{variant}.yaml"),
            "--data", args.data, "--out", str(out), "--resume", "--threads", "1", "--device", "cpu",
            f"iterations={args.iterations}", f"eval_every={args.eval_every}", f"eval_samples={args.eval_samples}",
-           f"seed={args.seed}", f"real_stats={args.real_stats}", f"real_limit={args.real_limit}",
+           f"seed={seed}", f"real_stats={args.real_stats}", f"real_limit={args.real_limit}",
            f"stats_cache={args.stats_cache}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=open(out / "stdout.log", "w"), stderr=subprocess.STDOUT, env=env)
@@ -79,13 +88,34 @@ def _scores(r: dict, suffix: str) -> str:
     return f"{r[f'fid{suffix}']:.1f} | {1e3 * r[f'kid{suffix}']:.1f} ± {1e3 * r[f'kid_std{suffix}']:.1f}"
 
 
+def seed_table(args) -> List[str]:
+    """The last evaluation of every (variant, seed) run found in ``--out``, when more than one seed was run."""
+    runs = []
+    for v in VARIANTS:
+        for d in sorted(Path(args.out).glob(f"{v}*")):
+            if d.name != v and not d.name.startswith(f"{v}_seed"):
+                continue  # sn_mhe under sn*
+            rows = read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
+            if rows:
+                runs.append((v, 0 if d.name == v else int(d.name[len(f"{v}_seed"):]), rows[-1]))
+    if len({seed for _, seed, _ in runs}) < 2:
+        return []
+    lines = ["", "Seed controls, last evaluation of each run (same budget; only the seed differs):", "",
+             "| variant | seed | iteration | FID test | KID test x1e3 | FID train | KID train x1e3 |",
+             "|---|---|---|---|---|---|---|"]
+    for v, seed, r in runs:
+        lines.append(f"| {LABELS[v]} | {seed} | {r['iteration']} | {_scores(r, '')} | {_scores(r, '_train')} |")
+    return lines
+
+
 def report(args, wall: Dict[str, float]) -> str:
+    seed = args.seeds[0]
     lines = [
         "# MHE-GAN: a small CPU experiment (CIFAR-10 subset)",
         "",
         f"`bench/gan_experiment.py --iterations {args.iterations} --eval_every {args.eval_every} "
         f"--eval_samples {args.eval_samples} --jobs {args.jobs}`: the four recipes `configs/gan_*.yaml` at the same "
-        f"seed ({args.seed}) and budget, batch 64, on `cifar10-subset` (10k training images), one torch thread per "
+        f"seed ({seed}) and budget, batch 64, on `cifar10-subset` (10k training images), one torch thread per "
         f"run, {args.jobs} runs at a time on a 2-core machine. FID and KID (x1e3, mean ± std over 100 subsets) of "
         f"{args.eval_samples} generated images (G in eval mode, noise seed 0) against the first "
         f"{args.real_limit or 'all'} images of the subset's {' and '.join(args.real_stats.split(','))} split, "
@@ -96,7 +126,7 @@ def report(args, wall: Dict[str, float]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in VARIANTS:
-        path = Path(args.out) / v / "metrics.jsonl"
+        path = run_dir(args, v, seed) / "metrics.jsonl"
         rows = read_jsonl(path) if path.is_file() else []
         if not rows:
             lines.append(f"| {LABELS[v]} | {PUBLISHED_IS[v]:.2f} | not run | | | | | | | | |")
@@ -105,9 +135,10 @@ def report(args, wall: Dict[str, float]) -> str:
             name, pub = (LABELS[v], f"{PUBLISHED_IS[v]:.2f}") if i == 0 else ("", "")
             lines.append(f"| {name} | {pub} | {r['iteration']} | {_scores(r, '')} | {_scores(r, '_train')} | "
                          f"{r['d_loss']:.3f} | {r['g_loss']:.3f} | {r['mhe']:.3g} | {r['elapsed_s']:.0f} |")
-        grid = sorted((Path(args.out) / v).glob("samples_*.png"))
+        grid = sorted(run_dir(args, v, seed).glob("samples_*.png"))
         if grid:
             shutil.copyfile(grid[-1], ROOT / "bench" / "results" / f"gan_samples_{v}.png")
+    lines += seed_table(args)
     floor = real_floor(args)
     if floor:
         lines += ["", floor]
@@ -127,7 +158,7 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--real_stats", default="test,train", choices=("test", "train", "test,train"))
     p.add_argument("--real_limit", type=int, default=2000, help="first N images of each split (0: all)")
     p.add_argument("--stats_cache", default=DEFAULT_STATS_CACHE)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (the table shows the first)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--report-only", action="store_true")
@@ -139,11 +170,13 @@ def main(argv: List[str] = None) -> int:
             prepare_real_stats(args)
             wall["real statistics"] = time.perf_counter() - t
             print(f"real statistics: {wall['real statistics']:.0f} s", flush=True)
-        pending, running = list(args.variants), {}
+        pending = [(v, seed) for seed in args.seeds for v in args.variants]
+        running = {}
         while pending or running:
             while pending and len(running) < args.jobs:
-                v = pending.pop(0)
-                running[v] = (launch(v, args), time.perf_counter())
+                v, seed = pending.pop(0)
+                name = run_dir(args, v, seed).name
+                running[name] = (launch(v, seed, args), time.perf_counter())
             time.sleep(2)
             for v, (proc, t) in list(running.items()):
                 if proc.poll() is not None:
