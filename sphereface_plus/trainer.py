@@ -29,6 +29,7 @@ import io
 import logging
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -442,7 +443,11 @@ class Trainer:
             logger.warning("non-finite loss at iteration %d (CE %s, MHE %s): step skipped",
                            self.iteration, ce.item(), mhe.item())
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        # the schedule counts iterations, skipped ones too (so a run stays on its schedule); PyTorch warns
+        # when a skipped first step makes that call precede every optimizer step: expected here
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
         self.iteration += 1
         correct, count = self.model.num_correct(logits, labels)
         stats = {"loss": loss.detach(), "ce": ce.detach(), "mhe": mhe.detach().float(), "correct": correct,
