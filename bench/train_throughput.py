@@ -136,7 +136,7 @@ def build_precision(num_classes, device, batch, channels_last=False, compile_bac
         raise SystemExit(f"bf16 does not run on {device} here (train.amp=bf16 resolved to {trainer.precision})")
     if how is not None:
         how.append("the trainer's own train_step with train.amp=bf16 (backbone under autocast; head, CE and MHE "
-                   "float32); torch.compile rows: train.compile=true")
+                   "float32)" + ("; torch.compile rows: train.compile=true" if compile_backbone else ""))
     return lambda x, y: trainer.train_step(x, y)["loss"]
 
 
@@ -254,7 +254,8 @@ def main() -> int:
         "# Training throughput: sphere20, 112x96, A-Softmax m=4 + MHE (batch_vs_all, s=2)",
         "",
         f"Command: `.venv/bin/python bench/train_throughput.py --batch {args.batch} --classes {args.classes} "
-        f"--steps {args.steps} --rounds {args.rounds} --threads {args.threads} --device {dev}`",
+        f"--steps {args.steps} --rounds {args.rounds} --threads {args.threads} --device {dev}"
+        f"{' --no-compile' if args.no_compile else ''}`",
         "",
         f"Machine: {name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, bf16 support: "
         f"{bf16_support(dev)}; {args.rounds} interleaved rounds of {steps} steps (every variant once per round, "
