@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from data_prep.cifar import CIFAR_DATASETS, load_cifar, random_pad_crop_flip, to_network_input
-from sphereface_plus.config import ConfigError, config_to_yaml, load_config
+from sphereface_plus.config import ConfigError, add_field_flags, config_to_yaml, load_config_from_args
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.metrics import MetricsLogger, RunningMeans, open_tensorboard
@@ -553,9 +553,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "default: the built-in recipe (= cifar_mhe.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe fields, e.g. power_s=2 iterations=2000")
     g = parser.add_argument_group("recipe fields as flags (the reference's flags; override the YAML)")
-    for name, (tp, text) in _SETTING_FLAGS.items():
-        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else []) + _FLAG_ALIASES.get(name, [])
-        g.add_argument(*flags, dest=name, type=tp, default=None, help=text)
+    add_field_flags(g, _SETTING_FLAGS, _FLAG_ALIASES)
     r = parser.add_argument_group("run")
     r.add_argument("--sweep", action="store_true",
                    help="run all 13 settings of the published table into OUT/<setting>/ and write OUT/results.md")
@@ -570,8 +568,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> CifarConfig:
     """Defaults < ``--config`` YAML < ``key=value`` < the flags that were given."""
-    flags = [f"{name}={getattr(args, name)}" for name in _SETTING_FLAGS if getattr(args, name, None) is not None]
-    return load_config(args.config, list(getattr(args, "overrides", [])) + flags, schema=CifarConfig)
+    return load_config_from_args(args, _SETTING_FLAGS, CifarConfig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from data_prep.cifar import load_cifar_split
-from sphereface_plus.config import ConfigError, config_to_yaml, load_config
+from sphereface_plus.config import ConfigError, add_field_flags, config_to_yaml, load_config_from_args
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.metrics import MetricsLogger, RunningMeans, open_tensorboard
@@ -319,9 +319,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sn", dest="sn", action="store_const", const=True, default=None,
                    help="spectral norm in D (sn-model)")
     g.add_argument("--no-sn", "--no_sn", dest="sn", action="store_const", const=False, help="no spectral norm (non-sn-model)")
-    for name, (tp, text) in _FLAGS.items():
-        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        g.add_argument(*flags, dest=name, type=tp, default=None, help=text)
+    add_field_flags(g, _FLAGS)
     r = parser.add_argument_group("run")
     r.add_argument("--out", default=None, help="run folder (default: runs/gan/<variant>)")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
@@ -332,15 +330,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
 
 
-def _flag_text(value: Any) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
-
-
 def config_from_args(args: argparse.Namespace) -> GanConfig:
     """Defaults < ``--config`` YAML < ``key=value`` < the flags given."""
-    # floats by repr (1e-06 is a YAML 1.2 number for the loader), the rest as typed
-    flags = [f"{n}={_flag_text(getattr(args, n))}" for n in ("sn", *_FLAGS) if getattr(args, n, None) is not None]
-    return load_config(args.config, list(args.overrides) + flags, schema=GanConfig)
+    return load_config_from_args(args, ("sn", *_FLAGS), GanConfig)
 
 
 def run(args: argparse.Namespace) -> int:
