@@ -51,12 +51,7 @@ def _disc(spectral_norm: bool = True) -> Discriminator:
     return copy.deepcopy(_prototype("sn" if spectral_norm else "plain"))
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -39,12 +39,7 @@ def _cfg(tmp_path, **kw) -> GanConfig:
     return GanConfig(**base)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 def _rows(out: Path):
