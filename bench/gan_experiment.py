@@ -5,8 +5,8 @@ the CIFAR-10 subset (``../shared/data/cifar10-subset``: 10k training images), ``
 one torch thread each, then writes ``bench/results/gan_experiment.md``: FID and KID against the
 subset's test images and against as many of its training images (``--real_limit``, the first N of
 each split, so both reference sets have the same size and FID's sample-size bias is the same) at each
-evaluation, next to the published Inception Scores (200k iterations, full CIFAR-10), and copies each
-variant's last sample grid to ``bench/results/gan_samples_<variant>.png``. The real statistics are
+evaluation, next to the published Inception Scores (200k iterations, full CIFAR-10); the sample grids
+stay in the run folders (``<out>/<variant>/samples_<iteration>.png``, not tracked). The real statistics are
 computed once up front (cached, all threads) so the runs do not each compute them. Each run is
 resumable (``--resume``), so an interrupted experiment continues where it stopped::
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -135,9 +134,6 @@ def report(args, wall: Dict[str, float]) -> str:
             name, pub = (LABELS[v], f"{PUBLISHED_IS[v]:.2f}") if i == 0 else ("", "")
             lines.append(f"| {name} | {pub} | {r['iteration']} | {_scores(r, '')} | {_scores(r, '_train')} | "
                          f"{r['d_loss']:.3f} | {r['g_loss']:.3f} | {r['mhe']:.3g} | {r['elapsed_s']:.0f} |")
-        grid = sorted(run_dir(args, v, seed).glob("samples_*.png"))
-        if grid:
-            shutil.copyfile(grid[-1], ROOT / "bench" / "results" / f"gan_samples_{v}.png")
     lines += seed_table(args)
     floor = real_floor(args)
     if floor:
