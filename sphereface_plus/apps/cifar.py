@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -56,7 +55,7 @@ from sphereface_plus.engine.optim import build_sgd, lr_factor, multistep_schedul
 from sphereface_plus.engine.precision import SETTINGS as PRECISION_SETTINGS
 from sphereface_plus.engine.precision import autocast, resolve_precision
 from sphereface_plus.engine.sampler import ResumableSampler, derive_seed, step_generator
-from sphereface_plus.errors import ToolkitError, UsageError
+from sphereface_plus.errors import UsageError
 from sphereface_plus.losses import smoothed_cross_entropy
 from sphereface_plus.mhe import DEFAULT_COEFFICIENTS, POWERS, MHERegularizer, normalize_power
 from sphereface_plus.models import create_backbone
@@ -572,27 +571,24 @@ def config_from_args(args: argparse.Namespace) -> CifarConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-        if args.print_config:
-            print(config_to_yaml(cfg), end="")
-            return 0
-        if args.workers < 0:
-            raise UsageError(f"--workers must be >= 0, got {args.workers}")
-        if args.workers > 0:
-            torch.set_num_threads(args.workers)
-        root = Path("runs") / "cifar" / cfg.dataset
-        if args.sweep:
-            out = Path(args.out) if args.out else root / "sweep"
-            results = run_sweep(cfg, out, device=args.device)
-            print(results_table(results, cfg.dataset, cfg.iterations, cfg.mhe_scale))
-            print(f"results: {out / 'results.md'}")
-            return 0
-        out = Path(args.out) if args.out else root / cfg.setting
-        summary = train_cifar(cfg, out, device=args.device, resume=args.resume)
-    except (ToolkitError, FileNotFoundError) as exc:  # CifarDataError is a FileNotFoundError
-        print(f"sphereface-plus cifar: error: {exc}", file=sys.stderr)
-        return 2
+    """The command; a ToolkitError becomes cli.main's one ``error:`` line, exit status 2."""
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.workers > 0:
+        torch.set_num_threads(args.workers)
+    root = Path("runs") / "cifar" / cfg.dataset
+    if args.sweep:
+        out = Path(args.out) if args.out else root / "sweep"
+        results = run_sweep(cfg, out, device=args.device)
+        print(results_table(results, cfg.dataset, cfg.iterations, cfg.mhe_scale))
+        print(f"results: {out / 'results.md'}")
+        return 0
+    out = Path(args.out) if args.out else root / cfg.setting
+    summary = train_cifar(cfg, out, device=args.device, resume=args.resume)
     print(f"{summary['setting']}: final test accuracy {100 * summary['final_accuracy']:.2f}% after "
           f"{summary['iterations']} iterations (best {100 * summary['best_accuracy']:.2f}%), "
           f"{summary['elapsed_s']:.0f} s; metrics: {Path(summary['out']) / 'metrics.jsonl'}")

@@ -24,7 +24,6 @@ import argparse
 import copy
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.metrics import MetricsLogger, RunningMeans, open_tensorboard
 from sphereface_plus.engine.precision import SETTINGS as PRECISIONS, autocast, resolve_precision
 from sphereface_plus.engine.sampler import ResumableSampler, derive_seed, step_generator
-from sphereface_plus.errors import ToolkitError, UsageError
+from sphereface_plus.errors import UsageError
 from sphereface_plus.gan import losses as gan_losses
 from sphereface_plus.gan import steps
 from sphereface_plus.gan.models import Discriminator, Generator
@@ -336,20 +335,17 @@ def config_from_args(args: argparse.Namespace) -> GanConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-        if args.print_config:
-            print(config_to_yaml(cfg), end="")
-            return 0
-        if args.threads < 0:
-            raise UsageError(f"--threads must be >= 0, got {args.threads}")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        out = Path(args.out) if args.out else Path("runs") / "gan" / cfg.variant
-        summary = train_gan(cfg, out, device=args.device, resume=args.resume, inception_weights=args.inception_weights)
-    except (ToolkitError, FileNotFoundError) as exc:
-        print(f"sphereface-plus gan: error: {exc}", file=sys.stderr)
-        return 2
+    """The command; a ToolkitError becomes cli.main's one ``error:`` line, exit status 2."""
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    if args.threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else Path("runs") / "gan" / cfg.variant
+    summary = train_gan(cfg, out, device=args.device, resume=args.resume, inception_weights=args.inception_weights)
     last = summary["rows"][-1]
     print(f"{cfg.variant}: {summary['iterations']} iterations, {summary['elapsed_s']:.0f} s; last evaluation "
           + ", ".join(f"{k} {last[k]:.4g}" for k in ("fid", "kid", "d_loss", "g_loss") if k in last)
