@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data_prep.geometry import cut_wide_crop, to_bgr
+from data_prep.image_files import IMAGE_EXTENSIONS
 from sphereface_plus.errors import InputFileError
 
 logger = logging.getLogger(__name__)
@@ -48,10 +49,8 @@ __all__ = [
     "build_train_dataset",
     "preprocess",
     "read_recordio_index",
-    "IMAGE_EXTENSIONS",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 RECORDIO_MAGIC = 0xCED7230A
 _IRHEADER = struct.Struct("<IfQQ")  # flag, label, id, id2 (mxnet.recordio.IRHeader)
 _MAX_REPLACEMENTS = 100

@@ -38,6 +38,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from data_prep.image_files import IMAGE_EXTENSIONS
 from data_prep.landmarks import LandmarkEntry, parse_landmark_file
 from sphereface_plus.errors import UsageError  # noqa: F401  (re-exported: data_prep.prepare.UsageError)
 
@@ -87,9 +88,8 @@ DEFAULT_LIST = "list.txt"
 EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE = 0, 2, 3
 
 
-#: what a file at the top of --input must look like to count as an input (others, e.g. AT&T's README,
-#: are ignored with a note); inside identity folders every file is an input and a non-image fails
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp", ".jp2")
+# a file at the top of --input counts as an input only with an image extension (others, e.g. AT&T's README,
+# are ignored with a note); inside identity folders every file is an input and a non-image fails
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from eval.models import (EMBEDDING_OUTPUT, FEATURE_OUTPUT, FLIP_POLICY, FORMAT_KEY, FORMAT_VERSION, INPUT_NAME,
                          PREPROCESSING, TORCHSCRIPT_META, format_size)
+from data_prep.image_files import IMAGE_EXTENSIONS
 from sphereface_plus.errors import InputFileError, MissingFileError, ToolkitError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ HELP = "export a checkpoint's embedding network to ONNX or TorchScript, checked 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_TOLERANCE = 1e-4
 DEFAULT_CHECK_COUNT = 32
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 SYNTHETIC_SEED = 0
 EXIT_CHECK_FAILED = 3
 
@@ -122,9 +122,9 @@ def folder_crops(folder, input_size: Tuple[int, int], count: int) -> List[np.nda
     if not folder.is_dir():
         raise MissingFileError(f"--check-images {folder} is not a folder; give a folder of aligned crops "
                                f"({format_size(input_size)}) or leave it out to check on synthetic crops")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())[:count]
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())[:count]
     if not files:
-        raise InputFileError(f"--check-images {folder} holds no {'/'.join(IMAGE_EXTS)} images; give a folder "
+        raise InputFileError(f"--check-images {folder} holds no {'/'.join(IMAGE_EXTENSIONS)} images; give a folder "
                              f"of aligned crops (sphereface-plus align writes them)")
     crops = []
     for p in files:

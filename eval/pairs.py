@@ -24,12 +24,12 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from data_prep.image_files import IMAGE_EXTENSIONS
 from sphereface_plus.errors import InputFileError, MissingFileError
 from sphereface_plus.safe_pickle import UnsafePickleError, restricted_loads
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 
 _TRUE = {"1", "true", "t", "yes", "y", "same", "match", "matched", "genuine", "positive"}
 _HEADER_NAMES = {"path1", "path_1", "image1", "image_1", "img1", "file1", "left", "first"}
