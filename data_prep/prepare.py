@@ -463,13 +463,59 @@ def align_tree(
     exclude_lfw_overlap: bool = False,
     pack: bool = False,
 ) -> AlignSummary:
-    """The ``align`` command as a function (see the module docstring). Raises :class:`UsageError`."""
-    from data_prep.geometry import template_size
-    from sphereface_plus.utils import atomic_write_json, atomic_write_text, progress
+    """The ``align`` command as a function (see the module docstring). Raises :class:`UsageError`.
 
+    The steps, each a function below: check the arguments; refuse an output folder that holds crops made
+    with other settings; open the detector (unless a landmark file is given); list the inputs; prepare
+    the output folder; leave out the LFW-overlap identities; read the landmark file; plan the work
+    (what earlier runs already did); align; write the manifest and the list file; pack.
+    """
     t0 = time.perf_counter()
-    inp = Path(input_dir)
-    out = Path(output_dir)
+    inp, out = Path(input_dir), Path(output_dir)
+    height, width, workers = _check_align_arguments(inp, out, template, image_format, quality, landmarks,
+                                                    landmark_base, workers)
+    ext = "." + image_format
+    settings = _crop_settings(template, image_format, quality, landmarks, landmark_base, detector, face_policy,
+                              fallback)
+    _refuse_other_crop_settings(out, settings)
+    det_name, det_obj = (None, None) if landmarks is not None else (detector, _open_detector(detector, device))
+    files, ignored = _list_inputs(inp, out)
+    _prepare_output_folder(out, settings)
+    if exclude_lfw_overlap:
+        files = _leave_out_lfw_overlap(files, inp)
+    inputs = set(files)
+    entries, unused = _read_landmark_file(landmarks, inputs, inp, files) if landmarks is not None else ({}, 0)
+    records, tasks, resumed = _plan_work(files, out, ext, entries, landmarks is not None, landmark_base, fallback)
+
+    cfg = {
+        "input": str(inp), "output": str(out), "template": template, "ext": ext, "quality": int(quality),
+        "detector": det_name, "device": device, "policy": face_policy, "fallback": bool(fallback),
+        "landmarks_name": Path(landmarks).name if landmarks else "",
+    }
+    counts, new_seconds = _align_planned(tasks, records, cfg, out, workers, det_obj)
+    manifest, lp, listed, classes = _write_manifest_and_list(out, records, inputs, files, ext, list_path)
+
+    pack_index = None
+    if pack:
+        from data_prep.packed import pack_folder
+
+        pack_index = pack_folder(out, listed, classes, template, height, width, workers=workers)
+
+    n_new = len(tasks)
+    return AlignSummary(
+        total=len(records), counts=counts, resumed=resumed, seconds=time.perf_counter() - t0,
+        rate=n_new / new_seconds if new_seconds > 0 else math.nan, manifest=manifest, list_path=lp,
+        num_listed=len(listed), num_classes=len(classes), pack_index=pack_index,
+        unused_landmarks=unused, landmarks_name=Path(landmarks).name if landmarks else "", ignored=ignored,
+    )
+
+
+def _check_align_arguments(inp: Path, out: Path, template: str, image_format: str, quality: int, landmarks,
+                           landmark_base: int, workers: int) -> Tuple[int, int, int]:
+    """Every argument checked before anything is written; returns the template's (height, width) and the
+    number of worker processes (0 = all cores)."""
+    from data_prep.geometry import template_size
+
     if not inp.is_dir():
         raise UsageError(f"--input {inp} is not a folder (expected <identity>/<image> folders)")
     if image_format not in ("jpg", "png"):
@@ -491,10 +537,13 @@ def align_tree(
         raise UsageError(f"--landmark-base {landmark_base}: must be 0 (OpenCV) or 1 (MATLAB)")
     if workers <= 0:
         workers = os.cpu_count() or 1
-    ext = "." + image_format
+    return height, width, workers
 
-    # settings that determine the crops: resuming with different ones would mix two kinds of crops
-    settings = {
+
+def _crop_settings(template: str, image_format: str, quality: int, landmarks, landmark_base: int, detector: str,
+                   face_policy: str, fallback: bool) -> Dict[str, object]:
+    """The settings that determine the crops (stored in the output folder's config file)."""
+    return {
         "template": template,
         "format": image_format,
         "quality": int(quality) if image_format == "jpg" else None,
@@ -502,34 +551,42 @@ def align_tree(
                    else f"detector:{detector}:{face_policy}"),
         "fallback": bool(fallback),
     }
+
+
+def _refuse_other_crop_settings(out: Path, settings: Dict[str, object]) -> None:
+    """Resuming with different settings would mix two kinds of crops in one folder: refused."""
     cfg_path = out / CONFIG
-    if cfg_path.is_file():
-        try:
-            prev = json.loads(cfg_path.read_text())
-        except ValueError:
-            prev = None
-        if prev is not None and prev != settings:
-            diff = ", ".join(f"{k}: {prev.get(k)!r} -> {v!r}" for k, v in settings.items() if prev.get(k) != v)
-            raise UsageError(
-                f"{out} holds crops made with other settings ({diff}); use a new --output folder "
-                f"(or delete {cfg_path} and the old crops)"
-            )
+    if not cfg_path.is_file():
+        return
+    try:
+        prev = json.loads(cfg_path.read_text())
+    except ValueError:
+        prev = None
+    if prev is not None and prev != settings:
+        diff = ", ".join(f"{k}: {prev.get(k)!r} -> {v!r}" for k, v in settings.items() if prev.get(k) != v)
+        raise UsageError(
+            f"{out} holds crops made with other settings ({diff}); use a new --output folder "
+            f"(or delete {cfg_path} and the old crops)"
+        )
 
-    unused = 0
-    det_name, det_obj = None, None
-    if landmarks is None:
-        det_name = detector
-        try:  # fail early, in this process, with the detector's own message (missing weights etc.)
-            from data_prep.detectors import create_detector
 
-            det_obj = create_detector(detector, device=device)
-        except ImportError as exc:
-            raise UsageError(f"detector {detector!r} is not available: {exc}") from None
-        except (FileNotFoundError, RuntimeError, ValueError, KeyError) as exc:
-            raise UsageError(f"cannot create the {detector} detector: {exc}") from None
+def _open_detector(detector: str, device: str):
+    """Create the detector in this process, so that a missing weight file etc. fails early with the
+    detector's own message."""
+    try:
+        from data_prep.detectors import create_detector
 
+        return create_detector(detector, device=device)
+    except ImportError as exc:
+        raise UsageError(f"detector {detector!r} is not available: {exc}") from None
+    except (FileNotFoundError, RuntimeError, ValueError, KeyError) as exc:
+        raise UsageError(f"cannot create the {detector} detector: {exc}") from None
+
+
+def _list_inputs(inp: Path, out: Path) -> Tuple[List[str], List[str]]:
+    """``(files, ignored)``: the input files under ``inp`` (relative paths), and the non-image files at the
+    top of the tree that are not inputs (AT&T's README, a LICENSE)."""
     files = scan_tree(inp, skip=[out])
-    # a file at the top of the tree that is not an image (AT&T's README, a LICENSE) is not an input
     ignored = [f for f in files if "/" not in f and os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS]
     if ignored:
         logger.info("ignoring %d non-image files at the top of %s (not in an identity folder): %s", len(ignored),
@@ -537,50 +594,62 @@ def align_tree(
         files = [f for f in files if f not in set(ignored)]
     if not files:
         raise UsageError(f"no files under --input {inp} (expected <identity>/<image> folders)")
+    return files, ignored
+
+
+def _prepare_output_folder(out: Path, settings: Dict[str, object]) -> None:
+    """Create the folder, record the crop settings, remove the temporary files of an interrupted run."""
+    from sphereface_plus.utils import atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg_path, settings)
+    atomic_write_json(out / CONFIG, settings)
     stray = _clean_stray_temps(out)
     if stray:
         logger.info("removed %d temporary files left by an interrupted run", stray)
 
-    # ---- inputs
-    records: Dict[str, Tuple[str, str]] = {}  # path -> (status, reason): the manifest
-    excluded = set(LFW_OVERLAP_CASIA) if exclude_lfw_overlap else set()
-    if excluded:
-        present = {f.split("/", 1)[0] for f in files if "/" in f}
-        found = sorted(excluded & present)
-        n_ex = sum(1 for f in files if f.split("/", 1)[0] in excluded)
-        files = [f for f in files if f.split("/", 1)[0] not in excluded]
-        logger.info("--exclude-lfw-overlap: left out %d images of %s", n_ex, ", ".join(found) or "no identity (none present)")
-        if len(found) < len(excluded):
-            logger.warning("--exclude-lfw-overlap: %s not found in %s (is this CASIA-WebFace?)",
-                           ", ".join(sorted(excluded - set(found))), inp)
-    inputs = set(files)
 
-    entries: Dict[str, LandmarkEntry] = {}
-    if landmarks is not None:
-        entries, problems = parse_landmark_file(landmarks)
-        for rel, line, reason in problems:
-            logger.warning("%s", reason)
-        # entries for images that are not under --input (the whole lfw_landmark.txt over a subset)
-        # are unused, not failures of this run: counted in one summary line
-        orphans = [r for r in entries if r not in inputs]
-        unused = len(orphans)
-        if unused:
-            logger.info("%d of %d entries in %s name no image under %s (unused)", unused, len(entries),
-                        Path(landmarks).name, inp)
-        if entries and len(orphans) == len(entries):
-            logger.warning(
-                "none of the %d paths in %s names a file under %s: paths must be relative to --input (e.g. %s)",
-                len(entries), landmarks, inp, files[0] if files else "Name/Name_0001.jpg",
-            )
+def _leave_out_lfw_overlap(files: List[str], inp: Path) -> List[str]:
+    """``--exclude-lfw-overlap``: the CASIA-WebFace identities that are also LFW people are left out."""
+    excluded = set(LFW_OVERLAP_CASIA)
+    present = {f.split("/", 1)[0] for f in files if "/" in f}
+    found = sorted(excluded & present)
+    n_ex = sum(1 for f in files if f.split("/", 1)[0] in excluded)
+    files = [f for f in files if f.split("/", 1)[0] not in excluded]
+    logger.info("--exclude-lfw-overlap: left out %d images of %s", n_ex, ", ".join(found) or "no identity (none present)")
+    if len(found) < len(excluded):
+        logger.warning("--exclude-lfw-overlap: %s not found in %s (is this CASIA-WebFace?)",
+                       ", ".join(sorted(excluded - set(found))), inp)
+    return files
 
-    journal_path = out / JOURNAL
+
+def _read_landmark_file(landmarks, inputs: set, inp: Path, files: List[str]) -> Tuple[Dict[str, LandmarkEntry], int]:
+    """``(entries, unused)``: the landmark file's entries by relative path, and how many name no image under
+    ``--input`` (the whole lfw_landmark.txt over a subset: unused, not failures of this run)."""
+    entries, problems = parse_landmark_file(landmarks)
+    for rel, line, reason in problems:
+        logger.warning("%s", reason)
+    orphans = [r for r in entries if r not in inputs]
+    unused = len(orphans)
+    if unused:
+        logger.info("%d of %d entries in %s name no image under %s (unused)", unused, len(entries),
+                    Path(landmarks).name, inp)
+    if entries and len(orphans) == len(entries):
+        logger.warning(
+            "none of the %d paths in %s names a file under %s: paths must be relative to --input (e.g. %s)",
+            len(entries), landmarks, inp, files[0] if files else "Name/Name_0001.jpg",
+        )
+    return entries, unused
+
+
+def _plan_work(files: List[str], out: Path, ext: str, entries: Dict[str, LandmarkEntry], from_landmarks: bool,
+               landmark_base: int, fallback: bool) -> Tuple[Dict[str, Tuple[str, str]], List[Tuple], int]:
+    """``(records, tasks, resumed)``: the manifest entries already known (inputs that cannot work, crops an
+    earlier run finished), the ``(rel, out_rel, points, line)`` tasks left to do, and how many were resumed."""
     # what earlier runs said about the crops that are already there (the journal of an interrupted
     # run is newer than the manifest of a finished one)
     journal = _load_journal(out / MANIFEST)
-    journal.update(_load_journal(journal_path))
+    journal.update(_load_journal(out / JOURNAL))
+    records: Dict[str, Tuple[str, str]] = {}  # path -> (status, reason): the manifest
     tasks: List[Tuple] = []
     claimed: Dict[str, str] = {}  # out_rel -> rel, to catch a.jpg + a.png both mapping to a.jpg
     resumed = 0
@@ -608,7 +677,7 @@ def align_tree(
             continue
         claimed[out_rel] = rel
         pts, line = None, 0
-        if landmarks is not None:
+        if from_landmarks:
             e = entries.get(rel)
             if e is not None and e.points is None:
                 records[rel] = ("failed", e.error)
@@ -619,7 +688,7 @@ def align_tree(
                     pts = tuple(v - landmark_base for v in pts)
             # without an entry the worker still reads the file: an unreadable one is 'failed', a
             # readable one 'skipped' (or aligned with --fallback)
-        if (pts is not None or fallback or landmarks is None) and already_done(out_rel):
+        if (pts is not None or fallback or not from_landmarks) and already_done(out_rel):
             prev = journal.get(rel)
             reason = prev[1] if prev and prev[0] == "aligned" else ""
             if not reason.endswith("done in an earlier run"):
@@ -628,13 +697,15 @@ def align_tree(
             resumed += 1
             continue
         tasks.append((rel, out_rel, pts, line))
+    return records, tasks, resumed
 
-    # ---- the work
-    cfg = {
-        "input": str(inp), "output": str(out), "template": template, "ext": ext, "quality": int(quality),
-        "detector": det_name, "device": device, "policy": face_policy, "fallback": bool(fallback),
-        "landmarks_name": Path(landmarks).name if landmarks else "",
-    }
+
+def _align_planned(tasks: List[Tuple], records: Dict[str, Tuple[str, str]], cfg: Dict[str, object], out: Path,
+                   workers: int, det_obj) -> Tuple[Dict[str, int], float]:
+    """Run the tasks (in worker processes), journal each result as it comes and add it to ``records``;
+    returns the status counts and the seconds the new work took."""
+    from sphereface_plus.utils import progress
+
     counts = {"aligned": 0, "skipped": 0, "failed": 0}
     for st, _ in records.values():
         counts[st] += 1
@@ -642,9 +713,9 @@ def align_tree(
     t_work = time.perf_counter()
     bar = progress(total=total, initial=total - len(tasks), desc="align", unit="img", smoothing=0.05)
     bar.set_postfix(counts, refresh=False)
-    with open(journal_path, "a", encoding="utf-8") as jf:
+    with open(out / JOURNAL, "a", encoding="utf-8") as jf:
         last_post = 0.0
-        cuda = det_name is not None and device.startswith("cuda")
+        cuda = cfg["detector"] is not None and str(cfg["device"]).startswith("cuda")
         for rel, status, reason in _run_tasks(tasks, cfg, workers, cuda=cuda, detector=det_obj):
             records[rel] = (status, reason)
             counts[status] += 1
@@ -660,8 +731,16 @@ def align_tree(
     new_seconds = time.perf_counter() - t_work
     if hasattr(os, "sync"):
         os.sync()  # make the renamed crops durable before the manifest says they are done
+    return counts, new_seconds
 
-    # ---- manifest, list, pack
+
+def _write_manifest_and_list(out: Path, records: Dict[str, Tuple[str, str]], inputs: set, files: List[str],
+                             ext: str, list_path) -> Tuple[Path, Path, List[Tuple[str, int]], List[str]]:
+    """The manifest (every input's status), the training list of the aligned crops with their labels (one
+    per identity folder that has an aligned image), and the journal's removal; returns
+    ``(manifest, list path, listed (crop, label) pairs, class names)``."""
+    from sphereface_plus.utils import atomic_write_text
+
     manifest = out / MANIFEST
     atomic_write_text(
         manifest,
@@ -677,21 +756,8 @@ def align_tree(
     listed = [(_out_rel(p, ext), label_of[p.split("/", 1)[0]]) for p in aligned]
     lp = Path(list_path) if list_path else out / DEFAULT_LIST
     atomic_write_text(lp, "".join(f"{r} {lab}\n" for r, lab in listed))
-    journal_path.unlink(missing_ok=True)  # everything it held is in the manifest now
-
-    pack_index = None
-    if pack:
-        from data_prep.packed import pack_folder
-
-        pack_index = pack_folder(out, listed, classes, template, height, width, workers=workers)
-
-    n_new = len(tasks)
-    return AlignSummary(
-        total=len(records), counts=counts, resumed=resumed, seconds=time.perf_counter() - t0,
-        rate=n_new / new_seconds if new_seconds > 0 else math.nan, manifest=manifest, list_path=lp,
-        num_listed=len(listed), num_classes=len(classes), pack_index=pack_index,
-        unused_landmarks=unused, landmarks_name=Path(landmarks).name if landmarks else "", ignored=ignored,
-    )
+    (out / JOURNAL).unlink(missing_ok=True)  # everything it held is in the manifest now
+    return manifest, lp, listed, classes
 
 
 def _run_tasks(

@@ -327,10 +327,17 @@ def test_case8_megaface_resume_redoes_damaged_files(data, tmp_path, capsys):
     assert main_inproc(capsys, *args)[0] == 0
     victim = out / "id1/2.jpg_sphereface.bin"
     good = victim.read_bytes()
+    good_feature = read_feature(victim)
     victim.write_bytes(good[: len(good) - 7])
     rc, stdout, _ = main_inproc(capsys, *args)
     assert rc == 0 and "wrote 1 feature files" in stdout and "--overwrite" in stdout, stdout
-    assert victim.read_bytes() == good and read_feature(victim).shape == (32,)
+    redone = read_feature(victim)
+    # the redo embeds this one image in a batch of 1 where the first run had a batch of 6: the CPU
+    # convolution kernels are chosen by batch shape, so the float32 sums agree to rounding (a few ulp of
+    # each layer, ~1e-6 relative after 4 layers), not bit for bit; the header and size are exact
+    assert len(victim.read_bytes()) == len(good) and victim.read_bytes()[:16] == good[:16]
+    assert redone.shape == (32,)
+    np.testing.assert_allclose(redone, good_feature, rtol=1e-4, atol=1e-5 * float(np.abs(good_feature).max()))
     rc, stdout, _ = main_inproc(capsys, *args)
     assert rc == 0 and "already in" in stdout and "--overwrite" in stdout
 
