@@ -1,4 +1,4 @@
-"""Speed of the LFW 10-fold protocol: eval.metrics (sorted scores + searchsorted over the 20,001
+"""Speed of the LFW 10-fold protocol: eval.verification_metrics (sorted scores + searchsorted over the 20,001
 thresholds) against a per-threshold loop written here (a direct port of evaluation.m's getThreshold),
 on the same numbers: 6,000 pairs with the real LFW fold structure, 1024-d features.
 
@@ -21,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from eval.metrics import fold_scores, kfold_accuracy  # noqa: E402
+from eval.verification_metrics import fold_scores, kfold_accuracy  # noqa: E402
 from eval.pairs import pairs_to_arrays, parse_lfw_pairs  # noqa: E402
 
 DEFAULT_PAIRS = ROOT.parent / "shared" / "data" / "lfw" / "pairs.txt"
@@ -125,9 +125,9 @@ def main(argv=None) -> int:
         "| LFW 10-fold protocol, 6,000 pairs, 1024-d | time (s) | speed-up |",
         "| --- | ---: | ---: |",
         f"| per-threshold loop (20,001 thresholds x 10 folds, numpy per threshold) | {t_loop:.3f} | 1.0x |",
-        f"| `eval.metrics` (sort once, searchsorted, integer counts) | {t_vec:.4f} | {t_loop / t_vec:.0f}x |",
+        f"| `eval.verification_metrics` (sort once, searchsorted, integer counts) | {t_vec:.4f} | {t_loop / t_vec:.0f}x |",
         f"| threshold choice only, per-threshold loop (scores given) | {t_lthr:.3f} | 1.0x |",
-        f"| threshold choice only, `eval.metrics.kfold_accuracy` | {t_vthr:.4f} | {t_lthr / t_vthr:.0f}x |",
+        f"| threshold choice only, `eval.verification_metrics.kfold_accuracy` | {t_vthr:.4f} | {t_lthr / t_vthr:.0f}x |",
     ]
     text = "\n".join([
         "# Verification protocol speed",

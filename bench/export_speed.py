@@ -47,7 +47,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from eval.export import export_model
-    from eval.models import OnnxModel
+    from eval.onnx_model import OnnxModel
     from sphereface_plus import create_backbone
 
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sphereface_plus.apps.gan import DEFAULT_STATS_CACHE, PUBLISHED_IS  # noqa: E402
-from sphereface_plus.engine.metrics import read_jsonl  # noqa: E402
+from sphereface_plus.engine.run_log import read_jsonl  # noqa: E402
 
 VARIANTS = ("baseline", "sn", "mhe", "sn_mhe")
 LABELS = {"baseline": "GAN", "sn": "GAN + SN", "mhe": "GAN + MHE (1e-6)", "sn_mhe": "GAN + SN + MHE (1e-7)"}
@@ -58,7 +58,7 @@ def prepare_real_stats(args) -> Dict[str, object]:
     """The real-image Inception statistics of every split, cached where the runs read them (a second
     call reads the cache and runs no network)."""
     from data_prep.cifar import load_cifar_split
-    from sphereface_plus.gan.metrics import InceptionPool3, real_stats
+    from sphereface_plus.gan.inception_metrics import InceptionPool3, real_stats
 
     net = InceptionPool3()
     stats = {}
@@ -71,7 +71,7 @@ def prepare_real_stats(args) -> Dict[str, object]:
 def real_floor(args) -> str:
     """FID/KID of the train reference set against the test one: what a perfect generator would score
     against the test images at these sample sizes (FID is biased upward at 2k images; KID is not)."""
-    from sphereface_plus.gan.metrics import compare_stats
+    from sphereface_plus.gan.inception_metrics import compare_stats
 
     stats = prepare_real_stats(args)
     if set(stats) != {"test", "train"}:

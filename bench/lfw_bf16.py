@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from eval.features import extract_features, load_checkpoint  # noqa: E402
+from eval.features import extract_features, load_embedding_model  # noqa: E402
 from eval.lfw import evaluate_features, pair_features, parse_pairs  # noqa: E402
 from eval.pairs import pairs_to_arrays  # noqa: E402
 from sphereface_plus.utils import atomic_write_text  # noqa: E402
@@ -54,7 +54,7 @@ def main() -> int:
     paths = pairs_to_arrays(pairs)[0]
     feats, seconds, reports = {}, {}, {}
     for precision in ("fp32", "bf16"):
-        model, info = load_checkpoint(args.checkpoint)  # a fresh model each time: bf16 converts it to NHWC
+        model, info = load_embedding_model(args.checkpoint)  # a fresh model each time: bf16 converts it to NHWC
         t0 = time.perf_counter()
         feats[precision] = extract_features(model, args.root, paths, batch_size=args.batch_size,
                                             num_workers=args.workers, input_size=info["input_size"],

@@ -5,7 +5,7 @@ first use, so importing the package has no side effects.
 """
 from __future__ import annotations
 
-from sphereface_plus.registry import lazy_exports
+from sphereface_plus.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "similarity_transform": "data_prep.geometry",

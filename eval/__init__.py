@@ -5,7 +5,7 @@ resolved on first use, so importing the package loads neither torch nor matplotl
 """
 from __future__ import annotations
 
-from sphereface_plus.registry import lazy_exports
+from sphereface_plus.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "load_bin_pack": "eval.pairs",
@@ -15,12 +15,12 @@ _EXPORTS = {
     "Pair": "eval.pairs",
     "parse_pairs": "eval.lfw",
     "evaluate_features": "eval.lfw",
-    "verification_report": "eval.metrics",
-    "kfold_accuracy": "eval.metrics",
-    "roc_curve": "eval.metrics",
-    "tar_at_far": "eval.metrics",
+    "verification_report": "eval.verification_metrics",
+    "kfold_accuracy": "eval.verification_metrics",
+    "roc_curve": "eval.verification_metrics",
+    "tar_at_far": "eval.verification_metrics",
     "extract_features": "eval.features",
-    "load_checkpoint": "eval.features",
+    "load_embedding_model": "eval.features",
     "write_report": "eval.report",
     "FaceEmbedder": "eval.embedder",
 }

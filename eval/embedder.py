@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from eval.features import (ArrayImages, add_precision_argument, extract_from_dataset, inference_setup,
-                           load_checkpoint)
+                           load_embedding_model)
 from sphereface_plus.errors import InputFileError, MissingFileError
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class FaceEmbedder:
     def __init__(self, checkpoint, device="cpu", detector: str = "mtcnn", flip: bool = True,
                  face_policy: str = "center", batch_size: int = 32, precision: str = "auto"):
         self.device = torch.device(device)
-        self.model, self.info = load_checkpoint(checkpoint, device=self.device)
+        self.model, self.info = load_embedding_model(checkpoint, device=self.device)
         self.precision, self.channels_last = inference_setup(self.model, precision, self.device)
         self.threshold: Optional[float] = self.info["threshold"]
         self.template: str = self.info["template"]

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.models import (EMBEDDING_OUTPUT, FEATURE_OUTPUT, FLIP_POLICY, FORMAT_KEY, FORMAT_VERSION, INPUT_NAME,
+from eval.onnx_model import (EMBEDDING_OUTPUT, FEATURE_OUTPUT, FLIP_POLICY, FORMAT_KEY, FORMAT_VERSION, INPUT_NAME,
                          PREPROCESSING, TORCHSCRIPT_META, format_size)
 from data_prep.image_files import IMAGE_EXTENSIONS
 from sphereface_plus.errors import InputFileError, MissingFileError, ToolkitError, UsageError
@@ -307,7 +307,7 @@ def export_model(checkpoint, out, fmt: str = "onnx", check_images=None, check_co
     given (another one is for testing that the check refuses a wrong export). Raises
     :class:`ExportCheckError` (and writes nothing) when the check fails.
     """
-    from eval.features import load_checkpoint
+    from eval.features import load_embedding_model
     from sphereface_plus.utils import atomic_write_bytes
 
     if fmt not in FORMATS:
@@ -325,7 +325,7 @@ def export_model(checkpoint, out, fmt: str = "onnx", check_images=None, check_co
     if check_count < 1:
         raise UsageError(f"--check-count must be at least 1, got {check_count}")
     try:
-        backbone, info = load_checkpoint(checkpoint)
+        backbone, info = load_embedding_model(checkpoint)
     except (KeyError, ValueError, RuntimeError) as e:  # not a checkpoint of this toolkit
         if isinstance(e, ToolkitError):
             raise

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_prep.datasets import to_network_tensor as preprocess  # the one model transform
 from data_prep.geometry import cut_wide_crop, to_bgr
-from data_prep.landmarks import read_landmarks  # noqa: F401 (eval.cli / eval.megaface use F.read_landmarks)
+from data_prep.landmarks import read_landmarks  # noqa: F401 (eval.verify_command / eval.megaface use F.read_landmarks)
 from sphereface_plus.errors import CheckpointError, InputFileError, MissingFileError
 from sphereface_plus.utils import progress
 
@@ -294,16 +294,16 @@ def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Te
     return dict(state)
 
 
-def load_checkpoint(path, device="cpu"):
+def load_embedding_model(path, device="cpu"):
     """Build the backbone described by a training checkpoint (docs/interfaces.md) and load its weights.
 
     Returns ``(model in eval mode, info)`` with ``info`` holding ``backbone``, ``input_size``,
     ``template`` and ``threshold`` (``None`` when the checkpoint stores none). An ``.onnx`` file
-    written by ``sphereface-plus export`` loads as an :class:`eval.models.OnnxModel` with the same
+    written by ``sphereface-plus export`` loads as an :class:`eval.onnx_model.OnnxModel` with the same
     ``info`` (from its metadata), so every caller accepts either.
     """
     if Path(path).suffix.lower() == ".onnx":
-        from eval.models import load_onnx_model
+        from eval.onnx_model import load_onnx_model
 
         return load_onnx_model(path, device=device)
     from sphereface_plus import create_backbone

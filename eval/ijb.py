@@ -23,7 +23,7 @@ with ``<ds>`` = ``ijbc`` or ``ijbb``. The pipeline:
    TAR@FAR takes, for each FAR in 1e-6 .. 1e-1, the ROC point whose FPR is *nearest* to it, the
    highest TPR among equally near points (insightface flips the arrays and takes the first minimum
    of ``|fpr - far|``). That point's FPR can lie slightly above the target, so the report also
-   gives ``tar_at_far_bounded``: the best TAR with FAR <= target (``eval.metrics.tar_at_far``).
+   gives ``tar_at_far_bounded``: the best TAR with FAR <= target (``eval.verification_metrics.tar_at_far``).
 
 Faces are joined to the meta files by image name (insightface joins by line order; the official
 files list the same names in the same order, so the two agree), which lets a features file hold
@@ -293,7 +293,7 @@ def pair_scores(template_ids: np.ndarray, template_feats: np.ndarray, t1, t2, bl
 
 def ijb_report(scores, labels, fars: Sequence[float] = IJB_FARS) -> Dict[str, object]:
     """TAR@FAR (insightface's nearest ROC point, and the FAR-bounded one), AUC and the ROC points."""
-    from eval.metrics import auc, far_key, roc_curve, tar_at_far, tar_at_nearest_far
+    from eval.verification_metrics import auc, far_key, roc_curve, tar_at_far, tar_at_nearest_far
 
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels).astype(bool)
@@ -389,7 +389,7 @@ def compute_ijb(args) -> Dict[str, object]:
     if args.features:
         names, feats = F.load_features_npz(args.features)
     else:
-        model, info = F.load_checkpoint(args.checkpoint, device=args.device)
+        model, info = F.load_embedding_model(args.checkpoint, device=args.device)
         names, feats = model_face_features(model, info, meta, args.batch_size, not args.no_flip, args.device,
                                            args.workers)
         if args.save_features:

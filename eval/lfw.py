@@ -1,7 +1,7 @@
 """LFW View 2 (and any pairs list) from features: the 10-fold protocol of SPEC section 8.
 
 ``parse_pairs`` reads ``pairs.txt``; ``evaluate_features`` looks up the feature of both images of
-every pair by relative path and runs :func:`eval.metrics.verification_report` (per-fold mean
+every pair by relative path and runs :func:`eval.verification_metrics.verification_report` (per-fold mean
 subtraction, L2 normalisation, cosine, strict thresholds on the 1e-4 grid, mean of tied best
 thresholds). The same function scores generic pairs files, packs and folder pairs: only the fold
 indices of the pairs differ.
@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from eval.metrics import DEFAULT_FARS, verification_report
+from eval.verification_metrics import DEFAULT_FARS, verification_report
 from eval.pairs import Pair, describe_missing, parse_lfw_pairs
 from sphereface_plus.errors import InputFileError
 

@@ -33,7 +33,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from eval.metrics import allowed_false_accepts, tar_from_top_impostors
+from eval.verification_metrics import allowed_false_accepts, tar_from_top_impostors
 from sphereface_plus.errors import InputFileError, MissingFileError, require_dir, require_file
 from sphereface_plus.utils import atomic_write_bytes, progress
 
@@ -381,7 +381,7 @@ def export(args) -> int:
     require_dir(args.root, "--root")
     paths, _ = read_image_list(args.list)
     out = Path(args.out)
-    model, info = F.load_checkpoint(args.checkpoint, device=args.device)  # before anything is written
+    model, info = F.load_embedding_model(args.checkpoint, device=args.device)  # before anything is written
     landmarks = F.read_landmarks(args.landmarks) if args.landmarks else None
     dim = _feature_dim(model, info, not args.no_flip)
     damaged: List[str] = []

@@ -1,7 +1,7 @@
 """Verification pairs: LFW ``pairs.txt``, generic pairs files, insightface ``.bin`` packs, folders.
 
 Every source ends up as a list of :class:`Pair` (two image keys, same/different, fold index); the
-k-fold protocol in :mod:`eval.metrics` only needs the fold indices.
+k-fold protocol in :mod:`eval.verification_metrics` only needs the fold indices.
 
 - LFW View 2 (SPEC section 8): header ``10 300``, then per fold 300 matched ``name n1 n2`` and 300
   mismatched ``name1 n1 name2 n2`` lines; the fold of line ``i`` (1-based after the header) is

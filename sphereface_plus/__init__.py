@@ -9,7 +9,7 @@ import torch until a model or loss is asked for.
 """
 from __future__ import annotations
 
-from sphereface_plus.registry import lazy_exports
+from sphereface_plus.lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,7 @@ COMMANDS = {
     "fetch-weights": ("data_prep.detectors.weights", "download and verify the MTCNN / RetinaFace weights"),
     "align": ("data_prep.prepare", "detect / read 5 landmarks and warp a dataset tree to 112x96 or 112x112 crops"),
     "train": ("sphereface_plus.apps.train", "train SphereFace / SphereFace+ from a YAML recipe (torchrun for many GPUs)"),
-    "verify": ("eval.cli", "LFW 10-fold verification, any pairs list, insightface .bin packs, identity folders"),
+    "verify": ("eval.verify_command", "LFW 10-fold verification, any pairs list, insightface .bin packs, identity folders"),
     "export": ("eval.export", "ONNX / TorchScript export of a checkpoint's embedding network, checked against PyTorch"),
     "compare": ("eval.embedder", "cosine similarity and same/different decision for two photos"),
     "megaface": ("eval.megaface", "export MegaFace devkit feature files and score them without the devkit"),

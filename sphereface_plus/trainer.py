@@ -42,7 +42,7 @@ from sphereface_plus.config import Config, ConfigError
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.dist import DistInfo, all_reduce_sum
-from sphereface_plus.engine.metrics import MetricsLogger, RunningMeans, open_tensorboard
+from sphereface_plus.engine.run_log import MetricsLogger, RunningMeans, open_tensorboard
 from sphereface_plus.engine.optim import build_optimizer, build_scheduler
 from sphereface_plus.engine.precision import autocast, resolve_precision
 from sphereface_plus.engine.sampler import ResumableSampler

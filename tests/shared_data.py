@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sphereface_plus.gan.metrics import INCEPTION_INSTALL, inception_file
+from sphereface_plus.gan.inception_metrics import INCEPTION_INSTALL, inception_file
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LFW = DATA / "lfw"

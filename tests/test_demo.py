@@ -68,7 +68,7 @@ def test_demo_writes_the_report_files(demo_run):
 
 def test_demo_model_checkpoint_and_accuracy_against_brute_force(demo_run):
     from eval.lfw import parse_pairs
-    from eval.metrics import THRESHOLDS
+    from eval.verification_metrics import THRESHOLDS
     from sphereface_plus.models import create_backbone
 
     rep = json.loads((demo_run / "report.json").read_text())

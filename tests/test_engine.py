@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
-from sphereface_plus.engine.metrics import MetricsLogger, RunningMeans, read_jsonl
+from sphereface_plus.engine.run_log import MetricsLogger, RunningMeans, read_jsonl
 from sphereface_plus.engine.optim import build_adam, build_sgd, lr_factor, multistep_scheduler, param_groups
 from sphereface_plus.engine.sampler import ResumableSampler, derive_seed, step_generator
 from sphereface_plus.errors import CheckpointError, UsageError

@@ -42,7 +42,7 @@ def _prep(crops):
 def setup(tmp_path_factory):
     """A sphere4 trained 6 iterations with the toolkit's trainer, a 40-pair LFW subset and its crops."""
     from data_prep import align_face
-    from eval.features import load_checkpoint, read_landmarks
+    from eval.features import load_embedding_model, read_landmarks
     from eval.pairs import parse_lfw_pairs
     from sphereface_plus.apps.train import train
 
@@ -50,7 +50,7 @@ def setup(tmp_path_factory):
     summary = train(str(REPO / "configs" / "cpu_smoke.yaml"),
                     overrides=[f"out_dir={d / 'run'}", "train.iterations=6", "checkpoint.every=6", "train.log_every=3"])
     ckpt = Path(summary["checkpoint"])
-    backbone, info = load_checkpoint(ckpt)
+    backbone, info = load_embedding_model(ckpt)
     assert info["threshold"] is not None  # the trainer stored a compare threshold
     pairs = parse_lfw_pairs(LFW / "pairs.txt")
     subset = []
@@ -165,7 +165,7 @@ def test_embedder_and_compare_accept_onnx(setup, capsys):
 
 
 def test_metadata_round_trips(setup):
-    from eval.models import info_from_metadata, read_export_metadata
+    from eval.onnx_model import info_from_metadata, read_export_metadata
 
     sha = hashlib.sha256(setup["ckpt"].read_bytes()).hexdigest()
     onnx_meta = {p.key: p.value for p in onnx.load(str(setup["onnx"])).metadata_props}

@@ -29,7 +29,7 @@ from sphereface_plus.gan import (
     noise_batches,
     spectral_normalize,
 )
-from sphereface_plus.gan import metrics as M
+from sphereface_plus.gan import inception_metrics as M
 from sphereface_plus.gan import steps as S
 from shared_data import CIFAR_SUBSET, needs_cifar_subset as needs_subset, needs_inception
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from sphereface_plus.apps.gan import GanConfig, train_gan
 from sphereface_plus.engine.checkpoint import load_checkpoint
-from sphereface_plus.gan import metrics as M
+from sphereface_plus.gan import inception_metrics as M
 from shared_data import CIFAR_SUBSET, needs_cifar_subset as needs_subset, needs_inception
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -237,7 +237,7 @@ def test_bad_meta_line_via_subprocess(ijb, tmp_path):
 
 
 def test_nearest_far_rule_matches_insightface_on_ties():
-    from eval.metrics import roc_curve, tar_at_nearest_far
+    from eval.verification_metrics import roc_curve, tar_at_nearest_far
 
     rng = np.random.default_rng(3)
     scores = np.round(rng.standard_normal(3000), 1)  # many ties -> vertical ROC segments

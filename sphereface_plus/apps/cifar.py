@@ -50,7 +50,7 @@ from data_prep.cifar import CIFAR_DATASETS, load_cifar, random_pad_crop_flip, to
 from sphereface_plus.config import ConfigError, add_field_flags, config_to_yaml, load_config_from_args
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
-from sphereface_plus.engine.metrics import MetricsLogger, RunningMeans, open_tensorboard
+from sphereface_plus.engine.run_log import MetricsLogger, RunningMeans, open_tensorboard
 from sphereface_plus.engine.optim import build_sgd, lr_factor, multistep_scheduler
 from sphereface_plus.engine.precision import SETTINGS as PRECISION_SETTINGS
 from sphereface_plus.engine.precision import autocast, resolve_precision

@@ -52,7 +52,7 @@ import torch
 
 from data_prep.prepare import UsageError, align_tree
 from data_prep.synthetic import ensure_synthetic_dataset
-from eval.features import load_checkpoint
+from eval.features import load_embedding_model
 from eval.lfw import lfw_people_split, parse_pairs, verify_on_pairs
 from eval.pairs import stratified_folds
 from eval.report import write_report
@@ -298,7 +298,7 @@ def evaluate_checkpoint(checkpoint, data: DemoData, device: str = "cpu", batch_s
     """The 10-fold verification report of a checkpoint on ``data.pairs``, and the cosine threshold for
     ``compare`` (chosen the same way but without the per-fold mean subtraction, since ``compare``
     scores two images alone, with no set to take a mean over)."""
-    model, _ = load_checkpoint(checkpoint, device=device)
+    model, _ = load_embedding_model(checkpoint, device=device)
     return evaluate_model(model, data, device=device, batch_size=batch_size)
 
 

@@ -35,7 +35,7 @@ from data_prep.cifar import load_cifar_split
 from sphereface_plus.config import ConfigError, add_field_flags, config_to_yaml, load_config_from_args
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
-from sphereface_plus.engine.metrics import MetricsLogger, RunningMeans, open_tensorboard
+from sphereface_plus.engine.run_log import MetricsLogger, RunningMeans, open_tensorboard
 from sphereface_plus.engine.precision import SETTINGS as PRECISIONS, autocast, resolve_precision
 from sphereface_plus.engine.sampler import ResumableSampler, derive_seed, step_generator
 from sphereface_plus.errors import UsageError
@@ -147,7 +147,7 @@ def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = Fals
     checkpoint retraces the uninterrupted one. ``stop_after``: leave once this many iterations are done,
     with a checkpoint (time-sliced jobs, the resume test).
     """
-    from sphereface_plus.gan.metrics import (InceptionPool3, compare_stats, feature_stats, inception_score,
+    from sphereface_plus.gan.inception_metrics import (InceptionPool3, compare_stats, feature_stats, inception_score,
                                              is_logit_weight, real_stats)
 
     out = Path(out_dir)

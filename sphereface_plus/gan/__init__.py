@@ -8,14 +8,14 @@
   ``Discriminator(spectral_norm=True|False)`` (SN-DCGAN standard CNN), as in ``net.py``.
 - :mod:`~sphereface_plus.gan.losses`: non-saturating and hinge losses, ``gan_mhe_loss`` (``ops.py``).
 - :mod:`~sphereface_plus.gan.steps`: ``g_step``, ``d_step``, ``train_iteration``, noise, sampling, grids.
-- :mod:`~sphereface_plus.gan.metrics`: FID and KID in the TF-2015 Inception pool3 space (offline),
+- :mod:`~sphereface_plus.gan.inception_metrics`: FID and KID in the TF-2015 Inception pool3 space (offline),
   IS only with a user-supplied weights file.
 
 Importing this package loads nothing heavy; the Inception network is loaded when first asked for.
 """
 from __future__ import annotations
 
-from sphereface_plus.registry import lazy_exports
+from sphereface_plus.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "Generator": "sphereface_plus.gan.models",
@@ -38,16 +38,16 @@ _EXPORTS = {
     "train_iteration": "sphereface_plus.gan.steps",
     "generate_images": "sphereface_plus.gan.steps",
     "save_grid": "sphereface_plus.gan.steps",
-    "InceptionPool3": "sphereface_plus.gan.metrics",
-    "FeatureStats": "sphereface_plus.gan.metrics",
-    "inception_file": "sphereface_plus.gan.metrics",
-    "feature_stats": "sphereface_plus.gan.metrics",
-    "real_stats": "sphereface_plus.gan.metrics",
-    "frechet_distance": "sphereface_plus.gan.metrics",
-    "kernel_inception_distance": "sphereface_plus.gan.metrics",
-    "inception_score": "sphereface_plus.gan.metrics",
-    "fid_kid": "sphereface_plus.gan.metrics",
-    "compare_stats": "sphereface_plus.gan.metrics",
+    "InceptionPool3": "sphereface_plus.gan.inception_metrics",
+    "FeatureStats": "sphereface_plus.gan.inception_metrics",
+    "inception_file": "sphereface_plus.gan.inception_metrics",
+    "feature_stats": "sphereface_plus.gan.inception_metrics",
+    "real_stats": "sphereface_plus.gan.inception_metrics",
+    "frechet_distance": "sphereface_plus.gan.inception_metrics",
+    "kernel_inception_distance": "sphereface_plus.gan.inception_metrics",
+    "inception_score": "sphereface_plus.gan.inception_metrics",
+    "fid_kid": "sphereface_plus.gan.inception_metrics",
+    "compare_stats": "sphereface_plus.gan.inception_metrics",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""eval.metrics against independent references: per-threshold loops, a hand-worked case, sklearn."""
+"""eval.verification_metrics against independent references: per-threshold loops, a hand-worked case, sklearn."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from eval import metrics
+from eval import verification_metrics as metrics
 
 
 def _loop_best_threshold(scores, issame):

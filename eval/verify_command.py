@@ -140,7 +140,7 @@ def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray]:
 
     if args.features:
         return F.load_features_npz(args.features)
-    model, info = F.load_checkpoint(args.checkpoint, device=args.device)
+    model, info = F.load_embedding_model(args.checkpoint, device=args.device)
     flip = not args.no_flip
     if pack_images is not None:
         feats = F.extract_from_dataset(model, F.EncodedImages(pack_images, info["input_size"]), args.batch_size,

@@ -4,7 +4,7 @@ Everything that embeds images (``eval.features.iter_embeddings``: batching, flip
 ``torch.nn.Module`` that maps a preprocessed ``B x 3 x H x W`` batch to ``B x D`` features. An
 ``.onnx`` file written by ``sphereface-plus export`` is wrapped in :class:`OnnxModel`, a module whose
 ``forward`` runs onnxruntime, so a checkpoint and its export share one code path and give the same
-features (``eval.features.load_checkpoint`` dispatches on the ``.onnx`` suffix).
+features (``eval.features.load_embedding_model`` dispatches on the ``.onnx`` suffix).
 
 The exported graph has two outputs (``eval.export``): ``embedding`` (L2-normalised, what a deployment
 uses) and ``feature`` (the backbone output before normalisation). The toolkit's own evaluation uses
@@ -15,7 +15,7 @@ results exactly.
 The metadata (template, input size, preprocessing, flip policy, compare threshold...) is a flat
 ``str -> str`` dict: ONNX ``metadata_props``, and the JSON extra file ``sphereface_plus.json`` of a
 TorchScript archive. :func:`read_export_metadata` reads either; :func:`info_from_metadata` turns it
-into the ``info`` dict that :func:`eval.features.load_checkpoint` returns for a checkpoint.
+into the ``info`` dict that :func:`eval.features.load_embedding_model` returns for a checkpoint.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def read_export_metadata(path) -> Dict[str, str]:
 
 
 def info_from_metadata(meta: Dict[str, str], where: str) -> Dict[str, object]:
-    """The ``info`` dict of :func:`eval.features.load_checkpoint` from an export's metadata."""
+    """The ``info`` dict of :func:`eval.features.load_embedding_model` from an export's metadata."""
     if meta.get(FORMAT_KEY) != FORMAT_VERSION:
         raise CheckpointError(f"{where} was not written by sphereface-plus export (metadata {FORMAT_KEY!r} is "
                               f"{meta.get(FORMAT_KEY)!r}, expected {FORMAT_VERSION!r}); export the checkpoint with "
