@@ -46,7 +46,7 @@ def _sync(device: torch.device) -> None:
 
 def make_runner(model_name: str, power: str, device: torch.device, batch: int, images: torch.Tensor, labels,
                 clock=time.perf_counter):
-    cfg = cifar.CifarConfig(model_name=model_name, power_s=power, dataset="cifar100", batch_size=batch)
+    cfg = cifar.CifarConfig(model_name=model_name, mhe_power=power, dataset="cifar100", batch_size=batch)
     model = cifar.build_model(100, seed=0).to(device)
     reg = cifar.build_regularizer(model, cfg)
     opt = cifar.build_optimizer(model, cifar.CifarConfig(lr=0.01))

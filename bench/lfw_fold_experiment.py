@@ -44,18 +44,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 VARIANTS = {
-    # name: (head, lambda_M, further config settings). Every variant pins train.amp: the first three
-    # were measured in float32 (the trainer then ignored train.amp on a CPU) and stay what they were.
-    "softmax": ("softmax", 0.0, {"train.amp": "fp32"}),
-    "a_softmax": ("a_softmax", 0.0, {"train.amp": "fp32"}),
-    "sphereface_plus": ("a_softmax", 1.0, {"train.amp": "fp32"}),
+    # name: (head, lambda_M, further config settings). Every variant pins train.precision: the first three
+    # were measured in float32 (the trainer then ignored train.precision on a CPU) and stay what they were.
+    "softmax": ("softmax", 0.0, {"train.precision": "fp32"}),
+    "a_softmax": ("a_softmax", 0.0, {"train.precision": "fp32"}),
+    "sphereface_plus": ("a_softmax", 1.0, {"train.precision": "fp32"}),
     # issue 11: the released recipes' Caffe A-Softmax backward, and SphereFace+ with the Caffe InterClass
     # AMONG term at the released alpha = lambda_M = 10 (configs/spherefaceplus20_casia_released.yaml)
-    "sphereface_plus_caffe": ("a_softmax", 10.0, {"train.amp": "fp32", "head.gradient": "caffe",
+    "sphereface_plus_caffe": ("a_softmax", 10.0, {"train.precision": "fp32", "head.gradient": "caffe",
                                                   "mhe.mode": "caffe_among"}),
-    "a_softmax_caffe": ("a_softmax", 0.0, {"train.amp": "fp32", "head.gradient": "caffe"}),
+    "a_softmax_caffe": ("a_softmax", 0.0, {"train.precision": "fp32", "head.gradient": "caffe"}),
     # issue 14: the sphereface_plus variant with the backbone in bfloat16 (autocast; head, CE, MHE float32)
-    "sphereface_plus_bf16": ("a_softmax", 1.0, {"train.amp": "bf16"}),
+    "sphereface_plus_bf16": ("a_softmax", 1.0, {"train.precision": "bf16"}),
 }
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "lfw"
 
@@ -158,7 +158,7 @@ VARIANT_NOTES = {
                              "lambda_M = 10, the released m = 4 value) and the Caffe A-Softmax backward "
                              "(head.gradient=caffe), as configs/spherefaceplus20_casia_released.yaml, here from scratch",
     "a_softmax_caffe": "A-Softmax with the Caffe backward (head.gradient=caffe)",
-    "sphereface_plus_bf16": "the sphereface_plus variant with the backbone under bf16 autocast (train.amp=bf16; "
+    "sphereface_plus_bf16": "the sphereface_plus variant with the backbone under bf16 autocast (train.precision=bf16; "
                             "head, CE and MHE in float32)",
 }
 

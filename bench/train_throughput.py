@@ -12,7 +12,7 @@ timed in interleaved rounds (median of rounds) so that a busy machine affects th
 
 Precision variants (issue 14): float32 eager vs bf16 vs bf16 + channels_last (+ ``torch.compile`` of
 the backbone), all on the trainer's model and optimiser. bf16 goes through the trainer's own step
-(``Trainer.train_step`` with ``train.amp=bf16``: the backbone under autocast, head, loss and MHE in
+(``Trainer.train_step`` with ``train.precision=bf16``: the backbone under autocast, head, loss and MHE in
 float32); the compile rows set ``train.compile=true`` (``Module.compile`` of the backbone, in place).
 ``--no-compile`` leaves those rows out.
 
@@ -117,7 +117,7 @@ def make_trainer(num_classes, device, batch, amp="off", channels_last=False, com
     cfg = load_config(None, [f"train.compile={str(compile_backbone).lower()}",
         "data.source=synthetic", "model.backbone=sphere20", f"model.channels_last={str(channels_last).lower()}",
         "head.name=a_softmax", "head.base=5", "head.lambda_min=5", "mhe.lambda_m=1.0", "mhe.power=2",
-        "optim.lr=0.01", f"train.batch_size={batch}", f"train.amp={amp}", "train.tensorboard=false",
+        "optim.lr=0.01", f"train.batch_size={batch}", f"train.precision={amp}", "train.tensorboard=false",
         f"train.device={device}", "out_dir=/tmp/sphereface_plus_bench",
     ])
     return Trainer(cfg, _RandomFaces(num_classes), DistInfo(device=torch.device(device)))
@@ -129,13 +129,13 @@ def build_trainer(num_classes, device, batch, amp="off", channels_last=False):
 
 
 def build_precision(num_classes, device, batch, channels_last=False, compile_backbone=False, how=None):
-    """A bf16 step: the trainer's own ``train_step`` with ``train.amp=bf16`` (and ``train.compile``).
+    """A bf16 step: the trainer's own ``train_step`` with ``train.precision=bf16`` (and ``train.compile``).
     ``how`` (a list) receives what was timed."""
     trainer = make_trainer(num_classes, device, batch, "bf16", channels_last, compile_backbone)
     if trainer.precision != "bf16":
-        raise SystemExit(f"bf16 does not run on {device} here (train.amp=bf16 resolved to {trainer.precision})")
+        raise SystemExit(f"bf16 does not run on {device} here (train.precision=bf16 resolved to {trainer.precision})")
     if how is not None:
-        how.append("the trainer's own train_step with train.amp=bf16 (backbone under autocast; head, CE and MHE "
+        how.append("the trainer's own train_step with train.precision=bf16 (backbone under autocast; head, CE and MHE "
                    "float32)" + ("; torch.compile rows: train.compile=true" if compile_backbone else ""))
     return lambda x, y: trainer.train_step(x, y)["loss"]
 

@@ -3,7 +3,7 @@
 The loader is generic: :func:`load_config` takes the schema (a dataclass whose fields are plain types,
 lists, ``Optional`` of those, or nested dataclasses) and returns a validated instance; the face
 trainer's :class:`Config` is the default schema, CIFAR's ``CifarConfig`` (and the GAN's) use the same
-code. Values are parsed as YAML 1.2 (only ``true``/``false`` are booleans, so ``amp: off`` stays the
+code. Values are parsed as YAML 1.2 (only ``true``/``false`` are booleans, so ``precision: off`` stays the
 string ``"off"``) and checked against the declared types.
 
 The face trainer's tree: one dataclass per section (``model``, ``head``, ``mhe``, ``data``, ``optim``, ``train``,
@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
 from sphereface_plus.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -137,14 +140,17 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)
     # backbone precision: sphereface_plus.engine.precision.SETTINGS; auto = bf16 where the CPU/GPU has
     # native bf16, else fp32; fp32 (or off) = float32; fp16 = CUDA only (with a GradScaler). Head, losses
-    # and MHE always run in float32.
-    amp: str = "auto"
+    # and MHE always run in float32. The same knob is `precision` in every command.
+    precision: str = "auto"
     compile: bool = False  # torch.compile the backbone (before DDP)
     log_every: int = 20
     nan_patience: int = 5  # consecutive non-finite losses before rolling back to the last checkpoint
     max_rollbacks: int = 3  # then give up with an error
     init_from: str = ""  # checkpoint whose model/head weights start the run (SphereFace+ fine-tune)
     tensorboard: bool = True
+
+    #: keys of earlier releases, still read (with a warning) from old recipes and checkpoints
+    RENAMED_KEYS = {"amp": "precision"}
 
 
 @dataclass
@@ -199,7 +205,7 @@ class Config:
             "model.backbone": (self.model.backbone, list_backbones()),
             "head.name": (self.head.name, list_heads()),
             "head.parallel": (self.head.parallel, PARALLEL_MODES),
-            "train.amp": (self.train.amp, AMP_SETTINGS),
+            "train.precision": (self.train.precision, AMP_SETTINGS),
             "mhe.power": (self.mhe.power, POWERS),
             "mhe.mode": (self.mhe.mode, CLASSIFIER_MODES),
         }
@@ -302,13 +308,24 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp!r}")
 
 
+def _current_name(obj: Any, name: str, prefix: str, source: str) -> str:
+    """``name``, or its new name when the schema renamed it (a ``RENAMED_KEYS`` class attribute mapping old to
+    new): old recipes and the configs stored in old checkpoints keep loading, with a warning."""
+    new = getattr(type(obj), "RENAMED_KEYS", {}).get(name)
+    if new is None:
+        return name
+    logger.warning("%s%s is now called %s%s (in %s); please update it", prefix, name, prefix, new, source)
+    return new
+
+
 def _merge(obj: Any, data: Dict[str, Any], prefix: str, source: str, root: Any = None) -> None:
     root = obj if root is None else root
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r} (in {source})")
     types = _field_types(obj)
     for name, value in data.items():
-        key = prefix + str(name)
+        name = _current_name(obj, str(name), prefix, source)
+        key = prefix + name
         if name not in types:
             raise _unknown_key(key, root, source)
         current = getattr(obj, name)
@@ -322,6 +339,7 @@ def _set_dotted(cfg: Any, key: str, value: Any, source: str) -> None:
     parts = key.split(".")
     obj = cfg
     for i, part in enumerate(parts):
+        part = _current_name(obj, part, ".".join(parts[:i] + [""]), source)
         types = _field_types(obj)
         if part not in types:
             raise _unknown_key(key, cfg, source)
@@ -340,7 +358,7 @@ def _set_dotted(cfg: Any, key: str, value: Any, source: str) -> None:
 def _yaml_loader():
     """A SafeLoader with YAML 1.2 booleans and floats.
 
-    Only true/false are booleans, so ``amp: off`` stays "off"; and, as in YAML 1.2, ``2e-4`` or ``1E5``
+    Only true/false are booleans, so ``precision: off`` stays "off"; and, as in YAML 1.2, ``2e-4`` or ``1E5``
     (no dot) are floats, which YAML 1.1 would read as strings (``optim.lr=2e-4`` must be a number).
     """
     import re

@@ -12,7 +12,7 @@ tests, the demo and ``bench/train_throughput.py``).
 
 Loss: ``CE(head logits) + mhe.lambda_m * classifier_mhe(head.weight, labels)`` (SphereFace+, SPEC
 section 5), both terms and the A-Softmax lambda logged separately. Each step: the backbone forward under autocast
-in ``train.amp`` (:mod:`sphereface_plus.engine.precision`: auto = bf16 where the CPU/GPU has native
+in ``train.precision`` (:mod:`sphereface_plus.engine.precision`: auto = bf16 where the CPU/GPU has native
 bf16; the head, the losses and MHE always in float32, since cos(m theta) polynomials lose too much in
 16 bits), backward, optional gradient clipping, SGD step, one scheduler step. A non-finite loss skips
 the update; ``train.nan_patience`` of them in a row roll the run back to the last checkpoint with a
@@ -236,12 +236,12 @@ class Trainer:
         self.model = self.build_model(dataset.num_classes).to(self.device)
         # backbone precision (issue 14): only the backbone runs under autocast; head, losses and MHE
         # stay float32 (FaceTrainModel.forward). channels_last auto = on with bf16 on a CPU.
-        self.precision = resolve_precision(cfg.train.amp, self.device, what="train.amp")
+        self.precision = resolve_precision(cfg.train.precision, self.device, what="train.precision")
         self.channels_last = (cfg.model.channels_last if cfg.model.channels_last is not None
                               else self.precision == "bf16" and self.device.type == "cpu")
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
-        logger.info("training precision %s (train.amp=%s)%s", self.precision, cfg.train.amp,
+        logger.info("training precision %s (train.precision=%s)%s", self.precision, cfg.train.precision,
                     ", channels_last" if self.channels_last else "")
         if cfg.train.init_from:
             self._init_from(cfg.train.init_from)

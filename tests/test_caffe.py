@@ -404,4 +404,4 @@ def test_released_recipes_use_the_caffe_semantics(name, gradient, mode, lambda_m
     assert cfg["mhe"]["lambda_m"] == lambda_m
     if mode is not None:
         assert cfg["mhe"]["mode"] == mode and mode in M.CLASSIFIER_MODES
-    assert cfg["train"]["batch_size"] == 512 and cfg["train"]["amp"] == "off"
+    assert cfg["train"]["batch_size"] == 512 and cfg["train"]["precision"] == "off"

@@ -262,7 +262,7 @@ def _brute_terms(model, power, half_space, coef_h, coef_o):
 # (model_name, power, nearly-orthogonal value per layer from SPEC section 5)
 @pytest.mark.parametrize("model_name,power,sanity", [("mhe", "2", 0.5), ("half_mhe", "2", 0.5), ("mhe", "a0", 0.693)])
 def test_mhe_terms_at_initialisation(model_name, power, sanity):
-    cfg = cifar.CifarConfig(model_name=model_name, power_s=power, dataset="cifar100")
+    cfg = cifar.CifarConfig(model_name=model_name, mhe_power=power, dataset="cifar100")
     model = cifar.build_model(100, seed=5)
     reg = cifar.build_regularizer(model, cfg)
     assert reg.hidden_layers == list(cifar.HIDDEN_LAYERS) and reg.output_layers == ["score"]
@@ -281,8 +281,8 @@ def test_mhe_terms_at_initialisation(model_name, power, sanity):
 def test_half_space_doubles_the_neurons():
     model = cifar.build_model(10, seed=6)
     w = model.features.conv1_1.weight  # 64 filters of 27 weights
-    full = cifar.build_regularizer(model, cifar.CifarConfig(model_name="mhe", power_s="2"))
-    half = cifar.build_regularizer(model, cifar.CifarConfig(model_name="half_mhe", power_s="2"))
+    full = cifar.build_regularizer(model, cifar.CifarConfig(model_name="mhe", mhe_power="2"))
+    half = cifar.build_regularizer(model, cifar.CifarConfig(model_name="half_mhe", mhe_power="2"))
     e_full = cifar.mhe_snapshot(full)["mhe_layers"]["features.conv1_1"]
     e_half = cifar.mhe_snapshot(half)["mhe_layers"]["features.conv1_1"]
     assert e_full == pytest.approx(_brute_energy(w, "2", False), rel=1e-5)
@@ -354,7 +354,7 @@ def test_resume_retraces_the_uninterrupted_run(small_cifar10, tmp_path):
     common = ["cifar", "--model_name", "mhe", "--power_s", "0", "--dataset", "cifar10", "--data", str(small_cifar10),
               "--iterations", "4", "--batch_size", "8", "--eval_every", "2", "--seed", "3", "--device", "cpu"]
     assert cli_main(common + ["--out", str(tmp_path / "a")]) == 0
-    cfg = cifar.CifarConfig(model_name="mhe", power_s="0", dataset="cifar10", data=str(small_cifar10),
+    cfg = cifar.CifarConfig(model_name="mhe", mhe_power="0", dataset="cifar10", data=str(small_cifar10),
                             iterations=4, batch_size=8, eval_every=2, seed=3)
     part = cifar.train_cifar(cfg, tmp_path / "b", device="cpu", stop_after=3)
     assert part["stopped"] and part["iterations"] == 3
@@ -405,11 +405,11 @@ def test_amp_setting_runs_the_network_in_bf16_and_keeps_loss_and_mhe_float32():
     from sphereface_plus.apps import cifar as C
     from sphereface_plus.engine.precision import resolve_precision
 
-    with pytest.raises(C.ConfigError, match="amp 'half'.*auto, fp32, bf16, fp16, off"):
-        C.CifarConfig(amp="half")
+    with pytest.raises(C.ConfigError, match="precision 'half'.*auto, fp32, bf16, fp16, off"):
+        C.CifarConfig(precision="half")
     if resolve_precision("bf16", "cpu") != "bf16":
         pytest.skip("this CPU has no bf16")
-    cfg = C.CifarConfig(model_name="mhe", power_s="0", dataset="cifar10", amp="bf16")
+    cfg = C.CifarConfig(model_name="mhe", mhe_power="0", dataset="cifar10", precision="bf16")
     model = C.build_model(cfg.num_classes, 0)
     reg = C.build_regularizer(model, cfg)
     x = torch.randn(4, 3, 32, 32)

@@ -25,9 +25,9 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     assert cfg.mhe.power == "0"  # YAML parses 0 as an int; a str field keeps it as written
     assert cfg.optim.momentum == Config().optim.momentum == 0.9  # untouched default
     assert isinstance(load_config(str(p), ["optim.lr=1"]).optim.lr, float)  # int accepted for a float
-    # YAML 1.2 booleans: "off" is a string (train.amp=off), only true/false are booleans
-    cfg = load_config(str(p), ["train.amp=off", "train.tensorboard=false", "model.backbone=sphere4"])
-    assert (cfg.train.amp, cfg.train.tensorboard) == ("off", False)
+    # YAML 1.2 booleans: "off" is a string (train.precision=off), only true/false are booleans
+    cfg = load_config(str(p), ["train.precision=off", "train.tensorboard=false", "model.backbone=sphere4"])
+    assert (cfg.train.precision, cfg.train.tensorboard) == ("off", False)
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_unknown_key_in_yaml_names_file_and_nearest(tmp_path):
     [("train.batch_size=abc", "expects an integer"), ("train.batch_size=1.5", "expects an integer"),
      ("optim.lr=fast", "expects a number"), ("train.tensorboard=3", "true or false"),
      ("optim.milestones=7", "expects a list"), ("data.source=imagenet", "synthetic, folder, list, rec, packed"),
-     ("train.amp=fp8", "auto, fp32, bf16, fp16, off"), ("train.iterations=0", "must be positive"),
+     ("train.precision=fp8", "auto, fp32, bf16, fp16, off"), ("train.iterations=0", "must be positive"),
      ("model.input_size=[112,112]", "does not match data.template"), ("noequals", "key=value")],
 )
 def test_wrong_types_and_values(override, message):
@@ -133,10 +133,10 @@ def test_cifar_recipes_are_spec_section_7(name, model_name, power):
     from sphereface_plus.apps.cifar import CifarConfig
 
     cfg = load_config(str(REPO / "configs" / f"{name}.yaml"), schema=CifarConfig)
-    assert (cfg.model_name, cfg.power_s, cfg.dataset) == (model_name, power, "cifar100")
+    assert (cfg.model_name, cfg.mhe_power, cfg.dataset) == (model_name, power, "cifar100")
     assert (cfg.iterations, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (42500, 128, 0.1, 0.9, 5e-4)
     assert cfg.milestones == (20000, 30000, 37500) and (cfg.label_smoothing, cfg.log_eps) == (0.01, 1e-4)
-    assert cfg == CifarConfig(model_name=model_name, power_s="0" if power == "-" else power)  # = the built-in defaults
+    assert cfg == CifarConfig(model_name=model_name, mhe_power="0" if power == "-" else power)  # = the built-in defaults
     assert len(CIFAR_CONFIGS) == 3
 
 
@@ -150,10 +150,10 @@ def test_cifar_seed_flags_are_aliases_that_override_the_yaml():
     args = parser.parse_args(["--config", str(REPO / "configs" / "cifar_half_mhe.yaml"), "iterations=50",
                               "--power_s", "a1", "--batch-size", "64", "--dataset", "cifar10"])
     cfg = cifar.config_from_args(args)
-    assert (cfg.model_name, cfg.power_s, cfg.batch_size, cfg.iterations, cfg.dataset) == ("half_mhe", "a1", 64, 50, "cifar10")
+    assert (cfg.model_name, cfg.mhe_power, cfg.batch_size, cfg.iterations, cfg.dataset) == ("half_mhe", "a1", 64, 50, "cifar10")
     args = parser.parse_args(["--model-name", "baseline", "lr=0.5", "--lr", "0.2"])  # a flag wins over key=value
     cfg = cifar.config_from_args(args)
-    assert (cfg.model_name, cfg.power_s, cfg.lr) == ("baseline", "-", 0.2)
+    assert (cfg.model_name, cfg.mhe_power, cfg.lr) == ("baseline", "-", 0.2)
     with pytest.raises(ConfigError, match="Did you mean 'batch_size'"):
         cifar.config_from_args(parser.parse_args(["batch_sise=3"]))
 
@@ -197,3 +197,16 @@ def test_exponent_floats_without_a_dot_are_numbers():
 
     cfg = load_config(None, ["optim.lr=2e-4", "optim.weight_decay=5E-4"])
     assert cfg.optim.lr == 2e-4 and cfg.optim.weight_decay == 5e-4
+
+
+def test_a_renamed_key_still_loads_with_a_warning(tmp_path, caplog):
+    """One spelling per knob: train.amp became train.precision (every command's name for it); old recipes and
+    the configs stored in old checkpoints still load, and the log says what to write instead."""
+    p = tmp_path / "old.yaml"
+    p.write_text("train:\n  amp: fp32\n")
+    with caplog.at_level("WARNING", logger="sphereface_plus.config"):
+        cfg = load_config(str(p), ["train.amp=bf16"])
+    assert cfg.train.precision == "bf16"  # the override, given under the old name too, wins over the file
+    assert sum("train.amp is now called train.precision" in r.getMessage() for r in caplog.records) == 2
+    with pytest.raises(ConfigError, match="unknown config key 'train.ampp'"):
+        load_config(None, ["train.ampp=bf16"])

@@ -191,7 +191,7 @@ def _one_error(rc, err, *fragments):
 @pytest.mark.parametrize("args,fragments", [
     (["--mhe", "-1"], ["mhe", "-1"]),
     (["--real-stats", "val"], ["real_stats", "val"]),
-    (["--mhe-kernel", "7"], ["mhe_kernel", "7"]),
+    (["--mhe-power", "7"], ["mhe_power", "7"]),
     (["--eval_samples", "1"], ["eval_samples"]),
     (["no_such_key=1"], ["no_such_key"]),
     (["--iterations", "many"], ["iterations", "many"]),

@@ -79,8 +79,8 @@ def test_resolve_precision_table(setting, device, support, expected):
 
 
 def test_resolve_precision_rejects_unknown_values():
-    with pytest.raises(UsageError, match="train.amp='half'.*auto, fp32, bf16, fp16, off"):
-        resolve_precision("half", "cpu", what="train.amp")
+    with pytest.raises(UsageError, match="train.precision='half'.*auto, fp32, bf16, fp16, off"):
+        resolve_precision("half", "cpu", what="train.precision")
     with pytest.raises(ValueError, match="support"):
         resolve_precision("auto", "cpu", support="fast")
     with pytest.raises(ValueError, match="not resolved"):

@@ -50,7 +50,7 @@ def make_trainer(out, parallel: str, info: DistInfo = None) -> Trainer:
         f"out_dir={out}", "model.backbone=sphere4", "model.embedding_dim=16", f"head.parallel={parallel}",
         "head.name=a_softmax", "mhe.lambda_m=0.5", "mhe.mode=batch_vs_all", "optim.clip_grad_norm=0.5",
         "optim.lr=0.05", "train.seed=1", f"train.batch_size={GLOBAL_BATCH}", f"train.iterations={STEPS}",
-        "train.tensorboard=false", "train.amp=off", "train.device=cpu", "checkpoint.every=2", "checkpoint.keep=0",
+        "train.tensorboard=false", "train.precision=off", "train.device=cpu", "checkpoint.every=2", "checkpoint.keep=0",
         "eval.pairs=",
     ])
     return Trainer(cfg, TinyFaces(), info)

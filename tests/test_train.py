@@ -37,7 +37,7 @@ REF_ITERS = 8
 def _overrides(out, cache, iters, every=2, workers=0, extra=(), amp="fp32"):
     # fp32 pinned: the 2-process test compares with the 1-process reference to 1e-5, which bf16's
     # rounding of a differently split batch does not meet (bf16 resume is exact: its own test)
-    return [f"train.amp={amp}",
+    return [f"train.precision={amp}",
         f"out_dir={out}", f"train.iterations={iters}", "train.batch_size=4", "train.seed=3",
         f"checkpoint.every={every}", "checkpoint.keep=0", "model.embedding_dim=32",
         f"data.synthetic.cache_dir={cache}", "data.synthetic.num_identities=20",
@@ -328,7 +328,7 @@ def test_checkpoint_rotation_and_damaged_last(tmp_path):
 
 
 def test_bf16_resume_is_bit_exact_and_summary_reports_precision(cache, tmp_path):
-    """train.amp=bf16 on a CPU: 2 steps + resume for 2 more equals 4 uninterrupted steps bit for bit
+    """train.precision=bf16 on a CPU: 2 steps + resume for 2 more equals 4 uninterrupted steps bit for bit
     (autocast is deterministic on CPU); summary.json says the precision used and images_per_s."""
     whole = train(_cfg(tmp_path / "whole", cache, 4, amp="bf16"))
     train(_cfg(tmp_path / "split", cache, 2, amp="bf16"))

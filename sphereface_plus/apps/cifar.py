@@ -4,7 +4,7 @@ The seed's second entry point (``python train.py --model_name=mhe --power_s=0``)
 as aliases of the YAML recipes in ``configs/cifar_*.yaml`` (any field also as ``key=value``)::
 
     sphereface-plus cifar --model_name mhe --power_s 0 --data cifar-100-python
-    sphereface-plus cifar --config configs/cifar_half_mhe.yaml power_s=2 dataset=cifar10 data=DIR iterations=N --out DIR
+    sphereface-plus cifar --config configs/cifar_half_mhe.yaml mhe_power=2 dataset=cifar10 data=DIR iterations=N --out DIR
     sphereface-plus cifar --sweep --data cifar-100-python --out runs/cifar-sweep
 
 The recipe is the reference code's, step for step:
@@ -97,7 +97,7 @@ class CifarConfig:
     """Everything that defines a run (the YAML schema); stored in ``config.json`` and in every checkpoint."""
 
     model_name: str = "mhe"  # baseline | mhe | half_mhe
-    power_s: str = "0"  # MHE kernel: sphereface_plus.mhe.POWERS
+    mhe_power: str = "0"  # MHE kernel s: sphereface_plus.mhe.POWERS (the seed's --power_s)
     dataset: str = "cifar100"  # data_prep.cifar.CIFAR_DATASETS
     data: str = "."  # folder with the CIFAR python pickles
     iterations: int = REFERENCE_ITERATIONS
@@ -115,7 +115,10 @@ class CifarConfig:
     bn_momentum: Optional[float] = None  # None: the network's own (0.001, SPEC section 7)
     # network precision: sphereface_plus.engine.precision.SETTINGS; auto = bf16 where the CPU/GPU has
     # native bf16, else fp32 (fp32 / off = float32). The loss and the MHE terms are always float32.
-    amp: str = "auto"
+    precision: str = "auto"
+
+    #: keys of earlier releases, still read (with a warning) from old recipes and checkpoints
+    RENAMED_KEYS = {"amp": "precision", "power_s": "mhe_power"}
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,12 +127,12 @@ class CifarConfig:
         if self.model_name not in MODEL_NAMES:
             raise ConfigError(f"model_name {self.model_name!r}: choose one of {', '.join(MODEL_NAMES)}")
         if self.model_name == "baseline":
-            self.power_s = "-"
+            self.mhe_power = "-"
         else:
             try:
-                self.power_s = normalize_power(self.power_s)  # parsed once, here
+                self.mhe_power = normalize_power(self.mhe_power)  # parsed once, here
             except ValueError:
-                raise ConfigError(f"power_s {self.power_s!r}: choose one of {', '.join(POWERS)}") from None
+                raise ConfigError(f"mhe_power {self.mhe_power!r}: choose one of {', '.join(POWERS)}") from None
         if self.dataset not in CIFAR_DATASETS:
             raise ConfigError(f"dataset {self.dataset!r}: choose one of {', '.join(CIFAR_DATASETS)}")
         for name, lo in (("iterations", 0), ("batch_size", 1), ("eval_every", 1), ("log_every", 1)):
@@ -143,15 +146,15 @@ class CifarConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not self.log_eps >= 0:
             raise ConfigError(f"log_eps must be >= 0, got {self.log_eps}")
-        if self.amp not in PRECISION_SETTINGS:
-            raise ConfigError(f"amp {self.amp!r}: choose one of {', '.join(PRECISION_SETTINGS)}")
+        if self.precision not in PRECISION_SETTINGS:
+            raise ConfigError(f"precision {self.precision!r}: choose one of {', '.join(PRECISION_SETTINGS)}")
         if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
             raise ConfigError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
 
     @property
     def setting(self) -> str:
         """``baseline``, ``mhe_0`` .. ``half_mhe_a2`` (the reference's log folder names)."""
-        return "baseline" if self.model_name == "baseline" else f"{self.model_name}_{self.power_s}"
+        return "baseline" if self.model_name == "baseline" else f"{self.model_name}_{self.mhe_power}"
 
     @property
     def num_classes(self) -> int:
@@ -167,7 +170,7 @@ class CifarConfig:
             return 0.0, 0.0
         # the reference's (hidden, output) coefficients by power (SPEC section 5, owned by mhe.py); the
         # published full-space logs match these x 0.1, the half-space logs exactly
-        h, o = DEFAULT_COEFFICIENTS[self.power_s]
+        h, o = DEFAULT_COEFFICIENTS[self.mhe_power]
         return h * self.mhe_scale, o * self.mhe_scale
 
     def to_dict(self) -> Dict[str, Any]:
@@ -215,7 +218,7 @@ def build_regularizer(model: nn.Module, cfg: CifarConfig) -> Optional[MHERegular
     if cfg.model_name == "baseline" or cfg.mhe_scale == 0:
         return None
     hidden_coef, output_coef = cfg.coefficients()
-    reg = MHERegularizer(model, power=cfg.power_s, half_space=cfg.model_name == "half_mhe", hidden_coef=hidden_coef,
+    reg = MHERegularizer(model, power=cfg.mhe_power, half_space=cfg.model_name == "half_mhe", hidden_coef=hidden_coef,
                          output_coef=output_coef, include=list(HIDDEN_LAYERS) + [OUTPUT_LAYER],
                          output_layers=[OUTPUT_LAYER])
     if tuple(reg.hidden_layers) != HIDDEN_LAYERS or tuple(reg.output_layers) != (OUTPUT_LAYER,):
@@ -354,8 +357,8 @@ def train_cifar(cfg: CifarConfig, out_dir, device: str = "auto", resume: bool = 
                                drop_last=True, epoch_seed=lambda e: derive_seed(cfg.seed, 1, e))
 
     model = build_model(cfg.num_classes, cfg.seed, cfg.bn_momentum).to(dev)
-    precision = resolve_precision(cfg.amp, dev, what="amp")
-    log.info("%s: training precision %s (amp=%s)", cfg.setting, precision, cfg.amp)
+    precision = resolve_precision(cfg.precision, dev, what="precision")
+    log.info("%s: training precision %s (precision=%s)", cfg.setting, precision, cfg.precision)
     reg = build_regularizer(model, cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = multistep_scheduler(optimizer, cfg.milestones, cfg.lr_gamma)
@@ -373,7 +376,7 @@ def train_cifar(cfg: CifarConfig, out_dir, device: str = "auto", resume: bool = 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {**cfg.to_dict(), "setting": cfg.setting, "milestones": list(cfg.milestones),
                                             "coefficients": list(cfg.coefficients()), "device": str(dev)})
-    header = f"model_name: {cfg.model_name}, power_s: {cfg.power_s}, dataset: {cfg.dataset}\n"
+    header = f"model_name: {cfg.model_name}, power_s: {cfg.mhe_power}, dataset: {cfg.dataset}\n"
     writer = open_tensorboard(out / "tb", purge_step=start)
     bar = progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.setting)
     train_log = MetricsLogger(out, jsonl=None, text="log_train.txt", text_header=header, text_format=_fmt_train,
@@ -504,7 +507,7 @@ def run_sweep(base: CifarConfig, out_dir, device: str = "auto") -> Dict[str, Dic
     out = Path(out_dir)
     results: Dict[str, Dict[str, Any]] = {}
     for model_name, power in SWEEP_SETTINGS:
-        cfg = CifarConfig(**{**base.to_dict(), "model_name": model_name, "power_s": "0" if power == "-" else power})
+        cfg = CifarConfig(**{**base.to_dict(), "model_name": model_name, "mhe_power": "0" if power == "-" else power})
         results[cfg.setting] = train_cifar(cfg, out / cfg.setting, device=device, resume=True)
         atomic_write_json(out / "results.json", results)
         atomic_write_text(out / "results.md", results_table(results, base.dataset, base.iterations, base.mhe_scale))
@@ -517,7 +520,7 @@ def run_sweep(base: CifarConfig, out_dir, device: str = "auto") -> Dict[str, Dic
 # flag -> (type, help); each becomes the override field=value when given
 _SETTING_FLAGS = {
     "model_name": (str, f"{' | '.join(MODEL_NAMES)}: no MHE, full-space MHE, half-space MHE on hidden layers"),
-    "power_s": (str, f"MHE kernel s: {' | '.join(POWERS)} (0/1/2 Euclidean log, 1/d, 1/d^2; a0/a1/a2 angular)"),
+    "mhe_power": (str, f"MHE kernel s (the seed's --power_s): {' | '.join(POWERS)} (0/1/2 Euclidean log, 1/d, 1/d^2; a0/a1/a2 angular)"),
     "mhe_scale": (float, "multiplies the SPEC coefficients (λ_h, λ_o) = (1, 10) for 0/1/2/a0, (0.1, 1) for a1/a2; "
                          "0.1 matches the published full-space logs"),
     "dataset": (str, f"{' | '.join(CIFAR_DATASETS)} (fine labels for cifar100)"),
@@ -531,10 +534,10 @@ _SETTING_FLAGS = {
     "log_eps": (float, "the +eps inside log(softmax + eps) of the reference loss; 0: plain log_softmax"),
     "bn_momentum": (float, "BN running-statistics momentum (PyTorch convention; recipe: 0.001)"),
     "label_smoothing": (float, "label smoothing of the targets"),
-    "amp": (str, "network precision (also --precision): auto (default: bf16 where the CPU/GPU has native bf16, "
+    "precision": (str, "network precision: auto (default: bf16 where the CPU/GPU has native bf16, "
                  "else fp32) | fp32 | bf16 | fp16 (CUDA) | off (= fp32); loss and MHE stay float32"),
 }
-_FLAG_ALIASES = {"amp": ["--precision"]}
+_FLAG_ALIASES = {"mhe_power": ["--power_s", "--power-s"]}  # the seed's flag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -542,7 +545,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "examples:\n"
         "  sphereface-plus cifar --model-name mhe --power-s 0 --data cifar-100-python\n"
         "  sphereface-plus cifar --model_name half_mhe --power_s 2 --dataset cifar10 --data DIR --iterations 2000 --out runs/c10\n"
-        "  sphereface-plus cifar --config configs/cifar_half_mhe.yaml power_s=a0 data=cifar-100-python\n"
+        "  sphereface-plus cifar --config configs/cifar_half_mhe.yaml mhe_power=a0 data=cifar-100-python\n"
         "  sphereface-plus cifar --sweep --data cifar-100-python --out runs/cifar-sweep\n"
         "\nThe published full-space (mhe) logs used the coefficients x 0.1: add --mhe-scale 0.1 to match them.\n"
         "Every flag of the seed is accepted with dashes or underscores; the defaults are the recipe's "
@@ -550,7 +553,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", help="YAML recipe (configs/cifar_baseline.yaml, cifar_mhe.yaml, cifar_half_mhe.yaml); "
                                          "default: the built-in recipe (= cifar_mhe.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe fields, e.g. power_s=2 iterations=2000")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe fields, e.g. mhe_power=2 iterations=2000")
     g = parser.add_argument_group("recipe fields as flags (the reference's flags; override the YAML)")
     add_field_flags(g, _SETTING_FLAGS, _FLAG_ALIASES)
     r = parser.add_argument_group("run")
@@ -560,9 +563,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
     r.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default: auto)")
-    r.add_argument("--workers", type=int, default=0,
+    r.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (torch.set_num_threads); 0 keeps torch's default. The augmentation "
-                        "is vectorised on the batch, so no loader processes are needed")
+                        "is vectorised on the batch, so no loader processes (--workers elsewhere) are needed")
 
 
 def config_from_args(args: argparse.Namespace) -> CifarConfig:
@@ -576,10 +579,10 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    if args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if args.workers > 0:
-        torch.set_num_threads(args.workers)
+    if args.threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     root = Path("runs") / "cifar" / cfg.dataset
     if args.sweep:
         out = Path(args.out) if args.out else root / "sweep"

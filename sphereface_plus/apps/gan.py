@@ -63,7 +63,7 @@ class GanConfig:
 
     sn: bool = True  # spectral norm in D (sn-model) or not (non-sn-model)
     mhe: float = gan_losses.MHE_MAGNITUDE["sn"]  # MHE magnitude on D's loss; 0 = off
-    mhe_kernel: str = "original"  # ops.py's term, or a toolkit kernel: 0 1 2 a0 a1 a2
+    mhe_power: str = "original"  # ops.py's term, or a toolkit kernel: 0 1 2 a0 a1 a2
     mhe_half_space: bool = False  # toolkit kernels only
     loss: str = "nonsaturating"  # sphereface_plus.gan.losses.LOSSES
     data: str = "."  # CIFAR-10 python folder (cifar-10-batches-py or its parent)
@@ -80,6 +80,9 @@ class GanConfig:
     stats_cache: str = DEFAULT_STATS_CACHE
     precision: str = "fp32"  # engine precision setting; fp32 is the original's
 
+    #: keys of earlier releases, still read (with a warning) from old recipes and checkpoints
+    RENAMED_KEYS = {"mhe_kernel": "mhe_power"}
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -95,10 +98,10 @@ class GanConfig:
         if self.loss not in gan_losses.LOSSES:
             raise ConfigError(f"loss {self.loss!r}: choose one of {', '.join(gan_losses.LOSSES)}")
         kernels = gan_losses.MHE_KERNELS
-        if str(self.mhe_kernel) not in kernels:
-            raise ConfigError(f"mhe_kernel {self.mhe_kernel!r}: choose one of {', '.join(kernels)}")
-        if self.mhe_half_space and self.mhe_kernel == "original":
-            raise ConfigError("mhe_half_space needs a toolkit kernel (mhe_kernel=0|1|2|a0|a1|a2); "
+        if str(self.mhe_power) not in kernels:
+            raise ConfigError(f"mhe_power {self.mhe_power!r}: choose one of {', '.join(kernels)}")
+        if self.mhe_half_space and self.mhe_power == "original":
+            raise ConfigError("mhe_half_space needs a toolkit kernel (mhe_power=0|1|2|a0|a1|a2); "
                               "the original formula is full-space")
         splits = self.real_splits
         if not splits or any(s not in REAL_SPLITS for s in splits) or len(set(splits)) < len(splits):
@@ -133,7 +136,7 @@ def _loss_at_start(G, D, real, z_g, z_d, cfg: GanConfig) -> Dict[str, float]:
         g_loss = g_fn(D(G(z_g)))
         fake = G(z_d)
         d_loss = d_fn(D(real), D(fake))
-        mhe = gan_losses.gan_mhe_loss(D, cfg.mhe, kernel=cfg.mhe_kernel, half_space=cfg.mhe_half_space)
+        mhe = gan_losses.gan_mhe_loss(D, cfg.mhe, kernel=cfg.mhe_power, half_space=cfg.mhe_half_space)
     G.load_state_dict(g_state)
     D.load_state_dict(d_state)
     return {"d_loss": float(d_loss), "g_loss": float(g_loss), "mhe": float(mhe)}
@@ -235,7 +238,7 @@ def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = Fals
             real, z_g, z_d = batch(it)
             with autocast(dev, precision):
                 vals = steps.train_iteration(G, D, opt_g, opt_d, real, z_g, z_d, cfg.loss, cfg.mhe,
-                                             cfg.mhe_kernel, cfg.mhe_half_space)
+                                             cfg.mhe_power, cfg.mhe_half_space)
             vals = {k: float(v) for k, v in vals.items()}
             done = it + 1
             bad = [k for k, v in vals.items() if not math.isfinite(v)]
@@ -276,7 +279,7 @@ def _samples(G, z: torch.Tensor) -> torch.Tensor:
 
 _FLAGS = {
     "mhe": (float, "MHE magnitude on D's loss (ops.py formula); 0 = off; published: 1e-7 with SN, 1e-6 without"),
-    "mhe_kernel": (str, "original (ops.py, default) or a toolkit kernel 0|1|2|a0|a1|a2 (sphereface_plus.mhe)"),
+    "mhe_power": (str, "original (ops.py, default) or a toolkit kernel 0|1|2|a0|a1|a2 (sphereface_plus.mhe)"),
     "loss": (str, "nonsaturating (the original's softplus form) or hinge"),
     "data": (str, "CIFAR-10 python folder (cifar-10-batches-py or its parent); read with data_prep.cifar"),
     "iterations": (int, "G+D iterations (original: 200000)"),

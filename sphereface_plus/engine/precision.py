@@ -134,7 +134,7 @@ def resolve_precision(setting: str, device: DeviceLike = "cpu", support: Optiona
 
     ``support`` is the device's bf16 support (``native|emulated|none``); None asks
     :func:`bf16_support`. ``what`` names the setting in the log line of a fallback (e.g.
-    ``train.amp`` or ``--precision``). Raises :class:`~sphereface_plus.errors.UsageError` (a
+    ``train.precision`` or ``--precision``). Raises :class:`~sphereface_plus.errors.UsageError` (a
     ``ValueError``) for a setting not in :data:`SETTINGS`.
     """
     if setting not in SETTINGS:

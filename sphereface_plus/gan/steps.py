@@ -140,7 +140,7 @@ def g_step(generator: nn.Module, discriminator: nn.Module, opt_g: torch.optim.Op
 
 def d_step(generator: nn.Module, discriminator: nn.Module, opt_d: torch.optim.Optimizer, real: torch.Tensor,
            z: torch.Tensor, loss: str = "nonsaturating", mhe_magnitude: float = 0.0,
-           mhe_kernel: str = "original", mhe_half_space: bool = False) -> Dict[str, torch.Tensor]:
+           mhe_power: str = "original", mhe_half_space: bool = False) -> Dict[str, torch.Tensor]:
     """One discriminator update on a real batch (``N x 3 x 32 x 32`` in [-1, 1]) and ``G(z)``.
 
     The loss is ``d_loss + gan_mhe_loss(D, mhe_magnitude, ...)``; returns ``{"d_loss", "mhe"}`` (the
@@ -153,7 +153,7 @@ def d_step(generator: nn.Module, discriminator: nn.Module, opt_d: torch.optim.Op
     logits = discriminator(torch.cat([fake, real]), update_u=True)
     d_fake, d_real = logits[: fake.shape[0]], logits[fake.shape[0]:]
     d_loss = d_loss_fn(d_real, d_fake)
-    mhe = gan_mhe_loss(discriminator, mhe_magnitude, kernel=mhe_kernel, half_space=mhe_half_space)
+    mhe = gan_mhe_loss(discriminator, mhe_magnitude, kernel=mhe_power, half_space=mhe_half_space)
     opt_d.zero_grad(set_to_none=True)
     (d_loss + mhe).backward()
     opt_d.step()
@@ -162,11 +162,11 @@ def d_step(generator: nn.Module, discriminator: nn.Module, opt_d: torch.optim.Op
 
 def train_iteration(generator: nn.Module, discriminator: nn.Module, opt_g: torch.optim.Optimizer,
                     opt_d: torch.optim.Optimizer, real: torch.Tensor, z_g: torch.Tensor, z_d: torch.Tensor,
-                    loss: str = "nonsaturating", mhe_magnitude: float = 0.0, mhe_kernel: str = "original",
+                    loss: str = "nonsaturating", mhe_magnitude: float = 0.0, mhe_power: str = "original",
                     mhe_half_space: bool = False) -> Dict[str, torch.Tensor]:
     """One iteration in the original order: G step on ``z_g``, then D step on ``real`` and ``z_d``."""
     out = g_step(generator, discriminator, opt_g, z_g, loss)
-    out.update(d_step(generator, discriminator, opt_d, real, z_d, loss, mhe_magnitude, mhe_kernel, mhe_half_space))
+    out.update(d_step(generator, discriminator, opt_d, real, z_d, loss, mhe_magnitude, mhe_power, mhe_half_space))
     return out
 
 
