@@ -45,12 +45,25 @@ def _summary(module: str) -> str:
 
 def _exports(package: str) -> List[Tuple[str, str]]:
     """``(name, defining module)`` for the names a package exports at its top level."""
-    tree = ast.parse((ROOT / package / "__init__.py").read_text(encoding="utf-8"))
+    init = ROOT / package / "__init__.py"
+    tree = ast.parse(init.read_text(encoding="utf-8"))
+    assigned = {}
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_EXPORTS" for t in node.targets):
-            table: Dict[str, str] = ast.literal_eval(node.value)
-            return sorted(table.items())
-    return []
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    assigned[target.id] = node.value
+    if "_EXPORTS" in assigned:  # the lazy-export table: name -> defining module
+        table: Dict[str, str] = ast.literal_eval(assigned["_EXPORTS"])
+        return sorted(table.items())
+    if "__all__" in assigned:  # a literal __all__: the names are defined in (or imported into) the package
+        try:
+            return sorted((name, package) for name in ast.literal_eval(assigned["__all__"]))
+        except ValueError:
+            pass
+    # fail the build rather than publish an index without the package's public names
+    raise RuntimeError(f"{init}: no _EXPORTS table and no literal __all__; teach docs/api_hook.py where the "
+                       f"package's public names are listed")
 
 
 def _module_page(module: str) -> str:
