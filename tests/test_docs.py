@@ -25,8 +25,9 @@ HEADING_ANCHOR = re.compile(r"^#{1,6} .*\{#([^}\s]+)\}\s*$", re.M)
 # a citation from anywhere in the repository, and a relative link from a page of the site
 CITATION = re.compile(r"docs/theory\.md#([A-Za-z0-9_-]+)")
 PAGE_LINK = re.compile(r"\]\((?:\./)?theory\.md#([A-Za-z0-9_-]+)\)")
-# "SPEC section 4", "SPEC sections 3-6", "SPEC §5": written in pieces so that this file does not match itself
-SPEC_REF = re.compile("SPEC" + r"(?:'s)?\s+(?:sections?\s+\d|§\s*\d)")
+# the internal spec cited by section ("section 4", "sections 3-6", "§5", or a bare number after the word):
+# the pattern is written in pieces so that this file does not match itself
+SPEC_REF = re.compile("SPEC" + r"(?:'s)?\s*(?:sections?\s+\d|§\s*\d|\s\d)")
 
 
 def repo_text_files():
