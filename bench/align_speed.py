@@ -15,7 +15,7 @@ wall-clock figures depend on the load (shown in the table), CPU ms/image much le
 With --detect N it also times `align` with each detector (MTCNN, RetinaFace; no landmark file) on the
 first N images, in one process (the detector's own threads do the work), including weight loading.
 
-Writes bench/results/align.md and the table into README.md (between the bench:align_speed markers).
+Writes bench/results/align.md and the table into docs/prepare.md (between the bench:align_speed markers).
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def main() -> int:
                     help="also time detection + alignment (MTCNN, RetinaFace, one process) on the first N images (0 = skip)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "align", help="scratch folder (deleted first)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "align.md")
-    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--readme", type=Path, default=ROOT / "docs" / "prepare.md")
     args = ap.parse_args()
 
     images, lm_file = args.lfw / "images", args.lfw / "lfw_landmark.txt"

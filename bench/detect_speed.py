@@ -13,7 +13,7 @@ With ``--device cuda`` (when torch sees a GPU) MTCNN also runs on the GPU.
 
     .venv/bin/python bench/detect_speed.py [--lfw ../shared/data/lfw] [--limit 300] [--device cuda]
 
-Writes bench/results/detect.md and the table into README.md (between the bench:detect_speed markers).
+Writes bench/results/detect.md and the table into docs/prepare.md (between the bench:detect_speed markers).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch / onnxruntime intra-op threads")
     ap.add_argument("--device", default="cpu", help="also run MTCNN on this torch device (e.g. cuda)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "detect.md"))
-    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    ap.add_argument("--readme", default=str(ROOT / "docs" / "prepare.md"))
     args = ap.parse_args()
 
     import cv2
