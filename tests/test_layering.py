@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "sphereface_plus"
 FORBIDDEN = ("data_prep", "eval")
 LIBRARY = sorted(
-    [p for d in ("models", "heads", "engine") for p in (PKG / d).rglob("*.py")]
-    + [PKG / f for f in ("mhe.py", "config.py", "trainer.py", "utils.py", "errors.py", "registry.py",
+    [p for d in ("models", "heads", "engine", "mhe") for p in (PKG / d).rglob("*.py")]
+    + [PKG / f for f in ("config.py", "trainer.py", "utils.py", "errors.py", "registry.py",
                          "safe_pickle.py", "losses.py", "__init__.py")]
 )
 
