@@ -9,9 +9,10 @@ Every rank returns the same total energy; ``backward()`` on it (the same loss on
   the gathered rows' gradient is all-reduced back and lands on the owners.
 - ``batch_unique``: the same with the distinct classes of the batch; each rank sums its own distinct
   classes against all of them (ordered pairs), which over the ranks is every ordered pair once.
-- ``caffe_among``: the Caffe InterClass AMONG term (see :class:`_CaffeAmong`): its sums over all
-  classes and the batch's rows are one all-reduce of ``(d + 1 + B d)`` numbers; its (non-gradient)
-  update is applied by each row's owner.
+- ``caffe_among``: the Caffe InterClass AMONG term, the single-process implementation
+  (:mod:`sphereface_plus.mhe.caffe_among`) on this rank's rows: the row sum (``d`` numbers) and the two
+  partial sums of D (over this rank's rows and the samples of its classes, ``1 + 1`` numbers) are
+  all-reduced; each row's owner applies the layer's (non-gradient) update to its rows: no gradient travels.
 - ``full``: the blocks of rows are passed around a ring (``world - 1`` exchanges of one block); each
   rank sums the kernel of its rows against every row (in chunks of ``block_size`` rows, memory
   ``O(block_size x C/world)``) and, since the kernel is symmetric, its rows' gradient is twice its own
@@ -19,7 +20,8 @@ Every rank returns the same total energy; ``backward()`` on it (the same loss on
   2 C^2 d multiply-adds over all ranks against 1.5 C^2 d for the single-process blocked form.
 
 The kernels are the single-process ones (:func:`~sphereface_plus.mhe.mhe_kernel`,
-:func:`~sphereface_plus.mhe.normalize_rows` and the blocked path's fused kernel-and-slope).
+:func:`~sphereface_plus.mhe.normalize_rows` and the blocked path's fused kernel-and-slope of
+:mod:`sphereface_plus.mhe.kernels`).
 """
 from __future__ import annotations
 
@@ -28,14 +30,10 @@ from typing import Optional, Union
 import torch
 
 from sphereface_plus.heads.functional import check_labels
-from sphereface_plus.mhe import (
-    BLOCK_ENTRIES,
-    CLASSIFIER_MODES,
-    _kernel_and_slope,
-    mhe_kernel,
-    normalize_power,
-    normalize_rows,
-)
+from sphereface_plus.mhe.caffe_among import caffe_among_layer
+from sphereface_plus.mhe.classifier import CLASSIFIER_MODES
+from sphereface_plus.mhe.energy import BLOCK_ENTRIES
+from sphereface_plus.mhe.kernels import _kernel_and_slope, mhe_kernel, normalize_power, normalize_rows
 from sphereface_plus.parallel.collectives import (
     ring_exchange,
     shard_range,
@@ -47,11 +45,8 @@ from sphereface_plus.parallel.collectives import (
 
 __all__ = ["SHARDED_MHE_MODES", "sharded_classifier_mhe"]
 
-# the single-process modes, and the Caffe SphereFace+ InterClass "AMONG" term (which the single-process
-# classifier_mhe gains as mode 'caffe_among'; here it is implemented from the Caffe layer directly)
-SHARDED_MHE_MODES = tuple(dict.fromkeys(CLASSIFIER_MODES + ("caffe_among",)))
-CAFFE_MEAN_EPS = 1e-5  # w_n = w_mean / sqrt(|w_mean|^2 + 1e-5)
-CAFFE_COEF_EPS = 1e-5  # -4 alpha / (M D^2 + 1e-5)
+# the single-process modes, the Caffe SphereFace+ InterClass "AMONG" term included
+SHARDED_MHE_MODES = CLASSIFIER_MODES
 
 
 def _gather_class_rows(w_hat: torch.Tensor, classes: torch.Tensor, start: int, group) -> torch.Tensor:
@@ -137,46 +132,13 @@ class _RingFullEnergy(torch.autograd.Function):
         return grad * grad_out, None, None, None, None
 
 
-class _CaffeAmong(torch.autograd.Function):
-    """The InterClass layer of wy1iu/sphereface-plus (``inter_class_layer.cpp``, type AMONG), sharded.
-
-    Forward (the value the layer reports): ``D = (1/N) Σ_i Σ_b |W_i - W_{y_b}|^2`` over all N classes
-    and the M samples of the global batch, on the raw rows, computed from all-reduced sums:
-    ``D = (M Σ_i |W_i|^2 - 2 Σ_b W_{y_b} · Σ_i W_i + N Σ_b |W_{y_b}|^2) / N``. Backward: not the
-    derivative of D but the layer's own update: for every sample b, row ``y_b`` receives
-    ``-4 g / (M D^2 + 1e-5) (W_{y_b} - w_n)`` with ``w_n = w_mean / sqrt(|w_mean|^2 + 1e-5)``, ``w_mean``
-    the mean row and ``g`` the incoming gradient (the layer's alpha, i.e. the loss weight λ_M). The
-    owner of each row applies it locally: no gradient travels."""
-
-    @staticmethod
-    def forward(ctx, weight, labels, start, num_classes, group):
-        w = weight.detach()
-        rows_n = w.shape[0]
-        m = labels.numel()
-        mine = (labels >= start) & (labels < start + rows_n)
-        local = (labels - start).clamp(0, rows_n - 1)
-        sums = torch.cat([w.sum(dim=0), (w * w).sum().reshape(1)])  # Σ_i W_i (d), Σ_i |W_i|^2
-        q = torch.where(mine.unsqueeze(1), w.index_select(0, local), torch.zeros((m, w.shape[1]), dtype=w.dtype,
-                                                                              device=w.device))
-        stats = torch.cat([sums, q.reshape(-1)])
-        stats = sum_replicated(stats, group)  # one all-reduce: the sums and the batch's rows
-        total, sq = stats[:w.shape[1]], stats[w.shape[1]]
-        q = stats[w.shape[1] + 1:].reshape(m, w.shape[1])
-        dist_sum = m * sq - 2.0 * (q @ total).sum() + num_classes * (q * q).sum()
-        d_value = dist_sum / num_classes
-        w_mean = total / num_classes
-        w_n = w_mean / torch.sqrt((w_mean * w_mean).sum() + CAFFE_MEAN_EPS)
-        coef = -4.0 / (m * d_value * d_value + CAFFE_COEF_EPS)
-        ctx.save_for_backward(w, w_n, coef, local[mine])
-        return d_value
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        w, w_n, coef, idx = ctx.saved_tensors
-        grad = torch.zeros_like(w)
-        grad.index_add_(0, idx, (w.index_select(0, idx) - w_n) * (coef * grad_out))  # once per sample
-        return grad, None, None, None, None
+def _caffe_among(weight, labels, start, num_classes, group):
+    """The Caffe InterClass AMONG term of the whole classifier from this rank's rows: the single-process
+    :func:`~sphereface_plus.mhe.caffe_among.caffe_among_layer` on this rank's block, its labels made local
+    (``-1`` for the samples whose class another rank owns), its row sum and partial sums all-reduced."""
+    mine = (labels >= start) & (labels < start + weight.shape[0])
+    local = torch.where(mine, labels - start, torch.full_like(labels, -1))
+    return caffe_among_layer(weight, local, num_classes=num_classes, all_reduce=lambda t: sum_replicated(t, group))
 
 
 def sharded_classifier_mhe(
@@ -213,7 +175,7 @@ def sharded_classifier_mhe(
         if labels is None:
             raise ValueError("classifier_mhe mode 'caffe_among' needs the batch labels")
         labels = check_labels(labels, None, num_classes).to(weight.device)
-        return _CaffeAmong.apply(weight, labels, start, num_classes, group)
+        return _caffe_among(weight, labels, start, num_classes, group)
     w_hat = normalize_rows(weight)
     if mode == "full":
         widest = max(shard_sizes(num_classes, world))

@@ -1,0 +1,57 @@
+"""Minimum Hyperspherical Energy (MHE) regularisers (Liu et al., "Learning towards Minimum Hyperspherical
+Energy", NeurIPS 2018), one module per concept:
+
+- :mod:`~sphereface_plus.mhe.kernels` -- the six pair kernels ``e(c)`` on the cosine of two neurons
+  (:data:`POWERS`, :func:`mhe_kernel`, :func:`normalize_rows`; ``docs/theory.md#mhe-kernels``).
+- :mod:`~sphereface_plus.mhe.energy` -- :func:`mhe_energy`, the energy of one layer: the kernel averaged
+  over the pairs ``i < j`` of its neurons, dense or in row blocks.
+- :mod:`~sphereface_plus.mhe.classifier` -- :func:`classifier_mhe`, the SphereFace+ term on classifier
+  weights ``C x d`` in the forms of :data:`CLASSIFIER_MODES` (``docs/theory.md#mhe-classifier-modes``).
+- :mod:`~sphereface_plus.mhe.caffe_among` -- the Caffe ``InterClass`` layer of type ``AMONG`` that
+  trained the released SphereFace+ models, used by ``classifier_mhe(mode='caffe_among')`` and by the
+  row-sharded classifier (``docs/theory.md#caffe-among``).
+- :mod:`~sphereface_plus.mhe.regularizer` -- :class:`MHERegularizer`, MHE on the convolution and linear
+  layers of any ``nn.Module`` with the reference's :data:`DEFAULT_COEFFICIENTS`.
+
+The public names of the submodules are re-exported here: ``from sphereface_plus.mhe import classifier_mhe``.
+"""
+from __future__ import annotations
+
+from sphereface_plus.mhe.caffe_among import (
+    CAFFE_COEF_EPS,
+    CAFFE_MEAN_EPS,
+    caffe_among_diff,
+    caffe_among_direction,
+    caffe_among_distance,
+    caffe_among_distance_from_sums,
+    caffe_among_partial_sums,
+)
+from sphereface_plus.mhe.classifier import CLASSIFIER_MODES, classifier_mhe
+from sphereface_plus.mhe.energy import BLOCK_ENTRIES, DENSE_MAX_NEURONS, mhe_energy
+from sphereface_plus.mhe.kernels import (
+    ANGLE_EPS,
+    DIST_FLOOR,
+    NORM_EPS,
+    POWERS,
+    mhe_kernel,
+    normalize_power,
+    normalize_rows,
+)
+from sphereface_plus.mhe.regularizer import DEFAULT_COEFFICIENTS, MHERegularizer
+
+__all__ = [
+    "POWERS",
+    "CLASSIFIER_MODES",
+    "DEFAULT_COEFFICIENTS",
+    "normalize_power",
+    "normalize_rows",
+    "mhe_kernel",
+    "mhe_energy",
+    "classifier_mhe",
+    "caffe_among_partial_sums",
+    "caffe_among_distance_from_sums",
+    "caffe_among_distance",
+    "caffe_among_direction",
+    "caffe_among_diff",
+    "MHERegularizer",
+]
