@@ -225,6 +225,12 @@ def run_packs(args) -> int:
     logger.info("%d packs: %s", len(packs), ", ".join(f"{p.name} ({len(p.issame)} pairs)" for p in packs))
     feats = embed_packs(model, packs, info["input_size"], args.batch_size, not args.no_flip, args.device,
                         args.workers, precision=args.precision)
+    if args.save_features:  # rows named <pack>/<image index in the pack>
+        from eval.features import CROP_MIRROR_LAYOUT, save_features_npz
+
+        save_features_npz(args.save_features, [f"{p.name}/{i}" for p in packs for i in range(len(p.images))],
+                          np.concatenate(feats), layout=None if args.no_flip else CROP_MIRROR_LAYOUT)
+        logger.info("features saved to %s", args.save_features)
     summary = score_packs(packs, feats, protocol, args.folds, flip_halves=not args.no_flip)
     summary.update({"flip": not args.no_flip, "source": args.checkpoint, "oracle_note": _oracle_note()})
     print(format_packs_table(summary))
