@@ -334,7 +334,7 @@ def verification_report(
 
 # --------------------------------------------------------------------------- insightface's protocol
 #
-# insightface's ``recognition/arcface_torch/eval/verification.py`` (the facts, not the code): the
+# docs/theory.md#protocol-insightface. insightface's ``recognition/arcface_torch/eval/verification.py`` (the facts, not the code): the
 # feature of an image is the sum of the embeddings of the crop and of its mirror, L2-normalised; a
 # pair is scored by the squared L2 distance of its two features; a pair is called "same" when the
 # distance is strictly below the threshold; the accuracy threshold is chosen on the grid
