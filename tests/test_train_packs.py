@@ -82,3 +82,30 @@ def test_pack_settings_are_checked_before_anything_is_written(tmp_path, capsys):
     assert main(_argv(out, packs, tmp_path / "cache", "eval.packs=[lfw]", "eval.pairs=auto")) == 2
     assert "eval.pairs and eval.packs are both set" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_two_processes_validate_on_rank0_and_keep_best(tmp_path):
+    """torchrun, 2 gloo processes, a sharded head (its state is gathered collectively for best.pt): rank 0
+    validates, the other waits; the rows and best.pt as with one process."""
+    import os
+    import subprocess
+    import sys
+
+    packs, out = tmp_path / "packs", tmp_path / "run"
+    _packs(packs, pairs=8)
+    argv = _argv(out, packs, tmp_path / "cache", "eval.packs=[lfw,cfp_fp]", "head.parallel=sharded")[1:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sphereface_plus.apps.train", *argv]
+    res = subprocess.run(cmd, cwd=SMOKE.parents[1], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [r["iteration"] for r in evals] == [2, 4]  # once each, from rank 0
+    best_row = max(evals, key=lambda r: (r["eval"]["mean_accuracy"], -r["iteration"]))
+    best = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    assert best["iteration"] == best_row["iteration"] and best["best_accuracy"] == best_row["eval"]["mean_accuracy"]
+    assert best["head"]["weight"].shape[0] == 20  # the whole classifier, gathered from both ranks
+    assert main(["verify", "packs", "--dir", str(packs), "--checkpoint", str(out / "checkpoints" / "best.pt"),
+                 "--json", str(tmp_path / "v.json"), "--workers", "0", "--precision", "fp32"]) == 0
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["accuracies"] == {"lfw": best_row["eval"]["lfw"], "cfp_fp": best_row["eval"]["cfp_fp"]}
