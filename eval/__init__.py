@@ -1,4 +1,4 @@
-"""Verification (LFW 10-fold, any pairs list, insightface .bin packs) and MegaFace scoring.
+"""Verification (LFW 10-fold, any pairs list, insightface .bin packs, IJB 1:1 and 1:N) and MegaFace scoring.
 
 ``from eval import load_bin_pack, parse_pairs, evaluate_features, FaceEmbedder``; names are
 resolved on first use, so importing the package loads neither torch nor matplotlib.
@@ -16,6 +16,9 @@ _EXPORTS = {
     "parse_pairs": "eval.lfw",
     "evaluate_features": "eval.lfw",
     "verification_report": "eval.verification_metrics",
+    "PROTOCOLS": "eval.protocols",
+    "protocol_report": "eval.protocols",
+    "STANDARD_PACKS": "eval.packs",
     "kfold_accuracy": "eval.verification_metrics",
     "roc_curve": "eval.verification_metrics",
     "tar_at_far": "eval.verification_metrics",

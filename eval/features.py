@@ -343,15 +343,32 @@ def load_embedding_model(path, device="cpu"):
     return model, info
 
 
-def save_features_npz(path, paths: Sequence[str], features: np.ndarray) -> None:
-    """Save ``paths`` (unicode array) and ``features`` to an ``.npz`` atomically."""
+#: the ``layout`` an .npz records for rows ``[f(crop), f(mirror)]`` side by side (what ``embed_batch`` returns)
+CROP_MIRROR_LAYOUT = "crop+mirror"
+
+
+def save_features_npz(path, paths: Sequence[str], features: np.ndarray, layout: Optional[str] = None) -> None:
+    """Save ``paths`` (unicode array) and ``features`` to an ``.npz`` atomically.
+
+    ``layout`` (optional, e.g. :data:`CROP_MIRROR_LAYOUT`) is stored as a string so that a later
+    ``verify --features`` knows the rows are crop and mirror halves (:func:`features_layout`)."""
     import io
 
     from sphereface_plus.utils import atomic_write_bytes
 
     buf = io.BytesIO()
-    np.savez(buf, paths=np.asarray(list(paths), dtype=str), features=np.asarray(features, dtype=np.float32))
+    extra = {"layout": np.asarray(layout, dtype=str)} if layout else {}
+    np.savez(buf, paths=np.asarray(list(paths), dtype=str), features=np.asarray(features, dtype=np.float32), **extra)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def features_layout(path) -> Optional[str]:
+    """The ``layout`` recorded by :func:`save_features_npz`, or None (features used as they are)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["layout"]) if "layout" in z.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 def load_features_npz(path) -> Tuple[list, np.ndarray]:

@@ -1,10 +1,11 @@
-"""LFW View 2 (and any pairs list) from features: the 10-fold protocol of SPEC section 8.
+"""LFW View 2 (and any pairs list) from features, under a named protocol (:mod:`eval.protocols`).
 
 ``parse_pairs`` reads ``pairs.txt``; ``evaluate_features`` looks up the feature of both images of
-every pair by relative path and runs :func:`eval.verification_metrics.verification_report` (per-fold mean
-subtraction, L2 normalisation, cosine, strict thresholds on the 1e-4 grid, mean of tied best
-thresholds). The same function scores generic pairs files, packs and folder pairs: only the fold
-indices of the pairs differ.
+every pair by relative path and runs the protocol's report: ``sphereface`` (the default here,
+:func:`eval.verification_metrics.verification_report`: per-fold mean subtraction, L2 normalisation, cosine, strict
+thresholds on the 1e-4 grid, mean of tied best thresholds; docs/theory.md#protocol-sphereface) or
+``insightface`` (docs/theory.md#protocol-insightface). The same function scores generic pairs files,
+packs and folder pairs: only the fold indices of the pairs differ.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from eval.verification_metrics import DEFAULT_FARS, verification_report
+from eval.verification_metrics import DEFAULT_FARS
 from eval.pairs import Pair, describe_missing, parse_lfw_pairs
 from sphereface_plus.errors import InputFileError
 
@@ -52,11 +53,17 @@ def evaluate_features(
     mean_sub: bool = True,
     fars: Sequence[float] = DEFAULT_FARS,
     source: str = "the features file",
+    protocol: str = "sphereface",
+    flip_halves: bool = False,
 ) -> Dict[str, object]:
-    """The verification report (``fold_accuracies``, ``mean_accuracy``, ``std_accuracy``, ``eer``,
-    ``auc``, ``tar_at_far``, ``threshold``, ``roc``...) of ``features`` (rows named by ``paths``)."""
+    """The verification report (``protocol``, ``fold_accuracies``, ``mean_accuracy``, ``std_accuracy``,
+    ``eer``, ``auc``, ``tar_at_far``, ``threshold``, ``roc``, ``oracle_accuracy``...) of ``features``
+    (rows named by ``paths``) under ``protocol`` (:mod:`eval.protocols`; ``flip_halves``: the rows are
+    ``[f(crop), f(mirror)]``, which the insightface protocol sums)."""
+    from eval.protocols import protocol_report
+
     f1, f2, issame, folds = pair_features(paths, features, pairs, source)
-    return verification_report(f1, f2, issame, folds, mean_sub=mean_sub, fars=fars)
+    return protocol_report(protocol, f1, f2, issame, folds, flip_halves=flip_halves, mean_sub=mean_sub, fars=fars)
 
 
 def verify_on_pairs(model, root, pairs: Sequence[Pair], batch_size: int = 64, device="cpu",

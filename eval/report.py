@@ -65,13 +65,30 @@ def write_report(report: Mapping[str, object], out_dir, name: str = "verificatio
 
 
 def format_report(report: Mapping[str, object]) -> str:
-    """The report as a short text table (fold accuracies in percent, then the summary)."""
+    """The report as a short text table: its protocol, fold accuracies in percent, then the summary
+    (with VAL@FAR under the insightface protocol, and the oracle-threshold accuracy, labelled)."""
     accs = report["fold_accuracies"]
-    lines = ["fold  accuracy  threshold"]
+    lines = []
+    if report.get("protocol"):
+        from eval.protocols import COMPARABLE_TO
+
+        what = COMPARABLE_TO.get(str(report["protocol"]), "")
+        lines.append(f"protocol: {report['protocol']}" + (f" (comparable to {what})" if what else ""))
+    unit = "distance" if report.get("protocol") == "insightface" else "threshold"
+    lines.append(f"fold  accuracy  {unit:>9}")
     for i, (a, t) in enumerate(zip(accs, report.get("fold_thresholds", [float("nan")] * len(accs))), 1):
         lines.append(f"{i:>4}  {100 * a:7.2f}%  {t:9.4f}")
     lines.append(f"mean  {100 * report['mean_accuracy']:7.2f}% +- {100 * report['std_accuracy']:.2f}"
-                 + ("" if report.get("mean_sub", True) else "  (no mean subtraction)"))
+                 + ("" if report.get("mean_sub", True) or report.get("protocol") == "insightface"
+                    else "  (no mean subtraction)"))
     lines.append(f"EER {100 * report['eer']:.2f}%   AUC {report['auc']:.5f}   threshold {report['threshold']:.4f}")
     lines.append("TAR@FAR " + "   ".join(f"{k}: {100 * v:.2f}%" for k, v in report["tar_at_far"].items()))
+    val = report.get("val_at_far")
+    if val:
+        lines.append(f"VAL@FAR={val['far_target']:g} (insightface): {100 * val['val']:.2f}% +- {100 * val['val_std']:.2f}"
+                     f", FAR reached {100 * val['far']:.3f}%")
+    if report.get("oracle_accuracy") is not None:
+        from eval.protocols import ORACLE_LABEL
+
+        lines.append(f"{100 * report['oracle_accuracy']:.2f}%: {ORACLE_LABEL}")
     return "\n".join(lines)

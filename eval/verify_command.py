@@ -1,29 +1,43 @@
-"""``sphereface-plus verify``: face verification accuracy on LFW, any pairs file, a .bin pack or a folder.
+"""``sphereface-plus verify``: face verification accuracy on LFW, any pairs file, .bin packs, a folder, IJB.
 
-Protocols (SPEC section 8; the defaults are the original SphereFace evaluation):
+Pairs sources:
 
   lfw     LFW View 2: --pairs pairs.txt, 10 person-disjoint folds of 300 + 300 pairs
   pairs   a generic pairs file: 'path1 path2 same [fold]' per line (tab/space or comma separated)
   bin     an insightface verification pack (lfw.bin, cfp_fp.bin, agedb_30.bin...): --pack FILE
+  packs   every standard pack in --dir (lfw, cfp_fp, cfp_ff, agedb_30, calfw, cplfw, vgg2_fp .bin): one table
   folder  identity folders under --root: seeded, balanced, person-disjoint pairs
-  ijb     IJB-B / IJB-C 1:1 templates (insightface's protocol, TAR@FAR 1e-6..1e-1): --root IJBC --dataset IJBC
-          (see eval/ijb.py and the README for the pipeline and its options)
+  ijb     IJB-B / IJB-C templates (insightface's protocol): 1:1 TAR@FAR and, with --task 1:N|both, 1:N
+          identification (TPIR@FPIR, rank-1/5/10) on galleries G1 and G2 separately: --root IJBC --dataset IJBC
+
+Protocols (--protocol; every report, JSON and table names the one used; docs/verification.md):
+
+  sphereface   SphereFace's evaluation.m (default for lfw, pairs, folder): crop + mirror features
+               concatenated, centred on the other 9 folds' mean, L2-normalised, cosine; the threshold
+               (1e-4 grid on [-1, 1], strict inequalities, mean of tied best) chosen on the other folds.
+               Comparable to the SphereFace / SphereFace+ papers. --no-flip / --no-mean-sub switch steps off.
+  insightface  insightface's verification.py (default for bin, packs): crop + mirror features summed, then
+               L2-normalised; squared L2 distance; thresholds 0, 0.01, ..., 3.99; the first best threshold on
+               the other folds; 10 contiguous folds; plus VAL@FAR=1e-3. Comparable to the published
+               LFW / CFP-FP / AgeDB-30 / CALFW / CPLFW tables (ArcFace, CosFace, insightface's model zoo).
+
+Reports also carry the oracle-threshold accuracy (threshold picked on the test pairs themselves, what
+OpenSphere reports), always labelled as such: it is not the k-fold accuracy.
 
 Features come from a training checkpoint (--checkpoint, images under --root: aligned crops, or raw
 images aligned on the fly with --landmarks), or from an .npz with 'paths' and 'features'
-(--features). Each image's feature is the embedding of the crop and of its mirror concatenated; for
-each fold the features are centred on the mean of the other 9 folds, L2-normalised and compared by
-cosine; the threshold (1e-4 grid on [-1, 1], strict inequalities, mean of tied best) is chosen on
-the other folds. --no-flip and --no-mean-sub switch those steps off to compare with other toolkits.
+(--features; one written by --save-features records that its rows are crop + mirror halves).
 
 examples:
   sphereface-plus verify lfw --checkpoint runs/x/checkpoints/last.pt --root lfw-112x96 --pairs pairs.txt \\
       --json lfw.json --plot lfw_roc.png
   sphereface-plus verify lfw --checkpoint last.pt --root lfw/images --landmarks lfw_landmark.txt --pairs pairs.txt
-  sphereface-plus verify lfw --features feats.npz --pairs pairs.txt --json lfw.json
+  sphereface-plus verify lfw --features feats.npz --pairs pairs.txt --json lfw.json --protocol insightface
   sphereface-plus verify bin --checkpoint last.pt --pack agedb_30.bin
+  sphereface-plus verify packs --dir faces_emore --checkpoint sphere20.onnx --json packs.json
   sphereface-plus verify folder --checkpoint last.pt --root my-faces-112x96 --num-pairs 2000
   sphereface-plus verify ijb --root IJBC --dataset IJBC --checkpoint sphere20.onnx --json ijbc.json --plot ijbc.png
+  sphereface-plus verify ijb --root IJBC --features ijbc.npz --task both --detector-score
   sphereface-plus verify lfw --checkpoint last.pt --root lfw-112x96 --pairs pairs.txt --save-model model.pt
 
 --save-model OUT.pt stores the model with the threshold this run found (chosen on plain cosine
@@ -45,30 +59,40 @@ from sphereface_plus.errors import UsageError, require_dir, require_file
 
 logger = logging.getLogger(__name__)
 
-HELP = "verification accuracy (LFW 10-fold, pairs file, insightface .bin pack, identity folders)"
+HELP = "verification accuracy (LFW 10-fold, pairs file, insightface .bin packs, identity folders, IJB)"
 DESCRIPTION = __doc__
 
-PROTOCOLS = ("lfw", "pairs", "bin", "folder", "ijb")
+#: where the pairs come from (the positional argument of ``verify``); the protocols are eval.protocols.PROTOCOLS
+SOURCES = ("lfw", "pairs", "bin", "packs", "folder", "ijb")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("protocol", choices=PROTOCOLS, help="where the pairs come from")
+    from eval.protocols import PROTOCOLS
+
+    parser.add_argument("source", choices=SOURCES, metavar="{" + ",".join(SOURCES) + "}",
+                        help="where the pairs come from")
     src = parser.add_argument_group("features (one of)")
     src.add_argument("--checkpoint", help="training checkpoint (.pt) or exported model (.onnx) that embeds the images")
     src.add_argument("--features", help=".npz with 'paths' (relative image paths) and 'features' (N x D)")
     data = parser.add_argument_group("data")
     data.add_argument("--pairs", help="lfw: pairs.txt; pairs: a 'path1 path2 same [fold]' file")
     data.add_argument("--pack", help="bin: an insightface verification pack")
+    data.add_argument("--dir", help="packs: the folder holding the standard packs (lfw.bin, cfp_fp.bin, ...)")
+    data.add_argument("--packs", help="packs: only these, comma separated (default: every standard pack in --dir)")
     data.add_argument("--root", help="folder holding the images at the pairs' relative paths (folder: the "
                                      "identity folders)")
     data.add_argument("--landmarks", help="landmark file ('relative/path x1 y1 ... x5 y5'): align raw images "
                                           "under --root on the fly")
     data.add_argument("--ext", default=".jpg", help="lfw: image extension of the crops (default .jpg)")
-    data.add_argument("--folds", type=int, default=10, help="pairs/bin/folder: number of folds (default 10)")
+    data.add_argument("--folds", type=int, default=10, help="pairs/bin/packs/folder: number of folds (default 10)")
     data.add_argument("--num-pairs", type=int, default=6000, help="folder: pairs to draw (default 6000)")
     data.add_argument("--seed", type=int, default=0, help="folder: seed of the pair draw (default 0)")
     proto = parser.add_argument_group("protocol")
-    proto.add_argument("--no-mean-sub", action="store_true", help="do not centre features on the other folds' mean")
+    proto.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                       help="sphereface (evaluation.m; default for lfw, pairs, folder) or insightface "
+                            "(verification.py; default for bin, packs)")
+    proto.add_argument("--no-mean-sub", action="store_true",
+                       help="sphereface protocol: do not centre features on the other folds' mean")
     proto.add_argument("--no-flip", action="store_true", help="embed the crop only, not crop + mirror")
     out = parser.add_argument_group("output")
     out.add_argument("--json", help="write the report (fold accuracies, mean, std, EER, AUC, TAR@FAR, ROC) here")
@@ -93,16 +117,19 @@ def _check_args(args) -> None:
     """Options and input files, checked before anything is computed or written."""
     if bool(args.checkpoint) == bool(args.features):
         raise UsageError("give exactly one of --checkpoint and --features")
-    if args.protocol in ("lfw", "pairs") and not args.pairs:
-        raise UsageError(f"verify {args.protocol} needs --pairs")
-    if args.protocol == "bin":
+    if args.source in ("lfw", "pairs") and not args.pairs:
+        raise UsageError(f"verify {args.source} needs --pairs")
+    if args.protocol == "insightface" and args.no_mean_sub:
+        raise UsageError("--no-mean-sub switches off a step of the sphereface protocol; the insightface protocol "
+                         "subtracts no mean (drop one of --no-mean-sub and --protocol insightface)")
+    if args.source == "bin":
         if not args.pack:
             raise UsageError("verify bin needs --pack FILE")
         if args.features:
             raise UsageError("verify bin embeds the pack's images: use --checkpoint, not --features")
-    if args.protocol == "folder" and not args.root:
+    if args.source == "folder" and not args.root:
         raise UsageError("verify folder needs --root (the identity folders)")
-    if args.checkpoint and args.protocol != "bin" and not args.root:
+    if args.checkpoint and args.source != "bin" and not args.root:
         raise UsageError("--checkpoint needs --root, the folder holding the images")
     if args.save_model:
         if not args.checkpoint:
@@ -123,76 +150,89 @@ def build_pairs(args):
     """The pairs of the chosen protocol (and the pack images for ``bin``)."""
     from eval import pairs as P
 
-    if args.protocol == "lfw":
+    if args.source == "lfw":
         return P.parse_lfw_pairs(args.pairs, ext=args.ext), None
-    if args.protocol == "pairs":
+    if args.source == "pairs":
         return P.parse_pairs_file(args.pairs, num_folds=args.folds), None
-    if args.protocol == "folder":
+    if args.source == "folder":
         return P.folder_pairs(args.root, num_pairs=args.num_pairs, num_folds=args.folds, seed=args.seed), None
     images, issame = P.load_bin_pack(args.pack)
     return P.bin_pack_pairs(issame, num_folds=args.folds), images
 
 
-def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray]:
-    """``(paths, features)`` of every image in ``pairs``, from the checkpoint or the .npz."""
+def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray, bool]:
+    """``(paths, features, flip_halves)`` of every image in ``pairs``, from the checkpoint or the .npz;
+    ``flip_halves``: the rows are ``[f(crop), f(mirror)]`` (extracted with flip, or an .npz that says so)."""
     from eval import features as F
     from eval.pairs import pairs_to_arrays
 
     if args.features:
-        return F.load_features_npz(args.features)
+        paths, feats = F.load_features_npz(args.features)
+        return paths, feats, F.features_layout(args.features) == F.CROP_MIRROR_LAYOUT
     model, info = F.load_embedding_model(args.checkpoint, device=args.device)
     flip = not args.no_flip
     if pack_images is not None:
+        from eval.packs import LoadedPack, check_pack_size
+
+        check_pack_size(LoadedPack("pack", Path(args.pack), pack_images, np.zeros(0, bool)), info["input_size"])
         feats = F.extract_from_dataset(model, F.EncodedImages(pack_images, info["input_size"]), args.batch_size,
                                        flip, args.device, args.workers, precision=args.precision)
-        return [str(i) for i in range(len(pack_images))], feats
+        return [str(i) for i in range(len(pack_images))], feats, flip
     paths = pairs_to_arrays(pairs)[0]
     landmarks = F.read_landmarks(args.landmarks) if args.landmarks else None
     feats = F.extract_features(model, args.root, paths, batch_size=args.batch_size, flip=flip, device=args.device,
                                num_workers=args.workers, input_size=info["input_size"], landmarks=landmarks,
                                template=info["template"], precision=args.precision)
-    return paths, feats
+    return paths, feats, flip
 
 
 def run(args) -> int:
-    if args.protocol == "ijb":
+    if args.source == "ijb":
         from eval.ijb import run_ijb
 
         return run_ijb(args)
+    if args.source == "packs":
+        from eval.packs import run_packs
+
+        return run_packs(args)
     from eval.lfw import evaluate_features
+    from eval.protocols import resolve_protocol
     from eval.report import format_report, plot_roc, write_json_report
 
     # input mistakes raise ToolkitErrors: the command line prints them as one 'error:' line, exit 2
+    args.protocol = resolve_protocol(args.protocol, args.source)
     _check_args(args)
     pairs, pack_images = build_pairs(args)
     logger.info("%d pairs (%d same) in %d folds", len(pairs), sum(p.same for p in pairs),
                 len({p.fold for p in pairs}))
-    paths, feats = compute_features(args, pairs, pack_images)
+    paths, feats, flip_halves = compute_features(args, pairs, pack_images)
     if args.save_features:
-        from eval.features import save_features_npz
+        from eval.features import CROP_MIRROR_LAYOUT, save_features_npz
 
-        save_features_npz(args.save_features, paths, feats)
+        save_features_npz(args.save_features, paths, feats, layout=CROP_MIRROR_LAYOUT if flip_halves else None)
         logger.info("features saved to %s", args.save_features)
     source = args.features or "the extracted features"
-    report = evaluate_features(paths, feats, pairs, mean_sub=not args.no_mean_sub, source=source)
+    report = evaluate_features(paths, feats, pairs, mean_sub=not args.no_mean_sub, source=source,
+                               protocol=args.protocol, flip_halves=flip_halves)
     if args.save_model:
         # compare scores one pair by plain cosine (no dataset mean to subtract): store that threshold
-        plain = report if args.no_mean_sub else evaluate_features(paths, feats, pairs, mean_sub=False, source=source)
+        same = args.no_mean_sub and args.protocol == "sphereface"
+        plain = report if same else evaluate_features(paths, feats, pairs, mean_sub=False, source=source)
         threshold = float(plain["threshold"])
-        how = (f"verify {args.protocol}, {len(pairs)} pairs, plain cosine, "
+        how = (f"verify {args.source}, {len(pairs)} pairs, plain cosine, "
                f"{'crop only' if args.no_flip else 'crop + mirror'}")
         save_model_with_threshold(args.checkpoint, args.save_model, threshold, how)
         report["compare_threshold"] = threshold
         print(f"model with threshold {threshold:.4f}: {args.save_model} "
               f"(sphereface-plus compare A B --checkpoint {args.save_model})")
-    report = {"protocol": args.protocol, **report, "flip": not args.no_flip if args.checkpoint else None,
+    report = {"pairs_from": args.source, **report, "flip": flip_halves if args.checkpoint else None,
               "source": args.checkpoint or args.features}
     print(format_report(report))
     if args.json:
         write_json_report(report, args.json)
         print(f"report: {args.json}")
     if args.plot:
-        plot_roc({args.protocol: report}, args.plot, title=f"verify {args.protocol}")
+        plot_roc({args.source: report}, args.plot, title=f"verify {args.source} ({args.protocol} protocol)")
         print(f"ROC plot: {args.plot}")
     return 0
 

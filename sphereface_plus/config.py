@@ -163,8 +163,13 @@ class CheckpointConfig:
 class EvalConfig:
     pairs: str = ""  # LFW-style pairs.txt; "" = no verification; "auto" = the synthetic set's pairs
     root: str = ""  # folder of aligned crops the pairs refer to
-    every: int = 0  # iterations between verifications (0 = only at the end when pairs is set)
+    every: int = 0  # iterations between verifications (0 = only at the end when pairs or packs is set)
     batch_size: int = 64
+    # standard insightface packs to validate on (e.g. [lfw, cfp_fp, agedb_30]; the names are
+    # eval.packs.STANDARD_PACKS, checked by the train runner), read from pack_dir/<name>.bin and scored
+    # with insightface's protocol; checkpoints/best.pt keeps the best mean over them. Not with pairs.
+    packs: List[str] = field(default_factory=list)
+    pack_dir: str = ""  # the folder holding the packs
 
 
 @dataclass
@@ -236,6 +241,12 @@ class Config:
         if self.head.sample_rate < 1.0 and self.head.parallel != "sharded":
             raise ConfigError(f"head.sample_rate={self.head.sample_rate} needs head.parallel=sharded; set "
                               "head.parallel=sharded or head.sample_rate=1")
+        if self.eval.packs and not self.eval.pack_dir:
+            raise ConfigError(f"eval.packs={self.eval.packs} needs eval.pack_dir, the folder holding "
+                              f"{', '.join(n + '.bin' for n in self.eval.packs)}")
+        if self.eval.packs and self.eval.pairs:
+            raise ConfigError("eval.pairs and eval.packs are both set; validate on one (lfw is also a pack: "
+                              "eval.packs=[lfw,...] scores it with insightface's protocol), set the other to []/''")
         if sorted(self.optim.milestones) != list(self.optim.milestones):
             raise ConfigError(f"optim.milestones must be increasing, got {self.optim.milestones}")
 

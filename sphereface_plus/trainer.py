@@ -218,7 +218,8 @@ class Trainer:
         """``dataset``: a map-style dataset of ``(image, label, bad)`` indexed by ``(index, flip)``, with
         ``num_classes`` and ``input_size`` (H, W); ``verifier(backbone, device, precision=, channels_last=)
         -> report`` (a dict
-        with ``mean_accuracy``, ``std_accuracy`` and ``compare_threshold``) or None."""
+        with ``mean_accuracy``, ``std_accuracy`` (or None) and ``compare_threshold``, optionally
+        ``accuracies`` ``{set: accuracy}`` logged per set) or None."""
         self.cfg = cfg
         self.dist = dist or DistInfo(device=resolve_device(cfg.train.device, setting="train.device"))
         self.device = self.dist.device
@@ -262,6 +263,7 @@ class Trainer:
         self.bad_images = 0
         self.skipped_steps = 0
         self.threshold: Optional[float] = None  # cosine threshold of the latest verification
+        self.best_accuracy: Optional[float] = None  # best verification mean so far (checkpoints/best.pt)
         self._streak = 0
         self._initial_state = ckpt.serialize(self._rank_state())
 
@@ -328,6 +330,8 @@ class Trainer:
         }
         if self.threshold is not None:  # docs/interfaces.md: used by `sphereface-plus compare`
             state["threshold"] = self.threshold
+        if self.best_accuracy is not None:
+            state["best_accuracy"] = self.best_accuracy
         if self.sharded and not whole:
             state["rank_rows"] = [self.model.head.start, self.model.head.end]
         return state
@@ -362,6 +366,7 @@ class Trainer:
         self.bad_images = int(state.get("bad_images", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.threshold = float(state["threshold"]) if state.get("threshold") is not None else None
+        self.best_accuracy = float(state["best_accuracy"]) if state.get("best_accuracy") is not None else None
 
     def resume(self, resume: str) -> Optional[Path]:
         """``auto``: the newest readable checkpoint of ``out_dir`` (a fresh start when there is none); else a path.
@@ -518,8 +523,10 @@ class Trainer:
                 t_pause = time.perf_counter()
                 if self.verifier is not None and ((cfg.eval.every and it % cfg.eval.every == 0) or it == total):
                     eval_report = self.verify()  # before the save: the checkpoint carries its threshold
-                    if eval_report:
-                        metrics.scalars(it, "eval", mean_accuracy=eval_report["mean_accuracy"])
+                    if eval_report:  # metrics.jsonl row {"iteration", "eval": {...}} and TensorBoard eval/*
+                        metrics.log(it, eval=_eval_scalars(eval_report))
+                        metrics.scalars(it, "eval", **_eval_scalars(eval_report))
+                    self.keep_best(eval_report)
                 if it % cfg.checkpoint.every == 0 or it == total:
                     self.save()
                 paused = time.perf_counter() - t_pause
@@ -568,12 +575,37 @@ class Trainer:
             report = self.verifier(self.model.backbone, self.device, precision=self.precision,
                                    channels_last=self.channels_last)
             self.threshold = float(report["compare_threshold"])
-            logger.info("verification at iteration %d: %.4f +- %.4f", self.iteration, report["mean_accuracy"],
-                        report["std_accuracy"])
+            std = report.get("std_accuracy")
+            logger.info("verification at iteration %d: %.4f%s", self.iteration, report["mean_accuracy"],
+                        "" if std is None else f" +- {std:.4f}")
             atomic_write_json(self.out_dir / "eval" / f"verify_{self.iteration:07d}.json", _plain(report))
         if self.dist.distributed:
             torch.distributed.barrier()
         return report
+
+
+    def keep_best(self, report: Optional[Dict[str, Any]]) -> Optional[Path]:
+        """Write ``checkpoints/best.pt`` when the verification mean beats every earlier one (ties keep the
+        earlier). Call it on every rank after :meth:`verify` (only rank 0 holds the report; a sharded
+        head is gathered collectively)."""
+        better = report is not None and (self.best_accuracy is None or report["mean_accuracy"] > self.best_accuracy)
+        if self.dist.distributed:  # rank 0 decides for everyone
+            better = bool(all_reduce_sum(torch.tensor(float(better), device=self.device)).item() > 0)
+        if not better:
+            return None
+        if report is not None:
+            self.best_accuracy = float(report["mean_accuracy"])
+        state = self.state_dict() if (self.sharded or self.dist.is_main) else None
+        path = ckpt.save_best_checkpoint(state, self.out_dir) if self.dist.is_main else None
+        if self.dist.distributed:
+            torch.distributed.barrier()
+        return path
+
+
+def _eval_scalars(report: Dict[str, Any]) -> Dict[str, float]:
+    """What a verification logs: ``mean_accuracy`` and, for several sets (packs), each set's accuracy."""
+    return {"mean_accuracy": float(report["mean_accuracy"]),
+            **{str(k): float(v) for k, v in (report.get("accuracies") or {}).items()}}
 
 
 class _Throughput:

@@ -250,3 +250,119 @@ def test_nearest_far_rule_matches_insightface_on_ties():
     for x in [1e-3, 1e-2, 0.05, 0.1, 0.3]:
         _, i = min(zip(abs(ffpr - x), range(len(ffpr))))
         assert tar_at_nearest_far(fpr, tpr, thr, x)["tar"] == ftpr[i]
+
+
+# --------------------------------------------------------------------------- 1:N identification
+
+
+def write_1n_lists(root: Path, faces, dataset: str = "IJBC", ids: int = 14):
+    """Galleries: the first template of subjects 0..6 (G1) and 7..13 (G2); probes: the other templates."""
+    ds = dataset.lower()
+    g1, g2 = ("G1", "G2") if dataset == "IJBC" else ("S1", "S2")
+    rows = {g1: [], g2: [], "probe": []}
+    for name, tid, *_ in faces:
+        subject = (tid - 1) // 4
+        first = (tid - 1) % 4 == 0
+        key = "probe" if not first else (g1 if subject < ids // 2 else g2)
+        rows[key].append(f"{tid},{subject},img/{name},0")
+    header = "TEMPLATE_ID,SUBJECT_ID,FILENAME,SIGHTING_ID\n"
+    for key, lines in rows.items():
+        fname = f"{ds}_1N_probe_mixed.csv" if key == "probe" else f"{ds}_1N_gallery_{key}.csv"
+        (root / "meta" / fname).write_text(header + "\n".join(lines) + "\n")
+    return g1, g2
+
+
+def _template_feats(faces, feats, detector_score):
+    by_template = {}
+    for name, tid, mid, _, score in faces:
+        f = np.asarray(feats[name], dtype=np.float64) * (score if detector_score else 1.0)
+        by_template.setdefault(tid, {}).setdefault(mid, []).append(f)
+    out = {}
+    for tid, media in by_template.items():
+        total = sum(np.mean(v, axis=0) for v in media.values())
+        out[tid] = total / np.sqrt(np.sum(total ** 2))
+    return out
+
+
+def brute_1n(tfeat, gallery, probes, fpirs=(1e-2, 1e-1), ranks=(1, 5, 10)):
+    """Rank of the mate by sorting each probe's gallery scores; TPIR from the FPIR threshold over the
+    non-mated searches' best scores (insightface's evaluation_1N, written as loops)."""
+    mated_rank, mated_score, non_top = [], [], []
+    for pt, ps in probes.items():
+        scores = [(float(np.dot(tfeat[pt], tfeat[gt])), gs) for gt, gs in gallery.items()]
+        ordered = sorted(scores, key=lambda x: -x[0])
+        if ps in gallery.values():
+            mated_rank.append(1 + [s for _, s in ordered].index(ps))
+            mated_score.append([v for v, s in scores if s == ps][0])
+        else:
+            non_top.append(ordered[0][0])
+    non_top = sorted(non_top, reverse=True)
+    tpir = []
+    for f in fpirs:
+        t = non_top[max(int(len(non_top) * f) - 1, 0)]
+        tpir.append(sum(1 for r, v in zip(mated_rank, mated_score) if r == 1 and v > t) / len(mated_rank))
+    cmc = [sum(1 for r in mated_rank if r <= k) / len(mated_rank) for k in ranks]
+    return tpir, cmc, len(mated_rank), len(non_top)
+
+
+@pytest.mark.parametrize("dataset", ["IJBC", "IJBB"])
+def test_1n_identification_matches_brute_force(tmp_path, dataset):
+    from eval.features import save_features_npz
+
+    root = tmp_path / dataset
+    faces, _ = write_ijb(root, dataset=dataset, ids=14)
+    g1, g2 = write_1n_lists(root, faces, dataset)
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((14, 24))
+    feats = {name: ((base[(tid - 1) // 4] + 1.6 * rng.standard_normal(24)) * rng.uniform(0.3, 2.0)).astype(np.float32)
+             for name, tid, *_ in faces}
+    names = [f[0] for f in faces]
+    save_features_npz(tmp_path / "f.npz", names, np.stack([feats[n] for n in names]))
+    out = tmp_path / "r.json"
+    assert main(["verify", "ijb", "--root", str(root), "--dataset", dataset, "--features", str(tmp_path / "f.npz"),
+                 "--task", "1:N", "--detector-score", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["task"] == "1:N" and "tar_at_far" not in rep and rep["protocol"] == "insightface"
+    galleries = rep["identification"]["galleries"]
+    assert list(galleries) == [g1, g2]  # scored and reported separately
+    tfeat = _template_feats(faces, {n: feats[n].astype(np.float64) for n in names}, detector_score=True)
+    subject = {tid: (tid - 1) // 4 for _, tid, *_ in faces}
+    probes = {t: s for t, s in subject.items() if (t - 1) % 4}
+    for g, lo, hi in ((g1, 0, 7), (g2, 7, 14)):
+        gallery = {t: s for t, s in subject.items() if (t - 1) % 4 == 0 and lo <= s < hi}
+        tpir, cmc, n_mated, n_non = brute_1n(tfeat, gallery, probes)
+        got = galleries[g]
+        assert (got["num_mated"], got["num_nonmated"], got["num_gallery_templates"]) == (n_mated, n_non, 7)
+        assert [got["tpir_at_fpir"][k] for k in ("1e-2", "1e-1")] == pytest.approx(tpir, abs=1e-15)
+        assert [got["rank"][k] for k in ("1", "5", "10")] == pytest.approx(cmc, abs=1e-15)
+    assert 0 < galleries[g1]["rank"]["1"] < 1  # informative: neither trivial nor hopeless
+
+
+def test_1n_both_tasks_and_bad_gallery(ijb, tmp_path, capsys):
+    import shutil
+
+    from eval.features import save_features_npz
+
+    root, faces, pairs = ijb
+    bad = tmp_path / "IJBC"
+    shutil.copytree(root / "meta", bad / "meta")
+    os.symlink(root / "loose_crop", bad / "loose_crop")
+    write_1n_lists(bad, faces)
+    rng = np.random.default_rng(0)
+    save_features_npz(tmp_path / "f.npz", [f[0] for f in faces], rng.standard_normal((len(faces), 8)).astype(np.float32))
+    out = tmp_path / "r.json"
+    assert main(["verify", "ijb", "--root", str(bad), "--features", str(tmp_path / "f.npz"), "--task", "both",
+                 "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["num_pairs"] == len(pairs) and set(rep["identification"]["galleries"]) == {"G1", "G2"}
+    printed = capsys.readouterr().out
+    assert "1:N identification (galleries scored separately" in printed and "TPIR@1e-2" in printed
+    # a template listed with two subjects: one error line naming the file and line
+    p = bad / "meta" / "ijbc_1N_gallery_G2.csv"
+    lines = p.read_text().splitlines()
+    t = lines[1].split(",")
+    lines.insert(2, f"{t[0]},999,x.jpg,0")
+    p.write_text("\n".join(lines) + "\n")
+    assert main(["verify", "ijb", "--root", str(bad), "--features", str(tmp_path / "f.npz"), "--task", "1:N"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "ijbc_1N_gallery_G2.csv:3:" in err[0] and "one subject" in err[0]

@@ -91,7 +91,12 @@ def test_reference_run_trains_and_checkpoints(reference):
     assert summary["iteration"] == REF_ITERS
     assert [h["iteration"] for h in summary["history"]] == list(range(1, REF_ITERS + 1))
     names = sorted(p.name for p in (out / "checkpoints").glob("*.pt"))
-    assert names == ["ckpt_0000002.pt", "ckpt_0000004.pt", "ckpt_0000006.pt", "ckpt_0000008.pt", "last.pt"]
+    assert names == ["best.pt", "ckpt_0000002.pt", "ckpt_0000004.pt", "ckpt_0000006.pt", "ckpt_0000008.pt", "last.pt"]
+    # best.pt: the state of the verification with the best mean (the earlier on ties), never resumed from
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [r["iteration"] for r in evals] == [4, 8]
+    best_row = max(evals, key=lambda r: (r["eval"]["mean_accuracy"], -r["iteration"]))
+    assert _load(out / "checkpoints" / "best.pt")["iteration"] == best_row["iteration"]
     state = _load(out / "checkpoints" / "last.pt")
     # the λ counter is part of the head state and equals the iteration (SPEC section 4)
     assert int(state["head"]["iteration"]) == REF_ITERS

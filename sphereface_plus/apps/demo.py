@@ -355,7 +355,7 @@ def report_markdown(result: Dict[str, Any]) -> str:
         f"wd {cfg['optim']['weight_decay']:g}, seed {cfg['train']['seed']}",
         f"- last logged training loss {tr['loss']:.4f}, training accuracy {_pct(tr['train_accuracy'])}",
         "",
-        "## Verification (10-fold protocol)", "",
+        f"## Verification (10-fold, {v.get('protocol', 'sphereface')} protocol)", "",
         "| fold | accuracy | threshold |", "| ---: | ---: | ---: |",
     ]
     for i, (a, t) in enumerate(zip(v["fold_accuracies"], v["fold_thresholds"]), 1):

@@ -21,6 +21,7 @@ import torch
 
 from data_prep.datasets import build_train_dataset, check_data_config
 from eval.lfw import pairs_verifier
+from eval.packs import check_pack_names, pack_paths, packs_verifier
 from sphereface_plus.config import Config, ConfigError, config_to_yaml, load_config
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.dist import DistInfo, cleanup_distributed, setup_distributed
@@ -38,9 +39,11 @@ __all__ = ["HELP", "add_arguments", "run", "main", "train", "load_train_config",
 
 
 def load_train_config(path: Optional[str] = None, overrides=()) -> Config:
-    """:func:`sphereface_plus.config.load_config` plus the data checks that belong to ``data_prep``."""
+    """:func:`sphereface_plus.config.load_config` plus the data checks that belong to ``data_prep`` and the
+    pack names that belong to ``eval``."""
     cfg = load_config(path, overrides)
     _check_data(cfg)
+    check_pack_names(cfg.eval.packs, "eval.packs")
     return cfg
 
 
@@ -75,7 +78,11 @@ def build_dataset(cfg: Config, dist: DistInfo):
 
 
 def build_verifier(cfg: Config):
-    """The LFW-style verifier of ``eval.pairs`` / ``eval.root`` (``auto``: the synthetic set's own pairs), or None."""
+    """The verifier of ``eval.packs`` (standard packs in ``eval.pack_dir``, insightface's protocol), or the
+    LFW-style one of ``eval.pairs`` / ``eval.root`` (``auto``: the synthetic set's own pairs), or None."""
+    if cfg.eval.packs:
+        return packs_verifier(cfg.eval.pack_dir, cfg.eval.packs, input_size=check_data_config(cfg.data),
+                              batch_size=cfg.eval.batch_size)
     pairs, root = cfg.eval.pairs, cfg.eval.root
     if not pairs:
         return None
@@ -91,12 +98,15 @@ def build_verifier(cfg: Config):
 
 def check_inputs(cfg: Config, resume: Optional[str] = None) -> None:
     """The input files named by the run that nothing else checks before writing: ``--resume PATH`` and
-    ``train.init_from`` must exist (issue 10 case 2: one error line, and no out_dir left behind)."""
+    ``train.init_from`` must exist (issue 10 case 2: one error line, and no out_dir left behind), and so must
+    the packs of ``eval.packs``."""
     files = {"--resume": resume if resume and resume != "auto" else "", "train.init_from": cfg.train.init_from}
     for what, path in files.items():
         if path and not Path(path).is_file():
             raise MissingFileError(f"{what} {path}: no such file; give an existing checkpoint "
                                    f"(<out_dir>/checkpoints/last.pt of a run){' or --resume auto' if what == '--resume' else ''}")
+    if cfg.eval.packs:  # names, then eval.pack_dir/<name>.bin for each
+        pack_paths(cfg.eval.pack_dir, check_pack_names(cfg.eval.packs, "eval.packs"), where="eval.pack_dir")
 
 
 def make_trainer(cfg: Config, dist: Optional[DistInfo] = None) -> Trainer:

@@ -40,6 +40,7 @@ __all__ = [
     "capture_rng",
     "restore_rng",
     "save_checkpoint",
+    "save_best_checkpoint",
     "load_checkpoint",
     "find_resume_checkpoint",
     "load_resume_state",
@@ -122,6 +123,18 @@ def save_checkpoint(state: Dict[str, Any], out_dir, every: int = 0, keep: int = 
                 old.unlink(missing_ok=True)
     logger.info("saved checkpoint at iteration %d: %s", it, last)
     return last
+
+
+def save_best_checkpoint(state: Dict[str, Any], out_dir) -> Path:
+    """Write ``<out_dir>/checkpoints/best.pt`` atomically (rank 0 only): the state of the best validation
+    so far, which the trainer decides. Never a resume candidate (:func:`load_resume_state` reads
+    ``last.pt`` and the periodic files only), so keeping it never changes where a run continues."""
+    folder = checkpoint_dir(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "best.pt"
+    atomic_write_bytes(path, serialize(state))
+    logger.info("saved best checkpoint at iteration %d: %s", int(state["iteration"]), path)
+    return path
 
 
 def periodic_checkpoints(folder) -> List[Path]:
