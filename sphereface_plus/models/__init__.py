@@ -33,7 +33,7 @@ from sphereface_plus.registry import Registry
 
 __all__ = [
     "BACKBONES", "BackboneSpec", "BackboneOptionError", "OUTPUTS", "register_backbone", "create_backbone",
-    "list_backbones", "backbone_spec", "backbone_from_config", "check_model_config", "count_parameters",
+    "list_backbones", "backbone_spec", "backbone_from_config", "builder_arguments", "check_model_config", "count_parameters",
 ]
 
 BACKBONES = Registry("backbone")
@@ -109,23 +109,33 @@ def list_backbones(output: Optional[str] = None) -> List[str]:
     return [n for n in BACKBONES.names() if output is None or _SPECS[n].output == output]
 
 
-def _check_arguments(spec: BackboneSpec, kwargs: Mapping[str, Any], where: str = "") -> None:
+def _check_options(spec: BackboneSpec, kwargs: Mapping[str, Any], in_config: bool = False) -> None:
     unknown = sorted(k for k in kwargs if k not in spec.options)
-    if unknown:
-        valid = ", ".join(spec.options) or "none"
-        raise BackboneOptionError(f"backbone {spec.name!r} has no option {', '.join(map(repr, unknown))}{where}; "
-                                  f"valid options: {valid}")
+    if not unknown:
+        return
+    if in_config:  # input_size and embedding_dim are config keys of their own, not model.kwargs
+        valid = ", ".join(o for o in spec.options if o not in _OWN_FIELDS) or "none"
+        raise BackboneOptionError(f"model.kwargs: backbone {spec.name!r} has no option "
+                                  f"{', '.join(map(repr, unknown))}; its options are: {valid}")
+    raise BackboneOptionError(f"backbone {spec.name!r} has no option {', '.join(map(repr, unknown))}; "
+                              f"its options are: {', '.join(spec.options) or 'none'}")
+
+
+def _check_input_size(spec: BackboneSpec, size: Any, key: str = "input_size") -> None:
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise BackboneOptionError(f"{key} must be [H, W], e.g. [112, 112]; got {size!r}") from None
+    if (h, w) not in spec.input_sizes:
+        valid = ", ".join(_format_size(s) for s in spec.input_sizes)
+        raise BackboneOptionError(f"{key}: backbone {spec.name!r} does not take {h}x{w} inputs; it supports "
+                                  f"{valid} (HxW): choose a data.template of one of these sizes or another backbone")
+
+
+def _check_arguments(spec: BackboneSpec, kwargs: Mapping[str, Any]) -> None:
+    _check_options(spec, kwargs)
     if "input_size" in kwargs:
-        size = kwargs["input_size"]
-        try:
-            h, w = (int(v) for v in size)
-        except (TypeError, ValueError):
-            raise BackboneOptionError(f"input_size{where} must be [H, W], e.g. [112, 112]; got {size!r}") from None
-        if (h, w) not in spec.input_sizes:
-            valid = ", ".join(_format_size(s) for s in spec.input_sizes)
-            raise BackboneOptionError(f"backbone {spec.name!r} does not take {h}x{w} inputs{where}; it supports "
-                                      f"{valid} (HxW): choose a data.template of one of these sizes or another "
-                                      "backbone")
+        _check_input_size(spec, kwargs["input_size"])
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
@@ -192,13 +202,32 @@ def check_model_config(model: Any, for_training: bool = True) -> None:
     as ``cifar_cnn9`` is refused with the list of face backbones); ``model.kwargs`` must name options of
     the builder; a given ``input_size`` must be one the architecture supports.
     """
-    name, kwargs = builder_arguments(model)
+    name = _as_mapping(model)["backbone"]
+    if name not in BACKBONES:
+        import difflib
+
+        choices = list_backbones("embedding" if for_training else None)
+        close = difflib.get_close_matches(str(name), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise BackboneOptionError(f"model.backbone={name!r} is not a registered backbone.{hint} Choose one of "
+                                  f"{', '.join(choices)}")
     spec = backbone_spec(name)
     if for_training and spec.output != "embedding":
         raise BackboneOptionError(
             f"model.backbone={name!r} returns class {spec.output}, not face embeddings (it is the CIFAR runner's "
             f"network: sphereface-plus cifar); choose a face backbone: {', '.join(list_backbones('embedding'))}")
-    _check_arguments(spec, kwargs, where=" (model.kwargs / model.input_size)")
+    _check_options(spec, _as_mapping(model).get("kwargs") or {}, in_config=True)
+    name, kwargs = builder_arguments(model)
+    if "input_size" in kwargs:
+        _check_input_size(spec, kwargs["input_size"], key="model.input_size")
+    import torch
+
+    try:  # the values too: build it on the meta device (nothing allocated or initialised)
+        with torch.device("meta"):
+            spec.builder(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise BackboneOptionError(f"model.kwargs={dict(_as_mapping(model).get('kwargs') or {})} does not build "
+                                  f"backbone {name!r}: {exc}") from None
 
 
 def count_parameters(name: str, **kwargs: Any) -> int:
