@@ -54,7 +54,7 @@ class ModelConfig:
     # [H, W] of the network input: follows from data.template (the trainer fills it in from the
     # dataset's crop size, and config.yaml records it); set it only to check that it is what you expect
     input_size: Optional[List[int]] = None
-    embedding_dim: int = 512  # fc5 width (SPEC section 3: 512)
+    embedding_dim: int = 512  # feature width: the final FC (SphereFace fc5) / features layer, 512 in every reference
     # extra keyword arguments of the backbone's builder (e.g. {dropout: 0.4} for an iresnet, {scale: 1} for
     # mobilefacenet): checked against the options the backbone declares (docs/backbones.md); recorded in
     # config.yaml and checkpoints, so every consumer rebuilds the same network (models.backbone_from_config)

@@ -496,3 +496,41 @@ def test_trainer_builds_from_the_same_function():
     net = trainer.model.backbone
     assert net.input_size == (112, 96) and net.dropout.p == 0.25 and net.layer4[0].conv1.out_channels == 8
     assert trainer.cfg.to_dict()["model"]["kwargs"] == {"channels": [4, 4, 8, 8], "dropout": 0.25}
+
+
+def test_train_then_export_and_load_any_backbone(tmp_path, capsys):
+    """End to end through the command line: train one step with a non-SphereFace backbone, its model.kwargs
+    and 112x112 crops; the checkpoint records them; eval's loader and `export` rebuild the same network."""
+    cv2 = pytest.importorskip("cv2")
+    import numpy as np
+
+    from eval.features import load_checkpoint
+    from sphereface_plus.cli import main
+    from sphereface_plus.engine.checkpoint import load_checkpoint as load_state
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "crops"
+    for k in range(3):
+        (root / f"id{k}").mkdir(parents=True)
+        for j in range(2):
+            cv2.imwrite(str(root / f"id{k}" / f"{j}.png"), rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    out = tmp_path / "run"
+    rc = main(["train", f"out_dir={out}", "data.source=folder", f"data.root={root}", "data.template=112x112",
+               "model.backbone=mobilefacenet", "model.embedding_dim=16", "model.kwargs={scale: 1, blocks: [1, 1, 1, 1]}",
+               "train.iterations=1", "train.batch_size=4", "train.tensorboard=false", "data.num_workers=0",
+               "train.device=cpu", "train.amp=fp32", "eval.pairs="])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    ckpt = out / "checkpoints" / "last.pt"
+    stored = load_state(ckpt)["config"]["model"]
+    assert stored["backbone"] == "mobilefacenet" and stored["input_size"] == [112, 112]
+    assert stored["kwargs"] == {"scale": 1, "blocks": [1, 1, 1, 1]}
+    model, info = load_checkpoint(ckpt)
+    assert model.scale == 1 and model.blocks == (1, 1, 1, 1) and info["input_size"] == (112, 112)
+    exported = tmp_path / "model.ts"
+    rc = main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(exported),
+               "--check-count", "2"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    ts = torch.jit.load(str(exported))
+    with torch.no_grad():
+        torch.testing.assert_close(ts.features(x), model(x), rtol=1e-5, atol=1e-5)
