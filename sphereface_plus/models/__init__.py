@@ -220,6 +220,9 @@ def check_model_config(model: Any, for_training: bool = True) -> None:
     name, kwargs = builder_arguments(model)
     if "input_size" in kwargs:
         _check_input_size(spec, kwargs["input_size"], key="model.input_size")
+    key = (name, repr(sorted(kwargs.items())))
+    if key in _BUILDS_CHECKED:
+        return
     import torch
 
     try:  # the values too: build it on the meta device (nothing allocated or initialised)
@@ -228,6 +231,10 @@ def check_model_config(model: Any, for_training: bool = True) -> None:
     except (TypeError, ValueError) as exc:
         raise BackboneOptionError(f"model.kwargs={dict(_as_mapping(model).get('kwargs') or {})} does not build "
                                   f"backbone {name!r}: {exc}") from None
+    _BUILDS_CHECKED.add(key)  # configs are validated often (every load): each setting is built once
+
+
+_BUILDS_CHECKED: set = set()
 
 
 def count_parameters(name: str, **kwargs: Any) -> int:
