@@ -306,7 +306,8 @@ def load_embedding_model(path, device="cpu"):
         from eval.onnx_model import load_onnx_model
 
         return load_onnx_model(path, device=device)
-    from sphereface_plus import create_backbone
+    from sphereface_plus.errors import UsageError
+    from sphereface_plus.models import backbone_from_config
     from sphereface_plus.utils import safe_torch_load
 
     path = Path(path)
@@ -320,10 +321,10 @@ def load_embedding_model(path, device="cpu"):
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a valid checkpoint (not written by this toolkit): missing {e} "
                               f"(expected keys model, config[model][backbone], config[model][input_size])") from None
-    kwargs = {"input_size": input_size}
-    if "embedding_dim" in cfg["model"]:  # sphereface_plus.config.ModelConfig: fc5 width
-        kwargs["embedding_dim"] = int(cfg["model"]["embedding_dim"])
-    model = create_backbone(name, **kwargs)
+    try:  # any registered backbone, with the input size, embedding_dim and model.kwargs it was trained with
+        model = backbone_from_config(cfg["model"])
+    except UsageError as e:  # e.g. a backbone this version of the toolkit does not have
+        raise CheckpointError(f"{path}: its config names a network this toolkit cannot build: {e}") from None
     try:
         model.load_state_dict(strip_module_prefix(state))
     except RuntimeError as e:

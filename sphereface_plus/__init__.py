@@ -17,6 +17,7 @@ _EXPORTS = {
     "create_backbone": "sphereface_plus.models",
     "list_backbones": "sphereface_plus.models",
     "register_backbone": "sphereface_plus.models",
+    "backbone_from_config": "sphereface_plus.models",
     "create_head": "sphereface_plus.heads",
     "list_heads": "sphereface_plus.heads",
     "register_head": "sphereface_plus.heads",

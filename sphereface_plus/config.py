@@ -57,7 +57,11 @@ class ModelConfig:
     # [H, W] of the network input: follows from data.template (the trainer fills it in from the
     # dataset's crop size, and config.yaml records it); set it only to check that it is what you expect
     input_size: Optional[List[int]] = None
-    embedding_dim: int = 512  # fc5 width (SPEC section 3: 512)
+    embedding_dim: int = 512  # feature width: the final FC (SphereFace fc5) / features layer, 512 in every reference
+    # extra keyword arguments of the backbone's builder (e.g. {dropout: 0.4} for an iresnet, {scale: 1} for
+    # mobilefacenet): checked against the options the backbone declares (docs/backbones.md); recorded in
+    # config.yaml and checkpoints, so every consumer rebuilds the same network (models.backbone_from_config)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
     # NHWC memory format; null = auto: on with bf16 on a CPU (measured faster there,
     # bench/results/train_throughput.md), off otherwise; true / false are honoured as given
     channels_last: Optional[bool] = None
@@ -202,12 +206,11 @@ class Config:
         """
         from sphereface_plus.heads import A_SOFTMAX_GRADIENTS, list_heads
         from sphereface_plus.mhe import CLASSIFIER_MODES, POWERS, normalize_power
-        from sphereface_plus.models import list_backbones
+        from sphereface_plus.models import check_model_config
         from sphereface_plus.engine.precision import SETTINGS as AMP_SETTINGS
         from sphereface_plus.parallel import PARALLEL_MODES
 
         choices = {
-            "model.backbone": (self.model.backbone, list_backbones()),
             "head.name": (self.head.name, list_heads()),
             "head.parallel": (self.head.parallel, PARALLEL_MODES),
             "train.precision": (self.train.precision, AMP_SETTINGS),
@@ -227,6 +230,10 @@ class Config:
         self.mhe.power = normalize_power(self.mhe.power)  # parsed once, here
         if self.model.input_size is not None and len(self.model.input_size) != 2:
             raise ConfigError(f"model.input_size must be [H, W], got {self.model.input_size}")
+        try:  # a registered face backbone, its model.kwargs and input size (the registry's declarations)
+            check_model_config(self.model)
+        except UsageError as exc:
+            raise ConfigError(str(exc)) from None
         positive = {
             "train.iterations": self.train.iterations,
             "train.batch_size": self.train.batch_size,
@@ -297,6 +304,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if tp is Any:
         return value
+    if origin in (dict, Dict):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key} expects a mapping of names to values (e.g. {key}={{dropout: 0.4}} or "
+                              f"{key}.dropout=0.4), got {value!r} (in {source})")
+        _, item_tp = typing.get_args(tp) or (str, Any)
+        return {k: _coerce(v, item_tp, f"{key}.{k}", source) for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} expects a number, got {value!r} (in {source})")
@@ -354,6 +367,13 @@ def _set_dotted(cfg: Any, key: str, value: Any, source: str) -> None:
         types = _field_types(obj)
         if part not in types:
             raise _unknown_key(key, cfg, source)
+        if typing.get_origin(types[part]) in (dict, Dict) and i == len(parts) - 2:
+            # a free-form mapping (model.kwargs): `model.kwargs.dropout=0.4` sets one entry
+            entry = parts[-1]
+            merged = dict(getattr(obj, part) or {})
+            merged[entry] = value
+            setattr(obj, part, _coerce(merged, types[part], ".".join(parts[:-1]), source))
+            return
         if i == len(parts) - 1:
             current = getattr(obj, part)
             if dataclasses.is_dataclass(current):

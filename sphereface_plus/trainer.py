@@ -48,7 +48,7 @@ from sphereface_plus.engine.precision import autocast, resolve_precision
 from sphereface_plus.engine.sampler import ResumableSampler
 from sphereface_plus.heads import create_head
 from sphereface_plus.mhe import classifier_mhe
-from sphereface_plus.models import create_backbone
+from sphereface_plus.models import backbone_from_config
 from sphereface_plus.parallel import (ShardedClassifier, gather_head_state, gather_optimizer_state, load_head_state,
                                       shard_optimizer_state, sharded_classifier_mhe)
 from sphereface_plus.utils import atomic_write_json, progress, safe_torch_load
@@ -272,8 +272,7 @@ class Trainer:
         """Backbone + head + MHE term: the one place the network is made (a subclass may replace the head,
         e.g. by a sharded classifier). Fills ``cfg.head`` with the head settings in force."""
         cfg = self.cfg
-        backbone = create_backbone(cfg.model.backbone, input_size=tuple(cfg.model.input_size),
-                                   embedding_dim=cfg.model.embedding_dim)
+        backbone = backbone_from_config(cfg.model)  # name, input size, embedding_dim and model.kwargs
         if self.sharded:
             clf = ShardedClassifier(cfg.head.name, cfg.model.embedding_dim, num_classes, head_kwargs(cfg.head),
                                     sample_rate=cfg.head.sample_rate, seed=cfg.train.seed,

@@ -30,9 +30,10 @@ def test_unknown_backbone_lists_choices():
     assert "sphere20" in msg
 
 
-@pytest.mark.parametrize("name", list_backbones())
+@pytest.mark.parametrize("name", [n for n in list_backbones() if n.startswith("sphere") or n == "cifar_cnn9"])
 def test_every_backbone_forward_backward(name):
-    """A single-sample training step: output shape, finite values, a non-zero gradient for every parameter."""
+    """A single-sample training step: output shape, finite values, a non-zero gradient for every parameter.
+    (The SphereFace and CIFAR families; every registered backbone is covered by tests/test_backbones.py.)"""
     torch.manual_seed(0)
     model = create_backbone(name)
     model.train()

@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     out.write(f"  cpu threads      {dev['cpu_threads']}\n")
     out.write("backbones (parameters at default size)\n")
     for name, n in info["backbones"].items():
-        out.write(f"  {name:<16} {'' if n is None else f'{n:,}'}\n")
+        out.write(f"  {name:<20} {'' if n is None else f'{n:,}'}\n")
     out.write("heads (parameters at in_features=512, num_classes=10572)\n")
     for name, n in info["heads"].items():
-        out.write(f"  {name:<16} {'' if n is None else f'{n:,}'}\n")
+        out.write(f"  {name:<20} {'' if n is None else f'{n:,}'}\n")
     return 0
