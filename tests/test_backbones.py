@@ -445,7 +445,7 @@ def test_checkpoint_round_trip(tmp_path, model_cfg):
     """Trainer side and eval side both go through backbone_from_config: the checkpoint's stored config
     rebuilds the same network (kwargs and input size included), which loads the weights and gives the
     same embeddings."""
-    from eval.features import load_checkpoint
+    from eval.features import load_embedding_model
     from sphereface_plus.utils import atomic_torch_save
 
     torch.manual_seed(0)
@@ -469,7 +469,7 @@ def test_checkpoint_round_trip(tmp_path, model_cfg):
 
 
 def test_checkpoint_of_an_unknown_backbone_is_a_checkpoint_error(tmp_path):
-    from eval.features import load_checkpoint
+    from eval.features import load_embedding_model
     from sphereface_plus.errors import CheckpointError
 
     path = tmp_path / "future.pt"
@@ -491,7 +491,7 @@ def test_trainer_builds_from_the_same_function():
 
     cfg = load_config(None, ["model.backbone=sfnet20_bn", "model.embedding_dim=8", "train.device=cpu",
                              "model.kwargs={channels: [4, 4, 8, 8], dropout: 0.25}", "train.tensorboard=false",
-                             "train.amp=fp32"])
+                             "train.precision=fp32"])
     trainer = Trainer(cfg, Data())
     net = trainer.model.backbone
     assert net.input_size == (112, 96) and net.dropout.p == 0.25 and net.layer4[0].conv1.out_channels == 8
@@ -504,7 +504,7 @@ def test_train_then_export_and_load_any_backbone(tmp_path, capsys):
     cv2 = pytest.importorskip("cv2")
     import numpy as np
 
-    from eval.features import load_checkpoint
+    from eval.features import load_embedding_model
     from sphereface_plus.cli import main
     from sphereface_plus.engine.checkpoint import load_checkpoint as load_state
 
@@ -518,7 +518,7 @@ def test_train_then_export_and_load_any_backbone(tmp_path, capsys):
     rc = main(["train", f"out_dir={out}", "data.source=folder", f"data.root={root}", "data.template=112x112",
                "model.backbone=mobilefacenet", "model.embedding_dim=16", "model.kwargs={scale: 1, blocks: [1, 1, 1, 1]}",
                "train.iterations=1", "train.batch_size=4", "train.tensorboard=false", "data.num_workers=0",
-               "train.device=cpu", "train.amp=fp32", "eval.pairs="])
+               "train.device=cpu", "train.precision=fp32", "eval.pairs="])
     assert rc == 0, capsys.readouterr().err[-2000:]
     ckpt = out / "checkpoints" / "last.pt"
     stored = load_state(ckpt)["config"]["model"]
