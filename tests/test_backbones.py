@@ -459,7 +459,7 @@ def test_checkpoint_round_trip(tmp_path, model_cfg):
     atomic_torch_save({"model": net.state_dict(), "head": {}, "iteration": 3,
                        "config": {"model": dict(model_cfg), "data": {"template": "x".join(map(str, model_cfg["input_size"]))}}},
                       path)
-    loaded, info = load_checkpoint(path)
+    loaded, info = load_embedding_model(path)
     assert type(loaded) is type(net) and info["backbone"] == model_cfg["backbone"]
     assert info["input_size"] == tuple(model_cfg["input_size"])
     x = torch.randn(2, 3, *model_cfg["input_size"], generator=torch.Generator().manual_seed(2))
@@ -475,7 +475,7 @@ def test_checkpoint_of_an_unknown_backbone_is_a_checkpoint_error(tmp_path):
     path = tmp_path / "future.pt"
     torch.save({"model": {}, "config": {"model": {"backbone": "resnet9000", "input_size": [112, 112]}}}, path)
     with pytest.raises(CheckpointError, match="resnet9000"):
-        load_checkpoint(path)
+        load_embedding_model(path)
 
 
 def test_trainer_builds_from_the_same_function():
@@ -524,7 +524,7 @@ def test_train_then_export_and_load_any_backbone(tmp_path, capsys):
     stored = load_state(ckpt)["config"]["model"]
     assert stored["backbone"] == "mobilefacenet" and stored["input_size"] == [112, 112]
     assert stored["kwargs"] == {"scale": 1, "blocks": [1, 1, 1, 1]}
-    model, info = load_checkpoint(ckpt)
+    model, info = load_embedding_model(ckpt)
     assert model.scale == 1 and model.blocks == (1, 1, 1, 1) and info["input_size"] == (112, 112)
     exported = tmp_path / "model.ts"
     rc = main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(exported),
