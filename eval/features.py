@@ -22,6 +22,7 @@ from data_prep.datasets import to_network_tensor as preprocess  # the one model 
 from data_prep.geometry import cut_wide_crop, to_bgr
 from data_prep.landmarks import read_landmarks  # noqa: F401 (eval.cli / eval.megaface use F.read_landmarks)
 from sphereface_plus.errors import CheckpointError, InputFileError, MissingFileError
+from sphereface_plus.importers.preprocessing import PREPROCESSING_KEY, Preprocessing, wrap_backbone
 from sphereface_plus.utils import progress
 
 logger = logging.getLogger(__name__)
@@ -170,6 +171,10 @@ def embed_batch(model: torch.nn.Module, x: torch.Tensor, flip: bool = True, prec
     from sphereface_plus.engine.precision import autocast
 
     n = x.shape[0]
+    # an imported model's own test-time use of the mirror (sphereface_plus.importers.preprocessing):
+    # concat (the toolkit's, SphereFace's), sum (insightface's), none
+    policy = getattr(model, "flip_policy", "concat")
+    flip = bool(flip) and policy != "none"
     if flip:
         x = torch.cat([x, torch.flip(x, dims=[3])])
     if channels_last:
@@ -180,7 +185,7 @@ def embed_batch(model: torch.nn.Module, x: torch.Tensor, flip: bool = True, prec
     if not flip:
         return out
     a, b = out.split(n)
-    return torch.cat([a, b], dim=1)
+    return a + b if policy == "sum" else torch.cat([a, b], dim=1)
 
 
 def iter_embeddings(
@@ -323,6 +328,9 @@ def load_checkpoint(path, device="cpu"):
     kwargs = {"input_size": input_size}
     if "embedding_dim" in cfg["model"]:  # sphereface_plus.config.ModelConfig: fc5 width
         kwargs["embedding_dim"] = int(cfg["model"]["embedding_dim"])
+    for key, value in cfg["model"].items():  # an imported backbone's own settings (sphereface_plus.importers)
+        if key not in ("backbone", "input_size", "embedding_dim", "channels_last"):
+            kwargs[key] = value
     model = create_backbone(name, **kwargs)
     try:
         model.load_state_dict(strip_module_prefix(state))
@@ -330,6 +338,13 @@ def load_checkpoint(path, device="cpu"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: the stored weights do not fit the {name} backbone its config names "
                               f"({first})") from None
+    pre = None
+    if PREPROCESSING_KEY in ckpt:  # an imported model: its own input convention (docs/import.md)
+        pre = Preprocessing.from_dict(ckpt[PREPROCESSING_KEY], str(path))
+        if tuple(pre.input_size) != input_size:
+            raise CheckpointError(f"{path}: preprocessing template {pre.template} does not match the model's input "
+                                  f"size {input_size[0]}x{input_size[1]}; import the model again")
+        model = wrap_backbone(model, pre)
     model.to(torch.device(device)).eval()
     threshold = ckpt.get("threshold")
     info = {
@@ -338,6 +353,8 @@ def load_checkpoint(path, device="cpu"):
         "template": template,
         "threshold": None if threshold is None else float(threshold),
         "iteration": ckpt.get("iteration"),
+        "preprocessing": None if pre is None else pre.to_dict(),
+        "flip_policy": "concat" if pre is None else pre.flip,
     }
     logger.info("loaded %s (%s, input %dx%d, iteration %s)", path, name, *input_size, info["iteration"])
     return model, info
