@@ -254,3 +254,215 @@ def test_caffe_bad_inputs_are_one_error_line(caffe_files, tmp_path, capsys):
     assert "ReLU" in _error_line(capsys, ["import", "--from", "caffe", str(tmp_path / "odd.prototxt"),
                                           str(d / "net.caffemodel"), "--out", out])
     assert not Path(out).exists()  # nothing written
+
+
+# ------------------------------------------------------------------ MHE-GAN TF1 checkpoint
+def write_tf_bundle(prefix, variables):
+    """A TF V2 checkpoint (tensor bundle) of ``variables`` (name -> array): PREFIX.index (a LevelDB-format
+    table: one data block of sorted keys, no prefix sharing, an index block, an empty metaindex block, the
+    48-byte footer with the magic) and PREFIX.data-00000-of-00001, as tensorflow/core/util/tensor_bundle
+    writes them (leveldb/doc/table_format.md). The values are BundleHeaderProto / BundleEntryProto."""
+    import struct
+
+    from sphereface_plus.importers.tf_bundle import TABLE_MAGIC, bundle_messages
+
+    msgs = bundle_messages()
+    codes = {np.dtype(np.float32): 1, np.dtype(np.int64): 9}
+    data, entries = bytearray(), {b"": msgs["BundleHeaderProto"](num_shards=1).SerializeToString()}
+    for name in sorted(variables):
+        arr = np.array(variables[name], order="C")
+        e = msgs["BundleEntryProto"](dtype=codes[arr.dtype], offset=len(data), size=arr.nbytes)
+        for d in arr.shape:
+            e.shape.dim.add(size=d)
+        data += arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+        entries[name.encode()] = e.SerializeToString()
+
+    def block(items):
+        out = bytearray()
+        for k, v in items:
+            out += _varint(0) + _varint(len(k)) + _varint(len(v)) + k + v
+        out += struct.pack("<II", 0, 1)  # one restart point at 0
+        return bytes(out)
+
+    table = bytearray()
+    handles = []
+    for items in ([(k, entries[k]) for k in sorted(entries)], [], None):
+        if items is None:  # the index block: last key of the data block -> its handle
+            items = [(sorted(entries)[-1], _varint(handles[0][0]) + _varint(handles[0][1]))]
+        b = block(items)
+        handles.append((len(table), len(b)))
+        table += b + b"\x00" + b"\x00\x00\x00\x00"  # trailer: no compression, crc (not checked by readers here)
+    meta, index = handles[1], handles[2]
+    footer = _varint(meta[0]) + _varint(meta[1]) + _varint(index[0]) + _varint(index[1])
+    footer += b"\x00" * (40 - len(footer)) + struct.pack("<Q", TABLE_MAGIC)
+    Path(f"{prefix}.index").write_bytes(bytes(table + footer))
+    Path(f"{prefix}.data-00000-of-00001").write_bytes(bytes(data))
+
+
+def mhe_gan_variables(seed=0, sn=True):
+    """Random variables with the names and shapes of the original net.py / ops.py (TF layouts), plus Adam
+    slots and the global step a tf.train.Saver checkpoint of train.py holds."""
+    rng = np.random.default_rng(seed)
+    v = {"generator/l0/w": rng.normal(0, 0.02, (128, 8192))}
+    for i, c in enumerate((8192, 256, 128, 64)):
+        v[f"generator/bn{i}/gamma"] = rng.uniform(0.5, 1.5, c)
+        v[f"generator/bn{i}/beta"] = rng.normal(0, 0.1, c)
+        v[f"generator/bn{i}/moving_mean"] = rng.normal(0, 0.1, c)
+        v[f"generator/bn{i}/moving_variance"] = rng.uniform(0.5, 2.0, c)
+    for i, (cin, cout, k) in enumerate(((512, 256, 4), (256, 128, 4), (128, 64, 4), (64, 3, 3)), start=1):
+        v[f"generator/dc{i}/w"] = rng.normal(0, 0.05, (k, k, cout, cin))
+        v[f"generator/dc{i}/b"] = rng.normal(0, 0.1, cout)
+    cin = 3
+    for name, cout, k in (("c0_0", 64, 3), ("c0_1", 128, 4), ("c1_0", 128, 3), ("c1_1", 256, 4), ("c2_0", 256, 3),
+                          ("c2_1", 512, 4), ("c3_0", 512, 3)):
+        v[f"critic/{name}/w"] = rng.normal(0, 0.05, (k, k, cin, cout))
+        v[f"critic/{name}/b"] = rng.normal(0, 0.1, cout)
+        if sn:
+            v[f"critic/{name}/u"] = rng.normal(0, 1, (1, cout))
+        cin = cout
+    v["critic/l4/w"] = rng.normal(0, 0.02, (8192, 1))
+    if sn:
+        v["critic/l4/u"] = rng.normal(0, 1, (1, 1))
+    v = {k: a.astype(np.float32) for k, a in v.items()}
+    v["generator/l0/w/Adam"] = np.zeros((128, 8192), np.float32)
+    v["global_step"] = np.array(1234, dtype=np.int64)
+    return v
+
+
+def _same_pad(size, k, s):
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return out, total // 2
+
+
+def tf_conv2d(x, w, stride):
+    """tf.nn.conv2d(x, w, [1, s, s, 1], 'SAME'): NHWC x HWIO, float64, by kernel positions."""
+    n, h, wd, _ = x.shape
+    kh, kw, _, cout = w.shape
+    oh, pt = _same_pad(h, kh, stride)
+    ow, pl = _same_pad(wd, kw, stride)
+    xp = np.pad(x, ((0, 0), (pt, pt + kh), (pl, pl + kw), (0, 0)))
+    out = np.zeros((n, oh, ow, cout))
+    for i in range(kh):
+        for j in range(kw):
+            patch = np.ascontiguousarray(xp[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :])
+            out += (patch.reshape(-1, patch.shape[-1]) @ w[i, j]).reshape(out.shape)
+    return out
+
+
+def tf_conv2d_transpose(x, w, stride, out_hw):
+    """tf.nn.conv2d_transpose(x, w [kh, kw, out, in], output_shape, [1, s, s, 1], 'SAME'): the adjoint of
+    tf_conv2d with that filter, scattered kernel position by kernel position."""
+    n, h, wd, _ = x.shape
+    kh, kw, cout, _ = w.shape
+    oh, ow = out_hw
+    _, pt = _same_pad(oh, kh, stride)
+    _, pl = _same_pad(ow, kw, stride)
+    big = np.zeros((n, oh + 2 * kh + stride * h, ow + 2 * kw + stride * wd, cout))
+    flat = x.reshape(-1, x.shape[-1])
+    for i in range(kh):
+        for j in range(kw):
+            big[:, i:i + stride * h:stride, j:j + stride * wd:stride, :] += (flat @ w[i, j].T).reshape(n, h, wd, cout)
+    return big[:, pt:pt + oh, pl:pl + ow, :]
+
+
+def tf_generator(v, z):
+    """DCGANGenerator.__call__(z, is_training=False) of net.py in float64 (BN with the moving averages)."""
+    f = lambda k: v[k].astype(np.float64)
+
+    def bn(x, i):
+        return (x - f(f"generator/bn{i}/moving_mean")) / np.sqrt(f(f"generator/bn{i}/moving_variance") + 2e-5) \
+            * f(f"generator/bn{i}/gamma") + f(f"generator/bn{i}/beta")
+
+    x = np.maximum(bn(z @ f("generator/l0/w"), 0), 0).reshape(-1, 4, 4, 512)
+    for i, size in ((1, 8), (2, 16), (3, 32)):
+        x = np.maximum(bn(tf_conv2d_transpose(x, f(f"generator/dc{i}/w"), 2, (size, size)) + f(f"generator/dc{i}/b"), i), 0)
+    x = np.tanh(tf_conv2d_transpose(x, f("generator/dc4/w"), 1, (32, 32)) + f("generator/dc4/b"))
+    return x.transpose(0, 3, 1, 2)  # NCHW, as the toolkit's Generator returns
+
+
+def tf_discriminator(v, images_nchw, sn=True):
+    """SNDCGAN_Discrminator.__call__ (update_collection='NO_OPS': u not stored) in float64."""
+    f = lambda k: v[k].astype(np.float64)
+    l2n = lambda a: a / (np.sqrt((a * a).sum()) + 1e-12)
+
+    def weight(name):
+        w = f(f"critic/{name}/w")
+        if not sn:
+            return w
+        w_r = w.reshape(-1, w.shape[-1])  # libs/sn.py: W reshaped to [-1, out]
+        vv = l2n(f(f"critic/{name}/u") @ w_r.T)
+        u = l2n(vv @ w_r)
+        return w / (vv @ w_r @ u.T)[0, 0]
+
+    x = images_nchw.transpose(0, 2, 3, 1).astype(np.float64)
+    for name, s in (("c0_0", 1), ("c0_1", 2), ("c1_0", 1), ("c1_1", 2), ("c2_0", 1), ("c2_1", 2), ("c3_0", 1)):
+        x = tf_conv2d(x, weight(name), s) + f(f"critic/{name}/b")
+        x = np.maximum(x, 0.1 * x)
+    return (x.reshape(x.shape[0], -1) @ weight("l4")).reshape(-1)
+
+
+def _check_gan_import(prefix, variables, out, sn=True):
+    assert main(["import", "--from", "mhe-gan", str(prefix), "--out", str(out)]) == 0
+    from sphereface_plus.gan.models import Discriminator, Generator
+
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["config"]["sn"] is sn and ckpt["iteration"] == 1234
+    G, D = Generator().double().eval(), Discriminator(spectral_norm=sn).double().eval()
+    G.load_state_dict(ckpt["generator"])
+    D.load_state_dict(ckpt["discriminator"])
+    z = np.random.default_rng(1).normal(size=(3, 128))
+    want = tf_generator(variables, z)
+    with torch.no_grad():
+        got = G(torch.from_numpy(z)).numpy()
+    assert np.abs(got - want).max() <= TOL
+    from data_prep.cifar import load_cifar_split
+    from shared_data import CIFAR_SUBSET
+
+    try:  # real CIFAR-10 test images through the discriminator, else the generated ones
+        images = load_cifar_split(str(CIFAR_SUBSET), "cifar10", "test")[0][:3].transpose(0, 3, 1, 2) / 127.5 - 1.0
+    except Exception:
+        images = want
+    d_want = tf_discriminator(variables, images, sn=sn)
+    with torch.no_grad():
+        d_got = D(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+    assert np.abs(d_got - d_want).max() <= TOL * max(1.0, np.abs(d_want).max())
+
+
+@pytest.mark.parametrize("sn", [True, False])
+def test_mhe_gan_checkpoint_matches_tf_semantics(tmp_path, sn):
+    variables = mhe_gan_variables(sn=sn)
+    write_tf_bundle(tmp_path / "model.ckpt-1234", variables)
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-1234"\n')
+    _check_gan_import(tmp_path, variables, tmp_path / "gan.pt", sn=sn)  # the folder: its 'checkpoint' file
+
+
+def test_mhe_gan_checkpoint_written_by_tensorflow(tmp_path):
+    """The same, with the checkpoint written by TensorFlow's own tf.train.Saver (when TF is installed)."""
+    tf = pytest.importorskip("tensorflow", reason="tensorflow is not installed (optional: pip install tensorflow-cpu)")
+    variables = mhe_gan_variables(seed=3)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf_vars = [tf.compat.v1.get_variable(k, initializer=a) for k, a in variables.items()]
+        saver = tf.compat.v1.train.Saver(tf_vars)
+        with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            prefix = saver.save(sess, str(tmp_path / "model.ckpt"), global_step=1234)
+    _check_gan_import(prefix, variables, tmp_path / "gan.pt")
+
+
+def test_mhe_gan_bad_checkpoints_are_one_error_line(tmp_path, capsys):
+    variables = mhe_gan_variables()
+    del variables["generator/dc2/b"]
+    write_tf_bundle(tmp_path / "m", variables)
+    out = str(tmp_path / "gan.pt")
+    assert "generator/dc2/b" in _error_line(capsys, ["import", "--from", "mhe-gan", str(tmp_path / "m"), "--out", out])
+    variables = mhe_gan_variables()
+    variables["critic/c1_0/w"] = variables["critic/c1_0/w"][:, :, :64]
+    write_tf_bundle(tmp_path / "s", variables)
+    assert "c1_0.weight" in _error_line(capsys, ["import", "--from", "mhe-gan", str(tmp_path / "s"), "--out", out])
+    (tmp_path / "x.index").write_bytes(b"not a table" * 10)
+    assert "not a TensorFlow checkpoint" in _error_line(capsys, ["import", "--from", "mhe-gan", str(tmp_path / "x"),
+                                                                  "--out", out])
+    assert "does not exist" in _error_line(capsys, ["import", "--from", "mhe-gan", str(tmp_path / "nothing"), "--out", out])
+    assert not Path(out).exists()

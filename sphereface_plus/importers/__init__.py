@@ -66,6 +66,10 @@ def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor],
     from sphereface_plus.errors import CheckpointError
 
     own = module.state_dict()
+    state = dict(state)
+    for k, v in own.items():  # a BatchNorm counter other frameworks do not keep (used only with momentum=None)
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = v
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing:
