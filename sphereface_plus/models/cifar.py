@@ -73,7 +73,8 @@ class CifarCNN9(nn.Module):
         return self.score(self.fc6(self.features(x))).flatten(1)
 
 
-@register_backbone()
+@register_backbone(input_sizes=((32, 32),), output="logits", options=("num_classes", "widths", "fc_dim", "in_channels"),
+                   source="Liu et al., MHE (NeurIPS 2018), CIFAR CNN-9; wy1iu/MHE")
 def cifar_cnn9(num_classes: int = 100, **kwargs) -> CifarCNN9:
     """CNN-9 of the MHE CIFAR experiments (SPEC section 7)."""
     return CifarCNN9(num_classes=num_classes, **kwargs)

@@ -28,6 +28,8 @@ __all__ = ["SphereNet", "ResidualUnit", "sphere4", "sphere10", "sphere20", "sphe
 
 STAGE_CHANNELS = (64, 128, 256, 512)
 SUPPORTED_INPUT_SIZES = ((112, 96), (112, 112))
+SPHERE_OPTIONS = ("input_size", "embedding_dim", "in_channels")  # SphereNet's arguments the builders pass on
+SOURCE = "Liu et al., SphereFace (CVPR 2017), wy1iu/sphereface sphereface_model.prototxt"
 
 
 def _stage_out(size: int) -> int:
@@ -137,31 +139,31 @@ def _build(units: Sequence[int], input_size=(112, 96), **kwargs) -> SphereNet:
     return SphereNet(units, input_size=tuple(input_size), **kwargs)
 
 
-@register_backbone()
+@register_backbone(input_sizes=SUPPORTED_INPUT_SIZES, options=SPHERE_OPTIONS, source=SOURCE)
 def sphere4(input_size=(112, 96), **kwargs) -> SphereNet:
     """SphereFace-4: 0, 0, 0, 0 residual units (4 conv layers)."""
     return _build((0, 0, 0, 0), input_size, **kwargs)
 
 
-@register_backbone()
+@register_backbone(input_sizes=SUPPORTED_INPUT_SIZES, options=SPHERE_OPTIONS, source=SOURCE)
 def sphere10(input_size=(112, 96), **kwargs) -> SphereNet:
     """SphereFace-10: 0, 1, 2, 0 residual units (10 conv layers)."""
     return _build((0, 1, 2, 0), input_size, **kwargs)
 
 
-@register_backbone()
+@register_backbone(input_sizes=SUPPORTED_INPUT_SIZES, options=SPHERE_OPTIONS, source=SOURCE)
 def sphere20(input_size=(112, 96), **kwargs) -> SphereNet:
     """SphereFace-20: 1, 2, 4, 1 residual units (20 conv layers), the paper's CASIA model."""
     return _build((1, 2, 4, 1), input_size, **kwargs)
 
 
-@register_backbone()
+@register_backbone(input_sizes=SUPPORTED_INPUT_SIZES, options=SPHERE_OPTIONS, source=SOURCE)
 def sphere36(input_size=(112, 96), **kwargs) -> SphereNet:
     """SphereFace-36: 2, 4, 8, 2 residual units (36 conv layers)."""
     return _build((2, 4, 8, 2), input_size, **kwargs)
 
 
-@register_backbone()
+@register_backbone(input_sizes=SUPPORTED_INPUT_SIZES, options=SPHERE_OPTIONS, source=SOURCE)
 def sphere64(input_size=(112, 96), **kwargs) -> SphereNet:
     """SphereFace-64: 3, 8, 16, 3 residual units (64 conv layers)."""
     return _build((3, 8, 16, 3), input_size, **kwargs)
