@@ -328,9 +328,6 @@ def load_checkpoint(path, device="cpu"):
     kwargs = {"input_size": input_size}
     if "embedding_dim" in cfg["model"]:  # sphereface_plus.config.ModelConfig: fc5 width
         kwargs["embedding_dim"] = int(cfg["model"]["embedding_dim"])
-    for key, value in cfg["model"].items():  # an imported backbone's own settings (sphereface_plus.importers)
-        if key not in ("backbone", "input_size", "embedding_dim", "channels_last"):
-            kwargs[key] = value
     model = create_backbone(name, **kwargs)
     try:
         model.load_state_dict(strip_module_prefix(state))

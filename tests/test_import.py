@@ -466,3 +466,126 @@ def test_mhe_gan_bad_checkpoints_are_one_error_line(tmp_path, capsys):
                                                                   "--out", out])
     assert "does not exist" in _error_line(capsys, ["import", "--from", "mhe-gan", str(tmp_path / "nothing"), "--out", out])
     assert not Path(out).exists()
+
+
+# ------------------------------------------------------------------ insightface / OpenSphere state dicts
+# key names of arcface_torch backbones/iresnet.py (IResNet, IBasicBlock) for iResNet-18
+INSIGHTFACE_KEYS = ("conv1.weight", "bn1.running_var", "prelu.weight", "layer1.0.bn1.weight", "layer1.0.conv1.weight",
+                    "layer1.0.bn2.bias", "layer1.0.prelu.weight", "layer1.0.conv2.weight", "layer1.0.bn3.running_mean",
+                    "layer1.0.downsample.0.weight", "layer1.0.downsample.1.weight", "layer4.1.conv2.weight",
+                    "bn2.weight", "fc.weight", "fc.bias", "features.weight", "features.running_var")
+# OpenSphere model/backbone/sfnet.py with BN, sfnet20: ConvBlock then BasicBlocks in each layer
+OPENSPHERE_SFNET_BN_KEYS = ("layer1.0.conv1.weight", "layer1.0.bn1.weight", "layer1.1.conv1.weight", "layer1.1.bn2.bias",
+                            "layer3.4.conv2.weight", "fc.weight", "features.weight")
+
+
+def _random_state(net, seed):
+    """Random values for every float entry of ``net``'s state dict (BN statistics included)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in net.state_dict().items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+        elif k.endswith("running_var"):
+            out[k] = torch.rand(v.shape, generator=g) + 0.5
+        elif k.endswith(("bn1.weight", "bn2.weight", "bn3.weight", "features.weight", "1.weight")) and v.ndim == 1:
+            out[k] = torch.rand(v.shape, generator=g) + 0.5
+        else:
+            fan = v[0].numel() if v.ndim > 1 else 1
+            out[k] = torch.randn(v.shape, generator=g) * (0.7 / fan ** 0.5 if v.ndim > 1 else 0.1)
+    return out
+
+
+def _reference(arch, state, crops_bgr, mean, std, size):
+    """The source pipeline in float64: RGB, (x - mean) / std in numpy, then the network (float64 copy)."""
+    from sphereface_plus.models import create_backbone
+
+    net = create_backbone(arch, input_size=size, embedding_dim=512).double().eval()
+    net.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+    x = np.stack([c[:, :, ::-1].transpose(2, 0, 1) for c in crops_bgr]).astype(np.float64)  # BGR -> RGB
+    x = (x - mean) / std
+    with torch.no_grad():
+        return net(torch.from_numpy(x)).numpy(), net(torch.from_numpy(x[:, :, :, ::-1].copy())).numpy()
+
+
+@pytest.fixture(scope="module")
+def crops112():
+    if not (LFW / "lfw_landmark.txt").is_file():
+        pytest.skip(f"real LFW not found at {LFW}")
+    return lfw_crops("112x112", count=3)
+
+
+def test_insightface_backbone_pth_matches_reference(tmp_path, crops112):
+    from eval.embedder import FaceEmbedder
+    from sphereface_plus.models import create_backbone
+
+    net = create_backbone("iresnet18", input_size=(112, 112))
+    state = _random_state(net, 0)
+    assert all(k in state for k in INSIGHTFACE_KEYS)
+    torch.save(state, tmp_path / "backbone.pth")
+    out = tmp_path / "r18.pt"
+    assert main(["import", "--from", "insightface", str(tmp_path / "backbone.pth"), "--out", str(out)]) == 0
+    f, f_flip = _reference("iresnet18", state, crops112, 127.5, 127.5, (112, 112))
+    emb = FaceEmbedder(out, precision="fp32").embed(crops112, aligned=True)
+    assert np.abs(emb - _unit(f + f_flip)).max() <= TOL  # insightface: crop + mirror summed
+    emb = FaceEmbedder(out, precision="fp32", flip=False).embed(crops112, aligned=True)
+    assert np.abs(emb - _unit(f)).max() <= TOL
+    # a 112x96 crop given to this 112x112 model: one clear error
+    from sphereface_plus.errors import InputFileError
+
+    with pytest.raises(InputFileError, match="112x112"):
+        FaceEmbedder(out, precision="fp32").embed([crops112[0][:, 8:104]], aligned=True)
+
+
+def test_opensphere_checkpoints_match_reference(tmp_path, crops112):
+    from eval.embedder import FaceEmbedder
+    from sphereface_plus.models import create_backbone
+
+    # main layout: checkpoint/model_<step>.pth = {'backbone': ..., 'head': {'w': feat_dim x classes}}
+    state = _random_state(create_backbone("sfnet20_bn", input_size=(112, 112)), 1)
+    assert all(k in state for k in OPENSPHERE_SFNET_BN_KEYS)
+    w = torch.randn(512, 11)
+    torch.save({"backbone": {f"module.{k}": v for k, v in state.items()}, "head": {"w": w}}, tmp_path / "model_100.pth")
+    out = tmp_path / "sf.pt"
+    assert main(["import", "--from", "opensphere", str(tmp_path / "model_100.pth"), "--out", str(out)]) == 0
+    f, f_flip = _reference("sfnet20_bn", state, crops112, 127.5, 127.5, (112, 112))
+    emb = FaceEmbedder(out, precision="fp32").embed(crops112, aligned=True)
+    assert np.abs(emb - _unit(np.concatenate([f, f_flip], axis=1))).max() <= TOL
+    ckpt = torch.load(out, weights_only=True)
+    assert torch.equal(ckpt["head"]["weight"], w.t()) and ckpt["config"]["model"]["backbone"] == "sfnet20_bn"
+    # v0 layout: models/backbone_<iter>.pth + models/head_<iter>.pth, SFNet without BN
+    plain = _random_state(create_backbone("sfnet20_deprecated", input_size=(112, 112)), 2)
+    torch.save(plain, tmp_path / "backbone_5.pth")
+    torch.save({"w": w}, tmp_path / "head_5.pth")
+    out2 = tmp_path / "sf_plain.pt"
+    assert main(["import", "--from", "opensphere", str(tmp_path / "backbone_5.pth"), str(tmp_path / "head_5.pth"),
+                 "--out", str(out2)]) == 0
+    f, f_flip = _reference("sfnet20_deprecated", plain, crops112, 127.5, 127.5, (112, 112))
+    emb = FaceEmbedder(out2, precision="fp32").embed(crops112, aligned=True)
+    assert np.abs(emb - _unit(np.concatenate([f, f_flip], axis=1))).max() <= TOL
+
+
+def test_state_dict_bad_inputs_are_one_error_line(tmp_path, capsys):
+    from sphereface_plus.models import create_backbone
+
+    state = create_backbone("iresnet18", input_size=(112, 112)).state_dict()
+    out = str(tmp_path / "m.pt")
+    broken = dict(state)
+    del broken["layer2.0.bn3.weight"]
+    torch.save(broken, tmp_path / "missing.pth")
+    assert "layer2.0.bn3.weight" in _error_line(capsys, ["import", "--from", "insightface", str(tmp_path / "missing.pth"),
+                                                         "--out", out])
+    shaped = dict(state)
+    shaped["layer3.1.conv1.weight"] = torch.zeros(256, 128, 3, 3)
+    torch.save(shaped, tmp_path / "shape.pth")
+    assert "layer3.1.conv1.weight" in _error_line(capsys, ["import", "--from", "insightface", str(tmp_path / "shape.pth"),
+                                                           "--out", out])
+    torch.save(state, tmp_path / "r18.pth")
+    assert "iresnet18" in _error_line(capsys, ["import", "--from", "insightface", str(tmp_path / "r18.pth"), "--arch",
+                                               "iresnet50", "--out", out])
+    torch.save({"fc.weight": torch.zeros(2, 3)}, tmp_path / "other.pth")
+    _error_line(capsys, ["import", "--from", "opensphere", str(tmp_path / "other.pth"), "--out", out])
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    assert "not a readable" in _error_line(capsys, ["import", "--from", "insightface", str(tmp_path / "junk.pth"),
+                                                    "--out", out])
+    assert not Path(out).exists()

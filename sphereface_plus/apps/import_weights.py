@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default=None,
                         help="the backbone, when the file does not say it: iresnet18..200, sfnet4..64, sphere20.. "
                              "(default: found from the weights)")
+    parser.add_argument("--head", default="a_softmax",
+                        help="--from opensphere: the toolkit head that receives the classifier weights (default "
+                             "a_softmax; sphereface_plus.heads.list_heads())")
     g = parser.add_argument_group("input convention (default: the source's own, see docs/import.md)")
     g.add_argument("--template", choices=("112x96", "112x112"), default=None, help="crop template the model was trained on")
     g.add_argument("--color", choices=("bgr", "rgb"), default=None, help="channel order the model takes")
@@ -108,7 +111,8 @@ def run(args) -> int:
     else:
         from sphereface_plus.importers.torch_state import import_opensphere
 
-        ckpt = import_opensphere(args.src[0], args.src[1] if len(args.src) > 1 else None, arch=args.arch)
+        ckpt = import_opensphere(args.src[0], args.src[1] if len(args.src) > 1 else None, arch=args.arch,
+                                 head_name=args.head)
     from sphereface_plus.importers.preprocessing import PREPROCESSING_KEY, Preprocessing, parse_override
 
     pre = parse_override(Preprocessing.from_dict(ckpt[PREPROCESSING_KEY]), **overrides)

@@ -41,12 +41,10 @@ def file_sha256(path) -> str:
 def face_checkpoint(backbone: str, state: Mapping[str, torch.Tensor], pre: Preprocessing,
                     sources: Sequence[Path], source: str, embedding_dim: int,
                     head: Optional[Mapping[str, torch.Tensor]] = None,
-                    head_config: Optional[Dict[str, Any]] = None,
-                    model_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                    head_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The toolkit checkpoint of an imported face model (see the module docstring)."""
     h, w = pre.input_size
     model_cfg: Dict[str, Any] = {"backbone": backbone, "input_size": [h, w], "embedding_dim": int(embedding_dim)}
-    model_cfg.update(model_kwargs or {})
     ckpt: Dict[str, Any] = {
         "model": {k: v.detach().clone().contiguous() for k, v in state.items()},
         "config": {"model": model_cfg, "data": {"template": pre.template}, "head": dict(head_config or {})},
