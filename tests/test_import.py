@@ -589,3 +589,47 @@ def test_state_dict_bad_inputs_are_one_error_line(tmp_path, capsys):
     assert "not a readable" in _error_line(capsys, ["import", "--from", "insightface", str(tmp_path / "junk.pth"),
                                                     "--out", out])
     assert not Path(out).exists()
+
+
+# ------------------------------------------------------------------ ONNX
+def test_onnx_model_import_matches_reference(tmp_path, crops112):
+    """An ONNX file exported from a known network (sphere4 on 112x112, taking insightface's RGB / 127.5
+    input, dynamic batch) is rewritten to the toolkit's interface and scored like insightface scores it."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from eval.embedder import FaceEmbedder
+    from sphereface_plus.models import create_backbone
+
+    net = create_backbone("sphere4", input_size=(112, 112)).eval()
+    state = _random_state(net, 5)
+    net.load_state_dict(state)
+    batch = torch.export.Dim("batch", min=1)
+    prog = torch.onnx.export(net, (torch.randn(2, 3, 112, 112),), dynamo=True, input_names=["input.1"],
+                             dynamic_shapes=({0: batch},), verbose=False)
+    prog.save(str(tmp_path / "w600k_like.onnx"))
+    out = tmp_path / "model.onnx"
+    assert main(["import", "--from", "onnx", str(tmp_path / "w600k_like.onnx"), "--out", str(out)]) == 0
+    f, f_flip = _reference("sphere4", state, crops112, 127.5, 127.5, (112, 112))
+    emb = FaceEmbedder(out, precision="fp32").embed(crops112, aligned=True)
+    assert np.abs(emb - _unit(f + f_flip)).max() <= TOL
+    from eval.features import load_checkpoint
+
+    _, info = load_checkpoint(out)
+    assert info["template"] == "112x112" and info["flip_policy"] == "sum"
+    # the input convention given on the command line instead: BGR, (x - 127.5) / 128, concat
+    out2 = tmp_path / "model_bgr.onnx"
+    assert main(["import", "--from", "onnx", str(tmp_path / "w600k_like.onnx"), "--out", str(out2), "--color", "bgr",
+                 "--std", "128", "--flip", "concat"]) == 0
+    f, f_flip = _reference("sphere4", state, [c[:, :, ::-1] for c in crops112], 127.5, 128.0, (112, 112))
+    emb = FaceEmbedder(out2, precision="fp32").embed(crops112, aligned=True)
+    assert np.abs(emb - _unit(np.concatenate([f, f_flip], axis=1))).max() <= TOL
+
+
+def test_onnx_bad_inputs_are_one_error_line(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x08junk" * 20)
+    _error_line(capsys, ["import", "--from", "onnx", str(tmp_path / "junk.onnx"), "--out", str(tmp_path / "o.onnx")])
+    assert ".onnx" in _error_line(capsys, ["import", "--from", "onnx", str(tmp_path / "junk.onnx"), "--out",
+                                           str(tmp_path / "o.pt")])
+    assert "takes 1 SRC" in _error_line(capsys, ["import", "--from", "insightface", "a.pth", "b.pth", "--out",
+                                                 str(tmp_path / "o.pt")])

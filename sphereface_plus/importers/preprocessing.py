@@ -53,6 +53,8 @@ Number = Union[float, Sequence[float]]
 
 def _three(value: Number, name: str, where: str) -> List[float]:
     vals = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(vals) == 1:
+        vals = vals * 3
     if len(vals) != 3 or not all(v == v for v in vals):
         raise CheckpointError(f"{where}: preprocessing {name} must be one number or three (one per channel), got {value!r}")
     return vals
