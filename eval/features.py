@@ -171,10 +171,6 @@ def embed_batch(model: torch.nn.Module, x: torch.Tensor, flip: bool = True, prec
     from sphereface_plus.engine.precision import autocast
 
     n = x.shape[0]
-    # an imported model's own test-time use of the mirror (sphereface_plus.importers.preprocessing):
-    # concat (the toolkit's, SphereFace's), sum (insightface's), none
-    policy = getattr(model, "flip_policy", "concat")
-    flip = bool(flip) and policy != "none"
     if flip:
         x = torch.cat([x, torch.flip(x, dims=[3])])
     if channels_last:
@@ -185,7 +181,7 @@ def embed_batch(model: torch.nn.Module, x: torch.Tensor, flip: bool = True, prec
     if not flip:
         return out
     a, b = out.split(n)
-    return a + b if policy == "sum" else torch.cat([a, b], dim=1)
+    return torch.cat([a, b], dim=1)
 
 
 def iter_embeddings(

@@ -166,6 +166,5 @@ def load_onnx_model(path, device="cpu") -> Tuple[OnnxModel, Dict[str, object]]:
 
     if flip not in FLIP_POLICIES:
         raise CheckpointError(f"{path}: metadata {FLIP_KEY!r} is {flip!r}, not one of {', '.join(FLIP_POLICIES)}")
-    model.flip_policy = flip  # read by eval.features.embed_batch
     logger.info("loaded %s (ONNX export of %s, input %dx%d)", path, info["backbone"], *info["input_size"])
     return model, info

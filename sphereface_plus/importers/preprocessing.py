@@ -22,7 +22,9 @@ source     where the weights came from (``caffe``, ``insightface``, ...)
 the toolkit's input and hands the backbone exactly what the source pipeline would have computed from
 the same uint8 pixels (``x * 128 + 127.5`` recovers them exactly: both steps are exact in float32),
 so everything that embeds (``verify``, ``compare``, ``export``, IJB, ``FaceEmbedder``) applies it
-without a branch. Its ``flip_policy`` tells :func:`eval.features.embed_batch` how to use the mirror.
+without a branch. The flip policy is applied where crop and mirror features are combined: by
+``FaceEmbedder`` / ``compare`` (features are always extracted as ``[f(crop), f(mirror)]``, and a
+verification protocol fuses them its own way).
 A checkpoint without the entry is the toolkit's own convention and is loaded unwrapped, as before.
 """
 from __future__ import annotations
@@ -151,7 +153,7 @@ class SourceInput(nn.Module):
     """``backbone`` behind the conversion toolkit input -> the source's input (module docstring).
 
     ``forward(x)``: ``x`` is ``B x 3 x H x W`` in the toolkit's convention; the backbone sees
-    ``(pixels[, RGB] - mean) / std``. ``flip_policy`` is read by the embedding code.
+    ``(pixels[, RGB] - mean) / std``.
     """
 
     def __init__(self, backbone: nn.Module, pre: Preprocessing):
@@ -159,7 +161,6 @@ class SourceInput(nn.Module):
         self.backbone = backbone
         self.preprocessing = pre
         self.swap_rb = pre.color == "rgb"
-        self.flip_policy = pre.flip
         self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -178,7 +179,7 @@ class SourceInput(nn.Module):
 
 def wrap_backbone(backbone: nn.Module, pre: Optional[Preprocessing]) -> nn.Module:
     """The module that takes the toolkit's input for ``backbone``: the backbone itself when ``pre`` is
-    ``None`` or the toolkit's own convention with the toolkit's flip, else a :class:`SourceInput`."""
-    if pre is None or (pre.is_toolkit_input() and pre.flip == "concat"):
+    ``None`` or the toolkit's own pixel convention, else a :class:`SourceInput`."""
+    if pre is None or pre.is_toolkit_input():
         return backbone
     return SourceInput(backbone, pre)
