@@ -512,7 +512,7 @@ def _reference(arch, state, crops_bgr, mean, std, size):
 def crops112():
     if not (LFW / "lfw_landmark.txt").is_file():
         pytest.skip(f"real LFW not found at {LFW}")
-    return lfw_crops("112x112", count=3)
+    return lfw_crops("112x112", count=2)
 
 
 def test_insightface_backbone_pth_matches_reference(tmp_path, crops112):
@@ -672,3 +672,27 @@ def test_gan_eval_only_scores_the_imported_generator(tmp_path):
     ref = M.fid_kid(load_cifar_split(str(CIFAR_SUBSET), "cifar10", "test")[0][:4], fake, extractor=M.InceptionPool3())
     assert rows[0]["fid"] == pytest.approx(ref["fid"], rel=1e-6)
     assert rows[0]["kid"] == pytest.approx(ref["kid"], rel=1e-6, abs=1e-9)
+
+
+def test_export_of_an_imported_model_keeps_its_convention(tmp_path, crops112):
+    """sphereface-plus export of an imported checkpoint: the ONNX graph contains the input conversion and
+    the file carries the flip policy, so the .onnx embeds exactly as the .pt does."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from eval.embedder import FaceEmbedder
+    from sphereface_plus.importers import face_checkpoint
+    from sphereface_plus.importers.preprocessing import INSIGHTFACE
+    from sphereface_plus.models import create_backbone
+    from sphereface_plus.utils import atomic_torch_save
+
+    net = create_backbone("sphere4", input_size=(112, 112))
+    state = _random_state(net, 7)
+    (tmp_path / "src.bin").write_bytes(b"x")
+    atomic_torch_save(face_checkpoint("sphere4", state, INSIGHTFACE, [tmp_path / "src.bin"], "test", 512),
+                      tmp_path / "m.pt")
+    assert main(["export", "--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m.onnx"),
+                 "--check-count", "4"]) == 0
+    f, f_flip = _reference("sphere4", state, crops112, 127.5, 127.5, (112, 112))
+    for path in (tmp_path / "m.pt", tmp_path / "m.onnx"):
+        emb = FaceEmbedder(path, precision="fp32").embed(crops112, aligned=True)
+        assert np.abs(emb - _unit(f + f_flip)).max() <= TOL, path
