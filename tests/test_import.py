@@ -696,3 +696,31 @@ def test_export_of_an_imported_model_keeps_its_convention(tmp_path, crops112):
     for path in (tmp_path / "m.pt", tmp_path / "m.onnx"):
         emb = FaceEmbedder(path, precision="fp32").embed(crops112, aligned=True)
         assert np.abs(emb - _unit(f + f_flip)).max() <= TOL, path
+
+
+def test_imported_caffe_model_fine_tunes_with_train_init_from(tmp_path):
+    """train.init_from=IMPORTED.pt: the SphereFace+ fine-tune starts from the released backbone and its fc6."""
+    from data_prep.datasets import prepare_synthetic
+    from sphereface_plus.apps.train import make_trainer
+    from sphereface_plus.config import load_config
+
+    text = release_prototxt(UNITS, margin=20)
+    blobs = caffe_weights(UNITS, classes=20, seed=9)
+    (tmp_path / "net.prototxt").write_text(text)
+    write_caffemodel(tmp_path / "net.caffemodel", text, blobs)
+    ckpt = tmp_path / "sphere10.pt"
+    assert main(["import", "--from", "caffe", str(tmp_path / "net.prototxt"), str(tmp_path / "net.caffemodel"),
+                 "--out", str(ckpt)]) == 0
+    cache = tmp_path / "synthetic"
+    prepare_synthetic(cache, 20, 2, 0, "112x96", pairs_per_fold=2)
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(repo / "configs" / "cpu_smoke.yaml"), [
+        f"out_dir={tmp_path / 'run'}", "model.backbone=sphere10", "model.embedding_dim=512", "train.amp=fp32",
+        f"data.synthetic.cache_dir={cache}", "data.synthetic.num_identities=20", "data.synthetic.images_per_identity=2",
+        "data.synthetic.pairs_per_fold=2", "eval.pairs=", "train.tensorboard=false", "mhe.lambda_m=10.0",
+        f"train.init_from={ckpt}"])
+    trainer = make_trainer(cfg)
+    state = torch.load(ckpt, weights_only=True)
+    for k, v in trainer.model.backbone.state_dict().items():
+        assert torch.equal(v, state["model"][k]), k
+    assert torch.equal(trainer.model.head.weight.detach(), torch.from_numpy(blobs["fc6"][0].astype(np.float32)))
