@@ -194,7 +194,7 @@ def test_caffe_import_matches_numpy_forward_on_lfw(caffe_files, tmp_path):
     d, text, blobs = caffe_files
     out = tmp_path / "sphere10.pt"
     assert main(["import", "--from", "caffe", str(d / "net.prototxt"), str(d / "net.caffemodel"), "--out", str(out)]) == 0
-    crops = lfw_crops("112x96")
+    crops = lfw_crops("112x96", count=2)
     ref = caffe_reference(blobs, UNITS, crops)
     ref_mirror = caffe_reference(blobs, UNITS, [c[:, ::-1] for c in crops])
     from eval.embedder import FaceEmbedder
