@@ -51,7 +51,9 @@ class FaceEmbedder:
     """Detect, align and embed faces with a trained checkpoint or its ``.onnx`` export.
 
     ``embed(images)`` takes BGR ``uint8`` arrays (as ``cv2.imread`` returns them) and returns
-    ``N x D`` float32 L2-normalised features (crop + mirror embeddings concatenated when ``flip``).
+    ``N x D`` float32 L2-normalised features: with ``flip``, the crop and mirror embeddings combined as
+    the model's flip policy says (``info["flip_policy"]``: concatenated for the toolkit's own and
+    SphereFace models, summed for insightface's, crop only for ``none``; docs/import.md).
     With ``aligned=True`` the images are already aligned crops and no detector is loaded.
     ``precision`` (``auto|fp32|bf16``) is the backbone's (:func:`eval.features.inference_setup`).
     """
@@ -99,9 +101,14 @@ class FaceEmbedder:
         crops = [_as_bgr(im, n) for im, n in zip(images, names)] if aligned else \
             [self.align(im, n) for im, n in zip(images, names)]
         data = ArrayImages(crops, self.info["input_size"], names=names, hint=ALIGNED_HINT)
-        feats = extract_from_dataset(self.model, data, self.batch_size, self.flip, self.device, num_workers=0,
+        policy = self.info.get("flip_policy") or "concat"
+        flip = self.flip and policy != "none"
+        feats = extract_from_dataset(self.model, data, self.batch_size, flip, self.device, num_workers=0,
                                      desc="embed",
                                      precision=self.precision, channels_last=self.channels_last)
+        if flip and policy == "sum":  # [f(crop), f(mirror)] -> f(crop) + f(mirror)
+            half = feats.shape[1] // 2
+            feats = feats[:, :half] + feats[:, half:]
         return feats / np.linalg.norm(feats, axis=1, keepdims=True)
 
     def similarity(self, image1: np.ndarray, image2: np.ndarray, aligned: bool = False) -> float:

@@ -44,9 +44,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.onnx_model import (EMBEDDING_OUTPUT, FEATURE_OUTPUT, FLIP_POLICY, FORMAT_KEY, FORMAT_VERSION, INPUT_NAME,
-                         PREPROCESSING, TORCHSCRIPT_META, format_size)
 from data_prep.image_files import IMAGE_EXTENSIONS
+from eval.onnx_model import (EMBEDDING_OUTPUT, FEATURE_OUTPUT, FLIP_KEY, FLIP_POLICY, FORMAT_KEY, FORMAT_VERSION,
+                             INPUT_NAME, PREPROCESSING, TORCHSCRIPT_META, format_size)
+from sphereface_plus.importers.preprocessing import Preprocessing
 from sphereface_plus.errors import InputFileError, MissingFileError, ToolkitError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -284,11 +285,15 @@ def build_metadata(info: Dict[str, object], checkpoint: Path, embedding_dim: int
         "template": str(info["template"]),
         "input_size": format_size(info["input_size"]),
         "input": f"{INPUT_NAME}: B x 3 x {info['input_size'][0]} x {info['input_size'][1]} float32, dynamic B",
-        "preprocessing": PREPROCESSING,
+        "preprocessing": PREPROCESSING if not info.get("preprocessing") else
+        f"{PREPROCESSING} (the graph converts it to the imported model's own input: "
+        f"{Preprocessing.from_dict(info['preprocessing']).describe()})",
         "outputs": (f"{EMBEDDING_OUTPUT}: L2-normalised B x {embedding_dim}; {FEATURE_OUTPUT}: the same before "
                     f"normalisation" if fmt == "onnx" else
                     f"forward(x): L2-normalised B x {embedding_dim}; features(x): the same before normalisation"),
-        "flip_policy": FLIP_POLICY,
+        "flip_policy": FLIP_POLICY if info.get("flip_policy", "concat") == "concat" else
+        f"{info['flip_policy']} (the imported model's own, sphereface_plus.importers.preprocessing)",
+        FLIP_KEY: str(info.get("flip_policy") or "concat"),
         "threshold": "none" if threshold is None else repr(float(threshold)),
         "threshold_note": "cosine threshold for compare, chosen on the flip-concatenated feature",
         "iteration": "none" if info.get("iteration") is None else str(int(info["iteration"])),

@@ -22,6 +22,7 @@ from data_prep.datasets import to_network_tensor as preprocess  # the one model 
 from data_prep.geometry import cut_wide_crop, to_bgr
 from data_prep.landmarks import read_landmarks  # noqa: F401 (eval.verify_command / eval.megaface use F.read_landmarks)
 from sphereface_plus.errors import CheckpointError, InputFileError, MissingFileError
+from sphereface_plus.importers.preprocessing import PREPROCESSING_KEY, Preprocessing, wrap_backbone
 from sphereface_plus.utils import progress
 
 logger = logging.getLogger(__name__)
@@ -331,6 +332,13 @@ def load_embedding_model(path, device="cpu"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: the stored weights do not fit the {name} backbone its config names "
                               f"({first})") from None
+    pre = None
+    if PREPROCESSING_KEY in ckpt:  # an imported model: its own input convention (docs/import.md)
+        pre = Preprocessing.from_dict(ckpt[PREPROCESSING_KEY], str(path))
+        if tuple(pre.input_size) != input_size:
+            raise CheckpointError(f"{path}: preprocessing template {pre.template} does not match the model's input "
+                                  f"size {input_size[0]}x{input_size[1]}; import the model again")
+        model = wrap_backbone(model, pre)
     model.to(torch.device(device)).eval()
     threshold = ckpt.get("threshold")
     info = {
@@ -339,6 +347,8 @@ def load_embedding_model(path, device="cpu"):
         "template": template,
         "threshold": None if threshold is None else float(threshold),
         "iteration": ckpt.get("iteration"),
+        "preprocessing": None if pre is None else pre.to_dict(),
+        "flip_policy": "concat" if pre is None else pre.flip,
     }
     logger.info("loaded %s (%s, input %dx%d, iteration %s)", path, name, *input_size, info["iteration"])
     return model, info

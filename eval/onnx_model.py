@@ -42,6 +42,9 @@ FEATURE_OUTPUT = "feature"
 #: the flip policy the toolkit uses and the stored threshold was chosen with (eval.features.embed_batch)
 FLIP_POLICY = "concat: feature = [f(crop), f(mirror)], then L2-normalised and compared by cosine"
 PREPROCESSING = "BGR uint8 crop, (x - 127.5) / 128, NCHW float32"
+#: machine-readable flip policy (concat | sum | none, sphereface_plus.importers.preprocessing.FLIP_POLICIES);
+#: absent in older files: concat
+FLIP_KEY = "flip"
 
 
 def format_size(size) -> str:
@@ -95,7 +98,8 @@ def info_from_metadata(meta: Dict[str, str], where: str) -> Dict[str, object]:
         "threshold": None if threshold == "none" else float(threshold),
         "iteration": None if iteration == "none" else int(iteration),
         "embedding_dim": int(meta["embedding_dim"]) if "embedding_dim" in meta else None,
-        "flip_policy": meta.get("flip_policy"),
+        "flip_policy": meta.get(FLIP_KEY, "concat"),
+        "flip_policy_text": meta.get("flip_policy"),
     }
 
 
@@ -157,5 +161,10 @@ def load_onnx_model(path, device="cpu") -> Tuple[OnnxModel, Dict[str, object]]:
         raise UsageError("reading .onnx models needs onnxruntime: pip install onnxruntime") from None
     info = info_from_metadata(read_export_metadata(path), str(path))
     model = OnnxModel(path, device=device)
+    flip = str(info["flip_policy"])
+    from sphereface_plus.importers.preprocessing import FLIP_POLICIES
+
+    if flip not in FLIP_POLICIES:
+        raise CheckpointError(f"{path}: metadata {FLIP_KEY!r} is {flip!r}, not one of {', '.join(FLIP_POLICIES)}")
     logger.info("loaded %s (ONNX export of %s, input %dx%d)", path, info["backbone"], *info["input_size"])
     return model, info

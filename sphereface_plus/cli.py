@@ -29,6 +29,8 @@ COMMANDS = {
     "cifar": ("sphereface_plus.apps.cifar", "CIFAR MHE experiments (9-conv CNN, MHE on every layer)"),
     "gan": ("sphereface_plus.apps.gan", "MHE-GAN on CIFAR-10 (SN / MHE variants of the published table, FID/KID offline)"),
     "demo": ("sphereface_plus.apps.demo", "the whole pipeline (align, train, verify, report) on built-in or LFW data"),
+    "import": ("sphereface_plus.apps.import_weights",
+               "released weights (SphereFace Caffe, insightface, OpenSphere, ONNX, MHE-GAN TF1) to a toolkit model"),
     "pack-bin": ("eval.pack_bin", "write an insightface-style .bin verification pack from a pairs file and aligned crops"),
 }
 
@@ -42,6 +44,7 @@ examples:
   sphereface-plus cifar --model_name mhe --power_s 0 --data cifar-100-python
   sphereface-plus demo
   sphereface-plus pack-bin --pairs pairs.txt --root lfw-112x96 --out lfw.bin
+  sphereface-plus import --from caffe sphereface_deploy.prototxt sphereface_model.caffemodel --out sphere20.pt
 
 Run 'sphereface-plus COMMAND --help' for the options of a command.
 

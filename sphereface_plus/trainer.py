@@ -285,6 +285,9 @@ class Trainer:
     def _init_from(self, path: str) -> None:
         state = ckpt.load_checkpoint(path)
         self.model.backbone.load_state_dict(state["model"])
+        if "head" not in state:  # an imported backbone without its classifier (sphereface-plus import)
+            logger.info("initialised the backbone from %s; it has no head, the head starts from scratch", path)
+            return
         self._load_head(state["head"], path)
         logger.info("initialised model and head from %s (iteration %s)", path, state.get("iteration"))
 

@@ -143,13 +143,30 @@ def _loss_at_start(G, D, real, z_g, z_d, cfg: GanConfig) -> Dict[str, float]:
 
 
 def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = False,
-              stop_after: Optional[int] = None, inception_weights: Optional[str] = None) -> Dict[str, Any]:
+              stop_after: Optional[int] = None, inception_weights: Optional[str] = None,
+              init_from: Optional[str] = None, eval_only: bool = False) -> Dict[str, Any]:
     """Train one variant; returns ``{"rows", "out", "iterations", "elapsed_s", "stopped"}``.
 
     The data order and the noise are functions of ``(seed, iteration)``, so a run resumed from any
     checkpoint retraces the uninterrupted one. ``stop_after``: leave once this many iterations are done,
-    with a checkpoint (time-sliced jobs, the resume test).
+    with a checkpoint (time-sliced jobs, the resume test). ``init_from``: a checkpoint with ``generator``
+    (and ``discriminator``) weights to start from: a GAN run's, or ``sphereface-plus import --from mhe-gan``'s.
+    ``eval_only``: score that generator once (FID/KID, sample grid: one metrics row) and train nothing.
     """
+    if eval_only and not init_from:
+        raise UsageError("--eval-only scores a trained generator: give it with --init-from CHECKPOINT")
+    if init_from and resume:
+        raise UsageError("--init-from starts a new run; --resume continues one: give only one of them")
+    init_state = None
+    if init_from:
+        init_state = ckpt.load_checkpoint(init_from)  # MissingFileError / CheckpointError
+        if "generator" not in init_state:
+            raise UsageError(f"--init-from {init_from} has no 'generator' weights: give a GAN run's checkpoint or "
+                             f"one written by sphereface-plus import --from mhe-gan")
+        saved_sn = init_state.get("config", {}).get("sn")
+        if not eval_only and saved_sn is not None and bool(saved_sn) != cfg.sn:
+            raise UsageError(f"--init-from {init_from} holds a {'SN' if saved_sn else 'non-SN'} discriminator but the "
+                             f"recipe has sn={cfg.sn}; pass {'--sn' if saved_sn else '--no-sn'}")
     from sphereface_plus.gan.inception_metrics import (InceptionPool3, compare_stats, feature_stats, inception_score,
                                              is_logit_weight, real_stats)
 
@@ -178,6 +195,11 @@ def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = Fals
     opt_g, opt_d = steps.make_optimizers(G, D, cfg.lr, (cfg.beta1, cfg.beta2))
     window = RunningMeans()
     start, elapsed_before = 0, 0.0
+    if init_state is not None:
+        G.load_state_dict(init_state["generator"])
+        if not eval_only and "discriminator" in init_state:
+            D.load_state_dict(init_state["discriminator"])
+        log.info("initialised from %s (iteration %s)", init_from, init_state.get("iteration"))
     if state is not None:
         G.load_state_dict(state["generator"])
         D.load_state_dict(state["discriminator"])
@@ -229,6 +251,16 @@ def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = Fals
         logger.flush()
         log.info("%s iteration %d: %s", cfg.variant, it, row)
 
+    if eval_only:  # one evaluation of the given generator, no training, no checkpoint
+        it0 = int(init_state.get("iteration") or 0)
+        try:
+            evaluate(it0, {})
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        return {"rows": logger.rows, "out": str(out), "iterations": it0, "elapsed_s": round(elapsed(), 1),
+                "stopped": False}
     stopped, done = False, start
     try:
         if state is None:  # a run resumed from its iteration-0 checkpoint already has row 0
@@ -329,6 +361,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     r.add_argument("--inception-weights", "--inception_weights", default=None, metavar="PATH",
                    help="the torch-fidelity 2015-12-05 Inception weights (1008-class logits) for the true Inception Score")
+    r.add_argument("--init-from", "--init_from", default=None, metavar="CKPT",
+                   help="start from this checkpoint's generator and discriminator (a GAN run's, or one written by "
+                        "sphereface-plus import --from mhe-gan)")
+    r.add_argument("--eval-only", "--eval_only", action="store_true",
+                   help="score the --init-from generator once (FID/KID and a sample grid: one metrics row); no training")
     r.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
 
 
@@ -348,7 +385,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path("runs") / "gan" / cfg.variant
-    summary = train_gan(cfg, out, device=args.device, resume=args.resume, inception_weights=args.inception_weights)
+    summary = train_gan(cfg, out, device=args.device, resume=args.resume, inception_weights=args.inception_weights,
+                        init_from=args.init_from, eval_only=args.eval_only)
     last = summary["rows"][-1]
     print(f"{cfg.variant}: {summary['iterations']} iterations, {summary['elapsed_s']:.0f} s; last evaluation "
           + ", ".join(f"{k} {last[k]:.4g}" for k in ("fid", "kid", "d_loss", "g_loss") if k in last)

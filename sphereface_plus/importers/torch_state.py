@@ -1,0 +1,211 @@
+"""insightface and OpenSphere PyTorch checkpoints to the toolkit's ``iresnet*`` / ``sfnet*`` backbones.
+
+insightface (``recognition/arcface_torch``): ``backbone.pth`` is the backbone's plain state dict
+(``torch.save(backbone.module.state_dict(), ...)``) with the key names of ``backbones/iresnet.py``
+(``conv1``, ``bn1``, ``prelu``, ``layer{1-4}.{j}.{bn1,conv1,bn2,prelu,conv2,bn3,downsample.0/1}``, ``bn2``,
+``fc``, ``features``), which :mod:`sphereface_plus.models.iresnet` keeps. The depth is read from the
+keys (blocks per stage: iResNet-18 2,2,2,2 ... iResNet-200 6,26,60,6), the input size from ``fc``'s
+width (512 x 7 x 7: 112x112). Preprocessing: RGB, ``(x - 127.5) / 127.5``, 112x112 (arcface_torch's
+``eval_ijbc.py`` / ``verification.py``), mirror summed with the crop (``verification.py``).
+
+OpenSphere (ydwen/opensphere): ``models/backbone_<iter>.pth`` and ``models/head_<iter>.pth`` (plain
+state dicts, ``OpenSphere_v0``), or one ``checkpoint/model_<step>.pth`` holding ``{'backbone': ...,
+'head': ...}`` (``main``). Backbones: ``iresnet`` (the same keys as insightface's) and SFNet (``layer{i}.0.
+conv1`` the stage convolution, ``layer{i}.{k}.conv1/conv2`` the residual units, ``bn*`` and ``features``
+in the BN variant, ``fc``; the ``SphereFace2_ICLR21`` branch's ``layer{i}.0.conv`` is renamed). SFNet
+without BN comes in two variants with identical keys (ReLU after or before the residual sum,
+:mod:`sphereface_plus.models.sfnet`): the default is ``sfnet*_deprecated``, the network of OpenSphere's
+released SFNet-20 models; ``--arch sfnet20`` picks the other. The head's ``w`` (``feat_dim x classes``)
+becomes the toolkit head's ``weight`` (transposed). Preprocessing: RGB, ``(x - 127.5) / 127.5``, 112x112
+(``dataset/utils.py``), crop and mirror features concatenated.
+
+Only ``torch.load(weights_only=True)`` is used: a file that needs arbitrary unpickling is refused.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from sphereface_plus.errors import CheckpointError, InputFileError, MissingFileError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["import_insightface", "import_opensphere", "detect_iresnet", "detect_sfnet", "load_state_file"]
+
+_FEATURE_MAPS = {7 * 7: "112x112", 7 * 6: "112x96"}
+
+
+def load_state_file(path, what: str) -> Dict[str, Any]:
+    """A ``torch.save``d dict of tensors (``weights_only``), ``module.`` prefixes (DDP) dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors of every kind
+        raise CheckpointError(f"{path} is not a readable PyTorch state dict ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); it must load with "
+                              f"torch.load(weights_only=True)") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict (name -> tensor)")
+    return obj
+
+
+def _strip(state: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            out[k[len("module."):] if k.startswith("module.") else k] = v
+    return out
+
+
+def _fc_geometry(state: Mapping[str, torch.Tensor], where: str, channels: int = 512) -> Tuple[str, int]:
+    if "fc.weight" not in state:
+        raise CheckpointError(f"{where}: no 'fc.weight' (the embedding layer): not an iResNet / SFNet state dict")
+    w = state["fc.weight"]
+    cells, rem = divmod(int(w.shape[1]), channels)
+    template = _FEATURE_MAPS.get(cells) if rem == 0 else None
+    if template is None:
+        raise CheckpointError(f"{where}: fc.weight takes {w.shape[1]} inputs, not 512 x 7 x 7 (112x112) or 512 x 7 x 6 "
+                              f"(112x96)")
+    return template, int(w.shape[0])
+
+
+def _blocks(state: Mapping[str, torch.Tensor], key: str) -> Tuple[int, ...]:
+    """Per stage, the number of ``layer{i}.{j}`` entries having ``key`` (``conv1.weight``...)."""
+    counts = []
+    for i in range(1, 5):
+        idx = {int(m.group(1)) for k in state for m in [re.match(rf"layer{i}\.(\d+)\.{re.escape(key)}$", k)] if m}
+        counts.append(len(idx))
+    return tuple(counts)
+
+
+def detect_iresnet(state: Mapping[str, torch.Tensor], where: str) -> str:
+    from sphereface_plus.models.iresnet import LAYERS
+
+    layers = _blocks(state, "conv1.weight")
+    for name, want in LAYERS.items():
+        if tuple(want) == layers:
+            return name
+    raise CheckpointError(f"{where}: blocks per stage {layers} match no iResNet ("
+                          + ", ".join(f"{n} {v}" for n, v in LAYERS.items()) + ")")
+
+
+def detect_sfnet(state: Mapping[str, torch.Tensor], where: str) -> str:
+    from sphereface_plus.models.sfnet import UNITS
+
+    units = tuple(n - 1 for n in _blocks(state, "conv1.weight"))
+    bn = "layer1.0.bn1.weight" in state
+    for depth, want in UNITS.items():
+        if tuple(want) == units:
+            return f"sfnet{depth}_bn" if bn else f"sfnet{depth}_deprecated"
+    raise CheckpointError(f"{where}: residual units per stage {units} match no SFNet ("
+                          + ", ".join(f"sfnet{d} {u}" for d, u in UNITS.items()) + ")")
+
+
+def _build(arch: str, state: Dict[str, torch.Tensor], where: str, family: str):
+    from sphereface_plus.importers import check_state_dict
+    from sphereface_plus.models import create_backbone
+
+    template, dim = _fc_geometry(state, where)
+    size = tuple(int(v) for v in template.split("x"))
+    try:
+        net = create_backbone(arch, input_size=size, embedding_dim=dim)
+    except (KeyError, ValueError) as e:
+        raise InputFileError(f"--arch {arch}: {str(e).splitlines()[0]}") from None
+    check_state_dict(net, state, where, f"{arch} backbone")
+    return net, template, dim
+
+
+def _check_arch(arch: Optional[str], found: str, family: str, where: str) -> str:
+    if arch is None:
+        return found
+    if not arch.startswith(family):
+        raise InputFileError(f"--arch {arch}: {where} is an {family} state dict (found {found})")
+    base = found.split("_")[0]
+    if arch.split("_")[0] != base or ("_bn" in found) != ("_bn" in arch):
+        raise InputFileError(f"{where} holds a {found} backbone, not --arch {arch}")
+    return arch
+
+
+def import_insightface(path, arch: Optional[str] = None) -> Dict[str, Any]:
+    """The toolkit checkpoint of an arcface_torch ``backbone.pth`` (module docstring)."""
+    from sphereface_plus.importers import face_checkpoint
+    from sphereface_plus.importers.preprocessing import INSIGHTFACE, Preprocessing
+
+    where = str(path)
+    state = _strip(load_state_file(path, "insightface backbone"))
+    if "conv1.weight" not in state or "prelu.weight" not in state:
+        raise CheckpointError(f"{where}: no 'conv1.weight' / 'prelu.weight': not an arcface_torch iResNet backbone.pth "
+                              f"(an MXNet / ONNX model? use --from onnx for .onnx files)")
+    name = _check_arch(arch, detect_iresnet(state, where), "iresnet", where)
+    net, template, dim = _build(name, state, where, "iresnet")
+    pre = Preprocessing(**{**INSIGHTFACE.to_dict(), "template": template})
+    return face_checkpoint(name, net.state_dict(), pre, [Path(path)], "insightface", dim)
+
+
+def _opensphere_head(head_state: Mapping[str, torch.Tensor], dim: int, head_name: str, where: str):
+    from sphereface_plus.heads import create_head
+
+    if "w" not in head_state:
+        raise CheckpointError(f"{where}: no 'w' (the classifier weight, feat_dim x classes): not an OpenSphere head "
+                              f"state dict (keys: {', '.join(list(head_state)[:5])})")
+    w = head_state["w"]
+    if w.ndim != 2 or w.shape[0] != dim:
+        raise CheckpointError(f"{where}: head 'w' has shape {tuple(w.shape)}; it must be {dim} x classes to fit the "
+                              f"backbone's {dim}-d embedding")
+    extra = sorted(k for k in head_state if k != "w")
+    module = create_head(head_name, in_features=dim, num_classes=int(w.shape[1]))
+    own = module.state_dict()
+    unknown = [k for k in extra if k not in own]
+    if unknown:
+        raise CheckpointError(f"{where}: head entries {unknown} have no place in the toolkit's {head_name!r} head "
+                              f"(an OpenSphere SphereFace2 head?); import without the head file, or pick --head")
+    new = dict(own)
+    new.update({k: head_state[k] for k in extra})
+    new["weight"] = w.t().contiguous()
+    module.load_state_dict(new)
+    return module.state_dict(), {"name": head_name}
+
+
+def import_opensphere(path, head_path=None, arch: Optional[str] = None, head_name: str = "a_softmax") -> Dict[str, Any]:
+    """The toolkit checkpoint of an OpenSphere backbone (+ head) (module docstring)."""
+    from sphereface_plus.importers import face_checkpoint
+    from sphereface_plus.importers.preprocessing import OPENSPHERE, Preprocessing
+
+    where = str(path)
+    raw = load_state_file(path, "OpenSphere checkpoint")
+    head_state = None
+    files = [Path(path)]
+    if isinstance(raw.get("backbone"), Mapping):  # main: checkpoint/model_<step>.pth
+        head_state = raw.get("head") if isinstance(raw.get("head"), Mapping) else None
+        raw = raw["backbone"]
+    if head_path is not None:
+        if head_state is not None:
+            raise InputFileError(f"{where} already holds the head; give it alone")
+        head_state = load_state_file(head_path, "OpenSphere head")
+        files.append(Path(head_path))
+    state = _strip(raw)
+    # SphereFace2_ICLR21 branch: the stage convolution is layer{i}.0.conv
+    state = {re.sub(r"^(layer\d\.0)\.conv\.", r"\1.conv1.", k): v for k, v in state.items()}
+    if "prelu.weight" in state and "conv1.weight" in state:
+        found, family = detect_iresnet(state, where), "iresnet"
+    elif "layer1.0.conv1.weight" in state:
+        found, family = detect_sfnet(state, where), "sfnet"
+    else:
+        raise CheckpointError(f"{where}: neither an iResNet nor an SFNet state dict (no 'conv1.weight' + 'prelu.weight', "
+                              f"no 'layer1.0.conv1.weight')")
+    name = found if arch is None else arch
+    if arch is not None and (not arch.startswith(family) or arch.split("_")[0] != found.split("_")[0]
+                             or ("_bn" in arch) != ("_bn" in found)):
+        raise InputFileError(f"{where} holds a {found} backbone (or its other no-BN variant), not --arch {arch}")
+    net, template, dim = _build(name, state, where, family)
+    head = head_config = None
+    if head_state is not None:
+        head, head_config = _opensphere_head(_strip(head_state), dim, head_name, str(head_path or path))
+    pre = Preprocessing(**{**OPENSPHERE.to_dict(), "template": template})
+    return face_checkpoint(name, net.state_dict(), pre, files, "opensphere", dim, head=head, head_config=head_config)
