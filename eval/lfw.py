@@ -3,7 +3,7 @@
 ``parse_pairs`` reads ``pairs.txt``; ``evaluate_features`` looks up the feature of both images of
 every pair by relative path and runs the protocol's report: ``sphereface`` (the default here,
 :func:`eval.verification_metrics.verification_report`: per-fold mean subtraction, L2 normalisation, cosine, strict
-thresholds on the 1e-4 grid, mean of tied best thresholds; docs/theory.md#protocol-sphereface) or
+thresholds on the 1e-4 grid, mean of tied best thresholds; docs/theory.md#lfw-protocol) or
 ``insightface`` (docs/theory.md#protocol-insightface). The same function scores generic pairs files,
 packs and folder pairs: only the fold indices of the pairs differ.
 """

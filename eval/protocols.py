@@ -4,7 +4,7 @@ Two protocols score the same pair features, and their numbers are not interchang
 features of the 6,000 LFW pairs they differ by tenths of a point):
 
 ``sphereface``
-    The SphereFace release's ``evaluation.m`` (docs/theory.md#protocol-sphereface): the feature of
+    The SphereFace release's ``evaluation.m`` (docs/theory.md#lfw-protocol): the feature of
     an image is its crop's and its mirror's embeddings concatenated; each fold's features are centred
     on the mean of the other folds, L2-normalised and compared by cosine; the threshold is the mean of
     all best thresholds of the 1e-4 grid on [-1, 1] (strict inequalities) on the other folds. The
