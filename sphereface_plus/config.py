@@ -89,7 +89,15 @@ class HeadConfig:
         settings = self.__dict__.get("settings")
         if settings is not None and name in settings:
             return settings[name]
-        raise AttributeError(f"head has no setting {name!r} (set: {sorted(settings or {})})")
+        if not name.startswith("_") and "name" in self.__dict__:
+            from sphereface_plus.heads import head_parameters
+
+            try:
+                if name in head_parameters(self.name):
+                    return None  # a setting of this head that was not given: the head's own default
+            except KeyError:  # an unknown head name (validation reports it)
+                pass
+        raise AttributeError(f"head {self.__dict__.get('name')!r} has no setting {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in {f.name for f in dataclasses.fields(self)}:
@@ -256,15 +264,17 @@ def check_head_settings(head: HeadConfig) -> None:
         if value is None:  # "not set" (old checkpoints' configs hold every key of every head)
             del head.settings[key]
             continue
+        source = head.__dict__.get("_extra_sources", {}).get(key, "config")
         if key not in params:
             valid = sorted(params)
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             hint = f" Did you mean 'head.{close[0]}'?" if close else ""
-            raise ConfigError(f"head.name={head.name!r} does not take the setting head.{key}.{hint} Its settings: "
-                              f"{', '.join(valid) or '(none)'}; the trainer's: {', '.join(trainer_keys)}")
+            raise ConfigError(f"unknown config key 'head.{key}' (in {source}): head.name={head.name!r} does not take "
+                              f"it.{hint} Its settings: {', '.join(valid) or '(none)'}; the trainer's: "
+                              f"{', '.join(trainer_keys)}")
         tp = params[key].annotation
         if tp is not inspect.Parameter.empty and tp in (int, float, bool, str):
-            head.settings[key] = _coerce(value, tp, f"head.{key}", f"head.name={head.name!r}")
+            head.settings[key] = _coerce(value, tp, f"head.{key}", source)
     try:
         create_head(head.name, in_features=2, num_classes=2, **head.settings)
     except (ValueError, TypeError) as exc:
@@ -301,11 +311,13 @@ def _all_keys(obj: Any, prefix: str = "") -> List[str]:
     return keys
 
 
-def _set_extra(obj: Any, name: str, value: Any) -> bool:
-    """Store a free key in ``obj``'s free-keys field (checked later by ``validate``); False without one."""
+def _set_extra(obj: Any, name: str, value: Any, source: str) -> bool:
+    """Store a free key in ``obj``'s free-keys field (checked later by ``validate``, whose messages name
+    ``source``, kept beside the fields); False when ``obj`` has no free-keys field."""
     extra = _extra_field(obj)
     if extra is None:
         return False
+    obj.__dict__.setdefault("_extra_sources", {})[name] = source
     if value is None:
         getattr(obj, extra).pop(name, None)
     else:
@@ -371,7 +383,7 @@ def _merge(obj: Any, data: Dict[str, Any], prefix: str, source: str, root: Any =
     for name, value in data.items():
         key = prefix + str(name)
         if name not in types:
-            if _set_extra(obj, str(name), value):
+            if _set_extra(obj, str(name), value, source):
                 continue
             raise _unknown_key(key, root, source)
         current = getattr(obj, name)
@@ -387,7 +399,7 @@ def _set_dotted(cfg: Any, key: str, value: Any, source: str) -> None:
     for i, part in enumerate(parts):
         types = _field_types(obj)
         if part not in types:
-            if i == len(parts) - 1 and _set_extra(obj, part, value):
+            if i == len(parts) - 1 and _set_extra(obj, part, value, source):
                 return
             raise _unknown_key(key, cfg, source)
         if i == len(parts) - 1:

@@ -2,7 +2,8 @@
 
 A head maps ``(embeddings B x d, labels B)`` to a :class:`HeadOutput`:
 
-- ``loss``: a 0-dim float32 tensor, the head's *whole* loss for the batch, its own auxiliary terms
+- ``loss``: a 0-dim tensor (float32 in the trainer, which runs the head outside autocast; the
+  dtype of the head and embeddings otherwise), the head's *whole* loss for the batch, its own auxiliary terms
   included (MagFace's regulariser, SphereFace-R soft's norm term). The trainer adds only the
   SphereFace+ term ``mhe.lambda_m * MHE(head.weight)`` (docs/theory.md#sphereface-plus) and backpropagates.
 - ``logits``: ``B x C``, whose argmax is the prediction (the trainer's accuracy).
@@ -92,8 +93,8 @@ class HeadOutput(NamedTuple):
 
 
 def zero_loss(like: torch.Tensor) -> torch.Tensor:
-    """A 0-dim float32 zero on ``like``'s device (the default auxiliary loss)."""
-    return torch.zeros((), dtype=torch.float32, device=like.device)
+    """A 0-dim zero of ``like``'s dtype and device (the default auxiliary loss)."""
+    return torch.zeros((), dtype=like.dtype, device=like.device)
 
 
 def init_rows(weight: torch.Tensor, start: int, num_classes: int, seed: int, unit_rows: bool) -> None:
@@ -219,9 +220,9 @@ class ClassifierHead(nn.Module):
         """The unweighted main loss of a whole (unsharded) head: mean CE, or the mean over samples of
         the per-sample sums of :meth:`binary_loss_terms`."""
         if self.loss_kind == "softmax":
-            return F.cross_entropy(logits.float(), labels)
+            return F.cross_entropy(logits, labels)
         if self.loss_kind == "binary":
-            return self.binary_loss_terms(logits.float(), labels).sum(dim=1).mean()
+            return self.binary_loss_terms(logits, labels).sum(dim=1).mean()
         raise ValueError(f"{type(self).__name__}.loss_kind={self.loss_kind!r}: choose one of {', '.join(LOSS_KINDS)}")
 
     def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None) -> HeadOutput:

@@ -238,9 +238,9 @@ class ShardedClassifier(nn.Module):
                        if n in head.shared_parameters})
         logits = _margin_logits(head, params, x, local)
         if head.loss_kind == "softmax":
-            main = sharded_cross_entropy(logits.float(), local, self.group)
+            main = sharded_cross_entropy(logits, local, self.group)
         elif head.loss_kind == "binary":
-            terms = _binary_terms(head, params, logits.float(), local)
+            terms = _binary_terms(head, params, logits, local)
             main = sum_replicated(terms.sum(), self.group) / x.shape[0]
         else:
             raise ValueError(f"head {self.head_name!r} has loss_kind={head.loss_kind!r}, which the sharded "
