@@ -160,6 +160,9 @@ class TrainConfig:
     # and MHE always run in float32.
     amp: str = "auto"
     compile: bool = False  # torch.compile the backbone (before DDP)
+    # float64 everywhere (backbone, head, MHE; train.amp must then be fp32 or off): a reference mode for
+    # exact comparisons between process layouts and with the peers' float64 code; slow
+    float64: bool = False
     log_every: int = 20
     nan_patience: int = 5  # consecutive non-finite losses before rolling back to the last checkpoint
     max_rollbacks: int = 3  # then give up with an error
@@ -244,6 +247,9 @@ class Config:
         if self.head.sample_rate < 1.0 and self.head.parallel != "sharded":
             raise ConfigError(f"head.sample_rate={self.head.sample_rate} needs head.parallel=sharded; set "
                               "head.parallel=sharded or head.sample_rate=1")
+        if self.train.float64 and self.train.amp not in ("fp32", "off"):
+            raise ConfigError(f"train.float64=true trains in float64 throughout: set train.amp=fp32 (got "
+                              f"train.amp={self.train.amp!r})")
         if sorted(self.optim.milestones) != list(self.optim.milestones):
             raise ConfigError(f"optim.milestones must be increasing, got {self.optim.milestones}")
 

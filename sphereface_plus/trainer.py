@@ -26,7 +26,7 @@ DDP, and checkpoints still hold the whole head, so a run resumes on any number o
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 import io
 import logging
 import random
@@ -110,6 +110,12 @@ def _record_head_settings(head_cfg, head: nn.Module) -> None:
             setattr(head_cfg, name, value)
 
 
+def _head_precision(t: torch.Tensor) -> torch.Tensor:
+    """The head, the losses and MHE run in float32 whatever the backbone's autocast (cos(m theta)
+    polynomials lose too much in 16 bits), or in float64 in the float64 reference mode."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class FaceTrainModel(nn.Module):
     """Backbone + classifier head + the SphereFace+ MHE term, as one module (what DDP wraps).
 
@@ -127,14 +133,14 @@ class FaceTrainModel(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         emb = self.backbone(images)
         with torch.autocast(images.device.type, enabled=False):
-            out = self.head(emb.float(), labels)
+            out = self.head(_head_precision(emb), labels)
             if self.lambda_m > 0:
                 # no NaN check (a host sync every step): a non-finite weight gives a non-finite loss,
                 # which the trainer's guard skips and, if it persists, rolls back
-                mhe = classifier_mhe(self.head.weight.float(), labels, power=self.mhe_power, mode=self.mhe_mode,
-                                     check_finite=False)
+                mhe = classifier_mhe(_head_precision(self.head.weight), labels, power=self.mhe_power,
+                                     mode=self.mhe_mode, check_finite=False)
             else:
-                mhe = out.logits.new_zeros((), dtype=torch.float32)
+                mhe = out.loss.new_zeros(())
         return out, mhe
 
     @torch.no_grad()
@@ -173,15 +179,15 @@ class ShardedFaceModel(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor, backbone: Optional[nn.Module] = None):
         emb = (backbone or self.backbone)(images)
         with torch.autocast(images.device.type, enabled=False):
-            out = self.head(emb.float(), labels)
+            out = self.head(_head_precision(emb), labels)
+            weight = _head_precision(self.head.weight)
             if self.lambda_m > 0 and self.head.world_size == 1:
-                mhe = classifier_mhe(self.head.weight.float(), out.labels, power=self.mhe_power, mode=self.mhe_mode,
-                                     check_finite=False)
+                mhe = classifier_mhe(weight, out.labels, power=self.mhe_power, mode=self.mhe_mode, check_finite=False)
             elif self.lambda_m > 0:
-                mhe = sharded_classifier_mhe(self.head.weight.float(), out.labels, self.head.num_classes,
-                                             self.mhe_power, self.mhe_mode, group=self.head.group)
+                mhe = sharded_classifier_mhe(weight, out.labels, self.head.num_classes, self.mhe_power, self.mhe_mode,
+                                             group=self.head.group)
             else:
-                mhe = out.logits.new_zeros((), dtype=torch.float32)
+                mhe = out.loss.new_zeros(())
         return out, mhe
 
     @torch.no_grad()
@@ -255,6 +261,9 @@ class Trainer:
                               else self.precision == "bf16" and self.device.type == "cpu")
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
+        # train.float64: the reference mode (exact comparisons between layouts), float64 throughout
+        self.dtype = torch.float64 if cfg.train.float64 else torch.float32
+        self.model.to(dtype=self.dtype)
         logger.info("training precision %s (train.amp=%s)%s", self.precision, cfg.train.amp,
                     ", channels_last" if self.channels_last else "")
         if cfg.train.init_from:
@@ -437,7 +446,7 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
         """Forward, backward and (when the loss is finite) an SGD step; always advances one iteration."""
         self.net.train()
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        images = images.to(self.device, dtype=self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         with autocast(self.device, self.precision):  # the head and MHE inside turn it off again
             out, mhe = self.net(images, labels)
@@ -562,7 +571,7 @@ class Trainer:
             "bad_images": bad_list, "bad_reads": bad_total, "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
             "lambda": self.current_lambda(), "num_classes": self.dataset.num_classes,
             "images_per_s": speed.mean(fallback=(self.iteration - it_start) * cfg.train.batch_size / max(elapsed, 1e-9)),
-            "precision": self.precision,
+            "precision": "fp64" if self.dtype == torch.float64 else self.precision,
         }
         if main:
             atomic_write_json(self.out_dir / "summary.json", summary)
@@ -586,7 +595,10 @@ class Trainer:
         report = None
         if self.dist.is_main and self.verifier is not None:
             # the training precision, and the backbone's memory format as it is (never converted mid-run)
-            report = self.verifier(self.model.backbone, self.device, precision=self.precision,
+            backbone = self.model.backbone
+            if self.dtype != torch.float32:  # the verifier embeds float32 images: a float32 copy
+                backbone = copy.deepcopy(backbone).float()
+            report = self.verifier(backbone, self.device, precision=self.precision,
                                    channels_last=self.channels_last)
             self.threshold = float(report["compare_threshold"])
             logger.info("verification at iteration %d: %.4f +- %.4f", self.iteration, report["mean_accuracy"],
