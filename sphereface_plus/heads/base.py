@@ -1,4 +1,4 @@
-"""The classifier-head contract (issue 19): a head owns its loss.
+"""The classifier-head contract (issue 19; docs/theory.md#head-contract): a head owns its loss.
 
 A head maps ``(embeddings B x d, labels B)`` to a :class:`HeadOutput`:
 
@@ -48,7 +48,7 @@ dimension is the class (default ``("weight",)``; the softmax head adds ``"bias"`
 them by rows. ``shared_parameters`` names parameters that every rank holds whole (SphereFace2's scalar
 bias): the sharded classifier replicates them and all-reduces (sums) their gradient.
 
-Initialisation: :meth:`ClassifierHead.init_rows_` (the function :func:`init_rows`) draws the rows of
+Initialisation (docs/theory.md#head-init): :meth:`ClassifierHead.init_rows_` (the function :func:`init_rows`) draws the rows of
 the whole ``C x d`` classifier in world-size-independent chunks from ``(seed, chunk)`` generators, so
 the same seed gives the same classifier whether it is replicated or split over any number of
 processes. A head created alone (``create_head``) is initialised by :meth:`reset_parameters` from the

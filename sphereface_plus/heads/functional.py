@@ -58,13 +58,13 @@ A_SOFTMAX_GRADIENTS = ("exact", "caffe", "detached")
 MARGIN_GRADIENTS = ("exact", "detached")
 # The weight rows' gradient: "normalized" (through ŵ = w/‖w‖, insightface, the toolkit's default) or
 # "stored" (‖w‖ held constant: OpenSphere and the Caffe layer rescale the stored rows in place and then
-# use them as they are, so the gradient of x̂·w is taken with respect to w itself)
+# use them as they are, so the gradient of x̂·w is taken with respect to w itself). docs/theory.md#weight-gradient
 WEIGHT_GRADIENTS = ("normalized", "stored")
 # A-Softmax's feature scale: "none" (‖x‖, SphereFace) or "hard" (a fixed s, OpenSphere / SphereFace-R)
 FEATURE_NORMS = ("none", "hard")
 # ArcFace where θ + m > π: "toolkit" (the linear continuation cos θ - m sin m of the ArcFace paper's
 # code), "insightface" (plain cos(θ + m), arcface_torch's CombinedMarginLoss), "opensphere" (θ + m
-# clamped at 3.14159, OpenSphere's ArcFace). docs/theory.md#arcface
+# clamped at 3.14159, OpenSphere's ArcFace). docs/theory.md#arcface-wrap
 ARCFACE_WRAPS = ("toolkit", "insightface", "opensphere")
 
 OPENSPHERE_ACOS_EPS = 1e-5  # OpenSphere's arccos argument clamp: cos θ in [-1 + 1e-5, 1 - 1e-5]
@@ -234,7 +234,7 @@ def a_softmax_logits(
 
     ``m``: a number in [1, 4]; an integer keeps the Chebyshev ψ (:func:`psi`), a real m uses
     :func:`psi_angular` (OpenSphere, docs/theory.md#a-softmax-real-m). ``feature_norm``: ``'none'`` (the
-    scale is ‖x‖, SphereFace) or ``'hard'`` (the scale is ``s``: ``f_j = s cos θ_j``, target ``s (λ cos θ_y
+    scale is ‖x‖, SphereFace) or ``'hard'`` (docs/theory.md#a-softmax-feature-norm; the scale is ``s``: ``f_j = s cos θ_j``, target ``s (λ cos θ_y
     + ψ) / (1 + λ)``, OpenSphere's SphereFace). ``weight_gradient``: :data:`WEIGHT_GRADIENTS`
     (:func:`unit_weight`).
 
@@ -415,7 +415,7 @@ def cosface_logits(
     """CosFace / LMCL (Wang et al. 2018, eq. 4; docs/theory.md#cosface): ``s (cos θ_j - m [j = y])`` with
     normalised features and weights (:data:`NO_TARGET` labels: no margin in that row).
 
-    ``gradient``: :data:`MARGIN_GRADIENTS`. The margin is a constant, so ``'detached'`` (insightface's
+    ``gradient``: :data:`MARGIN_GRADIENTS` (docs/theory.md#detached-margin). The margin is a constant, so ``'detached'`` (insightface's
     and OpenSphere's spelling) gives the same values and the same gradient; it is accepted so that
     every margin head takes the option."""
     check_choice(gradient, MARGIN_GRADIENTS, "CosFace gradient")
@@ -428,7 +428,7 @@ def cosface_logits(
 
 def arcface_target(c: torch.Tensor, m: float, easy_margin: bool = False, wrap: str = "toolkit") -> torch.Tensor:
     """ArcFace's target cosine ``cos(θ + m)`` from ``c = cos θ``, with the rule for θ + m > π
-    (:data:`ARCFACE_WRAPS`; docs/theory.md#arcface):
+    (:data:`ARCFACE_WRAPS`; docs/theory.md#arcface-wrap):
 
     - ``toolkit`` (default): ``c cos m - sin θ sin m`` where ``θ < π - m``, else the linear continuation
       ``c - m sin m`` (the ArcFace paper's reference code), which keeps the target logit decreasing in θ;
