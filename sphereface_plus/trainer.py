@@ -58,7 +58,7 @@ from sphereface_plus.utils import atomic_write_json, progress, safe_torch_load
 logger = logging.getLogger(__name__)
 
 __all__ = ["RESUMABLE_CHANGES", "TRAINER_HEAD_SETTINGS", "Trainer", "FaceTrainModel", "ShardedFaceModel",
-           "head_kwargs", "head_settings"]
+           "head_kwargs", "head_settings", "saved_settings_in_force"]
 
 #: steps left out of summary.json's images_per_s (allocator, oneDNN and compile warm-up)
 WARMUP_STEPS = 3
@@ -99,6 +99,25 @@ def build_head(head_cfg, in_features: int, num_classes: int, seed: int = 0) -> n
     head.init_rows_(seed)
     _record_head_settings(head_cfg, head)
     return head
+
+
+def saved_settings_in_force(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A checkpoint's config with its ``head`` section as the values in force: ``None`` entries dropped
+    and the head's defaults filled in for settings it does not list. A checkpoint written before the
+    heads owned their settings (every head's keys, ``None`` where unset) then compares equal to the same
+    run's config today (``check_settings`` on resume)."""
+    head = config.get("head") if isinstance(config, dict) else None
+    if not isinstance(head, dict) or head.get("name") is None:
+        return config
+    try:
+        params = head_parameters(head["name"])
+    except KeyError:  # a head this toolkit no longer has: compared as saved (and reported)
+        return config
+    head = {k: v for k, v in head.items() if v is not None}
+    for name, p in params.items():
+        if name not in head and isinstance(p.default, (bool, int, float, str)):
+            head[name] = p.default
+    return {**config, "head": head}
 
 
 def _record_head_settings(head_cfg, head: nn.Module) -> None:
@@ -405,7 +424,7 @@ class Trainer:
         else:
             path = Path(resume)
             state = ckpt.load_checkpoint(path, map_location=self.device)
-        ckpt.check_settings(state.get("config", {}), self.cfg.to_dict(), path, RESUMABLE_CHANGES,
+        ckpt.check_settings(saved_settings_in_force(state.get("config", {})), self.cfg.to_dict(), path, RESUMABLE_CHANGES,
                             fix="use the original recipe and overrides, or another out_dir for the new settings")
         self.load_state_dict(state, path)
         logger.info("resumed from %s at iteration %d (lambda %.4g)", path, self.iteration, self.current_lambda())

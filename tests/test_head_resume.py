@@ -74,3 +74,24 @@ def test_resume_is_exact_with_each_head(name, tmp_path):
             assert recorded[key] == getattr(resumed.head, key), (name, key)
     # the head's main term is logged under its own name
     assert resumed.model.head.main_term in want[-1][1]
+
+
+def test_a_checkpoint_of_the_union_head_config_resumes(tmp_path):
+    """A checkpoint written before the heads owned their settings lists every head's keys, None where
+    unset; its settings in force are today's defaults, so the run resumes (and a real change is refused)."""
+    from sphereface_plus.engine.checkpoint import load_checkpoint, save_checkpoint
+    from sphereface_plus.errors import UsageError
+
+    trainer = make_trainer(tmp_path, "a_softmax")
+    run(trainer, range(1))
+    state = trainer.state_dict()
+    state["config"]["head"] = {"name": "a_softmax", "m": 4, "s": None, "base": 1000.0, "gamma": 0.12, "power": 1.0,
+                               "lambda_min": 5.0, "easy_margin": None, "gradient": None, "parallel": "replicated",
+                               "sample_rate": 1.0}
+    path = save_checkpoint(state, tmp_path)
+    assert make_trainer(tmp_path, "a_softmax").resume(str(path)) == path
+    state = load_checkpoint(path)
+    state["config"]["head"]["m"] = 2
+    save_checkpoint(state, tmp_path)
+    with pytest.raises(UsageError, match=r"head\.m: 2 -> 4"):
+        make_trainer(tmp_path, "a_softmax").resume(str(path))

@@ -48,8 +48,8 @@ dimension is the class (default ``("weight",)``; the softmax head adds ``"bias"`
 them by rows. ``shared_parameters`` names parameters that every rank holds whole (SphereFace2's scalar
 bias): the sharded classifier replicates them and all-reduces (sums) their gradient.
 
-Initialisation (docs/theory.md#head-init): :meth:`ClassifierHead.init_rows_` (the function :func:`init_rows`) draws the rows of
-the whole ``C x d`` classifier in world-size-independent chunks from ``(seed, chunk)`` generators, so
+Initialisation (docs/theory.md#head-init): :meth:`ClassifierHead.init_rows_` (the function
+:func:`init_rows`) draws the rows of the whole ``C x d`` classifier in world-size-independent chunks from ``(seed, chunk)`` generators, so
 the same seed gives the same classifier whether it is replicated or split over any number of
 processes. A head created alone (``create_head``) is initialised by :meth:`reset_parameters` from the
 default generator; the trainer then calls ``init_rows_(seed)`` (docs/heads.md).

@@ -234,8 +234,8 @@ def a_softmax_logits(
 
     ``m``: a number in [1, 4]; an integer keeps the Chebyshev ψ (:func:`psi`), a real m uses
     :func:`psi_angular` (OpenSphere, docs/theory.md#a-softmax-real-m). ``feature_norm``: ``'none'`` (the
-    scale is ‖x‖, SphereFace) or ``'hard'`` (docs/theory.md#a-softmax-feature-norm; the scale is ``s``: ``f_j = s cos θ_j``, target ``s (λ cos θ_y
-    + ψ) / (1 + λ)``, OpenSphere's SphereFace). ``weight_gradient``: :data:`WEIGHT_GRADIENTS`
+    scale is ‖x‖, SphereFace) or ``'hard'`` (docs/theory.md#a-softmax-feature-norm; the scale is ``s``:
+    ``f_j = s cos θ_j``, target ``s (λ cos θ_y + ψ) / (1 + λ)``, OpenSphere's SphereFace). ``weight_gradient``: :data:`WEIGHT_GRADIENTS`
     (:func:`unit_weight`).
 
     ``gradient``: ``'exact'`` (autograd of this forward); ``'detached'``: the same forward with the
@@ -415,9 +415,9 @@ def cosface_logits(
     """CosFace / LMCL (Wang et al. 2018, eq. 4; docs/theory.md#cosface): ``s (cos θ_j - m [j = y])`` with
     normalised features and weights (:data:`NO_TARGET` labels: no margin in that row).
 
-    ``gradient``: :data:`MARGIN_GRADIENTS` (docs/theory.md#detached-margin). The margin is a constant, so ``'detached'`` (insightface's
-    and OpenSphere's spelling) gives the same values and the same gradient; it is accepted so that
-    every margin head takes the option."""
+    ``gradient``: :data:`MARGIN_GRADIENTS` (docs/theory.md#detached-margin). The margin is a constant,
+    so ``'detached'`` (insightface's and OpenSphere's spelling) gives the same values and the same
+    gradient; it is accepted so that every margin head takes the option."""
     check_choice(gradient, MARGIN_GRADIENTS, "CosFace gradient")
     cos = cosine(embeddings, weight, weight_gradient)
     if labels is None:

@@ -1,8 +1,9 @@
 """Checkpoints of a row-sharded classifier that do not depend on the world size.
 
-On save the whole ``C x d`` weight (and every other per-class tensor: the softmax head's bias, the
-SGD momentum of those parameters: the head's ``row_parameters``) is gathered to rank 0, one block at a time (no rank ever holds
-more than its block plus, on rank 0, the CPU copy being written). The ``head`` entry is then exactly
+On save the whole ``C x d`` weight (and every other per-class tensor, the head's ``row_parameters``:
+the softmax head's bias, the SGD momentum of those parameters) is gathered to rank 0, one block at a
+time (no rank ever holds more than its block plus, on rank 0, the CPU copy being written). Shared
+parameters (``shared_parameters``) and buffers are the same on every rank: rank 0's are saved. The ``head`` entry is then exactly
 a replicated head's state dict (``weight`` C x d, A-Softmax's ``iteration``), so evaluation and the
 replicated trainer read it unchanged; the optimiser entry is the optimiser's state dict with the head
 parameters' state made whole, so it loads into a replicated run too (same parameter order). On load
