@@ -216,7 +216,7 @@ class ShardedClassifier(nn.Module):
         labels = check_labels(labels, embeddings.shape[0], self.num_classes).to(embeddings.device)
         head = self.head
         sampling = self.sample_rate < 1.0 and self.training
-        if self.world_size == 1 and not sampling:
+        if self.world_size == 1 and not sampling and self.embedding_grad_scale == 1.0:
             # one process: the head's own forward, the replicated run's computation itself
             out = head(embeddings, labels)
             columns = torch.arange(self.start, self.end, device=embeddings.device)
