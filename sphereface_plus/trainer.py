@@ -121,10 +121,13 @@ def saved_settings_in_force(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _record_head_settings(head_cfg, head: nn.Module) -> None:
-    """Write the head's settings in force (each constructor argument the head keeps as an attribute of a
-    plain type) back into ``head_cfg``: config.yaml and checkpoints show them."""
-    for name in head_parameters(head_cfg.name):
+    """Write the head's settings in force back into ``head_cfg`` (config.yaml and checkpoints show them):
+    each constructor argument the head keeps as an attribute of a plain type, else the value given, else
+    the constructor's default (the softmax head's ``bias`` setting, whose attribute is the parameter)."""
+    for name, p in head_parameters(head_cfg.name).items():
         value = getattr(head, name, None)
+        if not isinstance(value, (bool, int, float, str)):
+            value = head_cfg.settings.get(name, p.default)
         if isinstance(value, (bool, int, float, str)):
             setattr(head_cfg, name, value)
 
@@ -424,7 +427,8 @@ class Trainer:
         else:
             path = Path(resume)
             state = ckpt.load_checkpoint(path, map_location=self.device)
-        ckpt.check_settings(saved_settings_in_force(state.get("config", {})), self.cfg.to_dict(), path, RESUMABLE_CHANGES,
+        ckpt.check_settings(saved_settings_in_force(state.get("config", {})), saved_settings_in_force(self.cfg.to_dict()),
+                            path, RESUMABLE_CHANGES,
                             fix="use the original recipe and overrides, or another out_dir for the new settings")
         self.load_state_dict(state, path)
         logger.info("resumed from %s at iteration %d (lambda %.4g)", path, self.iteration, self.current_lambda())
