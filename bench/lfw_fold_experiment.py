@@ -138,6 +138,7 @@ def initial_energy(args, head_name, num_classes):
     torch.manual_seed(args.seed)
     create_backbone(args.backbone, input_size=(112, 96))  # the trainer draws the backbone first
     head = create_head(head_name, 512, num_classes)
+    head.init_rows_(args.seed)  # the trainer's world-size-independent initialisation
     return float(mhe_energy(head.weight.detach().double(), power="2"))
 
 

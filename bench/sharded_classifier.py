@@ -9,7 +9,7 @@ cross-entropy over all C classes, the ``batch_vs_all`` MHE term (power 2, lambda
 an SGD step with momentum 0.9 and weight decay (so the weight, its gradient and its momentum all
 exist). The global batch is fixed (``--global-batch``, split over the ranks), so the rows of the table
 do the same work. ``replicated`` is the plain single-process head (``create_head`` +
-``classifier_mhe`` + ``F.cross_entropy``): what every rank of a replicated run holds.
+``classifier_mhe`` + the head's own softmax loss): what every rank of a replicated run holds.
 
 Each configuration runs in fresh processes (``torch.multiprocessing`` spawn, gloo on CPU, one torch
 thread per rank). Memory: PyTorch keeps no CPU allocator statistics and tracemalloc does not see
@@ -53,7 +53,6 @@ def _reset_peak() -> int:
 def _run(rank: int, world: int, mode: str, args, init_file: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     torch.set_num_threads(1)
     if mode == "sharded" and world > 1:
@@ -80,9 +79,9 @@ def _run(rank: int, world: int, mode: str, args, init_file: str, out_dir: str) -
     def step_fn(clf, opt, labels):
         if mode == "sharded":
             out = clf(x, labels)
-            loss = clf.cross_entropy(out) + sharded_classifier_mhe(clf.weight, out.labels, clf.num_classes, "2")
+            loss = out.loss + sharded_classifier_mhe(clf.weight, out.labels, clf.num_classes, "2")
         else:
-            loss = F.cross_entropy(clf(x, labels), labels) + classifier_mhe(clf.weight, labels, "2", check_finite=False)
+            loss = clf(x, labels).loss + classifier_mhe(clf.weight, labels, "2", check_finite=False)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

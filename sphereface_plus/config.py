@@ -19,9 +19,11 @@ wrong recipe.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import logging
+import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,32 +69,50 @@ class ModelConfig:
     channels_last: Optional[bool] = None
 
 
+#: the metadata that marks a dataclass field as the home of free keys (see :class:`HeadConfig`)
+EXTRA_KEYS = "extra_keys"
+
+
 @dataclass
 class HeadConfig:
-    """The classifier head and the settings given to it.
+    """The classifier head: its name, the trainer's layout settings, and the head's own settings.
 
-    Each setting is named as the head's constructor argument and is passed only when set here; the
-    others keep the head's own defaults (A-Softmax m=4, base=1000, gamma=0.12, power=1, lambda_min=5;
-    CosFace s=64, m=0.35; ArcFace s=64, m=0.5). The values in force are written back under ``head`` in
-    the run's config.yaml and checkpoints. A new optional head setting is one more line here.
+    ``name``, ``parallel`` and ``sample_rate`` are the trainer's (``trainer.TRAINER_HEAD_SETTINGS``).
+    Every other key under ``head`` (``head.m=1.7``, ``head.s: 30``) is a setting of the head itself,
+    named as its constructor's keyword argument (``sphereface_plus.heads.head_parameters``), kept in
+    ``settings`` and read back as an attribute (``cfg.head.m``); validation checks each one against the
+    head's signature (an unknown key names the head's valid keys and the nearest one) and its declared
+    type. Settings not given keep the head's own defaults; the run's config.yaml and checkpoints record
+    the values in force (the trainer writes them back). A ``null`` value means "not set".
     """
 
     name: str = "a_softmax"  # registered name (sphereface_plus.heads.list_heads())
-    m: Optional[float] = None  # margin: A-Softmax's integer m (1..4), CosFace/ArcFace's additive margin
-    s: Optional[float] = None  # CosFace / ArcFace scale
-    # A-Softmax lambda = max(lambda_min, base * (1 + gamma * t) ** -power) (SPEC section 4)
-    base: Optional[float] = None
-    gamma: Optional[float] = None
-    power: Optional[float] = None
-    lambda_min: Optional[float] = None
-    easy_margin: Optional[bool] = None  # ArcFace
-    # A-Softmax backward: sphereface_plus.heads.A_SOFTMAX_GRADIENTS (exact = autograd, the default;
-    # caffe = the released models' margin_inner_product_layer Backward, issue 11)
-    gradient: Optional[str] = None
-    # how the classifier is laid out over the processes (sphereface_plus.parallel.PARALLEL_MODES): the
-    # trainer's settings, not the head's (TRAINER_HEAD_SETTINGS), so they are never passed to the head
+    # how the classifier is laid out over the processes (sphereface_plus.parallel.PARALLEL_MODES)
     parallel: str = "replicated"  # replicated: the whole head on every rank; sharded: rows split over ranks
     sample_rate: float = 1.0  # sharded only: Partial FC negative-class sampling rate in (0, 1]; 1 is exact
+    settings: Dict[str, Any] = field(default_factory=dict, metadata={EXTRA_KEYS: True})
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields: the head's settings
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in settings:
+            return settings[name]
+        if not name.startswith("_") and "name" in self.__dict__:
+            from sphereface_plus.heads import head_parameters
+
+            try:
+                if name in head_parameters(self.name):
+                    return None  # a setting of this head that was not given: the head's own default
+            except KeyError:  # an unknown head name (validation reports it)
+                pass
+        raise AttributeError(f"head {self.__dict__.get('name')!r} has no setting {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in {f.name for f in dataclasses.fields(self)}:
+            object.__setattr__(self, name, value)
+        elif value is None:
+            self.settings.pop(name, None)
+        else:
+            self.settings[name] = value
 
 
 @dataclass
@@ -147,6 +167,9 @@ class TrainConfig:
     # and MHE always run in float32. The same knob is `precision` in every command.
     precision: str = "auto"
     compile: bool = False  # torch.compile the backbone (before DDP)
+    # float64 everywhere (backbone, head, MHE; train.precision must then be fp32 or off): a reference mode for
+    # exact comparisons between process layouts and with the peers' float64 code; slow
+    float64: bool = False
     log_every: int = 20
     nan_patience: int = 5  # consecutive non-finite losses before rolling back to the last checkpoint
     max_rollbacks: int = 3  # then give up with an error
@@ -191,7 +214,7 @@ class Config:
     # ------------------------------------------------------------------ conversion
     def to_dict(self) -> Dict[str, Any]:
         """Plain nested dicts / lists / str / int / float / bool (safe for ``weights_only`` loading)."""
-        return dataclasses.asdict(self)
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "Config":
@@ -204,7 +227,7 @@ class Config:
         Data sources and templates belong to ``data_prep``, which this library does not import: the
         train runner checks them (``data_prep.datasets.check_data_config``) before anything is written.
         """
-        from sphereface_plus.heads import A_SOFTMAX_GRADIENTS, list_heads
+        from sphereface_plus.heads import list_heads
         from sphereface_plus.mhe import CLASSIFIER_MODES, POWERS, normalize_power
         from sphereface_plus.models import check_model_config
         from sphereface_plus.engine.precision import SETTINGS as AMP_SETTINGS
@@ -220,13 +243,7 @@ class Config:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
-        if self.head.gradient is not None:
-            if self.head.gradient not in A_SOFTMAX_GRADIENTS:
-                raise ConfigError(f"head.gradient={self.head.gradient!r} is not valid; choose one of "
-                                  f"{', '.join(A_SOFTMAX_GRADIENTS)}")
-            if self.head.name != "a_softmax":
-                raise ConfigError(f"head.gradient={self.head.gradient!r} applies to head.name=a_softmax only, not "
-                                  f"{self.head.name!r}; remove head.gradient or choose head.name=a_softmax")
+        check_head_settings(self.head)
         self.mhe.power = normalize_power(self.mhe.power)  # parsed once, here
         if self.model.input_size is not None and len(self.model.input_size) != 2:
             raise ConfigError(f"model.input_size must be [H, W], got {self.model.input_size}")
@@ -254,14 +271,59 @@ class Config:
         if self.eval.packs and self.eval.pairs:
             raise ConfigError("eval.pairs and eval.packs are both set; validate on one (lfw is also a pack: "
                               "eval.packs=[lfw,...] scores it with insightface's protocol), set the other to []/''")
+        if self.train.float64 and self.train.precision not in ("fp32", "off"):
+            raise ConfigError(f"train.float64=true trains in float64 throughout: set train.precision=fp32 (got "
+                              f"train.precision={self.train.precision!r})")
         if sorted(self.optim.milestones) != list(self.optim.milestones):
             raise ConfigError(f"optim.milestones must be increasing, got {self.optim.milestones}")
 
 
+def check_head_settings(head: HeadConfig) -> None:
+    """Each of ``head``'s own settings against the head's constructor (``heads.head_parameters``): an
+    unknown key names the head's valid keys and the nearest one; a value is checked against the
+    declared type (ints are taken for floats) and then by building a tiny head, so a bad value (an
+    unknown ``gradient``, a margin out of range) is reported before anything is written."""
+    from sphereface_plus.heads import create_head, head_parameters, list_heads
+
+    if head.name not in list_heads():
+        return  # reported by the caller's check of head.name
+    params = head_parameters(head.name)
+    trainer_keys = [f.name for f in dataclasses.fields(head) if not f.metadata.get(EXTRA_KEYS)]
+    for key in list(head.settings):
+        value = head.settings[key]
+        if value is None:  # "not set" (old checkpoints' configs hold every key of every head)
+            del head.settings[key]
+            continue
+        source = head.__dict__.get("_extra_sources", {}).get(key, "config")
+        if key not in params:
+            valid = sorted(params)
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f" Did you mean 'head.{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key 'head.{key}' (in {source}): head.name={head.name!r} does not take "
+                              f"it.{hint} Its settings: {', '.join(valid) or '(none)'}; the trainer's: "
+                              f"{', '.join(trainer_keys)}")
+        tp = params[key].annotation
+        if tp is not inspect.Parameter.empty and tp in (int, float, bool, str):
+            head.settings[key] = _coerce(value, tp, f"head.{key}", source)
+    try:
+        create_head(head.name, in_features=2, num_classes=2, **head.settings)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"head.name={head.name!r} with {head.settings}: {exc}") from None
+
+
 # ---------------------------------------------------------------------- merging and type checks
+def _extra_field(obj: Any) -> Optional[str]:
+    """The field of ``obj`` that takes free keys (metadata :data:`EXTRA_KEYS`), if any."""
+    for f in dataclasses.fields(obj):
+        if f.metadata.get(EXTRA_KEYS):
+            return f.name
+    return None
+
+
 def _field_types(obj: Any) -> Dict[str, Any]:
+    """Declared fields and types, without the free-keys field (its keys are not fields)."""
     hints = typing.get_type_hints(type(obj))
-    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj) if not f.metadata.get(EXTRA_KEYS)}
 
 
 def _all_keys(obj: Any, prefix: str = "") -> List[str]:
@@ -273,7 +335,24 @@ def _all_keys(obj: Any, prefix: str = "") -> List[str]:
             keys.extend(_all_keys(value, key + "."))
         else:
             keys.append(key)
+    extra = _extra_field(obj)
+    if extra:
+        keys.extend(prefix + k for k in getattr(obj, extra))
     return keys
+
+
+def _set_extra(obj: Any, name: str, value: Any, source: str) -> bool:
+    """Store a free key in ``obj``'s free-keys field (checked later by ``validate``, whose messages name
+    ``source``, kept beside the fields); False when ``obj`` has no free-keys field."""
+    extra = _extra_field(obj)
+    if extra is None:
+        return False
+    obj.__dict__.setdefault("_extra_sources", {})[name] = source
+    if value is None:
+        getattr(obj, extra).pop(name, None)
+    else:
+        getattr(obj, extra)[name] = value
+    return True
 
 
 def _unknown_key(key: str, root: Any, source: str) -> ConfigError:
@@ -351,6 +430,8 @@ def _merge(obj: Any, data: Dict[str, Any], prefix: str, source: str, root: Any =
         name = _current_name(obj, str(name), prefix, source)
         key = prefix + name
         if name not in types:
+            if _set_extra(obj, str(name), value, source):
+                continue
             raise _unknown_key(key, root, source)
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
@@ -366,6 +447,8 @@ def _set_dotted(cfg: Any, key: str, value: Any, source: str) -> None:
         part = _current_name(obj, part, ".".join(parts[:i] + [""]), source)
         types = _field_types(obj)
         if part not in types:
+            if i == len(parts) - 1 and _set_extra(obj, part, value, source):
+                return
             raise _unknown_key(key, cfg, source)
         if typing.get_origin(types[part]) in (dict, Dict) and i == len(parts) - 2:
             # a free-form mapping (model.kwargs): `model.kwargs.dropout=0.4` sets one entry
@@ -486,7 +569,17 @@ def load_config_from_args(args: Any, flag_names: Sequence[str], schema: Type[T])
 
 
 def config_to_dict(cfg: Any) -> Dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain nested dicts; a free-keys field's entries sit beside the declared fields (``head.m``)."""
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get(EXTRA_KEYS):
+            out.update(copy.deepcopy(value))
+        elif dataclasses.is_dataclass(value):
+            out[f.name] = config_to_dict(value)
+        else:
+            out[f.name] = copy.deepcopy(value)
+    return out
 
 
 def config_to_yaml(cfg: Any) -> str:

@@ -10,8 +10,10 @@ tests, the demo and ``bench/train_throughput.py``).
     trainer.resume("auto")                                 # optional
     summary = trainer.fit()
 
-Loss: ``CE(head logits) + mhe.lambda_m * classifier_mhe(head.weight, labels)`` (SphereFace+, SPEC
-section 5), both terms and the A-Softmax lambda logged separately. Each step: the backbone forward under autocast
+Loss: ``head loss + mhe.lambda_m * classifier_mhe(head.weight, labels)`` (SphereFace+,
+docs/theory.md#sphereface-plus). The head owns its loss (:class:`~sphereface_plus.heads.base.HeadOutput`:
+softmax CE, a binary loss, auxiliary terms); the trainer adds only the MHE term and logs the head's
+``terms`` (``ce``, A-Softmax's ``lambda``, ...) as they come. Each step: the backbone forward under autocast
 in ``train.precision`` (:mod:`sphereface_plus.engine.precision`: auto = bf16 where the CPU/GPU has native
 bf16; the head, the losses and MHE always in float32, since cos(m theta) polynomials lose too much in
 16 bits), backward, optional gradient clipping, SGD step, one scheduler step. A non-finite loss skips
@@ -24,7 +26,7 @@ DDP, and checkpoints still hold the whole head, so a run resumes on any number o
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 import io
 import logging
 import random
@@ -46,7 +48,7 @@ from sphereface_plus.engine.run_log import MetricsLogger, RunningMeans, open_ten
 from sphereface_plus.engine.optim import build_optimizer, build_scheduler
 from sphereface_plus.engine.precision import autocast, resolve_precision
 from sphereface_plus.engine.sampler import ResumableSampler
-from sphereface_plus.heads import create_head
+from sphereface_plus.heads import HeadOutput, create_head, head_parameters
 from sphereface_plus.mhe import classifier_mhe
 from sphereface_plus.models import backbone_from_config
 from sphereface_plus.parallel import (ShardedClassifier, gather_head_state, gather_optimizer_state, load_head_state,
@@ -56,7 +58,7 @@ from sphereface_plus.utils import atomic_write_json, progress, safe_torch_load
 logger = logging.getLogger(__name__)
 
 __all__ = ["RESUMABLE_CHANGES", "TRAINER_HEAD_SETTINGS", "Trainer", "FaceTrainModel", "ShardedFaceModel",
-           "head_kwargs", "head_settings"]
+           "head_kwargs", "head_settings", "saved_settings_in_force"]
 
 #: steps left out of summary.json's images_per_s (allocator, oneDNN and compile warm-up)
 WARMUP_STEPS = 3
@@ -73,44 +75,75 @@ Verifier = Callable[..., Dict[str, Any]]  # (backbone, device, precision=..., ch
 
 
 def head_settings(head_cfg) -> Dict[str, Any]:
-    """The ``head`` settings the user gave for the head itself (not :data:`TRAINER_HEAD_SETTINGS`, not None)."""
-    return {f.name: getattr(head_cfg, f.name) for f in dataclasses.fields(head_cfg)
-            if f.name not in TRAINER_HEAD_SETTINGS and getattr(head_cfg, f.name) is not None}
+    """The ``head`` settings given for the head itself (not :data:`TRAINER_HEAD_SETTINGS`, not None)."""
+    return {k: v for k, v in head_cfg.settings.items() if v is not None}
 
 
 def head_kwargs(head_cfg) -> Dict[str, Any]:
     """Constructor arguments of the head: only the settings that were set, so each head keeps its own
-    defaults for the others (config.HeadConfig). Integral numbers go in as ints (A-Softmax's m)."""
-    return {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in head_settings(head_cfg).items()}
+    defaults for the others (config.HeadConfig)."""
+    return dict(head_settings(head_cfg))
 
 
-def build_head(head_cfg, in_features: int, num_classes: int) -> nn.Module:
-    """The registered head with :func:`head_kwargs`, and ``head_cfg`` filled with the values in force."""
+def build_head(head_cfg, in_features: int, num_classes: int, seed: int = 0) -> nn.Module:
+    """The registered head with :func:`head_kwargs`, its rows drawn by the world-size-independent
+    ``init_rows_(seed)`` (the same classifier a sharded run starts from), the default RNG left as it
+    was; ``head_cfg`` is filled with the values in force."""
     kwargs = head_kwargs(head_cfg)
     try:
-        head = create_head(head_cfg.name, in_features=in_features, num_classes=num_classes, **kwargs)
-    except TypeError as exc:  # a setting the head does not take
+        with torch.random.fork_rng(devices=[]):
+            head = create_head(head_cfg.name, in_features=in_features, num_classes=num_classes, **kwargs)
+    except TypeError as exc:  # a setting the head does not take (config validation reports it earlier)
         raise ConfigError(f"head.name={head_cfg.name!r} does not take {sorted(kwargs)} ({exc}); remove the "
                           f"setting or choose another head") from None
+    head.init_rows_(seed)
     _record_head_settings(head_cfg, head)
     return head
 
 
+def saved_settings_in_force(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A checkpoint's config with its ``head`` section as the values in force: ``None`` entries dropped
+    and the head's defaults filled in for settings it does not list. A checkpoint written before the
+    heads owned their settings (every head's keys, ``None`` where unset) then compares equal to the same
+    run's config today (``check_settings`` on resume)."""
+    head = config.get("head") if isinstance(config, dict) else None
+    if not isinstance(head, dict) or head.get("name") is None:
+        return config
+    try:
+        params = head_parameters(head["name"])
+    except KeyError:  # a head this toolkit no longer has: compared as saved (and reported)
+        return config
+    head = {k: v for k, v in head.items() if v is not None}
+    for name, p in params.items():
+        if name not in head and isinstance(p.default, (bool, int, float, str)):
+            head[name] = p.default
+    return {**config, "head": head}
+
+
 def _record_head_settings(head_cfg, head: nn.Module) -> None:
-    """Write the head's settings in force back into ``head_cfg`` (config.yaml and checkpoints show them)."""
-    for f in dataclasses.fields(head_cfg):
-        if f.name not in TRAINER_HEAD_SETTINGS and hasattr(head, f.name):
-            value = getattr(head, f.name)
-            if isinstance(value, (bool, int, float)):
-                setattr(head_cfg, f.name, value)
+    """Write the head's settings in force back into ``head_cfg`` (config.yaml and checkpoints show them):
+    each constructor argument the head keeps as an attribute of a plain type, else the value given, else
+    the constructor's default (the softmax head's ``bias`` setting, whose attribute is the parameter)."""
+    for name, p in head_parameters(head_cfg.name).items():
+        value = getattr(head, name, None)
+        if not isinstance(value, (bool, int, float, str)):
+            value = head_cfg.settings.get(name, p.default)
+        if isinstance(value, (bool, int, float, str)):
+            setattr(head_cfg, name, value)
+
+
+def _head_precision(t: torch.Tensor) -> torch.Tensor:
+    """The head, the losses and MHE run in float32 whatever the backbone's autocast (cos(m theta)
+    polynomials lose too much in 16 bits), or in float64 in the float64 reference mode."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 class FaceTrainModel(nn.Module):
     """Backbone + classifier head + the SphereFace+ MHE term, as one module (what DDP wraps).
 
-    ``forward(images, labels) -> (logits B x C, mhe 0-dim)``, ``mhe`` the unweighted classifier energy;
-    the trainer adds ``lambda_m * mhe`` to the loss (the one place lambda_M is applied). The MHE term is
-    computed inside the forward so that DDP sees every use of ``head.weight`` in one graph.
+    ``forward(images, labels) -> (HeadOutput, mhe 0-dim)``, ``mhe`` the unweighted classifier energy;
+    the trainer's loss is ``out.loss + lambda_m * mhe`` (the one place lambda_M is applied). The MHE
+    term is computed inside the forward so that DDP sees every use of ``head.weight`` in one graph.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, lambda_m: float = 0.0, mhe_power: str = "2",
@@ -122,24 +155,24 @@ class FaceTrainModel(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         emb = self.backbone(images)
         with torch.autocast(images.device.type, enabled=False):
-            logits = self.head(emb.float(), labels)
+            out = self.head(_head_precision(emb), labels)
             if self.lambda_m > 0:
                 # no NaN check (a host sync every step): a non-finite weight gives a non-finite loss,
                 # which the trainer's guard skips and, if it persists, rolls back
-                mhe = classifier_mhe(self.head.weight.float(), labels, power=self.mhe_power, mode=self.mhe_mode,
-                                     check_finite=False)
+                mhe = classifier_mhe(_head_precision(self.head.weight), labels, power=self.mhe_power,
+                                     mode=self.mhe_mode, check_finite=False)
             else:
-                mhe = logits.new_zeros(())
-        return logits, mhe
-
-    # the trainer's view of the forward's output (the same calls for ShardedFaceModel)
-    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels)  # float32 whatever the autocast
+                mhe = out.loss.new_zeros(())
+        return out, mhe
 
     @torch.no_grad()
-    def num_correct(self, logits: torch.Tensor, labels: torch.Tensor):
+    def num_correct(self, out: HeadOutput, labels: torch.Tensor):
         """(correct, count) of this rank's batch."""
-        return (logits.argmax(1) == labels).sum(), labels.numel()
+        return (out.logits.argmax(1) == labels).sum(), labels.numel()
+
+    def state_terms(self) -> Dict[str, torch.Tensor]:
+        """The head's schedule values in force (``ClassifierHead.state_terms``)."""
+        return self.head.state_terms()
 
     def clip_grad_norm_(self, max_norm: float) -> None:
         nn.utils.clip_grad_norm_(self.parameters(), max_norm)
@@ -150,11 +183,13 @@ class ShardedFaceModel(nn.Module):
     SphereFace+ MHE term of the whole classifier from the shards (issue 13).
 
     The same interface as :class:`FaceTrainModel`: ``forward(images, labels) -> (out, mhe)`` with
-    ``out`` a :class:`~sphereface_plus.parallel.ShardedLogits`, and :meth:`cross_entropy`,
-    :meth:`num_correct`, :meth:`clip_grad_norm_`. Every value is the *global* batch's (the same on every
-    rank). Only the backbone is data-parallel: the trainer wraps ``backbone`` alone in DDP and passes
-    the wrapper to :meth:`forward`; ``head`` is the shard (parameters backbone first, head second, as
-    :class:`FaceTrainModel`, so optimiser state dicts line up with a replicated run's).
+    ``out`` a :class:`~sphereface_plus.parallel.ShardedLogits` (``loss``, ``logits``, ``terms`` as a
+    ``HeadOutput``), and :meth:`num_correct`, :meth:`state_terms`, :meth:`clip_grad_norm_`. Every value
+    is the *global* batch's (the same on every rank). Only the backbone is data-parallel: the trainer
+    wraps ``backbone`` alone in DDP and passes the wrapper to :meth:`forward`; ``head`` is the shard
+    (parameters backbone first, head second, as :class:`FaceTrainModel`, so optimiser state dicts
+    line up with a replicated run's). On one process the MHE term is the single-process
+    ``classifier_mhe`` itself, so that a sharded run on one process is the replicated run.
     """
 
     def __init__(self, backbone: nn.Module, head: ShardedClassifier, lambda_m: float = 0.0, mhe_power: str = "2",
@@ -166,16 +201,16 @@ class ShardedFaceModel(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor, backbone: Optional[nn.Module] = None):
         emb = (backbone or self.backbone)(images)
         with torch.autocast(images.device.type, enabled=False):
-            out = self.head(emb.float(), labels)
-            if self.lambda_m > 0:
-                mhe = sharded_classifier_mhe(self.head.weight.float(), out.labels, self.head.num_classes,
-                                             self.mhe_power, self.mhe_mode, group=self.head.group)
+            out = self.head(_head_precision(emb), labels)
+            weight = _head_precision(self.head.weight)
+            if self.lambda_m > 0 and self.head.world_size == 1:
+                mhe = classifier_mhe(weight, out.labels, power=self.mhe_power, mode=self.mhe_mode, check_finite=False)
+            elif self.lambda_m > 0:
+                mhe = sharded_classifier_mhe(weight, out.labels, self.head.num_classes, self.mhe_power, self.mhe_mode,
+                                             group=self.head.group)
             else:
-                mhe = out.logits.new_zeros(())
+                mhe = out.loss.new_zeros(())
         return out, mhe
-
-    def cross_entropy(self, out, labels: torch.Tensor) -> torch.Tensor:
-        return self.head.cross_entropy(out)
 
     @torch.no_grad()
     def num_correct(self, out, labels: torch.Tensor):
@@ -183,20 +218,27 @@ class ShardedFaceModel(nn.Module):
         ranks that the stats reporter takes is this pair's ratio: nothing is counted twice)."""
         return self.head.num_correct(out), out.labels.numel()
 
+    def state_terms(self) -> Dict[str, torch.Tensor]:
+        return self.head.state_terms()
+
     def clip_grad_norm_(self, max_norm: float) -> None:
         """``clip_grad_norm_`` over the whole model: the backbone's gradients are the same on every rank
-        (DDP), the head's are disjoint row blocks, so the global squared norm is the backbone's plus the
-        all-reduced sum of the blocks'."""
-        backbone = [p.grad for p in self.backbone.parameters() if p.grad is not None]
-        head = [p.grad for p in self.head.parameters() if p.grad is not None]
-        ref = (backbone + head)[0]
-        sq_backbone = sum((g.detach().double().pow(2).sum() for g in backbone), ref.new_zeros((), dtype=torch.float64))
-        sq_head = sum((g.detach().double().pow(2).sum() for g in head), ref.new_zeros((), dtype=torch.float64))
+        (DDP), and so are the head's shared parameters'; the head's row blocks are disjoint, so the
+        global squared norm is the replicated part's plus the all-reduced sum of the blocks'."""
+        if self.head.world_size == 1:  # the replicated computation itself
+            nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+            return
+        replicated = [p.grad for p in list(self.backbone.parameters()) + self.head.shared_parameters()
+                      if p.grad is not None]
+        rows = [p.grad for p in self.head.row_parameters() if p.grad is not None]
+        ref = (replicated + rows)[0]
+        sq_rep = sum((g.detach().double().pow(2).sum() for g in replicated), ref.new_zeros((), dtype=torch.float64))
+        sq_rows = sum((g.detach().double().pow(2).sum() for g in rows), ref.new_zeros((), dtype=torch.float64))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sq_head, group=self.head.group)
-        total = (sq_backbone + sq_head).sqrt()
+            torch.distributed.all_reduce(sq_rows, group=self.head.group)
+        total = (sq_rep + sq_rows).sqrt()
         scale = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
-        for g in backbone + head:
+        for g in replicated + rows:
             g.mul_(scale.to(g.dtype))
 
 
@@ -242,6 +284,9 @@ class Trainer:
                               else self.precision == "bf16" and self.device.type == "cpu")
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
+        # train.float64: the reference mode (exact comparisons between layouts), float64 throughout
+        self.dtype = torch.float64 if cfg.train.float64 else torch.float32
+        self.model.to(dtype=self.dtype)
         logger.info("training precision %s (train.precision=%s)%s", self.precision, cfg.train.precision,
                     ", channels_last" if self.channels_last else "")
         if cfg.train.init_from:
@@ -279,7 +324,7 @@ class Trainer:
                                     embedding_grad_scale=self.dist.world_size)
             _record_head_settings(cfg.head, clf.head)
             return ShardedFaceModel(backbone, clf, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode)
-        head = build_head(cfg.head, cfg.model.embedding_dim, num_classes)
+        head = build_head(cfg.head, cfg.model.embedding_dim, num_classes, seed=cfg.train.seed)
         return FaceTrainModel(backbone, head, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode)
 
     def _init_from(self, path: str) -> None:
@@ -295,9 +340,13 @@ class Trainer:
     def head(self) -> nn.Module:
         return self.model.head
 
+    def head_terms(self) -> Dict[str, float]:
+        """The head's schedule values in force (``state_terms``: A-Softmax's ``lambda``), as floats."""
+        return {k: float(v) for k, v in self.model.state_terms().items()}
+
     def current_lambda(self) -> float:
-        lam = getattr(self.head, "current_lambda", float("nan"))
-        return float(lam() if callable(lam) else lam)
+        """A-Softmax's λ in force (NaN for a head without one): ``head_terms()['lambda']``."""
+        return self.head_terms().get("lambda", float("nan"))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -385,7 +434,8 @@ class Trainer:
         else:
             path = Path(resume)
             state = ckpt.load_checkpoint(path, map_location=self.device)
-        ckpt.check_settings(state.get("config", {}), self.cfg.to_dict(), path, RESUMABLE_CHANGES,
+        ckpt.check_settings(saved_settings_in_force(state.get("config", {})), saved_settings_in_force(self.cfg.to_dict()),
+                            path, RESUMABLE_CHANGES,
                             fix="use the original recipe and overrides, or another out_dir for the new settings")
         self.load_state_dict(state, path)
         logger.info("resumed from %s at iteration %d (lambda %.4g)", path, self.iteration, self.current_lambda())
@@ -426,12 +476,11 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
         """Forward, backward and (when the loss is finite) an SGD step; always advances one iteration."""
         self.net.train()
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        images = images.to(self.device, dtype=self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         with autocast(self.device, self.precision):  # the head and MHE inside turn it off again
-            logits, mhe = self.net(images, labels)
-        ce = self.model.cross_entropy(logits, labels)
-        loss = ce + self.model.lambda_m * mhe  # the one place lambda_M is applied
+            out, mhe = self.net(images, labels)
+        loss = out.loss + self.model.lambda_m * mhe  # the one place lambda_M is applied
         self.scaler.scale(loss).backward()
         finite = torch.isfinite(loss.detach()).float()
         if self.dist.distributed:  # every rank must take the same branch
@@ -447,8 +496,8 @@ class Trainer:
         else:
             self.skipped_steps += 1
             self._streak += 1
-            logger.warning("non-finite loss at iteration %d (CE %s, MHE %s): step skipped",
-                           self.iteration, ce.item(), mhe.item())
+            logger.warning("non-finite loss at iteration %d (head %s, MHE %s): step skipped",
+                           self.iteration, out.loss.item(), mhe.item())
         self.optimizer.zero_grad(set_to_none=True)
         # the schedule counts iterations, skipped ones too (so a run stays on its schedule); PyTorch warns
         # when a skipped first step makes that call precede every optimizer step: expected here
@@ -456,8 +505,8 @@ class Trainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             self.scheduler.step()
         self.iteration += 1
-        correct, count = self.model.num_correct(logits, labels)
-        stats = {"loss": loss.detach(), "ce": ce.detach(), "mhe": mhe.detach().float(), "correct": correct,
+        correct, count = self.model.num_correct(out, labels)
+        stats = {"loss": loss.detach(), "mhe": mhe.detach().float(), "terms": dict(out.terms), "correct": correct,
                  "count": count, "finite": finite, "rolled_back": False}
         if self._streak >= self.cfg.train.nan_patience:
             self.rollback()
@@ -486,6 +535,8 @@ class Trainer:
                                 postfix=("loss", "acc", "lambda", "mhe", "lr", "images_per_s"),
                                 resume_iteration=self.iteration if self.iteration else None, enabled=main)
         window = RunningMeans()
+        schedule_keys = set(self.model.state_terms())
+        term_keys: Dict[str, None] = {}  # the head's logged terms, in order of first appearance
         history: List[Dict[str, float]] = []
         last_report, eval_report, t_start, it_start = None, None, time.perf_counter(), self.iteration
         t_window = time.perf_counter()
@@ -501,27 +552,29 @@ class Trainer:
                     t_window = time.perf_counter()
                     bar.n = self.iteration
                     break  # restart the loader at the restored iteration with the new data order
+                # the head's terms, logged as they come (schedule values: the one in force at the log)
+                batch_terms = {k: v for k, v in stats["terms"].items() if k not in schedule_keys}
+                term_keys.update(dict.fromkeys(batch_terms))
                 if stats["finite"]:
                     n = stats["count"]
-                    window.add(n, loss=stats["loss"], ce=stats["ce"], mhe=stats["mhe"],
-                               acc=stats["correct"].double() / n)
+                    window.add(n, loss=stats["loss"], mhe=stats["mhe"], acc=stats["correct"].double() / n,
+                               **batch_terms)
                 it = self.iteration
                 if it % cfg.train.log_every == 0 or it == total:
                     means = window.means(distributed=self.dist.distributed)
                     steps = window.count
                     ips = steps * cfg.train.batch_size / max(time.perf_counter() - t_window, 1e-9)
-                    last_report = {k: means.get(k, float("nan")) for k in ("loss", "ce", "mhe", "acc")}
+                    last_report = {k: means.get(k, float("nan")) for k in ("loss", *term_keys, "mhe", "acc")}
                     last_report.update(images_per_s=ips, iteration=it, lr=self.optimizer.param_groups[0]["lr"],
-                                       **{"lambda": self.current_lambda()})
+                                       **self.head_terms())
                     history.append(last_report)
                     metrics.log(it, **{k: v for k, v in last_report.items() if k != "iteration"})
                     window.reset()
                     t_window = time.perf_counter()
                     if bar.disable and main:  # no bar on screen: a log line instead
-                        logger.info("it %d/%d loss %.4f ce %.4f mhe %.4f acc %.3f lambda %.4g lr %.3g %.0f img/s", it,
-                                    total, last_report["loss"], last_report["ce"], last_report["mhe"],
-                                    last_report["acc"], last_report["lambda"], last_report["lr"],
-                                    last_report["images_per_s"])
+                        shown = " ".join(f"{k} {v:.4g}" for k, v in last_report.items()
+                                         if k not in ("iteration", "images_per_s"))
+                        logger.info("it %d/%d %s %.0f img/s", it, total, shown, last_report["images_per_s"])
                 t_pause = time.perf_counter()
                 if self.verifier is not None and ((cfg.eval.every and it % cfg.eval.every == 0) or it == total):
                     eval_report = self.verify()  # before the save: the checkpoint carries its threshold
@@ -550,7 +603,7 @@ class Trainer:
             "bad_images": bad_list, "bad_reads": bad_total, "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
             "lambda": self.current_lambda(), "num_classes": self.dataset.num_classes,
             "images_per_s": speed.mean(fallback=(self.iteration - it_start) * cfg.train.batch_size / max(elapsed, 1e-9)),
-            "precision": self.precision,
+            "precision": "fp64" if self.dtype == torch.float64 else self.precision,
         }
         if main:
             atomic_write_json(self.out_dir / "summary.json", summary)
@@ -574,7 +627,10 @@ class Trainer:
         report = None
         if self.dist.is_main and self.verifier is not None:
             # the training precision, and the backbone's memory format as it is (never converted mid-run)
-            report = self.verifier(self.model.backbone, self.device, precision=self.precision,
+            backbone = self.model.backbone
+            if self.dtype != torch.float32:  # the verifier embeds float32 images: a float32 copy
+                backbone = copy.deepcopy(backbone).float()
+            report = self.verifier(backbone, self.device, precision=self.precision,
                                    channels_last=self.channels_last)
             self.threshold = float(report["compare_threshold"])
             std = report.get("std_accuracy")

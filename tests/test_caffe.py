@@ -296,7 +296,7 @@ def test_a_softmax_head_with_the_caffe_gradient(mode):
     getattr(head, mode)()
     x0, _, y, top_diff = _boundary_batch(4, seed=5)
     x = x0.clone().requires_grad_(True)
-    logits = head(x, y)
+    logits = head(x, y).logits
     w_used = head.weight.detach().clone()
     top, bdiff, wdiff = caffe_margin_inner_product(x0, w_used, y, 4, head.current_lambda, top_diff)
     _rel_close(logits, top, rel=1e-12)
@@ -307,7 +307,7 @@ def test_a_softmax_head_with_the_caffe_gradient(mode):
 
 
 def test_unknown_gradient_lists_the_choices():
-    assert A_SOFTMAX_GRADIENTS == ("exact", "caffe")
+    assert A_SOFTMAX_GRADIENTS == ("exact", "caffe", "detached")
     with pytest.raises(ValueError, match="exact, caffe"):
         create_head("a_softmax", in_features=4, num_classes=3, gradient="original")
     with pytest.raises(ValueError, match="exact, caffe"):

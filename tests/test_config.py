@@ -183,9 +183,9 @@ def test_head_gradient_is_checked_against_the_heads_list():
     for gradient in A_SOFTMAX_GRADIENTS:
         assert load_config(None, ["data.source=synthetic", f"head.gradient={gradient}"]).head.gradient == gradient
     assert load_config(None, ["data.source=synthetic"]).head.gradient is None  # the head's own default
-    with pytest.raises(ConfigError, match="head.gradient='approx'.*exact, caffe"):
+    with pytest.raises(ConfigError, match="'gradient': 'approx'.*exact, caffe, detached"):
         load_config(None, ["data.source=synthetic", "head.gradient=approx"])
-    with pytest.raises(ConfigError, match="head.gradient='caffe' applies to head.name=a_softmax only"):
+    with pytest.raises(ConfigError, match="head.name='arcface'.*'gradient': 'caffe'.*ArcFace gradient.*exact, detached"):
         load_config(None, ["data.source=synthetic", "head.name=arcface", "head.gradient=caffe"])
     with pytest.raises(ConfigError, match="mhe.mode='among'.*caffe_among"):
         load_config(None, ["data.source=synthetic", "mhe.mode=among"])
@@ -212,3 +212,36 @@ def test_a_renamed_key_still_loads_with_a_warning(tmp_path, caplog):
     assert sum(f"{old} is now called train.precision" in r.getMessage() for r in caplog.records) == 2
     with pytest.raises(ConfigError, match="unknown config key 'train.precisio'"):
         load_config(None, ["train.precisio=bf16"])
+
+
+def test_head_settings_are_the_heads_own_and_checked_against_its_signature(tmp_path):
+    """Issue 19: ``head`` holds name / parallel / sample_rate plus the head's own settings, validated
+    against the head's constructor (heads.head_parameters): YAML and key=value both work, an unknown key
+    names the head's valid keys and the nearest, a value is checked against the declared type."""
+    from sphereface_plus.config import Config
+    from sphereface_plus.heads import head_parameters
+
+    p = tmp_path / "opensphere.yaml"
+    p.write_text("data:\n  source: synthetic\nhead:\n  name: a_softmax\n  m: 1.7\n  s: 64\n  feature_norm: hard\n"
+                 "  gradient: detached\n")
+    cfg = load_config(str(p), ["head.base=0", "head.lambda_min=0"])
+    assert (cfg.head.m, cfg.head.s, cfg.head.feature_norm, cfg.head.gradient) == (1.7, 64.0, "hard", "detached")
+    assert cfg.head.power is None  # a setting of a_softmax not given: the head's own default
+    head = cfg.to_dict()["head"]
+    assert head == {"name": "a_softmax", "parallel": "replicated", "sample_rate": 1.0, "m": 1.7, "s": 64.0,
+                    "feature_norm": "hard", "gradient": "detached", "base": 0.0, "lambda_min": 0.0}
+    assert Config.from_dict(cfg.to_dict()) == cfg  # a checkpoint's config reads back
+    assert load_config(str(p), ["head.m=1.5"]).head.m == 1.5
+    assert "m" not in load_config(str(p), ["head.m=null"]).head.settings  # null: not set
+    with pytest.raises(ConfigError, match=r"head\.mm.*opensphere\.yaml|head\.mm") as info:
+        load_config(str(p), ["head.mm=3"])
+    assert "Did you mean 'head.m'" in str(info.value)
+    assert ", ".join(sorted(head_parameters("a_softmax"))) in str(info.value)
+    with pytest.raises(ConfigError, match="head.name='arcface' does not take.*Its settings: easy_margin"):
+        load_config(None, ["head.name=arcface", "head.lambda_min=5"])
+    with pytest.raises(ConfigError, match="head.renorm_weight expects true or false"):
+        load_config(None, ["head.renorm_weight=3"])
+    with pytest.raises(ConfigError, match=r"\[1, 4\]"):
+        load_config(None, ["head.m=5"])
+    with pytest.raises(AttributeError):
+        cfg.head.easy_margin  # not a setting of a_softmax

@@ -46,8 +46,9 @@ def test_psi_rejects_bad_m():
     for m in (0, 5, 2.5, True):
         with pytest.raises(ValueError, match="1, 2, 3, 4"):
             psi(torch.zeros(3), m)
-    with pytest.raises(ValueError, match="1, 2, 3, 4"):
-        create_head("a_softmax", in_features=4, num_classes=3, m=6)
+    for m in (6, 0.5, True):  # a real m is fine for the head (psi_angular), within [1, 4]
+        with pytest.raises(ValueError, match=r"\[1, 4\]"):
+            create_head("a_softmax", in_features=4, num_classes=3, m=m)
 
 
 # ---------------------------------------------------------------- A-Softmax logits
@@ -110,7 +111,9 @@ def test_a_softmax_head_counter_and_state_dict():
     x, y = torch.randn(3, 8), torch.tensor([0, 4, 2])
     head.train()
     for t in range(1, 4):
-        logits = head(x, y)
+        out = head(x, y)
+        logits = out.logits
+        assert out.terms["lambda"].item() == head.current_lambda  # the schedule's value in force, reported
         assert int(head.iteration) == t
         assert head.current_lambda == pytest.approx(1000 / (1 + 0.12 * t))
         torch.testing.assert_close(logits, a_softmax_logits(x, head.weight, y, m=4, lam=head.current_lambda))
@@ -129,7 +132,7 @@ def test_a_softmax_head_counter_and_state_dict():
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert int(fresh.iteration) == 3 and fresh.current_lambda == head.current_lambda
     fresh.eval()
-    torch.testing.assert_close(fresh(x, y), head(x, y))
+    torch.testing.assert_close(fresh(x, y).logits, head(x, y).logits)
 
 
 # ---------------------------------------------------------------- other heads
@@ -139,7 +142,7 @@ def test_cosface_and_arcface_reference():
     labels = [1, 0, 2, 2, 1]
     for name, s, m in (("cosface", 30.0, 0.35), ("arcface", 64.0, 0.5)):
         head = create_head(name, in_features=4, num_classes=3, s=s, m=m).double()
-        got = head(x, torch.tensor(labels))
+        got = head(x, torch.tensor(labels)).logits
         w = head.weight.detach()
         expected = torch.empty(5, 3, dtype=torch.float64)
         for b in range(5):
@@ -165,14 +168,14 @@ def test_arcface_monotonic_in_angle():
     head = create_head("arcface", in_features=2, num_classes=2, s=1.0, m=0.5).double()
     with torch.no_grad():
         head.weight.copy_(torch.cat([w, -w]))
-    target = head(x, torch.zeros(2001, dtype=torch.long))[:, 0]
+    target = head(x, torch.zeros(2001, dtype=torch.long)).logits[:, 0]
     assert torch.all(target[1:] < target[:-1])
 
 
 def test_softmax_head_is_linear():
     head = create_head("softmax", in_features=6, num_classes=4)
     x = torch.randn(3, 6)
-    torch.testing.assert_close(head(x, torch.tensor([0, 1, 3])), x @ head.weight.t() + head.bias)
+    torch.testing.assert_close(head(x, torch.tensor([0, 1, 3])).logits, x @ head.weight.t() + head.bias)
 
 
 @pytest.mark.parametrize("name", list_heads())
@@ -181,9 +184,11 @@ def test_every_head(name):
     head = create_head(name, in_features=16, num_classes=7).train()
     assert head.weight.shape == (7, 16)
     x = torch.randn(2, 16, requires_grad=True)
-    logits = head(x, torch.tensor([3, 6]))
-    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
-    torch.nn.functional.cross_entropy(logits, torch.tensor([3, 6])).backward()
+    out = head(x, torch.tensor([3, 6]))
+    assert out.logits.shape == (2, 7) and torch.isfinite(out.logits).all()
+    assert out.loss.shape == () and out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert all(v.shape == () and not v.requires_grad for v in out.terms.values())
+    out.loss.backward()
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
     assert x.grad is not None and torch.isfinite(x.grad).all()
     with pytest.raises(ValueError, match="label 7 is outside"):

@@ -33,15 +33,30 @@ from sphereface_plus.parallel import (
 )
 from sphereface_plus.utils import atomic_write_bytes, safe_torch_load
 
-# every registered head, with small scales so that the gradients are not saturated; A-Softmax with
-# a λ schedule that moves during the steps, and with λ = 0 (the pure margin)
-HEAD_CASES = [
-    ("a_softmax", dict(m=4, base=10.0, gamma=0.5, power=1.0, lambda_min=0.5)),
-    ("a_softmax", dict(m=2, base=0.0, gamma=0.0, lambda_min=0.0)),
-    ("cosface", dict(s=8.0, m=0.35)),
-    ("arcface", dict(s=8.0, m=0.5)),
-    ("softmax", {}),
-]
+# options per head, beyond its defaults: small scales so that the gradients are not saturated; A-Softmax
+# with a λ schedule that moves during the steps, with λ = 0, OpenSphere's real-m hard detached form and
+# the Caffe backward; ArcFace detached past π - m. A registered head missing here runs with its defaults
+# (every head builds from its name): the sharded classifier covers every head of list_heads().
+HEAD_CASES = {
+    "a_softmax": [dict(m=4, base=10.0, gamma=0.5, power=1.0, lambda_min=0.5),
+                  dict(m=2, base=0.0, gamma=0.0, lambda_min=0.0),
+                  dict(m=1.7, s=8.0, feature_norm="hard", gradient="detached", base=0.0, lambda_min=0.0,
+                       weight_gradient="stored"),
+                  dict(m=4, gradient="caffe", base=10.0, gamma=0.5, lambda_min=1.0)],
+    "cosface": [dict(s=8.0, m=0.35)],
+    "arcface": [dict(s=8.0, m=0.5), dict(s=8.0, m=2.0, gradient="detached", wrap="insightface")],
+    "softmax": [{}],
+    # (issue 19's other heads, when registered) AdaFace's norm statistics: 'global' gathers the batch over
+    # the process group, which the whole-head reference here, run inside the spawned processes on the
+    # already global batch, must not do; a block of the sharded classifier sees the global batch either way
+    "adaface": [dict(norm_stats="local", s=8.0)],
+}
+
+
+def head_cases():
+    return [(name, kw) for name in list_heads() for kw in HEAD_CASES.get(name, [{}])]
+
+
 TOL = dict(rtol=0, atol=1e-10)
 # a logarithmic, a Euclidean power and an angular kernel: the two code paths of the kernels (the
 # kernels themselves are tested against brute force in tests/test_mhe.py); collectives cost time
@@ -54,49 +69,57 @@ def close(a, b, what):
 
 # ---------------------------------------------------------------- checks run inside each process
 def check_heads(world: int, rank: int) -> None:
+    """Every head (:func:`head_cases`) through the sharded classifier against the whole head: the loss
+    (HeadOutput.loss, the head's own: CE, binary, auxiliary terms), its terms, the logits block, the
+    accuracy, the SphereFace+ MHE term, every gradient (embeddings, row parameters by block, shared
+    parameters whole) and the head's state after two training steps."""
     num_classes, dim, per_rank = 11, 6, 4  # 11 rows: an uneven split on 2 and 3 processes
     start, end = shard_range(num_classes, world, rank)
     lo, hi = rank * per_rank, (rank + 1) * per_rank
-    for name, kw in HEAD_CASES:
+    for name, kw in head_cases():
         g = torch.Generator().manual_seed(1)
         ref = create_head(name, dim, num_classes, **kw).double()
         clf = ShardedClassifier(name, dim, num_classes, kw).double()
         with torch.no_grad():
-            ref.weight.copy_(torch.randn(num_classes, dim, generator=g, dtype=torch.float64))
-            if name == "softmax":
-                ref.bias.copy_(torch.randn(num_classes, generator=g, dtype=torch.float64))
+            for pname, p in ref.named_parameters():
+                if pname in ref.row_parameters:
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
         load_head_state(clf, ref.state_dict())
-        for step in range(2):  # two training forwards: λ advances, the renorm acts
+        for step in range(2):  # two training forwards: schedules advance, the renorm acts
             # the same global batch on every rank (same generator); each rank takes its rows
             x_global = torch.randn(per_rank * world, dim, generator=g, dtype=torch.float64) * 3
             y_global = torch.randint(0, num_classes, (per_rank * world,), generator=g)
             y_global[:3] = torch.tensor([0, 0, num_classes - 1])  # a repeated class, the last class
             # reference: the whole classifier in one process
             xr = x_global.clone().requires_grad_(True)
-            logits_ref = ref(xr, y_global)
-            ce_ref = F.cross_entropy(logits_ref, y_global)
+            ref_out = ref(xr, y_global)
             mhe_ref = classifier_mhe(ref.weight, y_global, "2", "batch_vs_all")
-            (ce_ref + 0.5 * mhe_ref).backward()
+            (ref_out.loss + 0.5 * mhe_ref).backward()
             # sharded
             xs = x_global[lo:hi].clone().requires_grad_(True)
             out = clf(xs, y_global[lo:hi])
-            ce = clf.cross_entropy(out)
             mhe = sharded_classifier_mhe(clf.weight, out.labels, num_classes, "2", "batch_vs_all")
-            (ce + 0.5 * mhe).backward()
+            (out.loss + 0.5 * mhe).backward()
             what = f"{name} {kw} step {step} rank {rank}/{world}"
             close(out.labels, y_global, what + " labels")
-            close(out.logits, logits_ref[:, start:end].detach(), what + " logits")
-            close(ce, ce_ref.detach(), what + " cross-entropy")
+            close(out.logits, ref_out.logits[:, start:end].detach(), what + " logits")
+            close(out.loss, ref_out.loss.detach(), what + " loss")
+            assert set(out.terms) == set(ref_out.terms), what
+            for key, value in ref_out.terms.items():
+                close(out.terms[key], value, what + f" term {key}")
             close(mhe, mhe_ref.detach(), what + " mhe")
-            assert int(clf.num_correct(out)) == int((logits_ref.argmax(1) == y_global).sum()), what + " accuracy"
+            assert int(clf.num_correct(out)) == int((ref_out.logits.argmax(1) == y_global).sum()), what + " accuracy"
             close(xs.grad, xr.grad[lo:hi], what + " embedding gradient")
             for pname, p in clf.head.named_parameters():
-                close(p.grad, getattr(ref, pname).grad[start:end], what + f" {pname} gradient")
+                want = getattr(ref, pname).grad
+                close(p.grad, want[start:end] if pname in ref.row_parameters else want, what + f" {pname} gradient")
                 p.grad = None
             ref.zero_grad(set_to_none=True)
             close(clf.weight.detach(), ref.weight.detach()[start:end], what + " renormed weight")
-            if name == "a_softmax":
-                assert clf.current_lambda == ref.current_lambda, what
+            ref_state = ref.state_dict()
+            for key, value in clf.head.state_dict().items():  # schedules, buffers, shared parameters
+                if key not in ref.row_parameters:
+                    close(value, ref_state[key], what + f" state {key}")
     # accuracy ties resolve to the smallest class index on the full logits too
     clf = ShardedClassifier("softmax", 2, num_classes).double()
     with torch.no_grad():
@@ -174,10 +197,11 @@ def check_sampling(world: int, rank: int) -> None:
     dist.all_gather_object(cols, out.columns.tolist())
     union = torch.tensor(sorted(c for part in cols for c in part))
     xr = x.clone().requires_grad_(True)
-    logits_ref = ref(xr, y)
+    logits_ref = ref(xr, y).logits
     close(out.logits, logits_ref[:, out.columns].detach(), "sampled logits")
     ce_ref = F.cross_entropy(logits_ref[:, union], torch.searchsorted(union, y))  # softmax over the sample
-    ce = clf.cross_entropy(out)
+    ce = out.loss
+    close(clf.cross_entropy(out), ce.detach(), "the head's loss is the sampled cross-entropy")
     close(ce, ce_ref.detach(), "sampled cross-entropy")
     ce.backward()
     ce_ref.backward()
@@ -210,7 +234,7 @@ def reference_run(steps: int):
     """The single-process replicated run: backbone, full head, optimiser after ``steps`` steps."""
     backbone = _backbone()
     head = create_head("a_softmax", TRAIN["dim"], TRAIN["classes"], **TRAIN_HEAD).double()
-    init_rows(head.weight, 0, TRAIN["classes"], TRAIN["seed"], unit_rows=True)  # the sharded init, whole
+    head.init_rows_(TRAIN["seed"])  # the world-size-independent init, whole
     opt = _sgd(backbone, head)
     for step in range(steps):
         replicated_step(backbone, head, opt, step)
@@ -219,8 +243,7 @@ def reference_run(steps: int):
 
 def replicated_step(backbone, head, opt, step):
     x, y = _batch(step)
-    logits = head(backbone(x), y)
-    loss = F.cross_entropy(logits, y) + TRAIN["lambda_m"] * classifier_mhe(head.weight, y, "2", "batch_vs_all")
+    loss = head(backbone(x), y).loss + TRAIN["lambda_m"] * classifier_mhe(head.weight, y, "2", "batch_vs_all")
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -240,7 +263,7 @@ class ShardedRun:
         per = TRAIN["batch"] // self.world
         out = self.clf(self.net(x[self.rank * per:(self.rank + 1) * per]), y[self.rank * per:(self.rank + 1) * per])
         mhe = sharded_classifier_mhe(self.clf.weight, out.labels, TRAIN["classes"], "2", "batch_vs_all")
-        (self.clf.cross_entropy(out) + TRAIN["lambda_m"] * mhe).backward()
+        (out.loss + TRAIN["lambda_m"] * mhe).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -344,7 +367,12 @@ def test_two_process_checkpoint_resumes_on_one_process_and_in_a_replicated_head(
 
 
 def test_every_registered_head_is_covered():
-    assert {name for name, _ in HEAD_CASES} == set(list_heads())
+    assert {name for name, _ in head_cases()} == set(list_heads())
+
+
+def test_one_process_without_a_process_group_is_the_whole_head():
+    """World size 1 (no process group): the sharded classifier runs the head's own forward."""
+    check_heads(1, 0)
 
 
 def test_shard_range_is_a_balanced_partition():

@@ -395,7 +395,7 @@ def train_with_stats(cfg) -> Tuple[Dict[str, Any], Dict[str, float]]:
     seconds = time.perf_counter() - t0
     last = summary.get("final")
     if last:  # this call trained (all of the run, or the rest of an interrupted one)
-        stats = {"loss": float(last["loss"]), "ce": float(last["ce"]), "mhe": float(last["mhe"]),
+        stats = {"loss": float(last["loss"]), "ce": float(last.get("ce", math.nan)), "mhe": float(last["mhe"]),
                  "acc": float(last["acc"]), "images_per_s": float(summary["images_per_s"]),
                  "train_seconds": float(before.get("train_seconds", 0.0)) + seconds}
         atomic_write_json(path, stats)

@@ -1,13 +1,19 @@
-"""Classifier heads (SPEC section 4): registry ``create_head(name, in_features, num_classes, **kw)``.
+"""Classifier heads: registry ``create_head(name, in_features, num_classes, **kw)``.
 
-Registered: ``a_softmax`` (SphereFace), ``softmax`` (plain linear), ``cosface``, ``arcface``. The pure
-functions underneath (``psi``, ``a_softmax_logits``, ``cosface_logits``, ``arcface_logits``,
-``a_softmax_lambda``) are re-exported here; the modules live in :mod:`.modules`. ``A_SOFTMAX_GRADIENTS``
-lists the backward passes ``a_softmax`` offers (``gradient='exact'`` or ``'caffe'``).
+Every head is a :class:`~sphereface_plus.heads.base.ClassifierHead` returning a
+:class:`~sphereface_plus.heads.base.HeadOutput` ``(loss, logits, terms)`` (the contract: :mod:`.base`,
+docs/heads.md). Registered: ``a_softmax`` (SphereFace), ``softmax`` (plain linear), ``cosface``,
+``arcface`` (and whatever other modules register). The pure functions underneath (``psi``,
+``a_softmax_logits``, ``cosface_logits``, ``arcface_logits``, ``a_softmax_lambda``) are re-exported
+here; the modules live in :mod:`.modules`. ``A_SOFTMAX_GRADIENTS`` lists the backward passes
+``a_softmax`` offers (``gradient='exact'``, ``'caffe'`` or ``'detached'``). :func:`head_parameters` is
+the one list of a head's settings (its constructor's keyword arguments) and their defaults.
 """
 from __future__ import annotations
 
-from typing import Any, List
+import inspect
+import typing
+from typing import Any, Dict, List
 
 import torch.nn as nn
 
@@ -26,6 +32,37 @@ def list_heads() -> List[str]:
     return HEADS.names()
 
 
+#: the constructor arguments every head takes from the trainer, never settings
+HEAD_SIZE_ARGUMENTS = ("in_features", "num_classes")
+
+
+def head_parameters(name: str) -> Dict[str, inspect.Parameter]:
+    """The settings of the registered head ``name``: its constructor's keyword arguments (defaults and
+    annotations as declared), ``in_features`` / ``num_classes`` left out. A builder that passes
+    ``**kwargs`` on is looked through to the class its return annotation names."""
+    builder = HEADS.get(name)
+    target = builder
+    params = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        hints = typing.get_type_hints(builder) if not isinstance(builder, type) else {}
+        cls = hints.get("return")
+        if isinstance(cls, type):
+            target = cls
+            params = inspect.signature(cls).parameters
+    out = {}
+    for pname, p in params.items():
+        if pname in HEAD_SIZE_ARGUMENTS or p.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
+            continue
+        if p.annotation is not inspect.Parameter.empty and isinstance(p.annotation, str):
+            try:  # resolve string annotations (from __future__ import annotations)
+                hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+                p = p.replace(annotation=hints.get(pname, p.annotation))
+            except Exception:  # an annotation that does not resolve: no type check for it
+                p = p.replace(annotation=inspect.Parameter.empty)
+        out[pname] = p
+    return out
+
+
 # importing the modules registers their builders
 from sphereface_plus.heads.functional import (  # noqa: E402
     A_SOFTMAX_GRADIENTS,
@@ -36,6 +73,7 @@ from sphereface_plus.heads.functional import (  # noqa: E402
     psi,
     softmax_logits,
 )
+from sphereface_plus.heads.base import ClassifierHead, HeadOutput, NO_TARGET  # noqa: E402
 from sphereface_plus.heads.modules import ArcFaceHead, ASoftmaxHead, CosFaceHead, SoftmaxHead  # noqa: E402
 
 __all__ = [
@@ -43,6 +81,7 @@ __all__ = [
     "register_head",
     "create_head",
     "list_heads",
+    "head_parameters",
     "psi",
     "a_softmax_lambda",
     "a_softmax_logits",
@@ -50,6 +89,9 @@ __all__ = [
     "softmax_logits",
     "cosface_logits",
     "arcface_logits",
+    "ClassifierHead",
+    "HeadOutput",
+    "NO_TARGET",
     "ASoftmaxHead",
     "SoftmaxHead",
     "CosFaceHead",

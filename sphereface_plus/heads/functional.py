@@ -27,7 +27,17 @@ __all__ = [
     "softmax_logits",
     "cosface_logits",
     "arcface_logits",
+    "arcface_target",
     "check_margin_m",
+    "check_a_softmax_m",
+    "psi_angular",
+    "FEATURE_NORMS",
+    "MARGIN_GRADIENTS",
+    "WEIGHT_GRADIENTS",
+    "ARCFACE_WRAPS",
+    "unit_weight",
+    "cosine",
+    "check_choice",
     "check_labels",
     "NO_TARGET",
 ]
@@ -39,9 +49,33 @@ NORM_EPS = 1e-12  # guards the division by ‖x‖ for an all-zero feature
 # calls them with its block's weight and the labels shifted into the block, -1 elsewhere.
 NO_TARGET = -1
 
-# The backward passes A-Softmax offers: "exact" (autograd of the forward) and "caffe" (the
-# MarginInnerProduct layer's Backward of wy1iu/sphereface, which trained the released models).
-A_SOFTMAX_GRADIENTS = ("exact", "caffe")
+# The backward passes A-Softmax offers: "exact" (autograd of the forward), "caffe" (the
+# MarginInnerProduct layer's Backward of wy1iu/sphereface, which trained the released models) and
+# "detached" (OpenSphere: the margin is added under no_grad, so backpropagation sees scale * cos θ).
+A_SOFTMAX_GRADIENTS = ("exact", "caffe", "detached")
+# The margin's gradient of CosFace / ArcFace: "exact" (autograd) or "detached" (insightface's
+# CombinedMarginLoss and OpenSphere's heads: margin under no_grad). docs/theory.md#detached-margin
+MARGIN_GRADIENTS = ("exact", "detached")
+# The weight rows' gradient: "normalized" (through ŵ = w/‖w‖, insightface, the toolkit's default) or
+# "stored" (‖w‖ held constant: OpenSphere and the Caffe layer rescale the stored rows in place and then
+# use them as they are, so the gradient of x̂·w is taken with respect to w itself). docs/theory.md#weight-gradient
+WEIGHT_GRADIENTS = ("normalized", "stored")
+# A-Softmax's feature scale: "none" (‖x‖, SphereFace) or "hard" (a fixed s, OpenSphere / SphereFace-R)
+FEATURE_NORMS = ("none", "hard")
+# ArcFace where θ + m > π: "toolkit" (the linear continuation cos θ - m sin m of the ArcFace paper's
+# code), "insightface" (plain cos(θ + m), arcface_torch's CombinedMarginLoss), "opensphere" (θ + m
+# clamped at 3.14159, OpenSphere's ArcFace). docs/theory.md#arcface-wrap
+ARCFACE_WRAPS = ("toolkit", "insightface", "opensphere")
+
+OPENSPHERE_ACOS_EPS = 1e-5  # OpenSphere's arccos argument clamp: cos θ in [-1 + 1e-5, 1 - 1e-5]
+OPENSPHERE_PI = 3.14159  # OpenSphere's clamp of θ + m
+
+
+def check_choice(value: str, choices, what: str) -> str:
+    """``value`` must be one of ``choices`` (a ``ValueError`` naming them otherwise)."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}: choose one of {', '.join(choices)}")
+    return value
 
 
 def check_gradient(gradient: str) -> str:
@@ -49,9 +83,24 @@ def check_gradient(gradient: str) -> str:
     if gradient not in A_SOFTMAX_GRADIENTS:
         raise ValueError(
             f"unknown A-Softmax gradient {gradient!r}: choose one of {', '.join(A_SOFTMAX_GRADIENTS)} "
-            f"('caffe' is the released SphereFace backward)"
+            f"('caffe' is the released SphereFace backward, 'detached' OpenSphere's)"
         )
     return gradient
+
+
+def unit_weight(weight: torch.Tensor, weight_gradient: str = "normalized") -> torch.Tensor:
+    """The unit rows ŵ = w / ‖w‖: differentiated through the norm (``normalized``) or with the norm
+    held constant (``stored``; equal to the stored rows themselves when they are already unit length,
+    as after an in-place renorm, which is how OpenSphere and the Caffe layer use them)."""
+    check_choice(weight_gradient, WEIGHT_GRADIENTS, "weight_gradient")
+    if weight_gradient == "stored":
+        return weight / weight.detach().norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    return F.normalize(weight, dim=1)
+
+
+def cosine(embeddings: torch.Tensor, weight: torch.Tensor, weight_gradient: str = "normalized") -> torch.Tensor:
+    """``cos θ_j = x̂ · ŵ_j`` (B x C), clamped to [-1, 1]."""
+    return (F.normalize(embeddings, dim=1) @ unit_weight(weight, weight_gradient).t()).clamp(-1.0, 1.0)
 
 
 def check_margin_m(m) -> int:
@@ -83,6 +132,29 @@ def check_labels(
                 f"(check the list file's labels and num_classes)"
             )
     return labels
+
+
+def check_a_softmax_m(m) -> float:
+    """A-Softmax's multiplicative margin: a number in [1, 4]; an integer value keeps the exact
+    Chebyshev form (:func:`psi`), a real one uses :func:`psi_angular`. Returns an int for integer m."""
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not 1 <= float(m) <= 4:
+        raise ValueError(f"A-Softmax margin m must be a number in [1, 4] (integers 1, 2, 3, 4 use the Chebyshev "
+                         f"form of cos(m θ); SphereFace uses 4, OpenSphere 1.5 or 1.7), got {m!r}")
+    return int(m) if float(m).is_integer() else float(m)
+
+
+def psi_angular(cos_theta: torch.Tensor, m: float) -> torch.Tensor:
+    """ψ(θ) = (-1)^k cos(mθ) - 2k, k = ⌊mθ/π⌋, for a real margin m ≥ 1, through θ = arccos(c).
+
+    The arccos argument is clamped to [-1 + 1e-5, 1 - 1e-5] as in OpenSphere (it also keeps the
+    gradient of arccos finite). For integer m it equals :func:`psi` (up to that clamp); k is piecewise
+    constant, so it carries no gradient. docs/theory.md#a-softmax-real-m
+    """
+    theta = torch.acos(cos_theta.clamp(-1.0 + OPENSPHERE_ACOS_EPS, 1.0 - OPENSPHERE_ACOS_EPS))
+    m_theta = float(m) * theta
+    k = torch.floor(m_theta.detach() / math.pi)
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)  # (-1)^k
+    return sign * torch.cos(m_theta) - 2.0 * k
 
 
 def chebyshev_cos(c: torch.Tensor, m: int) -> torch.Tensor:
@@ -123,13 +195,17 @@ def a_softmax_lambda(iteration, base: float = 1000.0, gamma: float = 0.12, power
     return max(float(lambda_min), float(base) * (1.0 + float(gamma) * t) ** (-float(power)))
 
 
-def _cosine_and_norm(embeddings: torch.Tensor, weight: torch.Tensor):
-    """Raw scores ``x · ŵ_j`` with unit rows ŵ, the feature norms ‖x‖, and cos θ_j = x·ŵ_j / ‖x‖."""
+def _check_shapes(embeddings: torch.Tensor, weight: torch.Tensor) -> None:
     if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
         raise ValueError(
             f"embeddings must be B x d and weight C x d with the same d; got {tuple(embeddings.shape)} "
             f"and {tuple(weight.shape)}"
         )
+
+
+def _cosine_and_norm(embeddings: torch.Tensor, weight: torch.Tensor):
+    """Raw scores ``x · ŵ_j`` with unit rows ŵ, the feature norms ‖x‖, and cos θ_j = x·ŵ_j / ‖x‖."""
+    _check_shapes(embeddings, weight)
     w_hat = F.normalize(weight, dim=1)
     raw = embeddings @ w_hat.t()  # ‖x‖ cos θ_j
     x_norm = embeddings.norm(dim=1, keepdim=True)
@@ -141,11 +217,14 @@ def a_softmax_logits(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
     labels: Optional[torch.Tensor],
-    m: int = 4,
+    m: float = 4,
     lam: float = 0.0,
     gradient: str = "exact",
+    feature_norm: str = "none",
+    s: float = 64.0,
+    weight_gradient: str = "normalized",
 ) -> torch.Tensor:
-    """A-Softmax logits (SPEC section 4): B x C.
+    """A-Softmax logits (SphereFace eq. 7, docs/theory.md#a-softmax): B x C.
 
     Weight rows are normalised to unit length (in the graph); features are not. Non-target
     ``f_j = ‖x‖ cos θ_j`` (= ``x · ŵ_j``); target ``f_y = (λ ‖x‖ cos θ_y + ‖x‖ ψ(θ_y)) / (1 + λ)``.
@@ -153,9 +232,18 @@ def a_softmax_logits(
     the pure angular margin). A label of :data:`NO_TARGET` leaves that sample's row margin-free (its
     class is in another block of rows).
 
-    ``gradient``: ``'exact'`` (autograd of this forward) or ``'caffe'``: the same forward with the
-    backward of the SphereFace Caffe layer (wy1iu/sphereface, ``margin_inner_product_layer.cpp`` /
-    ``.cu``, Backward), which trained the released models. With ``G = dL/dlogits``:
+    ``m``: a number in [1, 4]; an integer keeps the Chebyshev ψ (:func:`psi`), a real m uses
+    :func:`psi_angular` (OpenSphere, docs/theory.md#a-softmax-real-m). ``feature_norm``: ``'none'`` (the
+    scale is ‖x‖, SphereFace) or ``'hard'`` (docs/theory.md#a-softmax-feature-norm; the scale is ``s``:
+    ``f_j = s cos θ_j``, target ``s (λ cos θ_y + ψ) / (1 + λ)``, OpenSphere's SphereFace). ``weight_gradient``: :data:`WEIGHT_GRADIENTS`
+    (:func:`unit_weight`).
+
+    ``gradient``: ``'exact'`` (autograd of this forward); ``'detached'``: the same forward with the
+    margin ``(λ cos θ_y + ψ)/(1 + λ) - cos θ_y`` added as a constant (OpenSphere computes it under
+    ``no_grad``), so backpropagation sees ``scale · cos θ_y`` (docs/theory.md#detached-margin); or
+    ``'caffe'``: the same forward with the backward of the SphereFace Caffe layer (wy1iu/sphereface,
+    ``margin_inner_product_layer.cpp`` / ``.cu``, Backward), which trained the released models (integer
+    m and ``feature_norm='none'`` only). With ``G = dL/dlogits``:
 
     - features: ``G ŵ`` for every non-target column (exact); for the target column the exact
       ``∂f_y/∂x = (coeff_w ŵ_y + coeff_x x) / (1 + λ) + λ/(1 + λ) ŵ_y`` with the pair
@@ -169,20 +257,49 @@ def a_softmax_logits(
     follow the code). A row block with :data:`NO_TARGET` labels gets only the margin-free parts, so the
     blocks of a row-sharded classifier sum to the full classifier's Caffe gradient.
     """
-    m = check_margin_m(m)
+    m = check_a_softmax_m(m)
     check_gradient(gradient)
+    check_choice(feature_norm, FEATURE_NORMS, "A-Softmax feature_norm")
+    check_choice(weight_gradient, WEIGHT_GRADIENTS, "weight_gradient")
     if lam < 0:
         raise ValueError(f"A-Softmax λ must be >= 0, got {lam}")
+    if feature_norm == "hard" and not s > 0:
+        raise ValueError(f"A-Softmax feature_norm='hard' needs a scale s > 0, got {s}")
     if gradient == "caffe":
+        if feature_norm != "none" or not isinstance(m, int):
+            raise ValueError(f"gradient='caffe' is the SphereFace Caffe layer's backward: it needs an integer m and "
+                             f"feature_norm='none', got m={m}, feature_norm={feature_norm!r}")
         if labels is None:
             labels = torch.full((embeddings.shape[0],), NO_TARGET, dtype=torch.long)
         has_target, idx = _target_index(labels, embeddings, weight)
         return _CaffeASoftmax.apply(embeddings, weight, has_target, idx, m, float(lam))
-    raw, x_norm, cos = _cosine_and_norm(embeddings, weight)
+    if feature_norm == "none" and gradient == "exact" and isinstance(m, int) and weight_gradient == "normalized":
+        # SphereFace's own setting: this path is unchanged since the Chebyshev form was written
+        raw, x_norm, cos = _cosine_and_norm(embeddings, weight)
+        if labels is None:
+            return raw
+        has_target, idx = _target_index(labels, embeddings, weight)
+        return _a_softmax_with_target(raw, x_norm, cos, has_target, idx, m, lam)
+    _check_shapes(embeddings, weight)
+    w_hat = unit_weight(weight, weight_gradient)
+    if feature_norm == "none":
+        raw = embeddings @ w_hat.t()
+        scale = embeddings.norm(dim=1, keepdim=True)
+        cos = (raw / scale.clamp_min(NORM_EPS)).clamp(-1.0, 1.0)
+    else:
+        cos = (F.normalize(embeddings, dim=1) @ w_hat.t()).clamp(-1.0, 1.0)
+        scale = float(s)
+        raw = scale * cos
     if labels is None:
         return raw
     has_target, idx = _target_index(labels, embeddings, weight)
-    return _a_softmax_with_target(raw, x_norm, cos, has_target, idx, m, lam)
+    cos_y = cos.gather(1, idx)
+    psi_y = psi(cos_y, m) if isinstance(m, int) else psi_angular(cos_y, m)
+    target = (lam * cos_y + psi_y) / (1.0 + lam)
+    if gradient == "detached":
+        target = cos_y + (target - cos_y).detach()
+    target = scale * target
+    return raw.scatter(1, idx, torch.where(has_target, target, raw.gather(1, idx)))
 
 
 def _a_softmax_with_target(raw, x_norm, cos, has_target, idx, m: int, lam: float) -> torch.Tensor:
@@ -287,16 +404,53 @@ def softmax_logits(embeddings: torch.Tensor, weight: torch.Tensor, bias: Optiona
 
 
 def cosface_logits(
-    embeddings: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor], s: float = 64.0, m: float = 0.35
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    s: float = 64.0,
+    m: float = 0.35,
+    gradient: str = "exact",
+    weight_gradient: str = "normalized",
 ) -> torch.Tensor:
-    """CosFace / LMCL: ``s (cos θ_j - m [j = y])`` with normalised features and weights
-    (:data:`NO_TARGET` labels: no margin in that row)."""
-    x_hat = F.normalize(embeddings, dim=1)
-    cos = (x_hat @ F.normalize(weight, dim=1).t()).clamp(-1.0, 1.0)
+    """CosFace / LMCL (Wang et al. 2018, eq. 4; docs/theory.md#cosface): ``s (cos θ_j - m [j = y])`` with
+    normalised features and weights (:data:`NO_TARGET` labels: no margin in that row).
+
+    ``gradient``: :data:`MARGIN_GRADIENTS` (docs/theory.md#detached-margin). The margin is a constant,
+    so ``'detached'`` (insightface's and OpenSphere's spelling) gives the same values and the same
+    gradient; it is accepted so that every margin head takes the option."""
+    check_choice(gradient, MARGIN_GRADIENTS, "CosFace gradient")
+    cos = cosine(embeddings, weight, weight_gradient)
     if labels is None:
         return s * cos
     has_target, idx = _target_index(labels, embeddings, weight)
     return s * cos.scatter_add(1, idx, -float(m) * has_target.to(cos.dtype))
+
+
+def arcface_target(c: torch.Tensor, m: float, easy_margin: bool = False, wrap: str = "toolkit") -> torch.Tensor:
+    """ArcFace's target cosine ``cos(θ + m)`` from ``c = cos θ``, with the rule for θ + m > π
+    (:data:`ARCFACE_WRAPS`; docs/theory.md#arcface-wrap):
+
+    - ``toolkit`` (default): ``c cos m - sin θ sin m`` where ``θ < π - m``, else the linear continuation
+      ``c - m sin m`` (the ArcFace paper's reference code), which keeps the target logit decreasing in θ;
+    - ``insightface``: plain ``cos(θ + m)`` everywhere (arcface_torch's ``CombinedMarginLoss``), which
+      increases again past π - m;
+    - ``opensphere``: ``cos(clamp(θ + m, 1e-5, 3.14159))`` with θ = arccos of c clamped to ±(1 - 1e-5)
+      (OpenSphere's ArcFace): constant past π - m.
+
+    ``easy_margin``: the margin only where c > 0 (overrides ``wrap``).
+    """
+    check_choice(wrap, ARCFACE_WRAPS, "ArcFace wrap")
+    if wrap == "opensphere" and not easy_margin:
+        theta = torch.acos(c.clamp(-1.0 + OPENSPHERE_ACOS_EPS, 1.0 - OPENSPHERE_ACOS_EPS))
+        return torch.cos((theta + float(m)).clamp(OPENSPHERE_ACOS_EPS, OPENSPHERE_PI))
+    # sin θ = sqrt(1 - c^2); the clamp keeps the sqrt's gradient finite at c = ±1
+    sin = torch.sqrt((1.0 - c * c).clamp_min(1e-12))
+    phi = c * math.cos(m) - sin * math.sin(m)
+    if easy_margin:
+        return torch.where(c > 0, phi, c)
+    if wrap == "insightface":
+        return phi
+    return torch.where(c > math.cos(math.pi - m), phi, c - math.sin(math.pi - m) * m)
 
 
 def arcface_logits(
@@ -306,25 +460,25 @@ def arcface_logits(
     s: float = 64.0,
     m: float = 0.5,
     easy_margin: bool = False,
+    gradient: str = "exact",
+    wrap: str = "toolkit",
+    weight_gradient: str = "normalized",
 ) -> torch.Tensor:
-    """ArcFace: ``s cos(θ_y + m)`` for the target, ``s cos θ_j`` otherwise (normalised x and W).
+    """ArcFace (Deng et al. 2019, eq. 3; docs/theory.md#arcface): ``s cos(θ_y + m)`` for the target,
+    ``s cos θ_j`` otherwise (normalised x and W); :func:`arcface_target` for the rule past π - m.
 
-    ``cos(θ + m) = c cos m - sin θ sin m``. Where ``θ + m > π`` the target logit would increase with θ
-    again, so (as in the ArcFace reference code) it is replaced there by the linear ``c - m sin m``
-    continuation, which keeps it monotonic; ``easy_margin`` applies the margin only where c > 0.
-    :data:`NO_TARGET` labels: no margin in that row.
+    ``gradient``: ``'exact'`` (autograd of ``cos(θ + m)``) or ``'detached'``: the margin
+    ``cos(θ_y + m) - cos θ_y`` is a constant of the backward, so backpropagation sees ``s cos θ_y``
+    (insightface's ``CombinedMarginLoss`` and OpenSphere's ArcFace add it under ``no_grad``;
+    docs/theory.md#detached-margin). :data:`NO_TARGET` labels: no margin in that row.
     """
-    x_hat = F.normalize(embeddings, dim=1)
-    cos = (x_hat @ F.normalize(weight, dim=1).t()).clamp(-1.0, 1.0)
+    check_choice(gradient, MARGIN_GRADIENTS, "ArcFace gradient")
+    cos = cosine(embeddings, weight, weight_gradient)
     if labels is None:
         return s * cos
     has_target, idx = _target_index(labels, embeddings, weight)
     c = cos.gather(1, idx)
-    # sin θ = sqrt(1 - c^2); the clamp keeps the sqrt's gradient finite at c = ±1
-    sin = torch.sqrt((1.0 - c * c).clamp_min(1e-12))
-    phi = c * math.cos(m) - sin * math.sin(m)
-    if easy_margin:
-        phi = torch.where(c > 0, phi, c)
-    else:
-        phi = torch.where(c > math.cos(math.pi - m), phi, c - math.sin(math.pi - m) * m)
+    phi = arcface_target(c, m, easy_margin, wrap)
+    if gradient == "detached":
+        phi = c + (phi - c).detach()
     return s * cos.scatter(1, idx, torch.where(has_target, phi, c))

@@ -1,117 +1,91 @@
-"""Thin classifier-head modules: parameters and schedule state around :mod:`.functional`.
+"""The classifier heads of the SphereFace family's peers, on the :class:`~.base.ClassifierHead` contract.
 
-Every head holds a ``C x d`` parameter ``.weight`` and maps ``forward(embeddings, labels)`` to B x C
-logits (``labels=None``: the margin-free logits, for inference). Registered by name in
-:mod:`sphereface_plus.heads`: ``a_softmax``, ``softmax``, ``cosface``, ``arcface``.
+Each head holds a ``C x d`` parameter ``.weight``, implements :meth:`margin_logits` from
+:mod:`.functional` and returns a :class:`~.base.HeadOutput` from ``forward(embeddings, labels)``.
+Registered by name in :mod:`sphereface_plus.heads`: ``a_softmax``, ``softmax``, ``cosface``, ``arcface``.
+A head's constructor keyword arguments are its settings (``head.<name>`` in a recipe), with their
+defaults; docs/heads.md lists them and why.
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from sphereface_plus.heads import functional as HF
 from sphereface_plus.heads import register_head
+from sphereface_plus.heads.base import ClassifierHead
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ASoftmaxHead", "SoftmaxHead", "CosFaceHead", "ArcFaceHead"]
 
 
-def _check_sizes(in_features: int, num_classes: int) -> None:
-    if int(in_features) < 1 or int(num_classes) < 2:
-        raise ValueError(
-            f"a classifier head needs in_features >= 1 and num_classes >= 2, got in_features={in_features}, "
-            f"num_classes={num_classes}"
-        )
-
-
-class _NormalisedClassifier(nn.Module):
-    """Shared part of the hyperspherical heads: a ``C x d`` weight whose rows live on the unit sphere."""
-
-    # True on a head that holds one block of rows of a row-sharded classifier (sphereface_plus.parallel
-    # sets it on its instance): its labels may then be NO_TARGET (-1), "this sample's class is elsewhere"
-    row_block: bool = False
-
-    def __init__(self, in_features: int, num_classes: int, renorm_weight: bool = True):
-        super().__init__()
-        _check_sizes(in_features, num_classes)
-        self.in_features = int(in_features)
-        self.num_classes = int(num_classes)
-        self.renorm_weight = bool(renorm_weight)
-        self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # Caffe's xavier filler, then unit rows (the layer normalises them anyway)
-        nn.init.xavier_uniform_(self.weight)
-        with torch.no_grad():
-            self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-    def _renorm(self) -> None:
-        # The SphereFace Caffe layer rescales the stored weight rows to unit length at every training
-        # forward; doing the same keeps the effective learning rate of the directions constant (with
-        # only in-graph normalisation the row norms drift). The logits still normalise in the graph, so
-        # the gradient is the exact one of the normalised model. Note: this is an in-place update of the
-        # parameter, so call backward() on one forward's loss before the next training forward.
-        if self.renorm_weight and self.training:
-            with torch.no_grad():
-                self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-    def _check(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
-        # a head holds every class, so a label must name one of them; only a head that is one block of
-        # a row-sharded classifier (row_block) also accepts -1, "not in this block of rows"
-        if labels is not None:
-            HF.check_labels(labels, embeddings.shape[0], self.num_classes, allow_no_target=self.row_block)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, num_classes={self.num_classes}"
-
-
-class ASoftmaxHead(_NormalisedClassifier):
-    """A-Softmax (SphereFace, SPEC section 4) with λ annealing.
+class ASoftmaxHead(ClassifierHead):
+    """A-Softmax (SphereFace, Liu et al. 2017, eq. 7; docs/theory.md#a-softmax) with λ annealing.
 
     λ = max(λ_min, base · (1 + γ t)^(-power)), where ``t`` is the buffer ``iteration`` (saved in the
     state dict, so a resumed run continues the schedule). Like the Caffe layer, a training-mode forward
     first advances ``t`` by one and then uses λ(t); evaluation forwards use λ(t) without advancing.
-    ``current_lambda`` is that λ(t): the value the latest training forward used.
+    ``current_lambda`` is that λ(t): the value the latest training forward used, reported in the
+    output's ``terms["lambda"]``.
 
     Args:
         in_features: embedding size d (512).
         num_classes: C.
-        m: angular margin, 1..4 (4 in SphereFace).
+        m: angular margin, a number in [1, 4] (SphereFace: 4; OpenSphere: 1.5 with s=30, 1.7 with s=64).
+            An integer keeps the Chebyshev form of cos(mθ); a real m goes through arccos
+            (docs/theory.md#a-softmax-real-m).
         base, gamma, power, lambda_min: the λ schedule (SphereFace: 1000, 0.12, 1, 5). A fixed λ (as in
-            SphereFace+ fine-tuning, λ = 5): ``base=5, lambda_min=5``.
-        renorm_weight: rescale the stored rows to unit length at each training forward (Caffe).
-        gradient: ``'exact'`` (autograd) or ``'caffe'`` (the released SphereFace layer's backward, see
-            :func:`~sphereface_plus.heads.functional.a_softmax_logits`), whenever autograd runs
-            (training or evaluation mode); the forward is the same.
+            SphereFace+ fine-tuning, λ = 5): ``base=5, lambda_min=5``; no annealing (OpenSphere): ``base=0,
+            lambda_min=0``.
+        renorm_weight: rescale the stored rows to unit length at each training forward (Caffe, OpenSphere).
+        gradient: ``'exact'`` (autograd), ``'caffe'`` (the released SphereFace layer's backward) or
+            ``'detached'`` (OpenSphere: the margin is a constant of the backward), whenever autograd runs.
+            The forward is the same. Default exact: the gradient of the loss that is reported.
+        feature_norm: ``'none'`` (the logit scale is ‖x‖, SphereFace, the default) or ``'hard'`` (the
+            scale is ``s``, OpenSphere's SphereFace).
+        s: the scale of ``feature_norm='hard'`` (64; not used with ``'none'``).
+        weight_gradient: ``'normalized'`` (through ŵ = w/‖w‖, the default) or ``'stored'`` (‖w‖ held
+            constant, as OpenSphere differentiates its renormalised rows).
     """
 
     def __init__(
         self,
         in_features: int,
         num_classes: int,
-        m: int = 4,
+        m: float = 4,
         base: float = 1000.0,
         gamma: float = 0.12,
         power: float = 1.0,
         lambda_min: float = 5.0,
         renorm_weight: bool = True,
         gradient: str = "exact",
+        feature_norm: str = "none",
+        s: float = 64.0,
+        weight_gradient: str = "normalized",
     ):
         super().__init__(in_features, num_classes, renorm_weight)
-        self.m = HF.check_margin_m(m)
+        self.m = HF.check_a_softmax_m(m)
         self.gradient = HF.check_gradient(gradient)
+        self.feature_norm = HF.check_choice(feature_norm, HF.FEATURE_NORMS, "A-Softmax feature_norm")
+        self.weight_gradient = HF.check_choice(weight_gradient, HF.WEIGHT_GRADIENTS, "weight_gradient")
         if base < 0 or lambda_min < 0 or gamma < 0:
             raise ValueError(f"A-Softmax λ schedule needs base, gamma, lambda_min >= 0; got {base}, {gamma}, {lambda_min}")
+        if not s > 0:
+            raise ValueError(f"A-Softmax needs s > 0, got s={s}")
+        if self.gradient == "caffe" and (self.feature_norm != "none" or not isinstance(self.m, int)):
+            raise ValueError(f"gradient='caffe' (the SphereFace Caffe layer's backward) needs an integer m and "
+                             f"feature_norm='none', got m={m}, feature_norm={feature_norm!r}")
         self.base = float(base)
         self.gamma = float(gamma)
         self.power = float(power)
         self.lambda_min = float(lambda_min)
+        self.s = float(s)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.reset_parameters()
 
     def lambda_at(self, iteration: int) -> float:
         return HF.a_softmax_lambda(iteration, self.base, self.gamma, self.power, self.lambda_min)
@@ -120,64 +94,82 @@ class ASoftmaxHead(_NormalisedClassifier):
     def current_lambda(self) -> float:
         return self.lambda_at(int(self.iteration))
 
-    def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self._check(embeddings, labels)
-        self._renorm()
+    def begin_forward(self) -> None:
+        super().begin_forward()
         if self.training:
             self.iteration += 1
+
+    def state_terms(self) -> Dict[str, torch.Tensor]:
+        return {"lambda": torch.tensor(self.current_lambda, dtype=torch.float64)}
+
+    def margin_logits(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         return HF.a_softmax_logits(embeddings, self.weight, labels, m=self.m, lam=self.current_lambda,
-                                   gradient=self.gradient)
+                                   gradient=self.gradient, feature_norm=self.feature_norm, s=self.s,
+                                   weight_gradient=self.weight_gradient)
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, m={self.m}, base={self.base}, gamma={self.gamma}, power={self.power}, "
-            f"lambda_min={self.lambda_min}, gradient={self.gradient!r}"
+            f"in_features={self.in_features}, num_classes={self.num_classes}, m={self.m}, base={self.base}, "
+            f"gamma={self.gamma}, power={self.power}, lambda_min={self.lambda_min}, gradient={self.gradient!r}, "
+            f"feature_norm={self.feature_norm!r}" + (f", s={self.s}" if self.feature_norm == "hard" else "")
         )
 
 
-class SoftmaxHead(nn.Module):
-    """Plain linear classifier ``x W^T + b`` (the softmax-loss baseline); ``labels`` are not used."""
+class SoftmaxHead(ClassifierHead):
+    """Plain linear classifier ``x W^T + b`` (the softmax-loss baseline); the labels only pick the CE target.
 
-    row_block: bool = False  # as in _NormalisedClassifier
+    Its rows are not unit length (``unit_rows=False``); the bias is a per-class (row) parameter."""
+
+    unit_rows = False
+    row_parameters = ("weight", "bias")
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = True):
-        super().__init__()
-        _check_sizes(in_features, num_classes)
-        self.in_features = int(in_features)
-        self.num_classes = int(num_classes)
-        self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features))
+        super().__init__(in_features, num_classes, renorm_weight=False)
         self.bias = nn.Parameter(torch.zeros(self.num_classes)) if bias else None
-        nn.init.xavier_uniform_(self.weight)
+        if not bias:
+            self.row_parameters = ("weight",)
+        self.reset_parameters()
 
-    def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if labels is not None:
-            HF.check_labels(labels, embeddings.shape[0], self.num_classes, allow_no_target=self.row_block)
+    def margin_logits(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         return HF.softmax_logits(embeddings, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}"
 
 
-class CosFaceHead(_NormalisedClassifier):
-    """CosFace / LMCL: ``s (cos θ_j - m [j = y])``, normalised features and weights."""
+class CosFaceHead(ClassifierHead):
+    """CosFace / LMCL (docs/theory.md#cosface): ``s (cos θ_j - m [j = y])``, normalised features and weights.
 
-    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.35, renorm_weight: bool = False):
+    Args: ``s`` (64), ``m`` (0.35: the CosFace paper's best, Table 1), ``renorm_weight`` (False),
+    ``gradient`` (``exact`` | ``detached``: identical here, the margin being a constant), ``weight_gradient``.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.35,
+                 renorm_weight: bool = False, gradient: str = "exact", weight_gradient: str = "normalized"):
         super().__init__(in_features, num_classes, renorm_weight)
         if s <= 0 or m < 0:
             raise ValueError(f"CosFace needs s > 0 and m >= 0, got s={s}, m={m}")
         self.s, self.m = float(s), float(m)
+        self.gradient = HF.check_choice(gradient, HF.MARGIN_GRADIENTS, "CosFace gradient")
+        self.weight_gradient = HF.check_choice(weight_gradient, HF.WEIGHT_GRADIENTS, "weight_gradient")
+        self.reset_parameters()
 
-    def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self._check(embeddings, labels)
-        self._renorm()
-        return HF.cosface_logits(embeddings, self.weight, labels, s=self.s, m=self.m)
+    def margin_logits(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        return HF.cosface_logits(embeddings, self.weight, labels, s=self.s, m=self.m, gradient=self.gradient,
+                                 weight_gradient=self.weight_gradient)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, s={self.s}, m={self.m}"
+        return f"in_features={self.in_features}, num_classes={self.num_classes}, s={self.s}, m={self.m}"
 
 
-class ArcFaceHead(_NormalisedClassifier):
-    """ArcFace: ``s cos(θ_y + m)`` on the target, ``s cos θ_j`` elsewhere, normalised x and W."""
+class ArcFaceHead(ClassifierHead):
+    """ArcFace (docs/theory.md#arcface): ``s cos(θ_y + m)`` on the target, ``s cos θ_j`` elsewhere.
+
+    Args: ``s`` (64), ``m`` (0.5, the ArcFace paper's), ``easy_margin`` (False), ``renorm_weight``
+    (False), ``gradient`` (``exact``: the gradient of the loss that is reported; ``detached``:
+    insightface's and OpenSphere's), ``wrap`` (θ + m > π: ``toolkit``, the ArcFace paper's linear
+    continuation, default; ``insightface``; ``opensphere``), ``weight_gradient``.
+    """
 
     def __init__(
         self,
@@ -187,24 +179,32 @@ class ArcFaceHead(_NormalisedClassifier):
         m: float = 0.5,
         easy_margin: bool = False,
         renorm_weight: bool = False,
+        gradient: str = "exact",
+        wrap: str = "toolkit",
+        weight_gradient: str = "normalized",
     ):
         super().__init__(in_features, num_classes, renorm_weight)
         if s <= 0 or not 0 <= m < 3.14159:
             raise ValueError(f"ArcFace needs s > 0 and 0 <= m < π, got s={s}, m={m}")
         self.s, self.m, self.easy_margin = float(s), float(m), bool(easy_margin)
+        self.gradient = HF.check_choice(gradient, HF.MARGIN_GRADIENTS, "ArcFace gradient")
+        self.wrap = HF.check_choice(wrap, HF.ARCFACE_WRAPS, "ArcFace wrap")
+        self.weight_gradient = HF.check_choice(weight_gradient, HF.WEIGHT_GRADIENTS, "weight_gradient")
+        self.reset_parameters()
 
-    def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self._check(embeddings, labels)
-        self._renorm()
-        return HF.arcface_logits(embeddings, self.weight, labels, s=self.s, m=self.m, easy_margin=self.easy_margin)
+    def margin_logits(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        return HF.arcface_logits(embeddings, self.weight, labels, s=self.s, m=self.m, easy_margin=self.easy_margin,
+                                 gradient=self.gradient, wrap=self.wrap, weight_gradient=self.weight_gradient)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, s={self.s}, m={self.m}, easy_margin={self.easy_margin}"
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, s={self.s}, m={self.m}, "
+                f"easy_margin={self.easy_margin}, gradient={self.gradient!r}, wrap={self.wrap!r}")
 
 
 @register_head("a_softmax")
 def a_softmax(in_features: int = 512, num_classes: int = 10572, **kwargs) -> ASoftmaxHead:
-    """A-Softmax (SphereFace): m, base, gamma, power, lambda_min, gradient ('exact' | 'caffe')."""
+    """A-Softmax (SphereFace): m, base, gamma, power, lambda_min, renorm_weight, gradient, feature_norm, s,
+    weight_gradient."""
     return ASoftmaxHead(in_features, num_classes, **kwargs)
 
 
@@ -216,11 +216,11 @@ def softmax(in_features: int = 512, num_classes: int = 10572, **kwargs) -> Softm
 
 @register_head("cosface")
 def cosface(in_features: int = 512, num_classes: int = 10572, **kwargs) -> CosFaceHead:
-    """CosFace: s, m."""
+    """CosFace: s, m, renorm_weight, gradient, weight_gradient."""
     return CosFaceHead(in_features, num_classes, **kwargs)
 
 
 @register_head("arcface")
 def arcface(in_features: int = 512, num_classes: int = 10572, **kwargs) -> ArcFaceHead:
-    """ArcFace: s, m, easy_margin."""
+    """ArcFace: s, m, easy_margin, renorm_weight, gradient, wrap, weight_gradient."""
     return ArcFaceHead(in_features, num_classes, **kwargs)

@@ -33,6 +33,8 @@ from sphereface_plus.parallel.collectives import (
     all_gather_rows,
     shard_range,
     shard_sizes,
+    replicated_parameter,
+    scale_grad,
     sum_partials,
     sum_replicated,
 )
@@ -48,6 +50,8 @@ __all__ = [
     "all_gather_labels",
     "sum_replicated",
     "sum_partials",
+    "replicated_parameter",
+    "scale_grad",
     "ShardedClassifier",
     "ShardedLogits",
     "block_labels",

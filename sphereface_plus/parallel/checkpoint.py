@@ -1,8 +1,9 @@
 """Checkpoints of a row-sharded classifier that do not depend on the world size.
 
-On save the whole ``C x d`` weight (and every other per-class tensor: the softmax head's bias, the
-SGD momentum of those parameters) is gathered to rank 0, one block at a time (no rank ever holds
-more than its block plus, on rank 0, the CPU copy being written). The ``head`` entry is then exactly
+On save the whole ``C x d`` weight (and every other per-class tensor, the head's ``row_parameters``:
+the softmax head's bias, the SGD momentum of those parameters) is gathered to rank 0, one block at a
+time (no rank ever holds more than its block plus, on rank 0, the CPU copy being written). Shared
+parameters (``shared_parameters``) and buffers are the same on every rank: rank 0's are saved. The ``head`` entry is then exactly
 a replicated head's state dict (``weight`` C x d, A-Softmax's ``iteration``), so evaluation and the
 replicated trainer read it unchanged; the optimiser entry is the optimiser's state dict with the head
 parameters' state made whole, so it loads into a replicated run too (same parameter order). On load
@@ -51,8 +52,9 @@ def gather_rows_to_rank0(block: torch.Tensor, num_classes: int, group=None) -> O
 
 
 def _row_keys(clf: ShardedClassifier) -> Set[str]:
-    """State-dict keys of the head's per-class tensors (its parameters: ``weight``, ``bias``)."""
-    return {name for name, _ in clf.head.named_parameters()}
+    """State-dict keys of the head's per-class tensors (``ClassifierHead.row_parameters``: ``weight``,
+    the softmax head's ``bias``); everything else (shared parameters, buffers) is whole on every rank."""
+    return set(clf.head.row_parameters)
 
 
 def gather_head_state(clf: ShardedClassifier) -> Optional[Dict[str, torch.Tensor]]:
@@ -81,8 +83,9 @@ def load_head_state(clf: ShardedClassifier, state: Dict[str, torch.Tensor], sour
 
 
 def _head_indices(optimizer: torch.optim.Optimizer, clf: ShardedClassifier) -> Dict[int, torch.nn.Parameter]:
-    """Index (as in ``optimizer.state_dict()['state']``) -> head parameter, for the head's parameters."""
-    head = {id(p) for p in clf.head.parameters()}
+    """Index (as in ``optimizer.state_dict()['state']``) -> head parameter, for the head's row
+    parameters (a shared parameter's state is the same on every rank: rank 0's is saved as it is)."""
+    head = {id(p) for p in clf.row_parameters()}
     order: List[torch.nn.Parameter] = [p for g in optimizer.param_groups for p in g["params"]]
     return {i: p for i, p in enumerate(order) if id(p) in head}
 

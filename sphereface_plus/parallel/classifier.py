@@ -3,10 +3,23 @@
 Each of the ``world_size`` processes holds the rows ``[start, end)`` of the ``C x d`` classifier
 (:func:`~sphereface_plus.parallel.collectives.shard_range`). A step: the embeddings and labels of the
 whole global batch are all-gathered; every rank computes its ``B_global x (end - start)`` block of
-logits with the registered head itself (built with ``num_classes = end - start`` and marked
-``row_block``, so its margin, λ schedule, weight renorm and every option come from the head); the
-cross-entropy over all ``C`` classes is exact via an all-reduce of the row max and one of the sum of
-exponentials (and of the target logit); the accuracy is the global argmax over the shards.
+logits with the registered head's own hooks (:class:`~sphereface_plus.heads.base.ClassifierHead`: the
+head is built with ``num_classes = end - start`` and marked ``row_block``, so its margin, schedules,
+weight renorm and every option come from the head); the loss is composed from the same hooks as the
+head's own ``forward``:
+
+- ``loss_kind='softmax'``: the cross-entropy over all ``C`` classes, exact via an all-reduce of the
+  row max and one of the sum of exponentials (and of the target logit);
+- ``loss_kind='binary'``: the all-reduced sum of the blocks' sums of ``binary_loss_terms``, over the
+  global batch size;
+- ``aux_loss`` (terms of the embeddings alone): once per global batch, on the gathered embeddings,
+  its gradient divided by the world size (every rank computes it identically);
+- the head's ``row_parameters`` are split by rows; its ``shared_parameters`` (SphereFace2's bias) are
+  whole on every rank, and their gradient is all-reduced (:func:`replicated_parameter`), so the copies
+  stay equal.
+
+The accuracy is the global argmax over the shards. On one process (no sampling) the classifier runs
+the head's own ``forward``: a sharded run on one process is then the replicated run, bit for bit.
 
 The memory per rank is ``(C / world) x d`` for the weight (plus its gradient and momentum) and
 ``B_global x C / world`` for the logits, instead of ``C x d`` and ``B x C`` on every rank.
@@ -23,20 +36,23 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 from sphereface_plus.errors import UsageError
 from sphereface_plus.heads import create_head
+from sphereface_plus.heads.base import INIT_CHUNK, init_rows
 from sphereface_plus.heads.functional import NO_TARGET, check_labels
 from sphereface_plus.parallel.collectives import (
     all_gather_labels,
     all_gather_rows,
     all_reduce_max,
     all_reduce_min,
+    replicated_parameter,
+    scale_grad,
     shard_range,
     sum_replicated,
     world_size_and_rank,
@@ -47,22 +63,23 @@ logger = logging.getLogger(__name__)
 __all__ = ["ShardedLogits", "ShardedClassifier", "block_labels", "sharded_cross_entropy", "sharded_num_correct",
            "init_rows"]
 
-INIT_CHUNK = 4096  # rows per independently seeded chunk of the world-size-independent initialisation
-
-
 @dataclass
 class ShardedLogits:
     """One step's output of :class:`ShardedClassifier` on this rank.
 
     ``logits``: ``B_global x K`` block (K = the block's rows, or the sampled ones); ``labels``: the
     global batch's labels (``B_global``); ``block_labels``: each sample's column in ``logits`` or
-    ``NO_TARGET``; ``columns``: the global class index of each column of ``logits``.
+    ``NO_TARGET``; ``columns``: the global class index of each column of ``logits``; ``loss``: the
+    head's whole loss of the global batch (the same value on every rank, as ``HeadOutput.loss``);
+    ``terms``: the head's detached terms (as ``HeadOutput.terms``).
     """
 
     logits: torch.Tensor
     labels: torch.Tensor
     block_labels: torch.Tensor
     columns: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    terms: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def block_labels(labels: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -99,32 +116,6 @@ def sharded_num_correct(logits: torch.Tensor, columns: torch.Tensor, labels: tor
         candidate = torch.where(value == best, columns[arg], torch.full_like(arg, num_classes_bound))
         pred = all_reduce_min(candidate, group)
         return (pred == labels).sum()
-
-
-def init_rows(weight: torch.Tensor, start: int, num_classes: int, seed: int, unit_rows: bool) -> None:
-    """Initialise rows ``[start, start + len(weight))`` of a ``num_classes x d`` classifier in place.
-
-    Xavier-uniform with the fan of the *whole* classifier (bound ``sqrt(6 / (d + C))``), drawn in
-    chunks of :data:`INIT_CHUNK` rows from generators seeded by ``(seed, chunk)``: so the initial
-    classifier is the same whatever the world size, and no two ranks draw the same rows (which the
-    default generator, seeded alike on every rank, would do). ``unit_rows``: then rescale every row to
-    unit length, as the hyperspherical heads' own ``reset_parameters`` does.
-    """
-    rows, dim = weight.shape
-    bound = math.sqrt(6.0 / (dim + num_classes))
-    out = torch.empty(rows, dim, dtype=torch.float32)
-    end = start + rows
-    for chunk in range(start // INIT_CHUNK, (end - 1) // INIT_CHUNK + 1):
-        lo = chunk * INIT_CHUNK
-        hi = min(lo + INIT_CHUNK, num_classes)
-        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + chunk) % (1 << 63))
-        block = torch.empty(hi - lo, dim).uniform_(-bound, bound, generator=gen)
-        a, b = max(lo, start), min(hi, end)
-        out[a - start:b - start] = block[a - lo:b - lo]
-    if unit_rows:
-        out.div_(out.norm(dim=1, keepdim=True).clamp_min(1e-12))
-    with torch.no_grad():
-        weight.copy_(out)
 
 
 class ShardedClassifier(nn.Module):
@@ -178,9 +169,16 @@ class ShardedClassifier(nn.Module):
         self.embedding_grad_scale = float(embedding_grad_scale)
         self.start, self.end = shard_range(self.num_classes, self.world_size, self.rank)
         self.head_name = head
-        self.head = create_head(head, in_features=in_features, num_classes=self.end - self.start, **(head_kwargs or {}))
+        with torch.random.fork_rng(devices=[]):  # the head's own default init must not move the default RNG
+            self.head = create_head(head, in_features=in_features, num_classes=self.end - self.start,
+                                    **(head_kwargs or {}))
         self.head.row_block = True
-        init_rows(self.head.weight, self.start, self.num_classes, seed, unit_rows=hasattr(self.head, "renorm_weight"))
+        self.head.init_rows_(seed, self.start, self.num_classes)
+        named = dict(self.head.named_parameters())
+        undeclared = sorted(set(named) - set(self.head.row_parameters) - set(self.head.shared_parameters))
+        if undeclared:
+            raise ValueError(f"head {head!r} has parameters {undeclared} that are neither row_parameters nor "
+                             f"shared_parameters: declare them so that a sharded run knows how to split them")
 
     @property
     def weight(self) -> nn.Parameter:
@@ -190,10 +188,19 @@ class ShardedClassifier(nn.Module):
     def rows(self) -> int:
         return self.end - self.start
 
-    @property
-    def current_lambda(self) -> float:
-        """A-Softmax's λ of the latest training forward (NaN for the other heads)."""
-        return float(getattr(self.head, "current_lambda", float("nan")))
+    def row_parameters(self) -> List[nn.Parameter]:
+        """The head's parameters split by rows (each rank's block differs)."""
+        named = dict(self.head.named_parameters())
+        return [named[n] for n in self.head.row_parameters if n in named]
+
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """The head's parameters every rank holds whole (equal gradients on every rank)."""
+        named = dict(self.head.named_parameters())
+        return [named[n] for n in self.head.shared_parameters if n in named]
+
+    def state_terms(self) -> Dict[str, torch.Tensor]:
+        """The head's schedule values in force (``ClassifierHead.state_terms``)."""
+        return self.head.state_terms()
 
     def _sample(self, local: torch.Tensor) -> torch.Tensor:
         """Partial FC's sampled rows of this block (sorted): every positive, then random others."""
@@ -207,26 +214,47 @@ class ShardedClassifier(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> ShardedLogits:
         labels = check_labels(labels, embeddings.shape[0], self.num_classes).to(embeddings.device)
+        head = self.head
+        sampling = self.sample_rate < 1.0 and self.training
+        if self.world_size == 1 and not sampling and self.embedding_grad_scale == 1.0:
+            # one process: the head's own forward, the replicated run's computation itself
+            out = head(embeddings, labels)
+            columns = torch.arange(self.start, self.end, device=embeddings.device)
+            return ShardedLogits(out.logits, labels, labels, columns, out.loss, out.terms)
         x = all_gather_rows(embeddings, self.group, grad_scale=self.embedding_grad_scale)
         y = all_gather_labels(labels, self.group)
         local = block_labels(y, self.start, self.end)
         columns = torch.arange(self.start, self.end, device=x.device)
-        if self.sample_rate >= 1.0 or not self.training:
-            return ShardedLogits(self.head(x, local), y, local, columns)
-        index = self._sample(local)
-        has = local >= 0
-        local = torch.where(has, torch.searchsorted(index, local.clamp_min(0)), local)
-        if getattr(self.head, "renorm_weight", False):
-            # the head renorms what it is given (here the sampled copy); renorm every stored row, as
-            # the full head would, so that all rows stay on the unit sphere
-            with torch.no_grad():
-                self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        params = {name: p.index_select(0, index) for name, p in self.head.named_parameters()}
-        logits = torch.func.functional_call(self.head, params, (x, local))
-        return ShardedLogits(logits, y, local, columns[index])
+        head.begin_forward()  # once, on the whole stored block: schedules advance, rows renorm
+        params: Dict[str, torch.Tensor] = {}
+        if sampling:
+            index = self._sample(local)
+            has = local >= 0
+            local = torch.where(has, torch.searchsorted(index, local.clamp_min(0)), local)
+            columns = columns[index]
+            # as partial_fc_v2: the sampled rows are taken from the parameter by indexing
+            params.update({n: p.index_select(0, index) for n, p in head.named_parameters() if n in head.row_parameters})
+        params.update({n: replicated_parameter(p, self.group) for n, p in head.named_parameters()
+                       if n in head.shared_parameters})
+        logits = _margin_logits(head, params, x, local)
+        if head.loss_kind == "softmax":
+            main = sharded_cross_entropy(logits, local, self.group)
+        elif head.loss_kind == "binary":
+            terms = _binary_terms(head, params, logits, local)
+            main = sum_replicated(terms.sum(), self.group) / x.shape[0]
+        else:
+            raise ValueError(f"head {self.head_name!r} has loss_kind={head.loss_kind!r}, which the sharded "
+                             "classifier does not know")
+        # every rank computes the same aux term from the gathered rows: its gradient, summed over the
+        # ranks by the gather's backward, is divided by the world size here
+        aux, aux_terms = head.aux_loss(scale_grad(x, 1.0 / self.world_size))
+        loss = head.loss_weight * main + aux
+        terms = {head.main_term: main.detach(), **{k: v.detach() for k, v in aux_terms.items()}, **head.state_terms()}
+        return ShardedLogits(logits, y, local, columns, loss, terms)
 
     def cross_entropy(self, out: ShardedLogits) -> torch.Tensor:
-        """The global batch's mean cross-entropy over all classes (the same value on every rank)."""
+        """The global batch's mean cross-entropy over all classes of the logits (the same value on
+        every rank; for a softmax head with loss weight 1 and no auxiliary term, its whole loss)."""
         return sharded_cross_entropy(out.logits, out.block_labels, self.group)
 
     def num_correct(self, out: ShardedLogits) -> torch.Tensor:
@@ -236,3 +264,30 @@ class ShardedClassifier(nn.Module):
     def extra_repr(self) -> str:
         return (f"rows=[{self.start}, {self.end}) of {self.num_classes}, rank={self.rank}/{self.world_size}, "
                 f"sample_rate={self.sample_rate}")
+
+
+class _Call(nn.Module):
+    """``head.<method>(*args)`` as a module forward, so that ``torch.func.functional_call`` can run
+    the head's hooks with substituted parameters (sampled rows, replicated shared parameters)."""
+
+    def __init__(self, head: nn.Module, method: str):
+        super().__init__()
+        self.head, self.method = head, method
+
+    def forward(self, *args):
+        return getattr(self.head, self.method)(*args)
+
+
+def _with_params(head: nn.Module, method: str, params: Dict[str, torch.Tensor], *args):
+    if not params:
+        return getattr(head, method)(*args)
+    return torch.func.functional_call(_Call(head, method), {f"head.{n}": v for n, v in params.items()}, args,
+                                      strict=False)
+
+
+def _margin_logits(head, params, x, local):
+    return _with_params(head, "margin_logits", params, x, local)
+
+
+def _binary_terms(head, params, logits, local):
+    return _with_params(head, "binary_loss_terms", params, logits, local)

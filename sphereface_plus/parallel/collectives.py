@@ -30,6 +30,8 @@ __all__ = [
     "sum_partials",
     "all_reduce_max",
     "all_reduce_min",
+    "replicated_parameter",
+    "scale_grad",
 ]
 
 
@@ -192,3 +194,40 @@ def ring_exchange(x: torch.Tensor, recv_rows: int, group=None) -> torch.Tensor:
     for req in dist.batch_isend_irecv(ops):
         req.wait()
     return out
+
+
+class _ReplicatedParameter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def replicated_parameter(x: torch.Tensor, group=None) -> torch.Tensor:
+    """A parameter every rank holds whole and uses for its *own* partial term (a head's shared scalar
+    bias against its block of rows): the identity forward; backward: the all-reduced sum of the
+    ranks' partial gradients, so every copy receives the gradient of the global loss."""
+    return _ReplicatedParameter.apply(x, group) if _active(group) else x
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """The identity, with the gradient multiplied by ``factor`` (a term that every rank computes
+    identically from gathered rows: ``1 / world`` undoes the sum over ranks of the gather's backward)."""
+    return x if factor == 1.0 else _ScaleGrad.apply(x, float(factor))
