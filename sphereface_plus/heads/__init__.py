@@ -36,6 +36,7 @@ from sphereface_plus.heads.functional import (  # noqa: E402
     psi,
     softmax_logits,
 )
+from sphereface_plus.heads.base import ClassifierHead, HeadOutput, NO_TARGET  # noqa: E402
 from sphereface_plus.heads.modules import ArcFaceHead, ASoftmaxHead, CosFaceHead, SoftmaxHead  # noqa: E402
 
 __all__ = [
@@ -50,6 +51,9 @@ __all__ = [
     "softmax_logits",
     "cosface_logits",
     "arcface_logits",
+    "ClassifierHead",
+    "HeadOutput",
+    "NO_TARGET",
     "ASoftmaxHead",
     "SoftmaxHead",
     "CosFaceHead",
