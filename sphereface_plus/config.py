@@ -94,6 +94,9 @@ class MHEConfig:
     lambda_m: float = 0.0
     power: str = "2"  # kernel: sphereface_plus.mhe.POWERS (0 | 1 | 2 | a0 | a1 | a2)
     mode: str = "batch_vs_all"  # sphereface_plus.mhe.CLASSIFIER_MODES (see classifier_mhe)
+    # how the kernel reads the rows: sphereface_plus.mhe.MHE_VARIANTS; mhe = the MHE paper's code (default),
+    # opensphere_v0 = OpenSphere_v0's SphereFace+ (unit rows, cosine clamp 1e-5, kernel on theta itself)
+    variant: str = "mhe"
 
 
 @dataclass
@@ -190,7 +193,7 @@ class Config:
         train runner checks them (``data_prep.datasets.check_data_config``) before anything is written.
         """
         from sphereface_plus.heads import A_SOFTMAX_GRADIENTS, list_heads
-        from sphereface_plus.mhe import CLASSIFIER_MODES, POWERS, normalize_power
+        from sphereface_plus.mhe import CLASSIFIER_MODES, MHE_VARIANTS, POWERS, normalize_power
         from sphereface_plus.models import list_backbones
         from sphereface_plus.engine.precision import SETTINGS as AMP_SETTINGS
         from sphereface_plus.parallel import PARALLEL_MODES
@@ -202,6 +205,7 @@ class Config:
             "train.amp": (self.train.amp, AMP_SETTINGS),
             "mhe.power": (self.mhe.power, POWERS),
             "mhe.mode": (self.mhe.mode, CLASSIFIER_MODES),
+            "mhe.variant": (self.mhe.variant, MHE_VARIANTS),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -214,6 +218,9 @@ class Config:
                 raise ConfigError(f"head.gradient={self.head.gradient!r} applies to head.name=a_softmax only, not "
                                   f"{self.head.name!r}; remove head.gradient or choose head.name=a_softmax")
         self.mhe.power = normalize_power(self.mhe.power)  # parsed once, here
+        if self.mhe.variant == "opensphere_v0" and self.mhe.mode not in ("batch_unique", "batch_vs_all"):
+            raise ConfigError(f"mhe.variant=opensphere_v0 needs mhe.mode=batch_unique (OpenSphere_v0's) or "
+                              f"batch_vs_all, not {self.mhe.mode!r}")
         if self.model.input_size is not None and len(self.model.input_size) != 2:
             raise ConfigError(f"model.input_size must be [H, W], got {self.model.input_size}")
         positive = {

@@ -65,10 +65,23 @@ __all__ = [
     "caffe_among_direction",
     "caffe_among_diff",
     "MHERegularizer",
+    "MHE_VARIANTS",
+    "OPENSPHERE_V0_CLAMP",
+    "check_variant",
+    "variant_rows",
 ]
 
 POWERS = ("0", "1", "2", "a0", "a1", "a2")
 CLASSIFIER_MODES = ("batch_vs_all", "batch_unique", "full", "caffe_among")
+
+# How the kernels read the rows (``variant``; docs/theory.md#sphereface-plus-v0):
+#   "mhe" (default): the MHE paper's reference code, as in the table above.
+#   "opensphere_v0": OpenSphere_v0's SphereFacePlus head (model/head/spherefaceplus.py): unit rows w / |w|
+#     (the head keeps them unit in place, so the gradient is the plain one: w / stop_gradient(|w|)), the
+#     cosine clamped to [-1 + 1e-5, 1 - 1e-5], and the angular kernels on θ itself (a2: θ^-2, a1: θ^-1,
+#     a0: -log θ); the Euclidean kernels on 2 - 2c of the clamped c. Modes batch_unique and batch_vs_all.
+MHE_VARIANTS = ("mhe", "opensphere_v0")
+OPENSPHERE_V0_CLAMP = 1e-5
 
 # (hidden, output) coefficients of the MHE reference code, by power (SPEC section 5 table).
 DEFAULT_COEFFICIENTS: Dict[str, Tuple[float, float]] = {
@@ -157,12 +170,41 @@ def _tf_acos(c: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, theta_inside, torch.acos(c.detach().clamp(-1.0, 1.0)))
 
 
-def mhe_kernel(c: torch.Tensor, power: Union[str, int] = "2") -> torch.Tensor:
+def check_variant(variant: str, mode: Optional[str] = None) -> str:
+    """``variant`` must be one of :data:`MHE_VARIANTS`; ``opensphere_v0`` only with the batch modes."""
+    if variant not in MHE_VARIANTS:
+        raise ValueError(f"unknown MHE variant {variant!r}: choose one of {', '.join(MHE_VARIANTS)}")
+    if variant == "opensphere_v0" and mode is not None and mode not in ("batch_unique", "batch_vs_all"):
+        raise ValueError(f"MHE variant 'opensphere_v0' works with mode batch_unique (OpenSphere_v0's) or "
+                         f"batch_vs_all, not {mode!r}")
+    return variant
+
+
+def variant_rows(weight: torch.Tensor, variant: str = "mhe") -> torch.Tensor:
+    """The rows the kernels see: :func:`normalize_rows` (``mhe``) or ``w / stop_gradient(|w|)``
+    (``opensphere_v0``: exactly unit, with the plain gradient of OpenSphere's in-place unit rows)."""
+    if check_variant(variant) == "mhe":
+        return normalize_rows(weight)
+    w = weight.reshape(weight.shape[0], -1)
+    return w / w.detach().norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def mhe_kernel(c: torch.Tensor, power: Union[str, int] = "2", variant: str = "mhe") -> torch.Tensor:
     """The pair energy ``e`` as a function of the cosine ``c`` (elementwise, autograd-friendly).
 
-    See the module docstring for the six kernels, the arccos clamp and the distance floor.
+    See the module docstring for the six kernels, the arccos clamp and the distance floor; ``variant``
+    ``'opensphere_v0'``: see :data:`MHE_VARIANTS` (clamped cosine, kernels on θ itself).
     """
     power = normalize_power(power)
+    if check_variant(variant) == "opensphere_v0":
+        cc = c.clamp(-1.0 + OPENSPHERE_V0_CLAMP, 1.0 - OPENSPHERE_V0_CLAMP)
+        if power in ("0", "1", "2"):
+            d = 2.0 - 2.0 * cc
+            return -torch.log(d) if power == "0" else (torch.rsqrt(d) if power == "1" else torch.reciprocal(d))
+        theta = torch.acos(cc)
+        if power == "a0":
+            return -torch.log(theta)
+        return torch.reciprocal(theta) if power == "a1" else torch.reciprocal(theta * theta)
     if power in ("0", "1", "2"):
         d = torch.clamp(2.0 - 2.0 * c, min=DIST_FLOOR)
         if power == "0":
@@ -283,13 +325,13 @@ class _BlockedPairEnergy(torch.autograd.Function):
         return grad * grad_out, None, None
 
 
-def _dense_pair_energy(w_hat: torch.Tensor, power: str) -> torch.Tensor:
+def _dense_pair_energy(w_hat: torch.Tensor, power: str, variant: str = "mhe") -> torch.Tensor:
     """Mean kernel over ``i < j`` with the full ``N x N`` cosine matrix and plain autograd."""
     n = w_hat.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=w_hat.device)
     # the diagonal (c_ii ~ 1) is replaced before the kernel so that no inf enters the graph
     cos = (w_hat @ w_hat.t()).masked_fill(eye, 0.0)
-    e = mhe_kernel(cos, power).masked_fill(eye, 0.0)
+    e = mhe_kernel(cos, power, variant).masked_fill(eye, 0.0)
     # the kernel is symmetric: the ordered off-diagonal sum counts each unordered pair twice
     return e.sum() / (n * (n - 1))
 
@@ -460,6 +502,7 @@ def classifier_mhe(
     block_size: Optional[int] = None,
     check_finite: bool = True,
     replicas: int = 1,
+    variant: str = "mhe",
 ) -> torch.Tensor:
     """The SphereFace+ MHE term on classifier weights ``C x d`` (SPEC section 5).
 
@@ -486,7 +529,10 @@ def classifier_mhe(
         averages them (Caffe's multi-GPU all-reduce divides the summed diffs by the number of GPUs): the
         released recipe ran 2 GPUs x 256, and D, hence the diff, depends on the per-GPU batch.
 
-    ``check_finite``: as in :func:`mhe_energy`. ``replicas``: only for ``caffe_among``.
+    ``check_finite``: as in :func:`mhe_energy`. ``replicas``: only for ``caffe_among``. ``variant``:
+    ``'mhe'`` (default, the MHE reference code's kernels) or ``'opensphere_v0'`` (OpenSphere_v0's
+    SphereFace+: unit rows, cosine clamped at 1e-5, kernels on θ itself; batch modes only; see
+    :data:`MHE_VARIANTS`, docs/theory.md#sphereface-plus-v0).
 
     Returns:
         A 0-dim tensor with gradient with respect to ``weight``.
@@ -494,6 +540,7 @@ def classifier_mhe(
     power = normalize_power(power)
     if mode not in CLASSIFIER_MODES:
         raise ValueError(f"unknown classifier_mhe mode {mode!r}: choose one of {', '.join(CLASSIFIER_MODES)}")
+    check_variant(variant, mode)
     _check_weight(weight, "classifier weight", check_finite)
     if weight.dim() != 2:
         raise ValueError(f"classifier weight must be C x d, got shape {tuple(weight.shape)}")
@@ -515,18 +562,18 @@ def classifier_mhe(
                 f"Caffe GPU), got {replicas!r}"
             )
         return _CaffeAmong.apply(weight, labels, int(replicas))
-    w_hat = normalize_rows(weight)
+    w_hat = variant_rows(weight, variant)
     if mode == "batch_unique":
         classes = torch.unique(labels)
         if classes.numel() < 2:
             return (w_hat[classes] * 0.0).sum()  # no pair: zero energy, still part of the graph
-        return _dense_pair_energy(w_hat[classes], power)
+        return _dense_pair_energy(w_hat[classes], power, variant)
     # batch_vs_all
     bsz = labels.numel()
     cos = w_hat[labels] @ w_hat.t()  # B x C
     own = torch.zeros_like(cos, dtype=torch.bool)
     own[torch.arange(bsz, device=cos.device), labels] = True
-    e = mhe_kernel(cos.masked_fill(own, 0.0), power).masked_fill(own, 0.0)
+    e = mhe_kernel(cos.masked_fill(own, 0.0), power, variant).masked_fill(own, 0.0)
     return e.sum() / (bsz * (num_classes - 1))
 
 

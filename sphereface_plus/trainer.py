@@ -114,10 +114,11 @@ class FaceTrainModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, lambda_m: float = 0.0, mhe_power: str = "2",
-                 mhe_mode: str = "batch_vs_all"):
+                 mhe_mode: str = "batch_vs_all", mhe_variant: str = "mhe"):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.lambda_m, self.mhe_power, self.mhe_mode = float(lambda_m), str(mhe_power), mhe_mode
+        self.mhe_variant = mhe_variant  # sphereface_plus.mhe.MHE_VARIANTS
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         emb = self.backbone(images)
@@ -127,7 +128,7 @@ class FaceTrainModel(nn.Module):
                 # no NaN check (a host sync every step): a non-finite weight gives a non-finite loss,
                 # which the trainer's guard skips and, if it persists, rolls back
                 mhe = classifier_mhe(self.head.weight.float(), labels, power=self.mhe_power, mode=self.mhe_mode,
-                                     check_finite=False)
+                                     check_finite=False, variant=self.mhe_variant)
             else:
                 mhe = logits.new_zeros(())
         return logits, mhe
@@ -158,10 +159,11 @@ class ShardedFaceModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: ShardedClassifier, lambda_m: float = 0.0, mhe_power: str = "2",
-                 mhe_mode: str = "batch_vs_all"):
+                 mhe_mode: str = "batch_vs_all", mhe_variant: str = "mhe"):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.lambda_m, self.mhe_power, self.mhe_mode = float(lambda_m), str(mhe_power), mhe_mode
+        self.mhe_variant = mhe_variant  # sphereface_plus.mhe.MHE_VARIANTS
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, backbone: Optional[nn.Module] = None):
         emb = (backbone or self.backbone)(images)
@@ -169,7 +171,8 @@ class ShardedFaceModel(nn.Module):
             out = self.head(emb.float(), labels)
             if self.lambda_m > 0:
                 mhe = sharded_classifier_mhe(self.head.weight.float(), out.labels, self.head.num_classes,
-                                             self.mhe_power, self.mhe_mode, group=self.head.group)
+                                             self.mhe_power, self.mhe_mode, group=self.head.group,
+                                             variant=self.mhe_variant)
             else:
                 mhe = out.logits.new_zeros(())
         return out, mhe
@@ -277,9 +280,9 @@ class Trainer:
                                     sample_rate=cfg.head.sample_rate, seed=cfg.train.seed,
                                     embedding_grad_scale=self.dist.world_size)
             _record_head_settings(cfg.head, clf.head)
-            return ShardedFaceModel(backbone, clf, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode)
+            return ShardedFaceModel(backbone, clf, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode, cfg.mhe.variant)
         head = build_head(cfg.head, cfg.model.embedding_dim, num_classes)
-        return FaceTrainModel(backbone, head, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode)
+        return FaceTrainModel(backbone, head, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode, cfg.mhe.variant)
 
     def _init_from(self, path: str) -> None:
         state = ckpt.load_checkpoint(path)

@@ -401,3 +401,70 @@ def test_row_blocks_give_the_whole_heads_logits(name):
         local = torch.where((y >= lo) & (y < hi), y - lo, torch.full_like(y, -1))
         parts.append(block.margin_logits(x, local))
     torch.testing.assert_close(torch.cat(parts, dim=1), expected, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- SphereFace+ as OpenSphere_v0 defines it
+def ref_v0_mhe(w, labels):
+    """OpenSphere_v0 SphereFacePlus: mean over pairs i < j of the batch's distinct classes of θ_ij^-2,
+    θ = arccos(clamp(w_i · w_j, -1 + 1e-5, 1 - 1e-5)), rows as stored (unit)."""
+    classes = sorted(set(int(v) for v in labels))
+    pairs = []
+    for a in range(len(classes)):
+        for b in range(a + 1, len(classes)):
+            c = (w[classes[a]] * w[classes[b]]).sum().clamp(-1 + 1e-5, 1 - 1e-5)
+            pairs.append(torch.acos(c) ** -2)
+    return torch.stack(pairs).mean()
+
+
+def test_opensphere_v0_mhe_variant_matches_the_loop_and_the_default_is_unchanged():
+    from sphereface_plus.mhe import classifier_mhe, normalize_rows
+
+    _, w, y = _data(51)
+    w[4] = F.normalize(w[3] + 1e-7, dim=0)  # a near-duplicate pair: the 1e-5 clamp acts
+    y = torch.tensor([0, 3, 4, 4, 1])
+    wa = w.clone().requires_grad_(True)
+    got = classifier_mhe(wa, y, power="a2", mode="batch_unique", variant="opensphere_v0")
+    (g,) = _grads(got, wa)
+    wr = w.clone().requires_grad_(True)
+    ref = ref_v0_mhe(wr, y)
+    (rg,) = _grads(ref, wr)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-12)
+    # the default kernel is still the MHE code's (θ/π + 1e-4)^-2 on w / sqrt(|w|^2 + 1e-4)
+    wh = normalize_rows(w)
+    classes = [0, 1, 3, 4]
+    e = [(math.acos(max(-1.0, min(1.0, float(wh[i] @ wh[j])))) / math.pi + 1e-4) ** -2
+         for a, i in enumerate(classes) for j in classes[a + 1:]]
+    assert float(classifier_mhe(w, y, power="a2", mode="batch_unique")) == pytest.approx(sum(e) / len(e), rel=1e-9)
+    with pytest.raises(ValueError, match="batch_unique"):
+        classifier_mhe(w, y, power="a2", mode="full", variant="opensphere_v0")
+
+
+def test_opensphere_v0_sharded_mhe_on_one_process_equals_the_single_process_one():
+    from sphereface_plus.mhe import classifier_mhe
+    from sphereface_plus.parallel.mhe import sharded_classifier_mhe
+
+    _, w, y = _data(52)
+    for mode in ("batch_unique", "batch_vs_all"):
+        a = classifier_mhe(w, y, power="a2", mode=mode, variant="opensphere_v0")
+        b = sharded_classifier_mhe(w, y, C, power="a2", mode=mode, variant="opensphere_v0")
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_spherefaceplus_v0_recipe_loss_is_opensphere_v0s():
+    """SphereFace-R(H, v0) s=30 m=1.5 lw=30 (lw/s = 1: plain CE) + 0.1 x the opensphere_v0 a2 batch_unique
+    energy: OpenSphere_v0's SphereFacePlus loss, CE(s (cos + d)) + 0.1 MHE, from the loops."""
+    from sphereface_plus.mhe import classifier_mhe
+
+    x, w, y = _data(53, scale=4.0)
+    head = _head("sphereface_r", w, version="v0", norm="hard", s=30.0, m=1.5, lw=30.0)
+    xa = x.clone().requires_grad_(True)
+    loss = _head_loss(head, xa, y) + 0.1 * classifier_mhe(head.weight, y, power="a2", mode="batch_unique",
+                                                          variant="opensphere_v0")
+    gx, gw = _grads(loss, xa, head.weight)
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref = ref_sphereface_r(xr, wr, y, "v0", "hard", 30.0, 1.5, 30.0, 0.0, "detached") + 0.1 * ref_v0_mhe(wr, y)
+    rgx, rgw = _grads(ref, xr, wr)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, rgx, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gw, rgw, rtol=1e-9, atol=1e-11)
