@@ -61,7 +61,7 @@ class AdaFaceHead(ClassifierHead):
         s: scale (64). t_alpha: EMA momentum of the norm statistics (0.01).
         norm_stats: ``'global'`` (default: the global batch's statistics, world-size independent) or
             ``'local'`` (each rank's batch, the official DDP behaviour).
-        weight_gradient: ``'exact'`` (default: the official code normalises W in the graph) or ``'stored'``.
+        weight_gradient: ``'normalized'`` (default: the official code normalises W in the graph) or ``'stored'``.
 
     Buffers: ``batch_mean`` (20), ``batch_std`` (100), updated at each training forward with labels.
     """
@@ -75,7 +75,7 @@ class AdaFaceHead(ClassifierHead):
         s: float = 64.0,
         t_alpha: float = 0.01,
         norm_stats: str = "global",
-        weight_gradient: str = "exact",
+        weight_gradient: str = "normalized",
     ):
         super().__init__(in_features, num_classes, renorm_weight=(weight_gradient == "stored"))
         self.m, self.h, self.s, self.t_alpha = float(m), float(h), float(s), float(t_alpha)

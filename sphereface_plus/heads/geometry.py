@@ -1,6 +1,7 @@
 """Shared geometry of the SphereFace-family heads of issue 19 (SphereFace-R, SphereFace2, AdaFace, MagFace).
 
-Two ways the peers' code differentiates the unit weight rows, offered as :data:`WEIGHT_GRADIENTS`:
+Two ways the peers' code differentiates the unit weight rows, offered as :data:`WEIGHT_GRADIENTS` (the
+names of the ported heads' ``weight_gradient``):
 
 ``"stored"``
     OpenSphere (``OpenSphere_v0``, ``main``, ``SphereFace2_ICLR21``): every training forward rescales
@@ -9,7 +10,7 @@ Two ways the peers' code differentiates the unit weight rows, offered as :data:`
     Here: the forward uses ``w / stop_gradient(|w|)``, whose gradient at a unit row is exactly that
     plain gradient (and whose value is the unit row whatever the stored norm, so evaluation-mode
     logits stay normalised).
-``"exact"``
+``"normalized"``
     AdaFace (mk-minchul/AdaFace ``head.py``) and MagFace (IrvingMeng/MagFace ``models/magface.py``)
     normalise in the graph (``l2_norm(kernel)``, ``F.normalize(weight)``): the gradient carries the
     Jacobian ``(I - ŵ ŵ^T) / |w|``.
@@ -33,7 +34,7 @@ __all__ = [
     "PI_CLAMP",
 ]
 
-WEIGHT_GRADIENTS = ("stored", "exact")
+WEIGHT_GRADIENTS = ("stored", "normalized")
 NORM_EPS = 1e-12  # F.normalize's eps
 
 
@@ -48,7 +49,7 @@ def check_choice(value: str, choices, what: str) -> str:
 def unit_rows(weight: torch.Tensor, gradient: str = "stored") -> torch.Tensor:
     """The unit rows ŵ of ``weight`` (C x d) with the chosen gradient (:data:`WEIGHT_GRADIENTS`)."""
     check_choice(gradient, WEIGHT_GRADIENTS, "weight gradient")
-    if gradient == "exact":
+    if gradient == "normalized":
         return F.normalize(weight, dim=1)
     return weight / weight.detach().norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
 

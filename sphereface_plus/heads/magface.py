@@ -54,7 +54,7 @@ class MagFaceHead(ClassifierHead):
     Args:
         s: scale (64). l_a, u_a: the norm interval (10, 110). l_m, u_m: the margins at its ends (0.45, 0.8).
         lambda_g: weight of the regulariser (35, ``run/run.sh``). easy_margin: (True, the official default).
-        weight_gradient: ``'exact'`` (default, as the official code) or ``'stored'``.
+        weight_gradient: ``'normalized'`` (default, as the official code) or ``'stored'``.
     """
 
     def __init__(
@@ -68,7 +68,7 @@ class MagFaceHead(ClassifierHead):
         u_m: float = 0.8,
         lambda_g: float = 35.0,
         easy_margin: bool = True,
-        weight_gradient: str = "exact",
+        weight_gradient: str = "normalized",
     ):
         super().__init__(in_features, num_classes, renorm_weight=(weight_gradient == "stored"))
         self.s, self.l_a, self.u_a, self.l_m, self.u_m = float(s), float(l_a), float(u_a), float(l_m), float(u_m)

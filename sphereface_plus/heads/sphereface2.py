@@ -111,7 +111,7 @@ class SphereFace2Head(ClassifierHead):
         r: scale (40). m: margin (C 0.4, A 0.5, M 1.7). t: exponent of g (3). lw: loss weight (50, the
             code default; the VGGFace2 recipes use 10).
         gradient: ``'detached'`` (default, OpenSphere ``main``) or ``'exact'`` (SphereFace2_ICLR21's C).
-        weight_gradient: ``'stored'`` (default, OpenSphere) or ``'exact'``.
+        weight_gradient: ``'stored'`` (default, OpenSphere) or ``'normalized'``.
     """
 
     loss_kind = "binary"

@@ -96,7 +96,7 @@ class SphereFaceRHead(ClassifierHead):
         lw: loss weight; the main loss is ``lw / s * CE`` (50).
         gradient: ``'detached'`` (default, OpenSphere: the margin offset has no gradient) or ``'exact'``.
         weight_gradient: ``'stored'`` (default, OpenSphere: in-place unit rows, plain gradient) or
-            ``'exact'`` (normalise in the graph).
+            ``'normalized'`` (normalise in the graph).
     """
 
     def __init__(
