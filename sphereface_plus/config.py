@@ -130,6 +130,10 @@ class OptimConfig:
     warmup_iters: int = 0  # linear warm-up from warmup_factor * lr
     warmup_factor: float = 0.1
     clip_grad_norm: float = 0.0  # 0 = off
+    # lr schedule: sphereface_plus.engine.optim.SCHEDULES; multistep = milestones / lr_gamma (default);
+    # poly = insightface arcface_torch's (1 - t / train.iterations) ** poly_power after the warm-up
+    schedule: str = "multistep"
+    poly_power: float = 2.0
 
 
 @dataclass
@@ -193,6 +197,7 @@ class Config:
         train runner checks them (``data_prep.datasets.check_data_config``) before anything is written.
         """
         from sphereface_plus.heads import A_SOFTMAX_GRADIENTS, list_heads
+        from sphereface_plus.engine.optim import SCHEDULES
         from sphereface_plus.mhe import CLASSIFIER_MODES, MHE_VARIANTS, POWERS, normalize_power
         from sphereface_plus.models import list_backbones
         from sphereface_plus.engine.precision import SETTINGS as AMP_SETTINGS
@@ -206,6 +211,7 @@ class Config:
             "mhe.power": (self.mhe.power, POWERS),
             "mhe.mode": (self.mhe.mode, CLASSIFIER_MODES),
             "mhe.variant": (self.mhe.variant, MHE_VARIANTS),
+            "optim.schedule": (self.optim.schedule, SCHEDULES),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:

@@ -249,7 +249,7 @@ class Trainer:
         if cfg.train.init_from:
             self._init_from(cfg.train.init_from)
         self.optimizer = build_optimizer([self.model], cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.iterations)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if cfg.train.compile:  # in place (Module.compile): state_dict keys stay those of the plain backbone
             self.model.backbone.compile()

@@ -468,3 +468,20 @@ def test_spherefaceplus_v0_recipe_loss_is_opensphere_v0s():
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, rgx, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(gw, rgw, rtol=1e-9, atol=1e-11)
+
+
+# ---------------------------------------------------------------- the insightface recipe's lr schedule
+def test_poly_schedule_is_insightface_polynomial_lr_warmup_closed_form():
+    from sphereface_plus.engine.optim import poly_scheduler
+
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=0.2)
+    sched = poly_scheduler(opt, total_iters=50, power=2.0, warmup_iters=10)
+    seen = []
+    for _ in range(60):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    for t, lr in enumerate(seen):  # PolynomialLRWarmup._get_closed_form_lr, step 0 at the base lr
+        expected = 0.2 if t == 0 else (0.2 * t / 10 if t <= 10 else 0.2 * (1 - (min(50, t) - 10) / 40) ** 2)
+        assert lr == pytest.approx(expected, rel=1e-12, abs=1e-15), t
