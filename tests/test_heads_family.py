@@ -485,3 +485,47 @@ def test_poly_schedule_is_insightface_polynomial_lr_warmup_closed_form():
     for t, lr in enumerate(seen):  # PolynomialLRWarmup._get_closed_form_lr, step 0 at the base lr
         expected = 0.2 if t == 0 else (0.2 * t / 10 if t <= 10 else 0.2 * (1 - (min(50, t) - 10) / 40) ** 2)
         assert lr == pytest.approx(expected, rel=1e-12, abs=1e-15), t
+
+
+# ---------------------------------------------------------------- AdaFace under data parallel
+def _adaface_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, w, y = _data(61, norms=(5.0, 40.0))
+        x, y = torch.cat([x, x * 0.5, x * 1.5]), torch.cat([y, y, y])[: 3 * B]  # 15 samples, 5 per rank
+        per = x.shape[0] // world
+        result = {}
+        for stats in ("global", "local"):
+            head = _head("adaface", w, t_alpha=0.5, norm_stats=stats)
+            logits = head.margin_logits(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
+            result[stats] = (head.batch_mean.clone(), head.batch_std.clone(), logits.detach())
+        torch.save(result, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_adaface_global_statistics_do_not_depend_on_the_number_of_processes(tmp_path):
+    """norm_stats='global' (default): three processes with five samples each give the statistics and
+    logits of one process with all fifteen; 'local' takes each rank's own (the official DDP behaviour).
+    Forked gloo processes (a spawned interpreter per rank would cost seconds of imports each)."""
+    import torch.multiprocessing as mp
+
+    world = 3
+    mp.start_processes(_adaface_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=world,
+                       join=True, start_method="fork")
+    x, w, y = _data(61, norms=(5.0, 40.0))
+    x, y = torch.cat([x, x * 0.5, x * 1.5]), torch.cat([y, y, y])
+    whole = _head("adaface", w, t_alpha=0.5)
+    expected = whole.margin_logits(x, y).detach()
+    for rank in range(world):
+        got = torch.load(f"{tmp_path / 'out'}.{rank}", weights_only=True)
+        mean, std, logits = got["global"]
+        assert torch.equal(mean, whole.batch_mean) and torch.equal(std, whole.batch_std)
+        torch.testing.assert_close(logits, expected[rank * B:(rank + 1) * B], rtol=0, atol=1e-12)
+        own = x[rank * B:(rank + 1) * B].norm(dim=1)
+        local_mean, local_std, _ = got["local"]
+        assert float(local_mean) == pytest.approx(0.5 * float(own.mean()) + 0.5 * 20.0, rel=1e-12)
+        assert float(local_std) == pytest.approx(0.5 * float(own.std()) + 0.5 * 100.0, rel=1e-12)
