@@ -3,7 +3,7 @@
 
 The feature norm ``|x|`` is the image-quality proxy. With the batch statistics of the (clipped,
 detached) norms kept as exponential moving averages ``μ``, ``σ`` (buffers, so checkpointed), the
-normalised norm ``ẑ = clip(h (|x| - μ) / (σ + ε), -1, 1)`` sets both margins of the target (paper eq. 11):
+normalised norm ``ẑ = clip(h (|x| - μ) / (σ + ε), -1, 1)`` sets both margins of the target (the paper's adaptive margin):
 
     f_y = s [ cos(clip(θ_y + g_angle, ε, π - ε)) - g_add ],  g_angle = -m ẑ,  g_add = m ẑ + m,
 

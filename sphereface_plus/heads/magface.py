@@ -2,12 +2,12 @@
 Assessment", CVPR 2021): the head ``magface``, docs/theory.md#magface.
 
 With the clamped feature norm ``a = clamp(|x|, l_a, u_a)`` (gradient flows inside the interval), the
-target's additive angular margin grows linearly with it (paper eq. 6 / the official ``_margin``):
+target's additive angular margin grows linearly with it (the paper's m(a), the official ``_margin``):
 
     m(a) = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m,
     f_y = s cos(θ_y + m(a)),  f_j = s cos θ_j,
 
-and the regulariser ``g(a) = a / u_a² + 1 / a`` (paper eq. 5) joins the loss:
+and the regulariser ``g(a) = a / u_a² + 1 / a`` (the paper's g(a)) joins the loss:
 ``L = CE + λ_g mean_b g(a_b)``. As in IrvingMeng/MagFace ``models/magface.py`` (``MagLinear``, ``MagLoss``):
 x and W normalised in the graph, ``cos θ`` clamped to [-1, 1], ``sin θ = sqrt(1 - cos² θ)``, and with
 ``easy_margin`` (the official default) the margin only where ``cos θ_y > 0``; without it, ArcFace's rule

@@ -2,7 +2,7 @@
 Recognition", ICLR 2022): the head ``sphereface2``, a binary (one-vs-all) loss, docs/theory.md#sphereface2.
 
 For every sample ``b`` and class ``i``: ``z_bi = r (g(cos θ_bi) ∓ margin) + b`` with the similarity
-adjustment ``g(c) = 2 ((c + 1) / 2)^t - 1`` (paper eq. 12), one learnable scalar bias ``b``, and the loss
+adjustment ``g(c) = 2 ((c + 1) / 2)^t - 1`` (the paper's g), one learnable scalar bias ``b``, and the loss
 (paper eq. 5, OpenSphere's weighted ``binary_cross_entropy_with_logits``)
 
     L = (lw / r) * mean_b [ λ softplus(-z_{b y_b}) + (1 - λ) Σ_{i ≠ y_b} softplus(z_bi) ].
@@ -54,7 +54,7 @@ DEFAULT_M = {"C": 0.4, "A": 0.5, "M": 1.7}  # the SphereFace2_ICLR21 classes' (a
 
 
 def sphereface2_g(c, t: float):
-    """The similarity adjustment ``g(c) = 2 ((c + 1) / 2)^t - 1`` (paper eq. 12); tensors or floats."""
+    """The similarity adjustment ``g(c) = 2 ((c + 1) / 2)^t - 1`` (SphereFace2's g); tensors or floats."""
     return 2.0 * ((c + 1.0) / 2.0) ** t - 1.0
 
 
