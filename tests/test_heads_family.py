@@ -529,3 +529,29 @@ def test_adaface_global_statistics_do_not_depend_on_the_number_of_processes(tmp_
         local_mean, local_std, _ = got["local"]
         assert float(local_mean) == pytest.approx(0.5 * float(own.mean()) + 0.5 * 20.0, rel=1e-12)
         assert float(local_std) == pytest.approx(0.5 * float(own.std()) + 0.5 * 100.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sphereface_r", "sphereface2", "adaface", "magface"])
+def test_state_dict_round_trip_resumes_exactly(name):
+    """Two training forwards, a checkpoint through torch.save / weights_only load into a fresh head, then the
+    next forward of both: bit-identical loss, logits, terms and state (schedules, statistics, the bias)."""
+    x, w, y = _data(71, norms=(12.0, 60.0))
+    kw = {"sphereface_r": dict(norm="soft", steps=[1, 2]), "adaface": dict(t_alpha=0.4)}.get(name, {})
+    head = _head(name, w, **kw)
+    for _ in range(2):
+        out = head(x, y)
+        out.loss.backward()
+        with torch.no_grad():
+            for p in head.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+    buf = io.BytesIO()
+    torch.save(head.state_dict(), buf)
+    buf.seek(0)
+    fresh = create_head(name, in_features=D, num_classes=C, **kw).double().train()
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    a, b = head(x, y), fresh(x, y)
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.logits, b.logits)
+    assert a.terms.keys() == b.terms.keys() and all(torch.equal(a.terms[k], b.terms[k]) for k in a.terms)
+    sa, sb = head.state_dict(), fresh.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
