@@ -273,7 +273,6 @@ def test_sphereface2_row_blocks_add_up_and_inference_has_no_bias():
     whole = head.binary_loss_terms(head.margin_logits(x, y), y)
     parts = []
     for lo, hi in ((0, 2), (2, 6)):
-        block = _head("sphereface2", w, variant="C")  # same settings
         block = create_head("sphereface2", in_features=D, num_classes=hi - lo).double()
         block.row_block = True
         with torch.no_grad():
