@@ -554,3 +554,39 @@ def test_state_dict_round_trip_resumes_exactly(name):
     assert a.terms.keys() == b.terms.keys() and all(torch.equal(a.terms[k], b.terms[k]) for k in a.terms)
     sa, sb = head.state_dict(), fresh.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _v0_mhe_worker(rank, world, init_file):
+    import torch.distributed as dist
+
+    from sphereface_plus.mhe import classifier_mhe
+    from sphereface_plus.parallel.collectives import shard_range
+    from sphereface_plus.parallel.mhe import sharded_classifier_mhe
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        num_classes = 11  # an uneven split
+        w = F.normalize(torch.randn(num_classes, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+                        dim=1)
+        y = torch.tensor([0, 0, 10, 3, 5, 7, 3, 9])
+        start, end = shard_range(num_classes, world, rank)
+        for mode in ("batch_unique", "batch_vs_all"):
+            whole = w.clone().requires_grad_(True)
+            ref = classifier_mhe(whole, y, "a2", mode, variant="opensphere_v0")
+            ref.backward()
+            rows = w[start:end].clone().requires_grad_(True)
+            got = sharded_classifier_mhe(rows, y, num_classes, "a2", mode, variant="opensphere_v0")
+            got.backward()
+            torch.testing.assert_close(got, ref.detach(), rtol=0, atol=1e-12)
+            torch.testing.assert_close(rows.grad, whole.grad[start:end], rtol=0, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_opensphere_v0_sharded_mhe_on_several_processes_equals_the_whole(world, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_v0_mhe_worker, args=(world, str(tmp_path / "init")), nprocs=world, join=True,
+                       start_method="fork")
