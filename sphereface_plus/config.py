@@ -121,6 +121,9 @@ class MHEConfig:
     lambda_m: float = 0.0
     power: str = "2"  # kernel: sphereface_plus.mhe.POWERS (0 | 1 | 2 | a0 | a1 | a2)
     mode: str = "batch_vs_all"  # sphereface_plus.mhe.CLASSIFIER_MODES (see classifier_mhe)
+    # how the kernel reads the rows: sphereface_plus.mhe.MHE_VARIANTS; mhe = the MHE paper's code (default),
+    # opensphere_v0 = OpenSphere_v0's SphereFace+ (unit rows, cosine clamp 1e-5, kernel on theta itself)
+    variant: str = "mhe"
 
 
 @dataclass
@@ -154,6 +157,10 @@ class OptimConfig:
     warmup_iters: int = 0  # linear warm-up from warmup_factor * lr
     warmup_factor: float = 0.1
     clip_grad_norm: float = 0.0  # 0 = off
+    # lr schedule: sphereface_plus.engine.optim.SCHEDULES; multistep = milestones / lr_gamma (default);
+    # poly = insightface arcface_torch's (1 - t / train.iterations) ** poly_power after the warm-up
+    schedule: str = "multistep"
+    poly_power: float = 2.0
 
 
 @dataclass
@@ -227,8 +234,9 @@ class Config:
         Data sources and templates belong to ``data_prep``, which this library does not import: the
         train runner checks them (``data_prep.datasets.check_data_config``) before anything is written.
         """
+        from sphereface_plus.engine.optim import SCHEDULES
         from sphereface_plus.heads import list_heads
-        from sphereface_plus.mhe import CLASSIFIER_MODES, POWERS, normalize_power
+        from sphereface_plus.mhe import CLASSIFIER_MODES, MHE_VARIANTS, POWERS, normalize_power
         from sphereface_plus.models import check_model_config
         from sphereface_plus.engine.precision import SETTINGS as AMP_SETTINGS
         from sphereface_plus.parallel import PARALLEL_MODES
@@ -239,12 +247,17 @@ class Config:
             "train.precision": (self.train.precision, AMP_SETTINGS),
             "mhe.power": (self.mhe.power, POWERS),
             "mhe.mode": (self.mhe.mode, CLASSIFIER_MODES),
+            "mhe.variant": (self.mhe.variant, MHE_VARIANTS),
+            "optim.schedule": (self.optim.schedule, SCHEDULES),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
         check_head_settings(self.head)
         self.mhe.power = normalize_power(self.mhe.power)  # parsed once, here
+        if self.mhe.variant == "opensphere_v0" and self.mhe.mode not in ("batch_unique", "batch_vs_all"):
+            raise ConfigError(f"mhe.variant=opensphere_v0 needs mhe.mode=batch_unique (OpenSphere_v0's) or "
+                              f"batch_vs_all, not {self.mhe.mode!r}")
         if self.model.input_size is not None and len(self.model.input_size) != 2:
             raise ConfigError(f"model.input_size must be [H, W], got {self.model.input_size}")
         try:  # a registered face backbone, its model.kwargs and input size (the registry's declarations)

@@ -147,10 +147,11 @@ class FaceTrainModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, lambda_m: float = 0.0, mhe_power: str = "2",
-                 mhe_mode: str = "batch_vs_all"):
+                 mhe_mode: str = "batch_vs_all", mhe_variant: str = "mhe"):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.lambda_m, self.mhe_power, self.mhe_mode = float(lambda_m), str(mhe_power), mhe_mode
+        self.mhe_variant = mhe_variant  # sphereface_plus.mhe.MHE_VARIANTS
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         emb = self.backbone(images)
@@ -160,7 +161,7 @@ class FaceTrainModel(nn.Module):
                 # no NaN check (a host sync every step): a non-finite weight gives a non-finite loss,
                 # which the trainer's guard skips and, if it persists, rolls back
                 mhe = classifier_mhe(_head_precision(self.head.weight), labels, power=self.mhe_power,
-                                     mode=self.mhe_mode, check_finite=False)
+                                     mode=self.mhe_mode, check_finite=False, variant=self.mhe_variant)
             else:
                 mhe = out.loss.new_zeros(())
         return out, mhe
@@ -193,10 +194,11 @@ class ShardedFaceModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: ShardedClassifier, lambda_m: float = 0.0, mhe_power: str = "2",
-                 mhe_mode: str = "batch_vs_all"):
+                 mhe_mode: str = "batch_vs_all", mhe_variant: str = "mhe"):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.lambda_m, self.mhe_power, self.mhe_mode = float(lambda_m), str(mhe_power), mhe_mode
+        self.mhe_variant = mhe_variant  # sphereface_plus.mhe.MHE_VARIANTS
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, backbone: Optional[nn.Module] = None):
         emb = (backbone or self.backbone)(images)
@@ -204,10 +206,11 @@ class ShardedFaceModel(nn.Module):
             out = self.head(_head_precision(emb), labels)
             weight = _head_precision(self.head.weight)
             if self.lambda_m > 0 and self.head.world_size == 1:
-                mhe = classifier_mhe(weight, out.labels, power=self.mhe_power, mode=self.mhe_mode, check_finite=False)
+                mhe = classifier_mhe(weight, out.labels, power=self.mhe_power, mode=self.mhe_mode, check_finite=False,
+                                     variant=self.mhe_variant)
             elif self.lambda_m > 0:
                 mhe = sharded_classifier_mhe(weight, out.labels, self.head.num_classes, self.mhe_power, self.mhe_mode,
-                                             group=self.head.group)
+                                             group=self.head.group, variant=self.mhe_variant)
             else:
                 mhe = out.loss.new_zeros(())
         return out, mhe
@@ -292,7 +295,7 @@ class Trainer:
         if cfg.train.init_from:
             self._init_from(cfg.train.init_from)
         self.optimizer = build_optimizer([self.model], cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.iterations)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if cfg.train.compile:  # in place (Module.compile): state_dict keys stay those of the plain backbone
             self.model.backbone.compile()
@@ -323,9 +326,9 @@ class Trainer:
                                     sample_rate=cfg.head.sample_rate, seed=cfg.train.seed,
                                     embedding_grad_scale=self.dist.world_size)
             _record_head_settings(cfg.head, clf.head)
-            return ShardedFaceModel(backbone, clf, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode)
+            return ShardedFaceModel(backbone, clf, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode, cfg.mhe.variant)
         head = build_head(cfg.head, cfg.model.embedding_dim, num_classes, seed=cfg.train.seed)
-        return FaceTrainModel(backbone, head, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode)
+        return FaceTrainModel(backbone, head, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode, cfg.mhe.variant)
 
     def _init_from(self, path: str) -> None:
         state = ckpt.load_checkpoint(path)

@@ -14,13 +14,13 @@ A trainer builds its optimiser and schedule from these and steps the scheduler o
 from __future__ import annotations
 
 import bisect
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 __all__ = ["param_groups", "build_sgd", "build_adam", "build_optimizer", "lr_factor", "multistep_scheduler",
-           "build_scheduler"]
+           "build_scheduler", "SCHEDULES", "poly_factor", "poly_scheduler"]
 
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float, decay_biases: bool = False) -> List[Dict]:
@@ -93,7 +93,44 @@ def multistep_scheduler(optimizer: torch.optim.Optimizer, milestones: Sequence[i
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    """The face trainer's schedule from its ``optim`` config section."""
+#: the face trainer's lr schedules (``optim.schedule``)
+SCHEDULES = ("multistep", "poly")
+
+
+def poly_factor(iteration: int, total_iters: int, power: float = 2.0, warmup_iters: int = 0) -> float:
+    """Multiplier of the base lr at ``iteration`` for insightface arcface_torch's ``PolynomialLRWarmup``
+    (its closed form): ``t / w`` during a linear warm-up of ``w`` updates, then ``(1 - (t - w) / (T - w))^power``
+    up to ``T = total_iters`` (0 after). The update of index 0 uses the base lr (the scheduler's first
+    ``get_lr`` returns it unchanged)."""
+    t, w, total = int(iteration), int(warmup_iters), int(total_iters)
+    if t == 0:
+        return 1.0
+    if w > 0 and t <= w:
+        return t / w
+    return max(0.0, 1.0 - (min(total, t) - w) / (total - w)) ** float(power)
+
+
+def poly_scheduler(optimizer: torch.optim.Optimizer, total_iters: int, power: float = 2.0,
+                   warmup_iters: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` of :func:`poly_factor`, stepped once per iteration (after the optimiser step)."""
+    total, p, w = int(total_iters), float(power), int(warmup_iters)
+    if total <= w:
+        raise ValueError(f"the poly schedule needs total_iters > warmup_iters, got {total} and {w}")
+
+    def fn(it: int) -> float:
+        return poly_factor(it, total, p, w)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, total_iters: Optional[int] = None
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The face trainer's schedule from its ``optim`` config section: ``multistep`` (milestones, gamma,
+    warm-up) or ``poly`` (insightface's, to ``total_iters``: the run's ``train.iterations``)."""
+    schedule = getattr(optim_cfg, "schedule", "multistep")
+    if schedule == "poly":
+        if total_iters is None:
+            raise ValueError("optim.schedule=poly needs the run's total number of iterations")
+        return poly_scheduler(optimizer, total_iters, optim_cfg.poly_power, optim_cfg.warmup_iters)
     return multistep_scheduler(optimizer, optim_cfg.milestones, optim_cfg.lr_gamma, optim_cfg.warmup_iters,
                                optim_cfg.warmup_factor)

@@ -75,6 +75,11 @@ from sphereface_plus.heads.functional import (  # noqa: E402
 )
 from sphereface_plus.heads.base import ClassifierHead, HeadOutput, NO_TARGET  # noqa: E402
 from sphereface_plus.heads.modules import ArcFaceHead, ASoftmaxHead, CosFaceHead, SoftmaxHead  # noqa: E402
+# the heads of issue 19 beyond the originals (each file registers its builder)
+from sphereface_plus.heads.sphereface_r import SphereFaceRHead  # noqa: E402
+from sphereface_plus.heads.sphereface2 import SphereFace2Head  # noqa: E402
+from sphereface_plus.heads.adaface import AdaFaceHead  # noqa: E402
+from sphereface_plus.heads.magface import MagFaceHead  # noqa: E402
 
 __all__ = [
     "HEADS",
@@ -96,4 +101,8 @@ __all__ = [
     "SoftmaxHead",
     "CosFaceHead",
     "ArcFaceHead",
+    "SphereFaceRHead",
+    "SphereFace2Head",
+    "AdaFaceHead",
+    "MagFaceHead",
 ]

@@ -31,11 +31,15 @@ from sphereface_plus.mhe.energy import BLOCK_ENTRIES, DENSE_MAX_NEURONS, mhe_ene
 from sphereface_plus.mhe.kernels import (
     ANGLE_EPS,
     DIST_FLOOR,
+    MHE_VARIANTS,
     NORM_EPS,
+    OPENSPHERE_V0_CLAMP,
     POWERS,
+    check_variant,
     mhe_kernel,
     normalize_power,
     normalize_rows,
+    variant_rows,
 )
 from sphereface_plus.mhe.regularizer import DEFAULT_COEFFICIENTS, MHERegularizer
 
@@ -54,4 +58,8 @@ __all__ = [
     "caffe_among_direction",
     "caffe_among_diff",
     "MHERegularizer",
+    "MHE_VARIANTS",
+    "OPENSPHERE_V0_CLAMP",
+    "check_variant",
+    "variant_rows",
 ]

@@ -16,7 +16,7 @@ import torch
 from sphereface_plus.heads.functional import check_labels
 from sphereface_plus.mhe.caffe_among import caffe_among_layer
 from sphereface_plus.mhe.energy import _check_weight, _default_block, _dense_pair_energy, mhe_energy
-from sphereface_plus.mhe.kernels import mhe_kernel, normalize_power, normalize_rows
+from sphereface_plus.mhe.kernels import check_variant, mhe_kernel, normalize_power, variant_rows
 
 __all__ = ["CLASSIFIER_MODES", "classifier_mhe"]
 
@@ -38,6 +38,7 @@ def classifier_mhe(
     block_size: Optional[int] = None,
     check_finite: bool = True,
     replicas: int = 1,
+    variant: str = "mhe",
 ) -> torch.Tensor:
     """The SphereFace+ MHE term on classifier weights ``C x d`` (``docs/theory.md#mhe-classifier-modes``).
 
@@ -65,7 +66,10 @@ def classifier_mhe(
         averages them (Caffe's multi-GPU all-reduce divides the summed diffs by the number of GPUs): the
         released recipe ran 2 GPUs x 256, and D, hence the diff, depends on the per-GPU batch.
 
-    ``check_finite``: as in :func:`mhe_energy`. ``replicas``: only for ``caffe_among``.
+    ``check_finite``: as in :func:`mhe_energy`. ``replicas``: only for ``caffe_among``. ``variant``:
+    ``'mhe'`` (default, the MHE reference code's kernels) or ``'opensphere_v0'`` (OpenSphere_v0's
+    SphereFace+: unit rows, cosine clamped at 1e-5, kernels on theta itself; batch modes only; see
+    :data:`~sphereface_plus.mhe.kernels.MHE_VARIANTS`, docs/theory.md#sphereface-plus-v0).
 
     Returns:
         A 0-dim tensor with gradient with respect to ``weight``.
@@ -73,6 +77,7 @@ def classifier_mhe(
     power = normalize_power(power)
     if mode not in CLASSIFIER_MODES:
         raise ValueError(f"unknown classifier_mhe mode {mode!r}: choose one of {', '.join(CLASSIFIER_MODES)}")
+    check_variant(variant, mode)
     _check_weight(weight, "classifier weight", check_finite)
     if weight.dim() != 2:
         raise ValueError(f"classifier weight must be C x d, got shape {tuple(weight.shape)}")
@@ -94,16 +99,16 @@ def classifier_mhe(
                 f"Caffe GPU), got {replicas!r}"
             )
         return caffe_among_layer(weight, labels, replicas=int(replicas))
-    w_hat = normalize_rows(weight)
+    w_hat = variant_rows(weight, variant)
     if mode == "batch_unique":
         classes = torch.unique(labels)
         if classes.numel() < 2:
             return (w_hat[classes] * 0.0).sum()  # no pair: zero energy, still part of the graph
-        return _dense_pair_energy(w_hat[classes], power)
+        return _dense_pair_energy(w_hat[classes], power, variant)
     # batch_vs_all
     bsz = labels.numel()
     cos = w_hat[labels] @ w_hat.t()  # B x C
     own = torch.zeros_like(cos, dtype=torch.bool)
     own[torch.arange(bsz, device=cos.device), labels] = True
-    e = mhe_kernel(cos.masked_fill(own, 0.0), power).masked_fill(own, 0.0)
+    e = mhe_kernel(cos.masked_fill(own, 0.0), power, variant).masked_fill(own, 0.0)
     return e.sum() / (bsz * (num_classes - 1))

@@ -107,13 +107,13 @@ class _BlockedPairEnergy(torch.autograd.Function):
         return grad * grad_out, None, None
 
 
-def _dense_pair_energy(w_hat: torch.Tensor, power: str) -> torch.Tensor:
+def _dense_pair_energy(w_hat: torch.Tensor, power: str, variant: str = "mhe") -> torch.Tensor:
     """Mean kernel over ``i < j`` with the full ``N x N`` cosine matrix and plain autograd."""
     n = w_hat.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=w_hat.device)
     # the diagonal (c_ii ~ 1) is replaced before the kernel so that no inf enters the graph
     cos = (w_hat @ w_hat.t()).masked_fill(eye, 0.0)
-    e = mhe_kernel(cos, power).masked_fill(eye, 0.0)
+    e = mhe_kernel(cos, power, variant).masked_fill(eye, 0.0)
     # the kernel is symmetric: the ordered off-diagonal sum counts each unordered pair twice
     return e.sum() / (n * (n - 1))
 

@@ -92,12 +92,52 @@ def _tf_acos(c: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, theta_inside, torch.acos(c.detach().clamp(-1.0, 1.0)))
 
 
-def mhe_kernel(c: torch.Tensor, power: Union[str, int] = "2") -> torch.Tensor:
+# How the kernels read the rows (``variant``; docs/theory.md#sphereface-plus-v0):
+#   "mhe" (default): the MHE paper's reference code, as above.
+#   "opensphere_v0": OpenSphere_v0's SphereFacePlus head (model/head/spherefaceplus.py): unit rows w / |w|
+#     (the head keeps them unit in place, so the gradient is the plain one: w / stop_gradient(|w|)), the
+#     cosine clamped to [-1 + 1e-5, 1 - 1e-5], and the angular kernels on theta itself (a2: theta^-2, a1:
+#     theta^-1, a0: -log theta); the Euclidean kernels on 2 - 2c of the clamped c. Modes batch_unique and
+#     batch_vs_all.
+MHE_VARIANTS = ("mhe", "opensphere_v0")
+OPENSPHERE_V0_CLAMP = 1e-5
+
+
+def check_variant(variant: str, mode: Optional[str] = None) -> str:
+    """``variant`` must be one of :data:`MHE_VARIANTS`; ``opensphere_v0`` only with the batch modes."""
+    if variant not in MHE_VARIANTS:
+        raise ValueError(f"unknown MHE variant {variant!r}: choose one of {', '.join(MHE_VARIANTS)}")
+    if variant == "opensphere_v0" and mode is not None and mode not in ("batch_unique", "batch_vs_all"):
+        raise ValueError(f"MHE variant 'opensphere_v0' works with mode batch_unique (OpenSphere_v0's) or "
+                         f"batch_vs_all, not {mode!r}")
+    return variant
+
+
+def variant_rows(weight: torch.Tensor, variant: str = "mhe") -> torch.Tensor:
+    """The rows the kernels see: :func:`normalize_rows` (``mhe``) or ``w / stop_gradient(|w|)``
+    (``opensphere_v0``: exactly unit, with the plain gradient of OpenSphere's in-place unit rows)."""
+    if check_variant(variant) == "mhe":
+        return normalize_rows(weight)
+    w = weight.reshape(weight.shape[0], -1)
+    return w / w.detach().norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def mhe_kernel(c: torch.Tensor, power: Union[str, int] = "2", variant: str = "mhe") -> torch.Tensor:
     """The pair energy ``e`` as a function of the cosine ``c`` (elementwise, autograd-friendly).
 
-    See the module docstring for the six kernels, the arccos clamp and the distance floor.
+    See the module docstring for the six kernels, the arccos clamp and the distance floor; ``variant``
+    ``'opensphere_v0'``: see :data:`MHE_VARIANTS` (clamped cosine, kernels on theta itself).
     """
     power = normalize_power(power)
+    if check_variant(variant) == "opensphere_v0":
+        cc = c.clamp(-1.0 + OPENSPHERE_V0_CLAMP, 1.0 - OPENSPHERE_V0_CLAMP)
+        if power in ("0", "1", "2"):
+            d = 2.0 - 2.0 * cc
+            return -torch.log(d) if power == "0" else (torch.rsqrt(d) if power == "1" else torch.reciprocal(d))
+        theta = torch.acos(cc)
+        if power == "a0":
+            return -torch.log(theta)
+        return torch.reciprocal(theta) if power == "a1" else torch.reciprocal(theta * theta)
     if power in ("0", "1", "2"):
         d = torch.clamp(2.0 - 2.0 * c, min=DIST_FLOOR)
         if power == "0":

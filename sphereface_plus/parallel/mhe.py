@@ -33,7 +33,7 @@ from sphereface_plus.heads.functional import check_labels
 from sphereface_plus.mhe.caffe_among import caffe_among_layer
 from sphereface_plus.mhe.classifier import CLASSIFIER_MODES
 from sphereface_plus.mhe.energy import BLOCK_ENTRIES
-from sphereface_plus.mhe.kernels import _kernel_and_slope, mhe_kernel, normalize_power, normalize_rows
+from sphereface_plus.mhe.kernels import _kernel_and_slope, check_variant, mhe_kernel, normalize_power, variant_rows
 from sphereface_plus.parallel.collectives import (
     ring_exchange,
     shard_range,
@@ -58,20 +58,20 @@ def _gather_class_rows(w_hat: torch.Tensor, classes: torch.Tensor, start: int, g
     return sum_partials(torch.where(mine.unsqueeze(1), rows, torch.zeros_like(rows)), group)
 
 
-def _masked_kernel_sum(cos: torch.Tensor, own: torch.Tensor, power: str) -> torch.Tensor:
+def _masked_kernel_sum(cos: torch.Tensor, own: torch.Tensor, power: str, variant: str = "mhe") -> torch.Tensor:
     # as in classifier_mhe: the (near-1) self-cosines are replaced before the kernel, zeroed after
-    return mhe_kernel(cos.masked_fill(own, 0.0), power).masked_fill(own, 0.0).sum()
+    return mhe_kernel(cos.masked_fill(own, 0.0), power, variant).masked_fill(own, 0.0).sum()
 
 
-def _batch_vs_all(w_hat, labels, start, num_classes, power, group):
+def _batch_vs_all(w_hat, labels, start, num_classes, power, group, variant="mhe"):
     q = _gather_class_rows(w_hat, labels, start, group)  # B x d
     cols = torch.arange(start, start + w_hat.shape[0], device=w_hat.device)
     own = labels.unsqueeze(1) == cols.unsqueeze(0)
-    partial = _masked_kernel_sum(q @ w_hat.t(), own, power)
+    partial = _masked_kernel_sum(q @ w_hat.t(), own, power, variant)
     return sum_replicated(partial, group) / (labels.numel() * (num_classes - 1))
 
 
-def _batch_unique(w_hat, labels, start, power, group):
+def _batch_unique(w_hat, labels, start, power, group, variant="mhe"):
     classes = torch.unique(labels)
     n = classes.numel()
     if n < 2:
@@ -80,7 +80,7 @@ def _batch_unique(w_hat, labels, start, power, group):
     mine = (classes >= start) & (classes < start + w_hat.shape[0])
     rows = w_hat.index_select(0, classes[mine] - start)  # this rank's distinct classes
     own = classes[mine].unsqueeze(1) == classes.unsqueeze(0)
-    partial = _masked_kernel_sum(rows @ q.t(), own, power)
+    partial = _masked_kernel_sum(rows @ q.t(), own, power, variant)
     return sum_replicated(partial, group) / (n * (n - 1))
 
 
@@ -149,6 +149,7 @@ def sharded_classifier_mhe(
     mode: str = "batch_vs_all",
     block_size: Optional[int] = None,
     group=None,
+    variant: str = "mhe",
 ) -> torch.Tensor:
     """:func:`sphereface_plus.mhe.classifier_mhe` of the whole classifier from this rank's rows.
 
@@ -157,7 +158,7 @@ def sharded_classifier_mhe(
         labels: the *global* batch's labels (all-gathered; :class:`ShardedLogits.labels`), the same
             on every rank; not used by ``full``.
         num_classes: C of the whole classifier.
-        power, mode: as in ``classifier_mhe``.
+        power, mode, variant: as in ``classifier_mhe`` (``variant='opensphere_v0'``: batch modes only).
         block_size: rows of this rank per chunk for ``full`` (default: about 4M kernel entries per
             chunk, as the single-process blocked path).
 
@@ -166,6 +167,7 @@ def sharded_classifier_mhe(
     power = normalize_power(power)
     if mode not in SHARDED_MHE_MODES:
         raise ValueError(f"unknown classifier_mhe mode {mode!r}: choose one of {', '.join(SHARDED_MHE_MODES)}")
+    check_variant(variant, mode)
     world, rank = world_size_and_rank(group)
     start, end = shard_range(num_classes, world, rank)
     if weight.dim() != 2 or weight.shape[0] != end - start:
@@ -176,7 +178,7 @@ def sharded_classifier_mhe(
             raise ValueError("classifier_mhe mode 'caffe_among' needs the batch labels")
         labels = check_labels(labels, None, num_classes).to(weight.device)
         return _caffe_among(weight, labels, start, num_classes, group)
-    w_hat = normalize_rows(weight)
+    w_hat = variant_rows(weight, variant)
     if mode == "full":
         widest = max(shard_sizes(num_classes, world))
         chunk = int(block_size) if block_size else max(32, BLOCK_ENTRIES // widest)
@@ -189,5 +191,5 @@ def sharded_classifier_mhe(
     if labels.numel() == 0:
         raise ValueError("labels is empty: classifier_mhe needs at least one sample")
     if mode == "batch_unique":
-        return _batch_unique(w_hat, labels, start, power, group)
-    return _batch_vs_all(w_hat, labels, start, num_classes, power, group)
+        return _batch_unique(w_hat, labels, start, power, group, variant)
+    return _batch_vs_all(w_hat, labels, start, num_classes, power, group, variant)
