@@ -23,8 +23,11 @@ from data_prep.datasets import build_train_dataset, check_data_config
 from eval.lfw import pairs_verifier
 from sphereface_plus.config import Config, ConfigError, config_to_yaml, load_config
 from sphereface_plus.engine.device import resolve_device
-from sphereface_plus.engine.dist import DistInfo, cleanup_distributed, setup_distributed
-from sphereface_plus.errors import MissingFileError
+from sphereface_plus.engine.checkpoint import load_checkpoint
+from sphereface_plus.engine.dist import DistInfo, cleanup_distributed, explain_collective_failure, setup_distributed
+from sphereface_plus.engine.preempt import Preemption
+from sphereface_plus.engine.run_folder import RunFolder
+from sphereface_plus.errors import MissingFileError, ToolkitError
 from sphereface_plus.trainer import Trainer
 from sphereface_plus.utils import atomic_write_text, is_rank0, setup_logging
 
@@ -97,6 +100,8 @@ def check_inputs(cfg: Config, resume: Optional[str] = None) -> None:
         if path and not Path(path).is_file():
             raise MissingFileError(f"{what} {path}: no such file; give an existing checkpoint "
                                    f"(<out_dir>/checkpoints/last.pt of a run){' or --resume auto' if what == '--resume' else ''}")
+        if path:  # issue 20: a file that is not a checkpoint (or fails its checksum) is refused now, not later
+            load_checkpoint(path)
 
 
 def make_trainer(cfg: Config, dist: Optional[DistInfo] = None) -> Trainer:
@@ -125,15 +130,27 @@ def train(cfg: Union[Config, Dict[str, Any], str, Path], resume: Optional[str] =
         cfg = Config.from_dict(cfg)
     _check_data(cfg)
     check_inputs(cfg, resume)  # before the dataset: the synthetic source writes its cache under out_dir
-    dist = setup_distributed(cfg.train.device)
+    dist = setup_distributed(cfg.train.device, cfg.train.dist_timeout)
     try:
-        trainer = make_trainer(cfg, dist)
-        if resume:
-            trainer.resume(resume)  # refused before anything is written when the settings changed
-        if dist.is_main:
-            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(cfg.out_dir) / "config.yaml", config_to_yaml(cfg))
-        return trainer.fit()
+        # issue 20: one run per folder (lock, refusal, elastic restart), output locations checked, and
+        # SIGTERM / SIGINT / SIGUSR1 stop after a checkpoint (docs/robustness.md)
+        with RunFolder(cfg.out_dir, resume, command=" ".join(sys.argv), is_main=dist.is_main,
+                       distributed=dist.distributed, subfolders=("checkpoints", "eval", "tb"),
+                       resume_hint="--resume auto") as run, Preemption() as stop:
+            trainer = make_trainer(cfg, dist)
+            trainer.preemption = stop
+            if run.resume:
+                trainer.resume(run.resume)  # refused before anything is written when the settings changed
+            if dist.is_main:
+                atomic_write_text(Path(cfg.out_dir) / "config.yaml", config_to_yaml(cfg))
+            try:
+                return trainer.fit()
+            except RuntimeError as exc:
+                failure = explain_collective_failure(exc, trainer.heartbeat, cfg.train.dist_timeout, dist.rank) \
+                    if dist.distributed and not isinstance(exc, ToolkitError) else None
+                if failure is None:
+                    raise
+                raise failure from None
     finally:
         cleanup_distributed()
 
@@ -142,7 +159,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); omitted: the built-in defaults")
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="continue a run: 'auto' = the newest readable checkpoint in <out_dir>/checkpoints, "
-                             "or a file; refused when the settings changed (other than iterations, paths, workers)")
+                             "or a file; refused when the settings changed (other than iterations, cadences, paths, "
+                             "workers). Without it a folder that already holds a run is refused; under torchrun an "
+                             "elastic restart resumes by itself. SIGTERM / SIGINT / SIGUSR1 stop after a checkpoint "
+                             "(exit 143 / 130 / 0; docs/robustness.md)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides with dotted keys, e.g. train.batch_size=256 optim.milestones=[10,20]")
