@@ -31,6 +31,7 @@ COMMANDS = {
     "gan": ("sphereface_plus.apps.gan", "MHE-GAN on CIFAR-10 (SN / MHE variants of the published table, FID/KID offline)"),
     "demo": ("sphereface_plus.apps.demo", "the whole pipeline (align, train, verify, report) on built-in or LFW data"),
     "pack-bin": ("eval.pack_bin", "write an insightface-style .bin verification pack from a pairs file and aligned crops"),
+    "check": ("sphereface_plus.apps.check", "verify checkpoints and packed datasets (checksums) before a long run"),
 }
 
 EPILOG = """\
@@ -43,6 +44,7 @@ examples:
   sphereface-plus cifar --model_name mhe --power_s 0 --data cifar-100-python
   sphereface-plus demo
   sphereface-plus pack-bin --pairs pairs.txt --root lfw-112x96 --out lfw.bin
+  sphereface-plus check runs/x casia-112x96
 
 Run 'sphereface-plus COMMAND --help' for the options of a command.
 

@@ -70,6 +70,12 @@ RESUMABLE_CHANGES = ("out_dir", "train.iterations", "train.device", "train.log_e
                      # issue 20: cadences and the collective timeout (a preempted run may save more often)
                      "checkpoint.every", "train.dist_timeout")
 
+#: largest magnitude of a weight or optimiser value a checkpoint may hold (issue 20). Trained face networks
+#: have weights of order 1 (weight decay; the A-Softmax rows are normalised); a run whose weights reach
+#: 1e6 has diverged even while its loss is still finite (lr=5 reaches 1e17 before the first NaN), and a
+#: checkpoint of it would only be rolled back to and diverge again.
+HEALTHY_BOUND = 1e6
+
 #: ``head`` settings that belong to the trainer (the classifier's layout), never passed to the head
 TRAINER_HEAD_SETTINGS = ("name", "parallel", "sample_rate")
 
@@ -271,6 +277,7 @@ class Trainer:
         # issue 20: the runner installs the signal handlers (``with Preemption() as p: trainer.preemption = p``);
         # fit() asks it after every step and stops with a checkpoint; the heartbeat names a silent rank
         self.preemption = Preemption()
+        self._rollback_pending = False
         self.heartbeat = Heartbeat(self.dist.rank, self.dist.world_size)
 
     # ------------------------------------------------------------------ set-up helpers
@@ -395,9 +402,11 @@ class Trainer:
         rollback must land before the streak), and every weight and optimiser value must be finite.
         """
         if not self._healthy():
+            newest = ckpt.checkpoint_dir(self.out_dir) / "last.pt"
             logger.warning("iteration %d: not writing a checkpoint (%s); the newest one stays %s", self.iteration,
-                           f"{self._streak} skipped step(s) in a row" if self._streak else "non-finite weights",
-                           ckpt.find_resume_checkpoint(self.out_dir) if self.dist.is_main else "as it is")
+                           f"{self._streak} skipped step(s) in a row" if self._streak else
+                           f"weights or optimiser values beyond {HEALTHY_BOUND:g} or non-finite",
+                           newest if newest.is_file() else "the start state")
             return None
         path = None
         # a sharded head is gathered collectively: every rank builds the state, rank 0 writes it
@@ -409,12 +418,15 @@ class Trainer:
         return path
 
     def _healthy(self) -> bool:
-        """No skipped step since the last finite one, and finite weights and optimiser state (all ranks agree)."""
+        """No skipped step since the last finite one, and every weight and optimiser value finite and within
+        :data:`HEALTHY_BOUND` (all ranks agree)."""
         bad = self._streak > 0
-        if not bad:
+        if not bad:  # NaN compares False, so this also catches non-finite values
             tensors = list(self.model.parameters()) + [v for st in self.optimizer.state.values() for v in st.values()
                                                        if torch.is_tensor(v) and v.is_floating_point()]
-            bad = not all(bool(torch.isfinite(t).all()) for t in tensors)
+            bad = not all(bool((t.detach().abs() <= HEALTHY_BOUND).all()) for t in tensors)
+            if bad and self._streak == 0:
+                self._rollback_pending = True  # diverging with a finite loss: fit() rolls back now
         flag = torch.tensor(float(bad), device=self.device)
         if self.dist.distributed:
             flag = all_reduce_sum(flag)
@@ -429,9 +441,11 @@ class Trainer:
         else:  # no checkpoint yet: the state captured at start-up
             state = safe_torch_load(io.BytesIO(self._initial_state), map_location=self.device)
         failed_at, rollbacks = self.iteration, self.rollbacks + 1
+        why = (f"{self.cfg.train.nan_patience} non-finite losses in a row" if self._streak else
+               f"weights or optimiser values beyond {HEALTHY_BOUND:g} (or non-finite)")
         if rollbacks > self.cfg.train.max_rollbacks:
             raise TrainingDiverged(
-                f"training diverged: {self.cfg.train.nan_patience} non-finite losses in a row at iteration {failed_at} "
+                f"training diverged: {why} at iteration {failed_at} "
                 f"after {self.rollbacks} rollbacks (the newest checkpoint, {path or 'none'}, is from before the "
                 f"divergence); lower optim.lr (now {self.cfg.optim.lr:g}), lengthen optim.warmup_iters (now "
                 f"{self.cfg.optim.warmup_iters}) or set optim.clip_grad_norm, then rerun with --resume auto"
@@ -439,8 +453,9 @@ class Trainer:
         self.load_state_dict(state)
         self.rollbacks = rollbacks
         self._streak = 0
-        logger.warning("%d non-finite losses in a row at iteration %d: rolled back to %s (iteration %d), "
-                       "rollback %d of at most %d, new data order", self.cfg.train.nan_patience, failed_at,
+        self._rollback_pending = False
+        logger.warning("%s at iteration %d: rolled back to %s (iteration %d), "
+                       "rollback %d of at most %d, new data order", why, failed_at,
                        path or "the start state", self.iteration, rollbacks, self.cfg.train.max_rollbacks)
 
     # ------------------------------------------------------------------ one step
@@ -550,6 +565,11 @@ class Trainer:
                         metrics.scalars(it, "eval", mean_accuracy=eval_report["mean_accuracy"])
                 if it % cfg.checkpoint.every == 0 or it == total:
                     self.save()
+                if self._rollback_pending:  # issue 20: weights out of bounds at a save: roll back now
+                    self.rollback()
+                    window.reset()
+                    bar.n = self.iteration
+                    break
                 paused = time.perf_counter() - t_pause
                 t_window += paused  # images/s counts training time only
                 speed.pause(paused)

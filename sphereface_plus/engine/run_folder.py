@@ -243,7 +243,7 @@ class RunFolder:
                 cls, message = payload[1]
                 error = cls(message) if issubclass(cls, ToolkitError) else UsageError(message)
         if error is not None:
-            self._cleanup_after_failure()
+            self.__exit__(type(error), error, None)  # __exit__ does not run when __enter__ raises
             raise error
         self.resume = decision
         return self
