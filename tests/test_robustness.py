@@ -147,16 +147,12 @@ def test_a_second_run_into_a_folder_is_refused_and_leaves_it_byte_identical(refe
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGUSR1"])
 def test_a_signal_at_a_random_step_saves_it_and_resume_is_bit_identical(signame, reference, cache, tmp_path):
     """SIGTERM / SIGINT / SIGUSR1 at a random step: that step's checkpoint, exit 143 / 130 / 0, a line saying
-    how to resume; --resume auto then ends bit-identical to the uninterrupted run. With SIGTERM a second run
-    started into the busy folder meanwhile is refused by the lock."""
+    how to resume; --resume auto then ends bit-identical to the uninterrupted run."""
     out = tmp_path / "run"
     k = random.Random().randint(1, 4)
     proc = _start(["--config", SMOKE, *_overrides(out, cache, 1000)])
     try:
         _wait_for(lambda: _lines(out / "metrics.jsonl") >= k, [proc], f"{k} logged steps")
-        if signame == "SIGTERM":  # two concurrent runs: one runs, one is refused
-            rc, _, err = _run(["--config", SMOKE, *_overrides(out, cache, 1000), "--resume", "auto"])
-            _one_error(rc, err, 2, "in use by another run", f"process {proc.pid}")
         proc.send_signal(getattr(signal, signame))
         _, err = proc.communicate(timeout=WAIT)
     finally:
@@ -171,6 +167,22 @@ def test_a_signal_at_a_random_step_saves_it_and_resume_is_bit_identical(signame,
     assert _lines(out / "metrics.jsonl") == j
     assert _main(["train", "--config", SMOKE, *_overrides(out, cache, N_REF), "--resume", "auto"]) == 0
     _same_state(_load(out / "checkpoints" / "last.pt"), _load(reference / "checkpoints" / "last.pt"))
+
+
+def test_two_concurrent_runs_one_runs_one_is_refused(cache, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(["--config", SMOKE, *_overrides(out, cache, 1000)])
+    try:
+        _wait_for(lambda: _lines(out / "metrics.jsonl") >= 1, [proc], "a logged step")
+        rc, _, err = _run(["--config", SMOKE, *_overrides(out, cache, 1000), "--resume", "auto"])
+        _one_error(rc, err, 2, "in use by another run", f"process {proc.pid}")
+        assert proc.poll() is None  # the first run goes on
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "stopped by SIGUSR1" in err, err[-3000:]
 
 
 def _launch_two(args, port, env_extra=None):
