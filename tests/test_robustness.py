@@ -438,3 +438,19 @@ def test_a_read_only_out_dir_is_one_line_before_training(cache, tmp_path):
         _one_error(rc, err, 1, "read-only")
     finally:
         _umount(mnt)
+
+
+def test_a_non_utf8_byte_in_a_pairs_or_list_file_is_one_line_naming_file_and_line(tmp_path):
+    from data_prep.datasets import ListDataset
+    from sphereface_plus.errors import InputFileError
+
+    feats = tmp_path / "f.npz"
+    np.savez(feats, paths=np.array(["a/1.jpg", "a/2.jpg", "b/1.jpg"]), features=np.eye(3, dtype=np.float32))
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_bytes(b"a/1.jpg a/2.jpg 1\na/1.jpg b/1.jpg 0\nb/1.jpg caf\xe9.jpg 0\n")
+    rc, _, err = _run(["pairs", "--features", feats, "--pairs", pairs, "--folds", "2"], command=("verify",))
+    _one_error(rc, err, 2, "pairs.txt", "line 3", "0xe9", "UTF-8")
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"a/1.jpg 0\n\xff/2.jpg 1\n")
+    with pytest.raises(InputFileError, match=r"list\.txt, line 2: byte 0xff"):
+        ListDataset(tmp_path, lst)
