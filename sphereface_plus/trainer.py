@@ -399,7 +399,8 @@ class Trainer:
         """Write the checkpoint (collective); None, writing nothing, when the state is not healthy.
 
         Checked before writing (issue 20): no step of a non-finite streak may be in a checkpoint (a
-        rollback must land before the streak), and every weight and optimiser value must be finite.
+        rollback must land before the streak), and every weight and optimiser value must be finite and
+        within :data:`HEALTHY_BOUND` (else fit() rolls back at once).
         """
         if not self._healthy():
             newest = ckpt.checkpoint_dir(self.out_dir) / "last.pt"
@@ -420,17 +421,18 @@ class Trainer:
     def _healthy(self) -> bool:
         """No skipped step since the last finite one, and every weight and optimiser value finite and within
         :data:`HEALTHY_BOUND` (all ranks agree)."""
-        bad = self._streak > 0
-        if not bad:  # NaN compares False, so this also catches non-finite values
+        streak = self._streak > 0  # the same on every rank (the finite check is all-reduced)
+        bad = False
+        if not streak:  # NaN compares False, so this also catches non-finite values
             tensors = list(self.model.parameters()) + [v for st in self.optimizer.state.values() for v in st.values()
                                                        if torch.is_tensor(v) and v.is_floating_point()]
             bad = not all(bool((t.detach().abs() <= HEALTHY_BOUND).all()) for t in tensors)
-            if bad and self._streak == 0:
-                self._rollback_pending = True  # diverging with a finite loss: fit() rolls back now
         flag = torch.tensor(float(bad), device=self.device)
-        if self.dist.distributed:
+        if self.dist.distributed:  # a sharded head: each rank checked its own rows
             flag = all_reduce_sum(flag)
-        return float(flag.item()) == 0.0
+        if float(flag.item()) > 0:
+            self._rollback_pending = True  # diverging with a finite loss: fit() rolls back now, on every rank
+        return not streak and float(flag.item()) == 0.0
 
     def rollback(self) -> None:
         """Restore the newest checkpoint (or the start state) and change the data order."""
