@@ -393,7 +393,11 @@ def test_an_elastic_restart_resumes_by_itself(reference, cache, tmp_path, monkey
     for p in (run / "checkpoints").glob("ckpt_*.pt"):
         if int(p.stem.split("_")[1]) > 4:
             p.unlink()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    # a job that did not start this run (refused at its first attempt, say) is not restarted into it
+    assert _main(["train", "--config", SMOKE, *_overrides(run, cache, N_REF)]) == 2
+    (run / ".run.elastic").write_text("job-a")  # what the first attempt of the owning job recorded
     assert _main(["train", "--config", SMOKE, *_overrides(run, cache, N_REF)]) == 0  # no --resume given
     _same_state(_load(run / "checkpoints" / "last.pt"), _load(reference / "checkpoints" / "last.pt"))
 

@@ -12,8 +12,10 @@ and held for the run's life) enforces it:
    longer running is detected on the next start, named in a warning and taken over.
 3. **A folder that holds a run** (checkpoints, ``metrics.jsonl``, ``summary.json``) is refused unless the
    command was asked to resume (``--resume auto|PATH``), and the message names both ways out: resume, or
-   another output folder. An elastic restart (torchrun sets ``TORCHELASTIC_RESTART_COUNT`` > 0) resumes
-   from the folder by itself (``--resume auto``), so ``torchrun --max-restarts N`` never starts over.
+   another output folder. An elastic restart (torchrun sets ``TORCHELASTIC_RESTART_COUNT`` > 0) of the
+   torchrun job that owns the folder (its ``TORCHELASTIC_RUN_ID``, recorded in ``.run.elastic`` when the
+   job was accepted) resumes from the folder by itself (``--resume auto``), so ``torchrun --max-restarts N``
+   never starts over, and a job refused at its first attempt is not "restarted" into someone else's run.
 4. **Stale temporary files** (``.<name>.*.tmp`` of :func:`sphereface_plus.utils.atomic_open`) left by a
    writer that was killed are removed: with the lock held, no other writer can be using them.
 5. On a failure before the run wrote anything, the folder is removed again if this run created it, so a
@@ -41,6 +43,8 @@ __all__ = ["LOCK_NAME", "RUN_MARKERS", "RunFolder", "RunLock", "check_output_loc
            "elastic_restart_count", "remove_stale_temp_files"]
 
 LOCK_NAME = ".run.lock"
+#: the ``TORCHELASTIC_RUN_ID`` of the torchrun job that owns the folder: only its restarts resume by themselves
+ELASTIC_NAME = ".run.elastic"
 #: files whose presence means a folder holds a run (besides ``checkpoints/*.pt``)
 RUN_MARKERS = ("metrics.jsonl", "summary.json")
 
@@ -117,6 +121,13 @@ def remove_stale_temp_files(folders: Iterable[Path]) -> List[Path]:
         logger.warning("removed %d temporary file(s) of a write that was interrupted (a killed run): %s",
                        len(removed), ", ".join(str(p) for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
     return removed
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -262,7 +273,9 @@ class RunFolder:
         requested = self.requested
         if requested is True:
             requested = "auto"
-        if not requested and self.elastic_restart > 0:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        marker = self.folder / ELASTIC_NAME
+        if not requested and self.elastic_restart > 0 and run_id and _read(marker) == run_id:
             logger.warning("elastic restart %d (TORCHELASTIC_RESTART_COUNT): resuming %s from its newest checkpoint",
                            self.elastic_restart, self.folder)
             return "auto"
@@ -272,8 +285,9 @@ class RunFolder:
                 names = ", ".join(str(p.relative_to(self.folder)) for p in found[:3]) + (" ..." if len(found) > 3 else "")
                 raise UsageError(f"{self.folder} already holds a run ({names}); continue it with {self.resume_hint}, "
                                  f"or start the new run in another folder ({self.out_hint})")
-            return None
-        return requested
+        if run_id:  # this torchrun job owns the folder: its restarts resume it (and only its restarts)
+            marker.write_text(run_id)
+        return requested or None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -288,7 +302,7 @@ class RunFolder:
             return
         top = self._created[0]
         try:
-            leftover = [p for p in top.rglob("*") if p.is_file() and p.name != LOCK_NAME]
+            leftover = [p for p in top.rglob("*") if p.is_file() and p.name not in (LOCK_NAME, ELASTIC_NAME)]
         except OSError:  # pragma: no cover
             return
         if leftover:
