@@ -245,6 +245,9 @@ class RunFolder:
                 decision = self._enter_main()
             except ToolkitError as exc:
                 error = exc
+            except OSError as exc:  # e.g. mkdir refused: one line (exit 1), and the other ranks learn it too
+                error = RunEnvironmentError(f"{self.what} {str(self.folder)!r}: {os.strerror(exc.errno or 0)} "
+                                            f"({exc.filename or self.folder}); choose a writable {self.what}")
         if self.distributed:
             from sphereface_plus.engine.dist import broadcast_object
 
