@@ -458,3 +458,21 @@ def test_a_non_utf8_byte_in_a_pairs_or_list_file_is_one_line_naming_file_and_lin
     lst.write_bytes(b"a/1.jpg 0\n\xff/2.jpg 1\n")
     with pytest.raises(InputFileError, match=r"list\.txt, line 2: byte 0xff"):
         ListDataset(tmp_path, lst)
+
+
+def test_a_second_signal_exits_at_once():
+    """The first SIGTERM only sets the flag (the loop saves and stops); a second one exits with 143 at once."""
+    code = ("import os, signal, time\n"
+            "from sphereface_plus.engine.preempt import Preemption\n"
+            "with Preemption() as p:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    deadline = time.monotonic() + 60\n"
+            "    while p.requested() is None and time.monotonic() < deadline:\n"
+            "        time.sleep(0.01)\n"
+            "    print('flag', p.requested(), flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(60)\n"
+            "    print('still running', flush=True)\n")
+    res = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=WAIT)
+    assert res.stdout.split() == ["flag", "SIGTERM"], res.stdout + res.stderr
+    assert res.returncode == 143 and "second signal" in res.stderr, (res.returncode, res.stderr)
