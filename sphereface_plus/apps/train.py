@@ -8,6 +8,12 @@ This runner builds what the library's :class:`~sphereface_plus.trainer.Trainer` 
 set (``data_prep.datasets``) and, with ``eval.pairs``, a verifier (``eval.lfw.pairs_verifier``); then it
 resumes (when asked), writes ``<out_dir>/config.yaml`` (the resolved config, with the head settings and
 input size in force) and runs the loop. From Python: ``train(cfg, resume=None, overrides=())``.
+
+The run folder follows the engine's one policy (:mod:`sphereface_plus.engine.run_folder`, issue 20): a
+folder that already holds a run is refused without ``--resume auto|PATH``, a second run into a busy
+folder is refused by its lock, and an elastic restart of the torchrun job resumes by itself. SIGTERM,
+SIGINT and SIGUSR1 stop the run after a checkpoint (exit 143 / 130 / 0,
+:mod:`sphereface_plus.engine.preempt`); see docs/robustness.md.
 """
 from __future__ import annotations
 
