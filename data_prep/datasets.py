@@ -342,24 +342,26 @@ class ListDataset(_PathDataset):
                                                          "(default <data.root>/list.txt)")
         self.list_file = list_file
         items = []
-        with open(list_file, "r", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                parts = line.rsplit(None, 1)
-                try:
-                    if len(parts) != 2:
-                        raise ValueError
-                    label = int(parts[1])
-                    if label < 0:
-                        raise ValueError
-                except ValueError:
-                    raise InputFileError(
-                        f"{list_file}:{lineno}: expected 'relative/path label' with a non-negative integer "
-                        f"label, got {line!r}"
-                    ) from None
-                items.append((parts[0], label))
+        from sphereface_plus.utils import read_text
+
+        # the list file as UTF-8 text (a stray byte: one error line naming the file and line)
+        for lineno, line in enumerate(read_text(list_file, "list file").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(None, 1)
+            try:
+                if len(parts) != 2:
+                    raise ValueError
+                label = int(parts[1])
+                if label < 0:
+                    raise ValueError
+            except ValueError:
+                raise InputFileError(
+                    f"{list_file}:{lineno}: expected 'relative/path label' with a non-negative integer "
+                    f"label, got {line!r}"
+                ) from None
+            items.append((parts[0], label))
         if not items:
             raise InputFileError(f"list file {str(list_file)!r} has no entries ('relative/path label' lines)")
         super().__init__(root, items, input_size)

@@ -27,6 +27,7 @@ import numpy as np
 from data_prep.image_files import IMAGE_EXTENSIONS
 from sphereface_plus.errors import InputFileError, MissingFileError
 from sphereface_plus.safe_pickle import UnsafePickleError, restricted_loads
+from sphereface_plus.utils import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def parse_lfw_pairs(path, ext: str = ".jpg") -> List[Pair]:
     """
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = read_text(path, "pairs file").splitlines()
     except FileNotFoundError:
         raise MissingFileError(f"pairs file {path} does not exist") from None
     lines = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()]
@@ -148,7 +149,7 @@ def parse_pairs_file(path, num_folds: int = 10) -> List[Pair]:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_text(path, "pairs file")
     except FileNotFoundError:
         raise MissingFileError(f"pairs file {path} does not exist") from None
     rows: List[Tuple[str, str, bool, Optional[int]]] = []

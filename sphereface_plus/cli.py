@@ -9,6 +9,7 @@ command being run is imported, so a command starts fast and an optional dependen
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -32,6 +33,7 @@ COMMANDS = {
     "import": ("sphereface_plus.apps.import_weights",
                "released weights (SphereFace Caffe, insightface, OpenSphere, ONNX, MHE-GAN TF1) to a toolkit model"),
     "pack-bin": ("eval.pack_bin", "write an insightface-style .bin verification pack from a pairs file and aligned crops"),
+    "check": ("sphereface_plus.apps.check", "verify checkpoints and packed datasets (checksums) before a long run"),
 }
 
 EPILOG = """\
@@ -45,13 +47,16 @@ examples:
   sphereface-plus demo
   sphereface-plus pack-bin --pairs pairs.txt --root lfw-112x96 --out lfw.bin
   sphereface-plus import --from caffe sphereface_deploy.prototxt sphereface_model.caffemodel --out sphere20.pt
+  sphereface-plus check runs/x casia-112x96
 
 Run 'sphereface-plus COMMAND --help' for the options of a command.
 
-exit status: 0 success; 2 usage or input error (one 'error:' line says what, where and how to fix
-it; --debug or SPHEREFACE_PLUS_DEBUG=1 adds the traceback); 3 align finished but skipped or failed
-some images (see its manifest); 130 interrupted. Any other failure with a traceback is a bug: please
-report it.
+exit status: 0 success (also: stopped by SIGUSR1 after a checkpoint); 1 environment failure (disk
+full, permission denied, read-only folder, a peer that stopped answering, a run that diverged: one
+'error:' line); 2 usage or input error (one 'error:' line says what, where and how to fix it; --debug
+or SPHEREFACE_PLUS_DEBUG=1 adds the traceback); 3 align finished but skipped or failed some images
+(see its manifest); 130 interrupted (SIGINT), 143 terminated (SIGTERM), training runs after writing
+a checkpoint (docs/robustness.md). Any other failure with a traceback is a bug: please report it.
 """
 
 DEBUG_ENV = "SPHEREFACE_PLUS_DEBUG"
@@ -113,22 +118,69 @@ def run_guarded(func: Callable[[], int], prog: str, debug: Optional[bool] = None
     ``SPHEREFACE_PLUS_DEBUG`` variable). Other exceptions are bugs and keep their traceback. Entry
     points outside :func:`main` (``python -m sphereface_plus.apps.train`` under torchrun) use it too.
     """
-    from sphereface_plus.errors import ToolkitError, one_line
+    from sphereface_plus.errors import RunStopped, ToolkitError, one_line
 
     if debug is None:
         debug = _debug_wanted([])
     try:
         return int(func() or 0)
+    except RunStopped as exc:  # a checkpoint was written on SIGTERM / SIGINT / SIGUSR1: not an error
+        from sphereface_plus.utils import is_rank0
+
+        if is_rank0():
+            print(f"{prog}: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_status
     except ToolkitError as exc:
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return exc.exit_status
+    except (OSError, UnicodeDecodeError) as exc:
+        line, status = environment_error_line(exc)
+        if line is None:
+            raise  # not one of the everyday causes: a bug, with its traceback
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {line}", file=sys.stderr)
+        return status
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+#: errno -> the advice of the one line an everyday environment failure becomes (exit status 1)
+_ENV_ERRNO = {
+    errno.ENOSPC: "free some space or choose another output folder; the previous checkpoint is intact",
+    errno.EDQUOT: "the disk quota is exhausted: free some space or choose another output folder",
+    errno.EACCES: "check the permissions, or choose another folder",
+    errno.EPERM: "check the permissions, or choose another folder",
+    errno.EROFS: "the file system is read-only: choose a writable output folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: rename it or choose another path",
+    errno.EISDIR: "the path is a folder, a file is needed there: choose another path",
+    errno.EEXIST: "something is already in the way at that path: move it or choose another path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or lower data.num_workers",
+}
+
+
+def environment_error_line(exc: BaseException):
+    """``(one line, exit status)`` for an everyday environment failure escaping a command, else ``(None, 0)``.
+
+    Disk full, permission denied, a read-only folder, a path that is a file: exit status 1 (the
+    environment); text that is not UTF-8: exit status 2 (the input). Anything else stays a bug with
+    its traceback.
+    """
+    if isinstance(exc, UnicodeDecodeError):
+        bad = exc.object[exc.start:exc.start + 1]
+        return (f"an input text file is not valid UTF-8 (byte 0x{bad.hex() if bad else '??'} at offset {exc.start}); "
+                "save it as UTF-8 (for example with iconv -t utf-8)"), 2
+    if isinstance(exc, OSError) and exc.errno in _ENV_ERRNO:
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+        what = os.strerror(exc.errno)
+        return f"{what}{': ' + where if where else ''}; {_ENV_ERRNO[exc.errno]}", 1
+    return None, 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

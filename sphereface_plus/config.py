@@ -182,6 +182,9 @@ class TrainConfig:
     max_rollbacks: int = 3  # then give up with an error
     init_from: str = ""  # checkpoint whose model/head weights start the run (SphereFace+ fine-tune)
     tensorboard: bool = True
+    # seconds a collective waits for the other ranks before the run fails with a line naming the silent
+    # rank (docs/robustness.md); torch's own default, 30 minutes, unless set
+    dist_timeout: float = 1800.0
 
     #: keys of earlier releases, still read (with a warning) from old recipes and checkpoints
     RENAMED_KEYS = {"amp": "precision"}
@@ -269,6 +272,7 @@ class Config:
             "train.batch_size": self.train.batch_size,
             "checkpoint.every": self.checkpoint.every,
             "train.nan_patience": self.train.nan_patience,
+            "train.dist_timeout": self.train.dist_timeout,
         }
         for key, value in positive.items():
             if value <= 0:

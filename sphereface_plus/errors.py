@@ -15,12 +15,18 @@ from pathlib import Path
 
 __all__ = [
     "ToolkitError", "UsageError", "InputFileError", "MissingFileError", "CheckpointError",
-    "require_file", "require_dir", "one_line",
+    "RunEnvironmentError", "TrainingDiverged", "RunStopped", "require_file", "require_dir", "one_line",
 ]
 
 
 class ToolkitError(Exception):
-    """Base class of every error the toolkit reports to a user in one line."""
+    """Base class of every error the toolkit reports to a user in one line.
+
+    ``exit_status``: what the command exits with (2: the input or the command line is wrong; 1: the
+    environment failed: disk full, permissions, a hung peer, a run that diverged).
+    """
+
+    exit_status = 2
 
 
 class UsageError(ToolkitError, ValueError):
@@ -40,6 +46,34 @@ class CheckpointError(InputFileError):
 
     Never suggests loading it with ``weights_only=False``: that would run code from the file.
     """
+
+
+class RunEnvironmentError(ToolkitError, OSError):
+    """The machine, not the input: a full disk, a read-only or unwritable folder, a peer process that
+    stopped answering. Exit status 1; the message names the path (or rank) and what to do."""
+
+    exit_status = 1
+
+
+class TrainingDiverged(ToolkitError, RuntimeError):
+    """The loss stayed non-finite after every allowed rollback (exit status 1, the fix in the message)."""
+
+    exit_status = 1
+
+
+class RunStopped(ToolkitError):
+    """A run stopped on request (SIGTERM, SIGINT, SIGUSR1) after writing its checkpoint.
+
+    Not an error: :func:`sphereface_plus.cli.run_guarded` prints the message (where the checkpoint is,
+    how to resume) without ``error:`` and exits with ``exit_status`` (143, 130 or 0,
+    :data:`sphereface_plus.engine.preempt.EXIT_STATUS`).
+    """
+
+    def __init__(self, message: str, exit_status: int, signal_name: str = "", iteration: int = -1,
+                 checkpoint: str = ""):
+        super().__init__(message)
+        self.exit_status = int(exit_status)
+        self.signal_name, self.iteration, self.checkpoint = signal_name, int(iteration), checkpoint
 
 
 def require_file(path, what: str, fix: str = "") -> Path:

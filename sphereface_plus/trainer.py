@@ -43,8 +43,10 @@ import torch.nn.functional as F
 from sphereface_plus.config import Config, ConfigError
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
-from sphereface_plus.engine.dist import DistInfo, all_reduce_sum
+from sphereface_plus.engine.dist import DistInfo, Heartbeat, all_reduce_sum
+from sphereface_plus.engine.preempt import Preemption, preempted
 from sphereface_plus.engine.run_log import MetricsLogger, RunningMeans, open_tensorboard
+from sphereface_plus.errors import TrainingDiverged
 from sphereface_plus.engine.optim import build_optimizer, build_scheduler
 from sphereface_plus.engine.precision import autocast, resolve_precision
 from sphereface_plus.engine.sampler import ResumableSampler
@@ -66,7 +68,15 @@ WARMUP_STEPS = 3
 #: settings that may differ when a run is resumed: they change where and how fast, not what is computed
 RESUMABLE_CHANGES = ("out_dir", "train.iterations", "train.device", "train.log_every", "train.tensorboard",
                      "data.root", "data.list_file", "data.num_workers", "data.synthetic.cache_dir",
-                     "checkpoint.keep", "eval", "head.parallel")
+                     "checkpoint.keep", "eval", "head.parallel",
+                     # issue 20: cadences and the collective timeout (a preempted run may save more often)
+                     "checkpoint.every", "train.dist_timeout")
+
+#: largest magnitude of a weight or optimiser value a checkpoint may hold (issue 20). Trained face networks
+#: have weights of order 1 (weight decay; the A-Softmax rows are normalised); a run whose weights reach
+#: 1e6 has diverged even while its loss is still finite (lr=5 reaches 1e17 before the first NaN), and a
+#: checkpoint of it would only be rolled back to and diverge again.
+HEALTHY_BOUND = 1e6
 
 #: ``head`` settings that belong to the trainer (the classifier's layout), never passed to the head
 TRAINER_HEAD_SETTINGS = ("name", "parallel", "sample_rate")
@@ -314,6 +324,11 @@ class Trainer:
         self.best_accuracy: Optional[float] = None  # best verification mean so far (checkpoints/best.pt)
         self._streak = 0
         self._initial_state = ckpt.serialize(self._rank_state())
+        # issue 20: the runner installs the signal handlers (``with Preemption() as p: trainer.preemption = p``);
+        # fit() asks it after every step and stops with a checkpoint; the heartbeat names a silent rank
+        self.preemption = Preemption()
+        self._rollback_pending = False
+        self.heartbeat = Heartbeat(self.dist.rank, self.dist.world_size)
 
     # ------------------------------------------------------------------ set-up helpers
     def build_model(self, num_classes: int) -> nn.Module:
@@ -428,23 +443,31 @@ class Trainer:
         A checkpoint whose settings differ from this run's (other than :data:`RESUMABLE_CHANGES`) is
         refused (:func:`sphereface_plus.engine.checkpoint.check_settings`).
         """
-        if resume == "auto":
-            found = ckpt.load_resume_state(self.out_dir, map_location=self.device)
-            if found is None:
-                logger.info("--resume auto: no checkpoint in %s, starting from scratch", ckpt.checkpoint_dir(self.out_dir))
-                return None
-            path, state = found
-        else:
-            path = Path(resume)
-            state = ckpt.load_checkpoint(path, map_location=self.device)
-        ckpt.check_settings(saved_settings_in_force(state.get("config", {})), saved_settings_in_force(self.cfg.to_dict()),
-                            path, RESUMABLE_CHANGES,
-                            fix="use the original recipe and overrides, or another out_dir for the new settings")
+        found = ckpt.resume_run_state(self.out_dir, resume, self.cfg.to_dict(), RESUMABLE_CHANGES,
+                                      map_location=self.device, view=saved_settings_in_force,
+                                      fix="use the original recipe and overrides, or another out_dir for the new settings")
+        if found is None:
+            logger.info("--resume auto: no checkpoint in %s, starting from scratch", ckpt.checkpoint_dir(self.out_dir))
+            return None
+        path, state = found
         self.load_state_dict(state, path)
         logger.info("resumed from %s at iteration %d (lambda %.4g)", path, self.iteration, self.current_lambda())
         return path
 
     def save(self) -> Optional[Path]:
+        """Write the checkpoint (collective); None, writing nothing, when the state is not healthy.
+
+        Checked before writing (issue 20): no step of a non-finite streak may be in a checkpoint (a
+        rollback must land before the streak), and every weight and optimiser value must be finite and
+        within :data:`HEALTHY_BOUND` (else fit() rolls back at once).
+        """
+        if not self._healthy():
+            newest = ckpt.checkpoint_dir(self.out_dir) / "last.pt"
+            logger.warning("iteration %d: not writing a checkpoint (%s); the newest one stays %s", self.iteration,
+                           f"{self._streak} skipped step(s) in a row" if self._streak else
+                           f"weights or optimiser values beyond {HEALTHY_BOUND:g} or non-finite",
+                           newest if newest.is_file() else "the start state")
+            return None
         path = None
         # a sharded head is gathered collectively: every rank builds the state, rank 0 writes it
         state = self.state_dict() if (self.sharded or self.dist.is_main) else None
@@ -453,6 +476,22 @@ class Trainer:
         if self.dist.distributed:
             torch.distributed.barrier()  # nobody may read (rollback) a half-written file
         return path
+
+    def _healthy(self) -> bool:
+        """No skipped step since the last finite one, and every weight and optimiser value finite and within
+        :data:`HEALTHY_BOUND` (all ranks agree)."""
+        streak = self._streak > 0  # the same on every rank (the finite check is all-reduced)
+        bad = False
+        if not streak:  # NaN compares False, so this also catches non-finite values
+            tensors = list(self.model.parameters()) + [v for st in self.optimizer.state.values() for v in st.values()
+                                                       if torch.is_tensor(v) and v.is_floating_point()]
+            bad = not all(bool((t.detach().abs() <= HEALTHY_BOUND).all()) for t in tensors)
+        flag = torch.tensor(float(bad), device=self.device)
+        if self.dist.distributed:  # a sharded head: each rank checked its own rows
+            flag = all_reduce_sum(flag)
+        if float(flag.item()) > 0:
+            self._rollback_pending = True  # diverging with a finite loss: fit() rolls back now, on every rank
+        return not streak and float(flag.item()) == 0.0
 
     def rollback(self) -> None:
         """Restore the newest checkpoint (or the start state) and change the data order."""
@@ -463,16 +502,21 @@ class Trainer:
         else:  # no checkpoint yet: the state captured at start-up
             state = safe_torch_load(io.BytesIO(self._initial_state), map_location=self.device)
         failed_at, rollbacks = self.iteration, self.rollbacks + 1
+        why = (f"{self.cfg.train.nan_patience} non-finite losses in a row" if self._streak else
+               f"weights or optimiser values beyond {HEALTHY_BOUND:g} (or non-finite)")
         if rollbacks > self.cfg.train.max_rollbacks:
-            raise RuntimeError(
-                f"training diverged: {self.cfg.train.nan_patience} non-finite losses in a row at iteration {failed_at} "
-                f"after {self.rollbacks} rollbacks; lower optim.lr, add optim.warmup_iters or optim.clip_grad_norm"
+            raise TrainingDiverged(
+                f"training diverged: {why} at iteration {failed_at} "
+                f"after {self.rollbacks} rollbacks (the newest checkpoint, {path or 'none'}, is from before the "
+                f"divergence); lower optim.lr (now {self.cfg.optim.lr:g}), lengthen optim.warmup_iters (now "
+                f"{self.cfg.optim.warmup_iters}) or set optim.clip_grad_norm, then rerun with --resume auto"
             )
         self.load_state_dict(state)
         self.rollbacks = rollbacks
         self._streak = 0
-        logger.warning("%d non-finite losses in a row at iteration %d: rolled back to %s (iteration %d), "
-                       "rollback %d of at most %d, new data order", self.cfg.train.nan_patience, failed_at,
+        self._rollback_pending = False
+        logger.warning("%s at iteration %d: rolled back to %s (iteration %d), "
+                       "rollback %d of at most %d, new data order", why, failed_at,
                        path or "the start state", self.iteration, rollbacks, self.cfg.train.max_rollbacks)
 
     # ------------------------------------------------------------------ one step
@@ -587,9 +631,21 @@ class Trainer:
                     self.keep_best(eval_report)
                 if it % cfg.checkpoint.every == 0 or it == total:
                     self.save()
+                if self._rollback_pending:  # issue 20: weights out of bounds at a save: roll back now
+                    self.rollback()
+                    window.reset()
+                    bar.n = self.iteration
+                    break
                 paused = time.perf_counter() - t_pause
                 t_window += paused  # images/s counts training time only
                 speed.pause(paused)
+                self.heartbeat.beat(it)
+                stop = self.preemption.requested(self.dist.distributed, self.device) if it < total else None
+                if stop:  # issue 20: a signal on any rank: every rank saves this step, then the run stops
+                    bar.close()
+                    if writer:
+                        writer.close()
+                    self._stop(stop, saved=it % cfg.checkpoint.every == 0)
         bar.close()
         if self.iteration == it_start:  # nothing to do (already finished): make sure last.pt exists
             self.save()
@@ -613,6 +669,13 @@ class Trainer:
             logger.info("done: %d iterations, %d unreadable images replaced, %d steps skipped, %d rollbacks",
                         self.iteration, bad_total, self.skipped_steps, self.rollbacks)
         return summary
+
+    def _stop(self, signal_name: str, saved: bool) -> None:
+        """Write this step's checkpoint (unless just written) and raise :class:`~sphereface_plus.errors.RunStopped`."""
+        path = None if saved and self._healthy() else self.save()
+        path = path or ckpt.checkpoint_dir(self.out_dir) / "last.pt"
+        newest = ckpt.find_resume_checkpoint(self.out_dir) if self.dist.is_main else path
+        raise preempted(signal_name, self.iteration, newest or path)
 
     def _bad_image_list(self) -> List[Dict[str, str]]:
         """The dataset's ``bad_images`` (``[{"path", "reason"}]``), re-read now so that the marks made by

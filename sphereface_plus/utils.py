@@ -53,6 +53,22 @@ def _umask() -> int:
     return mask
 
 
+def read_text(path, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; a byte that is not UTF-8 is an ``InputFileError`` naming the file and line.
+
+    (Issue 20: a non-UTF-8 byte in a pairs or list file used to end in a ``UnicodeDecodeError`` traceback.)
+    """
+    from sphereface_plus.errors import InputFileError
+
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputFileError(f"{what} {path}, line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 text; save the "
+                             "file as UTF-8 (for example: iconv -f latin1 -t utf-8)") from None
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     with atomic_open(path, "wb") as fh:
         fh.write(data)

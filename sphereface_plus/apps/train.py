@@ -8,6 +8,12 @@ This runner builds what the library's :class:`~sphereface_plus.trainer.Trainer` 
 set (``data_prep.datasets``) and, with ``eval.pairs``, a verifier (``eval.lfw.pairs_verifier``); then it
 resumes (when asked), writes ``<out_dir>/config.yaml`` (the resolved config, with the head settings and
 input size in force) and runs the loop. From Python: ``train(cfg, resume=None, overrides=())``.
+
+The run folder follows the engine's one policy (:mod:`sphereface_plus.engine.run_folder`, issue 20): a
+folder that already holds a run is refused without ``--resume auto|PATH``, a second run into a busy
+folder is refused by its lock, and an elastic restart of the torchrun job resumes by itself. SIGTERM,
+SIGINT and SIGUSR1 stop the run after a checkpoint (exit 143 / 130 / 0,
+:mod:`sphereface_plus.engine.preempt`); see docs/robustness.md.
 """
 from __future__ import annotations
 
@@ -24,8 +30,11 @@ from eval.lfw import pairs_verifier
 from eval.packs import check_pack_names, pack_paths, packs_verifier
 from sphereface_plus.config import Config, ConfigError, config_to_yaml, load_config
 from sphereface_plus.engine.device import resolve_device
-from sphereface_plus.engine.dist import DistInfo, cleanup_distributed, setup_distributed
-from sphereface_plus.errors import MissingFileError
+from sphereface_plus.engine.checkpoint import load_checkpoint
+from sphereface_plus.engine.dist import DistInfo, cleanup_distributed, explain_collective_failure, setup_distributed
+from sphereface_plus.engine.preempt import Preemption
+from sphereface_plus.engine.run_folder import RunFolder
+from sphereface_plus.errors import MissingFileError, ToolkitError
 from sphereface_plus.trainer import Trainer
 from sphereface_plus.utils import atomic_write_text, is_rank0, setup_logging
 
@@ -105,6 +114,8 @@ def check_inputs(cfg: Config, resume: Optional[str] = None) -> None:
         if path and not Path(path).is_file():
             raise MissingFileError(f"{what} {path}: no such file; give an existing checkpoint "
                                    f"(<out_dir>/checkpoints/last.pt of a run){' or --resume auto' if what == '--resume' else ''}")
+        if path:  # issue 20: a file that is not a checkpoint (or fails its checksum) is refused now, not later
+            load_checkpoint(path)
     if cfg.eval.packs:  # names, then eval.pack_dir/<name>.bin for each
         pack_paths(cfg.eval.pack_dir, check_pack_names(cfg.eval.packs, "eval.packs"), where="eval.pack_dir")
 
@@ -135,15 +146,27 @@ def train(cfg: Union[Config, Dict[str, Any], str, Path], resume: Optional[str] =
         cfg = Config.from_dict(cfg)
     _check_data(cfg)
     check_inputs(cfg, resume)  # before the dataset: the synthetic source writes its cache under out_dir
-    dist = setup_distributed(cfg.train.device)
+    dist = setup_distributed(cfg.train.device, cfg.train.dist_timeout)
     try:
-        trainer = make_trainer(cfg, dist)
-        if resume:
-            trainer.resume(resume)  # refused before anything is written when the settings changed
-        if dist.is_main:
-            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(cfg.out_dir) / "config.yaml", config_to_yaml(cfg))
-        return trainer.fit()
+        # issue 20: one run per folder (lock, refusal, elastic restart), output locations checked, and
+        # SIGTERM / SIGINT / SIGUSR1 stop after a checkpoint (docs/robustness.md)
+        with RunFolder(cfg.out_dir, resume, command=" ".join(sys.argv), is_main=dist.is_main,
+                       distributed=dist.distributed, subfolders=("checkpoints", "eval", "tb"),
+                       resume_hint="--resume auto") as run, Preemption() as stop:
+            trainer = make_trainer(cfg, dist)
+            trainer.preemption = stop
+            if run.resume:
+                trainer.resume(run.resume)  # refused before anything is written when the settings changed
+            if dist.is_main:
+                atomic_write_text(Path(cfg.out_dir) / "config.yaml", config_to_yaml(cfg))
+            try:
+                return trainer.fit()
+            except RuntimeError as exc:
+                failure = explain_collective_failure(exc, trainer.heartbeat, cfg.train.dist_timeout, dist.rank) \
+                    if dist.distributed and not isinstance(exc, ToolkitError) else None
+                if failure is None:
+                    raise
+                raise failure from None
     finally:
         cleanup_distributed()
 
@@ -152,7 +175,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); omitted: the built-in defaults")
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="continue a run: 'auto' = the newest readable checkpoint in <out_dir>/checkpoints, "
-                             "or a file; refused when the settings changed (other than iterations, paths, workers)")
+                             "or a file; refused when the settings changed (other than iterations, cadences, paths, "
+                             "workers). Without it a folder that already holds a run is refused; under torchrun an "
+                             "elastic restart resumes by itself. SIGTERM / SIGINT / SIGUSR1 stop after a checkpoint "
+                             "(exit 143 / 130 / 0; docs/robustness.md)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides with dotted keys, e.g. train.batch_size=256 optim.milestones=[10,20]")

@@ -10,8 +10,13 @@ what goes in (the face trainer: ``model``, ``head``, ``optimizer``, ``scheduler`
   ``every`` iterations, ``ckpt_<iteration>.pt``, keeping the ``keep`` newest periodic files. Each file
   goes to a temporary file that is moved into place (``os.replace``), so a kill at any moment leaves
   the old or the new file, never a torn one.
+- Every file carries a checksum of its contents (``integrity``: SHA-256 over every tensor's bytes and
+  every value, :func:`state_digest`), verified by :func:`load_checkpoint`: flipped bytes that would
+  still unpickle are refused with a line naming the file (files without the entry, from older
+  versions, load as before).
 - :func:`find_resume_checkpoint` / :func:`load_resume_state` find the newest *readable* one: a
-  damaged ``last.pt`` falls back to the newest periodic file that loads.
+  damaged ``last.pt`` (truncated, or failing its checksum) falls back to the newest periodic file that
+  loads; a folder whose checkpoints all fail is refused rather than restarted from scratch.
 - :func:`check_settings` is the one "settings changed since the last run?" check, with one policy:
   a resume (or a rerun into the same folder) with settings that differ from the stored ones, other
   than those a trainer declares free to change (the total iteration count, paths that move between
@@ -21,12 +26,13 @@ what goes in (the face trainer: ``model``, ``head``, ``optimizer``, ``scheduler`
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import random
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -50,7 +56,12 @@ __all__ = [
     "settings_changes",
     "check_settings",
     "resume_run_state",
+    "state_digest",
+    "INTEGRITY_KEY",
 ]
+
+#: the checkpoint entry holding ``{"algorithm": "sha256", "digest": <hex>}`` of everything else
+INTEGRITY_KEY = "integrity"
 
 _PERIODIC = re.compile(r"^ckpt_(\d+)\.pt$")
 
@@ -103,6 +114,40 @@ def serialize(state: Dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def _feed(h, obj: Any) -> None:
+    """Hash ``obj`` canonically: types, shapes and values (dict keys in a fixed order)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            t = t.to("cpu").contiguous().reshape(-1)
+            h.update(t.view(torch.uint8).numpy() if t.dtype != torch.uint8 else t.numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for k in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            _feed(h, k)
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
+        for v in obj:
+            _feed(h, v)
+    elif isinstance(obj, bool) or obj is None:
+        h.update(f"B{obj};".encode())
+    elif isinstance(obj, (int, float, str)):
+        text = repr(obj)
+        h.update(f"{type(obj).__name__[0]}{len(text)}:{text};".encode())
+    else:  # torch.dtype, torch.Size... (what a weights_only load accepts)
+        text = f"{type(obj).__name__}:{obj!r}"
+        h.update(f"O{len(text)}:{text};".encode())
+
+
+def state_digest(state: Dict[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint's contents, the ``integrity`` entry left out."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != INTEGRITY_KEY})
+    return h.hexdigest()
+
+
 def save_checkpoint(state: Dict[str, Any], out_dir, every: int = 0, keep: int = 0) -> Path:
     """Write ``last.pt`` (and ``ckpt_<iteration>.pt`` when the iteration is a multiple of ``every`` > 0).
 
@@ -112,6 +157,7 @@ def save_checkpoint(state: Dict[str, Any], out_dir, every: int = 0, keep: int = 
     """
     folder = checkpoint_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    state = {**state, INTEGRITY_KEY: {"algorithm": "sha256", "digest": state_digest(state)}}
     data = serialize(state)
     last = folder / "last.pt"
     atomic_write_bytes(last, data)
@@ -154,14 +200,30 @@ def load_checkpoint(path, map_location: Any = "cpu") -> Dict[str, Any]:
     state = safe_torch_load(Path(path), map_location=map_location)
     if not isinstance(state, dict) or "iteration" not in state:
         raise CheckpointError(f"{str(path)!r} is not a valid checkpoint (not written by this toolkit: no 'iteration' entry)")
+    verify_integrity(state, path)
     return state
 
 
-def load_resume_state(out_dir, map_location: Any = "cpu") -> Optional[Tuple[Path, Dict[str, Any]]]:
+def verify_integrity(state: Dict[str, Any], path: Any = "the checkpoint") -> bool:
+    """Check the stored checksum; False for a file without one (older versions), CheckpointError on a mismatch."""
+    stored = state.get(INTEGRITY_KEY)
+    if not isinstance(stored, dict) or "digest" not in stored:
+        return False
+    if stored.get("algorithm", "sha256") != "sha256" or stored["digest"] != state_digest(state):
+        raise CheckpointError(f"{str(path)!r} failed its checksum: the file changed after it was written (a damaged "
+                              "disk, an interrupted copy, an edit); use an earlier checkpoint (--resume auto falls "
+                              "back to the newest good one by itself)")
+    return True
+
+
+def load_resume_state(out_dir, map_location: Any = "cpu",
+                      refuse_unreadable: bool = False) -> Optional[Tuple[Path, Dict[str, Any]]]:
     """``(path, state)`` of the newest readable checkpoint of a run folder, or None when there is none.
 
     Compares ``last.pt`` with the newest periodic file by their stored iteration, skipping files that
     do not load (with a warning), so a damaged ``last.pt`` falls back to the previous periodic one.
+    ``refuse_unreadable``: when the folder has checkpoint files but none of them loads, raise the
+    :class:`CheckpointError` instead of returning None (a resume must not start over silently).
     """
     folder = checkpoint_dir(out_dir)
     if not folder.is_dir():
@@ -170,16 +232,22 @@ def load_resume_state(out_dir, map_location: Any = "cpu") -> Optional[Tuple[Path
     if (folder / "last.pt").is_file():
         candidates.insert(0, folder / "last.pt")
     best: Optional[Tuple[Path, Dict[str, Any]]] = None
+    failures: List[str] = []
     for p in candidates:
         try:
             state = load_checkpoint(p, map_location)
         except CheckpointError as exc:  # a damaged file must not block the resume
             logger.warning("skipping unreadable checkpoint %s: %s", p, exc)
+            failures.append(p.name)
             continue
         if best is None or int(state["iteration"]) > int(best[1]["iteration"]):
             best = (p, state)
         if p.name != "last.pt":
             break  # periodic files are sorted newest first: the first readable one is enough
+    if best is None and failures and refuse_unreadable:
+        raise CheckpointError(f"no checkpoint in {folder} can be read ({', '.join(failures)}: truncated or failing "
+                              "their checksum); resume from a good copy with --resume PATH, or start over in "
+                              "another output folder")
     return best
 
 
@@ -215,21 +283,31 @@ def check_settings(saved: Dict[str, Any], current: Dict[str, Any], where, may_ch
                          f"({'; '.join(changes)}); {fix}")
 
 
-def resume_run_state(out_dir, resume: bool, config: Dict[str, Any], may_change: Iterable[str] = (),
-                     map_location: Any = "cpu") -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """The one resume policy of the runners that own a whole ``--out`` folder (CIFAR, GAN).
+def resume_run_state(out_dir, resume, config: Dict[str, Any], may_change: Iterable[str] = (),
+                     map_location: Any = "cpu", fix: str = "use the original flags, or a new --out folder for the "
+                     "new settings", view: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
+                     ) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The one resume policy of every runner: ``(path, state)`` to continue from, or None for a fresh start.
 
-    ``(path, state)`` of the newest readable checkpoint when ``resume`` is set and the saved settings
-    agree with ``config`` (:func:`check_settings`, only ``may_change`` may differ); None for a fresh
-    start. A folder that already holds a run without ``resume`` is refused, so a run is never
-    overwritten by accident.
+    ``resume``: None/False (a fresh run: a folder that already holds a checkpoint is refused, so a run is
+    never overwritten by accident; :class:`~sphereface_plus.engine.run_folder.RunFolder` refuses it
+    before anything is written), True/``"auto"`` (the newest checkpoint that loads and passes its
+    checksum, None when there is none; a folder whose checkpoints all fail is refused) or a path. The
+    saved settings must agree with ``config`` (:func:`check_settings`; only ``may_change`` may differ),
+    both seen through ``view`` when given (a runner's normal form of a config, e.g. one that fills in
+    defaults a checkpoint of an earlier release did not record).
     """
-    found = load_resume_state(out_dir, map_location)
-    if found is None:
-        return None
+    if resume and resume is not True and resume != "auto":
+        path = Path(resume)
+        found: Optional[Tuple[Path, Dict[str, Any]]] = (path, load_checkpoint(path, map_location))
+    else:
+        found = load_resume_state(out_dir, map_location, refuse_unreadable=bool(resume))
+        if found is None:
+            return None
+        if not resume:
+            raise UsageError(f"{out_dir} already holds a run ({found[0]}); pass --resume to continue it, or choose "
+                             "another output folder")
     path, state = found
-    if not resume:
-        raise UsageError(f"{out_dir} already holds a run ({path}); pass --resume to continue it, or choose another --out")
-    check_settings(state["config"], config, path, may_change,
-                   fix="use the original flags, or a new --out folder for the new settings")
+    view = view or (lambda c: c)
+    check_settings(view(state.get("config", {})), view(config), path, may_change, fix=fix)
     return found
