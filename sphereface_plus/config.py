@@ -139,7 +139,9 @@ class TrainConfig:
     # native bf16, else fp32; fp32 (or off) = float32; fp16 = CUDA only (with a GradScaler). Head, losses
     # and MHE always run in float32.
     amp: str = "auto"
-    compile: bool = False  # torch.compile the backbone (before DDP)
+    # torch.compile the backbone (before DDP): auto | true | false (YAML booleans too); auto compiles where
+    # the run is long enough to repay the compilation (sphereface_plus.engine.compile, docs/performance.md)
+    compile: Any = "auto"
     log_every: int = 20
     nan_patience: int = 5  # consecutive non-finite losses before rolling back to the last checkpoint
     max_rollbacks: int = 3  # then give up with an error
@@ -206,6 +208,12 @@ class Config:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
+        from sphereface_plus.engine.compile import COMPILE_SETTINGS, normalize_compile
+
+        if not (isinstance(self.train.compile, bool) or str(self.train.compile).lower() in COMPILE_SETTINGS):
+            raise ConfigError(f"train.compile={self.train.compile!r} is not valid; choose one of "
+                              f"{', '.join(COMPILE_SETTINGS)}")
+        self.train.compile = normalize_compile(self.train.compile)
         if self.head.gradient is not None:
             if self.head.gradient not in A_SOFTMAX_GRADIENTS:
                 raise ConfigError(f"head.gradient={self.head.gradient!r} is not valid; choose one of "
