@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -103,7 +104,9 @@ def decode_batch_cuda(datas: Sequence[bytes], flips: Sequence[bool], input_size:
 
     h, w = (int(v) for v in input_size)
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+    with warnings.catch_warnings():  # torchvision >= 0.29 points to TorchCodec; decode_jpeg still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
     out = torch.empty((len(images), 3, h, w), dtype=torch.float32, device=device)
     for i, img in enumerate(images):  # C x H x W RGB uint8
         ih, iw = img.shape[-2:]
