@@ -173,7 +173,9 @@ class TrainConfig:
     # native bf16, else fp32; fp32 (or off) = float32; fp16 = CUDA only (with a GradScaler). Head, losses
     # and MHE always run in float32. The same knob is `precision` in every command.
     precision: str = "auto"
-    compile: bool = False  # torch.compile the backbone (before DDP)
+    # torch.compile the backbone (before DDP): auto | true | false (YAML booleans too); auto compiles where
+    # the run is long enough to repay the compilation (sphereface_plus.engine.compile, docs/performance.md)
+    compile: Any = "auto"
     # float64 everywhere (backbone, head, MHE; train.precision must then be fp32 or off): a reference mode for
     # exact comparisons between process layouts and with the peers' float64 code; slow
     float64: bool = False
@@ -257,6 +259,12 @@ class Config:
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
         check_head_settings(self.head)
+        from sphereface_plus.engine.compile import COMPILE_SETTINGS, normalize_compile
+
+        if not (isinstance(self.train.compile, bool) or str(self.train.compile).lower() in COMPILE_SETTINGS):
+            raise ConfigError(f"train.compile={self.train.compile!r} is not valid; choose one of "
+                              f"{', '.join(COMPILE_SETTINGS)}")
+        self.train.compile = normalize_compile(self.train.compile)
         self.mhe.power = normalize_power(self.mhe.power)  # parsed once, here
         if self.mhe.variant == "opensphere_v0" and self.mhe.mode not in ("batch_unique", "batch_vs_all"):
             raise ConfigError(f"mhe.variant=opensphere_v0 needs mhe.mode=batch_unique (OpenSphere_v0's) or "

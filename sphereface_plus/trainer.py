@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from sphereface_plus.config import Config, ConfigError
 from sphereface_plus.engine import checkpoint as ckpt
+from sphereface_plus.engine.compile import resolve_compile
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.dist import DistInfo, Heartbeat, all_reduce_sum
 from sphereface_plus.engine.preempt import Preemption, preempted
@@ -67,7 +68,7 @@ WARMUP_STEPS = 3
 
 #: settings that may differ when a run is resumed: they change where and how fast, not what is computed
 RESUMABLE_CHANGES = ("out_dir", "train.iterations", "train.device", "train.log_every", "train.tensorboard",
-                     "data.root", "data.list_file", "data.num_workers", "data.synthetic.cache_dir",
+                     "train.compile", "data.root", "data.list_file", "data.num_workers", "data.synthetic.cache_dir",
                      "checkpoint.keep", "eval", "head.parallel",
                      # issue 20: cadences and the collective timeout (a preempted run may save more often)
                      "checkpoint.every", "train.dist_timeout")
@@ -307,7 +308,10 @@ class Trainer:
         self.optimizer = build_optimizer([self.model], cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.iterations)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        if cfg.train.compile:  # in place (Module.compile): state_dict keys stay those of the plain backbone
+        # train.compile (auto: where the run repays the compilation, engine/compile.py); in place
+        # (Module.compile): state_dict keys stay those of the plain backbone
+        self.compiled = resolve_compile(cfg.train.compile, self.device, cfg.train.iterations)
+        if self.compiled:
             self.model.backbone.compile()
         self.net: nn.Module = self.model
         if self.dist.distributed:

@@ -8,7 +8,9 @@ activation after the sum, no batch norm anywhere). A 112x96 input ends at 7x6 (1
 Initialisation follows the original Caffe prototxt: stage convolutions and ``fc5`` are Xavier-uniform
 with a (zero-initialised, trainable) bias; residual convolutions are Gaussian with std 0.01 and a
 *fixed* zero bias (``lr_mult: 0`` in Caffe), which is exactly a convolution without bias, so they are
-built with ``bias=False``. PReLU slopes start at 0.25.
+built with ``bias=False``. PReLU slopes start at 0.25. The PReLU is
+:class:`sphereface_plus.models.layers.PReLU` (``nn.PReLU`` with a backward as cheap as ReLU's, same
+parameters and state-dict keys).
 
 Each size is a data-only builder registered by name::
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from sphereface_plus.models import register_backbone
+from sphereface_plus.models.layers import PReLU
 
 __all__ = ["SphereNet", "ResidualUnit", "sphere4", "sphere10", "sphere20", "sphere36", "sphere64"]
 
@@ -43,9 +46,9 @@ class ResidualUnit(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.prelu1 = nn.PReLU(channels, init=0.25)
+        self.prelu1 = PReLU(channels, init=0.25)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.prelu2 = nn.PReLU(channels, init=0.25)
+        self.prelu2 = PReLU(channels, init=0.25)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.prelu2(self.conv2(self.prelu1(self.conv1(x))))
@@ -57,7 +60,7 @@ class SphereStage(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_units: int):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 3, 2, 1, bias=True)
-        self.prelu = nn.PReLU(out_channels, init=0.25)
+        self.prelu = PReLU(out_channels, init=0.25)
         self.units = nn.Sequential(*[ResidualUnit(out_channels) for _ in range(num_units)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,155 @@
+"""PReLU at ReLU's cost (issue 23): the sphere20 training step with the toolkit's PReLU, torch's nn.PReLU, ReLU.
+
+    PYTHONPATH=. python bench/prelu_speed.py [--rounds 7] [--batch 16] [--threads 2]
+        [--precisions fp32,bf16] [--formats channels_last,contiguous] [--ops]
+
+One process builds the same sphere20 (112x96) three times, differing only in the activation:
+``relu`` (nn.ReLU: the baseline, what OpenSphere's SFNet-20 uses), ``nn.PReLU`` (torch's module) and
+``toolkit PReLU`` (:class:`sphereface_plus.models.layers.PReLU`, the backbone's default), and times a
+training step (forward under autocast when bf16, a float32 loss, backward, SGD with momentum) of each in
+alternating rounds; the ratio is best round / the ReLU net's best round. ``--ops`` adds the activation's
+own backward at the four stage shapes (1 thread, ``time.thread_time``: CPU seconds of this thread only,
+so other jobs on the machine barely move it).
+
+Writes ``bench/results/prelu_speed.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._timing import RESULTS, alternate, load_average, machine, ratios, write_json, write_text  # noqa: E402
+from sphereface_plus.models import create_backbone  # noqa: E402
+from sphereface_plus.models.layers import PReLU, prelu_backward  # noqa: E402
+
+ACTIVATIONS = ("relu", "nn.PReLU", "toolkit PReLU")
+
+
+def build_net(activation: str, memory_format) -> nn.Module:
+    torch.manual_seed(0)
+    net = create_backbone("sphere20", input_size=(112, 96))
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.PReLU):
+                if activation == "relu":
+                    new = nn.ReLU()
+                elif activation == "nn.PReLU":
+                    new = nn.PReLU(child.num_parameters, init=0.25)
+                else:
+                    new = PReLU(child.num_parameters, init=0.25)
+                setattr(module, name, new)
+    return net.to(memory_format=memory_format)
+
+
+def make_step(net: nn.Module, x: torch.Tensor, precision: str):
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+
+    def step():
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            out = net(x)
+        loss = out.float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def op_table(precision: str, memory_format, reps: int = 20):
+    """CPU seconds (this thread) of each activation's backward at the sphere20 stage shapes, batch 16."""
+    dt = torch.bfloat16 if precision == "bf16" else torch.float32
+    rows = []
+    for shape in [(16, 64, 56, 48), (16, 128, 28, 24), (16, 256, 14, 12), (16, 512, 7, 6)]:
+        x = torch.randn(shape, dtype=dt).contiguous(memory_format=memory_format)
+        g = torch.randn(shape, dtype=dt).contiguous(memory_format=memory_format)
+        w = torch.full((shape[1],), 0.25)
+        fns = {"relu": lambda: torch.ops.aten.threshold_backward(g, x, 0),
+               "nn.PReLU": lambda: torch.ops.aten._prelu_kernel_backward(g, x, w.view(1, -1, 1, 1).to(dt)),
+               "toolkit PReLU": lambda: prelu_backward(g, x, w)}
+        best = {}
+        for name, fn in fns.items():
+            fn()
+            b = float("inf")
+            for _ in range(5):
+                t0 = time.thread_time()
+                for _ in range(reps):
+                    fn()
+                b = min(b, (time.thread_time() - t0) / reps)
+            best[name] = b
+        rows.append({"shape": list(shape), **{k: round(v * 1e3, 4) for k, v in best.items()},
+                     "nn.PReLU / relu": round(best["nn.PReLU"] / best["relu"], 2),
+                     "toolkit / relu": round(best["toolkit PReLU"] / best["relu"], 2)})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--formats", default="channels_last,contiguous")
+    ap.add_argument("--ops", action="store_true", help="also time the activation backward alone (1 thread)")
+    ap.add_argument("--out", default=str(RESULTS / "prelu_speed.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    load0 = load_average()
+    t_start = time.time()
+    results = []
+    for precision in args.precisions.split(","):
+        for fmt in args.formats.split(","):
+            mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+            x = torch.randn(args.batch, 3, 112, 96, generator=torch.Generator().manual_seed(0)).contiguous(
+                memory_format=mf)
+            steps = {a: make_step(build_net(a, mf), x, precision) for a in ACTIVATIONS}
+            print(f"{precision} {fmt}", flush=True)
+            times = alternate(steps, args.rounds)
+            results.append({"precision": precision, "memory_format": fmt, "baseline": "relu",
+                            "variants": ratios(times, "relu")})
+    ops = []
+    if args.ops:
+        torch.set_num_threads(1)
+        for precision in args.precisions.split(","):
+            for fmt in args.formats.split(","):
+                mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+                ops.append({"precision": precision, "memory_format": fmt, "rows": op_table(precision, mf)})
+        torch.set_num_threads(args.threads)
+    payload = {"bench": "prelu_speed", "what": "sphere20 112x96 training step (forward, float32 loss, backward, "
+               "SGD momentum), activation swapped; ratio = best round / ReLU net's best round",
+               "command": "PYTHONPATH=. python " + " ".join(["bench/prelu_speed.py"] + sys.argv[1:]),
+               "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "machine": machine(),
+               "load_average_start": load0, "load_average_end": load_average(),
+               "wall_s": round(time.time() - t_start, 1), "steps": results, "backward_ops_ms": ops}
+    out = write_json(Path(args.out).name, payload, Path(args.out).parent)
+    lines = ["# PReLU at ReLU's cost: sphere20 training step (issue 23)", "",
+             f"Command: `{payload['command']}`; batch {args.batch}, {args.threads} threads, {args.rounds} "
+             f"alternating rounds, best round. Load average (1/5/15 min) {load0} at the start, "
+             f"{payload['load_average_end']} at the end (2-core machine shared with other jobs).", "",
+             "| precision | memory format | ReLU ms | nn.PReLU ms | toolkit PReLU ms | nn.PReLU / ReLU | "
+             "toolkit PReLU / ReLU |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        v = r["variants"]
+        lines.append(f"| {r['precision']} | {r['memory_format']} | {v['relu']['best_s'] * 1e3:.0f} | "
+                     f"{v['nn.PReLU']['best_s'] * 1e3:.0f} | {v['toolkit PReLU']['best_s'] * 1e3:.0f} | "
+                     f"{v['nn.PReLU']['ratio']:.3f}x | {v['toolkit PReLU']['ratio']:.3f}x |")
+    for block in ops:
+        lines += ["", f"Activation backward alone, {block['precision']} {block['memory_format']}, 1 thread, "
+                  "CPU ms (thread time):", "", "| shape | ReLU | nn.PReLU | toolkit PReLU | nn.PReLU / ReLU | "
+                  "toolkit / ReLU |", "| --- | --- | --- | --- | --- | --- |"]
+        for row in block["rows"]:
+            lines.append(f"| {'x'.join(map(str, row['shape']))} | {row['relu']:.2f} | {row['nn.PReLU']:.2f} | "
+                         f"{row['toolkit PReLU']:.2f} | {row['nn.PReLU / relu']}x | {row['toolkit / relu']}x |")
+    text = "\n".join(lines) + "\n"
+    write_text(out.with_suffix(".md"), text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
