@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from sphereface_plus.models import register_backbone
+from sphereface_plus.models.layers import PReLU
 
 __all__ = ["IResNet", "IBasicBlock", "LAYERS", "INPUT_SIZES",
            "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200"]
@@ -61,7 +62,7 @@ class IBasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(in_channels, eps=BN_EPS)
         self.conv1 = nn.Conv2d(in_channels, channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels, eps=BN_EPS)
-        self.prelu = nn.PReLU(channels)
+        self.prelu = PReLU(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(channels, eps=BN_EPS)
         self.downsample: Optional[nn.Module] = None
@@ -100,7 +101,7 @@ class IResNet(nn.Module):
         self.layers, self.input_size, self.embedding_dim = layers, (h, w), int(embedding_dim)
         self.conv1 = nn.Conv2d(3, STAGE_CHANNELS[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(STAGE_CHANNELS[0], eps=BN_EPS)
-        self.prelu = nn.PReLU(STAGE_CHANNELS[0])
+        self.prelu = PReLU(STAGE_CHANNELS[0])
         c_in = STAGE_CHANNELS[0]
         for i, (c, n) in enumerate(zip(STAGE_CHANNELS, layers), start=1):
             blocks = [IBasicBlock(c_in, c, stride=2)] + [IBasicBlock(c, c) for _ in range(n - 1)]

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from sphereface_plus.models import register_backbone
+from sphereface_plus.models.layers import PReLU
 
 __all__ = ["MobileFaceNet", "INPUT_SIZES", "mobilefacenet"]
 
@@ -47,7 +48,7 @@ class ConvBlock(nn.Module):
     def __init__(self, in_c: int, out_c: int, kernel=(1, 1), stride=(1, 1), padding=(0, 0), groups: int = 1):
         super().__init__()
         self.layers = nn.Sequential(nn.Conv2d(in_c, out_c, kernel, stride, padding, groups=groups, bias=False),
-                                    nn.BatchNorm2d(out_c), nn.PReLU(out_c))
+                                    nn.BatchNorm2d(out_c), PReLU(out_c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
