@@ -3,7 +3,7 @@
 Each run does the whole job per image: read and decode the JPEG (cv2.imread), detect, keep the face
 nearest the image centre, warp it to the 112x96 template (``data_prep.align_face``). The baseline,
 run in the same process on the same images, is alignment from the landmark file (read + warp, no
-detector), so the ratio column says what detection costs on top of it. MTCNN runs with the SPEC
+detector), so the ratio column says what detection costs on top of it. MTCNN runs with the original's
 pyramid factor 0.85 and, for comparison, with facenet-pytorch's default 0.709.
 
 Torch and onnxruntime are limited to one intra-op thread (``--threads``): the detectors' tensors are
@@ -94,14 +94,14 @@ def main() -> int:
         return job
 
     runs = [("landmark file (baseline: read + align)", "-", from_file)]
-    runs.append(("MTCNN, factor 0.85 (SPEC)", "cpu", with_detector(create_detector("mtcnn"))))
+    runs.append(("MTCNN, factor 0.85 (the original's)", "cpu", with_detector(create_detector("mtcnn"))))
     runs.append(("MTCNN, factor 0.709 (facenet-pytorch default)", "cpu",
                  with_detector(create_detector("mtcnn", factor=0.709))))
     runs.append(("RetinaFace-MobileNet0.25 (onnxruntime)", "cpu",
                  with_detector(create_detector("retinaface", num_threads=args.threads))))
     if args.device != "cpu":
         if torch.cuda.is_available() and args.device.startswith("cuda"):
-            runs.append(("MTCNN, factor 0.85 (SPEC)", args.device, with_detector(create_detector("mtcnn", device=args.device))))
+            runs.append(("MTCNN, factor 0.85 (the original's)", args.device, with_detector(create_detector("mtcnn", device=args.device))))
         else:
             print(f"device {args.device!r} not available here; GPU rows skipped", file=sys.stderr)
 

@@ -7,7 +7,7 @@
 
 Embeds the images of all 6,000 View 2 pairs twice with ``eval.features.extract_features`` (the
 ``verify`` path: crop + mirror, one forward of the doubled batch): float32 (default memory format)
-and bf16 (autocast + channels_last). Runs the 10-fold protocol on each (SPEC section 8, mean
+and bf16 (autocast + channels_last). Runs the 10-fold protocol on each (docs/theory.md#lfw-protocol, mean
 subtraction on) and reports both mean accuracies, their difference (the issue asks <= 0.2 points),
 the per-pair cosine difference |cos_fp32 - cos_bf16| (plain cosine of the L2-normalised 1024-d
 features), the per-image feature cosine between the two precisions, and the embedding time of each.

@@ -1,6 +1,6 @@
 """Real-data experiment (issue 5): softmax vs A-Softmax (m=4) vs SphereFace+ on an LFW fold split.
 
-    python bench/lfw_fold_experiment.py                          # the measured run of the README
+    python bench/lfw_fold_experiment.py                          # the measured run of docs/benchmarks.md#lfw-fold-experiment
     python bench/lfw_fold_experiment.py --iterations 4 --tag tiny # a quick check of the whole script
 
 Data: ``../shared/data/lfw`` (deep-funneled LFW, ``pairs.txt``, ``lfw_landmark.txt``), aligned once to
@@ -13,11 +13,11 @@ Variants, identical except for the loss (same backbone, batch, iterations, learn
 data order and initial weights, from ``--seed``):
 
 - ``softmax``: plain softmax cross-entropy (biasless linear classifier);
-- ``a_softmax``: A-Softmax, m = 4, lambda = 1000 (1 + 0.12 t)^-1 floored at 5 (SPEC section 4): a run of
+- ``a_softmax``: A-Softmax, m = 4, lambda = 1000 (1 + 0.12 t)^-1 floored at 5 (docs/theory.md#lambda-schedule): a run of
   N iterations is the first N iterations of the paper's schedule (lambda ~8 after 1,000). With
   ``--lambda-reach R`` the schedule is compressed to reach 5 at R x N instead (``--lambda-reach 0.5
-  --iterations 200`` was measured: A-Softmax then stopped learning, see the README);
-- ``sphereface_plus``: the same A-Softmax plus the classifier MHE of SPEC section 5 with
+  --iterations 200`` was measured: A-Softmax then stopped learning, see docs/benchmarks.md#lfw-fold-experiment);
+- ``sphereface_plus``: the same A-Softmax plus the classifier MHE of docs/theory.md#classifier-mhe-modes with
   lambda_M = 1, Riesz kernel s = 2 ((2 - 2cos)^-1), mode batch_vs_all (as
   configs/spherefaceplus20_casia.yaml), trained from scratch here rather than fine-tuned.
 
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--iterations", type=int, default=1000, help="training iterations per variant (default 1000)")
     p.add_argument("--lambda-reach", type=float, default=None, metavar="R",
                    help="compress the A-Softmax lambda schedule to reach its floor 5 at R x iterations "
-                        "(default: SPEC's gamma 0.12 as is)")
+                        "(default: the published gamma 0.12 (SphereFace) as is)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--backbone", default="sphere4")

@@ -78,7 +78,7 @@ class PlainSphere20(nn.Module):
 
 
 def plain_step(net, weight, opt, x, y, lam, lambda_m):
-    """One SphereFace+ step with plain tensor code (SPEC sections 4 and 5)."""
+    """One SphereFace+ step with plain tensor code (docs/theory.md#a-softmax and docs/theory.md#sphereface-plus)."""
     emb = net(x)
     w = F.normalize(weight, dim=1)
     norm = emb.norm(dim=1, keepdim=True)

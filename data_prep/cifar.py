@@ -1,4 +1,4 @@
-"""Loaders for the CIFAR-10 / CIFAR-100 "python version" pickles (SPEC section 7).
+"""Loaders for the CIFAR-10 / CIFAR-100 "python version" pickles (docs/theory.md#cifar-setup).
 
 The official archives unpack to
 
@@ -243,7 +243,7 @@ def load_cifar_class_names(root, dataset: str = "cifar100") -> List[str]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# augmentation and network input of the MHE CIFAR recipe (SPEC section 7), on whole batches in torch
+# augmentation and network input of the MHE CIFAR recipe (docs/theory.md#cifar-setup), on whole batches in torch
 
 
 def _symmetric_index(pos, size: int):
@@ -285,5 +285,5 @@ def random_pad_crop_flip(images, generator=None, pad: int = 4):
 
 
 def to_network_input(images):
-    """``B x 32 x 32 x 3`` uint8 RGB -> ``B x 3 x 32 x 32`` float32 ``(x - 127.5) / 128`` (SPEC section 7)."""
+    """``B x 32 x 32 x 3`` uint8 RGB -> ``B x 3 x 32 x 32`` float32 ``(x - 127.5) / 128`` (docs/theory.md#cifar-setup)."""
     return images.permute(0, 3, 1, 2).float().sub_(127.5).div_(128.0).contiguous()

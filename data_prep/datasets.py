@@ -1,7 +1,7 @@
 """Training datasets of aligned face crops: image folder, list file, insightface RecordIO, packed, synthetic.
 
-Every dataset maps an index to ``(image, label, bad)`` where ``image`` is the model input of SPEC
-section 3 (BGR as OpenCV reads it, ``(x - 127.5) / 128``, ``3 x H x W`` float32, horizontally flipped
+Every dataset maps an index to ``(image, label, bad)`` where ``image`` is the model input of
+docs/theory.md#preprocessing (BGR as OpenCV reads it, ``(x - 127.5) / 128``, ``3 x H x W`` float32, horizontally flipped
 when asked), ``label`` the class index and ``bad`` the number of unreadable samples that were replaced
 to produce it. An index may be an ``int`` or an ``(index, flip)`` pair as yielded by
 :class:`sphereface_plus.engine.sampler.ResumableSampler` (the flip is decided by the sampler so that
@@ -13,7 +13,7 @@ the ``bad`` counts and reports them at the end.
 
 Sources (``data.source``):
 
-- ``folder``: ``root/<identity>/<image>``, labels in sorted folder order (SPEC section 2, CASIA);
+- ``folder``: ``root/<identity>/<image>``, labels in sorted folder order (docs/theory.md#sphereface-recipe, CASIA);
 - ``list``: a text file of ``relative/path label`` lines, paths relative to ``root``;
 - ``rec``: insightface ``train.rec`` + ``train.idx`` (MXNet RecordIO), read without MXNet;
 - ``packed``: the shards written by ``sphereface-plus align --pack`` (:mod:`data_prep.packed`);
@@ -66,7 +66,7 @@ _NORMALISE_LUT = (np.arange(256, dtype=np.float32) - np.float32(127.5)) / np.flo
 
 def to_network_tensor(image_bgr: np.ndarray) -> torch.Tensor:
     """``H x W x 3`` BGR uint8 -> ``3 x H x W`` float32 ``(x - 127.5) / 128``: the one model transform
-    (SPEC section 3), shared by training and feature extraction.
+    (docs/theory.md#preprocessing), shared by training and feature extraction.
 
     A uint8 image goes through a 256-entry lookup table in one ``np.take`` that also transposes to
     ``3 x H x W`` (the same float32 values as the arithmetic, in half the time: ``bench/input_pipeline.py``);
@@ -80,7 +80,7 @@ def to_network_tensor(image_bgr: np.ndarray) -> torch.Tensor:
 
 
 def preprocess(image: np.ndarray, input_size: Tuple[int, int], flip: bool = False) -> torch.Tensor:
-    """BGR uint8 ``H x W x 3`` -> ``3 x H x W`` float32 ``(x - 127.5) / 128`` (SPEC section 3).
+    """BGR uint8 ``H x W x 3`` -> ``3 x H x W`` float32 ``(x - 127.5) / 128`` (docs/theory.md#preprocessing).
 
     A 112x112 crop fed to a 112x96 model is cut to its central 96 columns
     (:func:`data_prep.geometry.cut_wide_crop`). Any other size mismatch is an error (the data was

@@ -1,4 +1,4 @@
-"""5-point similarity alignment to the SphereFace template (SPEC section 2).
+"""5-point similarity alignment to the SphereFace template (docs/theory.md#five-point-alignment).
 
 Three pieces, all pure functions:
 
@@ -43,7 +43,7 @@ _TEMPLATE_112x96_MATLAB = np.array(
 )
 
 #: name -> (crop height, crop width, 5 x 2 template points in MATLAB 1-based coordinates).
-#: ``112x112`` is the same face placed in a wider crop: x + 8 (SPEC section 2).
+#: ``112x112`` is the same face placed in a wider crop: x + 8 (docs/theory.md#five-point-alignment).
 TEMPLATES: Dict[str, Tuple[int, int, np.ndarray]] = {
     "112x96": (112, 96, _TEMPLATE_112x96_MATLAB),
     "112x112": (112, 112, _TEMPLATE_112x96_MATLAB + np.array([8.0, 0.0])),
@@ -204,7 +204,7 @@ def cut_wide_crop(image: np.ndarray, input_size) -> Optional[np.ndarray]:
     """Fit an aligned crop to a model's ``(H, W)``: the crop itself when it has that size; the central
     columns when it is the wide (112x112) version of a narrower (112x96) input; else None.
 
-    The 112x112 template is the 112x96 one shifted by 8 px in x (SPEC section 2), so the middle 96
+    The 112x112 template is the 112x96 one shifted by 8 px in x (docs/theory.md#five-point-alignment), so the middle 96
     columns of a 112x112 crop are exactly the 112x96 alignment.
     """
     h, w = int(input_size[0]), int(input_size[1])
@@ -221,12 +221,13 @@ def alignment_matrix(landmarks, template: str = "112x96", reflective: bool = Tru
     """The 2 x 3 matrix that maps 0-based ``landmarks`` (5 x 2) onto the 0-based template."""
     pts = _as_points(landmarks, "landmarks")
     if pts.shape != (5, 2):
-        raise ValueError(f"landmarks must be 5 x 2 (SPEC order), got shape {pts.shape}")
+        raise ValueError(f"landmarks must be 5 x 2 (left eye, right eye, nose, left and right mouth corner), got shape {pts.shape}")
     return similarity_transform(pts, template_points(template), reflective=reflective)
 
 
 def align_face(image: np.ndarray, landmarks, template: str = "112x96") -> np.ndarray:
-    """Warp ``image`` so that its 5 ``landmarks`` (0-based, SPEC order) fit the SphereFace template.
+    """Warp ``image`` so that its 5 ``landmarks`` (0-based, in the order of
+    docs/theory.md#five-point-alignment) fit the SphereFace template.
 
     Returns a 112 x 96 x 3 (or 112 x 112 x 3) BGR uint8 crop: bilinear interpolation, black outside
     the image, like MATLAB ``imtransform`` in the original preprocessing. Grayscale input is expanded

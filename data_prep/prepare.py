@@ -3,7 +3,7 @@
 For every file under ``--input`` (``<identity>/<image>``) the command finds five landmarks, from a
 landmark file (``--landmarks``, sphereface format: ``relative/path`` then x1 y1 ... x5 y5, tab or
 space separated, 0-based pixels unless ``--landmark-base 1`` says MATLAB 1-based) or with a detector (``--detector mtcnn|retinaface``), warps the
-image to the SphereFace template (:mod:`data_prep.geometry`, SPEC section 2) and writes the crop to
+image to the SphereFace template (:mod:`data_prep.geometry`, docs/theory.md#five-point-alignment) and writes the crop to
 the same relative path under ``--output`` (extension from ``--format``). It also writes:
 
 - ``<output>/manifest.jsonl``: one JSON object per input, ``{"path", "status", "reason"}``, status
@@ -65,7 +65,7 @@ examples:
   sphereface-plus align --input photos --output crops --detector retinaface --template 112x112
 """
 
-#: CASIA-WebFace identities that also appear in LFW (SPEC section 2); removed by --exclude-lfw-overlap.
+#: CASIA-WebFace identities that also appear in LFW (docs/theory.md#sphereface-recipe); removed by --exclude-lfw-overlap.
 LFW_OVERLAP_CASIA = ("0166921", "1056413", "1193098")
 
 #: --fallback landmarks for a W x H image: the mean of lfw_landmark.txt over all 13,233 LFW images,

@@ -1,7 +1,7 @@
 """Batched feature extraction for verification: aligned crops (or raw images + landmarks) -> features.
 
 The feature of an image is the embedding of the crop concatenated with the embedding of its
-horizontal mirror (SPEC section 8: 1024-d for a 512-d model), as in the SphereFace evaluation.
+horizontal mirror (docs/theory.md#lfw-protocol: 1024-d for a 512-d model), as in the SphereFace evaluation.
 Images are read by DataLoader workers, preprocessed like training (BGR, ``(x - 127.5) / 128``), and
 embedded under ``torch.inference_mode`` with the crop and its mirror in one forward pass. The
 backbone runs in float32 or, with ``precision="bf16"`` (the ``auto`` choice on hardware with native

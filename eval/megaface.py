@@ -1,6 +1,6 @@
 """MegaFace Challenge 1 without the devkit: feature files in its format, and a pure-Python scorer.
 
-Feature files (SPEC section 8): one file per image, ``<relative image path><suffix>`` (e.g.
+Feature files (the MegaFace devkit's format): one file per image, ``<relative image path><suffix>`` (e.g.
 ``xxx.jpg_sphereface.bin``), holding four little-endian int32 ``rows, cols, row_stride_bytes,
 cv_type`` = ``(D, 1, 4, 5)`` (an OpenCV ``D x 1`` ``CV_32F`` matrix, as the devkit's ``matio``
 writes it) followed by ``D`` float32 values, L2-normalised.

@@ -3,7 +3,7 @@
 Every source ends up as a list of :class:`Pair` (two image keys, same/different, fold index); the
 k-fold protocol in :mod:`eval.verification_metrics` only needs the fold indices.
 
-- LFW View 2 (SPEC section 8): header ``10 300``, then per fold 300 matched ``name n1 n2`` and 300
+- LFW View 2 (docs/theory.md#lfw-protocol): header ``10 300``, then per fold 300 matched ``name n1 n2`` and 300
   mismatched ``name1 n1 name2 n2`` lines; the fold of line ``i`` (1-based after the header) is
   ``ceil(i / 600)``.
 - Generic files: ``path1 path2 same`` per line, tab/space or comma separated, optional 4th column

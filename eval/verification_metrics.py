@@ -1,6 +1,6 @@
 """Verification metrics in pure numpy: the LFW k-fold threshold protocol, ROC, AUC, EER, TAR@FAR.
 
-The k-fold protocol is the one of the SphereFace release (``evaluation.m``, SPEC section 8):
+The k-fold protocol is the one of the SphereFace release (``evaluation.m``, docs/theory.md#lfw-protocol):
 
 - thresholds ``t`` in ``{-1, -0.9999, ..., 1}`` (``(-10000:10000) / 10000``, 20,001 values);
 - the accuracy of ``t`` counts the positives with ``score > t`` and the negatives with
@@ -298,7 +298,7 @@ def verification_report(
     fars: Sequence[float] = DEFAULT_FARS,
     roc_points: bool = True,
 ) -> Dict[str, object]:
-    """The full report of the k-fold protocol on paired features (SPEC section 8).
+    """The full report of the k-fold protocol on paired features (docs/theory.md#lfw-protocol).
 
     Keys: ``fold_accuracies`` (in fold order), ``mean_accuracy``, ``std_accuracy`` (population
     standard deviation over folds, numpy's default and insightface's convention), ``fold_thresholds``,

@@ -117,7 +117,7 @@ class HeadConfig:
 
 @dataclass
 class MHEConfig:
-    # SphereFace+ (SPEC section 5): loss = CE + lambda_m * classifier MHE; 0 turns it off
+    # SphereFace+ (docs/theory.md#sphereface-plus): loss = CE + lambda_m * classifier MHE; 0 turns it off
     lambda_m: float = 0.0
     power: str = "2"  # kernel: sphereface_plus.mhe.POWERS (0 | 1 | 2 | a0 | a1 | a2)
     mode: str = "batch_vs_all"  # sphereface_plus.mhe.CLASSIFIER_MODES (see classifier_mhe)
@@ -141,7 +141,7 @@ class DataConfig:
     root: str = ""  # the aligned folder / the list file's image root / folder with train.rec / pack
     list_file: str = ""  # for source=list: "relative/path label" per line ("" = <root>/list.txt)
     template: str = "112x96"  # alignment template of the crops (data_prep.geometry.TEMPLATES); sets model.input_size
-    flip: bool = True  # random horizontal flip (SPEC section 3)
+    flip: bool = True  # random horizontal flip (docs/theory.md#preprocessing)
     num_workers: int = 2
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -150,7 +150,7 @@ class DataConfig:
 class OptimConfig:
     lr: float = 0.1
     momentum: float = 0.9
-    weight_decay: float = 5e-4  # on weights and PReLU slopes, never on biases (SPEC section 3)
+    weight_decay: float = 5e-4  # on weights and PReLU slopes, never on biases (docs/theory.md#sphere-backbones)
     nesterov: bool = False
     milestones: List[int] = field(default_factory=lambda: [16000, 24000, 28000])  # in iterations
     lr_gamma: float = 0.1

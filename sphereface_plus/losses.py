@@ -1,7 +1,7 @@
 """Losses of the recipes that are not a classifier head (the heads' logits go through plain cross-entropy).
 
 ``smoothed_cross_entropy``: the MHE CIFAR recipe's label-smoothed loss with its ``+1e-4`` inside the log
-(SPEC section 7; reference: wy1iu/MHE ``train.py``).
+(docs/theory.md#cifar-loss; reference: wy1iu/MHE ``train.py``).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def smoothed_cross_entropy(
     published dynamics. It caps each sample's loss at ``-log(1e-4) ≈ 9.21``, and where the softmax is
     saturated on a wrong class the gradient through ``p + 1e-4`` all but vanishes; with lr 0.1 this is
     why the reference logs sit at a training loss of 9.07-9.21 (chance accuracy) for the first
-    ~1,200-2,500 iterations until weight decay has shrunk the logits (SPEC section 7). The published
+    ~1,200-2,500 iterations until weight decay has shrunk the logits (docs/theory.md#cifar-loss). The published
     logs match this formula to four digits (9.2094 for a batch with no correct sample, 9.1382 with one
     of 128). ``log_eps=0`` gives the usual numerically stable ``log_softmax`` form instead.
     """

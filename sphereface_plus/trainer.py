@@ -1,4 +1,5 @@
-"""The face trainer: one readable training loop for SphereFace / SphereFace+ (SPEC sections 3-6).
+"""The face trainer: one readable training loop for SphereFace / SphereFace+
+(docs/theory.md#sphere-backbones to docs/theory.md#training-recipes).
 
 This is library code: it receives its training set and an optional verifier from outside and imports
 nothing from ``data_prep`` or ``eval`` (``tests/test_layering.py``). The command that builds them from

@@ -1,8 +1,8 @@
-"""The MHE CIFAR experiments: pickle loaders, recipe pieces and the ``cifar`` command (SPEC section 7).
+"""The MHE CIFAR experiments: pickle loaders, recipe pieces and the ``cifar`` command (docs/theory.md#cifar-setup).
 
 References used here, all independent of the code under test: the raw bytes of the pickles walked with
 ``pickletools`` (pixel decode), ``np.pad(mode='symmetric')`` (augmentation), a float64 loop (loss, MHE),
-the nearly-orthogonal MHE values of SPEC section 5 and the saturated loss 9.2094 of the published logs.
+the nearly-orthogonal MHE values of docs/theory.md#mhe-energy and the saturated loss 9.2094 of the published logs.
 Training runs use small CIFAR-10 files cut from ``../shared/data/cifar10-subset`` and small batches.
 """
 from __future__ import annotations
@@ -234,7 +234,8 @@ def test_schedule_milestones_and_lr():
 
 
 def _brute_energy(weight: torch.Tensor, power: str, half_space: bool) -> float:
-    """float64 reference for one layer: explicit normalisation, the N(N-1)/2 pairs i < j, the SPEC kernel."""
+    """float64 reference for one layer: explicit normalisation, the N(N-1)/2 pairs i < j, the kernel of
+    docs/theory.md#mhe-kernels."""
     w = weight.detach().double().reshape(weight.shape[0], -1).numpy()
     if half_space:
         w = np.concatenate([w, -w])
@@ -259,7 +260,7 @@ def _brute_terms(model, power, half_space, coef_h, coef_o):
     return coef_h * hidden, coef_o * _brute_energy(model.score.weight, power, False)
 
 
-# (model_name, power, nearly-orthogonal value per layer from SPEC section 5)
+# (model_name, power, nearly-orthogonal value per layer from docs/theory.md#mhe-energy)
 @pytest.mark.parametrize("model_name,power,sanity", [("mhe", "2", 0.5), ("half_mhe", "2", 0.5), ("mhe", "a0", 0.693)])
 def test_mhe_terms_at_initialisation(model_name, power, sanity):
     cfg = cifar.CifarConfig(model_name=model_name, mhe_power=power, dataset="cifar100")
@@ -375,7 +376,7 @@ def test_resume_retraces_the_uninterrupted_run(small_cifar10, tmp_path):
 
 @needs_subset
 def test_short_run_learns(subset, tmp_path):
-    # The exact recipe (lr 0.1) sits at chance for its first ~2,000 iterations (SPEC section 7): its
+    # The exact recipe (lr 0.1) sits at chance for its first ~2,000 iterations (docs/theory.md#cifar-loss): its
     # loss log(p + 1e-4) stops pulling samples the saturated softmax gets confidently wrong. This short
     # run lowers the learning rate and uses a faster BN running average (--bn_momentum 0.1, so that the
     # inference-mode statistics have caught up after 40 updates); everything else is the recipe,

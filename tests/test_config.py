@@ -136,7 +136,7 @@ def test_cli_reports_bad_key_with_exit_status_2(capsys):
 @pytest.mark.parametrize("name, model_name, power", [("cifar_baseline", "baseline", "-"), ("cifar_mhe", "mhe", "0"),
                                                       ("cifar_half_mhe", "half_mhe", "2")])
 def test_cifar_recipes_are_spec_section_7(name, model_name, power):
-    """The CIFAR recipes load through the same loader into the CIFAR schema, with SPEC section 7's values."""
+    """The CIFAR recipes load through the same loader into the CIFAR schema, with the values of docs/theory.md#cifar-setup."""
     from sphereface_plus.apps.cifar import CifarConfig
 
     cfg = load_config(str(REPO / "configs" / f"{name}.yaml"), schema=CifarConfig)

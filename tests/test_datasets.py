@@ -16,7 +16,7 @@ MAGIC = 0xCED7230A
 
 
 def _model_input(bgr: np.ndarray, flip: bool = False) -> np.ndarray:
-    """SPEC section 3 written out: BGR channels first, (x - 127.5) / 128, optional mirror."""
+    """docs/theory.md#preprocessing written out: BGR channels first, (x - 127.5) / 128, optional mirror."""
     x = bgr[:, ::-1] if flip else bgr
     return (np.transpose(x, (2, 0, 1)).astype(np.float64) - 127.5) / 128.0
 

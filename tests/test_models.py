@@ -1,4 +1,5 @@
-"""Backbones: shapes of SPEC sections 3 and 7, gradients, the original initialisation, the registry."""
+"""Backbones: shapes of docs/theory.md#sphere-backbones and docs/theory.md#cifar-setup, gradients, the
+original initialisation, the registry."""
 import math
 
 import pytest
@@ -144,7 +145,7 @@ def test_cifar_structure_and_init():
 
 
 def test_cifar_bn_moving_average_is_0999():
-    """TF's moving average 0.999: running <- 0.999 running + 0.001 batch (SPEC section 7)."""
+    """TF's moving average 0.999: running <- 0.999 running + 0.001 batch (docs/theory.md#cifar-setup)."""
     torch.manual_seed(0)
     model = create_backbone("cifar_cnn9", num_classes=10).train()
     x = torch.randn(4, 3, 32, 32) * 2 + 3

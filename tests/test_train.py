@@ -98,7 +98,7 @@ def test_reference_run_trains_and_checkpoints(reference):
     best_row = max(evals, key=lambda r: (r["eval"]["mean_accuracy"], -r["iteration"]))
     assert _load(out / "checkpoints" / "best.pt")["iteration"] == best_row["iteration"]
     state = _load(out / "checkpoints" / "last.pt")
-    # the λ counter is part of the head state and equals the iteration (SPEC section 4)
+    # the λ counter is part of the head state and equals the iteration (docs/theory.md#lambda-schedule)
     assert int(state["head"]["iteration"]) == REF_ITERS
     assert summary["lambda"] == pytest.approx(1000.0 / (1 + 0.12 * REF_ITERS))
     saved = load_config(str(out / "config.yaml"))
@@ -409,7 +409,7 @@ def test_precision_setup_of_the_trainer(cache, tmp_path):
 
 
 # the papers' values: ArcFace (Deng et al. 2019) s=64, m=0.5; CosFace (Wang et al. 2018) s=64, m=0.35;
-# SphereFace A-Softmax m=4 with lambda = max(5, 1000 (1 + 0.12 t)^-1) (SPEC section 4)
+# SphereFace A-Softmax m=4 with lambda = max(5, 1000 (1 + 0.12 t)^-1) (docs/theory.md#lambda-schedule)
 PAPER_HEADS = {
     "arcface": {"s": 64.0, "m": 0.5},
     "cosface": {"s": 64.0, "m": 0.35},

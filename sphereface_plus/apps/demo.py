@@ -12,14 +12,14 @@ Steps, each printed as it starts, all reused when the command is run again on th
    (``--test-fold``, default 10) who have at least ``--min-images`` images are the training
    identities; the test fold's 600 pairs are the test.
 2. align: ``sphereface-plus align`` (:func:`data_prep.prepare.align_tree`) from the landmark file, to
-   the 112x96 template (SPEC section 2). Finished crops are kept on a rerun.
+   the 112x96 template (SphereFace, Liu et al., CVPR 2017). Finished crops are kept on a rerun.
 3. train: a small SphereFace+ model (``--backbone``, default sphere4; A-Softmax m=4 + MHE on the
-   classifier, SPEC sections 4-5) for ``--iterations`` (default 300: the whole demo took 6 CPU-minutes
-   when measured on 2 cores), or for about ``--minutes`` of wall time (a short timed probe turns the budget into an
+   classifier, Liu et al., CVPR 2017 and NeurIPS 2018) for ``--iterations`` (default 300: the whole
+   demo took 6 CPU-minutes when measured on 2 cores), or for about ``--minutes`` of wall time (a short timed probe turns the budget into an
    iteration count). The count is stored in ``plan.json`` so a rerun resumes the same run
    (``--resume auto``) instead of starting another one.
-4. verify: the 10-fold protocol (SPEC section 8) on the test pairs; for LFW the 600 pairs of the test
-   fold are split into 10 stratified folds (the threshold of each is chosen on the other 540 pairs).
+4. verify: the 10-fold protocol (LFW View 2, as in the SphereFace evaluation) on the test pairs; for
+   LFW the 600 pairs of the test fold are split into 10 stratified folds (the threshold of each is chosen on the other 540 pairs).
    The same network with its initial weights is scored too: random convolutional features already
    separate identities somewhat (synthetic ones more than real ones), and the difference is what the
    training added.
@@ -29,7 +29,7 @@ Steps, each printed as it starts, all reused when the command is run again on th
 
 Deliberate deviations from the paper recipe, to fit a few CPU minutes: the smallest network
 (sphere4 by default), batch 32, lr 0.05 with a short warm-up and gradient clipping, the lr steps at
-50 % and 75 % of the run. The A-Softmax lambda schedule is SPEC section 4's (1000 (1 + 0.12 t)^-1,
+50 % and 75 % of the run. The A-Softmax lambda schedule is the published one (1000 (1 + 0.12 t)^-1,
 floor 5), so a short run covers only its start (lambda still far above 5: a mild margin);
 ``report.md`` states the values used.
 """
@@ -82,7 +82,7 @@ TEST_SEED_OFFSET = 7919
 
 #: default training length (sphere4, batch 32): the whole demo took 6 CPU-minutes when measured on 2
 #: cores, and gave 97.7 % on the synthetic test pairs against 77.7 % for the untrained network
-#: (README, "make demo"). A fixed count rather than a time budget, so every machine gets the same numbers.
+#: (docs/index.md#tour). A fixed count rather than a time budget, so every machine gets the same numbers.
 DEFAULT_ITERATIONS = 300
 
 #: the SphereFace+ setting of configs/spherefaceplus20_casia.yaml: output-layer MHE, Riesz s=2 kernel
@@ -217,7 +217,8 @@ def prepare_lfw(data_dir, work: Path, test_fold: int = 10, min_images: int = 5, 
 def schedule_gamma(iterations: int, base: float = 1000.0, lambda_min: float = 5.0, power: float = 1.0,
                    reach: float = 0.5) -> float:
     """``gamma`` of the A-Softmax schedule ``lambda = base (1 + gamma t)^-power`` that hits ``lambda_min``
-    at ``t = reach * iterations`` (SPEC section 4 uses gamma 0.12, i.e. t ~ 1,660, for 28k iterations)."""
+    at ``t = reach * iterations`` (the published schedule, docs/theory.md#lambda-schedule, uses gamma
+    0.12, i.e. t ~ 1,660, for 28k iterations)."""
     t = max(1.0, reach * iterations)
     return ((base / lambda_min) ** (1.0 / power) - 1.0) / t
 

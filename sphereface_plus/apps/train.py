@@ -1,4 +1,4 @@
-"""``sphereface-plus train``: train SphereFace / SphereFace+ from a YAML recipe (SPEC sections 3-6).
+"""``sphereface-plus train``: train SphereFace / SphereFace+ from a YAML recipe (Liu et al., CVPR 2017 and NeurIPS 2018).
 
     sphereface-plus train --config configs/sphereface20_casia.yaml data.root=casia-112x96
     torchrun --nproc_per_node=2 -m sphereface_plus.apps.train --config configs/sphereface20_casia.yaml ...

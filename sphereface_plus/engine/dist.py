@@ -2,7 +2,7 @@
 
 ``setup_distributed(device)`` returns a small :class:`DistInfo`. With a world size of 1 no process
 group is created at all, so a plain ``python -m sphereface_plus train`` never touches
-``torch.distributed``. Above 1 the backend is NCCL on CUDA and gloo on CPU (SPEC section 6: the
+``torch.distributed``. Above 1 the backend is NCCL on CUDA and gloo on CPU (docs/theory.md#sphereface-recipe: the
 global batch is split across processes).
 
 ``timeout`` (``train.dist_timeout``, seconds) bounds every collective, so a peer that stopped answering

@@ -1,9 +1,10 @@
 """Parameter groups, optimisers and iteration-based learning-rate schedules for every trainer.
 
-- :func:`param_groups`: the SphereFace rule (SPEC sections 3 and 6: weight decay on weights and PReLU
-  slopes, never on biases, Caffe's ``decay_mult: 0``), or with ``decay_biases=True`` weight decay on
-  every parameter (the MHE CIFAR recipe, SPEC section 7, which puts ``l2_regularizer(5e-4)`` on the
-  filters *and* the BN variables).
+- :func:`param_groups`: the SphereFace rule (docs/theory.md#sphere-backbones and
+  docs/theory.md#sphereface-recipe: weight decay on weights and PReLU slopes, never on biases, Caffe's
+  ``decay_mult: 0``), or with ``decay_biases=True`` weight decay on every parameter (the MHE CIFAR
+  recipe, docs/theory.md#cifar-setup, which puts ``l2_regularizer(5e-4)`` on the filters *and* the BN
+  variables).
 - :func:`build_sgd` / :func:`build_adam`: the two optimisers the recipes use, on those groups.
 - :func:`lr_factor` / :func:`multistep_scheduler`: ``gamma ** (#milestones <= iteration)`` times an
   optional linear warm-up, as a ``LambdaLR`` stepped once per iteration (its state dict is plain

@@ -5,7 +5,7 @@ A-Softmax for ``gradient='caffe'``: the released SphereFace models' backward, se
 :func:`a_softmax_logits`); the modules in :mod:`sphereface_plus.heads.modules` only hold parameters and
 the λ iteration counter.
 
-References: SphereFace (Liu et al., CVPR 2017, eq. 6-7; SPEC section 4), CosFace (Wang et al., CVPR 2018),
+References: SphereFace (Liu et al., CVPR 2017, eq. 6-7; docs/theory.md#a-softmax), CosFace (Wang et al., CVPR 2018),
 ArcFace (Deng et al., CVPR 2019).
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def cosine(embeddings: torch.Tensor, weight: torch.Tensor, weight_gradient: str 
 def check_margin_m(m) -> int:
     """A-Softmax's angular margin must be an integer in 1..4 (ψ uses the Chebyshev polynomial of m)."""
     if isinstance(m, bool) or int(m) != m or not 1 <= int(m) <= 4:
-        raise ValueError(f"A-Softmax margin m must be an integer in 1, 2, 3, 4 (SPEC section 4), got {m!r}")
+        raise ValueError(f"A-Softmax margin m must be an integer in 1, 2, 3, 4 (as in SphereFace, Liu et al., CVPR 2017), got {m!r}")
     return int(m)
 
 
@@ -170,7 +170,7 @@ def chebyshev_cos(c: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def psi(cos_theta: torch.Tensor, m: int = 4) -> torch.Tensor:
-    """SphereFace's ψ(θ) = (-1)^k cos(mθ) - 2k for θ ∈ [kπ/m, (k+1)π/m], k = 0..m-1 (SPEC section 4).
+    """SphereFace's ψ(θ) = (-1)^k cos(mθ) - 2k for θ ∈ [kπ/m, (k+1)π/m], k = 0..m-1 (docs/theory.md#a-softmax-psi).
 
     Takes ``cos θ`` (clamped to [-1, 1]) and returns ψ, monotonically decreasing in θ from ψ(0) = 1 to
     ψ(π) = -(2m-1) and continuous. ``k`` comes from sign tests on ``c`` (θ ≥ jπ/m ⇔ c ≤ cos(jπ/m)); it
@@ -187,7 +187,7 @@ def psi(cos_theta: torch.Tensor, m: int = 4) -> torch.Tensor:
 
 
 def a_softmax_lambda(iteration, base: float = 1000.0, gamma: float = 0.12, power: float = 1.0, lambda_min: float = 5.0) -> float:
-    """λ = max(λ_min, base · (1 + γ t)^(-power)) at iteration ``t`` (SPEC section 4).
+    """λ = max(λ_min, base · (1 + γ t)^(-power)) at iteration ``t`` (docs/theory.md#lambda-schedule).
 
     With the SphereFace values (1000, 0.12, 1, 5) λ reaches 5 at t = 1659.
     """

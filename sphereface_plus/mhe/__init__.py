@@ -6,7 +6,7 @@ Energy", NeurIPS 2018), one module per concept:
 - :mod:`~sphereface_plus.mhe.energy` -- :func:`mhe_energy`, the energy of one layer: the kernel averaged
   over the pairs ``i < j`` of its neurons, dense or in row blocks.
 - :mod:`~sphereface_plus.mhe.classifier` -- :func:`classifier_mhe`, the SphereFace+ term on classifier
-  weights ``C x d`` in the forms of :data:`CLASSIFIER_MODES` (``docs/theory.md#mhe-classifier-modes``).
+  weights ``C x d`` in the forms of :data:`CLASSIFIER_MODES` (``docs/theory.md#classifier-mhe-modes``).
 - :mod:`~sphereface_plus.mhe.caffe_among` -- the Caffe ``InterClass`` layer of type ``AMONG`` that
   trained the released SphereFace+ models, used by ``classifier_mhe(mode='caffe_among')`` and by the
   row-sharded classifier (``docs/theory.md#caffe-among``).

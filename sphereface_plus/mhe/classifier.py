@@ -2,7 +2,7 @@
 
 SphereFace+ (Liu et al., "Learning towards Minimum Hyperspherical Energy", NeurIPS 2018) adds to the
 A-Softmax loss an MHE term on the classifier's class rows; :data:`CLASSIFIER_MODES` lists the forms
-offered (``docs/theory.md#mhe-classifier-modes``): the mini-batch form (the classes of the batch against
+offered (``docs/theory.md#classifier-mhe-modes``): the mini-batch form (the classes of the batch against
 all other classes), the energy among the distinct batch classes, the exact full-space energy computed in
 row blocks (memory ``O(block * C)``, never ``O(C^2)``), and the Caffe AMONG term of the released models
 (:mod:`sphereface_plus.mhe.caffe_among`). The kernels are those of :mod:`sphereface_plus.mhe.kernels`.
@@ -40,7 +40,7 @@ def classifier_mhe(
     replicas: int = 1,
     variant: str = "mhe",
 ) -> torch.Tensor:
-    """The SphereFace+ MHE term on classifier weights ``C x d`` (``docs/theory.md#mhe-classifier-modes``).
+    """The SphereFace+ MHE term on classifier weights ``C x d`` (``docs/theory.md#classifier-mhe-modes``).
 
     Modes:
         ``batch_vs_all``: ``1/(B(C-1)) Σ_b Σ_{j≠y_b} e(ŵ_{y_b}, ŵ_j)``, cost ``O(B C d)`` (a class that

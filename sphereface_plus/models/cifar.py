@@ -1,4 +1,4 @@
-"""The 9-convolution CIFAR network used by the MHE paper's CIFAR-100 experiments (SPEC section 7).
+"""The 9-convolution CIFAR network used by the MHE paper's CIFAR-100 experiments (docs/theory.md#cifar-setup).
 
 Three stages of 3 x [conv3x3 (no bias) -> BatchNorm -> ReLU] with 64 / 128 / 256 channels, each stage
 followed by a 2x2 max-pool (32 -> 16 -> 8 -> 4); ``fc6`` is a 4x4 convolution to 256 channels (no BN,
@@ -20,7 +20,7 @@ from sphereface_plus.models import register_backbone
 __all__ = ["CifarCNN9", "cifar_cnn9"]
 
 # TensorFlow's batch norm keeps ``moving = decay * moving + (1 - decay) * batch`` with decay 0.999
-# (the "momentum 0.001" of SPEC section 7 is 1 - decay). PyTorch's convention is the other way round,
+# (the "momentum 0.001" of docs/theory.md#cifar-setup is 1 - decay). PyTorch's convention is the other way round,
 # ``running = (1 - momentum) * running + momentum * batch``, so the same moving average is
 # ``momentum=0.001`` in PyTorch (NOT 0.999, which would nearly replace the statistics every step).
 BN_EPS = 1e-3
@@ -76,5 +76,5 @@ class CifarCNN9(nn.Module):
 @register_backbone(input_sizes=((32, 32),), output="logits", options=("num_classes", "widths", "fc_dim", "in_channels"),
                    source="Liu et al., MHE (NeurIPS 2018), CIFAR CNN-9; wy1iu/MHE")
 def cifar_cnn9(num_classes: int = 100, **kwargs) -> CifarCNN9:
-    """CNN-9 of the MHE CIFAR experiments (SPEC section 7)."""
+    """CNN-9 of the MHE CIFAR experiments (docs/theory.md#cifar-setup)."""
     return CifarCNN9(num_classes=num_classes, **kwargs)

@@ -1,4 +1,4 @@
-"""SphereFace residual networks ``sphere4`` .. ``sphere64`` (SPEC section 3; Liu et al., CVPR 2017).
+"""SphereFace residual networks ``sphere4`` .. ``sphere64`` (docs/theory.md#sphere-backbones; Liu et al., CVPR 2017).
 
 Four stages of 64 / 128 / 256 / 512 channels. Each stage opens with a 3x3 stride-2 convolution (with
 bias) + per-channel PReLU, followed by ``n`` residual units ``x + PReLU(conv(PReLU(conv(x))))`` (no
@@ -107,7 +107,7 @@ class SphereNet(nn.Module):
             c_in = c_out
             h, w = _stage_out(h), _stage_out(w)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        # 7x6 for 112x96 crops, 7x7 for 112x112 (SPEC section 3)
+        # 7x6 for 112x96 crops, 7x7 for 112x112 (docs/theory.md#sphere-backbones)
         self.feature_size = (h, w)
         self.fc5 = nn.Linear(STAGE_CHANNELS[-1] * h * w, self.embedding_dim)
         self.reset_parameters()
