@@ -173,12 +173,12 @@ def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = Fals
     with RunFolder(out_dir, resume, command=f"sphereface-plus gan ({cfg.variant})", resume_hint="--resume",
                    out_hint="--out <another folder>", what="--out") as run, Preemption() as stop:
         return _train_gan(cfg, out_dir, device, bool(run.resume), stop_after, inception_weights, stop, init_state,
-                          eval_only)
+                          eval_only, init_from)
 
 
 def _train_gan(cfg: GanConfig, out_dir, device: str, resume: bool, stop_after: Optional[int],
                inception_weights: Optional[str], stop: Preemption, init_state: Optional[Dict[str, Any]] = None,
-               eval_only: bool = False) -> Dict[str, Any]:
+               eval_only: bool = False, init_from: Optional[str] = None) -> Dict[str, Any]:
     """The body of :func:`train_gan`, inside its run folder."""
     from sphereface_plus.gan.inception_metrics import (InceptionPool3, compare_stats, feature_stats, inception_score,
                                              is_logit_weight, real_stats)
