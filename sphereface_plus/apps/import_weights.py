@@ -138,7 +138,7 @@ def import_onnx_file(src, out: Path, overrides: dict, tolerance: float = 1e-4) -
     import sphereface_plus
     from eval.export import synthetic_crops
     from eval.onnx_model import FLIP_KEY, FLIP_POLICY, FORMAT_KEY, FORMAT_VERSION, PREPROCESSING, format_size
-    from sphereface_plus.importers.onnx_model import FEATURE_OUTPUT, INPUT_NAME, convert_onnx, guess_preprocessing, read_onnx
+    from sphereface_plus.importers.foreign_onnx import FEATURE_OUTPUT, INPUT_NAME, convert_onnx, guess_preprocessing, read_onnx
     from sphereface_plus.importers.preprocessing import parse_override
     from sphereface_plus.utils import atomic_write_bytes
 

@@ -10,7 +10,7 @@ and ``imported_from`` (the source files and their sha256). The MHE-GAN importer 
 / ``discriminator`` state dicts in the layout of the GAN runner's checkpoints.
 
 Modules: :mod:`.caffe` (``.caffemodel`` + ``.prototxt``), :mod:`.torch_state` (insightface ``backbone.pth``
-and OpenSphere ``backbone_<iter>.pth`` / ``head_<iter>.pth``), :mod:`.onnx_model` (foreign ONNX files
+and OpenSphere ``backbone_<iter>.pth`` / ``head_<iter>.pth``), :mod:`.foreign_onnx` (foreign ONNX files
 to a toolkit ``.onnx``), :mod:`.tf_bundle` and :mod:`.mhe_gan` (TensorFlow checkpoints without
 TensorFlow), :mod:`.preprocessing` (the metadata and the input adapter).
 """
