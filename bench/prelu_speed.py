@@ -102,7 +102,15 @@ def main() -> int:
     load0 = load_average()
     t_start = time.time()
     results = []
-    for precision in args.precisions.split(","):
+    from sphereface_plus.engine.precision import bf16_support
+
+    notes = []
+    precisions = args.precisions.split(",")
+    if "bf16" in precisions and bf16_support("cpu") == "none":
+        precisions.remove("bf16")
+        notes.append("bf16 left out: this CPU has no bf16 in oneDNN (bf16_support: none), convolutions would run "
+                     "in the slow reference kernel and the trainer's train.amp=bf16 falls back to fp32 here")
+    for precision in precisions:
         for fmt in args.formats.split(","):
             mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
             x = torch.randn(args.batch, 3, 112, 96, generator=torch.Generator().manual_seed(0)).contiguous(
@@ -115,7 +123,7 @@ def main() -> int:
     ops = []
     if args.ops:
         torch.set_num_threads(1)
-        for precision in args.precisions.split(","):
+        for precision in precisions:
             for fmt in args.formats.split(","):
                 mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
                 ops.append({"precision": precision, "memory_format": fmt, "rows": op_table(precision, mf)})
@@ -125,7 +133,8 @@ def main() -> int:
                "command": "PYTHONPATH=. python " + " ".join(["bench/prelu_speed.py"] + sys.argv[1:]),
                "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "machine": machine(),
                "load_average_start": load0, "load_average_end": load_average(),
-               "wall_s": round(time.time() - t_start, 1), "steps": results, "backward_ops_ms": ops}
+               "wall_s": round(time.time() - t_start, 1), "steps": results, "backward_ops_ms": ops, "notes": notes,
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_support": bf16_support("cpu")}
     out = write_json(Path(args.out).name, payload, Path(args.out).parent)
     lines = ["# PReLU at ReLU's cost: sphere20 training step (issue 23)", "",
              f"Command: `{payload['command']}`; batch {args.batch}, {args.threads} threads, {args.rounds} "
@@ -145,6 +154,8 @@ def main() -> int:
         for row in block["rows"]:
             lines.append(f"| {'x'.join(map(str, row['shape']))} | {row['relu']:.2f} | {row['nn.PReLU']:.2f} | "
                          f"{row['toolkit PReLU']:.2f} | {row['nn.PReLU / relu']}x | {row['toolkit / relu']}x |")
+    lines += ["", f"CPU capability {payload['cpu_capability']}, bf16 support {payload['bf16_support']}."]
+    lines += [f"- {n}" for n in notes]
     text = "\n".join(lines) + "\n"
     write_text(out.with_suffix(".md"), text)
     print(text)
