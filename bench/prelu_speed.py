@@ -5,7 +5,7 @@
 
 One process builds the same sphere20 (112x96) three times, differing only in the activation:
 ``relu`` (nn.ReLU: the baseline, what OpenSphere's SFNet-20 uses), ``nn.PReLU`` (torch's module) and
-``toolkit PReLU`` (:class:`sphereface_plus.models.layers.PReLU`, the backbone's default), and times a
+``toolkit PReLU`` (:class:`sphereface_plus.models.layers.PReLU` with ``fast_backward=True``), and times a
 training step (forward under autocast when bf16, a float32 loss, backward, SGD with momentum) of each in
 alternating rounds; the ratio is best round / the ReLU net's best round. ``--ops`` adds the activation's
 own backward at the four stage shapes (1 thread, ``time.thread_time``: CPU seconds of this thread only,
@@ -43,7 +43,7 @@ def build_net(activation: str, memory_format) -> nn.Module:
                 elif activation == "nn.PReLU":
                     new = nn.PReLU(child.num_parameters, init=0.25)
                 else:
-                    new = PReLU(child.num_parameters, init=0.25)
+                    new = PReLU(child.num_parameters, init=0.25, fast_backward=True)
                 setattr(module, name, new)
     return net.to(memory_format=memory_format)
 

@@ -50,7 +50,7 @@ def _reference_grads(x, weight, grad):
 ])
 def test_prelu_gradients_match_nn_prelu_and_the_formula(shape, num, channels_last):
     g = torch.Generator().manual_seed(sum(shape) + num)
-    ref, new = nn.PReLU(num).double(), PReLU(num).double()
+    ref, new = nn.PReLU(num).double(), PReLU(num, fast_backward=True).double()
     with torch.no_grad():
         ref.weight.copy_(torch.rand(num, generator=g, dtype=torch.float64) * 1.4 - 0.5)  # negative slopes too
         new.weight.copy_(ref.weight)
@@ -106,8 +106,11 @@ def test_prelu_double_backward():
     x = (x + 0.1 * x.sign()).requires_grad_()  # away from the kink at 0
     from sphereface_plus.models.layers import prelu
 
-    assert torch.autograd.gradcheck(prelu, (x, w))
-    assert torch.autograd.gradgradcheck(prelu, (x, w))
+    def fast(x, w):
+        return prelu(x, w, fast=True)
+
+    assert torch.autograd.gradcheck(fast, (x, w))
+    assert torch.autograd.gradgradcheck(fast, (x, w))
 
 
 def test_sphere_net_gradients_and_keys_unchanged():
@@ -123,6 +126,9 @@ def test_sphere_net_gradients_and_keys_unchanged():
     assert any(isinstance(m, PReLU) for m in net.modules())
     assert list(net.state_dict()) == list(ref.state_dict())
     ref.load_state_dict(net.state_dict())
+    for m in net.modules():
+        if isinstance(m, PReLU):
+            m.fast_backward = True  # float64 would take torch's kernel by default
     x = torch.randn(2, 3, 112, 96, dtype=torch.float64)
     net(x).square().sum().backward()
     ref(x).square().sum().backward()

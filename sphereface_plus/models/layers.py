@@ -12,7 +12,7 @@ The forward of PyTorch's ``nn.PReLU`` is as fast as a ReLU on a CPU, but its bac
 project's CPU, float32 and bfloat16, channels_last and contiguous (``bench/prelu_speed.py``,
 ``docs/performance.md``): it is one scalar TensorIterator loop that writes a full-size slope-gradient
 tensor before reducing it. That made the SphereFace-20 training step 1.1-1.2x slower than the same network
-with ReLU. :class:`PReLU` keeps ``nn.PReLU``'s forward and computes the backward with four vectorised
+with ReLU. :class:`PReLU` keeps ``nn.PReLU``'s forward and can compute the backward with vectorised
 passes instead:
 
     g_pos = threshold_backward(g, x, 0)         # g where x > 0 (ReLU's own backward kernel)
@@ -23,18 +23,29 @@ passes instead:
 which is exactly the gradient above (``x == 0`` counts as negative, as in ``nn.PReLU``), and the slope
 gradient is accumulated in float32 also when the activations are bfloat16 under autocast.
 
-It is a drop-in replacement: a subclass of ``nn.PReLU`` with the same constructor, the same parameter
-``weight`` (shape ``num_parameters``) and so the same state-dict keys. The fast backward is used only
-where a gradient is needed in eager mode; inference, ``torch.compile`` (Inductor fuses the plain
-formulation itself), ``torch.jit`` and ONNX export see the plain ``F.prelu``.
+Where it is the default (measured, ``docs/performance.md``): the backward alone is 3-10x faster than
+torch's in float32 and bfloat16 at the sphere20 shapes, but in the whole float32 training step on this
+project's (AVX2, 2-core, shared) CPU it did not beat ``nn.PReLU`` (both 1.06-1.09x the ReLU net; its five
+memory-bound passes cost as much as torch's one slow pass there). So the fast backward is the default only
+for bfloat16 / float16 activations (:data:`FAST_BACKWARD_DTYPES`: autocast), where torch's kernel is slowest
+(20-60x ReLU's backward); float32 takes torch's own kernel. ``PReLU(..., fast_backward=True/False)`` forces
+either. A float32 step ratio at ReLU's cost (<= 1.03x) was not reached; the bf16 step could not be timed
+here (this CPU has no bf16 in oneDNN).
+
+It is a drop-in replacement: a subclass of ``nn.PReLU`` with the same constructor (plus ``fast_backward``),
+the same parameter ``weight`` (shape ``num_parameters``) and so the same state-dict keys. The fast backward
+is used only where a gradient is needed in eager mode; inference, ``torch.compile`` (Inductor fuses the
+plain formulation itself), ``torch.jit`` and ONNX export see the plain ``F.prelu``.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PReLU", "prelu", "prelu_backward"]
+__all__ = ["PReLU", "prelu", "prelu_backward", "FAST_BACKWARD_DTYPES"]
 
 
 def _slope_view(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -89,9 +100,16 @@ class _PReLUFunction(torch.autograd.Function):
         return (grad_x if ctx.needs_input_grad[0] else None), (grad_w if ctx.needs_input_grad[1] else None)
 
 
-def prelu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.prelu`` with the fast backward of :func:`prelu_backward` where a gradient is recorded (eager mode)."""
-    if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+#: activation dtypes whose backward takes :func:`prelu_backward` by default (see the module docstring)
+FAST_BACKWARD_DTYPES = frozenset({torch.bfloat16, torch.float16})
+
+
+def prelu(x: torch.Tensor, weight: torch.Tensor, fast: Optional[bool] = None) -> torch.Tensor:
+    """``F.prelu``, with the backward of :func:`prelu_backward` where a gradient is recorded in eager mode and
+    ``fast`` is True (None: when ``x`` is in :data:`FAST_BACKWARD_DTYPES`)."""
+    if fast is None:
+        fast = x.dtype in FAST_BACKWARD_DTYPES
+    if (fast and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
             and not torch.jit.is_scripting() and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling()):
         return _PReLUFunction.apply(x, weight)
@@ -105,5 +123,10 @@ class PReLU(nn.PReLU):
     Under bfloat16 autocast the slopes stay float32 and are cast to the activation dtype for the product.
     """
 
+    def __init__(self, num_parameters: int = 1, init: float = 0.25, device=None, dtype=None,
+                 fast_backward: Optional[bool] = None):
+        super().__init__(num_parameters, init, device=device, dtype=dtype)
+        self.fast_backward = fast_backward
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return prelu(x, self.weight)
+        return prelu(x, self.weight, self.fast_backward)
