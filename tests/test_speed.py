@@ -153,6 +153,7 @@ def test_compile_setting_in_config():
 
 
 def test_compile_auto_rule(monkeypatch):
+    monkeypatch.delenv(compile_rule.AUTO_ENV, raising=False)
     assert compile_rule.resolve_compile("true", "cpu", 1) is True
     assert compile_rule.resolve_compile("false", "cpu", 10 ** 9) is False
     monkeypatch.setattr(compile_rule, "BREAK_EVEN", {"cpu": 100.0})
@@ -166,6 +167,10 @@ def test_compile_auto_rule(monkeypatch):
     monkeypatch.setattr(compile_rule, "compile_toolchain", lambda device: "")
     assert compile_rule.resolve_compile("auto", "cpu", 10 ** 9) is False
     assert compile_rule.resolve_compile("auto", "meta", 10 ** 9) is False  # no measured figure: eager
+    monkeypatch.setattr(compile_rule, "BREAK_EVEN", {"cpu": 100.0})
+    monkeypatch.setenv(compile_rule.AUTO_ENV, "eager")
+    assert compile_rule.resolve_compile("auto", "cpu", 10 ** 9) is False
+    assert compile_rule.resolve_compile("true", "cpu", 1) is True
 
 
 def test_compile_toolchain_reports_a_missing_compiler(monkeypatch):
