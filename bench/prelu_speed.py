@@ -95,6 +95,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--formats", default="channels_last,contiguous")
+    ap.add_argument("--compile", action="store_true", help="add the ReLU and PReLU nets compiled (Module.compile)")
     ap.add_argument("--ops", action="store_true", help="also time the activation backward alone (1 thread)")
     ap.add_argument("--out", default=str(RESULTS / "prelu_speed.json"))
     args = ap.parse_args()
@@ -116,6 +117,11 @@ def main() -> int:
             x = torch.randn(args.batch, 3, 112, 96, generator=torch.Generator().manual_seed(0)).contiguous(
                 memory_format=mf)
             steps = {a: make_step(build_net(a, mf), x, precision) for a in ACTIVATIONS}
+            if args.compile:  # what train.compile does: Module.compile of the backbone, in place
+                for a in ("relu", "nn.PReLU"):
+                    net = build_net(a, mf)
+                    net.compile()
+                    steps[f"{a} + torch.compile"] = make_step(net, x, precision)
             print(f"{precision} {fmt}", flush=True)
             times = alternate(steps, args.rounds)
             results.append({"precision": precision, "memory_format": fmt, "baseline": "relu",
@@ -147,6 +153,11 @@ def main() -> int:
         lines.append(f"| {r['precision']} | {r['memory_format']} | {v['relu']['best_s'] * 1e3:.0f} | "
                      f"{v['nn.PReLU']['best_s'] * 1e3:.0f} | {v['toolkit PReLU']['best_s'] * 1e3:.0f} | "
                      f"{v['nn.PReLU']['ratio']:.3f}x | {v['toolkit PReLU']['ratio']:.3f}x |")
+    for r in results:
+        for name, v in r["variants"].items():
+            if "compile" in name:
+                lines.append(f"\n{r['precision']} {r['memory_format']}: {name} {v['best_s'] * 1e3:.0f} ms, "
+                             f"{v['ratio']:.3f}x the eager ReLU net")
     for block in ops:
         lines += ["", f"Activation backward alone, {block['precision']} {block['memory_format']}, 1 thread, "
                   "CPU ms (thread time):", "", "| shape | ReLU | nn.PReLU | toolkit PReLU | nn.PReLU / ReLU | "

@@ -23,14 +23,15 @@ passes instead:
 which is exactly the gradient above (``x == 0`` counts as negative, as in ``nn.PReLU``), and the slope
 gradient is accumulated in float32 also when the activations are bfloat16 under autocast.
 
-Where it is the default (measured, ``docs/performance.md``): the backward alone is 3-10x faster than
-torch's in float32 and bfloat16 at the sphere20 shapes, but in the whole float32 training step on this
-project's (AVX2, 2-core, shared) CPU it did not beat ``nn.PReLU`` (both 1.06-1.09x the ReLU net; its five
-memory-bound passes cost as much as torch's one slow pass there). So the fast backward is the default only
-for bfloat16 / float16 activations (:data:`FAST_BACKWARD_DTYPES`: autocast), where torch's kernel is slowest
-(20-60x ReLU's backward); float32 takes torch's own kernel. ``PReLU(..., fast_backward=True/False)`` forces
-either. A float32 step ratio at ReLU's cost (<= 1.03x) was not reached; the bf16 step could not be timed
-here (this CPU has no bf16 in oneDNN).
+Measured (``bench/results/prelu_speed.md``, ``docs/performance.md``): the backward alone is 3-8x faster
+than torch's at the middle sphere20 stages, but in the whole float32 training step on this project's (AVX2,
+2-core, shared) CPU it lost to ``nn.PReLU`` (1.14-1.20x the ReLU net against 1.09x): its passes are
+memory-bound on the large early maps. So it is **not** the default: ``PReLU`` runs torch's kernels unless
+``fast_backward=True`` (or the activation dtype is in :data:`FAST_BACKWARD_DTYPES`, empty by default; the
+bf16 step could not be timed here, this CPU has no bf16 in oneDNN). What does bring the step to ReLU's cost
+is ``torch.compile`` (Inductor fuses PReLU's forward and backward): the compiled PReLU net ran at 0.89x
+(contiguous) and 0.99x (channels_last) of the eager ReLU net, and ``train.compile=auto`` compiles CPU runs of
+80 iterations or more (:mod:`sphereface_plus.engine.compile`).
 
 It is a drop-in replacement: a subclass of ``nn.PReLU`` with the same constructor (plus ``fast_backward``),
 the same parameter ``weight`` (shape ``num_parameters``) and so the same state-dict keys. The fast backward
@@ -100,8 +101,9 @@ class _PReLUFunction(torch.autograd.Function):
         return (grad_x if ctx.needs_input_grad[0] else None), (grad_w if ctx.needs_input_grad[1] else None)
 
 
-#: activation dtypes whose backward takes :func:`prelu_backward` by default (see the module docstring)
-FAST_BACKWARD_DTYPES = frozenset({torch.bfloat16, torch.float16})
+#: activation dtypes whose backward takes :func:`prelu_backward` by default: none, since it won no measured
+#: training step (see the module docstring); add ``torch.bfloat16`` where a bf16 CPU measures a gain
+FAST_BACKWARD_DTYPES: frozenset = frozenset()
 
 
 def prelu(x: torch.Tensor, weight: torch.Tensor, fast: Optional[bool] = None) -> torch.Tensor:
