@@ -226,6 +226,9 @@ def throughput(device, size, deadline, notes):
             t0 = time.time()
             trainer = make_trainer(device, backbone, p["batch"], p["classes"], amp=prec, channels_last=True,
                                    compile_=comp)
+            if trainer.precision != ("fp32" if prec == "off" else prec):
+                notes.append(f"{backbone} {prec}: runs as {trainer.precision} on this device, row skipped")
+                continue
             rate = step_rate(trainer, p["batch"], device, p["steps"], p["rounds"])
             name = f"{backbone} {prec} channels_last {'compiled' if comp else 'eager'}"
             rows.append({"name": name, "backbone": backbone, "precision": trainer.precision, "compiled": comp,

@@ -5,7 +5,7 @@
 
 One process builds the same sphere20 (112x96) three times, differing only in the activation:
 ``relu`` (nn.ReLU: the baseline, what OpenSphere's SFNet-20 uses), ``nn.PReLU`` (torch's module) and
-``toolkit PReLU`` (:class:`sphereface_plus.models.layers.PReLU`, the backbone's default), and times a
+``toolkit PReLU`` (:class:`sphereface_plus.models.layers.PReLU` with ``fast_backward=True``), and times a
 training step (forward under autocast when bf16, a float32 loss, backward, SGD with momentum) of each in
 alternating rounds; the ratio is best round / the ReLU net's best round. ``--ops`` adds the activation's
 own backward at the four stage shapes (1 thread, ``time.thread_time``: CPU seconds of this thread only,
@@ -43,7 +43,7 @@ def build_net(activation: str, memory_format) -> nn.Module:
                 elif activation == "nn.PReLU":
                     new = nn.PReLU(child.num_parameters, init=0.25)
                 else:
-                    new = PReLU(child.num_parameters, init=0.25)
+                    new = PReLU(child.num_parameters, init=0.25, fast_backward=True)
                 setattr(module, name, new)
     return net.to(memory_format=memory_format)
 
@@ -95,6 +95,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--formats", default="channels_last,contiguous")
+    ap.add_argument("--compile", action="store_true", help="add the ReLU and PReLU nets compiled (Module.compile)")
     ap.add_argument("--ops", action="store_true", help="also time the activation backward alone (1 thread)")
     ap.add_argument("--out", default=str(RESULTS / "prelu_speed.json"))
     args = ap.parse_args()
@@ -102,12 +103,25 @@ def main() -> int:
     load0 = load_average()
     t_start = time.time()
     results = []
-    for precision in args.precisions.split(","):
+    from sphereface_plus.engine.precision import bf16_support
+
+    notes = []
+    precisions = args.precisions.split(",")
+    if "bf16" in precisions and bf16_support("cpu") == "none":
+        precisions.remove("bf16")
+        notes.append("bf16 left out: this CPU has no bf16 in oneDNN (bf16_support: none), convolutions would run "
+                     "in the slow reference kernel and the trainer's train.amp=bf16 falls back to fp32 here")
+    for precision in precisions:
         for fmt in args.formats.split(","):
             mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
             x = torch.randn(args.batch, 3, 112, 96, generator=torch.Generator().manual_seed(0)).contiguous(
                 memory_format=mf)
             steps = {a: make_step(build_net(a, mf), x, precision) for a in ACTIVATIONS}
+            if args.compile:  # what train.compile does: Module.compile of the backbone, in place
+                for a in ("relu", "nn.PReLU"):
+                    net = build_net(a, mf)
+                    net.compile()
+                    steps[f"{a} + torch.compile"] = make_step(net, x, precision)
             print(f"{precision} {fmt}", flush=True)
             times = alternate(steps, args.rounds)
             results.append({"precision": precision, "memory_format": fmt, "baseline": "relu",
@@ -115,7 +129,7 @@ def main() -> int:
     ops = []
     if args.ops:
         torch.set_num_threads(1)
-        for precision in args.precisions.split(","):
+        for precision in precisions:
             for fmt in args.formats.split(","):
                 mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
                 ops.append({"precision": precision, "memory_format": fmt, "rows": op_table(precision, mf)})
@@ -125,7 +139,8 @@ def main() -> int:
                "command": "PYTHONPATH=. python " + " ".join(["bench/prelu_speed.py"] + sys.argv[1:]),
                "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "machine": machine(),
                "load_average_start": load0, "load_average_end": load_average(),
-               "wall_s": round(time.time() - t_start, 1), "steps": results, "backward_ops_ms": ops}
+               "wall_s": round(time.time() - t_start, 1), "steps": results, "backward_ops_ms": ops, "notes": notes,
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_support": bf16_support("cpu")}
     out = write_json(Path(args.out).name, payload, Path(args.out).parent)
     lines = ["# PReLU at ReLU's cost: sphere20 training step (issue 23)", "",
              f"Command: `{payload['command']}`; batch {args.batch}, {args.threads} threads, {args.rounds} "
@@ -138,6 +153,11 @@ def main() -> int:
         lines.append(f"| {r['precision']} | {r['memory_format']} | {v['relu']['best_s'] * 1e3:.0f} | "
                      f"{v['nn.PReLU']['best_s'] * 1e3:.0f} | {v['toolkit PReLU']['best_s'] * 1e3:.0f} | "
                      f"{v['nn.PReLU']['ratio']:.3f}x | {v['toolkit PReLU']['ratio']:.3f}x |")
+    for r in results:
+        for name, v in r["variants"].items():
+            if "compile" in name:
+                lines.append(f"\n{r['precision']} {r['memory_format']}: {name} {v['best_s'] * 1e3:.0f} ms, "
+                             f"{v['ratio']:.3f}x the eager ReLU net")
     for block in ops:
         lines += ["", f"Activation backward alone, {block['precision']} {block['memory_format']}, 1 thread, "
                   "CPU ms (thread time):", "", "| shape | ReLU | nn.PReLU | toolkit PReLU | nn.PReLU / ReLU | "
@@ -145,6 +165,8 @@ def main() -> int:
         for row in block["rows"]:
             lines.append(f"| {'x'.join(map(str, row['shape']))} | {row['relu']:.2f} | {row['nn.PReLU']:.2f} | "
                          f"{row['toolkit PReLU']:.2f} | {row['nn.PReLU / relu']}x | {row['toolkit / relu']}x |")
+    lines += ["", f"CPU capability {payload['cpu_capability']}, bf16 support {payload['bf16_support']}."]
+    lines += [f"- {n}" for n in notes]
     text = "\n".join(lines) + "\n"
     write_text(out.with_suffix(".md"), text)
     print(text)

@@ -1,6 +1,12 @@
 """Fixtures shared by several test modules."""
+import os
+
 import pytest
 import torch
+
+# train.compile=auto would compile the backbone of every trainer a test builds with the default (long)
+# train.iterations; tests that want compilation say train.compile=true (sphereface_plus.engine.compile)
+os.environ.setdefault("SPHEREFACE_PLUS_COMPILE_AUTO", "eager")
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def _reference_grads(x, weight, grad):
 ])
 def test_prelu_gradients_match_nn_prelu_and_the_formula(shape, num, channels_last):
     g = torch.Generator().manual_seed(sum(shape) + num)
-    ref, new = nn.PReLU(num).double(), PReLU(num).double()
+    ref, new = nn.PReLU(num).double(), PReLU(num, fast_backward=True).double()
     with torch.no_grad():
         ref.weight.copy_(torch.rand(num, generator=g, dtype=torch.float64) * 1.4 - 0.5)  # negative slopes too
         new.weight.copy_(ref.weight)
@@ -74,7 +74,7 @@ def test_prelu_gradients_match_nn_prelu_and_the_formula(shape, num, channels_las
 def test_prelu_bf16_autocast_slope_gradient_in_float32():
     g = torch.Generator().manual_seed(1)
     conv = nn.Conv2d(3, 8, 3, padding=1)
-    act = PReLU(8, init=0.25)
+    act = PReLU(8, init=0.25, fast_backward=True)
     x = torch.randn(2, 3, 10, 9, generator=g).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", torch.bfloat16):
         h = conv(x)
@@ -106,8 +106,11 @@ def test_prelu_double_backward():
     x = (x + 0.1 * x.sign()).requires_grad_()  # away from the kink at 0
     from sphereface_plus.models.layers import prelu
 
-    assert torch.autograd.gradcheck(prelu, (x, w))
-    assert torch.autograd.gradgradcheck(prelu, (x, w))
+    def fast(x, w):
+        return prelu(x, w, fast=True)
+
+    assert torch.autograd.gradcheck(fast, (x, w))
+    assert torch.autograd.gradgradcheck(fast, (x, w))
 
 
 def test_sphere_net_gradients_and_keys_unchanged():
@@ -123,6 +126,9 @@ def test_sphere_net_gradients_and_keys_unchanged():
     assert any(isinstance(m, PReLU) for m in net.modules())
     assert list(net.state_dict()) == list(ref.state_dict())
     ref.load_state_dict(net.state_dict())
+    for m in net.modules():
+        if isinstance(m, PReLU):
+            m.fast_backward = True  # float64 would take torch's kernel by default
     x = torch.randn(2, 3, 112, 96, dtype=torch.float64)
     net(x).square().sum().backward()
     ref(x).square().sum().backward()
@@ -147,6 +153,7 @@ def test_compile_setting_in_config():
 
 
 def test_compile_auto_rule(monkeypatch):
+    monkeypatch.delenv(compile_rule.AUTO_ENV, raising=False)
     assert compile_rule.resolve_compile("true", "cpu", 1) is True
     assert compile_rule.resolve_compile("false", "cpu", 10 ** 9) is False
     monkeypatch.setattr(compile_rule, "BREAK_EVEN", {"cpu": 100.0})
@@ -160,6 +167,10 @@ def test_compile_auto_rule(monkeypatch):
     monkeypatch.setattr(compile_rule, "compile_toolchain", lambda device: "")
     assert compile_rule.resolve_compile("auto", "cpu", 10 ** 9) is False
     assert compile_rule.resolve_compile("auto", "meta", 10 ** 9) is False  # no measured figure: eager
+    monkeypatch.setattr(compile_rule, "BREAK_EVEN", {"cpu": 100.0})
+    monkeypatch.setenv(compile_rule.AUTO_ENV, "eager")
+    assert compile_rule.resolve_compile("auto", "cpu", 10 ** 9) is False
+    assert compile_rule.resolve_compile("true", "cpu", 1) is True
 
 
 def test_compile_toolchain_reports_a_missing_compiler(monkeypatch):
