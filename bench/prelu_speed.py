@@ -110,7 +110,7 @@ def main() -> int:
     if "bf16" in precisions and bf16_support("cpu") == "none":
         precisions.remove("bf16")
         notes.append("bf16 left out: this CPU has no bf16 in oneDNN (bf16_support: none), convolutions would run "
-                     "in the slow reference kernel and the trainer's train.amp=bf16 falls back to fp32 here")
+                     "in the slow reference kernel and the trainer's train.precision=bf16 falls back to fp32 here")
     for precision in precisions:
         for fmt in args.formats.split(","):
             mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
