@@ -41,7 +41,10 @@ def _overrides(out, cache, iters, every=1000, extra=()):
 
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SPHEREFACE_PLUS_", "TORCHELASTIC_"))}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", SPHEREFACE_PLUS_PROGRESS="0", **extra)
+    # train.compile=auto stays eager, as in this process (tests/conftest.py): the runs compared bit for bit
+    # must take the same kernels
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", SPHEREFACE_PLUS_PROGRESS="0",
+               SPHEREFACE_PLUS_COMPILE_AUTO="eager", **extra)
     return env
 
 

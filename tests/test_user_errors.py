@@ -24,7 +24,7 @@ TRAIN_SMALL = ["model.backbone=sphere4", "model.embedding_dim=16", "train.iterat
 
 def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if not k.startswith("SPHEREFACE_PLUS_")}
-    e.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
+    e.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", SPHEREFACE_PLUS_COMPILE_AUTO="eager", **(env or {}))
     return subprocess.run([sys.executable, "-m", "sphereface_plus", *map(str, args)], capture_output=True,
                           text=True, env=e, cwd=cwd or ROOT, timeout=300)
 
