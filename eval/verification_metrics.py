@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -310,22 +310,29 @@ def verification_report(
     issame = np.asarray(issame).astype(bool).ravel()
     fold_ids, scores = fold_scores(feat1, feat2, folds, mean_sub=mean_sub)
     kf = kfold_accuracy(scores, issame, folds)
-    s = kf["test_scores"]
-    fpr, tpr, _ = roc_curve(s, issame)
-    accs = kf["fold_accuracies"]
+    return _fold_report(kf["fold_accuracies"], kf["fold_thresholds"], kf["test_scores"], issame, int(fold_ids.size),
+                        bool(mean_sub), fars, roc_points)
+
+
+def _fold_report(accs, fold_thresholds, scores, issame, num_folds: int, mean_sub: bool, fars: Sequence[float],
+                 roc_points: bool, extra: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """The report both protocols share: fold accuracies (mean, population std), thresholds, and the ROC,
+    EER, AUC and TAR@FAR of ``scores`` (higher = more alike); ``extra`` keys follow ``tar_at_far``."""
+    fpr, tpr, _ = roc_curve(scores, issame)
     report: Dict[str, object] = {
         "fold_accuracies": [float(a) for a in accs],
         "mean_accuracy": float(np.mean(accs)),
         "std_accuracy": float(np.std(accs)),
-        "fold_thresholds": [float(t) for t in kf["fold_thresholds"]],
-        "threshold": float(np.mean(kf["fold_thresholds"])),
+        "fold_thresholds": [float(t) for t in fold_thresholds],
+        "threshold": float(np.mean(fold_thresholds)),
         "eer": eer(fpr, tpr),
         "auc": auc(fpr, tpr),
-        "tar_at_far": {far_key(f): tar_at_far(s[issame], s[~issame], f)["tar"] for f in fars},
+        "tar_at_far": {far_key(f): tar_at_far(scores[issame], scores[~issame], f)["tar"] for f in fars},
+        **(extra or {}),
         "num_pairs": int(issame.size),
         "num_positive": int(issame.sum()),
-        "num_folds": int(fold_ids.size),
-        "mean_sub": bool(mean_sub),
+        "num_folds": num_folds,
+        "mean_sub": mean_sub,
     }
     if roc_points:
         report["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
@@ -494,26 +501,8 @@ def insightface_report(emb1, emb2, issame, folds, fars: Sequence[float] = DEFAUL
     dist = squared_distances(emb1, emb2)
     kf = insightface_kfold(dist, issame, folds)
     vf = insightface_val_far(dist, issame, folds)
-    s = -dist
-    fpr, tpr, _ = roc_curve(s, issame)
-    accs = kf["fold_accuracies"]
-    report: Dict[str, object] = {
-        "fold_accuracies": [float(a) for a in accs],
-        "mean_accuracy": float(np.mean(accs)),
-        "std_accuracy": float(np.std(accs)),
-        "fold_thresholds": [float(t) for t in kf["fold_thresholds"]],
-        "threshold": float(np.mean(kf["fold_thresholds"])),
-        "eer": eer(fpr, tpr),
-        "auc": auc(fpr, tpr),
-        "tar_at_far": {far_key(f): tar_at_far(s[issame], s[~issame], f)["tar"] for f in fars},
-        "val_at_far": {"val": vf["val"], "val_std": vf["val_std"], "far": vf["far"], "far_target": vf["far_target"],
-                       "fold_val": vf["fold_val"], "fold_far": vf["fold_far"],
-                       "fold_thresholds": vf["fold_thresholds"]},
-        "num_pairs": int(issame.size),
-        "num_positive": int(issame.sum()),
-        "num_folds": int(kf["fold_ids"].size),
-        "mean_sub": False,
-    }
-    if roc_points:
-        report["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
-    return report
+    val = {"val_at_far": {"val": vf["val"], "val_std": vf["val_std"], "far": vf["far"], "far_target": vf["far_target"],
+                          "fold_val": vf["fold_val"], "fold_far": vf["fold_far"],
+                          "fold_thresholds": vf["fold_thresholds"]}}
+    return _fold_report(kf["fold_accuracies"], kf["fold_thresholds"], -dist, issame, int(kf["fold_ids"].size), False,
+                        fars, roc_points, extra=val)
