@@ -593,6 +593,27 @@ def load_config_from_args(args: Any, flag_names: Sequence[str], schema: Type[T])
     return load_config(args.config, list(getattr(args, "overrides", [])) + flags, schema=schema)
 
 
+def stored_config_as_read(saved: Dict[str, Any], schema: Any = None) -> Dict[str, Any]:
+    """A stored config (a checkpoint's ``config``) as this release reads it: keys a schema renamed under their
+    new names (``RENAMED_KEYS``) and every declared field the stored config lacks (a setting added since it
+    was written) at the schema's default. Comparing the result with today's config (the resume check) then
+    names only settings that really differ, not settings an earlier release did not have."""
+    obj = (schema or Config)() if schema is None or isinstance(schema, type) else schema
+    if not isinstance(saved, dict):
+        return saved
+    renamed = getattr(type(obj), "RENAMED_KEYS", {})
+    out = {renamed.get(k, k) if renamed.get(k) not in saved else k: v for k, v in saved.items()}
+    for f in dataclasses.fields(obj):
+        if f.metadata.get(EXTRA_KEYS):
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = stored_config_as_read(out.get(f.name) or {}, value)
+        elif f.name not in out:
+            out[f.name] = copy.deepcopy(value)
+    return out
+
+
 def config_to_dict(cfg: Any) -> Dict[str, Any]:
     """Plain nested dicts; a free-keys field's entries sit beside the declared fields (``head.m``)."""
     out: Dict[str, Any] = {}

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sphereface_plus.config import Config, ConfigError
+from sphereface_plus.config import Config, ConfigError, stored_config_as_read
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.compile import resolve_compile
 from sphereface_plus.engine.device import resolve_device
@@ -117,7 +117,10 @@ def saved_settings_in_force(config: Dict[str, Any]) -> Dict[str, Any]:
     """A checkpoint's config with its ``head`` section as the values in force: ``None`` entries dropped
     and the head's defaults filled in for settings it does not list. A checkpoint written before the
     heads owned their settings (every head's keys, ``None`` where unset) then compares equal to the same
-    run's config today (``check_settings`` on resume)."""
+    run's config today (``check_settings`` on resume); so does one written before a setting was added or
+    renamed (:func:`~sphereface_plus.config.stored_config_as_read`)."""
+    if isinstance(config, dict):  # settings renamed or added since the checkpoint was written
+        config = stored_config_as_read(config)
     head = config.get("head") if isinstance(config, dict) else None
     if not isinstance(head, dict) or head.get("name") is None:
         return config

@@ -4,6 +4,8 @@ iteration counter, momentum, losses, the head's logged terms). Also: the trainer
 generically, and a head's settings in force are recorded in the checkpoint's config."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -95,3 +97,22 @@ def test_a_checkpoint_of_the_union_head_config_resumes(tmp_path):
     save_checkpoint(state, tmp_path)
     with pytest.raises(UsageError, match=r"head\.m: 2 -> 4"):
         make_trainer(tmp_path, "a_softmax").resume(str(path))
+
+
+def test_a_checkpoint_of_an_earlier_release_resumes_and_real_changes_are_still_refused():
+    """A checkpoint written before settings were added (model.kwargs, train.dist_timeout, mhe.variant, ...) or
+    renamed (train.amp -> train.precision) compares equal to the same run today; a setting that really
+    differs is still named."""
+    from sphereface_plus.engine.checkpoint import check_settings
+    from sphereface_plus.errors import UsageError
+    from sphereface_plus.trainer import saved_settings_in_force
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "cpu_smoke.yaml"))
+    now = cfg.to_dict()
+    old = {k: (dict(v) if isinstance(v, dict) else v) for k, v in now.items()}
+    del old["model"]["kwargs"], old["train"]["dist_timeout"], old["mhe"]["variant"]
+    old["train"]["amp"] = old["train"].pop("precision")
+    check_settings(saved_settings_in_force(old), saved_settings_in_force(now), "old.pt")  # no error
+    old["optim"] = {**old["optim"], "lr": now["optim"]["lr"] * 2}
+    with pytest.raises(UsageError, match=r"optim\.lr: 0\.02 -> 0\.01"):
+        check_settings(saved_settings_in_force(old), saved_settings_in_force(now), "old.pt")
