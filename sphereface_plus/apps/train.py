@@ -18,6 +18,7 @@ SIGINT and SIGUSR1 stop the run after a checkpoint (exit 143 / 130 / 0,
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -147,6 +148,7 @@ def train(cfg: Union[Config, Dict[str, Any], str, Path], resume: Optional[str] =
     _check_data(cfg)
     check_inputs(cfg, resume)  # before the dataset: the synthetic source writes its cache under out_dir
     dist = setup_distributed(cfg.train.device, cfg.train.dist_timeout)
+    trainer = None
     try:
         # issue 20: one run per folder (lock, refusal, elastic restart), output locations checked, and
         # SIGTERM / SIGINT / SIGUSR1 stop after a checkpoint (docs/robustness.md)
@@ -168,6 +170,11 @@ def train(cfg: Union[Config, Dict[str, Any], str, Path], resume: Optional[str] =
                     raise
                 raise failure from None
     finally:
+        # the trainer's DDP wrapper and sharded head hold the process group: let them go first, so the
+        # group's C++ threads end inside destroy_process_group and not at interpreter exit, in no fixed
+        # order ("terminate called without an active exception", SIGABRT, seen under torchrun)
+        trainer = None
+        gc.collect()
         cleanup_distributed()
 
 

@@ -112,38 +112,50 @@ class Heartbeat:
     def __init__(self, rank: int, world_size: int, interval: float = 1.0):
         self.rank, self.world_size, self.interval = rank, world_size, float(interval)
         self._last = -1e18
-        self.store = None
-        if world_size > 1 and dist.is_available() and dist.is_initialized():
-            try:
-                from torch.distributed.distributed_c10d import _get_default_store
+        self._broken = False
 
-                self.store = _get_default_store()
-            except Exception:  # pragma: no cover - a torch without it: no names in the error
-                self.store = None
+    @property
+    def store(self):
+        """The process group's store, looked up at each use and never kept: a reference held past
+        ``destroy_process_group`` outlives the group, and the store's C++ threads then end at interpreter
+        exit in no fixed order ("terminate called without an active exception", SIGABRT, seen under
+        torchrun)."""
+        if self._broken or self.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return None
+        try:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            return _get_default_store()
+        except Exception:  # pragma: no cover - a torch without it: no names in the error
+            return None
 
     def beat(self, iteration: int, force: bool = False) -> None:
         now = time.time()
-        if self.store is None or (not force and now - self._last < self.interval):
+        if not force and now - self._last < self.interval:
+            return
+        store = self.store
+        if store is None:
             return
         self._last = now
         try:
-            self.store.set(f"{self.PREFIX}{self.rank}", f"{int(iteration)} {now:.3f}")
+            store.set(f"{self.PREFIX}{self.rank}", f"{int(iteration)} {now:.3f}")
         except Exception:  # pragma: no cover - the store itself is gone
-            self.store = None
+            self._broken = True
 
     def read(self) -> List[Tuple[int, Optional[int], Optional[float]]]:
         """``(rank, last iteration, seconds since)`` of every rank (None, None: never heard of)."""
         out: List[Tuple[int, Optional[int], Optional[float]]] = []
-        if self.store is None:
+        store = self.store
+        if store is None:
             return out
         now = time.time()
         for r in range(self.world_size):
             key = f"{self.PREFIX}{r}"
             try:
-                if not self.store.check([key]):
+                if not store.check([key]):
                     out.append((r, None, None))
                     continue
-                it, t = self.store.get(key).decode().split()
+                it, t = store.get(key).decode().split()
                 out.append((r, int(it), now - float(t)))
             except Exception:
                 out.append((r, None, None))
