@@ -59,7 +59,7 @@ def test_recipe_trains_two_iterations(recipe, tmp_path_factory, tmp_path):
     raw = yaml.safe_load(path.read_text())
     backbone = raw["model"]["backbone"]
     if backbone not in list_backbones():
-        pytest.skip(f"{recipe}: backbone {backbone!r} is not registered yet (it comes with the backbones branch)")
+        pytest.skip(f"{recipe}: backbone {backbone!r} is not registered")
     cache = _synthetic(tmp_path_factory)
     out = tmp_path / "run"
     args = ["train", "--config", str(path), *_tiny(backbone), "model.embedding_dim=32",
