@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from sphereface_plus.models import register_backbone
-from sphereface_plus.models.layers import PReLU
+from sphereface_plus.models.layers import PReLU, check_image_batch
 
 __all__ = ["IResNet", "IBasicBlock", "LAYERS", "INPUT_SIZES",
            "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200"]
@@ -132,9 +132,7 @@ class IResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The B x 512 x 7 x 7 (or 7 x 6) map before the final BN."""
-        if x.dim() != 4 or tuple(x.shape[-2:]) != self.input_size or x.shape[1] != 3:
-            raise ValueError(f"expected input of shape B x 3 x {self.input_size[0]} x {self.input_size[1]} "
-                             f"(this network was built with input_size={self.input_size}), got {tuple(x.shape)}")
+        check_image_batch(x, self.input_size)
         x = self.prelu(self.bn1(self.conv1(x)))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 

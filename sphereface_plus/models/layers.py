@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PReLU", "prelu", "prelu_backward", "FAST_BACKWARD_DTYPES"]
+__all__ = ["PReLU", "prelu", "prelu_backward", "FAST_BACKWARD_DTYPES", "check_image_batch"]
 
 
 def _slope_view(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -132,3 +132,11 @@ class PReLU(nn.PReLU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return prelu(x, self.weight, self.fast_backward)
+
+
+def check_image_batch(x: torch.Tensor, input_size) -> None:
+    """``x`` must be ``B x 3 x H x W`` with ``(H, W)`` the ``input_size`` the network was built for (its final
+    layer's size follows from it); a ``ValueError`` naming both shapes otherwise."""
+    if x.dim() != 4 or tuple(x.shape[-2:]) != tuple(input_size) or x.shape[1] != 3:
+        raise ValueError(f"expected input of shape B x 3 x {input_size[0]} x {input_size[1]} "
+                         f"(this network was built with input_size={input_size}), got {tuple(x.shape)}")

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from sphereface_plus.models import register_backbone
-from sphereface_plus.models.layers import PReLU
+from sphereface_plus.models.layers import PReLU, check_image_batch
 
 __all__ = ["MobileFaceNet", "INPUT_SIZES", "mobilefacenet"]
 
@@ -158,9 +158,7 @@ class MobileFaceNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[-2:]) != self.input_size or x.shape[1] != 3:
-            raise ValueError(f"expected input of shape B x 3 x {self.input_size[0]} x {self.input_size[1]} "
-                             f"(this network was built with input_size={self.input_size}), got {tuple(x.shape)}")
+        check_image_batch(x, self.input_size)
         for layer in self.layers:
             x = layer(x)
         return self.features(self.conv_sep(x))
