@@ -5,11 +5,12 @@
 
 One process builds the same sphere20 (112x96) three times, differing only in the activation:
 ``relu`` (nn.ReLU: the baseline, what OpenSphere's SFNet-20 uses), ``nn.PReLU`` (torch's module) and
-``toolkit PReLU`` (:class:`sphereface_plus.models.layers.PReLU` with ``fast_backward=True``), and times a
+``toolkit PReLU`` (:class:`sphereface_plus.models.layers.PReLU`, its CPU default), and times a
 training step (forward under autocast when bf16, a float32 loss, backward, SGD with momentum) of each in
 alternating rounds; the ratio is best round / the ReLU net's best round. ``--ops`` adds the activation's
 own backward at the four stage shapes (1 thread, ``time.thread_time``: CPU seconds of this thread only,
-so other jobs on the machine barely move it).
+so other jobs on the machine barely move it), also in bf16 where the CPU has no bf16 convolutions (the
+activation's element-wise kernels do not need oneDNN).
 
 Writes ``bench/results/prelu_speed.json`` and ``.md``.
 """
@@ -43,7 +44,7 @@ def build_net(activation: str, memory_format) -> nn.Module:
                 elif activation == "nn.PReLU":
                     new = nn.PReLU(child.num_parameters, init=0.25)
                 else:
-                    new = PReLU(child.num_parameters, init=0.25, fast_backward=True)
+                    new = PReLU(child.num_parameters, init=0.25)
                 setattr(module, name, new)
     return net.to(memory_format=memory_format)
 
@@ -61,6 +62,20 @@ def make_step(net: nn.Module, x: torch.Tensor, precision: str):
     return step
 
 
+def saved_megabytes(net: nn.Module, x: torch.Tensor) -> float:
+    """MB of distinct storages autograd keeps from one forward for the backward (activations and weights)."""
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x)
+    return round(sum(storages.values()) / 2 ** 20, 1)
+
+
 def op_table(precision: str, memory_format, reps: int = 20):
     """CPU seconds (this thread) of each activation's backward at the sphere20 stage shapes, batch 16."""
     dt = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -69,19 +84,21 @@ def op_table(precision: str, memory_format, reps: int = 20):
         x = torch.randn(shape, dtype=dt).contiguous(memory_format=memory_format)
         g = torch.randn(shape, dtype=dt).contiguous(memory_format=memory_format)
         w = torch.full((shape[1],), 0.25)
+        y = torch.nn.functional.prelu(x, w.to(dt))  # what the toolkit keeps for its backward (slopes > 0)
         fns = {"relu": lambda: torch.ops.aten.threshold_backward(g, x, 0),
                "nn.PReLU": lambda: torch.ops.aten._prelu_kernel_backward(g, x, w.view(1, -1, 1, 1).to(dt)),
-               "toolkit PReLU": lambda: prelu_backward(g, x, w)}
+               "toolkit PReLU": lambda: prelu_backward(g, y, w, from_output=True)}
         best = {}
-        for name, fn in fns.items():
-            fn()
-            b = float("inf")
-            for _ in range(5):
-                t0 = time.thread_time()
-                for _ in range(reps):
-                    fn()
-                b = min(b, (time.thread_time() - t0) / reps)
-            best[name] = b
+        with torch.no_grad():  # as inside autograd's backward (no double-backward graph recorded)
+            for name, fn in fns.items():
+                fn()
+                b = float("inf")
+                for _ in range(5):
+                    t0 = time.thread_time()
+                    for _ in range(reps):
+                        fn()
+                    b = min(b, (time.thread_time() - t0) / reps)
+                best[name] = b
         rows.append({"shape": list(shape), **{k: round(v * 1e3, 4) for k, v in best.items()},
                      "nn.PReLU / relu": round(best["nn.PReLU"] / best["relu"], 2),
                      "toolkit / relu": round(best["toolkit PReLU"] / best["relu"], 2)})
@@ -107,16 +124,20 @@ def main() -> int:
 
     notes = []
     precisions = args.precisions.split(",")
+    op_precisions = list(precisions)
     if "bf16" in precisions and bf16_support("cpu") == "none":
         precisions.remove("bf16")
         notes.append("bf16 left out: this CPU has no bf16 in oneDNN (bf16_support: none), convolutions would run "
-                     "in the slow reference kernel and the trainer's train.precision=bf16 falls back to fp32 here")
+                     "in the slow reference kernel and the trainer's train.precision=bf16 falls back to fp32 here "
+                     "(the --ops table still times the activation backward in bf16)")
     for precision in precisions:
         for fmt in args.formats.split(","):
             mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
             x = torch.randn(args.batch, 3, 112, 96, generator=torch.Generator().manual_seed(0)).contiguous(
                 memory_format=mf)
-            steps = {a: make_step(build_net(a, mf), x, precision) for a in ACTIVATIONS}
+            nets = {a: build_net(a, mf) for a in ACTIVATIONS}
+            saved = {a: saved_megabytes(net, x) for a, net in nets.items()}
+            steps = {a: make_step(net, x, precision) for a, net in nets.items()}
             if args.compile:  # what train.compile does: Module.compile of the backbone, in place
                 for a in ("relu", "nn.PReLU"):
                     net = build_net(a, mf)
@@ -125,11 +146,11 @@ def main() -> int:
             print(f"{precision} {fmt}", flush=True)
             times = alternate(steps, args.rounds)
             results.append({"precision": precision, "memory_format": fmt, "baseline": "relu",
-                            "variants": ratios(times, "relu")})
+                            "variants": ratios(times, "relu"), "saved_for_backward_mb": saved})
     ops = []
     if args.ops:
         torch.set_num_threads(1)
-        for precision in precisions:
+        for precision in op_precisions:
             for fmt in args.formats.split(","):
                 mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
                 ops.append({"precision": precision, "memory_format": fmt, "rows": op_table(precision, mf)})
@@ -147,12 +168,15 @@ def main() -> int:
              f"alternating rounds, best round. Load average (1/5/15 min) {load0} at the start, "
              f"{payload['load_average_end']} at the end (2-core machine shared with other jobs).", "",
              "| precision | memory format | ReLU ms | nn.PReLU ms | toolkit PReLU ms | nn.PReLU / ReLU | "
-             "toolkit PReLU / ReLU |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "toolkit PReLU / ReLU | median rounds: nn.PReLU / ReLU, toolkit / ReLU | saved for backward MB: "
+             "ReLU, nn.PReLU, toolkit |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        v = r["variants"]
+        v, mb = r["variants"], r["saved_for_backward_mb"]
+        med = [v[a]["median_s"] / v["relu"]["median_s"] for a in ("nn.PReLU", "toolkit PReLU")]
         lines.append(f"| {r['precision']} | {r['memory_format']} | {v['relu']['best_s'] * 1e3:.0f} | "
                      f"{v['nn.PReLU']['best_s'] * 1e3:.0f} | {v['toolkit PReLU']['best_s'] * 1e3:.0f} | "
-                     f"{v['nn.PReLU']['ratio']:.3f}x | {v['toolkit PReLU']['ratio']:.3f}x |")
+                     f"{v['nn.PReLU']['ratio']:.3f}x | {v['toolkit PReLU']['ratio']:.3f}x | "
+                     f"{med[0]:.3f}x, {med[1]:.3f}x | {mb['relu']}, {mb['nn.PReLU']}, {mb['toolkit PReLU']} |")
     for r in results:
         for name, v in r["variants"].items():
             if "compile" in name:

@@ -44,15 +44,23 @@ def _reference_grads(x, weight, grad):
     return gx, ga
 
 
+@pytest.mark.parametrize("slopes", ["positive", "mixed"])  # backward from the saved output / input
 @pytest.mark.parametrize("shape,num,channels_last", [
     ((3, 5, 6, 7), 5, True), ((3, 5, 6, 7), 5, False), ((4, 6), 6, False), ((2, 4, 9), 4, False),
     ((3, 5, 6, 7), 1, False), ((2, 3, 4, 5), 1, True),
 ])
-def test_prelu_gradients_match_nn_prelu_and_the_formula(shape, num, channels_last):
+def test_prelu_gradients_match_nn_prelu_and_the_formula(shape, num, channels_last, slopes):
     g = torch.Generator().manual_seed(sum(shape) + num)
-    ref, new = nn.PReLU(num).double(), PReLU(num, fast_backward=True).double()
+    ref, new = nn.PReLU(num).double(), PReLU(num).double()  # float64 on a CPU: the fast backward by default
     with torch.no_grad():
-        ref.weight.copy_(torch.rand(num, generator=g, dtype=torch.float64) * 1.4 - 0.5)  # negative slopes too
+        w = torch.rand(num, generator=g, dtype=torch.float64)
+        if slopes == "mixed":  # a negative and a zero slope: the sign of x is not in y, x is kept
+            w = w * 1.4 - 0.5
+            w[0] = -0.3
+            w[-1] = 0.0 if num > 1 else w[-1]
+        else:
+            w = w * 0.9 + 1e-3
+        ref.weight.copy_(w)
         new.weight.copy_(ref.weight)
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     x.view(-1)[::5] = 0.0  # x == 0 counts as negative (nn.PReLU's convention)
@@ -62,6 +70,8 @@ def test_prelu_gradients_match_nn_prelu_and_the_formula(shape, num, channels_las
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1, y2 = ref(x1), new(x2)
     assert torch.equal(y1, y2)
+    saved = y2.grad_fn.saved_tensors[0]
+    assert saved.data_ptr() == (y2 if slopes == "positive" else x2).data_ptr()
     y1.backward(grad)
     y2.backward(grad)
     torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=1e-14)
@@ -100,8 +110,9 @@ def test_prelu_is_a_drop_in_nn_prelu():
         assert torch.equal(new(x), torch.nn.functional.prelu(x, new.weight))
 
 
-def test_prelu_double_backward():
-    w = (torch.rand(3, dtype=torch.float64) + 0.1).requires_grad_()
+@pytest.mark.parametrize("slopes", [(0.3, 0.1, 1.2), (0.3, -0.2, 0.0)])
+def test_prelu_double_backward(slopes):
+    w = torch.tensor(slopes, dtype=torch.float64).requires_grad_()
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     x = (x + 0.1 * x.sign()).requires_grad_()  # away from the kink at 0
     from sphereface_plus.models.layers import prelu
@@ -126,9 +137,6 @@ def test_sphere_net_gradients_and_keys_unchanged():
     assert any(isinstance(m, PReLU) for m in net.modules())
     assert list(net.state_dict()) == list(ref.state_dict())
     ref.load_state_dict(net.state_dict())
-    for m in net.modules():
-        if isinstance(m, PReLU):
-            m.fast_backward = True  # float64 would take torch's kernel by default
     x = torch.randn(2, 3, 112, 96, dtype=torch.float64)
     net(x).square().sum().backward()
     ref(x).square().sum().backward()

@@ -8,35 +8,32 @@ slope ``a_c`` per channel; its gradients (eq. 2 and 4 there) are
 (``docs/theory.md#prelu-gradient``).
 
 The forward of PyTorch's ``nn.PReLU`` is as fast as a ReLU on a CPU, but its backward
-(``aten::_prelu_kernel_backward``) was measured 10-40x slower than ReLU's (``threshold_backward``) on this
-project's CPU, float32 and bfloat16, channels_last and contiguous (``bench/prelu_speed.py``,
-``docs/performance.md``): it is one scalar TensorIterator loop that writes a full-size slope-gradient
-tensor before reducing it. That made the SphereFace-20 training step 1.1-1.2x slower than the same network
-with ReLU. :class:`PReLU` keeps ``nn.PReLU``'s forward and can compute the backward with vectorised
-passes instead:
+(``aten::_prelu_kernel_backward``, one scalar loop that writes a full-size slope-gradient tensor before
+reducing it) was measured 17-30x slower than ReLU's (``threshold_backward``), and ``nn.PReLU`` keeps its
+input for the backward while the next convolution keeps its output: two saved tensors per activation where
+a ReLU network keeps one. Together that made the SphereFace-20 training step 1.05-1.10x as long as the same
+network with ReLU (``bench/prelu_speed.py``, ``docs/performance.md``). :class:`PReLU` keeps ``nn.PReLU``'s
+forward kernel and, on a CPU, replaces its backward by vectorised passes that read the saved tensor ``s``:
 
-    g_pos = threshold_backward(g, x, 0)         # g where x > 0 (ReLU's own backward kernel)
-    g_neg = g - g_pos                            # g where x <= 0
-    dL/dx = g_pos + a * g_neg                    # one addcmul
-    dL/da = channel sums of g_neg * x            # g * min(0, x), summed in float32
+    b     = min(0, s) * g                       # one buffer, the only full-size allocation (as ReLU's)
+    dL/da = channel sums of b                    # summed in float32 (float64 for float64)
+    b     = threshold_backward(g, s, 0)         # g where x > 0 (ReLU's own backward kernel), into b
+    dL/dx = lerp(b, g, a) = b + a * (g - b)      # in place: g where x > 0, a * g where x <= 0
 
-which is exactly the gradient above (``x == 0`` counts as negative, as in ``nn.PReLU``), and the slope
-gradient is accumulated in float32 also when the activations are bfloat16 under autocast.
+``s`` is the **output** ``y`` when every slope is positive (then ``y > 0`` exactly where ``x > 0`` and
+``min(0, x) = y / a``, so the slope gradient is the channel sum divided by ``a``; the network then saves one
+tensor per activation, as with ReLU), and the input ``x`` otherwise (a slope <= 0 loses the sign of ``x``).
+Both are the exact gradient above up to rounding (``x == 0`` counts as negative, as in ``nn.PReLU``; an
+``a * x`` that underflows to zero drops its ``|x| < 1e-38 / a`` from the slope gradient). Like ``nn.ReLU``'s
+saved output, a saved ``y`` must not be changed in place before the backward (autograd refuses it).
 
-Measured (``bench/results/prelu_speed.md``, ``docs/performance.md``): the backward alone is 3-8x faster
-than torch's at the middle sphere20 stages, but in the whole float32 training step on this project's (AVX2,
-2-core, shared) CPU it lost to ``nn.PReLU`` (1.14-1.20x the ReLU net against 1.09x): its passes are
-memory-bound on the large early maps. So it is **not** the default: ``PReLU`` runs torch's kernels unless
-``fast_backward=True`` (or the activation dtype is in :data:`FAST_BACKWARD_DTYPES`, empty by default; the
-bf16 step could not be timed here, this CPU has no bf16 in oneDNN). What does bring the step to ReLU's cost
-is ``torch.compile`` (Inductor fuses PReLU's forward and backward): the compiled PReLU net ran at 0.89x
-(contiguous) and 0.99x (channels_last) of the eager ReLU net, and ``train.compile=auto`` compiles CPU runs of
-80 iterations or more (:mod:`sphereface_plus.engine.compile`).
+It is the default for every floating dtype on a CPU (``FAST_BACKWARD_DTYPES``): measured the sphere20 step at
+1.00-1.03x the ReLU network against 1.05-1.10x with ``nn.PReLU`` (float32, channels_last and contiguous,
+``bench/results/prelu_speed.md``). Other devices, inference, ``torch.compile`` (Inductor fuses the plain
+formulation itself), ``torch.jit`` and ONNX export run the plain ``F.prelu``.
 
 It is a drop-in replacement: a subclass of ``nn.PReLU`` with the same constructor (plus ``fast_backward``),
-the same parameter ``weight`` (shape ``num_parameters``) and so the same state-dict keys. The fast backward
-is used only where a gradient is needed in eager mode; inference, ``torch.compile`` (Inductor fuses the
-plain formulation itself), ``torch.jit`` and ONNX export see the plain ``F.prelu``.
+the same parameter ``weight`` (shape ``num_parameters``) and so the same state-dict keys.
 """
 from __future__ import annotations
 
@@ -70,47 +67,55 @@ def _channel_sum(t: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return t.sum(dims, dtype=acc)
 
 
-def prelu_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
-    """``(dL/dx, dL/dweight)`` of ``y = prelu(x, weight)`` for the incoming ``grad = dL/dy`` (see the module doc).
+def prelu_backward(grad: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor, from_output: bool = False):
+    """``(dL/dx, dL/dweight)`` of ``y = prelu(x, weight)`` for the incoming ``grad = dL/dy``, from ``saved = x``
+    or (``from_output``, every slope positive) ``saved = y`` (see the module doc).
 
-    Built from differentiable operations, so a double backward still works (in-place only when no graph
-    is being recorded)."""
-    a = _slope_view(weight, x).to(grad.dtype)
-    g_pos = torch.ops.aten.threshold_backward(grad, x, 0)
-    g_neg = grad - g_pos
-    if torch.is_grad_enabled():  # double backward: out-of-place, so autograd keeps what it saved
-        grad_x = torch.addcmul(g_pos, g_neg, a)
-        prod = g_neg * x
-    else:  # two temporaries in all: the step is memory-bound on the large early maps
-        grad_x = g_pos.addcmul_(g_neg, a)
-        prod = g_neg.mul_(x)
-    grad_w = _channel_sum(prod, weight.numel() > 1 and x.dim() >= 2).to(weight.dtype)
-    return grad_x, grad_w.reshape(weight.shape)
+    The slopes are used as the forward used them (cast to the activation dtype). Built from differentiable
+    operations, so a double backward still works (in place only when no graph is being recorded)."""
+    slope = weight.to(saved.dtype)
+    a = _slope_view(slope, saved).to(grad.dtype)
+    per_channel = weight.numel() > 1 and saved.dim() >= 2
+    if torch.is_grad_enabled():  # double backward: out of place, so autograd keeps what it saved
+        grad_w = _channel_sum(grad * saved.clamp(max=0), per_channel)
+        grad_x = torch.lerp(torch.ops.aten.threshold_backward(grad, saved, 0), grad, a)
+    else:  # one full-size buffer, as ReLU's backward: the step is memory-bound on the large early maps
+        buf = saved.clamp(max=0).mul_(grad)
+        grad_w = _channel_sum(buf, per_channel)
+        grad_x = torch.ops.aten.threshold_backward.grad_input(grad, saved, 0, grad_input=buf)
+        grad_x.lerp_(grad, a)
+    if from_output:  # sum of g * min(0, y) = a * sum of g * min(0, x)
+        grad_w = grad_w / slope.to(grad_w.dtype).reshape(grad_w.shape)
+    return grad_x, grad_w.to(weight.dtype).reshape(weight.shape)
 
 
 class _PReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return F.prelu(x, weight.to(x.dtype))
+        slope = weight.to(x.dtype)
+        y = F.prelu(x, slope)
+        # every slope > 0: keep y (the next layer keeps it anyway) instead of x; else x (see the module doc)
+        ctx.from_output = bool((slope > 0).all())
+        ctx.save_for_backward(y if ctx.from_output else x, weight)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad_x, grad_w = prelu_backward(grad, x, weight)
+        saved, weight = ctx.saved_tensors
+        grad_x, grad_w = prelu_backward(grad, saved, weight, ctx.from_output)
         return (grad_x if ctx.needs_input_grad[0] else None), (grad_w if ctx.needs_input_grad[1] else None)
 
 
-#: activation dtypes whose backward takes :func:`prelu_backward` by default: none, since it won no measured
-#: training step (see the module docstring); add ``torch.bfloat16`` where a bf16 CPU measures a gain
-FAST_BACKWARD_DTYPES: frozenset = frozenset()
+#: activation dtypes whose backward takes :func:`prelu_backward` by default on a CPU (measured in the module
+#: doc; on other devices torch's own fused kernels run unless ``fast_backward=True``)
+FAST_BACKWARD_DTYPES: frozenset = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 
 
 def prelu(x: torch.Tensor, weight: torch.Tensor, fast: Optional[bool] = None) -> torch.Tensor:
     """``F.prelu``, with the backward of :func:`prelu_backward` where a gradient is recorded in eager mode and
-    ``fast`` is True (None: when ``x`` is in :data:`FAST_BACKWARD_DTYPES`)."""
+    ``fast`` is True (None: a CPU tensor whose dtype is in :data:`FAST_BACKWARD_DTYPES`)."""
     if fast is None:
-        fast = x.dtype in FAST_BACKWARD_DTYPES
+        fast = x.device.type == "cpu" and x.dtype in FAST_BACKWARD_DTYPES
     if (fast and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
             and not torch.jit.is_scripting() and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling()):
@@ -122,7 +127,9 @@ class PReLU(nn.PReLU):
     """``nn.PReLU`` (same arguments, parameter ``weight``, state-dict keys) with a backward as cheap as ReLU's.
 
     ``PReLU(num_parameters=1, init=0.25)``: one slope per channel (dimension 1) or a single shared one.
-    Under bfloat16 autocast the slopes stay float32 and are cast to the activation dtype for the product.
+    ``fast_backward``: None (default) = the vectorised backward on a CPU, torch's kernels elsewhere; True /
+    False force one. Under bfloat16 autocast the slopes stay float32 and are cast to the activation dtype
+    for the product, as ``nn.PReLU`` does.
     """
 
     def __init__(self, num_parameters: int = 1, init: float = 0.25, device=None, dtype=None,
