@@ -12,7 +12,8 @@ On CUDA (``--size full``, the default there):
    skipped with a line saying so) in bf16 channels_last, eager and ``torch.compile``\\ d (compile rows only
    while the time budget lasts), each as a ratio against the same backbone's eager step, plus sphere20 in
    float32 as the precision baseline, with the peak GPU memory of each;
-3. the MHE overhead: the sphere20 step with ``mhe.lambda_m=1`` against ``0`` at CASIA's 10,572 classes;
+3. the MHE overhead: the sphere20 step with ``mhe.lambda_m=1`` against ``0`` at CASIA's 10,572 classes, and
+   the sphere20 step with the toolkit's PReLU backward against torch's (the CUDA default is torch's);
 4. the input pipeline (``bench/input_pipeline.py``: per-worker rate, DataLoader with 1, 4 and all cores)
    and the batched nvJPEG decode (:func:`data_prep.jpeg.decode_batch_cuda`) against one CPU worker.
 
@@ -252,6 +253,26 @@ def throughput(device, size, deadline, notes):
     return rows
 
 
+def prelu_backward_rows(device, size):
+    """The sphere20 bf16 step with the PReLU backward of torch (``fast_backward=False``) and of the toolkit
+    (``True``), alternating: on a CPU the toolkit's is the default, on CUDA this row decides whether it should be.
+    """
+    from sphereface_plus.models.layers import PReLU
+
+    p = SIZES[size]
+    trainer = make_trainer(device, "sphere20", p["batch"], p["classes"])
+    acts = [m for m in trainer.model.modules() if isinstance(m, PReLU)]
+    rates = {"torch": 0.0, "toolkit": 0.0}
+    for _ in range(max(2, p["rounds"]) if size == "full" else 1):
+        for name in rates:
+            for m in acts:
+                m.fast_backward = name == "toolkit"
+            rates[name] = max(rates[name], step_rate(trainer, p["batch"], device, p["steps"], 1))
+    return {"backbone": "sphere20", "precision": trainer.precision, "batch": p["batch"],
+            "images_per_s": {k: round(v, 2) for k, v in rates.items()},
+            "step_time_ratio_toolkit_vs_torch": round(rates["torch"] / rates["toolkit"], 3)}
+
+
 def mhe_overhead(device, size):
     p = SIZES[size]
     with_mhe = make_trainer(device, "sphere20", p["batch"], p["classes"], lambda_m=1.0)
@@ -335,11 +356,13 @@ def main() -> int:
     rows = throughput(device, size, deadline, notes)
     mhe = mhe_overhead(device, size)
     print(mhe, flush=True)
+    prelu = prelu_backward_rows(device, size)
+    print(prelu, flush=True)
     pipe = pipeline(device, size, args.out)
     payload = {"bench": "device_check", "device": torch.device(device).type, "size": size, "machine": machine(),
                "load_average_start": load0, "load_average_end": load_average(),
                "wall_s": round(time.time() - t_start, 1), "checks": checks,
-               "checks_ok": all(c.get("ok") for c in checks), "throughput": rows, "mhe_overhead": mhe,
+               "checks_ok": all(c.get("ok") for c in checks), "throughput": rows, "mhe_overhead": mhe, "prelu_backward": prelu,
                "input_pipeline": pipe, "notes": notes}
     out = Path(args.out)
     suffix = "" if (size == "full" or out.resolve() != RESULTS.resolve()) else "_cpu_ci"
@@ -353,7 +376,9 @@ def main() -> int:
         lines.append(f"| {r['name']} (batch {r['batch']}) | {r['images_per_s']:.1f} | {r.get('vs', '')} | "
                      f"{r.get('ratio', '')} | {r['peak_mib']} |")
     lines += ["", f"MHE overhead ({mhe['classes']} classes, batch {mhe['batch']}): step time with / without "
-              f"{mhe['step_time_ratio_with_vs_without']}x.", ""]
+              f"{mhe['step_time_ratio_with_vs_without']}x.",
+              f"PReLU backward (sphere20 {prelu['precision']}, batch {prelu['batch']}): step time with the toolkit's "
+              f"/ torch's {prelu['step_time_ratio_toolkit_vs_torch']}x.", ""]
     best_pw = max(pipe["per_worker"].values(), key=lambda v: v["images_per_s"])
     lines.append("Input pipeline: per worker " + ", ".join(f"{k} {v['images_per_s']:.0f}/s"
                                                            for k, v in pipe["per_worker"].items())

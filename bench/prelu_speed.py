@@ -7,10 +7,11 @@ One process builds the same sphere20 (112x96) three times, differing only in the
 ``relu`` (nn.ReLU: the baseline, what OpenSphere's SFNet-20 uses), ``nn.PReLU`` (torch's module) and
 ``toolkit PReLU`` (:class:`sphereface_plus.models.layers.PReLU`, its CPU default), and times a
 training step (forward under autocast when bf16, a float32 loss, backward, SGD with momentum) of each in
-alternating rounds; the ratio is best round / the ReLU net's best round. ``--ops`` adds the activation's
-own backward at the four stage shapes (1 thread, ``time.thread_time``: CPU seconds of this thread only,
-so other jobs on the machine barely move it), also in bf16 where the CPU has no bf16 convolutions (the
-activation's element-wise kernels do not need oneDNN).
+alternating rounds; the ratio is best round / the ReLU net's best round. The peer's network, ``sfnet20``
+(OpenSphere's SFNet-20 as the toolkit rebuilds it), runs in the same rounds for a second ratio. ``--ops``
+adds the activation's own backward at the four stage shapes (1 thread, ``time.thread_time``: CPU seconds
+of this thread only, so other jobs on the machine barely move it), also in bf16 where the CPU has no bf16
+convolutions (the activation's element-wise kernels do not need oneDNN).
 
 Writes ``bench/results/prelu_speed.json`` and ``.md``.
 """
@@ -31,6 +32,7 @@ from sphereface_plus.models import create_backbone  # noqa: E402
 from sphereface_plus.models.layers import PReLU, prelu_backward  # noqa: E402
 
 ACTIVATIONS = ("relu", "nn.PReLU", "toolkit PReLU")
+PEER = "sfnet20"
 
 
 def build_net(activation: str, memory_format) -> nn.Module:
@@ -136,6 +138,8 @@ def main() -> int:
             x = torch.randn(args.batch, 3, 112, 96, generator=torch.Generator().manual_seed(0)).contiguous(
                 memory_format=mf)
             nets = {a: build_net(a, mf) for a in ACTIVATIONS}
+            torch.manual_seed(0)  # the peer's network: OpenSphere's SFNet-20 (ReLU in place, biases, no BN)
+            nets[PEER] = create_backbone("sfnet20", input_size=(112, 96)).to(memory_format=mf)
             saved = {a: saved_megabytes(net, x) for a, net in nets.items()}
             steps = {a: make_step(net, x, precision) for a, net in nets.items()}
             if args.compile:  # what train.compile does: Module.compile of the backbone, in place
@@ -177,6 +181,14 @@ def main() -> int:
                      f"{v['nn.PReLU']['best_s'] * 1e3:.0f} | {v['toolkit PReLU']['best_s'] * 1e3:.0f} | "
                      f"{v['nn.PReLU']['ratio']:.3f}x | {v['toolkit PReLU']['ratio']:.3f}x | "
                      f"{med[0]:.3f}x, {med[1]:.3f}x | {mb['relu']}, {mb['nn.PReLU']}, {mb['toolkit PReLU']} |")
+    lines += ["", "Against the peer's network (`sfnet20`: the toolkit's rebuild of OpenSphere's SFNet-20, the same 20 "
+              "convolutions with ReLU in place and a bias in every convolution), same input, same rounds:", ""]
+    for r in results:
+        v = r["variants"]
+        lines.append(f"- {r['precision']} {r['memory_format']}: sfnet20 {v[PEER]['best_s'] * 1e3:.0f} ms; toolkit "
+                     f"sphere20 (PReLU) {v['toolkit PReLU']['best_s'] / v[PEER]['best_s']:.3f}x, with nn.PReLU "
+                     f"{v['nn.PReLU']['best_s'] / v[PEER]['best_s']:.3f}x, with ReLU "
+                     f"{v['relu']['best_s'] / v[PEER]['best_s']:.3f}x the sfnet20 step")
     for r in results:
         for name, v in r["variants"].items():
             if "compile" in name:

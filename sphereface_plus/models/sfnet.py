@@ -59,7 +59,7 @@ class StageConv(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, 2, 1, bias=not batch_norm)
         self.bn1 = _norm(batch_norm, channels)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)  # on a fresh convolution / BN output, as OpenSphere's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))
@@ -72,7 +72,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, bias=not batch_norm)
         self.bn1 = _norm(batch_norm, channels)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)  # applied to fresh tensors only (never to x itself)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=not batch_norm)
         self.bn2 = _norm(batch_norm, channels)
         self.relu_before_sum = bool(relu_before_sum)
