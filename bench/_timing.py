@@ -37,10 +37,12 @@ def machine() -> Dict[str, object]:
 
 
 def alternate(variants: Dict[str, Callable[[], object]], rounds: int, repeat: int = 1,
-              sync: Optional[Callable[[], None]] = None, log: bool = True) -> Dict[str, List[float]]:
+              sync: Optional[Callable[[], None]] = None, log: bool = True, settle: int = 0) -> Dict[str, List[float]]:
     """Seconds per call of each variant, ``rounds`` alternating rounds of ``repeat`` calls each.
 
-    Each variant is called once before the rounds (warm-up: allocator, oneDNN primitives, compilation).
+    Each variant is called once before the rounds (warm-up: allocator, oneDNN primitives, compilation), and
+    ``settle`` more times, untimed, at the start of each of its turns: the allocator's state left by the
+    previous variant (a different set of tensor sizes) is then not charged to the first timed call.
     """
     for fn in variants.values():
         fn()
@@ -49,6 +51,10 @@ def alternate(variants: Dict[str, Callable[[], object]], rounds: int, repeat: in
     times: Dict[str, List[float]] = {k: [] for k in variants}
     for r in range(rounds):
         for name, fn in variants.items():
+            for _ in range(settle):
+                fn()
+            if sync and settle:
+                sync()
             t0 = time.perf_counter()
             for _ in range(repeat):
                 fn()

@@ -114,6 +114,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--formats", default="channels_last,contiguous")
+    ap.add_argument("--settle", type=int, default=1,
+                    help="untimed steps at the start of each variant's turn in a round (allocator state)")
     ap.add_argument("--compile", action="store_true", help="add the ReLU and PReLU nets compiled (Module.compile)")
     ap.add_argument("--ops", action="store_true", help="also time the activation backward alone (1 thread)")
     ap.add_argument("--out", default=str(RESULTS / "prelu_speed.json"))
@@ -148,7 +150,7 @@ def main() -> int:
                     net.compile()
                     steps[f"{a} + torch.compile"] = make_step(net, x, precision)
             print(f"{precision} {fmt}", flush=True)
-            times = alternate(steps, args.rounds)
+            times = alternate(steps, args.rounds, settle=args.settle)
             results.append({"precision": precision, "memory_format": fmt, "baseline": "relu",
                             "variants": ratios(times, "relu"), "saved_for_backward_mb": saved})
     ops = []
@@ -162,15 +164,17 @@ def main() -> int:
     payload = {"bench": "prelu_speed", "what": "sphere20 112x96 training step (forward, float32 loss, backward, "
                "SGD momentum), activation swapped; ratio = best round / ReLU net's best round",
                "command": "PYTHONPATH=. python " + " ".join(["bench/prelu_speed.py"] + sys.argv[1:]),
-               "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "machine": machine(),
+               "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "settle": args.settle,
+               "machine": machine(),
                "load_average_start": load0, "load_average_end": load_average(),
                "wall_s": round(time.time() - t_start, 1), "steps": results, "backward_ops_ms": ops, "notes": notes,
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_support": bf16_support("cpu")}
     out = write_json(Path(args.out).name, payload, Path(args.out).parent)
     lines = ["# PReLU at ReLU's cost: sphere20 training step (issue 23)", "",
              f"Command: `{payload['command']}`; batch {args.batch}, {args.threads} threads, {args.rounds} "
-             f"alternating rounds, best round. Load average (1/5/15 min) {load0} at the start, "
-             f"{payload['load_average_end']} at the end (2-core machine shared with other jobs).", "",
+             f"alternating rounds ({args.settle} untimed step before each timed one), best round. Load average "
+             f"(1/5/15 min) {load0} at the start, {payload['load_average_end']} at the end (2-core machine shared "
+             "with other jobs).", "",
              "| precision | memory format | ReLU ms | nn.PReLU ms | toolkit PReLU ms | nn.PReLU / ReLU | "
              "toolkit PReLU / ReLU | median rounds: nn.PReLU / ReLU, toolkit / ReLU | saved for backward MB: "
              "ReLU, nn.PReLU, toolkit |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
