@@ -174,7 +174,7 @@ class TrainConfig:
     # and MHE always run in float32. The same knob is `precision` in every command.
     precision: str = "auto"
     # torch.compile the backbone (before DDP): auto | true | false (YAML booleans too); auto compiles where
-    # the run is long enough to repay the compilation (sphereface_plus.engine.compile, docs/performance.md)
+    # the run is long enough to repay the compilation, never on a CPU (sphereface_plus.engine.compile)
     compile: Any = "auto"
     # float64 everywhere (backbone, head, MHE; train.precision must then be fp32 or off): a reference mode for
     # exact comparisons between process layouts and with the peers' float64 code; slow

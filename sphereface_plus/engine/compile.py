@@ -13,13 +13,15 @@ on a CPU, Triton on CUDA); never on a device type whose break-even is unknown or
 :data:`SAFETY` covers what the measurement cannot: a slower or busier machine compiles for longer, a
 resumed run or a DDP rank recompiles, and a schedule with a frozen layer or a new batch size recompiles.
 
-Measured (``bench/results/compile_speed.md``, ``docs/performance.md``): on this project's 2-core AVX2 CPU
-the sphere20 trainer step (fp32, batch 16) compiled took 0.79x the eager step (Inductor fuses the PReLU
-forward/backward and the elementwise work around the oneDNN convolutions), and the first compilation cost
-35 s (2 s with a warm Inductor cache): a break-even of 16-35 iterations, recorded as 40. On CUDA the
-break-even is not measured yet (``bench/device_check.sh`` measures it on an H200): :data:`BREAK_EVEN` holds a
-conservative estimate (a minute of compilation against a 10 % gain on 25 ms steps) until that run
-replaces it.
+Measured (``bench/results/compile_speed.md``, ``docs/performance.md``) on this project's 2-core AVX2 CPU,
+the sphere20 trainer step (fp32, batch 16): on the quiet machine, with the eager
+:class:`~sphereface_plus.models.layers.PReLU` backward, the compiled step took 1.03-1.05x the eager one
+(three runs; the convolutions are oneDNN's either way and the elementwise work Inductor fuses is now small),
+so compiling never pays there: :data:`BREAK_EVEN` ``["cpu"]`` is infinite and ``auto`` runs eager on a CPU.
+(Under load 4, before that PReLU, it had measured 0.69-0.79x with 35 s of cold compilation.) On CUDA the
+break-even is not measured yet (``bench/device_check.sh`` measures it on an H200): :data:`BREAK_EVEN` holds
+a conservative estimate (a minute of compilation against a 10 % gain on 25 ms steps) until that run
+replaces it. ``train.compile=true`` compiles on any device.
 
 ``SPHEREFACE_PLUS_COMPILE_AUTO=eager`` in the environment makes ``auto`` mean eager (the test suite sets it:
 hundreds of short trainers would each compile); ``true``/``false`` are not affected.
@@ -48,7 +50,7 @@ COMPILE_SETTINGS = ("auto", "true", "false")
 #: training iterations after which a compiled backbone has paid for its compilation, per device type
 #: (``bench/results/compile_speed.json``; ``inf``: compiling never pays there)
 BREAK_EVEN: Dict[str, float] = {
-    "cpu": 40.0,  # measured: 35 s cold compile / (4.68 - 3.68 s per step), sphere20 fp32 batch 16, 2 cores
+    "cpu": math.inf,  # measured: compiled step 1.03-1.05x eager (sphere20 fp32 batch 16, 2 cores, quiet)
     "cuda": 2400.0,  # estimate until bench/device_check.sh measures it: 60 s compile / (10 % of 25 ms)
 }
 
@@ -101,8 +103,8 @@ def resolve_compile(setting: Any, device: Union[str, torch.device], iterations: 
         return False
     break_even = BREAK_EVEN.get(device.type, math.inf)
     if not math.isfinite(break_even):
-        logger.info("train.compile=auto: eager on %s (no measured break-even there, docs/performance.md)",
-                    device.type)
+        logger.info("train.compile=auto: eager on %s (compiling was not measured to pay there, "
+                    "docs/performance.md; train.compile=true compiles anyway)", device.type)
         return False
     missing = compile_toolchain(device)
     if missing:
