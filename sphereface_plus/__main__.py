@@ -1,6 +1,4 @@
 """``python -m sphereface_plus`` is the ``sphereface-plus`` console script."""
-import sys
+from sphereface_plus.cli import exit_process, main
 
-from sphereface_plus.cli import main
-
-sys.exit(main())
+exit_process(main())

@@ -479,3 +479,23 @@ def test_a_second_signal_exits_at_once():
     res = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=WAIT)
     assert res.stdout.split() == ["flag", "SIGTERM"], res.stdout + res.stderr
     assert res.returncode == 143 and "second signal" in res.stderr, (res.returncode, res.stderr)
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_torchrun_worker_exits_with_its_status_and_its_output_flushed(world_size):
+    """``exit_process``: a torchrun worker (WORLD_SIZE > 1) ends by ``os._exit`` (no interpreter teardown of
+    the distributed library's C++ objects) after flushing what it printed and logged; a plain process by
+    ``sys.exit``. Either way the status and the buffered output arrive."""
+    code = ("import atexit, logging, sys\n"
+            "logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
+            "atexit.register(lambda: print('teardown', file=sys.stderr))\n"
+            "from sphereface_plus.cli import exit_process\n"
+            "print('written', end='')\n"
+            "logging.getLogger('t').info('logged')\n"
+            "exit_process(3)\n"
+            "print('never')\n")
+    env = dict(os.environ, WORLD_SIZE=world_size, PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3
+    assert res.stdout == "written" and "logged" in res.stderr
+    assert ("teardown" in res.stderr) == (world_size == "1")  # a worker skips the interpreter's teardown

@@ -222,4 +222,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sphereface_plus.cli import exit_process
+
+    exit_process(main())
