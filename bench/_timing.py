@@ -37,7 +37,8 @@ def machine() -> Dict[str, object]:
 
 
 def alternate(variants: Dict[str, Callable[[], object]], rounds: int, repeat: int = 1,
-              sync: Optional[Callable[[], None]] = None, log: bool = True, settle: int = 0) -> Dict[str, List[float]]:
+              sync: Optional[Callable[[], None]] = None, log: bool = True,
+              settle: int = 0) -> Dict[str, List[float]]:
     """Seconds per call of each variant, ``rounds`` alternating rounds of ``repeat`` calls each.
 
     Each variant is called once before the rounds (warm-up: allocator, oneDNN primitives, compilation), and

@@ -362,8 +362,8 @@ def main() -> int:
     payload = {"bench": "device_check", "device": torch.device(device).type, "size": size, "machine": machine(),
                "load_average_start": load0, "load_average_end": load_average(),
                "wall_s": round(time.time() - t_start, 1), "checks": checks,
-               "checks_ok": all(c.get("ok") for c in checks), "throughput": rows, "mhe_overhead": mhe, "prelu_backward": prelu,
-               "input_pipeline": pipe, "notes": notes}
+               "checks_ok": all(c.get("ok") for c in checks), "throughput": rows, "mhe_overhead": mhe,
+               "prelu_backward": prelu, "input_pipeline": pipe, "notes": notes}
     out = Path(args.out)
     suffix = "" if (size == "full" or out.resolve() != RESULTS.resolve()) else "_cpu_ci"
     path = write_json(f"device_check{suffix}.json", payload, out)

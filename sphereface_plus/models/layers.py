@@ -129,8 +129,8 @@ class PReLU(nn.PReLU):
     ``PReLU(num_parameters=1, init=0.25)``: one slope per channel (dimension 1) or a single shared one.
     ``fast_backward``: None (default) = the vectorised backward on a CPU, torch's kernels elsewhere; True /
     False force one (True on a GPU costs one host synchronisation per call: the check that every slope is
-    positive, ``bench/device_check.sh`` times it against torch's there). Under bfloat16 autocast the slopes stay float32 and are cast to the activation dtype
-    for the product, as ``nn.PReLU`` does.
+    positive, ``bench/device_check.sh`` times it against torch's there). Under bfloat16 autocast the slopes
+    stay float32 and are cast to the activation dtype for the product, as ``nn.PReLU`` does.
     """
 
     def __init__(self, num_parameters: int = 1, init: float = 0.25, device=None, dtype=None,
