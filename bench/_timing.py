@@ -87,10 +87,13 @@ def write_json(name: str, payload: Dict[str, object], out_dir: Optional[Path] = 
     return path
 
 
-def write_text(path: Path, text: str) -> Path:
+def write_report(path: Path, lines: List[str]) -> Path:
+    """The Markdown report ``lines`` written atomically to ``path`` (folders made) and printed."""
     from sphereface_plus.utils import atomic_write_text
 
+    text = "\n".join(lines) + "\n"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
+    print(text)
     return path

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._timing import RESULTS, alternate, load_average, machine, ratios, write_json, write_text  # noqa: E402
+from bench._timing import RESULTS, alternate, load_average, machine, ratios, write_json, write_report  # noqa: E402
 from bench.train_throughput import make_trainer  # noqa: E402
 
 
@@ -94,9 +94,7 @@ def main() -> int:
                      f"{r['first_step_eager_s']:.1f} | {r['first_step_compiled_s']:.1f} | {r['compile_s']:.1f} | "
                      f"{r['step_eager_s'] * 1e3:.0f} | {r['step_compiled_s'] * 1e3:.0f} | "
                      f"{r['compiled_vs_eager']:.3f}x | {be} |")
-    text = "\n".join(lines) + "\n"
-    write_text(out.with_suffix(".md"), text)
-    print(text)
+    write_report(out.with_suffix(".md"), lines)
     return 0
 
 

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._timing import RESULTS, load_average, machine, write_json, write_text  # noqa: E402
+from bench._timing import RESULTS, load_average, machine, write_json, write_report  # noqa: E402
 from sphereface_plus.config import load_config  # noqa: E402
 from sphereface_plus.engine.dist import DistInfo  # noqa: E402
 from sphereface_plus.models import list_backbones  # noqa: E402
@@ -388,8 +388,7 @@ def main() -> int:
         lines.append(f"nvJPEG batched decode: {nv['gpu_images_per_s']:.0f} images/s vs one CPU worker "
                      f"{nv['one_cpu_worker_images_per_s']:.0f} ({nv['ratio']}x).")
     lines += [f"- {n}" for n in notes]
-    write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(path.with_suffix(".md"), lines)
     return 0 if payload["checks_ok"] else 1
 
 

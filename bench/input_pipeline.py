@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._timing import RESULTS, alternate, load_average, machine, ratios, write_json, write_text  # noqa: E402
+from bench._timing import RESULTS, alternate, load_average, machine, ratios, write_json, write_report  # noqa: E402
 from data_prep import datasets as ds  # noqa: E402
 from data_prep.jpeg import ENV, simplejpeg_available  # noqa: E402
 
@@ -211,9 +211,7 @@ def main() -> int:
         lines += ["", "DataLoader (batch %d), images/s into the training loop:" % args.batch, "",
                   "| source | workers | images/s |", "| --- | --- | --- |"]
         lines += [f"| {r['source']} ({r['decoder']}) | {r['workers']} | {r['images_per_s']:.0f} |" for r in loaders]
-    text = "\n".join(lines) + "\n"
-    write_text(out.with_suffix(".md"), text)
-    print(text)
+    write_report(out.with_suffix(".md"), lines)
     return 0
 
 

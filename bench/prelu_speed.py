@@ -27,7 +27,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._timing import RESULTS, alternate, load_average, machine, ratios, write_json, write_text  # noqa: E402
+from bench._timing import RESULTS, alternate, load_average, machine, ratios, write_json, write_report  # noqa: E402
 from sphereface_plus.models import create_backbone  # noqa: E402
 from sphereface_plus.models.layers import PReLU, prelu_backward  # noqa: E402
 
@@ -207,9 +207,7 @@ def main() -> int:
                          f"{row['toolkit PReLU']:.2f} | {row['nn.PReLU / relu']}x | {row['toolkit / relu']}x |")
     lines += ["", f"CPU capability {payload['cpu_capability']}, bf16 support {payload['bf16_support']}."]
     lines += [f"- {n}" for n in notes]
-    text = "\n".join(lines) + "\n"
-    write_text(out.with_suffix(".md"), text)
-    print(text)
+    write_report(out.with_suffix(".md"), lines)
     return 0
 
 
