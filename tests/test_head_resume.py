@@ -12,20 +12,9 @@ import torch
 from sphereface_plus.config import load_config
 from sphereface_plus.heads import head_parameters, list_heads
 from sphereface_plus.trainer import Trainer
+from tests.trainer_stubs import TinyFaces
 
 NUM_CLASSES, BATCH, STEPS, SAVE_AT = 8, 4, 4, 2
-
-
-class TinyFaces(torch.utils.data.Dataset):
-    """What the Trainer reads at construction; the steps get their batches from :func:`batch`."""
-
-    num_classes, input_size = NUM_CLASSES, (112, 96)
-
-    def __len__(self) -> int:
-        return 4 * NUM_CLASSES
-
-    def __getitem__(self, key):
-        raise AssertionError("the test feeds train_step directly")
 
 
 def batch(step: int):
@@ -39,7 +28,7 @@ def make_trainer(out, name: str) -> Trainer:
         "mhe.lambda_m=0.5", "optim.lr=0.05", "train.seed=2", f"train.batch_size={BATCH}", f"train.iterations={STEPS}",
         "train.tensorboard=false", "train.precision=fp32", "train.device=cpu", "checkpoint.every=100", "eval.pairs=",
     ])
-    return Trainer(cfg, TinyFaces())
+    return Trainer(cfg, TinyFaces(NUM_CLASSES))
 
 
 def run(trainer: Trainer, steps):

@@ -123,15 +123,6 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    from data_prep.datasets import prepare_synthetic
-
-    root = tmp_path_factory.mktemp("synthetic")
-    prepare_synthetic(root, 20, 3, 0, "112x96", pairs_per_fold=2)
-    return root
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache):
     """An uninterrupted N_REF-iteration run with a checkpoint every 2 iterations (all kept)."""
     out = tmp_path_factory.mktemp("reference")

@@ -23,21 +23,10 @@ import torch.multiprocessing as mp
 from sphereface_plus.config import load_config
 from sphereface_plus.engine.dist import DistInfo
 from sphereface_plus.trainer import Trainer
+from tests.trainer_stubs import TinyFaces
 
 NUM_CLASSES, GLOBAL_BATCH, STEPS, SAVE_AT = 12, 6, 4, 2
 ATOL = 1e-9  # float64 training: the bound analysed at tests/test_train.py FLOAT64_ATOL
-
-
-class TinyFaces(torch.utils.data.Dataset):
-    """Only what the Trainer reads at construction (the steps get their batches from :func:`batch`)."""
-
-    num_classes, input_size = NUM_CLASSES, (112, 96)
-
-    def __len__(self) -> int:
-        return 4 * NUM_CLASSES
-
-    def __getitem__(self, key):
-        raise AssertionError("the test feeds train_step directly")
 
 
 def batch(step: int, world: int = 1, rank: int = 0):
@@ -56,7 +45,7 @@ def make_trainer(out, parallel: str, info: DistInfo = None) -> Trainer:
         "train.tensorboard=false", "train.precision=off", "train.float64=true", "train.device=cpu", "checkpoint.every=2", "checkpoint.keep=0",
         "eval.pairs=",
     ])
-    return Trainer(cfg, TinyFaces(), info)
+    return Trainer(cfg, TinyFaces(NUM_CLASSES), info)
 
 
 def run_steps(trainer: Trainer, steps, world: int = 1, rank: int = 0, save_at=()):

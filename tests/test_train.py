@@ -70,15 +70,6 @@ def _assert_same_state(a, b, atol=0.0):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    from data_prep.datasets import prepare_synthetic
-
-    root = tmp_path_factory.mktemp("synthetic")
-    prepare_synthetic(root, 20, 3, 0, "112x96", pairs_per_fold=2)
-    return root
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("reference")
     # verification on the synthetic pairs every 4 iterations: it must not disturb training state
