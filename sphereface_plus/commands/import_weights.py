@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sphereface_plus.errors import UsageError
 from sphereface_plus.importers import SOURCES
+from sphereface_plus.utils import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +131,6 @@ def import_onnx_file(src, out: Path, overrides: dict, tolerance: float = 1e-4) -
     the original model with the source convention computed in numpy and to the rewritten one with the
     toolkit's input; the ``feature`` outputs must agree within ``tolerance`` relative to their norm.
     """
-    import hashlib
-
     import numpy as np
     import onnxruntime as ort
 
@@ -152,7 +151,7 @@ def import_onnx_file(src, out: Path, overrides: dict, tolerance: float = 1e-4) -
         "preprocessing": f"{PREPROCESSING} (the graph converts it to the imported model's own input: {pre.describe()})",
         "flip_policy": FLIP_POLICY if pre.flip == "concat" else f"{pre.flip} (the imported model's own)",
         FLIP_KEY: pre.flip, "threshold": "none", "iteration": "none", "source_checkpoint": Path(src).name,
-        "source_sha256": hashlib.sha256(Path(src).read_bytes()).hexdigest(),
+        "source_sha256": sha256_file(src),
         "toolkit_version": str(getattr(sphereface_plus, "__version__", "unknown")),
     }
     data = convert_onnx(model, pre, meta)

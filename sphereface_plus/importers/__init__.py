@@ -16,26 +16,18 @@ TensorFlow), :mod:`.preprocessing` (the metadata and the input adapter).
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 
 from sphereface_plus.importers.preprocessing import PREPROCESSING_KEY, Preprocessing
+from sphereface_plus.utils import sha256_file
 
-__all__ = ["SOURCES", "face_checkpoint", "file_sha256", "check_state_dict"]
+__all__ = ["SOURCES", "face_checkpoint", "check_state_dict"]
 
 #: the ``--from`` choices of ``sphereface-plus import`` (the one list of them)
 SOURCES = ("caffe", "opensphere", "insightface", "onnx", "mhe-gan")
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def face_checkpoint(backbone: str, state: Mapping[str, torch.Tensor], pre: Preprocessing,
@@ -51,7 +43,7 @@ def face_checkpoint(backbone: str, state: Mapping[str, torch.Tensor], pre: Prepr
         "iteration": 0,
         PREPROCESSING_KEY: pre.to_dict(),
         "imported_from": {"format": source, "files": [Path(p).name for p in sources],
-                          "sha256": [file_sha256(p) for p in sources]},
+                          "sha256": [sha256_file(p) for p in sources]},
     }
     if head is not None:
         ckpt["head"] = {k: v.detach().clone().contiguous() for k, v in head.items()}
