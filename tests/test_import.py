@@ -700,9 +700,9 @@ def test_export_of_an_imported_model_keeps_its_convention(tmp_path, crops112):
 
 def test_imported_caffe_model_fine_tunes_with_train_init_from(tmp_path):
     """train.init_from=IMPORTED.pt: the SphereFace+ fine-tune starts from the released backbone and its fc6."""
-    from data_prep.datasets import prepare_synthetic
+    from data_prep.training_set import prepare_synthetic
     from sphereface_plus.commands.train import make_trainer
-    from sphereface_plus.config import load_config
+    from sphereface_plus.face.config import load_config
 
     text = release_prototxt(UNITS, margin=20)
     blobs = caffe_weights(UNITS, classes=20, seed=9)
@@ -714,7 +714,7 @@ def test_imported_caffe_model_fine_tunes_with_train_init_from(tmp_path):
     cache = tmp_path / "synthetic"
     prepare_synthetic(cache, 20, 2, 0, "112x96", pairs_per_fold=2)
     repo = Path(__file__).resolve().parents[1]
-    cfg = load_config(str(repo / "configs" / "cpu_smoke.yaml"), [
+    cfg = load_config(str(repo / "configs" / "face" / "cpu_smoke.yaml"), [
         f"out_dir={tmp_path / 'run'}", "model.backbone=sphere10", "model.embedding_dim=512", "train.precision=fp32",
         f"data.synthetic.cache_dir={cache}", "data.synthetic.num_identities=20", "data.synthetic.images_per_identity=2",
         "data.synthetic.pairs_per_fold=2", "eval.pairs=", "train.tensorboard=false", "mhe.lambda_m=10.0",

@@ -1,4 +1,4 @@
-"""Issue 23: the fast PReLU, train.compile=auto, the JPEG decoder and normalisation, bench/device_check.sh."""
+"""Speed features (docs/performance.md): the fast PReLU, train.compile=auto, the JPEG decoder and normalisation, bench/device_check.sh."""
 from __future__ import annotations
 
 import math
@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sphereface_plus.config import ConfigError, load_config
+from sphereface_plus.config import ConfigError
+from sphereface_plus.face.config import load_config
 from sphereface_plus.engine import compile as compile_rule
 from sphereface_plus.errors import UsageError
 from sphereface_plus.models import create_backbone
