@@ -158,3 +158,58 @@ def test_verify_bin_pack_with_checkpoint(tmp_path):
         ref = torch.cat([model(x), model(x.flip(3))], 1).numpy()
     assert got.shape == (16, 128)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def _reference_outcomes(f1, f2, issame, folds):
+    """Every pair's test score and its fold's threshold by brute force (as _reference), and how far on the
+    wrong side of it the score lies."""
+    thr = np.arange(-10000, 10001) / 10000.0
+    score, t_of = np.zeros(len(issame)), np.zeros(len(issame))
+    for k in range(folds.max() + 1):
+        test, train = folds == k, folds != k
+        mu = np.concatenate([f1[train], f2[train]]).mean(0)
+        a, b = f1 - mu, f2 - mu
+        s = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+        c = (s[train][None] > thr[:, None])[:, issame[train]].sum(1) + \
+            (s[train][None] < thr[:, None])[:, ~issame[train]].sum(1)
+        score[test], t_of[test] = s[test], thr[c == c.max()].mean()
+    return score, t_of, np.where(issame, t_of - score, score - t_of)
+
+
+def test_verify_report_dir_shows_the_hardest_errors(lfw_like, capsys):
+    """report.md lists, and hardest_errors.png shows, exactly the k false accepts and false rejects scored
+    furthest on the wrong side of their fold's threshold (a brute-force reference picks them)."""
+    import cv2
+
+    from eval.export import synthetic_crops
+
+    d, paths, feats, (i1, i2, issame, folds) = lfw_like
+    crops = synthetic_crops("112x96", 5)
+    for n, p in enumerate(paths):  # crops to show (any aligned image will do: the scores come from the .npz)
+        (d / "crops" / p).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(d / "crops" / p), crops[n % 5])
+    score, thr, wrong = _reference_outcomes(feats[i1].astype(np.float64), feats[i2].astype(np.float64), issame, folds)
+    k = 4
+    argv = ["verify", "lfw", "--features", str(d / "f.npz"), "--pairs", str(d / "pairs.txt"), "--hardest", str(k)]
+    assert main(argv + ["--root", str(d / "crops"), "--report-dir", str(d / "rep")]) == 0
+    md = (d / "rep" / "report.md").read_text()
+    assert (d / "rep" / "hardest_errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![hardest errors](hardest_errors.png)" in md and "![ROC](roc.png)" in md
+    assert json.loads((d / "rep" / "report.json").read_text())["fold_accuracies"] == _reference(
+        feats[i1].astype(np.float64), feats[i2].astype(np.float64), issame, folds).tolist()
+    for title, same in (("False accepts", False), ("False rejects", True)):
+        errors = np.flatnonzero((wrong >= 0) & (issame == same))
+        want = errors[np.argsort(-wrong[errors], kind="stable")][:k]
+        assert f"### {title} ({len(errors)} in all, {len(want)} shown)" in md
+        section = md.split(f"### {title}")[1].split("###")[0]
+        rows = [r.split("|") for r in section.splitlines() if r.startswith("| ") and r[2].isdigit()]
+        assert [(r[2].strip(" `"), r[3].strip(" `")) for r in rows] == [(paths[i1[i]], paths[i2[i]]) for i in want]
+        assert [float(r[5]) for r in rows] == pytest.approx(score[want], abs=5e-5)
+        assert [float(r[6]) for r in rows] == pytest.approx(thr[want], abs=5e-5)
+    # without images: the same tables, no grid; an existing report is never overwritten
+    assert main(argv + ["--report-dir", str(d / "rep2")]) == 0
+    assert "No image grid" in (d / "rep2" / "report.md").read_text()
+    assert not (d / "rep2" / "hardest_errors.png").exists()
+    capsys.readouterr()
+    assert main(argv + ["--report-dir", str(d / "rep")]) == 2
+    assert "already holds a report.md" in capsys.readouterr().err

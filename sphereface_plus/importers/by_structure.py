@@ -56,6 +56,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from sphereface_plus.errors import CheckpointError, UsageError
+from sphereface_plus.importers.torch_state import strip_state
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +77,6 @@ def _is_state(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _strip_prefix(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Drop ``module.`` prefixes (DataParallel / DistributedDataParallel, possibly nested)."""
-    out = dict(state)
-    while out and all(k.startswith("module.") for k in out):
-        out = {k[len("module."):]: v for k, v in out.items()}
-    return out
-
-
 def find_state_dict(obj: Any, where: str) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """The state dict inside a loaded checkpoint: ``obj`` itself, or the first of :data:`WRAPPER_KEYS`
     holding one, level by level (``{'net_state_dict': ...}``, ``{'model': {'backbone': ...}}``).
@@ -91,7 +84,7 @@ def find_state_dict(obj: Any, where: str) -> Tuple[Dict[str, torch.Tensor], List
     path: List[str] = []
     for _ in range(_MAX_DEPTH):
         if _is_state(obj):
-            return _strip_prefix(obj), path
+            return strip_state(obj), path
         if not isinstance(obj, Mapping):
             break
         key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)

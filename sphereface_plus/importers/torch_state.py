@@ -40,7 +40,7 @@ from sphereface_plus.errors import CheckpointError, InputFileError, MissingFileE
 logger = logging.getLogger(__name__)
 
 __all__ = ["import_insightface", "import_opensphere", "detect_iresnet", "detect_sfnet", "load_state_file",
-           "HEAD_LAYOUTS", "head_layout"]
+           "HEAD_LAYOUTS", "head_layout", "read_opensphere", "strip_state"]
 
 #: how an OpenSphere head stores its ``w`` (``import --head-layout``): ``classes-by-dim`` in OpenSphere
 #: ``main`` (``torch.Tensor(subj_num, feat_dim)``), ``dim-by-classes`` in ``OpenSphere_v0`` and
@@ -66,7 +66,8 @@ def load_state_file(path, what: str) -> Dict[str, Any]:
     return obj
 
 
-def _strip(state: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+def strip_state(state: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """The tensors of ``state``, a ``module.`` prefix (DataParallel / DDP) dropped from each key."""
     out = {}
     for k, v in state.items():
         if isinstance(v, torch.Tensor):
@@ -149,7 +150,7 @@ def import_insightface(path, arch: Optional[str] = None) -> Dict[str, Any]:
     from sphereface_plus.importers.preprocessing import INSIGHTFACE, Preprocessing
 
     where = str(path)
-    state = _strip(load_state_file(path, "insightface backbone"))
+    state = strip_state(load_state_file(path, "insightface backbone"))
     if "conv1.weight" not in state or "prelu.weight" not in state:
         raise CheckpointError(f"{where}: no 'conv1.weight' / 'prelu.weight': not an arcface_torch iResNet backbone.pth "
                               f"(an MXNet / ONNX model? use --from onnx for .onnx files)")
@@ -206,14 +207,13 @@ def _opensphere_head(head_state: Mapping[str, torch.Tensor], dim: int, head_name
     return module.state_dict(), {"name": head_name}
 
 
-def import_opensphere(path, head_path=None, arch: Optional[str] = None, head_name: str = "a_softmax",
-                      head_layout: Optional[str] = None) -> Dict[str, Any]:
-    """The toolkit checkpoint of an OpenSphere backbone (+ head) (module docstring); ``head_layout``
-    (:data:`HEAD_LAYOUTS`) overrides the orientation of the head's ``w`` read from the file."""
-    from sphereface_plus.importers import face_checkpoint
-    from sphereface_plus.importers.preprocessing import OPENSPHERE, Preprocessing
-
-    where = str(path)
+def read_opensphere(path, head_path=None):
+    """``(backbone state, head state or None, files, head layout of the branch)`` of OpenSphere files
+    (module docstring). The branch layout is what the branch that writes files like these stores (used for
+    a square ``w`` only, :func:`head_layout`): ``main`` writes one ``{'backbone', 'head'}`` file with
+    ``classes x feat_dim``; ``SphereFace2_ICLR21`` the same container (its backbone's stage convolution is
+    ``layer{i}.0.conv``) and ``OpenSphere_v0`` two files, both ``feat_dim x classes``. Keys come back in
+    the toolkit's names (``layer{i}.0.conv1``)."""
     raw = load_state_file(path, "OpenSphere checkpoint")
     head_state = None
     files = [Path(path)]
@@ -225,17 +225,25 @@ def import_opensphere(path, head_path=None, arch: Optional[str] = None, head_nam
         raw = raw["backbone"]
     if head_path is not None:
         if head_state is not None:
-            raise InputFileError(f"{where} already holds the head; give it alone")
+            raise InputFileError(f"{path} already holds the head; give it alone")
         head_state = load_state_file(head_path, "OpenSphere head")
         files.append(Path(head_path))
-    state = _strip(raw)
-    # the layout of a square head's w: main writes one {'backbone', 'head'} file with classes x feat_dim;
-    # SphereFace2_ICLR21 writes the same container (its backbone's stage convolution is layer{i}.0.conv)
-    # and OpenSphere_v0 two files, both with feat_dim x classes
+    state = strip_state(raw)
     iclr21 = any(re.match(r"layer\d\.0\.conv\.", k) for k in state)
     branch_layout = HEAD_LAYOUTS[0] if combined and not iclr21 else HEAD_LAYOUTS[1]
-    # SphereFace2_ICLR21 branch: the stage convolution is layer{i}.0.conv
     state = {re.sub(r"^(layer\d\.0)\.conv\.", r"\1.conv1.", k): v for k, v in state.items()}
+    return state, None if head_state is None else strip_state(head_state), files, branch_layout
+
+
+def import_opensphere(path, head_path=None, arch: Optional[str] = None, head_name: str = "a_softmax",
+                      head_layout: Optional[str] = None) -> Dict[str, Any]:
+    """The toolkit checkpoint of an OpenSphere backbone (+ head) (module docstring); ``head_layout``
+    (:data:`HEAD_LAYOUTS`) overrides the orientation of the head's ``w`` read from the file."""
+    from sphereface_plus.importers import face_checkpoint
+    from sphereface_plus.importers.preprocessing import OPENSPHERE, Preprocessing
+
+    where = str(path)
+    state, head_state, files, branch_layout = read_opensphere(path, head_path)
     if "prelu.weight" in state and "conv1.weight" in state:
         found, family = detect_iresnet(state, where), "iresnet"
     elif "layer1.0.conv1.weight" in state:
@@ -250,7 +258,7 @@ def import_opensphere(path, head_path=None, arch: Optional[str] = None, head_nam
     net, template, dim = _build(name, state, where, family)
     head = head_config = None
     if head_state is not None:
-        head, head_config = _opensphere_head(_strip(head_state), dim, head_name, str(head_path or path), branch_layout,
+        head, head_config = _opensphere_head(head_state, dim, head_name, str(head_path or path), branch_layout,
                                              head_layout)
     pre = Preprocessing(**{**OPENSPHERE.to_dict(), "template": template})
     return face_checkpoint(name, net.state_dict(), pre, files, "opensphere", dim, head=head, head_config=head_config)
