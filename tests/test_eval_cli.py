@@ -203,6 +203,7 @@ def test_verify_report_dir_shows_the_hardest_errors(lfw_like, capsys):
         assert f"### {title} ({len(errors)} in all, {len(want)} shown)" in md
         section = md.split(f"### {title}")[1].split("###")[0]
         rows = [r.split("|") for r in section.splitlines() if r.startswith("| ") and r[2].isdigit()]
+        assert len(want) == k
         assert [(r[2].strip(" `"), r[3].strip(" `")) for r in rows] == [(paths[i1[i]], paths[i2[i]]) for i in want]
         assert [float(r[5]) for r in rows] == pytest.approx(score[want], abs=5e-5)
         assert [float(r[6]) for r in rows] == pytest.approx(thr[want], abs=5e-5)
@@ -213,3 +214,43 @@ def test_verify_report_dir_shows_the_hardest_errors(lfw_like, capsys):
     capsys.readouterr()
     assert main(argv + ["--report-dir", str(d / "rep")]) == 2
     assert "already holds a report.md" in capsys.readouterr().err
+
+
+def test_verify_bin_report_dir_draws_the_pack_images(tmp_path, capsys):
+    """verify bin --report-dir: the grid is drawn from the pack's own images (a model embeds them), the pairs
+    listed are the k worst of the features the run saved (brute force), named by their pack index."""
+    import cv2
+    import torch
+
+    from eval.export import synthetic_crops
+    from eval.features import load_features_npz
+    from eval.pairs import save_bin_pack
+    from sphereface_plus.models import create_backbone
+
+    crops = synthetic_crops("112x96", 8)
+    rng = np.random.default_rng(1)
+    issame = np.arange(40) % 2 == 0
+    images = []
+    for _ in issame:  # labels that the images do not follow: errors of both kinds for an untrained model
+        a, b = rng.choice(8, 2, replace=False)
+        images += [cv2.imencode(".png", crops[a])[1].tobytes(), cv2.imencode(".png", crops[b])[1].tobytes()]
+    save_bin_pack(tmp_path / "p.bin", images, issame)
+    torch.save(create_backbone("sphere4").state_dict(), tmp_path / "s4.pth")
+    assert main(["import", "--from", "pytorch", str(tmp_path / "s4.pth"), "--backbone", "sphere4",
+                 "--out", str(tmp_path / "s4.pt")]) == 0
+    k = 3
+    assert main(["verify", "bin", "--checkpoint", str(tmp_path / "s4.pt"), "--pack", str(tmp_path / "p.bin"),
+                 "--protocol", "sphereface", "--precision", "fp32", "--workers", "0", "--hardest", str(k),
+                 "--save-features", str(tmp_path / "f.npz"), "--report-dir", str(tmp_path / "rep")]) == 0
+    paths, feats = load_features_npz(tmp_path / "f.npz")
+    f = feats.astype(np.float64)
+    folds = np.repeat(np.arange(10), 4)
+    _, _, wrong = _reference_outcomes(f[0::2], f[1::2], issame, folds)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert (tmp_path / "rep" / "hardest_errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for title, same in (("False accepts", False), ("False rejects", True)):
+        errors = np.flatnonzero((wrong >= 0) & (issame == same))
+        want = errors[np.argsort(-wrong[errors], kind="stable")][:k]
+        section = md.split(f"### {title}")[1].split("###")[0]
+        rows = [r.split("|") for r in section.splitlines() if r.startswith("| ") and r[2].isdigit()]
+        assert len(want) == k and [r[2].strip(" `") for r in rows] == [f"pack image {2 * i}" for i in want]
