@@ -609,6 +609,14 @@ def test_opensphere_head_orientation_of_each_branch(tmp_path, capsys):
     assert "does not fit head 'w' of shape (7, 16)" in _error_line(
         capsys, ["import", "--from", "opensphere", str(tmp_path / "model_100.pth"), "--head-layout", "dim-by-classes",
                  "--out", str(tmp_path / "no.pt")])
+    # a SphereFace2 head (main's sphereface2.py: w and the logit bias b) goes to the toolkit's sphereface2 head
+    torch.save({"backbone": state, "head": {"w": w, "b": torch.tensor([-7.5])}}, tmp_path / "model_sf2.pth")
+    assert "--head sphereface2" in _error_line(capsys, ["import", "--from", "opensphere", str(tmp_path / "model_sf2.pth"),
+                                                        "--out", str(tmp_path / "no.pt")])
+    assert main(["import", "--from", "opensphere", str(tmp_path / "model_sf2.pth"), "--head", "sphereface2",
+                 "--out", str(tmp_path / "sf2.pt")]) == 0
+    head = torch.load(tmp_path / "sf2.pt", weights_only=True)["head"]
+    assert torch.equal(head["weight"], w) and head["bias"].tolist() == [-7.5]
     assert not (tmp_path / "no.pt").exists()
 
 

@@ -9,12 +9,6 @@ tensors: a state dict lists each module's parameters, then its buffers, then its
 order they were assigned. So the source's tensors are read in state-dict order and matched module by
 module (a convolution, a BatchNorm, a PReLU...) to the toolkit network's, by shape:
 
-- the parts of one module may be registered in another order than they run (a block that creates its
-  PReLU before its convolution): when the next source module does not fit, its siblings (the source
-  modules with the same parent) are paired with the network's next modules if each of those fits
-  exactly one of them; parts alike in kind and shape (two 3x3 convolutions of one width, a block's
-  BatchNorms) can never be told apart, so they must come in the order they run;
-
 - BatchNorm ``num_batches_tracked`` counters are skipped on both sides (they count training steps and
   change no output; the toolkit's keep their value), running means and variances are matched like
   parameters (they follow ``weight`` and ``bias`` in every BatchNorm's state);
@@ -26,7 +20,12 @@ module (a convolution, a BatchNorm, a PReLU...) to the toolkit network's, by sha
 - the last name component of a key (``weight``, ``bias``, ``running_mean``, ``running_var``) is
   PyTorch's, not the author's: where both sides have one of these, they must agree, so a convolution
   bias the toolkit's network lacks is named as such instead of being matched to the next vector of the
-  same length.
+  same length;
+- the parts of one block may be registered in another order than they run (a block that creates its
+  PReLU before its convolution): when the next source module does not fit, it and its siblings (the
+  source modules with the same parent, up to 8) are paired with the network's next modules if each of
+  those fits exactly one of them; parts alike in kind and shape (two 3x3 convolutions of one width, a
+  block's BatchNorms) can never be told apart, so they must come in the order they run.
 
 The first source tensor that does not fit ends the import with one line naming it (its key and shape)
 and the toolkit parameter expected there (its key and shape). Tensors left over once the network is
@@ -38,9 +37,9 @@ the sibling rule above), which is the rule in the ports listed in docs/import.md
 module ahead of modules of other blocks fails with the misfit line. What no state dict can show is
 computation without weights (ReLU or PReLU, where a residual sum sits, strides, paddings, how the map
 is flattened): that is the ``--backbone`` and its options, checked against each port's code
-(docs/import.md#from-pytorch). The crop size and the embedding width follow
-from the tensors: every declared input size and the usual widths are tried (on the meta device:
-nothing is allocated) unless ``--template`` / ``embedding_dim=`` fix them.
+(docs/import.md#from-pytorch). The crop size and the embedding width follow from the tensors: the
+builder's defaults (or ``--template`` / ``embedding_dim=``) first, then, unless those were given, every
+declared input size and the usual widths, as dry runs on the meta device (nothing is allocated).
 """
 from __future__ import annotations
 

@@ -160,6 +160,10 @@ def import_insightface(path, arch: Optional[str] = None) -> Dict[str, Any]:
     return face_checkpoint(name, net.state_dict(), pre, [Path(path)], "insightface", dim)
 
 
+#: OpenSphere head entries under the toolkit's names: SphereFace2's logit bias ``b`` (docs/theory.md#sphereface2)
+_HEAD_NAMES = {"b": "bias"}
+
+
 def head_layout(shape, dim: int, branch_layout: str, where: str, override: Optional[str] = None) -> str:
     """The orientation (:data:`HEAD_LAYOUTS`) of an OpenSphere head's ``w`` of ``shape``, for a ``dim``-d
     backbone: the side equal to ``dim`` says it; a square ``w`` (as many classes as dimensions) says
@@ -193,15 +197,16 @@ def _opensphere_head(head_state: Mapping[str, torch.Tensor], dim: int, head_name
     if w.ndim != 2:
         raise CheckpointError(f"{where}: head 'w' has shape {tuple(w.shape)}; a classifier weight is 2-d")
     weight = w if head_layout(w.shape, dim, layout, where, override) == "classes-by-dim" else w.t()
-    extra = sorted(k for k in head_state if k != "w")
+    extra = {_HEAD_NAMES.get(k, k): v for k, v in head_state.items() if k != "w"}
     module = create_head(head_name, in_features=dim, num_classes=int(weight.shape[0]))
     own = module.state_dict()
-    unknown = [k for k in extra if k not in own]
+    unknown = sorted(k for k, v in extra.items() if k not in own or tuple(own[k].shape) != tuple(v.shape))
     if unknown:
-        raise CheckpointError(f"{where}: head entries {unknown} have no place in the toolkit's {head_name!r} head "
-                              f"(an OpenSphere SphereFace2 head?); import without the head file, or pick --head")
+        hint = " (a SphereFace2 head: --head sphereface2)" if "bias" in unknown and head_name != "sphereface2" else ""
+        raise CheckpointError(f"{where}: head entries {unknown} have no place in the toolkit's {head_name!r} head"
+                              f"{hint}; pick the --head the checkpoint was trained with")
     new = dict(own)
-    new.update({k: head_state[k] for k in extra})
+    new.update(extra)
     new["weight"] = weight.contiguous()
     module.load_state_dict(new)
     return module.state_dict(), {"name": head_name}
