@@ -288,7 +288,12 @@ def write_report_dir(args, report, pairs, paths, feats, flip_halves: bool, pack_
     extra = errors_markdown(picked, outcomes, names, unit, GRID_NAME if crops is not None else None)
     write_json_report(report, out / "report.json")
     plot_roc({args.source: report}, out / "roc.png", title=f"verify {args.source} ({args.protocol} protocol)")
-    command = "sphereface-plus " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if sys.argv[1:2] == ["verify"]:
+        command = "sphereface-plus " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    else:  # called as a library (cli.main(argv)): the options that say what was scored
+        given = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in ("checkpoint", "features", "pairs", "pack",
+                                                                        "root", "landmarks", "protocol")]
+        command = f"sphereface-plus verify {args.source} " + " ".join(f"{k} {shlex.quote(str(v))}" for k, v in given if v)
     text = verification_markdown(report, f"Verification: {args.source} ({args.protocol} protocol)", command,
                                  "roc.png", extra)
     atomic_write_bytes(out / REPORT_NAME, text.encode())
