@@ -97,7 +97,8 @@ def errors_markdown(picked: Mapping[str, np.ndarray], outcomes: Mapping[str, np.
         if not len(idx):
             lines += ["None.", ""]
             continue
-        lines += [f"| rank | image 1 | image 2 | fold | {unit} | threshold |", "| ---: | --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| rank | image 1 | image 2 | fold | {unit} | threshold |",
+                  "| ---: | --- | --- | ---: | ---: | ---: |"]
         for r, i in enumerate(idx, 1):
             a, b = pair_names(int(i))
             lines.append(f"| {r} | `{a}` | `{b}` | {int(outcomes['fold'][i]) + 1} | {outcomes['score'][i]:.4f} | "

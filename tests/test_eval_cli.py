@@ -241,7 +241,11 @@ def test_verify_bin_report_dir_draws_the_pack_images(tmp_path, capsys):
     k = 3
     assert main(["verify", "bin", "--checkpoint", str(tmp_path / "s4.pt"), "--pack", str(tmp_path / "p.bin"),
                  "--protocol", "sphereface", "--precision", "fp32", "--workers", "0", "--hardest", str(k),
-                 "--save-features", str(tmp_path / "f.npz"), "--report-dir", str(tmp_path / "rep")]) == 0
+                 "--save-features", str(tmp_path / "f.npz"), "--report-dir", str(tmp_path / "rep"),
+                 "--save-model", str(tmp_path / "s4_thr.pt")]) == 0
+    # the copy with the threshold keeps the imported model's input convention
+    assert torch.load(tmp_path / "s4_thr.pt", weights_only=True)["preprocessing"] == \
+        torch.load(tmp_path / "s4.pt", weights_only=True)["preprocessing"]
     paths, feats = load_features_npz(tmp_path / "f.npz")
     f = feats.astype(np.float64)
     folds = np.repeat(np.arange(10), 4)

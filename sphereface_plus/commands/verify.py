@@ -291,9 +291,10 @@ def write_report_dir(args, report, pairs, paths, feats, flip_halves: bool, pack_
     if sys.argv[1:2] == ["verify"]:
         command = "sphereface-plus " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     else:  # called as a library (cli.main(argv)): the options that say what was scored
-        given = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in ("checkpoint", "features", "pairs", "pack",
-                                                                        "root", "landmarks", "protocol")]
-        command = f"sphereface-plus verify {args.source} " + " ".join(f"{k} {shlex.quote(str(v))}" for k, v in given if v)
+        given = [(k, getattr(args, k)) for k in ("checkpoint", "features", "pairs", "pack", "root", "landmarks",
+                                                 "protocol")]
+        command = f"sphereface-plus verify {args.source} " + " ".join(f"--{k} {shlex.quote(str(v))}"
+                                                                      for k, v in given if v)
     text = verification_markdown(report, f"Verification: {args.source} ({args.protocol} protocol)", command,
                                  "roc.png", extra)
     atomic_write_bytes(out / REPORT_NAME, text.encode())
@@ -321,13 +322,16 @@ def save_model_with_threshold(checkpoint, out, threshold: float, source: str = "
     """Write a copy of ``checkpoint``'s model with ``threshold`` stored, atomically.
 
     The copy has the model part of a training checkpoint (docs/interfaces.md): ``model`` (backbone
-    state dict), ``head``, ``config`` and ``iteration`` as stored, plus ``threshold`` (the cosine
-    threshold ``compare`` uses) and ``threshold_source`` (how it was found). No optimiser state, so it
-    cannot ``--resume`` a run, but ``train.init_from`` and every evaluation command accept it, and it
-    loads with ``torch.load(weights_only=True)``.
+    state dict), ``head``, ``config``, ``iteration`` (and an imported model's ``preprocessing`` and
+    ``imported_from``) as stored, plus ``threshold`` (the cosine threshold ``compare`` uses) and
+    ``threshold_source`` (how it was found). No optimiser state, so it cannot ``--resume`` a run, but
+    ``train.init_from`` and every evaluation command accept it, and it loads with
+    ``torch.load(weights_only=True)``.
     """
     state = load_checkpoint(checkpoint)
-    copy = {k: state[k] for k in ("model", "head", "config", "iteration") if k in state}
+    # an imported model's input convention and provenance travel with it (docs/import.md)
+    keep = ("model", "head", "config", "iteration", "preprocessing", "imported_from")
+    copy = {k: state[k] for k in keep if k in state}
     copy["threshold"] = float(threshold)
     copy["threshold_source"] = str(source)
     out = Path(out)

@@ -248,8 +248,8 @@ def match_state_dict(net: nn.Module, source: Mapping[str, torch.Tensor], what: s
                         f", whose {o.name!r} holds no more tensors")
                 return StructureMatch(None, placed, total, f"source tensor {key!r} {_shape(shape)} does not fit "
                                       f"{what}{want}")
-            return StructureMatch(None, placed, total, f"source module {s.name!r} ends after {len(s.keys)} tensors where "
-                                  f"{what} expects {o.keys[k]!r} {_shape(o.shapes[k])}")
+            return StructureMatch(None, placed, total, f"source module {s.name!r} ends after {len(s.keys)} tensors "
+                                  f"where {what} expects {o.keys[k]!r} {_shape(o.shapes[k])}")
         for o, k in zip(own[i:i + n], pairing):
             take(src[j + k], o)
         i, j = i + n, j + n
@@ -257,7 +257,8 @@ def match_state_dict(net: nn.Module, source: Mapping[str, torch.Tensor], what: s
     return StructureMatch(state, placed, total, ignored=ignored, converted=converted)
 
 
-def _geometries(spec, template: Optional[str], embedding_dim: Optional[int]) -> List[Tuple[Tuple[int, int], Optional[int]]]:
+def _geometries(spec, template: Optional[str],
+                embedding_dim: Optional[int]) -> List[Tuple[Tuple[int, int], Optional[int]]]:
     """(input size, embedding width) pairs to try, the builder's defaults first."""
     import inspect
 
