@@ -96,7 +96,7 @@ class _BothOutputs(torch.nn.Module):
 def synthetic_crops(template: str, count: int, seed: int = SYNTHETIC_SEED) -> List[np.ndarray]:
     """``count`` aligned crops of distinct synthetic identities (``data_prep.synthetic``), deterministic."""
     from data_prep import align_face
-    from data_prep.synthetic import identity_params, image_params, render_image
+    from data_prep.synthetic_faces import identity_params, image_params, render_image
 
     crops = []
     for i in range(count):
