@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from sphereface_plus.templates import TEMPLATES, template_entry  # noqa: F401 (TEMPLATES re-exported)
+from sphereface_plus.templates import template_entry
 
 logger = logging.getLogger(__name__)
 

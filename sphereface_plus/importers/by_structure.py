@@ -262,7 +262,7 @@ def _geometries(spec, template: Optional[str],
     """(input size, embedding width) pairs to try, the builder's defaults first."""
     import inspect
 
-    from sphereface_plus.importers.preprocessing import TEMPLATE_SIZES
+    from sphereface_plus.templates import TEMPLATE_SIZES
 
     if template is not None:
         sizes = [TEMPLATE_SIZES[template]]
@@ -322,7 +322,8 @@ def import_pytorch(path, backbone: str, options: Optional[Mapping[str, Any]] = N
     concatenated) until the caller replaces it (``import --color/--mean/--std/--flip``): a port's
     convention is a fact of its evaluation code, not of its weights (docs/import.md#from-pytorch)."""
     from sphereface_plus.importers import face_checkpoint
-    from sphereface_plus.importers.preprocessing import TEMPLATE_SIZES, Preprocessing
+    from sphereface_plus.importers.preprocessing import Preprocessing
+    from sphereface_plus.templates import TEMPLATE_SIZES
     from sphereface_plus.models import backbone_spec
 
     spec = backbone_spec(backbone)  # an unknown name lists the registered ones
