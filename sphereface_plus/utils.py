@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic file writes, safe checkpoint loading, progress bars, logging.
+"""Small shared helpers: atomic file writes, file hashes, the cache folder, safe checkpoint loading, progress
+bars, logging.
 
 Every part of the toolkit (alignment, training, evaluation) writes its results through these so that
 an interrupted run never leaves a half-written file behind: data goes to a temporary file in the
@@ -8,6 +9,7 @@ POSIX file systems).
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -19,6 +21,9 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
+
+#: the toolkit's cache folder (detector weights, exported graphs, GAN statistics); each user has one
+CACHE_DIR = Path("~/.cache/sphereface_plus")
 
 
 @contextmanager
@@ -67,6 +72,15 @@ def read_text(path, what: str = "file") -> str:
         line = data.count(b"\n", 0, exc.start) + 1
         raise InputFileError(f"{what} {path}, line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 text; save the "
                              "file as UTF-8 (for example: iconv -f latin1 -t utf-8)") from None
+
+
+def file_sha256(path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

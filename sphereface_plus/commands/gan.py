@@ -45,14 +45,14 @@ from sphereface_plus.errors import UsageError
 from sphereface_plus.gan import losses as gan_losses
 from sphereface_plus.gan import steps
 from sphereface_plus.gan.models import Discriminator, Generator
-from sphereface_plus.utils import atomic_write_text, progress
+from sphereface_plus.utils import CACHE_DIR, atomic_write_text, progress
 
 log = logging.getLogger(__name__)
 
 HELP = "MHE-GAN on CIFAR-10 (DCGAN generator, SN-DCGAN discriminator, MHE on D; FID/KID offline)"
 
 REAL_SPLITS = ("test", "train")
-DEFAULT_STATS_CACHE = str(Path("~/.cache/sphereface_plus/gan-stats"))
+DEFAULT_STATS_CACHE = str(CACHE_DIR / "gan-stats")
 # settings that may differ on resume: paths that move, the run length, the evaluation budget
 RESUMABLE_CHANGES = ("data", "iterations", "stats_cache", "eval_every")  # eval_every: what is recorded (issue 20)
 
