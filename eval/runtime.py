@@ -157,20 +157,23 @@ class ExportFailed(ToolkitError, RuntimeError):
     """torch.onnx could not export the backbone (an operator it does not support), or did so before."""
 
 
-def cached_export(checkpoint, cache=None, allow_failed: bool = True) -> Tuple[Path, Dict[str, object], str]:
+def cached_export(checkpoint, cache=None, retry_failed: bool = False) -> Tuple[Path, Dict[str, object], str]:
     """``(path of the checked .onnx, the model's info, what happened)`` for ``checkpoint``, exporting it
     when the cache has no trustworthy copy (see the module docstring).
 
     Raises :class:`eval.export.ExportCheckError` when the export differs from PyTorch by more than
-    :data:`CHECK_TOLERANCE`, :class:`ExportFailed` when the exporter fails, and the toolkit's errors of
-    a checkpoint that does not load. A failure is recorded; with ``allow_failed`` False a recorded
-    failure is retried, else it is raised again without exporting.
+    :data:`CHECK_TOLERANCE`, :class:`ExportFailed` when the exporter fails or the cache folder cannot be
+    written, and the toolkit's errors of a checkpoint that does not load. A failure is recorded, and raised
+    again without exporting on the next call unless ``retry_failed``.
     """
     from eval.export import ExportCheckError, export_checked
     from eval.features import load_embedding_model
+    from sphereface_plus.errors import MissingFileError
     from sphereface_plus.utils import atomic_write_bytes
 
     checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise MissingFileError(f"checkpoint {checkpoint} does not exist")
     folder = cache_dir(cache)
     sha = file_sha256(checkpoint)
     onnx_path, record_path = folder / f"{sha}.onnx", folder / f"{sha}.json"
@@ -179,7 +182,7 @@ def cached_export(checkpoint, cache=None, allow_failed: bool = True) -> Tuple[Pa
         record = json.loads(record_path.read_text(encoding="utf-8"))
         if record.get("status") != "failed":
             return onnx_path, _info_from_record(record), f"cached export {onnx_path}"
-        if allow_failed:
+        if not retry_failed:
             raise ExportFailed(f"its export failed before with these versions ({record.get('reason')}); "
                                f"--runtime onnxruntime tries again")
         problem = "its export failed before; trying again"
@@ -189,25 +192,29 @@ def cached_export(checkpoint, cache=None, allow_failed: bool = True) -> Tuple[Pa
     t0 = time.perf_counter()
     base = {"checkpoint_sha256": sha, "checkpoint": str(checkpoint.resolve()), "versions": _versions()}
     try:
-        data, summary = export_checked(backbone, info, checkpoint, "onnx", check_count=CHECK_COUNT,
-                                       tolerance=CHECK_TOLERANCE)
-    except ExportCheckError as e:
-        atomic_write_json(record_path, {**base, "status": "failed", "reason": str(e)})
-        raise
-    except ToolkitError:
-        raise
-    except Exception as e:  # noqa: BLE001 (torch.onnx's exporter raises many types for an unsupported operator)
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        atomic_write_json(record_path, {**base, "status": "failed", "reason": reason})
-        raise ExportFailed(f"torch.onnx could not export it ({reason})") from e
-    atomic_write_bytes(onnx_path, data)
-    atomic_write_json(record_path, {
-        **base, "status": "ok", "onnx_sha256": file_sha256(onnx_path),
-        "check": {"tolerance": CHECK_TOLERANCE, "images": summary["check_images"],
-                  "max_abs_diff_embedding": summary["max_abs_diff_embedding"],
-                  "max_rel_diff_feature": summary["max_rel_diff_feature"]},
-        "info": {k: (list(info[k]) if k == "input_size" else info.get(k)) for k in _INFO_KEYS},
-    })
+        try:
+            data, summary = export_checked(backbone, info, checkpoint, "onnx", check_count=CHECK_COUNT,
+                                           tolerance=CHECK_TOLERANCE)
+        except ExportCheckError as e:
+            atomic_write_json(record_path, {**base, "status": "failed", "reason": str(e)})
+            raise
+        except ToolkitError:
+            raise
+        except Exception as e:  # noqa: BLE001 (torch.onnx's exporter raises many types for an unsupported operator)
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            atomic_write_json(record_path, {**base, "status": "failed", "reason": reason})
+            raise ExportFailed(f"torch.onnx could not export it ({reason})") from e
+        atomic_write_bytes(onnx_path, data)  # the graph first: a graph without its record is not trusted
+        atomic_write_json(record_path, {
+            **base, "status": "ok", "onnx_sha256": file_sha256(onnx_path),
+            "check": {"tolerance": CHECK_TOLERANCE, "images": summary["check_images"],
+                      "max_abs_diff_embedding": summary["max_abs_diff_embedding"],
+                      "max_rel_diff_feature": summary["max_rel_diff_feature"]},
+            "info": {k: (list(info[k]) if k == "input_size" else info.get(k)) for k in _INFO_KEYS},
+        })
+    except OSError as e:  # a read-only or full cache folder
+        raise ExportFailed(f"cannot write the cache folder {folder} ({e.strerror or e}); set ${CACHE_ENV} to a "
+                           f"writable folder") from None
     what = (f"exported once in {time.perf_counter() - t0:.0f} s (max difference from PyTorch "
             f"{max(summary['max_abs_diff_embedding'], summary['max_rel_diff_feature']):.1e}), cached at {onnx_path}")
     return onnx_path, info, what
@@ -239,7 +246,7 @@ def load_inference_model(path, device="cpu", precision: str = "auto", runtime: O
     chosen, _, why = choose_runtime(runtime, precision, device)
     if chosen == "onnxruntime":
         try:  # a checkpoint that does not load raises its CheckpointError here, as PyTorch would
-            onnx_path, info, what = cached_export(path, cache, allow_failed=runtime == "auto")
+            onnx_path, info, what = cached_export(path, cache, retry_failed=runtime == "onnxruntime")
             model = OnnxModel(onnx_path, device=device)
         except (ExportCheckError, ExportFailed, OnnxLoadError) as e:
             if runtime != "auto":

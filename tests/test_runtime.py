@@ -271,3 +271,18 @@ def test_compare_command_with_onnxruntime(exported, crops, tmp_path, capsys, mon
     assert main(["compare", *paths, "--checkpoint", str(ckpt), "--aligned", "--precision", "bf16",
                  "--runtime", "onnxruntime"]) == 2
     assert "drop --precision bf16" in capsys.readouterr().err
+
+
+def test_an_unwritable_cache_falls_back_to_pytorch_under_auto(tmp_path, monkeypatch, caplog):
+    import eval.export as E
+
+    ckpt = _checkpoint(tmp_path / "ck.pt", *NETS["sphere4"])
+    (tmp_path / "a-file").write_text("not a folder")
+    summary = {"check_images": "-", "max_abs_diff_embedding": 0.0, "max_rel_diff_feature": 0.0}
+    monkeypatch.setattr(E, "export_checked", lambda *a, **k: (b"graph", summary))  # the write is what fails
+    with caplog.at_level(logging.WARNING, logger="eval.runtime"):
+        _, info = R.load_inference_model(ckpt, precision="fp32", runtime="auto", cache=tmp_path / "a-file" / "c")
+    assert info["runtime"] == "torch"
+    assert any("cannot write the cache folder" in r.getMessage() for r in caplog.records)
+    with pytest.raises(R.ExportFailed, match="SPHEREFACE_PLUS_ONNX_CACHE"):
+        R.load_inference_model(ckpt, precision="fp32", runtime="onnxruntime", cache=tmp_path / "a-file" / "c")

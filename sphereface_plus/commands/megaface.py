@@ -123,7 +123,7 @@ def export(args) -> int:
     return 0
 
 
-def _feature_dim(model, info, flip: bool) -> Optional[int]:
+def _feature_dim(model, info, flip: bool) -> int:
     """The length of this model's feature vectors (doubled by the mirror), from one dummy forward."""
     h, w = info["input_size"]
     device = next(model.parameters(), torch.zeros(0)).device  # an onnxruntime model has none: its input is on CPU
