@@ -39,7 +39,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from sphereface_plus.errors import ToolkitError, UsageError
-from sphereface_plus.utils import CACHE_DIR, atomic_write_json, file_sha256
+from sphereface_plus.utils import CACHE_DIR, atomic_write_json, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _record_problem(record_path: Path, onnx_path: Path, sha: str) -> Optional[st
         return None  # a remembered failure: the caller reads it
     if not onnx_path.is_file():
         return f"{onnx_path.name} is missing"
-    if file_sha256(onnx_path) != record.get("onnx_sha256"):
+    if sha256_file(onnx_path) != record.get("onnx_sha256"):
         return f"{onnx_path.name} does not match its recorded sha256 (damaged or changed)"
     info = record.get("info")
     if not isinstance(info, dict) or any(k not in info for k in _INFO_KEYS):
@@ -175,7 +175,7 @@ def cached_export(checkpoint, cache=None, retry_failed: bool = False) -> Tuple[P
     if not checkpoint.is_file():
         raise MissingFileError(f"checkpoint {checkpoint} does not exist")
     folder = cache_dir(cache)
-    sha = file_sha256(checkpoint)
+    sha = sha256_file(checkpoint)
     onnx_path, record_path = folder / f"{sha}.onnx", folder / f"{sha}.json"
     problem = _record_problem(record_path, onnx_path, sha)
     if problem is None:
@@ -206,7 +206,7 @@ def cached_export(checkpoint, cache=None, retry_failed: bool = False) -> Tuple[P
             raise ExportFailed(f"torch.onnx could not export it ({reason})") from e
         atomic_write_bytes(onnx_path, data)  # the graph first: a graph without its record is not trusted
         atomic_write_json(record_path, {
-            **base, "status": "ok", "onnx_sha256": file_sha256(onnx_path),
+            **base, "status": "ok", "onnx_sha256": sha256_file(onnx_path),
             "check": {"tolerance": CHECK_TOLERANCE, "images": summary["check_images"],
                       "max_abs_diff_embedding": summary["max_abs_diff_embedding"],
                       "max_rel_diff_feature": summary["max_rel_diff_feature"]},

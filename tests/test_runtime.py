@@ -117,13 +117,13 @@ def test_onnxruntime_model_runs_float32_whatever_the_precision(exported):
 
 
 def test_cache_is_keyed_by_the_checkpoint_and_reused(exported, caplog, tmp_path):
-    from sphereface_plus.utils import file_sha256
+    from sphereface_plus.utils import sha256_file
 
     ckpt, _, _, cache = exported["sphere4"]
-    sha = file_sha256(ckpt)
+    sha = sha256_file(ckpt)
     onnx_path, record_path = cache / f"{sha}.onnx", cache / f"{sha}.json"
     record = json.loads(record_path.read_text())
-    assert record["status"] == "ok" and record["onnx_sha256"] == file_sha256(onnx_path)
+    assert record["status"] == "ok" and record["onnx_sha256"] == sha256_file(onnx_path)
     assert max(record["check"]["max_abs_diff_embedding"], record["check"]["max_rel_diff_feature"]) <= PARITY
     mtime = onnx_path.stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="eval.runtime"):
@@ -133,15 +133,15 @@ def test_cache_is_keyed_by_the_checkpoint_and_reused(exported, caplog, tmp_path)
     assert info["runtime"] == "onnxruntime" and onnx_path.stat().st_mtime_ns == mtime  # not exported again
     # another checkpoint (other weights): another key, nothing of the first one touched
     other = _checkpoint(tmp_path / "other.pt", *NETS["sphere4"], seed=1)
-    assert file_sha256(other) != sha and not (cache / f"{file_sha256(other)}.json").exists()
+    assert sha256_file(other) != sha and not (cache / f"{sha256_file(other)}.json").exists()
 
 
 @pytest.mark.parametrize("damage", ["onnx-bytes", "record-json", "no-record", "other-versions", "other-checkpoint"])
 def test_a_damaged_cache_entry_is_not_trusted(exported, damage):
-    from sphereface_plus.utils import file_sha256
+    from sphereface_plus.utils import sha256_file
 
     ckpt, _, _, cache = exported["sphere4"]
-    sha = file_sha256(ckpt)
+    sha = sha256_file(ckpt)
     onnx_path, record_path = cache / f"{sha}.onnx", cache / f"{sha}.json"
     assert R._record_problem(record_path, onnx_path, sha) is None
     saved = {p: p.read_bytes() for p in (onnx_path, record_path)}
@@ -169,17 +169,17 @@ def test_a_damaged_cache_entry_is_not_trusted(exported, damage):
 
 def test_a_damaged_graph_is_exported_again(exported, crops, caplog):
     from eval.features import load_embedding_model
-    from sphereface_plus.utils import file_sha256
+    from sphereface_plus.utils import sha256_file
 
     ckpt, _, _, cache = exported["sphere4"]
-    onnx_path = cache / f"{file_sha256(ckpt)}.onnx"
+    onnx_path = cache / f"{sha256_file(ckpt)}.onnx"
     data = bytearray(onnx_path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     onnx_path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="eval.runtime"):
         model, _ = R.load_inference_model(ckpt, precision="fp32", runtime="onnxruntime", cache=cache)
     assert any("does not match its recorded sha256" in r.getMessage() for r in caplog.records)
-    assert R._record_problem(cache / f"{file_sha256(ckpt)}.json", onnx_path, file_sha256(ckpt)) is None
+    assert R._record_problem(cache / f"{sha256_file(ckpt)}.json", onnx_path, sha256_file(ckpt)) is None
     reference, _ = load_embedding_model(ckpt)
     x = torch.stack([preprocess(c) for c in crops])
     with torch.inference_mode():
