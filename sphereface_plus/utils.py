@@ -69,6 +69,17 @@ def read_text(path, what: str = "file") -> str:
                              "file as UTF-8 (for example: iconv -f latin1 -t utf-8)") from None
 
 
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file, read ``chunk`` bytes at a time (bounded memory for any size)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     with atomic_open(path, "wb") as fh:
         fh.write(data)

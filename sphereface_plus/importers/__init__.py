@@ -16,26 +16,18 @@ TensorFlow), :mod:`.preprocessing` (the metadata and the input adapter).
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 
 from sphereface_plus.importers.preprocessing import PREPROCESSING_KEY, Preprocessing
+from sphereface_plus.utils import file_sha256
 
 __all__ = ["SOURCES", "face_checkpoint", "file_sha256", "check_state_dict"]
 
 #: the ``--from`` choices of ``sphereface-plus import`` (the one list of them)
 SOURCES = ("caffe", "opensphere", "insightface", "onnx", "mhe-gan")
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def face_checkpoint(backbone: str, state: Mapping[str, torch.Tensor], pre: Preprocessing,
