@@ -107,9 +107,6 @@ class Segment:
     codes: np.ndarray  # per row, into ``names``
     sources: Any  # gallery_store.Strings, or a list for segments being written
 
-    def identities(self) -> List[str]:
-        return [self.names[c] for c in self.codes]
-
 
 class Gallery:
     """A snapshot of a gallery folder (see the module docstring); ``open``, ``create``, then search or change it.
@@ -186,7 +183,7 @@ class Gallery:
         return gallery
 
     def _exact_index(self) -> V.VectorIndex:
-        index = V.build_index("exact", self.dim)
+        index = V.NumpyExactIndex(self.dim)  # views of the memory-mapped segments: nothing is copied
         for seg in self.segments:
             index.add(seg.vectors, seg.ids)
         return index
@@ -351,6 +348,16 @@ class Gallery:
         return remove(self, names)
 
     # ------------------------------------------------------------------ reporting
+
+    def iter_rows(self, batch: int = 100_000):
+        """Every stored row, ``batch`` at a time: ``{"vector_id", "identity", "source", "vector"}`` (arrays,
+        lists), e.g. to export the gallery to a vector database (docs/gallery.md#one-machine)."""
+        for seg in self.segments:
+            for a in range(0, len(seg.ids), batch):
+                b = min(a + batch, len(seg.ids))
+                yield {"vector_id": seg.ids[a:b], "identity": [seg.names[c] for c in seg.codes[a:b]],
+                       "source": [seg.sources[i] for i in range(a, b)], "vector": np.asarray(seg.vectors[a:b])}
+
 
     def info(self) -> Dict[str, Any]:
         m = self.manifest

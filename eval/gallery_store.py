@@ -204,7 +204,9 @@ def decode_rows(data: bytes, rows: int, where: str) -> Tuple[np.ndarray, List[st
     """``(vector ids, the segment's identity names, per-row codes into them, sources)`` of ``.rows.npz`` bytes."""
     import zipfile
 
-    try:
+    try:  # members must be stored, not compressed: what is read is bounded by the file's own size
+        if any(m.compress_type != zipfile.ZIP_STORED for m in zipfile.ZipFile(io.BytesIO(data)).infolist()):
+            raise InputFileError(f"{where}: compressed members; a gallery row table is written uncompressed")
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: np.asarray(z[k]) for k in ("vector_ids", "identity_codes", "names_blob", "names_offsets",
                                                     "sources_blob", "sources_offsets")}
@@ -259,7 +261,40 @@ def read_manifest(folder) -> Optional[dict]:
     if stored != hashlib.sha256(_canonical(obj)).hexdigest():
         raise InputFileError(f"{path}: the manifest does not match its sha256 (the file is damaged or was edited); "
                              f"nothing was changed: restore it from a backup")
+    problem = _manifest_problem(obj)
+    if problem:
+        raise InputFileError(f"{path}: {problem}; it was not written by this toolkit")
     return obj
+
+
+def _file_entry_problem(entry: Any) -> Optional[str]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or \
+            not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
+        return "a data file entry lacks name, bytes or sha256"
+    name = entry["name"]
+    if name.startswith(".") or not name.replace("-", "").replace(".", "").replace("_", "").isalnum():
+        return f"data file name {name!r} is not a plain file name"
+    return None
+
+
+def _manifest_problem(m: dict) -> Optional[str]:
+    """Why a manifest (its checksum right) cannot be a gallery's, or None: keys, types, plain file names."""
+    for key, kind in (("version", int), ("dim", int), ("segments", list), ("index", dict), ("settings", dict),
+                      ("next_vector_id", int), ("num_vectors", int), ("num_identities", int),
+                      ("calibration", dict)):
+        if not isinstance(m.get(key), kind):
+            return f"'{key}' is missing or not a {kind.__name__}"
+    if m["dim"] < 1:
+        return f"dimension {m['dim']}"
+    for seg in m["segments"]:
+        if not isinstance(seg, dict) or not isinstance(seg.get("count"), int) or seg["count"] < 0:
+            return "a segment lacks its row count"
+        problem = _file_entry_problem(seg.get("vectors")) or _file_entry_problem(seg.get("rows"))
+        if problem:
+            return problem
+    if m["index"].get("file") is not None:
+        return _file_entry_problem(m["index"]["file"])
+    return None
 
 
 def commit_manifest(folder, manifest: dict) -> None:

@@ -59,10 +59,19 @@ def _checked_rows(vectors, identities, sources, dim: Optional[int]) -> Tuple[np.
 
 @contextmanager
 def _writing(folder: Path, command: str) -> Iterator[Optional[str]]:
-    """The writer lock held, an interrupted write cleaned up (yields what was found, or None)."""
+    """The writer lock held, an interrupted write cleaned up (yields what was found, or None).
+
+    A write that fails with an exception (a full disk, say) is rolled back (or, past its commit, finished)
+    at once, so it leaves no files behind; a killed one is cleaned up by the next writer."""
     lock = S.writer_lock(folder, command).acquire()
     try:
         yield S.recover(folder, S.read_manifest(folder))
+    except BaseException:
+        try:
+            S.recover(folder, S.read_manifest(folder))
+        except (OSError, InputFileError) as exc:  # the original error is the one to report
+            logger.warning("could not clean up after the failed write: %s", exc)
+        raise
     finally:
         lock.release()
 
@@ -118,10 +127,17 @@ def _summary(verb: str, names: Sequence[str]) -> str:
 
 
 def _fresh(gallery: Gallery) -> Gallery:
-    """The committed state, read again under the lock (another writer may have committed since ``gallery``)."""
+    """The committed state under the lock: ``gallery`` itself when no other writer committed since it was read
+    (its files were checked then; its index is copied, so that a failed write leaves it whole), else the
+    newer version, read and checked."""
     manifest = S.read_manifest(gallery.folder)
     if manifest is None:
         raise InputFileError(f"{gallery.folder} no longer holds a gallery ({S.MANIFEST} is gone)")
+    if manifest == gallery.manifest:
+        index = gallery.index
+        if isinstance(index, V.FaissIndex):
+            index = V.FaissIndex(index.kind, V.faiss_module().clone_index(index.index), index.params)
+        return Gallery(gallery.folder, manifest, gallery.segments, index)
     return Gallery._load(gallery.folder, manifest, verify=True)
 
 
