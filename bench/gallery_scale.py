@@ -1,7 +1,8 @@
 """Gallery search at scale: 1M x 512 float32 random unit vectors, exact against HNSW and IVF-PQ (eval.vector_index).
 
 Measured in one process, on one CPU thread for every index (the machine is shared; a thread count is a fair
-unit): build time, resident memory (VmRSS from /proc before and after each build), queries per second
+unit): build time, memory (RssAnon from /proc before and after each build; the vectors themselves are a
+memory-mapped file, as in a gallery), queries per second
 batched (all queries in one call, as ``gallery search`` does) and one query at a time (as a service
 answers), and recall@1 / recall@10 against the exact search, for two kinds of probes:
 
@@ -15,8 +16,11 @@ measured at 1M and projected to 100M (its codes and ids grow linearly; its coars
 the nlist a 100M gallery would use). faiss's IndexFlatIP is timed beside the numpy exact index the gallery uses, and a whole ``Gallery`` (create:
 files, checksums, calibration; open; search) are measured too. Results: bench/results/gallery_scale.md.
 
-    nice -n 5 .venv/bin/python bench/gallery_scale.py                 # 1M x 512 (about an hour on one core)
+    nice -n 5 .venv/bin/python bench/gallery_scale.py                 # 1M x 512 (about an hour of one core)
     .venv/bin/python bench/gallery_scale.py --n 20000 --out /tmp/x.md # a quick look
+
+The vectors, the exact answers and the built indexes are kept in ``--cache`` (default runs/gallery-scale/),
+so a run stopped half-way (the OOM killer of a busy machine, say) goes on from there when started again.
 """
 from __future__ import annotations
 
@@ -39,12 +43,25 @@ from bench._timing import RESULTS, alternate, load_average, write_report  # noqa
 from eval import vector_index as V  # noqa: E402
 
 
-def rss_mb() -> float:
-    """Resident memory of this process (VmRSS), MiB."""
+def rss_mb(field: str = "RssAnon") -> float:
+    """Resident memory of this process from /proc/self/status (``RssAnon``: what the indexes allocate; the
+    vectors are a memory-mapped file, counted in ``RssFile``), MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cached(path: Path, make, load, save):
+    """``load(path)`` when a previous run saved it there, else ``make()`` (and save it): an interrupted run
+    (a busy machine's OOM killer, say) goes on where it stopped. Returns ``(object, seconds to make or None)``."""
+    if path.exists():
+        return load(path), None
+    t0 = time.perf_counter()
+    obj = make()
+    seconds = time.perf_counter() - t0
+    save(obj, path)
+    return obj, seconds
 
 
 def unit(a: np.ndarray) -> np.ndarray:
@@ -74,6 +91,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--project", type=int, default=100_000_000, help="IVF-PQ memory projected to this many vectors")
     ap.add_argument("--out", type=Path, default=RESULTS / "gallery_scale.md")
+    ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "gallery-scale",
+                    help="the vectors (memory-mapped), the exact answers and the built indexes are kept here, so "
+                         "that a rerun starts where a stopped one was")
     args = ap.parse_args()
     faiss = V.faiss_module()
     if faiss is None:
@@ -82,45 +102,48 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     load0 = load_average()
     n, d, nq, k = args.n, args.dim, args.queries, 10
+    cache = args.cache / f"{n}x{d}"
+    cache.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    base = rss_mb()
-    t = time.perf_counter()
-    x = np.empty((n, d), np.float32)
-    for a in range(0, n, 100_000):
-        x[a:a + 100_000] = unit(rng.standard_normal((min(100_000, n - a), d)))
-    print(f"{n} x {d} random unit vectors in {time.perf_counter() - t:.1f} s, {rss_mb() - base:.0f} MiB", flush=True)
+    vec_path = cache / "vectors.npy"
+    if not vec_path.exists():  # written to disk and memory-mapped: 2 GB of page cache, not of process memory
+        t = time.perf_counter()
+        tmp = np.lib.format.open_memmap(cache / "vectors.tmp.npy", mode="w+", dtype=np.float32, shape=(n, d))
+        for a in range(0, n, 100_000):
+            tmp[a:a + 100_000] = unit(rng.standard_normal((min(100_000, n - a), d)))
+        tmp.flush()
+        del tmp
+        os.replace(cache / "vectors.tmp.npy", vec_path)
+        print(f"{n} x {d} random unit vectors written in {time.perf_counter() - t:.1f} s", flush=True)
+    x = np.load(vec_path, mmap_mode="r")
     ids = np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(1)
     mates = rng.choice(n, nq, replace=False)
     probes = {"mated": unit(x[mates] + rng.standard_normal((nq, d)).astype(np.float32) / np.sqrt(d)),
               "random": unit(rng.standard_normal((nq, d)))}
     mate_cos = float(np.mean(np.sum(probes["mated"] * x[mates], 1)))
-    rows: List[str] = []
     built: Dict[str, Dict[str, float]] = {}
 
-    def build(name, fn):
-        r0, t0 = rss_mb(), time.perf_counter()
-        index = fn()
-        built[name] = {"s": time.perf_counter() - t0, "mib": rss_mb() - r0}
-        print(f"built {name}: {built[name]['s']:.1f} s, +{built[name]['mib']:.0f} MiB", flush=True)
-        return index
+    def note(name, seconds, mib):
+        built[name] = {"s": seconds, "mib": mib}
+        print(f"{name}: built in {seconds if seconds is not None else float('nan'):.1f} s, +{mib:.0f} MiB", flush=True)
 
-    exact = build("exact (faiss IndexFlatIP)", lambda: _faiss_flat(faiss, d, x, ids))
-    numpy_exact = build("exact (numpy: the gallery's)", lambda: V.build_index("exact", d, x, ids))
-    truth = {kind: numpy_exact.search(q, k)[1] for kind, q in probes.items()}
-    hnsw = build(f"HNSW M={args.hnsw_m} efConstruction={args.ef_construction}",
-                 lambda: V.build_index("hnsw", d, x, ids, {"M": args.hnsw_m, "efConstruction": args.ef_construction,
-                                                           "efSearch": 64}))
-    ivf_params = V.default_params("ivfpq", n, d)
-    ivfpq = build(f"IVF-PQ nlist={ivf_params['nlist']} m={ivf_params['m']} nbits={ivf_params['nbits']}",
-                  lambda: V.build_index("ivfpq", d, x, ids, ivf_params, train_size=64 * ivf_params["nlist"]))
+    numpy_exact = V.build_index("exact", d, x, ids)
+    note("exact (numpy: the gallery's; the vectors memory-mapped)", 0.0, 0.0)
+    truth_all, _ = cached(cache / f"truth-{nq}.npy", lambda: np.concatenate(
+        [numpy_exact.search(q, k)[1] for q in probes.values()]), np.load, lambda a, p: np.save(p, a))
+    truth = {"mated": truth_all[:nq], "random": truth_all[nq:]}
 
-    single = {kind: q[:args.single] for kind, q in probes.items()}
+    # faiss's flat index: timed beside numpy, then freed (it holds a 2 GB copy)
+    r0, t0 = rss_mb(), time.perf_counter()
+    exact = _faiss_flat(faiss, d, x, ids)
+    note("exact (faiss IndexFlatIP)", time.perf_counter() - t0, rss_mb() - r0)
     nb = min(args.exact_batch, nq)  # exact searches are slow: timed on fewer probes
+    single = {kind: q[:args.single] for kind, q in probes.items()}
 
     def one_at_a_time(index, qs):
         return lambda: [index.search(qs[i:i + 1], k) for i in range(qs.shape[0])]
 
-    # ---- exact: numpy (what the gallery uses) and faiss, batched and one at a time
     times = alternate({"numpy": lambda: numpy_exact.search(probes["mated"][:nb], k),
                        "faiss": lambda: exact.search(probes["mated"][:nb], k),
                        "numpy-1": one_at_a_time(numpy_exact, single["mated"][:10]),
@@ -128,6 +151,25 @@ def main() -> int:
     exact_qps, faiss_qps = qps(times["numpy"], nb), qps(times["faiss"], nb)
     exact1_qps, faiss1_qps = qps(times["numpy-1"], 10), qps(times["faiss-1"], 10)
     same = bool(np.array_equal(exact.search(probes["mated"][:nb], k)[1], truth["mated"][:nb]))
+    del exact
+
+    hnsw_name = f"HNSW M={args.hnsw_m} efConstruction={args.ef_construction}"
+    r0 = rss_mb()
+    hnsw, seconds = cached(cache / f"hnsw-M{args.hnsw_m}-efc{args.ef_construction}.faiss",
+                           lambda: V.build_index("hnsw", d, x, ids, {"M": args.hnsw_m, "efConstruction":
+                                                                     args.ef_construction, "efSearch": 64}),
+                           lambda p: V.FaissIndex("hnsw", faiss.read_index(str(p)), {
+                               "M": args.hnsw_m, "efConstruction": args.ef_construction, "efSearch": 64}),
+                           lambda i, p: faiss.write_index(i.index, str(p)))
+    note(hnsw_name, seconds, rss_mb() - r0)
+    ivf_params = V.default_params("ivfpq", n, d)
+    ivf_name = f"IVF-PQ nlist={ivf_params['nlist']} m={ivf_params['m']} nbits={ivf_params['nbits']}"
+    r0 = rss_mb()
+    ivfpq, seconds = cached(cache / f"ivfpq-{ivf_params['nlist']}-{ivf_params['m']}.faiss",
+                            lambda: V.build_index("ivfpq", d, x, ids, ivf_params, train_size=64 * ivf_params["nlist"]),
+                            lambda p: V.FaissIndex("ivfpq", faiss.read_index(str(p)), ivf_params),
+                            lambda i, p: faiss.write_index(i.index, str(p)))
+    note(ivf_name, seconds, rss_mb() - r0)
 
     # ---- HNSW: an efSearch sweep, every setting timed in the same alternating rounds as the exact search
     inner = faiss.downcast_index(hnsw.index.index)
@@ -190,7 +232,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="gallery-scale-", dir=str(ROOT / "runs") if (ROOT / "runs").is_dir()
                                 else None))
-    del hnsw, ivfpq, numpy_exact, exact
+    del hnsw, ivfpq, numpy_exact
     identities = [f"id{i // 4}" for i in range(n)]  # four vectors per person
     t0 = time.perf_counter()
     g = Gallery.create(tmp / "g", x, identities, index="exact", calibration_size=200)
@@ -198,7 +240,7 @@ def main() -> int:
     del g
     r0, t0 = rss_mb(), time.perf_counter()
     g = Gallery.open(tmp / "g")
-    open_s, open_mib = time.perf_counter() - t0, rss_mb() - r0
+    open_s, open_mib = time.perf_counter() - t0, rss_mb() - r0  # the vectors are mapped: RssFile, not RssAnon
     t0 = time.perf_counter()
     g.search(probes["mated"][:100], 5)
     search100_s = time.perf_counter() - t0
@@ -220,11 +262,12 @@ def main() -> int:
         "",
         "## Build and memory",
         "",
-        "| index | build (s) | resident memory added (MiB) | per vector (bytes) |",
+        "| index | build (s) | process memory added, RssAnon (MiB) | per vector (bytes) |",
         "| --- | --- | --- | --- |",
     ]
     for name, b in built.items():
-        lines.append(f"| {name} | {b['s']:.1f} | {b['mib']:.0f} | {b['mib'] * 2 ** 20 / n:.0f} |")
+        took = f"{b['s']:.1f}" if b["s"] is not None else "(loaded from the cache of an earlier run)"
+        lines.append(f"| {name} | {took} | {b['mib']:.0f} | {b['mib'] * 2 ** 20 / n:.0f} |")
     lines += [
         "",
         "## Exact search",
@@ -263,7 +306,7 @@ def main() -> int:
         "",
         f"Index memory at {n:,}: codes + ids {code_bytes / 2 ** 20:.1f} MiB ({per_vec_struct:.1f} bytes per vector: "
         f"{ivf.code_size} of PQ code + 8 of id), coarse quantizer and PQ tables {fixed / 2 ** 20:.1f} MiB; "
-        f"resident memory added by the build {built[list(built)[3]]['mib']:.0f} MiB (with the allocator's slack).",
+        f"resident memory added by the build {built[ivf_name]['mib']:.0f} MiB (with the allocator's slack).",
         f"Projected to {args.project:,} vectors: {projected / 2 ** 30:.1f} GiB ({per_vec_struct:.1f} B per vector + "
         f"a {nlist_big}-list quantizer); the float32 vectors it re-scores stay on disk "
         f"({args.project * d * 4 / 2 ** 40:.2f} TiB, memory-mapped).",

@@ -45,17 +45,22 @@ MAX_SEGMENTS = 32  # an add that would make more merges the smallest segments wi
 LOAD_ATTEMPTS = 5  # a reader starts again from a newer manifest when a writer removed a file under it
 
 
-def normalise_embeddings(vectors, where: str = "embeddings") -> np.ndarray:
-    """``N x d`` float32 rows scaled to unit length (in float64); zero, NaN or infinite rows are one error."""
-    x = np.asarray(vectors, dtype=np.float64)
+def normalise_embeddings(vectors, where: str = "embeddings", block: int = 65536) -> np.ndarray:
+    """``N x d`` float32 rows scaled to unit length (in float64, ``block`` rows at a time: 1M x 512 needs no
+    4 GB float64 copy); zero, NaN or infinite rows are one error."""
+    x = np.asarray(vectors)
     if x.ndim != 2 or x.shape[1] < 1:
         raise InputFileError(f"{where}: expected an N x d matrix of embeddings, got shape {x.shape}")
-    norm = np.linalg.norm(x, axis=1)
-    bad = np.flatnonzero(~np.isfinite(norm) | (norm == 0))
-    if bad.size:
-        raise InputFileError(f"{where}: {bad.size} row(s) are zero or not finite (first: row {int(bad[0])}); every "
-                             f"embedding must be a finite non-zero vector")
-    return (x / norm[:, None]).astype(np.float32)
+    out = np.empty(x.shape, dtype=np.float32)
+    for a in range(0, x.shape[0], block):
+        part = np.asarray(x[a:a + block], dtype=np.float64)
+        norm = np.linalg.norm(part, axis=1)
+        bad = np.flatnonzero(~np.isfinite(norm) | (norm == 0))
+        if bad.size:
+            raise InputFileError(f"{where}: row(s) that are zero or not finite (first: row {a + int(bad[0])}); every "
+                                 f"embedding must be a finite non-zero vector")
+        out[a:a + block] = part / norm[:, None]
+    return out
 
 
 def check_same_model(stored: Optional[dict], given: Optional[dict], what: str, folder) -> None:
