@@ -137,6 +137,7 @@ class Gallery:
         self._sorted_ids = self.vector_ids[self._order]
         if np.unique(self._sorted_ids).size != n:
             raise InputFileError(f"gallery {folder}: vector ids repeat across segments; the gallery is damaged")
+        self._most = int(np.bincount(self.identity_of).max()) if n else 1  # most vectors of one identity
         self.index = index if index is not None else self._exact_index()
 
     # ------------------------------------------------------------------ reading
@@ -245,7 +246,8 @@ class Gallery:
         scores = np.full((nq, k), -np.inf, np.float32)
         rows_out = np.full((nq, k), -1, np.int64)
         pending = np.arange(nq)
-        width = min(self.num_vectors, 2 * k)
+        # k identities need at most k * (most vectors of one identity) vectors: usually one search is enough
+        width = min(self.num_vectors, max(2 * k, k * min(self._most, 64)))
         while pending.size and width > 0:
             s, ids = self.search_vectors(q[pending], width)
             rows = self.rows_of(ids)

@@ -169,6 +169,17 @@ def test_threshold_is_calibrated_on_held_out_identities(tmp_path):
     assert threshold_at_fpir(np.array([0.9, 0.8, 0.7, 0.1]), 0.25)["threshold"] == pytest.approx(0.8)
 
 
+def test_embeddings_are_normalised_block_by_block():
+    from eval.gallery import normalise_embeddings
+
+    x = np.random.default_rng(23).standard_normal((7, 5)) * 100
+    ref = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(normalise_embeddings(x, block=3), ref, atol=1e-7)
+    x[5] = np.nan
+    with pytest.raises(InputFileError, match="row 5"):
+        normalise_embeddings(x, block=3)
+
+
 def test_one_identity_has_no_threshold_and_matches_everything(tmp_path, caplog):
     x, ids = rows(7, 5, 1)
     with caplog.at_level(logging.WARNING):
