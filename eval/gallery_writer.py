@@ -81,6 +81,11 @@ def _settings(index: str, fpir: float, index_params, calibration_size: int, reca
         raise UsageError(f"--index {index!r}: choose one of auto, {', '.join(V.INDEX_KINDS)}")
     if not 0 < fpir < 1:
         raise UsageError(f"--fpir must lie in (0, 1), got {fpir}")
+    allowed = [p for names in V.INDEX_PARAMS.values() for p in names] if index == "auto" else V.INDEX_PARAMS[index]
+    wrong = [p for p in (index_params or {}) if p not in allowed]
+    if wrong:
+        raise UsageError(f"--index-param {wrong[0]} is not a setting of the {index} index (its settings: "
+                         f"{', '.join(allowed) or 'none'})")
     return {"index": index, "index_params": dict(index_params or {}), "fpir": float(fpir),
             "calibration_size": int(calibration_size), "recall_sample": int(recall_sample)}
 

@@ -39,11 +39,14 @@ from sphereface_plus.errors import InputFileError, UsageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INDEX_KINDS", "FAISS_HINT", "choose_kind", "default_params", "inner_products", "top_k", "faiss_module",
+__all__ = ["INDEX_KINDS", "INDEX_PARAMS", "FAISS_HINT", "choose_kind", "default_params", "inner_products", "top_k", "faiss_module",
            "VectorIndex", "NumpyExactIndex", "FaissIndex", "build_index", "load_index", "recall_against_exact"]
 
 #: the index kinds (``--index``; ``auto`` picks one by size with :func:`choose_kind`)
 INDEX_KINDS = ("exact", "hnsw", "ivfpq")
+#: the settings of each kind (``--index-param``; their defaults: :func:`default_params`)
+INDEX_PARAMS = {"exact": (), "hnsw": ("M", "efConstruction", "efSearch"),
+                "ivfpq": ("nlist", "m", "nbits", "nprobe", "rerank")}
 FAISS_HINT = ("faiss is not installed: using the exact numpy search (pip install faiss-cpu for the HNSW and IVF-PQ "
               "indexes)")
 #: ``auto``: exact up to this many vectors (a scan of 200k x 512 float32 is 400 MB, about 10 ms a query batch) ...
@@ -297,7 +300,8 @@ def build_index(kind: str, dim: int, vectors: Optional[np.ndarray] = None, ids: 
     if faiss is None:  # exact: numpy, measured faster than faiss's IndexFlatIP here (module docstring)
         index: VectorIndex = NumpyExactIndex(dim, dtype)
     else:
-        merged = {**default_params(kind, n, dim), **(params or {})}
+        given = {k: int(v) for k, v in (params or {}).items() if k in INDEX_PARAMS[kind]}  # (an auto gallery's
+        merged = {**default_params(kind, n, dim), **given}  # settings may name another kind's too)
         if kind == "ivfpq" and n < 2:
             raise UsageError("an IVF-PQ index needs vectors to train on; use --index exact for an empty gallery")
         train = None

@@ -105,6 +105,12 @@ def test_faiss_flat_index_finds_what_the_numpy_one_finds():
     assert flat.remove(np.arange(10, 20)) == 10 and len(flat) == 2990 and flat.to_bytes() is None
 
 
+@pytest.mark.parametrize("kind", V.INDEX_KINDS)
+def test_every_kind_names_the_settings_it_takes(kind):
+    for n in (2, 3000, 10 ** 8):
+        assert tuple(V.default_params(kind, n, 512)) == V.INDEX_PARAMS[kind]
+
+
 def test_numpy_exact_index_matches_float64_and_breaks_ties_by_id():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((1000, 16)).astype(np.float32)

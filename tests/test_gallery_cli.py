@@ -65,6 +65,8 @@ def test_search_through_the_cli_equals_brute_force(tmp_path, capsys):
     (["build", "--gallery", "{t}/g2", "--embeddings", "{t}/E.npy", "--ids", "{t}/IDS.txt", "--fpir", "2"], "--fpir"),
     (["build", "--gallery", "{t}/g2", "--embeddings", "{t}/E.npy", "--ids", "{t}/IDS.txt", "--index-param", "x=1"],
      "--index-param"),
+    (["build", "--gallery", "{t}/g2", "--embeddings", "{t}/E.npy", "--ids", "{t}/IDS.txt", "--index", "exact",
+      "--index-param", "M=8"], "not a setting of the exact index"),
     (["build", "--gallery", "{t}", "--embeddings", "{t}/E.npy", "--ids", "{t}/IDS.txt"], "is not empty"),
     (["search", "--gallery", "{t}", "--embeddings", "{t}/Q.npy"], "holds no gallery"),
     (["info", "--gallery", "{t}/nothing"], "holds no gallery"),

@@ -59,8 +59,8 @@ def _image_options(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
     g.add_argument("--detector", default="mtcnn", choices=list_detectors(), help="face detector for photos "
                                                                                  "(default mtcnn)")
     g.add_argument("--no-flip", action="store_true", help="embed the crop only (default: crop + mirror)")
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--batch-size", type=int, default=32, help="images embedded per forward pass (default 32)")
+    g.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_precision_argument(g)
 
 
@@ -74,8 +74,8 @@ def _source_options(p: argparse.ArgumentParser, probes: bool = False) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from eval.gallery import DEFAULT_FPIR, DEFAULT_TOP_K
-    from eval.vector_index import INDEX_KINDS
+    from eval.gallery import CALIBRATION_SIZE, DEFAULT_FPIR, DEFAULT_TOP_K
+    from eval.vector_index import EXACT_UP_TO, HNSW_UP_TO, INDEX_KINDS, INDEX_PARAMS
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
@@ -87,14 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--gallery", required=True, help="the gallery folder (new or empty)")
     _source_options(b)
     b.add_argument("--index", default="auto", choices=("auto",) + INDEX_KINDS,
-                   help="exact (inner product), hnsw or ivfpq; default auto: exact up to 200k vectors, HNSW up to "
-                        "5M, IVF-PQ beyond (chosen again as the gallery grows)")
+                   help=f"exact (inner product), hnsw or ivfpq; default auto: exact up to {EXACT_UP_TO:,} vectors, "
+                        f"HNSW up to {HNSW_UP_TO:,}, IVF-PQ beyond (chosen again as the gallery grows)")
     b.add_argument("--index-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="index setting: M, efConstruction, efSearch (hnsw); nlist, m, nbits, nprobe, rerank (ivfpq)")
+                   help="index setting: " + "; ".join(f"{', '.join(v)} ({k})" for k, v in INDEX_PARAMS.items() if v))
     b.add_argument("--fpir", type=float, default=DEFAULT_FPIR,
                    help=f"target false-positive identification rate of the threshold (default {DEFAULT_FPIR})")
-    b.add_argument("--calibration-size", type=int, default=1000,
-                   help="identities held out in turn to calibrate the threshold (default 1000)")
+    b.add_argument("--calibration-size", type=int, default=CALIBRATION_SIZE,
+                   help=f"identities held out in turn to calibrate the threshold (default {CALIBRATION_SIZE})")
     _image_options(b, ckpt)
     a = sub.add_parser("add", help="enrol more images or embeddings (atomic)")
     a.add_argument("--gallery", required=True)
@@ -116,8 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _index_params(items: List[str]) -> Dict[str, int]:
+    from eval.vector_index import INDEX_PARAMS
+
     out = {}
-    known = ("M", "efConstruction", "efSearch", "nlist", "m", "nbits", "nprobe", "rerank")
+    known = [name for names in INDEX_PARAMS.values() for name in names]
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
