@@ -27,6 +27,8 @@ The figures are computed from ``search.json`` and cross-checked against an indep
     python bench/lfw_identification.py --checkpoint MODEL.pt [--lfw ../shared/data/lfw] [--out runs/lfw-ident]
     python bench/lfw_identification.py --dlib
     python bench/lfw_identification.py --features feats.npz     # 'paths' relative to images/, 'features'
+    python bench/lfw_identification.py --features runs/lfw-identification/features.npz \
+        --model-record runs/lfw-identification/gallery.model.json  # the scoring again, without embedding
 """
 from __future__ import annotations
 
@@ -118,14 +120,17 @@ def dlib_features(args, paths: List[str]) -> Tuple[np.ndarray, dict]:
         out[i] = np.asarray(net.compute_face_descriptor(img, shape(img, box)), dtype=np.float32)
     print(f"dlib: no face detected in {fallback} of {len(paths)} images (a box around the file's 5 points was used)")
     model = {"file": Path(model_path).name, "path": str(model_path), "sha256": file_sha256(model_path),
-             "backbone": "dlib ResNet-34 (dlib-bin " + dlib.__version__ + ")",
+             "backbone": f"dlib's face ResNet (29 conv layers, 128-d; dlib-bin {dlib.__version__})",
              "preprocessing": {"template": "dlib 150x150 chip", "color": "rgb"}, "flip": "none", "dim": 128}
     return out / np.linalg.norm(out, axis=1, keepdims=True), model
 
 
-def cli(*argv: str) -> None:
+def cli(out: Path, *argv: str) -> None:
+    """Run ``sphereface-plus ARGV`` as a user would; its output goes to ``out``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "sphereface_plus", *argv], check=True, env=env)
+    with open(out, "w") as fh:
+        subprocess.run([sys.executable, "-m", "sphereface_plus", *argv], check=True, env=env, stdout=fh,
+                       stderr=subprocess.STDOUT)
 
 
 def main() -> int:
@@ -133,7 +138,10 @@ def main() -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a toolkit checkpoint (.pt) or exported model (.onnx)")
     src.add_argument("--dlib", action="store_true", help="dlib's released model through dlib-bin")
-    src.add_argument("--features", help=".npz with 'paths' (relative to images/) and 'features'")
+    src.add_argument("--features", help=".npz with 'paths' (relative to images/) and 'features' (e.g. OUT/features.npz "
+                                        "of an earlier run)")
+    ap.add_argument("--model-record", type=Path, help="with --features: the model that made them (the .model.json an "
+                                                      "earlier run wrote beside OUT/gallery.npy)")
     ap.add_argument("--lfw", type=Path, default=DEFAULT_LFW, help="LFW folder with images/ and lfw_landmark.txt")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "lfw-identification")
     ap.add_argument("--detect", action="store_true", help="detect faces (MTCNN) instead of the landmark file")
@@ -154,8 +162,9 @@ def main() -> int:
         index = {p: i for i, p in enumerate(have)}
         feats = feats_all[[index[p] for p in paths]].astype(np.float32)
         feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-        model = None
-        source = f"features {args.features}"
+        model = json.loads(args.model_record.read_text())["model"] if args.model_record else None
+        source = (f"{model['file']} (sha256 {model['sha256'][:12]}..., {model['backbone']}), " if model else "") + \
+            f"features read from {args.features}"
     elif args.dlib:
         feats, model = dlib_features(args, paths)
         source = "dlib's dlib_face_recognition_resnet_model_v1 through dlib-bin (dlib's own alignment)"
@@ -177,9 +186,9 @@ def main() -> int:
              str(args.out / "gallery_ids.txt"), "--index", "exact", "--fpir", str(FPIR)]
     search = ["gallery", "search", "--gallery", str(gdir), "--embeddings", str(args.out / "probes.npy"), "--top-k",
               "5", "--json", str(args.out / "search.json")]
-    cli(*build)
+    cli(args.out / "build.txt", *build)
     t1 = time.time()
-    cli(*search)
+    cli(args.out / "search.txt", *search)
     search_s = time.time() - t1
     res = json.loads((args.out / "search.json").read_text())
     results = res["results"]
@@ -203,13 +212,20 @@ def main() -> int:
                                 fpirs=(FPIR,), ranks=(1, 5))
     assert abs(ref["rank"]["1"] - rank1) < 1e-12, (ref["rank"]["1"], rank1)
     rank5 = ref["rank"]["5"]
+    # and DIR from a float64 brute force of its own (every probe against every gallery image)
+    f64 = feats.astype(np.float64)
+    sims = f64[ng:] @ f64[:ng].T
+    best64, top64 = sims.max(1), np.array([identity(gallery[j]) for j in sims.argmax(1)])
+    t64 = threshold_at_fpir(best64[nm:], FPIR)["threshold"]
+    dir64 = float(np.mean((top64[:nm] == truth) & (best64[:nm] > t64)))
     lines = [
         "# LFW open-set identification with the gallery",
         "",
         f"Model: {source}. Gallery: {ng} people (their first image); probes: {nm} mated, {len(nonmated)} non-mated "
         f"(the people with one image). Exact index, {feats.shape[1]}-d features.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
-        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; embedding {embed_s:.0f} s, search of "
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
+        f"{'features read from the file' if args.features else f'embedding {embed_s:.0f} s'}, search of "
         f"{len(results)} probes {search_s:.1f} s (the command, with its start-up).",
         "",
         "| metric | value |",
@@ -222,8 +238,9 @@ def main() -> int:
         f"unknown people | {100 * fpir_gal:.2f}% |",
         f"| ... DIR at it | {100 * dir_gal:.2f}% |",
         "",
-        f"rank-1 equals the brute-force 1:N of eval.ijb.identification_report on the same features "
-        f"({100 * ref['rank']['1']:.2f}%).",
+        f"Cross-checks on the same features: rank-1 of the brute-force 1:N of eval.ijb.identification_report "
+        f"{100 * ref['rank']['1']:.2f}%; DIR at FPIR = 1% from a float64 brute force {100 * dir64:.2f}% "
+        f"(threshold {t64:.4f}).",
         "",
         "Commands (after the features were written):",
         "",

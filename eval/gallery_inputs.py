@@ -3,7 +3,7 @@ a checkpoint (a photo, a folder of photos, a tree of identity folders), each wit
 that made them (docs/gallery.md#inputs).
 
 - ``E.npy``: ``N x d`` numbers (any float dtype; no pickled objects), ``IDS.txt``: one identity per line,
-  line ``i`` naming row ``i``. An ``E.json`` beside ``E.npy`` (written by :func:`save_embeddings`) records
+  line ``i`` naming row ``i``. An ``E.model.json`` beside ``E.npy`` (written by :func:`save_embeddings`) records
   the model that made them; without it, ``--checkpoint`` declares it (the file is hashed, not run).
 - Images: a file (its identity is its name without the extension), or a folder whose images directly
   inside are named likewise and whose sub-folders are identities (``TREE/<identity>/**/<image>``). An
@@ -62,8 +62,8 @@ def read_ids(path, n: int) -> List[str]:
 
 
 def model_file(embeddings_path) -> Path:
-    """Where the model identity of ``E.npy`` is kept: ``E.json`` beside it."""
-    return Path(embeddings_path).with_suffix(".json")
+    """Where the model identity of ``E.npy`` is kept: ``E.model.json`` beside it."""
+    return Path(embeddings_path).with_suffix(".model.json")
 
 
 def read_embeddings_model(path) -> Optional[dict]:
@@ -81,7 +81,7 @@ def read_embeddings_model(path) -> Optional[dict]:
 
 
 def save_embeddings(path, vectors: np.ndarray, model: Optional[dict], names: Optional[Sequence[str]] = None) -> None:
-    """``E.npy`` (float32) and, with a model identity, ``E.json`` recording it (and the rows' names)."""
+    """``E.npy`` (float32) and, with a model identity, ``E.model.json`` recording it (and the rows' names)."""
     import io
 
     buf = io.BytesIO()

@@ -176,6 +176,15 @@ def test_images_are_enrolled_with_the_model_and_another_model_is_refused(images,
         assert main(["gallery", "search", "--gallery", g] + argv + common) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and text in err[0] and "model0.pt" in err[0]
-    # the same embeddings declared as made by the gallery's model are accepted
+    # the same embeddings declared as made by the gallery's model are accepted, or recorded beside them
     assert main(["gallery", "search", "--gallery", g, "--embeddings", str(tmp_path / "q.npy"), "--checkpoint",
                  str(ckpt)]) == 0
+    from eval.gallery_inputs import save_embeddings
+
+    save_embeddings(tmp_path / "q.npy", ref[:2], model_id)
+    assert (tmp_path / "q.model.json").is_file()
+    assert main(["gallery", "search", "--gallery", g, "--embeddings", str(tmp_path / "q.npy")]) == 0
+    save_embeddings(tmp_path / "q.npy", ref[:2], {**model_id, "sha256": "0" * 64, "file": "other.pt"})
+    capsys.readouterr()
+    assert main(["gallery", "search", "--gallery", g, "--embeddings", str(tmp_path / "q.npy")]) == 2
+    assert "other.pt" in capsys.readouterr().err
