@@ -94,7 +94,7 @@ def dlib_features(args, paths: List[str]) -> Tuple[np.ndarray, dict]:
     import dlib
 
     from eval.features import read_landmarks
-    from sphereface_plus.utils import file_sha256, progress
+    from sphereface_plus.utils import progress, sha256_file
 
     # the files of PyPI face-recognition-models (its own helpers need pkg_resources, which may be absent)
     models = Path(importlib.util.find_spec("face_recognition_models").submodule_search_locations[0]) / "models"
@@ -119,7 +119,7 @@ def dlib_features(args, paths: List[str]) -> Tuple[np.ndarray, dict]:
             box = dlib.rectangle(int(cx - s / 2), int(cy - s / 2), int(cx + s / 2), int(cy + s / 2))
         out[i] = np.asarray(net.compute_face_descriptor(img, shape(img, box)), dtype=np.float32)
     print(f"dlib: no face detected in {fallback} of {len(paths)} images (a box around the file's 5 points was used)")
-    model = {"file": Path(model_path).name, "path": str(model_path), "sha256": file_sha256(model_path),
+    model = {"file": Path(model_path).name, "path": str(model_path), "sha256": sha256_file(model_path),
              "backbone": f"dlib's face ResNet (29 conv layers, 128-d; dlib-bin {dlib.__version__})",
              "preprocessing": {"template": "dlib 150x150 chip", "color": "rgb"}, "flip": "none", "dim": 128}
     return out / np.linalg.norm(out, axis=1, keepdims=True), model

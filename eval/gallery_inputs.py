@@ -23,7 +23,7 @@ import numpy as np
 
 from data_prep.image_files import is_image_file
 from sphereface_plus.errors import InputFileError, MissingFileError, require_file
-from sphereface_plus.utils import atomic_write_bytes, atomic_write_json, file_sha256, read_text
+from sphereface_plus.utils import atomic_write_bytes, atomic_write_json, read_text, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def model_identity(checkpoint, info: Dict[str, Any], flip: Optional[str], dim: i
     from sphereface_plus.importers.preprocessing import Preprocessing
 
     pre = info.get("preprocessing") or Preprocessing(template=info["template"]).to_dict()
-    return {"file": Path(checkpoint).name, "path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint),
+    return {"file": Path(checkpoint).name, "path": str(Path(checkpoint).resolve()), "sha256": sha256_file(checkpoint),
             "backbone": info.get("backbone"),
             "preprocessing": pre, "flip": flip, "dim": int(dim)}
 

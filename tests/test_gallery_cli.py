@@ -137,7 +137,7 @@ def images(tmp_path_factory):
 def test_images_are_enrolled_with_the_model_and_another_model_is_refused(images, tmp_path, capsys):
     import torch
 
-    from sphereface_plus.utils import file_sha256
+    from sphereface_plus.utils import sha256_file
 
     d, crops, ckpts = images
     (ckpt, model), (other, _) = ckpts
@@ -150,7 +150,7 @@ def test_images_are_enrolled_with_the_model_and_another_model_is_refused(images,
     gal = Gallery.open(g)
     assert gal.names == ["alice", "bob", "carol"] and gal.num_vectors == 6
     model_id = gal.manifest["model"]
-    assert model_id["sha256"] == file_sha256(ckpt) and model_id["flip"] == "concat" and model_id["dim"] == 1024
+    assert model_id["sha256"] == sha256_file(ckpt) and model_id["flip"] == "concat" and model_id["dim"] == 1024
     # the stored vectors are the model run by hand: crop and mirror, concatenated, L2-normalised
     names = sorted(crops)
     x = torch.stack([(torch.from_numpy(crops[n]).permute(2, 0, 1).float() - 127.5) / 128 for n in names])
