@@ -1,10 +1,12 @@
-"""5-point similarity alignment to the SphereFace template (docs/theory.md#five-point-alignment).
+"""5-point similarity alignment to a crop template (docs/theory.md#five-point-alignment).
 
 Three pieces, all pure functions:
 
 - ``TEMPLATES``: the reference landmark positions of a 112x96 crop (and of 112x112, same points with
   x + 8), stored as published (MATLAB, 1-based) and converted to the 0-based pixel convention of
-  OpenCV / numpy by :func:`template_points`.
+  OpenCV / numpy by :func:`template_points`; and ``150x150``, dlib's face chip (``get_face_chip_details``
+  with size 150 and padding 0.25, the input of dlib's face-recognition ResNet), whose points follow from
+  dlib's mean face shape (:func:`dlib_chip_points`, docs/theory.md#dlib-chip).
 - :func:`similarity_transform`: the least-squares similarity over all five points with the exact
   semantics of MATLAB ``cp2tform(input, base, 'similarity')`` used by the original SphereFace
   preprocessing (``code/preprocess/face_align_demo.m``), including the reflected fit.
@@ -42,12 +44,54 @@ _TEMPLATE_112x96_MATLAB = np.array(
     dtype=np.float64,
 )
 
+# dlib's face frame (dlib/image_transforms/interpolation.h, get_face_chip_details): the unit square in which
+# its mean face shape lies. The iBUG 300-W points of that mean shape that the toolkit's five landmarks
+# correspond to, (x, y): the eye contours 36-41 (the eye on the image's left) and 42-47, the nose tip 30,
+# the mouth corners 48 and 54.
+_DLIB_MEAN_FACE = {
+    36: (0.121737, 0.216423), 37: (0.187122, 0.178758), 38: (0.265825, 0.179852), 39: (0.334606, 0.231733),
+    40: (0.260918, 0.245099), 41: (0.182743, 0.244077), 42: (0.645647, 0.231733), 43: (0.714428, 0.179852),
+    44: (0.793132, 0.178758), 45: (0.858516, 0.216423), 46: (0.79751, 0.244077), 47: (0.719335, 0.245099),
+    30: (0.490127, 0.515625), 48: (0.254149, 0.780233), 54: (0.726104, 0.780233),
+}
+#: the toolkit's five landmarks in dlib's face frame: eye centres (the mean of each eye's six contour
+#: points), nose tip, mouth corners (docs/theory.md#dlib-chip)
+DLIB_FRAME_FIVE_POINTS = np.array(
+    [np.mean([_DLIB_MEAN_FACE[i] for i in range(36, 42)], axis=0),
+     np.mean([_DLIB_MEAN_FACE[i] for i in range(42, 48)], axis=0),
+     _DLIB_MEAN_FACE[30], _DLIB_MEAN_FACE[48], _DLIB_MEAN_FACE[54]], dtype=np.float64)
+#: the points of dlib's own 5-point shape predictor in the same frame (get_face_chip_details): the outer and
+#: inner corner of the eye on the image's right, the outer and inner corner of the other eye, the nose base
+DLIB_FRAME_PREDICTOR_POINTS = np.array(
+    [[0.8595674595992, 0.2134981538014], [0.6460604764104, 0.2289674387677], [0.1205750620789, 0.2137274526848],
+     [0.3340850613712, 0.2290642403242], [0.4901123135679, 0.6277975316475]], dtype=np.float64)
+DLIB_CHIP_SIZE, DLIB_CHIP_PADDING = 150, 0.25
+
+
+def dlib_chip_points(frame_points, size: int = DLIB_CHIP_SIZE, padding: float = DLIB_CHIP_PADDING) -> np.ndarray:
+    """0-based pixel positions in dlib's ``size`` x ``size`` face chip of points of dlib's face frame.
+
+    ``get_face_chip_details`` places a frame point ``u`` at ``size * (padding + u) / (1 + 2 padding)``;
+    its chip extraction then maps the chip's corner pixels onto a rectangle one pixel narrower than
+    ``size`` chip units (``centered_drect``), which puts every chip pixel half a pixel from that position
+    (exactly where the face's scale in the image is one chip pixel per image pixel; the scale difference
+    elsewhere is ``(1 - 1/s) / (size - 1)``, docs/theory.md#dlib-chip).
+    """
+    u = np.asarray(frame_points, dtype=np.float64)
+    return size * (padding + u) / (1 + 2 * padding) - 0.5
+
+
 #: name -> (crop height, crop width, 5 x 2 template points in MATLAB 1-based coordinates).
 #: ``112x112`` is the same face placed in a wider crop: x + 8 (docs/theory.md#five-point-alignment).
+#: ``150x150`` is dlib's face chip (docs/theory.md#dlib-chip), stored 1-based like the others.
 TEMPLATES: Dict[str, Tuple[int, int, np.ndarray]] = {
     "112x96": (112, 96, _TEMPLATE_112x96_MATLAB),
     "112x112": (112, 112, _TEMPLATE_112x96_MATLAB + np.array([8.0, 0.0])),
+    "150x150": (DLIB_CHIP_SIZE, DLIB_CHIP_SIZE, dlib_chip_points(DLIB_FRAME_FIVE_POINTS) + 1.0),
 }
+#: templates fitted without the mirror-image candidate: dlib's chip is a rotation + scale + shift only
+#: (``find_similarity_transform``); SphereFace's are MATLAB's ``cp2tform(..., 'similarity')``
+NONREFLECTIVE_TEMPLATES = ("150x150",)
 
 
 def _check_template(template: str) -> Tuple[int, int, np.ndarray]:
@@ -217,19 +261,24 @@ def cut_wide_crop(image: np.ndarray, input_size) -> Optional[np.ndarray]:
     return None
 
 
-def alignment_matrix(landmarks, template: str = "112x96", reflective: bool = True) -> np.ndarray:
-    """The 2 x 3 matrix that maps 0-based ``landmarks`` (5 x 2) onto the 0-based template."""
+def alignment_matrix(landmarks, template: str = "112x96", reflective: Optional[bool] = None) -> np.ndarray:
+    """The 2 x 3 matrix that maps 0-based ``landmarks`` (5 x 2) onto the 0-based template.
+
+    ``reflective``: also try the mirror-image fit (None: the template's own rule, see
+    ``NONREFLECTIVE_TEMPLATES``)."""
     pts = _as_points(landmarks, "landmarks")
     if pts.shape != (5, 2):
         raise ValueError(f"landmarks must be 5 x 2 (left eye, right eye, nose, left and right mouth corner), got shape {pts.shape}")
+    if reflective is None:
+        reflective = template not in NONREFLECTIVE_TEMPLATES
     return similarity_transform(pts, template_points(template), reflective=reflective)
 
 
 def align_face(image: np.ndarray, landmarks, template: str = "112x96") -> np.ndarray:
     """Warp ``image`` so that its 5 ``landmarks`` (0-based, in the order of
-    docs/theory.md#five-point-alignment) fit the SphereFace template.
+    docs/theory.md#five-point-alignment) fit the ``template``.
 
-    Returns a 112 x 96 x 3 (or 112 x 112 x 3) BGR uint8 crop: bilinear interpolation, black outside
+    Returns a 112 x 96 x 3 (112 x 112 x 3, 150 x 150 x 3) BGR uint8 crop: bilinear interpolation, black outside
     the image, like MATLAB ``imtransform`` in the original preprocessing. Grayscale input is expanded
     to three channels, an alpha channel is dropped.
     """

@@ -3,7 +3,7 @@
 For every file under ``--input`` (``<identity>/<image>``) the command finds five landmarks, from a
 landmark file (``--landmarks``, sphereface format: ``relative/path`` then x1 y1 ... x5 y5, tab or
 space separated, 0-based pixels unless ``--landmark-base 1`` says MATLAB 1-based) or with a detector (``--detector mtcnn|retinaface``), warps the
-image to the SphereFace template (:mod:`data_prep.geometry`, docs/theory.md#five-point-alignment) and writes the crop to
+image to the --template (:mod:`data_prep.geometry`, docs/theory.md#five-point-alignment) and writes the crop to
 the same relative path under ``--output`` (extension from ``--format``). It also writes:
 
 - ``<output>/manifest.jsonl``: one JSON object per input, ``{"path", "status", "reason"}``, status
@@ -38,17 +38,18 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from data_prep.geometry import TEMPLATES
 from data_prep.image_files import IMAGE_EXTENSIONS
 from data_prep.landmarks import LandmarkEntry, parse_landmark_file
 from sphereface_plus.errors import UsageError  # noqa: F401  (re-exported: data_prep.prepare.UsageError)
 
 logger = logging.getLogger(__name__)
 
-HELP = "align an identity-folder tree of face images to the SphereFace template (landmark file or detector)"
+HELP = "align an identity-folder tree of face images to a crop template (landmark file or detector)"
 
 DESCRIPTION = """\
 Align every image of an identity-folder tree (<input>/<identity>/<image>, CASIA-WebFace or LFW
-layout) to the SphereFace template: 5 landmarks from --landmarks (path then x1 y1 ... x5 y5, 0-based
+layout) to a crop template (--template): 5 landmarks from --landmarks (path then x1 y1 ... x5 y5, 0-based
 pixels) or from the --detector, a least-squares similarity (MATLAB cp2tform semantics), a bilinear
 warp. The output mirrors the input tree and holds:
 
@@ -102,7 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--landmark-base", type=int, default=0, choices=(0, 1),
                    help="pixel convention of the landmark file: 0 = OpenCV/numpy (first pixel at 0, default), "
                         "1 = MATLAB (first pixel at 1, e.g. points written by the original MATLAB MTCNN)")
-    p.add_argument("--template", default="112x96", choices=("112x96", "112x112"), help="crop template (default 112x96)")
+    p.add_argument("--template", default="112x96", choices=tuple(TEMPLATES),
+                   help="crop template: 112x96 (SphereFace), 112x112 (insightface) or 150x150 (dlib's face chip, for "
+                        "models imported --from dlib); default 112x96")
     p.add_argument("--detector", default="mtcnn", choices=("mtcnn", "retinaface"),
                    help="face detector used when no --landmarks is given (default mtcnn; weights: sphereface-plus fetch-weights)")
     p.add_argument("--device", default="cpu", help="device for the detector, e.g. cpu or cuda:0 (default cpu)")
