@@ -31,7 +31,7 @@ from typing import Dict, List
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sphereface_plus.apps.gan import DEFAULT_STATS_CACHE, PUBLISHED_IS  # noqa: E402
+from sphereface_plus.commands.gan import DEFAULT_STATS_CACHE, PUBLISHED_IS  # noqa: E402
 from sphereface_plus.engine.run_log import read_jsonl  # noqa: E402
 
 VARIANTS = ("baseline", "sn", "mhe", "sn_mhe")

@@ -7,7 +7,7 @@ Data: ``../shared/data/lfw`` (deep-funneled LFW, ``pairs.txt``, ``lfw_landmark.t
 112x96 from the landmark file into ``bench/out/lfw_112x96`` (reused on later runs). Training people:
 those named in the pairs of folds 2-10 with at least ``--min-images`` images; test: the 600 pairs of
 fold 1 (person-disjoint from every training person), scored with the 10-fold protocol on 10 stratified
-sub-folds of 60 pairs (:func:`sphereface_plus.apps.demo.prepare_lfw`).
+sub-folds of 60 pairs (:func:`sphereface_plus.commands.demo.prepare_lfw`).
 
 Variants, identical except for the loss (same backbone, batch, iterations, learning-rate schedule,
 data order and initial weights, from ``--seed``):
@@ -84,7 +84,7 @@ def parse_args(argv=None):
 def run_variant(name, args, data, out_root):
     import torch
 
-    from sphereface_plus.apps.demo import evaluate_checkpoint, train_config, train_with_stats
+    from sphereface_plus.commands.demo import evaluate_checkpoint, train_config, train_with_stats
     from sphereface_plus.mhe import mhe_energy
     from sphereface_plus.utils import safe_torch_load
 
@@ -222,7 +222,7 @@ def markdown(results, meta, kept=()):
 
 def main(argv=None):
     args = parse_args(argv)
-    from sphereface_plus.apps.demo import prepare_lfw
+    from sphereface_plus.commands.demo import prepare_lfw
     from sphereface_plus.utils import atomic_write_json, atomic_write_text, setup_logging
 
     setup_logging()
@@ -241,7 +241,7 @@ def main(argv=None):
     data = prepare_lfw(args.data, work, test_fold=args.test_fold, min_images=args.min_images, workers=args.workers)
     print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
     out_root = work / "lfw_fold" / args.tag
-    from sphereface_plus.apps.demo import evaluate_model, untrained_backbone
+    from sphereface_plus.commands.demo import evaluate_model, untrained_backbone
 
     t0 = time.perf_counter()
     untrained, _ = evaluate_model(untrained_backbone(args.backbone, args.seed), data, device="cpu")
@@ -252,7 +252,7 @@ def main(argv=None):
     for name in names:
         results.append(run_variant(name, args, data, out_root))
         atomic_write_json(out_root / "results.json", {"args": vars(args), "results": results})
-    from sphereface_plus.apps.demo import train_config
+    from sphereface_plus.commands.demo import train_config
 
     cfg = train_config(out_root / "x", data, args.iterations, seed=args.seed, batch_size=args.batch_size,
                        backbone=args.backbone, lr=args.lr, lambda_reach=args.lambda_reach)

@@ -1,4 +1,4 @@
-"""``sphereface-plus export``: a checkpoint's embedding network as ONNX or TorchScript, checked before it is written.
+"""A checkpoint's embedding network as ONNX or TorchScript, checked before it is written.
 
 The exported network takes the toolkit's preprocessed crops, ``B x 3 x H x W`` float32 (H x W =
 112 x 96 or 112 x 112, BGR, ``(x - 127.5) / 128``), with a dynamic batch size, and returns the
@@ -29,12 +29,10 @@ uses ``torch.jit.trace_module``; ``torch.jit`` is deprecated upstream too, so pr
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import logging
-import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,24 +50,17 @@ from sphereface_plus.errors import InputFileError, MissingFileError, ToolkitErro
 
 logger = logging.getLogger(__name__)
 
-HELP = "export a checkpoint's embedding network to ONNX or TorchScript, checked against PyTorch"
 FORMATS = ("onnx", "torchscript")
 DEFAULT_TOLERANCE = 1e-4
 DEFAULT_CHECK_COUNT = 32
 SYNTHETIC_SEED = 0
-EXIT_CHECK_FAILED = 3
 
-DESCRIPTION = __doc__ + """
-examples:
-  sphereface-plus export --checkpoint runs/x/checkpoints/last.pt --format onnx --out sphere20.onnx
-  sphereface-plus export --checkpoint last.pt --format onnx --out m.onnx --check-images lfw-112x96/Aaron_Peirsol
-  sphereface-plus export --checkpoint last.pt --format torchscript --out sphere20.ts.pt
-  sphereface-plus verify lfw --checkpoint sphere20.onnx --root lfw-112x96 --pairs pairs.txt
-"""
 
 
 class ExportCheckError(ToolkitError, RuntimeError):
-    """The exported model does not reproduce PyTorch's outputs; nothing was written."""
+    """The exported model does not reproduce PyTorch's outputs; nothing was written (exit status 3)."""
+
+    exit_status = 3
 
 
 class EmbeddingNet(torch.nn.Module):
@@ -353,34 +344,3 @@ def export_model(checkpoint, out, fmt: str = "onnx", check_images=None, check_co
     return {"out": str(out), "format": fmt, "bytes": len(data), "check_images": where,
             "max_abs_diff_embedding": diffs["embedding"], "max_rel_diff_feature": diffs["feature"],
             "batch_sizes": diffs["batch_sizes"], "metadata": metadata}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) to export")
-    parser.add_argument("--format", default="onnx", choices=FORMATS, help="onnx (default) or torchscript")
-    parser.add_argument("--out", required=True, help="file to write (only after the check passes; atomic)")
-    parser.add_argument("--check-images", metavar="DIR",
-                        help="folder of aligned crops of the model's size to check the export on (the first "
-                             "--check-count in sorted order); default: synthetic faces from data_prep.synthetic, "
-                             "aligned with their exact landmarks. The output says which were used")
-    parser.add_argument("--check-count", type=int, default=DEFAULT_CHECK_COUNT,
-                        help=f"crops in the check batch (default {DEFAULT_CHECK_COUNT}; a batch of one is checked too)")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help=f"largest accepted difference from PyTorch (default {DEFAULT_TOLERANCE:g})")
-
-
-def run(args) -> int:
-    try:
-        result = export_model(args.checkpoint, args.out, args.format, args.check_images, args.check_count,
-                              args.tolerance)
-    except ExportCheckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CHECK_FAILED
-    except ToolkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {result['out']} ({result['format']}, {result['bytes'] / 1e6:.1f} MB)")
-    print(f"check on {result['check_images']}, batch sizes {result['batch_sizes']}: max |diff| from PyTorch "
-          f"{result['max_abs_diff_embedding']:.2e} (embedding), {result['max_rel_diff_feature']:.2e} (feature, "
-          f"relative); tolerance {args.tolerance:g}")
-    return 0

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_prep.datasets import to_network_tensor as preprocess  # the one model transform
 from data_prep.geometry import cut_wide_crop, to_bgr
-from data_prep.landmarks import read_landmarks  # noqa: F401 (eval.verify_command / eval.megaface use F.read_landmarks)
+from data_prep.landmarks import read_landmarks  # noqa: F401 (the verify and megaface commands use F.read_landmarks)
 from sphereface_plus.errors import CheckpointError, InputFileError, MissingFileError
 from sphereface_plus.importers.preprocessing import PREPROCESSING_KEY, Preprocessing, wrap_backbone
 from sphereface_plus.utils import progress
@@ -146,16 +146,6 @@ def inference_setup(model, precision: str = "auto", device="cpu",
     if channels_last is None:
         channels_last = resolved == "bf16" and device.type == "cpu"
     return resolved, bool(channels_last)
-
-
-def add_precision_argument(parser) -> None:
-    """``--precision auto|fp32|bf16`` for the commands that embed images (verify, compare, megaface export)."""
-    from sphereface_plus.engine.precision import EMBED_SETTINGS
-
-    parser.add_argument("--precision", choices=EMBED_SETTINGS, default="auto",
-                        help="backbone precision: bf16 (autocast, NHWC on CPU; features stay float32) or fp32; "
-                             "default auto = bf16 where the CPU/GPU has native bf16 (AVX512-BF16, AMX, "
-                             "Ampere+), else fp32")
 
 
 def embed_batch(model: torch.nn.Module, x: torch.Tensor, flip: bool = True, precision: str = "fp32",

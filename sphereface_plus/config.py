@@ -44,8 +44,6 @@ __all__ = [
     "config_to_dict",
     "config_to_yaml",
     "yaml_load",
-    "add_field_flags",
-    "load_config_from_args",
 ]
 
 
@@ -575,22 +573,6 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), schem
         _merge(cfg, data, prefix="", source=str(p))
     apply_overrides(cfg, overrides)
     return _validate(cfg)
-
-
-def add_field_flags(group, fields: Dict[str, Any], aliases: Optional[Dict[str, List[str]]] = None) -> None:
-    """One command-line flag per top-level recipe field (``{name: (type, help)}``), spelled with dashes and,
-    for names with an underscore, also with underscores (the original scripts' spelling), plus ``aliases``.
-    Every flag defaults to None, so :func:`load_config_from_args` passes on only the flags that were given."""
-    for name, (tp, text) in fields.items():
-        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else []) + (aliases or {}).get(name, [])
-        group.add_argument(*flags, dest=name, type=tp, default=None, help=text)
-
-
-def load_config_from_args(args: Any, flag_names: Sequence[str], schema: Type[T]) -> T:
-    """Defaults < ``args.config`` YAML < ``args.overrides`` (``key=value``) < the flags in ``flag_names``
-    that were given (not None)."""
-    flags = [f"{n}={getattr(args, n)}" for n in flag_names if getattr(args, n, None) is not None]
-    return load_config(args.config, list(getattr(args, "overrides", [])) + flags, schema=schema)
 
 
 def stored_config_as_read(saved: Dict[str, Any], schema: Any = None) -> Dict[str, Any]:

@@ -3,8 +3,8 @@
 
 This is library code: it receives its training set and an optional verifier from outside and imports
 nothing from ``data_prep`` or ``eval`` (``tests/test_layering.py``). The command that builds them from
-a config and runs the loop is :mod:`sphereface_plus.apps.train` (``sphereface-plus train``,
-``torchrun -m sphereface_plus.apps.train``). The :class:`Trainer` exposes single steps (used by the
+a config and runs the loop is :mod:`sphereface_plus.commands.train` (``sphereface-plus train``,
+``torchrun -m sphereface_plus train``). The :class:`Trainer` exposes single steps (used by the
 tests, the demo and ``bench/train_throughput.py``).
 
     trainer = Trainer(cfg, dataset, dist, verifier=None)   # dataset: len(), num_classes, input_size

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from data_prep.cifar import CifarDataError, load_cifar, load_cifar_class_names, load_cifar_split
-from sphereface_plus.apps import cifar
+from sphereface_plus.commands import cifar
 from data_prep.cifar import random_pad_crop_flip
 from sphereface_plus.engine.optim import lr_factor
 from sphereface_plus.losses import smoothed_cross_entropy
@@ -403,7 +403,7 @@ def test_amp_setting_runs_the_network_in_bf16_and_keeps_loss_and_mhe_float32():
     """Issue 14 for CIFAR: ``amp`` is checked against engine.precision.SETTINGS; under bf16 the network's
     convolutions run in bf16, the logits reach the loss in float32, and the MHE terms equal their
     float32 value on the same weights."""
-    from sphereface_plus.apps import cifar as C
+    from sphereface_plus.commands import cifar as C
     from sphereface_plus.engine.precision import resolve_precision
 
     with pytest.raises(C.ConfigError, match="precision 'half'.*auto, fp32, bf16, fp16, off"):

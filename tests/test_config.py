@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sphereface_plus.apps.train import load_train_config
+from sphereface_plus.commands.train import load_train_config
 from sphereface_plus.config import Config, ConfigError, apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_spherefaceplus_recipe_is_spec_section_5():
 
 
 def test_cli_reports_bad_key_with_exit_status_2(capsys):
-    from sphereface_plus.apps import train as train_cmd
+    from sphereface_plus.commands import train as train_cmd
 
     parser = argparse.ArgumentParser()
     train_cmd.add_arguments(parser)
@@ -137,7 +137,7 @@ def test_cli_reports_bad_key_with_exit_status_2(capsys):
                                                       ("cifar_half_mhe", "half_mhe", "2")])
 def test_cifar_recipes_are_spec_section_7(name, model_name, power):
     """The CIFAR recipes load through the same loader into the CIFAR schema, with the values of docs/theory.md#cifar-setup."""
-    from sphereface_plus.apps.cifar import CifarConfig
+    from sphereface_plus.commands.cifar import CifarConfig
 
     cfg = load_config(str(REPO / "configs" / f"{name}.yaml"), schema=CifarConfig)
     assert (cfg.model_name, cfg.mhe_power, cfg.dataset) == (model_name, power, "cifar100")
@@ -150,7 +150,7 @@ def test_cifar_recipes_are_spec_section_7(name, model_name, power):
 def test_cifar_seed_flags_are_aliases_that_override_the_yaml():
     import argparse
 
-    from sphereface_plus.apps import cifar
+    from sphereface_plus.commands import cifar
 
     parser = argparse.ArgumentParser()
     cifar.add_arguments(parser)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sphereface_plus.apps.gan import GanConfig, train_gan
+from sphereface_plus.commands.gan import GanConfig, train_gan
 from sphereface_plus.engine.checkpoint import load_checkpoint
 from sphereface_plus.gan import inception_metrics as M
 from shared_data import CIFAR_SUBSET, needs_cifar_subset as needs_subset, needs_inception

@@ -701,7 +701,7 @@ def test_export_of_an_imported_model_keeps_its_convention(tmp_path, crops112):
 def test_imported_caffe_model_fine_tunes_with_train_init_from(tmp_path):
     """train.init_from=IMPORTED.pt: the SphereFace+ fine-tune starts from the released backbone and its fc6."""
     from data_prep.datasets import prepare_synthetic
-    from sphereface_plus.apps.train import make_trainer
+    from sphereface_plus.commands.train import make_trainer
     from sphereface_plus.config import load_config
 
     text = release_prototxt(UNITS, margin=20)

@@ -184,7 +184,7 @@ def _launch_two(args, port, env_extra=None):
     for rank in (0, 1):
         env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env_extra or {}))
-        procs.append(subprocess.Popen([sys.executable, "-m", "sphereface_plus.apps.train", *map(str, args)], cwd=REPO,
+        procs.append(subprocess.Popen([sys.executable, "-m", "sphereface_plus", "train", *map(str, args)], cwd=REPO,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 

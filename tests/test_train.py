@@ -26,7 +26,7 @@ from sphereface_plus.errors import UsageError
 from sphereface_plus.engine.checkpoint import find_resume_checkpoint
 from sphereface_plus.engine.optim import build_optimizer, build_scheduler, lr_factor
 from sphereface_plus.engine.sampler import ResumableSampler
-from sphereface_plus.apps.train import make_trainer, train
+from sphereface_plus.commands.train import make_trainer, train
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,7 +169,7 @@ def test_cli_sigkill_after_save_then_resume_auto(reference, cache, tmp_path):
     out = tmp_path / "run"
     args = ["--config", str(SMOKE), *_overrides(out, cache, 1000)]
     # same thread count as this process (the default), so that float reductions match bit for bit
-    proc = subprocess.Popen([sys.executable, "-m", "sphereface_plus.apps.train", *args], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "sphereface_plus", "train", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 90
@@ -210,7 +210,7 @@ def test_two_processes_match_one(cache, tmp_path):
     assert main(["train", "--config", str(SMOKE), *_overrides(one, cache, 4, extra=extra)]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sphereface_plus.apps.train", "--config", str(SMOKE), *_overrides(two, cache, 4, extra=extra)]
+           "-m", "sphereface_plus", "train", "--config", str(SMOKE), *_overrides(two, cache, 4, extra=extra)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     got = [h["loss"] for h in json.loads((two / "summary.json").read_text())["history"]]
@@ -252,7 +252,7 @@ def test_torchrun_with_a_sharded_head_matches_one_sharded_process(cache, tmp_pat
     assert main(["train", "--config", str(SMOKE), *_overrides(one, cache, 4, extra=extra)]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sphereface_plus.apps.train", "--config", str(SMOKE), *_overrides(two, cache, 4, extra=extra)]
+           "-m", "sphereface_plus", "train", "--config", str(SMOKE), *_overrides(two, cache, 4, extra=extra)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     got = [h["loss"] for h in json.loads((two / "summary.json").read_text())["history"]]

@@ -95,7 +95,7 @@ def test_two_processes_validate_on_rank0_and_keep_best(tmp_path):
     _packs(packs, pairs=8)
     argv = _argv(out, packs, tmp_path / "cache", "eval.packs=[lfw,cfp_fp]", "head.parallel=sharded")[1:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sphereface_plus.apps.train", *argv]
+           "-m", "sphereface_plus", "train", *argv]
     res = subprocess.run(cmd, cwd=SMOKE.parents[1], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

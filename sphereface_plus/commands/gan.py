@@ -32,7 +32,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from data_prep.cifar import load_cifar_split
-from sphereface_plus.config import ConfigError, add_field_flags, config_to_yaml, load_config_from_args
+from sphereface_plus.commands.options import add_field_flags, load_config_from_args
+from sphereface_plus.config import ConfigError, config_to_yaml
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.run_log import MetricsLogger, RunningMeans, open_tensorboard

@@ -56,7 +56,7 @@ from eval.features import load_embedding_model
 from eval.lfw import lfw_people_split, parse_pairs, verify_on_pairs
 from eval.pairs import stratified_folds
 from eval.report import write_report
-from sphereface_plus.apps.train import train
+from sphereface_plus.commands.train import train
 from sphereface_plus.config import load_config
 from sphereface_plus.engine.checkpoint import check_settings
 from sphereface_plus.engine.run_folder import RunFolder

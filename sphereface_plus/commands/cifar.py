@@ -47,7 +47,8 @@ import torch
 import torch.nn as nn
 
 from data_prep.cifar import CIFAR_DATASETS, load_cifar, random_pad_crop_flip, to_network_input
-from sphereface_plus.config import ConfigError, add_field_flags, config_to_yaml, load_config_from_args
+from sphereface_plus.commands.options import add_field_flags, load_config_from_args
+from sphereface_plus.config import ConfigError, config_to_yaml
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.run_log import MetricsLogger, RunningMeans, open_tensorboard

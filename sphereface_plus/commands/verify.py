@@ -58,11 +58,21 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
+from eval import features as F
+from eval import ijb as J
+from eval import packs as K
+from eval import pairs as P
+from eval.lfw import evaluate_features
+from eval.protocols import PROTOCOLS, resolve_protocol
+from eval.report import format_report, plot_roc, write_json_report
+from sphereface_plus.commands.options import add_precision_argument
+from sphereface_plus.engine.checkpoint import load_checkpoint, serialize
 from sphereface_plus.errors import UsageError, require_dir, require_file
+from sphereface_plus.utils import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +84,6 @@ SOURCES = ("lfw", "pairs", "bin", "packs", "folder", "ijb")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from eval.protocols import PROTOCOLS
-
     parser.add_argument("source", choices=SOURCES, metavar="{" + ",".join(SOURCES) + "}",
                         help="where the pairs come from")
     src = parser.add_argument_group("features (one of)")
@@ -116,11 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     run_.add_argument("--workers", type=int, default=2, help="DataLoader workers reading images (default 2)")
     run_.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    from eval.features import add_precision_argument
-
     add_precision_argument(run_)
-    from eval.ijb import add_ijb_arguments
-
     add_ijb_arguments(parser)
 
 
@@ -163,8 +167,6 @@ def _check_args(args) -> None:
 
 def build_pairs(args):
     """The pairs of the chosen protocol (and the pack images for ``bin``)."""
-    from eval import pairs as P
-
     if args.source == "lfw":
         return P.parse_lfw_pairs(args.pairs, ext=args.ext), None
     if args.source == "pairs":
@@ -178,9 +180,6 @@ def build_pairs(args):
 def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray, bool]:
     """``(paths, features, flip_halves)`` of every image in ``pairs``, from the checkpoint or the .npz;
     ``flip_halves``: the rows are ``[f(crop), f(mirror)]`` (extracted with flip, or an .npz that says so)."""
-    from eval import features as F
-    from eval.pairs import pairs_to_arrays
-
     if args.features:
         paths, feats = F.load_features_npz(args.features)
         return paths, feats, F.features_layout(args.features) == F.CROP_MIRROR_LAYOUT
@@ -191,14 +190,12 @@ def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray, b
         logger.info("embedding the crop alone: %s", "the jitters include mirror images" if jitter else
                     "the model's flip policy is 'none'")
     if pack_images is not None:
-        from eval.packs import LoadedPack, check_pack_size
-
-        check_pack_size(LoadedPack("pack", Path(args.pack), pack_images, np.zeros(0, bool)), info["input_size"])
+        K.check_pack_size(K.LoadedPack("pack", Path(args.pack), pack_images, np.zeros(0, bool)), info["input_size"])
         feats = F.extract_from_dataset(model, F.EncodedImages(pack_images, info["input_size"]), args.batch_size,
                                        flip, args.device, args.workers, precision=args.precision, jitter=jitter,
                                        jitter_seed=args.jitter_seed)
         return [str(i) for i in range(len(pack_images))], feats, flip
-    paths = pairs_to_arrays(pairs)[0]
+    paths = P.pairs_to_arrays(pairs)[0]
     landmarks = F.read_landmarks(args.landmarks) if args.landmarks else None
     feats = F.extract_features(model, args.root, paths, batch_size=args.batch_size, flip=flip, device=args.device,
                                num_workers=args.workers, input_size=info["input_size"], landmarks=landmarks,
@@ -211,17 +208,9 @@ def run(args) -> int:
     if args.source in ("ijb", "packs") and args.jitter > 1:
         raise UsageError(f"--jitter belongs to verify lfw|pairs|bin|folder, not verify {args.source}")
     if args.source == "ijb":
-        from eval.ijb import run_ijb
-
         return run_ijb(args)
     if args.source == "packs":
-        from eval.packs import run_packs
-
         return run_packs(args)
-    from eval.lfw import evaluate_features
-    from eval.protocols import resolve_protocol
-    from eval.report import format_report, plot_roc, write_json_report
-
     # input mistakes raise ToolkitErrors: the command line prints them as one 'error:' line, exit 2
     args.protocol = resolve_protocol(args.protocol, args.source)
     _check_args(args)
@@ -230,9 +219,7 @@ def run(args) -> int:
                 len({p.fold for p in pairs}))
     paths, feats, flip_halves = compute_features(args, pairs, pack_images)
     if args.save_features:
-        from eval.features import CROP_MIRROR_LAYOUT, save_features_npz
-
-        save_features_npz(args.save_features, paths, feats, layout=CROP_MIRROR_LAYOUT if flip_halves else None)
+        F.save_features_npz(args.save_features, paths, feats, layout=F.CROP_MIRROR_LAYOUT if flip_halves else None)
         logger.info("features saved to %s", args.save_features)
     source = args.features or "the extracted features"
     report = evaluate_features(paths, feats, pairs, mean_sub=not args.no_mean_sub, source=source,
@@ -270,9 +257,6 @@ def save_model_with_threshold(checkpoint, out, threshold: float, source: str = "
     cannot ``--resume`` a run, but ``train.init_from`` and every evaluation command accept it, and it
     loads with ``torch.load(weights_only=True)``.
     """
-    from sphereface_plus.engine.checkpoint import load_checkpoint, serialize
-    from sphereface_plus.utils import atomic_write_bytes
-
     state = load_checkpoint(checkpoint)
     copy = {k: state[k] for k in ("model", "head", "config", "iteration") if k in state}
     copy["threshold"] = float(threshold)
@@ -281,3 +265,120 @@ def save_model_with_threshold(checkpoint, out, threshold: float, source: str = "
     atomic_write_bytes(out, serialize(copy))
     logger.info("wrote %s (threshold %.4f from %s)", out, threshold, source or "verification")
     return out
+
+
+# --------------------------------------------------------------------------- verify ijb
+
+
+def add_ijb_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``verify ijb`` (it also uses --root, --checkpoint, --features, --json, --plot...)."""
+    g = parser.add_argument_group("ijb (IJB-B / IJB-C 1:1 and 1:N, insightface's protocol; --root is the IJB folder)")
+    g.add_argument("--dataset", default="IJBC", choices=J.IJB_DATASETS,
+                   help="which meta file names to read under --root/meta (default IJBC)")
+    g.add_argument("--task", default="1:1", choices=J.IJB_TASKS,
+                   help="1:1 template verification (TAR@FAR; default), 1:N identification (TPIR@FPIR 1e-2, 1e-1 "
+                        "and rank-1/5/10 on galleries G1 and G2 (IJB-B: S1, S2) separately, from "
+                        "<ds>_1N_gallery_*.csv and <ds>_1N_probe_mixed.csv), or both")
+    g.add_argument("--detector-score", action="store_true",
+                   help="weight each face by its detector score from <ds>_name_5pts_score.txt (insightface D1; "
+                        "its published tables use it)")
+    g.add_argument("--normalize-faces", action="store_true",
+                   help="L2-normalise each face feature before pooling (insightface N0; default N1 keeps the "
+                        "norm as a quality weight)")
+
+
+def _check_ijb_args(args) -> None:
+    if bool(args.checkpoint) == bool(args.features):
+        raise UsageError("verify ijb: give exactly one of --checkpoint (a .pt checkpoint or an exported .onnx) "
+                         "and --features (an .npz with 'paths' and 'features')")
+    if not args.root:
+        raise UsageError("verify ijb needs --root, the IJB folder holding meta/ and loose_crop/")
+    if getattr(args, "protocol", None) not in (None, "insightface"):
+        raise UsageError(f"--protocol {args.protocol}: IJB is scored with insightface's protocol only (drop --protocol)")
+    if getattr(args, "plot", None) and getattr(args, "task", "1:1") == "1:N":
+        raise UsageError("--plot draws the 1:1 ROC curve: use --task both (or 1:1) with --plot")
+    if args.features and args.no_flip:
+        logger.warning("--no-flip has no effect with --features (the features are used as they are)")
+
+
+def compute_ijb(args) -> Dict[str, object]:
+    """Everything ``verify ijb`` computes, as a report dict (also used by tests)."""
+    _check_ijb_args(args)
+    task = getattr(args, "task", "1:1")
+    meta = J.load_ijb_meta(args.root, args.dataset, need_landmarks=bool(args.checkpoint or args.detector_score),
+                           need_pairs=task != "1:N")
+    if task != "1:1":  # the 1:N lists are read (and checked) before anything is embedded
+        for key in ["probes"] + [f"gallery_{g}" for g in J.IJB_GALLERIES[args.dataset]]:
+            J.read_template_subjects(meta.files[key])
+    if args.features:
+        names, feats = F.load_features_npz(args.features)
+    else:
+        model, info = F.load_embedding_model(args.checkpoint, device=args.device)
+        names, feats = J.model_face_features(model, info, meta, args.batch_size, not args.no_flip, args.device,
+                                             args.workers)
+        if args.save_features:
+            F.save_features_npz(args.save_features, names, feats)
+            logger.info("features saved to %s", args.save_features)
+    source = args.features or "the extracted features"
+    report: Dict[str, object] = {"protocol": "insightface", "benchmark": "ijb", "task": task, "dataset": args.dataset}
+    if task != "1:N":
+        report.update(J.evaluate_ijb(meta, names, feats, args.detector_score, args.normalize_faces, source=source)[0])
+    if task != "1:1":
+        report["identification"] = J.evaluate_ijb_1n(meta, names, feats, args.dataset, args.detector_score,
+                                                     args.normalize_faces, source=source)
+    report.update({"flip": (not args.no_flip) if args.checkpoint else None, "source": args.checkpoint or args.features})
+    return report
+
+
+def run_ijb(args) -> int:
+    report = compute_ijb(args)  # bad input raises a ToolkitError: one 'error:' line, exit 2
+    if "tar_at_far" in report:
+        print(J.format_ijb_report(report))
+    if "identification" in report:
+        print(J.format_identification(report, args.dataset))
+    if args.json:
+        write_json_report(report, args.json)
+        print(f"report: {args.json}")
+    if args.plot:
+        plot_roc({f"{args.dataset}": report}, args.plot, title=f"{args.dataset} 1:1 verification", xlim=(1e-6, 1e-1))
+        print(f"ROC plot: {args.plot}")
+    return 0
+
+
+# --------------------------------------------------------------------------- verify packs
+
+
+def run_packs(args) -> int:
+    """``sphereface-plus verify packs --dir DIR --checkpoint CKPT|MODEL.onnx``."""
+    if not args.checkpoint or args.features:
+        raise UsageError("verify packs embeds the packs' images: give --checkpoint (a .pt checkpoint or an exported "
+                         ".onnx), not --features")
+    if not args.dir:
+        raise UsageError("verify packs needs --dir, the folder holding lfw.bin, cfp_fp.bin, agedb_30.bin, ...")
+    if args.no_mean_sub:
+        raise UsageError("--no-mean-sub belongs to verify lfw|pairs|folder (the sphereface protocol); the packs "
+                         "are scored without a mean")
+    require_file(args.checkpoint, "--checkpoint")
+    protocol = resolve_protocol(args.protocol, "packs")
+    paths = K.pack_paths(args.dir, args.packs or None)
+    packs = K.load_packs(paths)
+    model, info = F.load_embedding_model(args.checkpoint, device=args.device)
+    for p in packs:  # before anything is embedded or written
+        K.check_pack_size(p, info["input_size"])
+    logger.info("%d packs: %s", len(packs), ", ".join(f"{p.name} ({len(p.issame)} pairs)" for p in packs))
+    feats = K.embed_packs(model, packs, info["input_size"], args.batch_size, not args.no_flip, args.device,
+                          args.workers, precision=args.precision)
+    if args.save_features:  # rows named <pack>/<image index in the pack>
+        F.save_features_npz(args.save_features, [f"{p.name}/{i}" for p in packs for i in range(len(p.images))],
+                            np.concatenate(feats), layout=None if args.no_flip else F.CROP_MIRROR_LAYOUT)
+        logger.info("features saved to %s", args.save_features)
+    summary = K.score_packs(packs, feats, protocol, args.folds, flip_halves=not args.no_flip)
+    summary.update({"flip": not args.no_flip, "source": args.checkpoint, "oracle_note": K.oracle_note()})
+    print(K.format_packs_table(summary))
+    if args.json:
+        write_json_report(summary, args.json)
+        print(f"report: {args.json}")
+    if args.plot:
+        plot_roc(summary["packs"], args.plot, title=f"verify packs ({protocol} protocol)")
+        print(f"ROC plot: {args.plot}")
+    return 0
