@@ -26,6 +26,7 @@ threshold of dlib's decision rule (:mod:`eval.protocols`, protocol ``dlib``).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -155,7 +156,7 @@ def _read_con(s: DlibStream, entry: Entry, what: str) -> Dict[str, Any]:
     use_bias = s.boolean(what) if version in ("con_5", "con_6") else True
     if version == "con_6" and s.boolean(what):
         raise s.fail(what, "a convolution with a fused ReLU (not in this network)")
-    n_w, n_b = int(np.prod(filters)), (int(np.prod(biases)) if use_bias else 0)
+    n_w, n_b = math.prod(filters), (math.prod(biases) if use_bias else 0)  # Python ints: no overflow
     if filters[0] != found["filters"] or filters[2:] != (found["nr"], found["nc"]) or params.size != n_w + n_b \
             or n_b not in (0, found["filters"]):
         raise s.fail(what, f"filters {filters} and biases {biases} that do not fit {params.size} parameters")
@@ -171,7 +172,7 @@ def _read_affine(s: DlibStream, what: str) -> Dict[str, Any]:
     gamma, beta = s.alias_tensor(what + " gamma"), s.alias_tensor(what + " beta")
     mode = s.integer(what)
     disabled = s.boolean(what) if version == "affine_2" else False
-    n = int(np.prod(gamma))
+    n = math.prod(gamma)
     if mode != 0 or gamma != beta or gamma[0] != 1 or gamma[2:] != (1, 1) or params.size != 2 * n:
         raise s.fail(what, f"an affine layer that is not per channel (mode {mode}, gamma {gamma}, beta {beta}, "
                            f"{params.size} parameters)")
