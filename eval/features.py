@@ -73,7 +73,8 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.rel_paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def crop(self, i: int) -> np.ndarray:
+        """Image ``i`` as the network sees it before normalisation: the aligned BGR uint8 crop."""
         import cv2
 
         rel = self.rel_paths[i]
@@ -84,7 +85,10 @@ class ImageFiles(Dataset):
             from data_prep import align_face
 
             image = align_face(image, self.landmarks[rel], template=self.template)
-        return preprocess(fit_crop(image, self.input_size, str(self.root / rel)))
+        return fit_crop(image, self.input_size, str(self.root / rel))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return preprocess(self.crop(i))
 
 
 class EncodedImages(Dataset):
@@ -97,13 +101,17 @@ class EncodedImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def crop(self, i: int) -> np.ndarray:
+        """Image ``i`` decoded and fitted to the model's size (BGR uint8)."""
         import cv2
 
         image = cv2.imdecode(np.frombuffer(self.images[i], dtype=np.uint8), cv2.IMREAD_COLOR)
         if image is None:
             raise InputFileError(f"pack image {i} cannot be decoded")
-        return preprocess(fit_crop(image, self.input_size, f"pack image {i}"))
+        return fit_crop(image, self.input_size, f"pack image {i}")
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return preprocess(self.crop(i))
 
 
 class ArrayImages(Dataset):

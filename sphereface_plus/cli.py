@@ -48,7 +48,7 @@ examples:
   sphereface-plus info
   sphereface-plus fetch-weights
   sphereface-plus align --input lfw/images --output lfw-112x96 --landmarks lfw_landmark.txt
-  sphereface-plus train --config configs/sphereface20_casia.yaml data.root=casia-112x96
+  sphereface-plus train --config configs/face/sphereface20_casia.yaml data.root=casia-112x96
   sphereface-plus verify lfw --checkpoint runs/x/checkpoints/last.pt --root lfw-112x96 --pairs pairs.txt
   sphereface-plus cifar --model_name mhe --power_s 0 --data cifar-100-python
   sphereface-plus demo

@@ -72,7 +72,7 @@ def test_every_command_has_help_and_its_module_parses_nothing_at_import(capsys):
 def test_old_torchrun_entry_point_still_runs_train():
     """``python -m sphereface_plus.apps.train`` (what older scripts give torchrun) is ``python -m sphereface_plus
     train``, with a one-line notice."""
-    proc = subprocess.run([sys.executable, "-m", "sphereface_plus.apps.train", "--config", "configs/cpu_smoke.yaml",
+    proc = subprocess.run([sys.executable, "-m", "sphereface_plus.apps.train", "--config", "configs/face/cpu_smoke.yaml",
                            "--print-config"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "backbone: sphere4" in proc.stdout

@@ -169,7 +169,7 @@ def test_lfw_fold_split_is_person_disjoint_and_complete():
 
 def test_untrained_reference_is_the_trainers_initial_network(demo_run):
     """The 'no training' line of the report uses exactly the weights the trainer starts from."""
-    from sphereface_plus.config import Config
+    from sphereface_plus.face.config import FaceConfig as Config
     from sphereface_plus.commands.demo import untrained_backbone
     from sphereface_plus.commands.train import make_trainer
 

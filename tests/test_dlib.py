@@ -182,7 +182,8 @@ def test_template_construction_reproduces_dlibs_chip(dlib_lfw):
     chip rectangle (get_face_chip_details) onto the chip's corners, and the warp matches get_face_chip."""
     import dlib
 
-    from data_prep.geometry import DLIB_FRAME_PREDICTOR_POINTS, dlib_chip_points, similarity_transform, warp_points
+    from data_prep.geometry import similarity_transform, warp_points
+    from sphereface_plus.templates import DLIB_FRAME_PREDICTOR_POINTS, dlib_chip_points
 
     chips, shapes, images = dlib_lfw
     template = dlib_chip_points(DLIB_FRAME_PREDICTOR_POINTS)
@@ -203,7 +204,8 @@ def test_template_construction_reproduces_dlibs_chip(dlib_lfw):
 
 
 def test_150x150_template_is_dlibs_frame_on_the_chip():
-    from data_prep.geometry import TEMPLATES, align_face, alignment_matrix, template_points
+    from data_prep.geometry import align_face, alignment_matrix, template_points
+    from sphereface_plus.templates import TEMPLATES
 
     h, w, _ = TEMPLATES["150x150"]
     pts = template_points("150x150")

@@ -100,7 +100,7 @@ def test_only_the_commands_parse_a_command_line(path):
 @pytest.mark.parametrize("snippet", [
     "import data_prep",
     "import eval.lfw as L",
-    "from data_prep.datasets import build_train_dataset",
+    "from data_prep.training_set import build_train_dataset",
     "def f():\n    from eval.features import extract_features\n",
     "class A:\n    def m(self):\n        if True:\n            import data_prep.geometry\n",
     "try:\n    pass\nexcept Exception:\n    from eval import verification_metrics\n",

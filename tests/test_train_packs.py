@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from sphereface_plus.cli import main  # noqa: E402
 
-SMOKE = Path(__file__).resolve().parents[1] / "configs" / "cpu_smoke.yaml"
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "face" / "cpu_smoke.yaml"
 
 
 def _packs(folder: Path, names=("lfw", "cfp_fp"), pairs=12):

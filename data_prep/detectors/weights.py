@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from sphereface_plus.errors import ToolkitError
+from sphereface_plus.utils import sha256_file  # noqa: F401 (the one file-hash helper, used here)
 
 logger = logging.getLogger(__name__)
 
@@ -109,14 +110,6 @@ def weights_dir(path: Optional[os.PathLike] = None) -> Path:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fix_hint(folder: Path, force: bool = False) -> str:

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from data_prep.detectors import SELECT_POLICIES, list_detectors
-from data_prep.geometry import TEMPLATES
+from sphereface_plus.templates import TEMPLATES
 from data_prep.prepare import DEFAULT_LIST, LFW_OVERLAP_CASIA, align_tree
 
 HELP = "align an identity-folder tree of face images to a crop template (landmark file or detector)"

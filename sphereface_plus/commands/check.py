@@ -1,4 +1,4 @@
-"""``sphereface-plus check``: verify checkpoints and packed datasets before a long run (issue 20).
+"""``sphereface-plus check``: verify checkpoints and packed datasets before a long run (docs/robustness.md).
 
     sphereface-plus check runs/casia/checkpoints/last.pt
     sphereface-plus check runs/casia            # every checkpoint of a run folder

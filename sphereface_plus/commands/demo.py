@@ -36,34 +36,32 @@ floor 5), so a short run covers only its start (lambda still far above 5: a mild
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-from data_prep.prepare import UsageError, align_tree
-from data_prep.synthetic import ensure_synthetic_dataset
 from eval.features import load_embedding_model
-from eval.lfw import lfw_people_split, parse_pairs, verify_on_pairs
-from eval.pairs import stratified_folds
+from eval.lfw import verify_on_pairs
 from eval.report import write_report
+from sphereface_plus.commands.demo_data import DemoData, prepare_lfw, prepare_synthetic_demo
+from sphereface_plus.commands.demo_report import report_markdown
 from sphereface_plus.commands.train import train
-from sphereface_plus.config import load_config
 from sphereface_plus.engine.checkpoint import check_settings
 from sphereface_plus.engine.run_folder import RunFolder
 from sphereface_plus.errors import ToolkitError
 from sphereface_plus.mhe import mhe_energy
 from sphereface_plus.models import create_backbone
-from sphereface_plus.trainer import Trainer
+from sphereface_plus.face.config import load_config
+from sphereface_plus.face.resolve import resolve
+from sphereface_plus.face.trainer import FaceTrainer
 from sphereface_plus.utils import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
 
 logger = logging.getLogger(__name__)
@@ -76,144 +74,15 @@ __all__ = [
     "train_config", "schedule_gamma", "untrained_backbone", "evaluate_model", "time_per_iteration", "train_with_stats", "evaluate_checkpoint", "export_model",
 ]
 
-#: seed offset of the synthetic TEST identities (their appearance is drawn from seed + this), so they
-#: are other people than the training identities drawn from ``seed``.
-TEST_SEED_OFFSET = 7919
-
 #: default training length (sphere4, batch 32): the whole demo took 6 CPU-minutes when measured on 2
 #: cores, and gave 97.7 % on the synthetic test pairs against 77.7 % for the untrained network
 #: (docs/index.md#tour). A fixed count rather than a time budget, so every machine gets the same numbers.
 DEFAULT_ITERATIONS = 300
 
-#: the SphereFace+ setting of configs/spherefaceplus20_casia.yaml: output-layer MHE, Riesz s=2 kernel
+#: the SphereFace+ setting of configs/face/spherefaceplus20_casia.yaml: output-layer MHE, Riesz s=2 kernel
 MHE_LAMBDA, MHE_POWER, MHE_MODE = 1.0, "2", "batch_vs_all"
 
 
-# ------------------------------------------------------------------------------------------- data
-@dataclass
-class DemoData:
-    """What training and verification need, wherever it came from."""
-    kind: str  # "synthetic" | "lfw"
-    train_root: Path  # aligned crops the training list refers to
-    train_list: Path  # "relative/path label" lines, labels 0..C-1
-    num_train_identities: int
-    num_train_images: int
-    test_root: Path  # aligned crops the pairs refer to
-    pairs: list  # eval.pairs.Pair with fold indices 0..9
-    description: str  # one paragraph for the report
-    details: Dict[str, Any] = field(default_factory=dict)
-
-
-def _align(input_dir: Path, output_dir: Path, landmarks: Path, workers: int, what: str):
-    """The ``align`` command as a function; a rerun keeps the finished crops."""
-    try:
-        s = align_tree(input_dir=input_dir, output_dir=output_dir, landmarks=landmarks, template="112x96",
-                       workers=workers)
-    except UsageError as exc:
-        raise RuntimeError(f"aligning {what}: {exc}") from None
-    c = s.counts
-    print(f"  aligned {what}: {c['aligned']} crops ({s.resumed} kept from an earlier run), "
-          f"{c['skipped']} skipped, {c['failed']} failed, {s.seconds:.1f} s -> {output_dir}", flush=True)
-    if c["aligned"] == 0:
-        raise RuntimeError(f"aligning {what}: no image was aligned; see {s.manifest}")
-    return s
-
-
-def _write_list(path: Path, items: Sequence[Tuple[str, int]]) -> None:
-
-    atomic_write_text(path, "".join(f"{p} {lab}\n" for p, lab in items))
-
-
-def prepare_synthetic_demo(work: Path, seed: int = 0, train_identities: int = 100, train_images: int = 16,
-                           test_identities: int = 100, test_images: int = 8, pairs_per_fold: int = 60,
-                           workers: int = 0) -> DemoData:
-    """Generate (or reuse) the synthetic training and test identity sets and align both.
-
-    Two separate sets, not one set split by folds: the 10-fold protocol then scores people that the
-    model never saw, which is what a verification number means.
-    """
-    sets = {}
-    for name, n_id, n_img, s, ppf in (("train", train_identities, train_images, seed, 2),
-                                      ("test", test_identities, test_images, seed + TEST_SEED_OFFSET, pairs_per_fold)):
-        raw = ensure_synthetic_dataset(work / f"synthetic_{name}", n_id, n_img, seed=s, pairs_per_fold=ppf,
-                                       workers=workers)
-        print(f"  synthetic {name} set: {n_id} identities x {n_img} images (seed {s}) in {raw.root}", flush=True)
-        aligned = work / f"synthetic_{name}_112x96"
-        summary = _align(raw.images, aligned, raw.landmarks_file, workers, f"synthetic {name} set")
-        sets[name] = (raw, aligned, summary)
-    raw_tr, aligned_tr, s_tr = sets["train"]
-    raw_te, aligned_te, _ = sets["test"]
-    pairs = parse_pairs(raw_te.pairs_file)
-    return DemoData(
-        kind="synthetic", train_root=aligned_tr, train_list=Path(s_tr.list_path),
-        num_train_identities=s_tr.num_classes, num_train_images=s_tr.num_listed,
-        test_root=aligned_te, pairs=pairs,
-        description=(
-            f"SYNTHETIC data (data_prep.synthetic: cartoon faces drawn with OpenCV, not real people). "
-            f"Training: {train_identities} identities x {train_images} images (seed {seed}); test: "
-            f"{test_identities} other identities x {test_images} images (seed {seed + TEST_SEED_OFFSET}) with "
-            f"{len(pairs)} pairs in 10 person-disjoint folds. Aligned from their exact landmarks to 112x96."
-        ),
-        details={"train_seed": seed, "test_seed": seed + TEST_SEED_OFFSET, "train_identities": train_identities,
-                 "train_images_per_identity": train_images, "test_identities": test_identities,
-                 "test_images_per_identity": test_images},
-    )
-
-
-def prepare_lfw(data_dir, work: Path, test_fold: int = 10, min_images: int = 5, workers: int = 0) -> DemoData:
-    """Align LFW with its landmark file (reused when done) and split it by the folds of pairs.txt.
-
-    ``test_fold`` is 1-based as in the LFW documentation. The test pairs are that fold's 600 pairs,
-    re-split into 10 stratified folds of 60 (30 matched + 30 mismatched) for the 10-fold protocol.
-    """
-    data = Path(data_dir)
-    images, pairs_file, lm_file = data / "images", data / "pairs.txt", data / "lfw_landmark.txt"
-    for p, what in ((images, "an images/ folder"), (pairs_file, "pairs.txt"), (lm_file, "lfw_landmark.txt")):
-        if not p.exists():
-            raise FileNotFoundError(f"--data {data}: {p} is missing; an LFW folder holds images/<Name>/<Name>_NNNN.jpg, "
-                                    f"pairs.txt and lfw_landmark.txt ({what})")
-    all_pairs = parse_pairs(pairs_file)
-    n_folds = max(p.fold for p in all_pairs) + 1
-    if not 1 <= test_fold <= n_folds:
-        raise ValueError(f"--test-fold {test_fold}: {pairs_file} has folds 1..{n_folds}")
-    aligned = work / "lfw_112x96"
-    s = _align(images, aligned, lm_file, workers, "LFW")
-    listed = [ln.rsplit(None, 1)[0] for ln in Path(s.list_path).read_text().splitlines() if ln.strip()]
-    by_person: Dict[str, List[str]] = {}
-    for rel in listed:
-        by_person.setdefault(rel.split("/", 1)[0], []).append(rel)
-    counts = {k: len(v) for k, v in by_person.items()}
-    train_people, test_people = lfw_people_split(all_pairs, counts, test_fold - 1, min_images)
-    if not train_people:
-        raise RuntimeError(f"no LFW person outside fold {test_fold} has {min_images} or more aligned images; lower --min-images")
-    leak = set(train_people) & set(test_people)
-    if leak:  # cannot happen with the official pairs.txt (person-disjoint folds)
-        raise RuntimeError(f"{pairs_file}: fold {test_fold} shares people with the other folds: {sorted(leak)[:5]}")
-    items = [(rel, label) for label, name in enumerate(train_people) for rel in sorted(by_person[name])]
-    train_list = work / f"lfw_train_fold{test_fold}_min{min_images}.txt"
-    _write_list(train_list, items)
-    test = [p for p in all_pairs if p.fold == test_fold - 1]
-    sub = stratified_folds([p.same for p in test], 10)
-    pairs = [p._replace(fold=int(f)) for p, f in zip(test, sub)]
-    print(f"  LFW split: train on {len(train_people)} people of the other folds with >= {min_images} images "
-          f"({len(items)} images); test on the {len(pairs)} pairs of fold {test_fold} ({len(test_people)} people)",
-          flush=True)
-    return DemoData(
-        kind="lfw", train_root=aligned, train_list=train_list, num_train_identities=len(train_people),
-        num_train_images=len(items), test_root=aligned, pairs=pairs,
-        description=(
-            f"LFW ({data}), aligned from lfw_landmark.txt to 112x96. Training: the {len(train_people)} people "
-            f"named in the pairs of the folds other than fold {test_fold} who have at least {min_images} images "
-            f"({len(items)} images). Test: the {len(pairs)} pairs of fold {test_fold} ({len(test_people)} people, "
-            f"none of them trained on), split into 10 stratified folds of {len(pairs) // 10} pairs for the "
-            f"10-fold protocol (threshold of each chosen on the other nine)."
-        ),
-        details={"data": str(data), "test_fold": test_fold, "min_images": min_images,
-                 "train_people": len(train_people), "test_people": len(test_people)},
-    )
-
-
-# ------------------------------------------------------------------------------------------- train
 def schedule_gamma(iterations: int, base: float = 1000.0, lambda_min: float = 5.0, power: float = 1.0,
                    reach: float = 0.5) -> float:
     """``gamma`` of the A-Softmax schedule ``lambda = base (1 + gamma t)^-power`` that hits ``lambda_min``
@@ -223,7 +92,7 @@ def schedule_gamma(iterations: int, base: float = 1000.0, lambda_min: float = 5.
     return ((base / lambda_min) ** (1.0 / power) - 1.0) / t
 
 
-DEMO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "face" / "demo.yaml"
 
 
 def train_config(out_dir, data: DemoData, iterations: int, seed: int = 0, batch_size: int = 32,
@@ -231,7 +100,7 @@ def train_config(out_dir, data: DemoData, iterations: int, seed: int = 0, batch_
                  mhe_power: str = MHE_POWER, lr: float = 0.05, device: str = "auto", num_workers: int = 0,
                  tensorboard: bool = True, lambda_reach: Optional[float] = None):
     """The resolved :class:`~sphereface_plus.config.Config` of a short run on ``data``: the recipe
-    ``configs/demo.yaml`` (its comments say why each value) plus the overrides computed here.
+    ``configs/face/demo.yaml`` (its comments say why each value) plus the overrides computed here.
 
     The lr is divided by 10 at 50 % and 75 % of the run, with a linear warm-up over the first 5 %.
     With ``lambda_reach=R`` the A-Softmax lambda schedule is compressed by :func:`schedule_gamma` to
@@ -263,10 +132,10 @@ def _yaml_value(v: Any) -> str:
 
 
 def time_per_iteration(cfg, num_classes: int, steps: int = 3) -> float:
-    """Seconds of one training step of the run ``cfg`` (``Trainer.train_step``: forward, A-Softmax + MHE,
+    """Seconds of one training step of the run ``cfg`` (``FaceTrainer.train_step``: forward, A-Softmax + MHE,
     backward, SGD, schedule) on a random batch: the median of ``steps`` timed steps after one warm-up
     step. Used to turn a wall-clock budget into an iteration count; the caller's RNG states are kept."""
-    class _Shape:  # only what the Trainer asks of a dataset here: the steps get tensors directly
+    class _Shape:  # only what the trainer asks of a dataset here: the steps get tensors directly
         input_size = (112, 96)
 
         def __init__(self, n: int):
@@ -277,7 +146,7 @@ def time_per_iteration(cfg, num_classes: int, steps: int = 3) -> float:
 
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        trainer = Trainer(copy.deepcopy(cfg), _Shape(num_classes))
+        trainer = FaceTrainer(resolve(cfg, _Shape), _Shape(num_classes))
         gen = torch.Generator().manual_seed(0)
         b = cfg.train.batch_size
         x = torch.randn(b, 3, *_Shape.input_size, generator=gen)
@@ -327,61 +196,6 @@ def export_model(checkpoint, path, threshold: float, extra: Optional[Dict[str, A
     if extra:
         out.update(extra)
     atomic_torch_save(out, path)
-
-
-# ------------------------------------------------------------------------------------------- report
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
-def report_markdown(result: Dict[str, Any]) -> str:
-    """``report.md``: what ran, the fold table and the summary numbers."""
-    v, tr = result["verification"], result["training"]
-    cfg = tr["config"]
-    lines = [f"# SphereFace+ demo report ({result['data']['kind']})", ""]
-    if result["data"]["kind"] == "synthetic":
-        lines += ["**These numbers are on SYNTHETIC faces** (cartoon identities generated by `data_prep.synthetic`), "
-                  "not on real people: they show that the pipeline works, not how well a face model performs.", ""]
-    lines += [
-        f"Command: `{result['command']}`", "",
-        "## Data", "", result["data"]["description"], "",
-        "## Training", "",
-        f"- backbone `{cfg['model']['backbone']}` at 112x96, 512-d embedding, head `{cfg['head']['name']}` "
-        f"(m = {cfg['head']['m']}, lambda = 1000 (1 + {cfg['head']['gamma']:.4g} t)^-1, floor {cfg['head']['lambda_min']:g}; "
-        f"final lambda {tr['lambda']:.3g})",
-        f"- MHE on the classifier: lambda_M = {cfg['mhe']['lambda_m']:g}, kernel power {cfg['mhe']['power']} "
-        f"(Riesz s = 2: (2 - 2cos)^-1), mode {cfg['mhe']['mode']}; final classifier energy "
-        f"{tr['mhe_energy']:.6f} (mhe_energy, mean over pairs of classes)",
-        f"- {cfg['train']['iterations']} iterations of batch {cfg['train']['batch_size']} ({tr['epochs']:.2f} epochs over "
-        f"{result['data']['num_train_images']} images of {result['data']['num_train_identities']} identities), "
-        f"SGD lr {cfg['optim']['lr']:g} (x0.1 at {cfg['optim']['milestones']}), momentum {cfg['optim']['momentum']:g}, "
-        f"wd {cfg['optim']['weight_decay']:g}, seed {cfg['train']['seed']}",
-        f"- last logged training loss {tr['loss']:.4f}, training accuracy {_pct(tr['train_accuracy'])}",
-        "",
-        f"## Verification (10-fold, {v.get('protocol', 'sphereface')} protocol)", "",
-        "| fold | accuracy | threshold |", "| ---: | ---: | ---: |",
-    ]
-    for i, (a, t) in enumerate(zip(v["fold_accuracies"], v["fold_thresholds"]), 1):
-        lines.append(f"| {i} | {_pct(a)} | {t:.4f} |")
-    lines += [
-        f"| **mean** | **{_pct(v['mean_accuracy'])} ± {_pct(v['std_accuracy'])}** | {v['threshold']:.4f} |", "",
-        f"- EER {_pct(v['eer'])}, AUC {v['auc']:.4f}, "
-        + ", ".join(f"TAR@FAR={k} {_pct(x)}" for k, x in v["tar_at_far"].items()),
-        f"- {v['num_pairs']} pairs ({v['num_positive']} matched); accuracy without per-fold mean subtraction "
-        f"{_pct(v['accuracy_without_mean_sub'])}",
-        f"- the same network with its initial weights (no training): {_pct(result['untrained']['mean_accuracy'])} ± "
-        f"{_pct(result['untrained']['std_accuracy'])}, EER {_pct(result['untrained']['eer'])}, AUC "
-        f"{result['untrained']['auc']:.4f}: the difference is what the training added",
-        f"- `model.pt` stores the cosine threshold {result['compare_threshold']:.4f} for "
-        "`sphereface-plus compare A.jpg B.jpg --checkpoint model.pt`", "",
-        "![ROC](verification_roc.png)", "",
-        "## Time", "",
-        "| step | seconds |", "| --- | ---: |",
-    ]
-    for k, s in result["timings"].items():
-        lines.append(f"| {k} | {s:.1f} |")
-    lines.append("")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------- pipeline
@@ -559,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
     command = "sphereface-plus demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else \
         f"sphereface-plus demo --out {args.out}" + (f" --data {args.data}" if args.data else "")
     try:
-        # issue 20: one demo per folder at a time (a rerun resumes by design: the folder's lock only;
+        # one demo per folder at a time (docs/robustness.md) (a rerun resumes by design: the folder's lock only;
         # the training inside takes its own run folder, <out>/train, with --resume auto)
         with RunFolder(args.out, "auto", command=command, subfolders=(), temp_folders=("",), what="--out"):
             result = run_demo(args.out, data_dir=args.data, minutes=args.minutes or 0.0, iterations=iterations,

@@ -1,148 +1,37 @@
 """``sphereface-plus gan``: MHE-GAN training on CIFAR-10 (wy1iu/MHE ``MHE-GAN/{sn,non-sn}-model/train.py``).
 
-A short runner on the engine: the recipe is a :class:`GanConfig` (YAML ``configs/gan_*.yaml`` + ``key=value``,
-read by :func:`sphereface_plus.config.load_config`), the networks, losses, MHE term, steps and FID/KID are
-the library's (:mod:`sphereface_plus.gan`), and the engine supplies the device, precision, the resumable
-sampler (CIFAR batch order, a fresh permutation per epoch of ``floor(N / batch)`` batches, wrapping around),
-per-iteration noise generators of ``(seed, stream, iteration)``, metrics (``metrics.jsonl``, TensorBoard,
-progress bar) and checkpoints (``checkpoints/last.pt``, ``weights_only``; ``--resume``).
-
-Per iteration, as the original: a G step on fresh noise, then a D step on the next real batch and fresh
-noise (:func:`sphereface_plus.gan.steps.train_iteration`). Each evaluation (iteration 0 before any update,
-every ``eval_every``, and after the last) writes one ``metrics.jsonl`` row (``iteration``, ``d_loss``,
-``g_loss`` and ``mhe`` as means over the iterations since the previous evaluation (at iteration 0: the
-losses on the first batch at the initial weights), ``fid``, ``kid``, ``kid_std``, ``elapsed_s``) and
-``samples_<iteration>.png`` (64 images of the fixed seed-1337 noise, G in eval mode). FID/KID use
-``eval_samples`` images of G (eval-mode BN, noise seed 0, as the original's 50k) against the CIFAR split
-chosen by ``real_stats`` (its statistics cached under ``stats_cache``); ``real_stats: test,train`` scores
-the same samples (one Inception pass) against both, the second split's scores as ``fid_train``,
-``kid_train``, ``kid_std_train``.
+The recipe (:class:`~sphereface_plus.gan.config.GanConfig`: YAML ``configs/gan/*.yaml`` + ``key=value`` + the
+original's flags) and the trainer (:class:`~sphereface_plus.gan.trainer.GanTrainer`, on the engine's one
+loop) are the library's; this command reads the CIFAR-10 images (``data_prep.cifar``), takes the run folder
+and runs the trainer (or, with ``--eval-only``, scores a generator once).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
-import math
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 
 from data_prep.cifar import load_cifar_split
 from sphereface_plus.commands.options import add_field_flags, load_config_from_args
-from sphereface_plus.config import ConfigError, config_to_yaml
+from sphereface_plus.config import config_to_yaml
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
-from sphereface_plus.engine.run_log import MetricsLogger, RunningMeans, open_tensorboard
-from sphereface_plus.engine.precision import SETTINGS as PRECISIONS, autocast, resolve_precision
-from sphereface_plus.engine.preempt import Preemption, preempted
+from sphereface_plus.engine.precision import SETTINGS as PRECISIONS
+from sphereface_plus.engine.precision import resolve_precision
+from sphereface_plus.engine.preempt import Preemption
 from sphereface_plus.engine.run_folder import RunFolder
-from sphereface_plus.engine.sampler import ResumableSampler, derive_seed, step_generator
 from sphereface_plus.errors import UsageError
-from sphereface_plus.gan import losses as gan_losses
-from sphereface_plus.gan import steps
-from sphereface_plus.gan.models import Discriminator, Generator
-from sphereface_plus.utils import atomic_write_text, progress
+from sphereface_plus.gan.config import DEFAULT_STATS_CACHE, GanConfig
+from sphereface_plus.gan.trainer import GanTrainer
 
 log = logging.getLogger(__name__)
 
 HELP = "MHE-GAN on CIFAR-10 (DCGAN generator, SN-DCGAN discriminator, MHE on D; FID/KID offline)"
 
-REAL_SPLITS = ("test", "train")
-DEFAULT_STATS_CACHE = str(Path("~/.cache/sphereface_plus/gan-stats"))
-# settings that may differ on resume: paths that move, the run length, the evaluation budget
-RESUMABLE_CHANGES = ("data", "iterations", "stats_cache", "eval_every")  # eval_every: what is recorded (issue 20)
-
-# Inception Score of the paper's table (wy1iu/MHE README, CIFAR-10, 200k iterations); not computable here
-PUBLISHED_IS = {"baseline": 6.64, "sn": 7.40, "mhe": 7.48, "sn_mhe": 7.68}
-
-
-@dataclass
-class GanConfig:
-    """The recipe (YAML schema); stored in ``config.yaml`` and in every checkpoint."""
-
-    sn: bool = True  # spectral norm in D (sn-model) or not (non-sn-model)
-    mhe: float = gan_losses.MHE_MAGNITUDE["sn"]  # MHE magnitude on D's loss; 0 = off
-    mhe_power: str = "original"  # ops.py's term, or a toolkit kernel: 0 1 2 a0 a1 a2
-    mhe_half_space: bool = False  # toolkit kernels only
-    loss: str = "nonsaturating"  # sphereface_plus.gan.losses.LOSSES
-    data: str = "."  # CIFAR-10 python folder (cifar-10-batches-py or its parent)
-    iterations: int = steps.ITERATIONS
-    batch_size: int = steps.BATCH_SIZE
-    lr: float = steps.LR
-    beta1: float = steps.BETAS[0]
-    beta2: float = steps.BETAS[1]
-    seed: int = 0
-    eval_every: int = steps.EVAL_EVERY
-    eval_samples: int = 5000  # the original: 50000 (see --help: CPU cost)
-    real_stats: str = "test"  # CIFAR split(s) FID/KID compare against: test, train, or test,train
-    real_limit: int = 0  # use the first N images of each split (0: all)
-    stats_cache: str = DEFAULT_STATS_CACHE
-    precision: str = "fp32"  # engine precision setting; fp32 is the original's
-
-    #: keys of earlier releases, still read (with a warning) from old recipes and checkpoints
-    RENAMED_KEYS = {"mhe_kernel": "mhe_power"}
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        for name, lo in (("iterations", 0), ("batch_size", 1), ("eval_every", 1), ("eval_samples", 0),
-                         ("real_limit", 0)):
-            if int(getattr(self, name)) < lo:
-                raise ConfigError(f"{name} must be >= {lo}, got {getattr(self, name)}")
-        if self.eval_samples == 1:
-            raise ConfigError("eval_samples must be 0 (no FID/KID) or >= 2 (KID needs two images), got 1")
-        if not self.mhe >= 0:
-            raise ConfigError(f"mhe (the MHE magnitude) must be >= 0 (0 = off), got {self.mhe}")
-        if self.loss not in gan_losses.LOSSES:
-            raise ConfigError(f"loss {self.loss!r}: choose one of {', '.join(gan_losses.LOSSES)}")
-        kernels = gan_losses.MHE_KERNELS
-        if str(self.mhe_power) not in kernels:
-            raise ConfigError(f"mhe_power {self.mhe_power!r}: choose one of {', '.join(kernels)}")
-        if self.mhe_half_space and self.mhe_power == "original":
-            raise ConfigError("mhe_half_space needs a toolkit kernel (mhe_power=0|1|2|a0|a1|a2); "
-                              "the original formula is full-space")
-        splits = self.real_splits
-        if not splits or any(s not in REAL_SPLITS for s in splits) or len(set(splits)) < len(splits):
-            raise ConfigError(f"real_stats {self.real_stats!r}: one of {', '.join(REAL_SPLITS)}, or both comma-separated "
-                              f"({','.join(REAL_SPLITS)}: FID/KID against each, the first as fid/kid)")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-
-    @property
-    def real_splits(self) -> Tuple[str, ...]:
-        """The CIFAR splits of ``real_stats``, in order (the first one's scores are ``fid``/``kid``)."""
-        return tuple(s.strip() for s in str(self.real_stats).split(",") if s.strip())
-
-    @property
-    def variant(self) -> str:
-        """``baseline``, ``sn``, ``mhe`` or ``sn_mhe``: the published row (and recipe name) of these settings."""
-        parts = [p for p, on in (("sn", self.sn), ("mhe", self.mhe > 0)) if on]
-        return "_".join(parts) or "baseline"
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-
-def _loss_at_start(G, D, real, z_g, z_d, cfg: GanConfig) -> Dict[str, float]:
-    """d_loss, g_loss and mhe at the initial weights on the first batch (nothing updated: BN and u restored)."""
-    d_fn, g_fn = gan_losses.adversarial_losses(cfg.loss)
-    g_state, d_state = copy.deepcopy(G.state_dict()), copy.deepcopy(D.state_dict())
-    with torch.no_grad():
-        G.train()
-        g_loss = g_fn(D(G(z_g)))
-        fake = G(z_d)
-        d_loss = d_fn(D(real), D(fake))
-        mhe = gan_losses.gan_mhe_loss(D, cfg.mhe, kernel=cfg.mhe_power, half_space=cfg.mhe_half_space)
-    G.load_state_dict(g_state)
-    D.load_state_dict(d_state)
-    return {"d_loss": float(d_loss), "g_loss": float(g_loss), "mhe": float(mhe)}
+__all__ = ["train_gan", "config_from_args", "add_arguments", "run"]
 
 
 def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = False,
@@ -170,164 +59,24 @@ def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = Fals
         if not eval_only and saved_sn is not None and bool(saved_sn) != cfg.sn:
             raise UsageError(f"--init-from {init_from} holds a {'SN' if saved_sn else 'non-SN'} discriminator but the "
                              f"recipe has sn={cfg.sn}; pass {'--sn' if saved_sn else '--no-sn'}")
-    # issue 20: the engine's run-folder policy (lock, refusal without --resume) and preemption
+    # the engine's run-folder policy (lock, refusal without --resume) and preemption (docs/robustness.md)
     with RunFolder(out_dir, resume, command=f"sphereface-plus gan ({cfg.variant})", resume_hint="--resume",
                    out_hint="--out <another folder>", what="--out") as run, Preemption() as stop:
-        return _train_gan(cfg, out_dir, device, bool(run.resume), stop_after, inception_weights, stop, init_state,
-                          eval_only, init_from)
+        dev = resolve_device(device, setting="--device")
+        precision = resolve_precision(cfg.precision, dev, what="--precision")
+        # inputs first (data, weights files), before anything is written
+        train_x, _ = load_cifar_split(cfg.data, "cifar10", "train")
+        real = {s: train_x if s == "train" else load_cifar_split(cfg.data, "cifar10", s)[0]
+                for s in cfg.real_splits} if cfg.eval_samples > 0 else {}
+        trainer = GanTrainer(cfg, train_x, real, out_dir, dev, precision, inception_weights=inception_weights,
+                             stop_after=stop_after, preemption=stop)
+        if init_state is not None:
+            trainer.init_from(init_state, init_from, with_discriminator=not eval_only)
+        if eval_only:  # one evaluation of the given generator, no training, no checkpoint
+            return trainer.evaluate_once(int(init_state.get("iteration") or 0))
+        trainer.resume(bool(run.resume))
+        return trainer.train()
 
-
-def _train_gan(cfg: GanConfig, out_dir, device: str, resume: bool, stop_after: Optional[int],
-               inception_weights: Optional[str], stop: Preemption, init_state: Optional[Dict[str, Any]] = None,
-               eval_only: bool = False, init_from: Optional[str] = None) -> Dict[str, Any]:
-    """The body of :func:`train_gan`, inside its run folder."""
-    from sphereface_plus.gan.inception_metrics import (InceptionPool3, compare_stats, feature_stats, inception_score,
-                                             is_logit_weight, real_stats)
-
-    out = Path(out_dir)
-    dev = resolve_device(device, setting="--device")
-    precision = resolve_precision(cfg.precision, dev, what="--precision")
-    found = ckpt.resume_run_state(out, resume, cfg.to_dict(), RESUMABLE_CHANGES)
-    state = found[1] if found else None
-    # inputs first (data, weights files), before anything is written
-    train_x, _ = load_cifar_split(cfg.data, "cifar10", "train")
-    is_weight = is_logit_weight(inception_weights) if inception_weights is not None else None
-    extractor, rstats = None, {}
-    if cfg.eval_samples > 0:
-        extractor = InceptionPool3(device=dev)
-        for split in cfg.real_splits:
-            real_x = train_x if split == "train" else load_cifar_split(cfg.data, "cifar10", "test")[0]
-            if cfg.real_limit:
-                real_x = real_x[: cfg.real_limit]
-            rstats[split] = real_stats(real_x, extractor, Path(cfg.stats_cache).expanduser())
-    train_t = torch.from_numpy(train_x)
-    sampler = ResumableSampler(train_t.shape[0], cfg.batch_size, cfg.iterations, seed=cfg.seed, flip=False,
-                               drop_last=True, epoch_seed=lambda e: derive_seed(cfg.seed, 1, e))
-
-    torch.manual_seed(cfg.seed)
-    G, D = Generator().to(dev), Discriminator(spectral_norm=cfg.sn).to(dev)
-    opt_g, opt_d = steps.make_optimizers(G, D, cfg.lr, (cfg.beta1, cfg.beta2))
-    window = RunningMeans()
-    start, elapsed_before = 0, 0.0
-    if init_state is not None:
-        G.load_state_dict(init_state["generator"])
-        if not eval_only and "discriminator" in init_state:
-            D.load_state_dict(init_state["discriminator"])
-        log.info("initialised from %s (iteration %s)", init_from, init_state.get("iteration"))
-    if state is not None:
-        G.load_state_dict(state["generator"])
-        D.load_state_dict(state["discriminator"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        window.load_state_dict(state["window"])
-        start, elapsed_before = int(state["iteration"]), float(state["elapsed_s"])
-        log.info("resuming %s from iteration %d", out, start)
-
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
-    writer = open_tensorboard(out / "tb", purge_step=start)
-    bar = progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.variant)
-    logger = MetricsLogger(out, jsonl="metrics.jsonl", writer=writer, tb_prefix="eval", bar=bar,
-                           postfix=("d_loss", "g_loss", "fid"))
-    if state is not None:
-        logger.load_state_dict(state["log"])
-    sample_z = steps.fixed_noise(device=dev)
-    t0 = time.perf_counter()
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - t0
-
-    def batch(it: int):
-        real = steps.images_to_tensor(train_t[sampler.batch_indices(it)].numpy(), dev)
-        gen = step_generator(cfg.seed, 2, it)
-        z_g = torch.randn(real.shape[0], G.z_dim, generator=gen).to(dev)
-        z_d = torch.randn(real.shape[0], G.z_dim, generator=gen).to(dev)
-        return real, z_g, z_d
-
-    def save(it: int) -> None:
-        ckpt.save_checkpoint({"generator": G.state_dict(), "discriminator": D.state_dict(), "opt_g": opt_g.state_dict(),
-                              "opt_d": opt_d.state_dict(), "iteration": it, "config": cfg.to_dict(),
-                              "window": window.state_dict(), "log": logger.state_dict(), "elapsed_s": elapsed()}, out)
-
-    def evaluate(it: int, losses: Dict[str, float]) -> None:
-        steps.save_grid(_samples(G, sample_z), out / f"samples_{it:07d}.png")
-        scores: Dict[str, Any] = {}
-        if extractor is not None:
-            fake = steps.generate_images(G, cfg.eval_samples, device=dev, show_progress=False)
-            fs = feature_stats(extractor(fake, desc="fake features"))
-            for i, (split, rs) in enumerate(rstats.items()):
-                r = compare_stats(rs, fs)
-                suffix = "" if i == 0 else f"_{split}"
-                scores.update({f"fid{suffix}": r["fid"], f"kid{suffix}": r["kid"], f"kid_std{suffix}": r["kid_std"]})
-            if is_weight is not None:  # the 1008-class TF-2015 logits: the real Inception Score
-                scores["inception_score"], scores["inception_score_std"] = inception_score(fs.features, is_weight)
-        row = logger.log(it, **losses, **scores, elapsed_s=round(elapsed(), 3))
-        logger.flush()
-        log.info("%s iteration %d: %s", cfg.variant, it, row)
-
-    if eval_only:  # one evaluation of the given generator, no training, no checkpoint
-        it0 = int(init_state.get("iteration") or 0)
-        try:
-            evaluate(it0, {})
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-        return {"rows": logger.rows, "out": str(out), "iterations": it0, "elapsed_s": round(elapsed(), 1),
-                "stopped": False}
-    stopped, done = False, start
-    try:
-        if state is None:  # a run resumed from its iteration-0 checkpoint already has row 0
-            evaluate(0, _loss_at_start(G, D, *batch(0), cfg))
-            save(0)
-        for it in bar:
-            real, z_g, z_d = batch(it)
-            with autocast(dev, precision):
-                vals = steps.train_iteration(G, D, opt_g, opt_d, real, z_g, z_d, cfg.loss, cfg.mhe,
-                                             cfg.mhe_power, cfg.mhe_half_space)
-            vals = {k: float(v) for k, v in vals.items()}
-            done = it + 1
-            bad = [k for k, v in vals.items() if not math.isfinite(v)]
-            if bad:
-                raise UsageError(f"{cfg.variant}: {bad[0]} became {vals[bad[0]]} at iteration {done}; lower lr or use "
-                                 f"precision=fp32")
-            window.add(**vals)
-            logger.scalars(done, "train", **vals)
-            if done % cfg.eval_every == 0 or done == cfg.iterations:
-                evaluate(done, window.means())
-                window.reset()
-                save(done)
-            signal_name = stop.requested() if done < cfg.iterations else None
-            if signal_name:  # SIGTERM / SIGINT / SIGUSR1: this iteration's checkpoint, then stop
-                if done % cfg.eval_every:
-                    save(done)
-                raise preempted(signal_name, done, ckpt.checkpoint_dir(out) / "last.pt",
-                                how="rerun the same command with --resume")
-            if stop_after is not None and stop_after <= done < cfg.iterations:
-                if done % cfg.eval_every:
-                    save(done)
-                stopped = True
-                break
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-    return {"rows": logger.rows, "out": str(out), "iterations": done, "elapsed_s": round(elapsed(), 1),
-            "stopped": stopped}
-
-
-def _samples(G, z: torch.Tensor) -> torch.Tensor:
-    """G(z) in eval mode (BN running averages), G's mode restored."""
-    was = G.training
-    G.eval()
-    with torch.inference_mode():
-        x = G(z)
-    G.train(was)
-    return x
-
-
-# ----------------------------------------------------------------------------------------------------
-# command line
 
 _FLAGS = {
     "mhe": (float, "MHE magnitude on D's loss (ops.py formula); 0 = off; published: 1e-7 with SN, 1e-6 without"),
@@ -354,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = HELP
     parser.epilog = (
         "examples:\n"
-        "  sphereface-plus gan --config configs/gan_sn_mhe.yaml --data cifar-10-batches-py --out runs/gan/sn_mhe\n"
+        "  sphereface-plus gan --config configs/gan/sn_mhe.yaml --data cifar-10-batches-py --out runs/gan/sn_mhe\n"
         "  sphereface-plus gan --no-sn --mhe 1e-6 --data DIR --iterations 2000 --eval_every 500 --eval_samples 1000\n"
         "\noutputs in --out: metrics.jsonl (one row per evaluation: iteration, d_loss, g_loss, mhe, fid, kid, "
         "kid_std (+ fid_train, kid_train, kid_std_train with real_stats=test,train), elapsed_s), "
@@ -367,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "exit status: 0 done (or stopped by SIGUSR1 after a checkpoint); 1 environment failure; 2 usage or input "
         "error (one 'error:' line); 143 / 130 stopped by SIGTERM / SIGINT after a checkpoint (docs/robustness.md)."
     )
-    parser.add_argument("--config", help="YAML recipe: configs/gan_baseline.yaml, gan_sn.yaml, gan_mhe.yaml, "
+    parser.add_argument("--config", help="YAML recipe: configs/gan/baseline.yaml, gan_sn.yaml, gan_mhe.yaml, "
                                          "gan_sn_mhe.yaml (default: the built-in SN+MHE recipe)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe fields, e.g. mhe=0 iterations=500")
     g = parser.add_argument_group("recipe fields as flags (the original's flags; override the YAML)")
@@ -413,6 +162,3 @@ def run(args: argparse.Namespace) -> int:
           + ", ".join(f"{k} {last[k]:.4g}" for k in ("fid", "kid", "d_loss", "g_loss") if k in last)
           + f"; metrics: {out / 'metrics.jsonl'}")
     return 0
-
-
-__all__ = ["GanConfig", "train_gan", "PUBLISHED_IS"]

@@ -2,7 +2,9 @@
 
   --from caffe        SphereFace / SphereFace+ release: NET.prototxt WEIGHTS.caffemodel (sphere20/36/64)
   --from insightface  arcface_torch backbone.pth (iResNet-18..200)
-  --from opensphere   OpenSphere backbone_<iter>.pth [head_<iter>.pth] (SFNet, iResNet)
+  --from opensphere   OpenSphere backbone_<iter>.pth [head_<iter>.pth] or model_<step>.pth (SFNet, iResNet)
+  --from pytorch      any PyTorch state dict of a network the toolkit has, whatever its key names:
+                      --backbone NAME [--backbone-option k=v ...] (sphere*, sfnet*, iresnet*, mobilefacenet)
   --from onnx         any face-embedding ONNX file (insightface model zoo...) -> a toolkit .onnx
   --from mhe-gan      MHE-GAN TensorFlow 1 checkpoint (PREFIX, e.g. model.ckpt-200000) -> G and D
   --from dlib         dlib's face-recognition ResNet [dlib_face_recognition_resnet_model_v1.dat] (dlib_resnet29);
@@ -13,7 +15,9 @@ The face checkpoint (``--out MODEL.pt``) is used like any other: ``verify``, ``c
 ``verify ijb|packs``, ``FaceEmbedder``, ``train.init_from`` (when it has a head). It records the input
 convention the weights were trained with (template, colour order, pixel normalisation, flip policy,
 embedding layer); the embedding code applies it, so the model is scored as its authors scored it.
-``--template/--color/--mean/--std/--flip`` override the source's defaults (a model trained otherwise).
+``--template/--color/--mean/--std/--flip`` override the source's defaults (a model trained otherwise);
+for ``--from pytorch`` they state the port's convention (default: the toolkit's own, BGR,
+(x - 127.5) / 128, crop and mirror concatenated; docs/import.md lists the flags of known ports).
 The MHE-GAN checkpoint is read by ``sphereface-plus gan --eval-only --init-from MODEL.pt``.
 
 Nothing is written before the input is read and checked; the output is written atomically.
@@ -27,6 +31,8 @@ from pathlib import Path
 
 from sphereface_plus.errors import UsageError
 from sphereface_plus.importers import SOURCES
+from sphereface_plus.importers.torch_state import HEAD_LAYOUTS
+from sphereface_plus.utils import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +42,10 @@ examples:
   sphereface-plus import --from caffe sphereface_deploy.prototxt sphereface_model.caffemodel --out sphere20.pt
   sphereface-plus import --from insightface ms1mv3_arcface_r50/backbone.pth --out r50.pt
   sphereface-plus import --from opensphere models/backbone_70000.pth models/head_70000.pth --arch sfnet20 --out sf20.pt
+  sphereface-plus import --from pytorch sphere20a_20171020.pth --backbone sphere20 \
+      --backbone-option residual_bias=true --flip none --out sphere20a.pt
+  sphereface-plus import --from pytorch 068.ckpt --backbone mobilefacenet --backbone-option scale=1 \
+      --backbone-option embedding_dim=128 --template 112x96 --color rgb --out mobilefacenet.pt
   sphereface-plus import --from onnx w600k_r50.onnx --out w600k_r50_sp.onnx
   sphereface-plus import --from mhe-gan sn_mhe/model.ckpt-200000 --out mhe_gan.pt
   sphereface-plus import --from dlib --out dlib_resnet.pt
@@ -43,22 +53,31 @@ examples:
 """
 
 #: how many SRC files each source takes (min, max)
-SRC_COUNT = {"caffe": (2, 2), "insightface": (1, 1), "opensphere": (1, 2), "onnx": (1, 1), "mhe-gan": (1, 1),
-             "dlib": (0, 1)}
+SRC_COUNT = {"caffe": (2, 2), "insightface": (1, 1), "opensphere": (1, 2), "pytorch": (1, 1), "onnx": (1, 1),
+             "mhe-gan": (1, 1), "dlib": (0, 1)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from sphereface_plus.importers.preprocessing import FLIP_POLICIES, TEMPLATE_SIZES
+    from sphereface_plus.importers.preprocessing import FLIP_POLICIES
+    from sphereface_plus.templates import TEMPLATE_SIZES
 
     parser.add_argument("--from", dest="source", required=True, choices=SOURCES, help="the format of SRC")
     parser.add_argument("src", nargs="*", metavar="SRC", help="the released file(s), see above")
     parser.add_argument("--out", required=True, help="the checkpoint to write (.pt; .onnx for --from onnx)")
-    parser.add_argument("--arch", default=None,
-                        help="the backbone, when the file does not say it: iresnet18..200, sfnet4..64, sphere20.. "
-                             "(default: found from the weights)")
+    parser.add_argument("--backbone", "--arch", dest="arch", default=None, metavar="NAME",
+                        help="the toolkit backbone: needed by --from pytorch (sphere20, mobilefacenet, iresnet50, "
+                             "sfnet20_bn...: sphereface_plus.models.list_backbones()); for the other sources, when "
+                             "the file does not say it (default: found from the weights)")
+    parser.add_argument("--backbone-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="--from pytorch: an argument of the backbone's builder, repeatable (e.g. scale=1, "
+                             "embedding_dim=128, residual_bias=true); values are read as YAML")
     parser.add_argument("--head", default="a_softmax",
                         help="--from opensphere: the toolkit head that receives the classifier weights (default "
                              "a_softmax; sphereface_plus.heads.list_heads())")
+    parser.add_argument("--head-layout", choices=HEAD_LAYOUTS, default=None,
+                        help="--from opensphere: how the head's 'w' is stored: classes-by-dim (OpenSphere main) or "
+                             "dim-by-classes (OpenSphere_v0, SphereFace2_ICLR21); default: read from its shape, and "
+                             "for a square w from the checkpoint's layout (docs/import.md#opensphere-head)")
     g = parser.add_argument_group("input convention (default: the source's own, see docs/import.md)")
     g.add_argument("--template", choices=tuple(TEMPLATE_SIZES), default=None, help="crop template the model was trained on")
     g.add_argument("--color", choices=("bgr", "rgb"), default=None, help="channel order the model takes")
@@ -85,6 +104,11 @@ def run(args) -> int:
     if any(out.resolve() == Path(s).resolve() for s in args.src):
         raise UsageError(f"--out {out} is one of the inputs; choose another file name")
     overrides = _override_args(args)
+    if args.backbone_option and args.source != "pytorch":
+        raise UsageError(f"--backbone-option is for --from pytorch; --from {args.source} reads the architecture from "
+                         f"the file")
+    if args.head_layout and args.source != "opensphere":
+        raise UsageError("--head-layout is for --from opensphere")
     if args.source == "onnx":
         if out.suffix.lower() != ".onnx":
             raise UsageError(f"--from onnx writes an .onnx model (verify, compare and IJB read it as they read "
@@ -111,6 +135,14 @@ def run(args) -> int:
         from sphereface_plus.importers.dlib_dnn import import_dlib
 
         ckpt = import_dlib(args.src[0] if args.src else packaged_dlib_model())
+    elif args.source == "pytorch":
+        from sphereface_plus.importers.by_structure import import_pytorch
+
+        if not args.arch:
+            raise UsageError("--from pytorch needs --backbone NAME: the toolkit network the state dict is of "
+                             "(sphereface_plus.models.list_backbones(); docs/import.md#from-pytorch)")
+        ckpt = import_pytorch(args.src[0], args.arch, parse_backbone_options(args.backbone_option),
+                              template=args.template)
     elif args.source == "insightface":
         from sphereface_plus.importers.torch_state import import_insightface
 
@@ -119,7 +151,7 @@ def run(args) -> int:
         from sphereface_plus.importers.torch_state import import_opensphere
 
         ckpt = import_opensphere(args.src[0], args.src[1] if len(args.src) > 1 else None, arch=args.arch,
-                                 head_name=args.head)
+                                 head_name=args.head, head_layout=args.head_layout)
     from sphereface_plus.importers.preprocessing import PREPROCESSING_KEY, Preprocessing, parse_override
 
     pre = parse_override(Preprocessing.from_dict(ckpt[PREPROCESSING_KEY]), **overrides)
@@ -130,7 +162,11 @@ def run(args) -> int:
     atomic_torch_save(ckpt, out)
     model = ckpt["config"]["model"]
     head = f", head {ckpt['config']['head'].get('name')} ({ckpt['head']['weight'].shape[0]} classes)" if "head" in ckpt else ", no head"
-    print(f"wrote {out}: {model['backbone']} ({args.source}){head}; input: {pre.describe()}")
+    opts = "".join(f" {k}={v}" for k, v in model.get("kwargs", {}).items())
+    ignored = ckpt["imported_from"].get("ignored")
+    extra = f"; ignored {len(ignored)} trailing tensors: {', '.join(ignored[:3])}" if ignored else ""
+    print(f"wrote {out}: {model['backbone']}{opts} {model['input_size'][0]}x{model['input_size'][1]} "
+          f"{model['embedding_dim']}-d ({args.source}){head}; input: {pre.describe()}{extra}")
     return 0
 
 
@@ -147,6 +183,22 @@ def packaged_dlib_model() -> Path:
     return path
 
 
+def parse_backbone_options(items) -> dict:
+    """``['scale=1', 'blocks=[1, 4, 6, 2]']`` -> ``{'scale': 1, 'blocks': [1, 4, 6, 2]}`` (values as YAML)."""
+    from sphereface_plus.config import yaml_load
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--backbone-option {item!r}: write KEY=VALUE, e.g. scale=1")
+        try:
+            out[key.strip()] = yaml_load(value) if value.strip() else ""
+        except Exception as e:  # yaml's errors
+            raise UsageError(f"--backbone-option {item!r}: the value is not valid YAML ({type(e).__name__})") from None
+    return out
+
+
 def import_onnx_file(src, out: Path, overrides: dict, tolerance: float = 1e-4) -> int:
     """``--from onnx``: rewrite, check against the original under onnxruntime, then write (atomically).
 
@@ -154,8 +206,6 @@ def import_onnx_file(src, out: Path, overrides: dict, tolerance: float = 1e-4) -
     the original model with the source convention computed in numpy and to the rewritten one with the
     toolkit's input; the ``feature`` outputs must agree within ``tolerance`` relative to their norm.
     """
-    import hashlib
-
     import numpy as np
     import onnxruntime as ort
 
@@ -176,7 +226,7 @@ def import_onnx_file(src, out: Path, overrides: dict, tolerance: float = 1e-4) -
         "preprocessing": f"{PREPROCESSING} (the graph converts it to the imported model's own input: {pre.describe()})",
         "flip_policy": FLIP_POLICY if pre.flip == "concat" else f"{pre.flip} (the imported model's own)",
         FLIP_KEY: pre.flip, "threshold": "none", "iteration": "none", "source_checkpoint": Path(src).name,
-        "source_sha256": hashlib.sha256(Path(src).read_bytes()).hexdigest(),
+        "source_sha256": sha256_file(src),
         "toolkit_version": str(getattr(sphereface_plus, "__version__", "unknown")),
     }
     data = convert_onnx(model, pre, meta)

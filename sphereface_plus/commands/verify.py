@@ -40,12 +40,19 @@ examples:
   sphereface-plus verify lfw --checkpoint last.pt --root lfw/images --landmarks lfw_landmark.txt --pairs pairs.txt
   sphereface-plus verify lfw --checkpoint dlib_resnet.pt --root lfw-150x150 --pairs pairs.txt --protocol dlib
   sphereface-plus verify lfw --features feats.npz --pairs pairs.txt --json lfw.json --protocol insightface
+  sphereface-plus verify lfw --checkpoint last.pt --root lfw-112x96 --pairs pairs.txt --report-dir reports/lfw
   sphereface-plus verify bin --checkpoint last.pt --pack agedb_30.bin
   sphereface-plus verify packs --dir faces_emore --checkpoint sphere20.onnx --json packs.json
   sphereface-plus verify folder --checkpoint last.pt --root my-faces-112x96 --num-pairs 2000
   sphereface-plus verify ijb --root IJBC --dataset IJBC --checkpoint sphere20.onnx --json ijbc.json --plot ijbc.png
   sphereface-plus verify ijb --root IJBC --features ijbc.npz --task both --detector-score
   sphereface-plus verify lfw --checkpoint last.pt --root lfw-112x96 --pairs pairs.txt --save-model model.pt
+
+--report-dir DIR writes DIR/report.md (what ran, the fold table, the summary), report.json, roc.png and
+hardest_errors.png: the --hardest K false accepts and false rejects of the test folds scored furthest
+on the wrong side of their fold's threshold, each pair side by side with its score (docs/verify.md).
+The images come from --root (aligned on the fly with --landmarks) or the pack; with --features and no
+--root, the report lists the pairs without the grid.
 
 --save-model OUT.pt stores the model with the threshold this run found (chosen on plain cosine
 scores, as 'compare' scores a single pair), so 'sphereface-plus compare --checkpoint OUT.pt' can
@@ -58,7 +65,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -68,7 +75,7 @@ from eval import packs as K
 from eval import pairs as P
 from eval.lfw import evaluate_features
 from eval.protocols import PROTOCOLS, resolve_protocol
-from eval.report import format_report, plot_roc, write_json_report
+from eval.report import format_report, plot_roc, verification_markdown, write_json_report
 from sphereface_plus.commands.options import add_precision_argument
 from sphereface_plus.engine.checkpoint import load_checkpoint, serialize
 from sphereface_plus.errors import UsageError, require_dir, require_file
@@ -81,6 +88,8 @@ DESCRIPTION = __doc__
 
 #: where the pairs come from (the positional argument of ``verify``); the protocols are eval.protocols.PROTOCOLS
 SOURCES = ("lfw", "pairs", "bin", "packs", "folder", "ijb")
+#: the files --report-dir writes
+REPORT_NAME, GRID_NAME = "report.md", "hardest_errors.png"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +125,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--json", help="write the report (fold accuracies, mean, std, EER, AUC, TAR@FAR, ROC) here")
     out.add_argument("--plot", help="write the ROC curve (PNG) here")
+    out.add_argument("--report-dir", metavar="DIR",
+                     help="lfw/pairs/folder/bin: write report.md, report.json, roc.png and hardest_errors.png (the "
+                          "hardest false accepts and false rejects as image pairs) into DIR (made if needed; one "
+                          "that already holds a report.md is refused)")
+    out.add_argument("--hardest", type=int, default=8, metavar="K",
+                     help="with --report-dir: how many false accepts and false rejects to show (default 8)")
     out.add_argument("--save-features", help="also save the computed features to this .npz")
     out.add_argument("--save-model", metavar="OUT.pt",
                      help="with --checkpoint: write a copy of the model that stores the threshold found here "
@@ -163,6 +178,23 @@ def _check_args(args) -> None:
         raise UsageError(f"--jitter {args.jitter}: give the number of jitters (0 or 1 for none, e.g. 100)")
     if args.features and args.jitter > 1:
         raise UsageError("--jitter embeds the images: use --checkpoint, not --features")
+    check_report_dir(args)
+
+
+def check_report_dir(args) -> None:
+    """``--report-dir`` / ``--hardest``: usable, and never another run's report."""
+    if args.hardest < 0:
+        raise UsageError(f"--hardest {args.hardest}: give a count >= 0")
+    if not args.report_dir:
+        return
+    if args.source in ("packs", "ijb"):
+        raise UsageError(f"--report-dir is for verify lfw, pairs, folder and bin (verify {args.source}: use --json and "
+                         f"--plot)")
+    out = Path(args.report_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--report-dir {out} is a file; give a folder")
+    if (out / REPORT_NAME).exists():
+        raise UsageError(f"--report-dir {out} already holds a {REPORT_NAME} (another run's); choose another folder")
 
 
 def build_pairs(args):
@@ -177,12 +209,13 @@ def build_pairs(args):
     return P.bin_pack_pairs(issame, num_folds=args.folds), images
 
 
-def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray, bool]:
-    """``(paths, features, flip_halves)`` of every image in ``pairs``, from the checkpoint or the .npz;
-    ``flip_halves``: the rows are ``[f(crop), f(mirror)]`` (extracted with flip, or an .npz that says so)."""
+def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray, bool, Optional[dict]]:
+    """``(paths, features, flip_halves, info)`` of every image in ``pairs``, from the checkpoint or the .npz;
+    ``flip_halves``: the rows are ``[f(crop), f(mirror)]`` (extracted with flip, or an .npz that says so);
+    ``info``: the model's (input size, template...; None for an .npz)."""
     if args.features:
         paths, feats = F.load_features_npz(args.features)
-        return paths, feats, F.features_layout(args.features) == F.CROP_MIRROR_LAYOUT
+        return paths, feats, F.features_layout(args.features) == F.CROP_MIRROR_LAYOUT, None
     model, info = F.load_embedding_model(args.checkpoint, device=args.device)
     jitter = args.jitter if args.jitter > 1 else 0
     flip = not args.no_flip and not jitter and info.get("flip_policy") != "none"
@@ -194,14 +227,14 @@ def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray, b
         feats = F.extract_from_dataset(model, F.EncodedImages(pack_images, info["input_size"]), args.batch_size,
                                        flip, args.device, args.workers, precision=args.precision, jitter=jitter,
                                        jitter_seed=args.jitter_seed)
-        return [str(i) for i in range(len(pack_images))], feats, flip
+        return [str(i) for i in range(len(pack_images))], feats, flip, info
     paths = P.pairs_to_arrays(pairs)[0]
     landmarks = F.read_landmarks(args.landmarks) if args.landmarks else None
     feats = F.extract_features(model, args.root, paths, batch_size=args.batch_size, flip=flip, device=args.device,
                                num_workers=args.workers, input_size=info["input_size"], landmarks=landmarks,
                                template=info["template"], precision=args.precision, jitter=jitter,
                                jitter_seed=args.jitter_seed)
-    return paths, feats, flip
+    return paths, feats, flip, info
 
 
 def run(args) -> int:
@@ -217,7 +250,7 @@ def run(args) -> int:
     pairs, pack_images = build_pairs(args)
     logger.info("%d pairs (%d same) in %d folds", len(pairs), sum(p.same for p in pairs),
                 len({p.fold for p in pairs}))
-    paths, feats, flip_halves = compute_features(args, pairs, pack_images)
+    paths, feats, flip_halves, info = compute_features(args, pairs, pack_images)
     if args.save_features:
         F.save_features_npz(args.save_features, paths, feats, layout=F.CROP_MIRROR_LAYOUT if flip_halves else None)
         logger.info("features saved to %s", args.save_features)
@@ -245,20 +278,84 @@ def run(args) -> int:
     if args.plot:
         plot_roc({args.source: report}, args.plot, title=f"verify {args.source} ({args.protocol} protocol)")
         print(f"ROC plot: {args.plot}")
+    if args.report_dir:
+        write_report_dir(args, report, pairs, paths, feats, flip_halves, pack_images, info)
+        print(f"report: {Path(args.report_dir) / REPORT_NAME}")
     return 0
+
+
+def write_report_dir(args, report, pairs, paths, feats, flip_halves: bool, pack_images, info) -> None:
+    """``--report-dir``: report.md (linking roc.png and hardest_errors.png), report.json, the plots."""
+    import shlex
+    import sys
+
+    from eval.hard_errors import draw_error_grid, errors_markdown, hardest_errors
+    from eval.lfw import pair_features
+    from eval.protocols import pair_outcomes
+
+    outcomes = pair_outcomes(args.protocol, *pair_features(paths, feats, pairs), flip_halves=flip_halves,
+                             mean_sub=not args.no_mean_sub)
+    picked = hardest_errors(outcomes, args.hardest)
+    unit = "distance" if args.protocol == "insightface" else "cosine"
+    if pack_images is not None:
+        def names(i):
+            return f"pack image {pairs[i].path1}", f"pack image {pairs[i].path2}"
+    else:
+        def names(i):
+            return pairs[i].path1, pairs[i].path2
+    crops = shown_crops(args, pairs, picked, pack_images, info)
+    title = f"verify {args.source}: hardest errors ({args.protocol} protocol)"
+    out = Path(args.report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if crops is not None:
+        draw_error_grid(out / GRID_NAME, picked, outcomes, names, crops.__getitem__, unit, title=title)
+    extra = errors_markdown(picked, outcomes, names, unit, GRID_NAME if crops is not None else None)
+    write_json_report(report, out / "report.json")
+    plot_roc({args.source: report}, out / "roc.png", title=f"verify {args.source} ({args.protocol} protocol)")
+    if sys.argv[1:2] == ["verify"]:
+        command = "sphereface-plus " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    else:  # called as a library (cli.main(argv)): the options that say what was scored
+        given = [(k, getattr(args, k)) for k in ("checkpoint", "features", "pairs", "pack", "root", "landmarks",
+                                                 "protocol")]
+        command = f"sphereface-plus verify {args.source} " + " ".join(f"--{k} {shlex.quote(str(v))}"
+                                                                      for k, v in given if v)
+    text = verification_markdown(report, f"Verification: {args.source} ({args.protocol} protocol)", command,
+                                 "roc.png", extra)
+    atomic_write_bytes(out / REPORT_NAME, text.encode())
+
+
+def shown_crops(args, pairs, picked, pack_images, info):
+    """``{pair index: (crop 1, crop 2)}`` of the pairs ``picked`` shows, as the network saw them (aligned BGR
+    crops of its size), or None when there are no images (``--features`` without ``--root``)."""
+    shown = sorted({int(i) for idx in picked.values() for i in idx})
+    size = None if info is None else info["input_size"]
+    if pack_images is not None:
+        images = F.EncodedImages(pack_images, size)
+        return {i: (images.crop(int(pairs[i].path1)), images.crop(int(pairs[i].path2))) for i in shown}
+    if not args.root:
+        return None
+    rel = sorted({p for i in shown for p in (pairs[i].path1, pairs[i].path2)})
+    landmarks = F.read_landmarks(args.landmarks) if args.landmarks else None
+    template = info["template"] if info is not None else "112x96"
+    images = F.ImageFiles(args.root, rel, input_size=size, landmarks=landmarks, template=template)
+    at = {p: k for k, p in enumerate(rel)}
+    return {i: (images.crop(at[pairs[i].path1]), images.crop(at[pairs[i].path2])) for i in shown}
 
 
 def save_model_with_threshold(checkpoint, out, threshold: float, source: str = "") -> Path:
     """Write a copy of ``checkpoint``'s model with ``threshold`` stored, atomically.
 
     The copy has the model part of a training checkpoint (docs/interfaces.md): ``model`` (backbone
-    state dict), ``head``, ``config`` and ``iteration`` as stored, plus ``threshold`` (the cosine
-    threshold ``compare`` uses) and ``threshold_source`` (how it was found). No optimiser state, so it
-    cannot ``--resume`` a run, but ``train.init_from`` and every evaluation command accept it, and it
-    loads with ``torch.load(weights_only=True)``.
+    state dict), ``head``, ``config``, ``iteration`` (and an imported model's ``preprocessing`` and
+    ``imported_from``) as stored, plus ``threshold`` (the cosine threshold ``compare`` uses) and
+    ``threshold_source`` (how it was found). No optimiser state, so it cannot ``--resume`` a run, but
+    ``train.init_from`` and every evaluation command accept it, and it loads with
+    ``torch.load(weights_only=True)``.
     """
     state = load_checkpoint(checkpoint)
-    copy = {k: state[k] for k in ("model", "head", "config", "iteration") if k in state}
+    # an imported model's input convention and provenance travel with it (docs/import.md)
+    keep = ("model", "head", "config", "iteration", "preprocessing", "imported_from")
+    copy = {k: state[k] for k in keep if k in state}
     copy["threshold"] = float(threshold)
     copy["threshold_source"] = str(source)
     out = Path(out)
