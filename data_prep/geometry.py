@@ -1,10 +1,12 @@
-"""5-point similarity alignment to the SphereFace template (docs/theory.md#five-point-alignment).
+"""5-point similarity alignment to a crop template (docs/theory.md#five-point-alignment).
 
 Three pieces, all pure functions:
 
 - ``TEMPLATES`` (owned by :mod:`sphereface_plus.templates`): the reference landmark positions of a 112x96
   crop (and of 112x112, same points with x + 8), stored as published (MATLAB, 1-based) and converted to
-  the 0-based pixel convention of OpenCV / numpy by :func:`template_points`.
+  the 0-based pixel convention of OpenCV / numpy by :func:`template_points`; and ``150x150``, dlib's face
+  chip (``get_face_chip_details`` with size 150 and padding 0.25, the input of dlib's face-recognition
+  ResNet), whose points follow from dlib's mean face shape (docs/theory.md#dlib-chip).
 - :func:`similarity_transform`: the least-squares similarity over all five points with the exact
   semantics of MATLAB ``cp2tform(input, base, 'similarity')`` used by the original SphereFace
   preprocessing (``code/preprocess/face_align_demo.m``), including the reflected fit.
@@ -27,7 +29,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from sphereface_plus.templates import template_entry
+from sphereface_plus.templates import NONREFLECTIVE_TEMPLATES, template_entry
 
 logger = logging.getLogger(__name__)
 
@@ -193,19 +195,24 @@ def cut_wide_crop(image: np.ndarray, input_size) -> Optional[np.ndarray]:
     return None
 
 
-def alignment_matrix(landmarks, template: str = "112x96", reflective: bool = True) -> np.ndarray:
-    """The 2 x 3 matrix that maps 0-based ``landmarks`` (5 x 2) onto the 0-based template."""
+def alignment_matrix(landmarks, template: str = "112x96", reflective: Optional[bool] = None) -> np.ndarray:
+    """The 2 x 3 matrix that maps 0-based ``landmarks`` (5 x 2) onto the 0-based template.
+
+    ``reflective``: also try the mirror-image fit (None: the template's own rule, see
+    ``NONREFLECTIVE_TEMPLATES``)."""
     pts = _as_points(landmarks, "landmarks")
     if pts.shape != (5, 2):
         raise ValueError(f"landmarks must be 5 x 2 (left eye, right eye, nose, left and right mouth corner), got shape {pts.shape}")
+    if reflective is None:
+        reflective = template not in NONREFLECTIVE_TEMPLATES
     return similarity_transform(pts, template_points(template), reflective=reflective)
 
 
 def align_face(image: np.ndarray, landmarks, template: str = "112x96") -> np.ndarray:
     """Warp ``image`` so that its 5 ``landmarks`` (0-based, in the order of
-    docs/theory.md#five-point-alignment) fit the SphereFace template.
+    docs/theory.md#five-point-alignment) fit the ``template``.
 
-    Returns a 112 x 96 x 3 (or 112 x 112 x 3) BGR uint8 crop: bilinear interpolation, black outside
+    Returns a 112 x 96 x 3 (112 x 112 x 3, 150 x 150 x 3) BGR uint8 crop: bilinear interpolation, black outside
     the image, like MATLAB ``imtransform`` in the original preprocessing. Grayscale input is expanded
     to three channels, an alpha channel is dropped.
     """

@@ -4,7 +4,7 @@
 For every file under ``--input`` (``<identity>/<image>``) the command finds five landmarks, from a
 landmark file (``--landmarks``, sphereface format: ``relative/path`` then x1 y1 ... x5 y5, tab or
 space separated, 0-based pixels unless ``--landmark-base 1`` says MATLAB 1-based) or with a detector (``--detector mtcnn|retinaface``), warps the
-image to the SphereFace template (:mod:`data_prep.geometry`, docs/theory.md#five-point-alignment) and writes the crop to
+image to the --template (:mod:`data_prep.geometry`, docs/theory.md#five-point-alignment) and writes the crop to
 the same relative path under ``--output`` (extension from ``--format``). It also writes:
 
 - ``<output>/manifest.jsonl``: one JSON object per input, ``{"path", "status", "reason"}``, status

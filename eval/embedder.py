@@ -43,11 +43,13 @@ class FaceEmbedder:
     ``precision`` (``auto|fp32|bf16``) is the backbone's (:func:`eval.features.inference_setup`);
     ``runtime`` (``auto|torch|onnxruntime``, default ``$SPHEREFACE_PLUS_RUNTIME`` or ``auto``) what runs it
     (:mod:`eval.runtime`: ``auto`` is onnxruntime for float32 on a CPU where it is installed).
+    ``jitter`` >= 2: each embedding is the mean over that many random jitters of the crop (dlib's
+    ``num_jitters``, :mod:`eval.jitter`), which replace the mirror.
     """
 
     def __init__(self, checkpoint, device="cpu", detector: str = "mtcnn", flip: bool = True,
                  face_policy: str = "center", batch_size: int = 32, precision: str = "auto",
-                 runtime: Optional[str] = None):
+                 runtime: Optional[str] = None, jitter: int = 0, jitter_seed: int = 0):
         self.device = torch.device(device)
         self.model, self.info = load_inference_model(checkpoint, self.device, precision, runtime)
         self.precision, self.channels_last = inference_setup(self.model, precision, self.device)
@@ -56,6 +58,7 @@ class FaceEmbedder:
         self.flip = flip
         self.face_policy = face_policy
         self.batch_size = batch_size
+        self.jitter, self.jitter_seed = (int(jitter) if jitter > 1 else 0), int(jitter_seed)
         self._detector_name = detector
         self._detector = None
 
@@ -90,10 +93,10 @@ class FaceEmbedder:
             [self.align(im, n) for im, n in zip(images, names)]
         data = ArrayImages(crops, self.info["input_size"], names=names, hint=ALIGNED_HINT)
         policy = self.info.get("flip_policy") or "concat"
-        flip = self.flip and policy != "none"
+        flip = self.flip and policy != "none" and not self.jitter
         feats = extract_from_dataset(self.model, data, self.batch_size, flip, self.device, num_workers=0,
-                                     desc="embed",
-                                     precision=self.precision, channels_last=self.channels_last)
+                                     desc="embed", precision=self.precision, channels_last=self.channels_last,
+                                     jitter=self.jitter, jitter_seed=self.jitter_seed)
         if flip and policy == "sum":  # [f(crop), f(mirror)] -> f(crop) + f(mirror)
             half = feats.shape[1] // 2
             feats = feats[:, :half] + feats[:, half:]

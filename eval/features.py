@@ -164,10 +164,15 @@ def embed_batch(model: torch.nn.Module, x: torch.Tensor, flip: bool = True, prec
     with two forwards, in float32 two forwards measured 1.10x faster once: ``bench/results/
     embed_throughput.md``; kept as one forward, the bf16 path being the default where it is fast). ``precision`` is a resolved one (``fp32`` or
     ``bf16``, see :func:`inference_setup`): only the backbone runs under autocast, the features come
-    back float32. ``channels_last`` feeds the batch in NHWC (the model should be converted too).
+    back float32. ``channels_last`` feeds the batch in NHWC (the model should be converted too). A
+    ``B x N x 3 x H x W`` batch holds N jittered copies of each image (:mod:`eval.jitter`): the feature of
+    an image is the mean of its copies' features (dlib's ``num_jitters``).
     """
     from sphereface_plus.engine.precision import autocast
 
+    if x.dim() == 5:  # B x N jittered copies (eval.jitter): the mean of their features
+        b, copies = x.shape[:2]
+        return embed_batch(model, x.flatten(0, 1), flip, precision, channels_last).view(b, copies, -1).mean(1)
     n = x.shape[0]
     if flip:
         x = torch.cat([x, torch.flip(x, dims=[3])])
@@ -192,6 +197,8 @@ def iter_embeddings(
     desc: str = "features",
     precision: str = "fp32",
     channels_last: Optional[bool] = None,
+    jitter: int = 0,
+    jitter_seed: int = 0,
 ) -> Iterator[Tuple[int, np.ndarray]]:
     """Yield ``(index of the first image, float32 features)`` batch by batch, in dataset order.
 
@@ -200,6 +207,9 @@ def iter_embeddings(
     The library default stays ``fp32`` so that callers such as the trainer's periodic evaluation keep
     their numbers; the commands (verify, compare, megaface export) and ``FaceEmbedder`` default to
     ``auto``. With channels_last the model is converted to NHWC in place (same weights, same results).
+    ``jitter`` >= 2: each feature is the mean over that many random jitters of the crop (dlib's
+    ``num_jitters``, :mod:`eval.jitter`; seeded by ``jitter_seed`` and the image index); a forward pass
+    then takes ``batch_size // jitter`` images (at least one), so about ``batch_size`` crops.
     """
     device = torch.device(device)
     precision, channels_last = inference_setup(model, precision, device, channels_last)
@@ -207,7 +217,13 @@ def iter_embeddings(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     # the runtime's one notice line is eval.runtime.load_inference_model's
-    logger.debug("embedding on %s in %s%s", device, precision, ", channels_last" if channels_last else "")
+    logger.debug("embedding on %s in %s%s%s", device, precision, ", channels_last" if channels_last else "",
+                 f", mean of {jitter} jitters" if jitter >= 2 else "")
+    if jitter >= 2:
+        from eval.jitter import JitteredImages
+
+        dataset = JitteredImages(dataset, jitter, seed=jitter_seed)
+        batch_size = max(1, batch_size // jitter)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -234,10 +250,13 @@ def extract_from_dataset(
     desc: str = "features",
     precision: str = "fp32",
     channels_last: Optional[bool] = None,
+    jitter: int = 0,
+    jitter_seed: int = 0,
 ) -> np.ndarray:
-    """Run ``model`` over a dataset of preprocessed tensors; ``N x D`` float32 numpy, in order."""
+    """Run ``model`` over a dataset of preprocessed tensors; ``N x D`` float32 numpy, in order (``jitter``:
+    :func:`iter_embeddings`)."""
     chunks = [f for _, f in iter_embeddings(model, dataset, batch_size, flip, device, num_workers, desc,
-                                            precision, channels_last)]
+                                            precision, channels_last, jitter, jitter_seed)]
     if not chunks:
         raise InputFileError("no images to embed")
     return np.concatenate(chunks)
@@ -256,11 +275,14 @@ def extract_features(
     template: str = "112x96",
     precision: str = "fp32",
     channels_last: Optional[bool] = None,
+    jitter: int = 0,
+    jitter_seed: int = 0,
 ) -> np.ndarray:
     """Features of the images ``root/rel_path`` (``N x D`` float32; ``D`` doubles with ``flip``).
 
     Images are aligned crops, or raw images aligned on the fly when ``landmarks`` (relative path ->
-    ``5 x 2``) is given. Missing files are reported all at once before anything runs.
+    ``5 x 2``) is given. Missing files are reported all at once before anything runs. ``jitter``: the
+    mean over that many random jitters of each crop (:func:`iter_embeddings`).
     """
     from eval.pairs import describe_missing, missing_images
 
@@ -271,7 +293,7 @@ def extract_features(
     dataset = ImageFiles(root, rel_paths, input_size=input_size, landmarks=landmarks, template=template)
     check_first_image(dataset)
     return extract_from_dataset(model, dataset, batch_size, flip, device, num_workers, precision=precision,
-                                channels_last=channels_last)
+                                channels_last=channels_last, jitter=jitter, jitter_seed=jitter_seed)
 
 
 def check_first_image(dataset: Dataset) -> None:

@@ -50,9 +50,16 @@ class PairsFormatError(InputFileError):
     """A pairs file line or pack that cannot be read; the message names the file and line."""
 
 
+def image_extension(ext: str) -> str:
+    """``.png`` for ``png`` or ``.png``: an extension with its dot (what ``--ext`` accepts either way)."""
+    ext = str(ext).strip()
+    return ext if not ext or ext.startswith(".") else "." + ext
+
+
 def lfw_image_path(name: str, number: int, ext: str = ".jpg") -> str:
-    """``Name/Name_0001.jpg``: the relative path of LFW image ``number`` of ``name``."""
-    return f"{name}/{name}_{int(number):04d}{ext}"
+    """``Name/Name_0001.jpg``: the relative path of LFW image ``number`` of ``name`` (``ext`` with or
+    without its dot)."""
+    return f"{name}/{name}_{int(number):04d}{image_extension(ext)}"
 
 
 def _int_field(value: str, where: str) -> int:
@@ -68,7 +75,7 @@ def _int_field(value: str, where: str) -> int:
 def parse_lfw_pairs(path, ext: str = ".jpg") -> List[Pair]:
     """Parse an LFW View-2 ``pairs.txt`` into 6,000 :class:`Pair` with 0-based fold indices.
 
-    ``ext`` replaces ``.jpg`` when the aligned crops were saved in another format. Raises
+    ``ext`` (``.png`` or ``png``) replaces ``.jpg`` when the aligned crops were saved in another format. Raises
     :class:`PairsFormatError` naming the line for a wrong field count or a bad number, and when the
     number of lines does not match the header.
     """

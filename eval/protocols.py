@@ -17,6 +17,13 @@ features of the 6,000 LFW pairs they differ by tenths of a point):
     over folds; VAL@FAR=1e-3. The protocol of the numbers papers report on the ``.bin`` packs (LFW,
     CFP-FP, AgeDB-30, CALFW, CPLFW...: ArcFace, CosFace tables, insightface's model zoo, training
     logs of arcface_torch). Default for ``verify bin|packs`` and training validation on packs.
+``dlib``
+    dlib's decision rule (docs/theory.md#protocol-dlib; ``dnn_face_recognition_ex.cpp``, the loss's
+    ``distance_threshold``): the raw descriptors (not normalised, no mean subtracted) of two faces are
+    the same person when their Euclidean distance is below a FIXED threshold, 0.6; nothing is learned
+    from the other folds. The fold accuracies are those of that one threshold. Rows holding crop and
+    mirror halves are averaged (dlib embeds the chip alone, or averages random jitters that include
+    mirror images). The numbers of dlib's model (99.13% without jitter, 99.38% with 100 jitters).
 
 Every report names its protocol (``report["protocol"]``) and carries the oracle-threshold accuracy
 (``oracle_accuracy``: the threshold picked on the test pairs themselves, what OpenSphere reports),
@@ -28,13 +35,16 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from eval.verification_metrics import (DEFAULT_FARS, fold_scores, insightface_embeddings, insightface_kfold,
-                                       insightface_report, kfold_accuracy, oracle_accuracy, squared_distances,
-                                       verification_report)
+from eval.verification_metrics import (DEFAULT_FARS, fold_report, fold_scores, insightface_embeddings,
+                                       insightface_kfold, insightface_report, kfold_accuracy, oracle_accuracy,
+                                       squared_distances, verification_report)
 from sphereface_plus.errors import UsageError
 
 #: the protocol names (the one list: ``verify --protocol``, reports, docs)
-PROTOCOLS = ("sphereface", "insightface")
+PROTOCOLS = ("sphereface", "insightface", "dlib")
+
+#: the dlib protocol's fixed Euclidean distance threshold (dlib's examples; the released model's loss stores it)
+DLIB_THRESHOLD = 0.6
 
 #: the default protocol of each pairs source of ``verify`` (and of training validation on packs)
 DEFAULT_PROTOCOL = {"lfw": "sphereface", "pairs": "sphereface", "folder": "sphereface", "bin": "insightface",
@@ -45,6 +55,7 @@ COMPARABLE_TO = {
     "sphereface": "SphereFace / SphereFace+ papers (evaluation.m: mean-subtracted cosine, concatenated crop+mirror)",
     "insightface": "insightface / ArcFace / CosFace tables on the .bin packs (verification.py: flip-summed, "
                    "squared L2, first best threshold)",
+    "dlib": "dlib's model (raw descriptors, Euclidean distance below a fixed 0.6; 99.13% without jitter)",
 }
 
 #: how the oracle-threshold accuracy is labelled wherever it is shown
@@ -61,14 +72,51 @@ def resolve_protocol(name: Optional[str], source: str) -> str:
     return name
 
 
+def dlib_descriptors(features, flip_halves: bool) -> np.ndarray:
+    """The dlib protocol's descriptor of each row (float64): the row itself, or the mean of its crop and
+    mirror halves."""
+    f = np.asarray(features, dtype=np.float64)
+    if flip_halves:
+        if f.shape[1] % 2:
+            raise ValueError(f"crop + mirror features must have an even width, got {f.shape[1]}")
+        d = f.shape[1] // 2
+        f = (f[:, :d] + f[:, d:]) / 2
+    return f
+
+
+def fixed_threshold_accuracies(dist, issame, folds, threshold: float) -> np.ndarray:
+    """Per fold (in sorted fold order), the accuracy of "same iff ``dist < threshold``"."""
+    dist = np.asarray(dist, dtype=np.float64).ravel()
+    issame = np.asarray(issame).astype(bool).ravel()
+    folds = np.asarray(folds).ravel()
+    correct = (dist < threshold) == issame
+    return np.array([correct[folds == k].mean() for k in np.unique(folds)])
+
+
+def dlib_report(feat1, feat2, issame, folds, *, flip_halves: bool = False, threshold: float = DLIB_THRESHOLD,
+                fars: Sequence[float] = DEFAULT_FARS, roc_points: bool = True) -> Dict[str, object]:
+    """The ``dlib`` protocol (module docstring): fold accuracies of the fixed ``threshold`` on the
+    Euclidean distance of raw descriptors; ROC, EER, AUC and TAR@FAR on ``-distance``."""
+    d1, d2 = dlib_descriptors(feat1, flip_halves), dlib_descriptors(feat2, flip_halves)
+    if d1.shape != d2.shape or d1.ndim != 2:
+        raise ValueError(f"feature arrays must both be N x D, got {d1.shape} and {d2.shape}")
+    issame = np.asarray(issame).astype(bool).ravel()
+    dist = np.sqrt(np.einsum("nd,nd->n", d1 - d2, d1 - d2))
+    accs = fixed_threshold_accuracies(dist, issame, folds, threshold)
+    return fold_report(accs, [float(threshold)] * accs.size, -dist, issame, accs.size, False, fars, roc_points,
+                       extra={"distance_threshold": float(threshold)})
+
+
 def protocol_report(protocol: str, feat1, feat2, issame, folds, *, flip_halves: bool = False, mean_sub: bool = True,
-                    fars: Sequence[float] = DEFAULT_FARS, roc_points: bool = True) -> Dict[str, object]:
+                    fars: Sequence[float] = DEFAULT_FARS, roc_points: bool = True,
+                    distance_threshold: float = DLIB_THRESHOLD) -> Dict[str, object]:
     """The report of ``protocol`` on paired features (rows of ``feat1`` / ``feat2`` are the two images).
 
     ``flip_halves``: the rows hold ``[f(crop), f(mirror)]`` side by side (``eval.features``' layout);
-    the insightface protocol sums the halves, the sphereface protocol uses the concatenation as it is.
-    ``mean_sub`` belongs to the sphereface protocol (the insightface one subtracts nothing). Adds ``protocol``, ``oracle_accuracy`` and
-    ``oracle_threshold`` (in the protocol's own unit: cosine, or squared distance) to the report.
+    the insightface protocol sums the halves, the dlib protocol averages them, the sphereface protocol
+    uses the concatenation as it is. ``mean_sub`` belongs to the sphereface protocol (the others subtract
+    nothing), ``distance_threshold`` to the dlib protocol. Adds ``protocol``, ``oracle_accuracy`` and
+    ``oracle_threshold`` (in the protocol's own unit: cosine, squared distance or distance) to the report.
     """
     issame = np.asarray(issame).astype(bool).ravel()
     if protocol == "sphereface":
@@ -82,6 +130,12 @@ def protocol_report(protocol: str, feat1, feat2, issame, folds, *, flip_halves: 
         e2 = insightface_embeddings(feat2, flip_halves)
         report = insightface_report(e1, e2, issame, folds, fars=fars, roc_points=roc_points)
         oracle = oracle_accuracy(-squared_distances(e1, e2), issame)
+        oracle_threshold = -oracle["threshold"]  # accepted: distance <= this
+    elif protocol == "dlib":
+        report = dlib_report(feat1, feat2, issame, folds, flip_halves=flip_halves, threshold=distance_threshold,
+                             fars=fars, roc_points=roc_points)
+        d1, d2 = dlib_descriptors(feat1, flip_halves), dlib_descriptors(feat2, flip_halves)
+        oracle = oracle_accuracy(-np.linalg.norm(d1 - d2, axis=1), issame)
         oracle_threshold = -oracle["threshold"]  # accepted: distance <= this
     else:
         raise UsageError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
@@ -106,6 +160,10 @@ def pair_outcomes(protocol: str, feat1, feat2, issame, folds, *, flip_halves: bo
     elif protocol == "insightface":
         score = squared_distances(insightface_embeddings(feat1, flip_halves), insightface_embeddings(feat2, flip_halves))
         kf = insightface_kfold(score, issame, folds)
+    elif protocol == "dlib":  # the distance against the one fixed threshold, in every fold
+        d1, d2 = dlib_descriptors(feat1, flip_halves), dlib_descriptors(feat2, flip_halves)
+        score = np.linalg.norm(d1 - d2, axis=1)
+        kf = {"fold_ids": np.unique(folds), "fold_thresholds": np.full(np.unique(folds).size, DLIB_THRESHOLD)}
     else:
         raise UsageError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     threshold = np.asarray(kf["fold_thresholds"], dtype=np.float64)[np.searchsorted(kf["fold_ids"], folds)]
@@ -113,7 +171,7 @@ def pair_outcomes(protocol: str, feat1, feat2, issame, folds, *, flip_halves: bo
         accept = score > threshold
         reject = score < threshold
         wrongness = np.where(issame, threshold - score, score - threshold)
-    else:  # same when distance < t, different when distance >= t (verification.py)
+    else:  # same when distance < t, different when distance >= t (verification.py, dlib's rule)
         accept = score < threshold
         reject = ~accept
         wrongness = np.where(issame, score - threshold, threshold - score)

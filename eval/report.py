@@ -74,13 +74,13 @@ def format_report(report: Mapping[str, object]) -> str:
 
         what = COMPARABLE_TO.get(str(report["protocol"]), "")
         lines.append(f"protocol: {report['protocol']}" + (f" (comparable to {what})" if what else ""))
-    unit = "distance" if report.get("protocol") == "insightface" else "threshold"
+    distances = report.get("protocol") in ("insightface", "dlib")  # thresholds on a distance, no mean subtracted
+    unit = "distance" if distances else "threshold"
     lines.append(f"fold  accuracy  {unit:>9}")
     for i, (a, t) in enumerate(zip(accs, report.get("fold_thresholds", [float("nan")] * len(accs))), 1):
         lines.append(f"{i:>4}  {100 * a:7.2f}%  {t:9.4f}")
     lines.append(f"mean  {100 * report['mean_accuracy']:7.2f}% +- {100 * report['std_accuracy']:.2f}"
-                 + ("" if report.get("mean_sub", True) or report.get("protocol") == "insightface"
-                    else "  (no mean subtraction)"))
+                 + ("" if report.get("mean_sub", True) or distances else "  (no mean subtraction)"))
     lines.append(f"EER {100 * report['eer']:.2f}%   AUC {report['auc']:.5f}   threshold {report['threshold']:.4f}")
     lines.append("TAR@FAR " + "   ".join(f"{k}: {100 * v:.2f}%" for k, v in report["tar_at_far"].items()))
     val = report.get("val_at_far")

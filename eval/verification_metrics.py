@@ -310,11 +310,11 @@ def verification_report(
     issame = np.asarray(issame).astype(bool).ravel()
     fold_ids, scores = fold_scores(feat1, feat2, folds, mean_sub=mean_sub)
     kf = kfold_accuracy(scores, issame, folds)
-    return _fold_report(kf["fold_accuracies"], kf["fold_thresholds"], kf["test_scores"], issame, int(fold_ids.size),
+    return fold_report(kf["fold_accuracies"], kf["fold_thresholds"], kf["test_scores"], issame, int(fold_ids.size),
                         bool(mean_sub), fars, roc_points)
 
 
-def _fold_report(accs, fold_thresholds, scores, issame, num_folds: int, mean_sub: bool, fars: Sequence[float],
+def fold_report(accs, fold_thresholds, scores, issame, num_folds: int, mean_sub: bool, fars: Sequence[float],
                  roc_points: bool, extra: Optional[Dict[str, object]] = None) -> Dict[str, object]:
     """The report both protocols share: fold accuracies (mean, population std), thresholds, and the ROC,
     EER, AUC and TAR@FAR of ``scores`` (higher = more alike); ``extra`` keys follow ``tar_at_far``."""
@@ -504,5 +504,5 @@ def insightface_report(emb1, emb2, issame, folds, fars: Sequence[float] = DEFAUL
     val = {"val_at_far": {"val": vf["val"], "val_std": vf["val_std"], "far": vf["far"], "far_target": vf["far_target"],
                           "fold_val": vf["fold_val"], "fold_far": vf["fold_far"],
                           "fold_thresholds": vf["fold_thresholds"]}}
-    return _fold_report(kf["fold_accuracies"], kf["fold_thresholds"], -dist, issame, int(kf["fold_ids"].size), False,
+    return fold_report(kf["fold_accuracies"], kf["fold_thresholds"], -dist, issame, int(kf["fold_ids"].size), False,
                         fars, roc_points, extra=val)

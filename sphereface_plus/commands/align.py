@@ -12,7 +12,7 @@ from data_prep.detectors import SELECT_POLICIES, list_detectors
 from sphereface_plus.templates import TEMPLATES
 from data_prep.prepare import DEFAULT_LIST, LFW_OVERLAP_CASIA, align_tree
 
-HELP = "align an identity-folder tree of face images to the SphereFace template (landmark file or detector)"
+HELP = "align an identity-folder tree of face images to a crop template (landmark file or detector)"
 
 DESCRIPTION = """\
 Align every image of an identity-folder tree (<input>/<identity>/<image>, CASIA-WebFace or LFW
@@ -31,6 +31,7 @@ examples:
   sphereface-plus align --input lfw/images --output lfw-112x96 --landmarks lfw/lfw_landmark.txt
   sphereface-plus align --input CASIA-WebFace --output casia-112x96 --exclude-lfw-overlap --pack
   sphereface-plus align --input photos --output crops --detector retinaface --template 112x112
+  sphereface-plus align --input lfw/images --output lfw-150x150 --template 150x150 --format png
 """
 
 EXIT_OK, EXIT_INCOMPLETE = 0, 3
@@ -45,7 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--landmark-base", type=int, default=0, choices=(0, 1),
                    help="pixel convention of the landmark file: 0 = OpenCV/numpy (first pixel at 0, default), "
                         "1 = MATLAB (first pixel at 1, e.g. points written by the original MATLAB MTCNN)")
-    p.add_argument("--template", default="112x96", choices=sorted(TEMPLATES), help="crop template (default 112x96)")
+    p.add_argument("--template", default="112x96", choices=sorted(TEMPLATES),
+                   help="crop template: 112x96 (SphereFace), 112x112 (insightface) or 150x150 (dlib's face chip, for a "
+                        "model imported --from dlib); default 112x96")
     p.add_argument("--detector", default="mtcnn", choices=list_detectors(),
                    help="face detector used when no --landmarks is given (default mtcnn; weights: sphereface-plus fetch-weights)")
     p.add_argument("--device", default="cpu", help="device for the detector, e.g. cpu or cuda:0 (default cpu)")

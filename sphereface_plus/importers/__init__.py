@@ -1,6 +1,6 @@
 """Importers of released weights: SphereFace / SphereFace+ Caffe models, insightface and OpenSphere PyTorch
-state dicts, any PyTorch state dict of a network the toolkit has, ONNX face models and the MHE-GAN
-TensorFlow 1 checkpoints (``sphereface-plus import``).
+state dicts, any PyTorch state dict of a network the toolkit has, ONNX face models, dlib's face-recognition
+ResNet and the MHE-GAN TensorFlow 1 checkpoints (``sphereface-plus import``).
 
 Each face importer returns a checkpoint dict of this toolkit (docs/interfaces.md, "Checkpoints"): ``model``
 (the backbone's state dict), ``config`` (``model.backbone``, ``model.input_size``, ``model.embedding_dim``,
@@ -12,9 +12,10 @@ and ``imported_from`` (the source files and their sha256). The MHE-GAN importer 
 
 Modules: :mod:`.caffe` (``.caffemodel`` + ``.prototxt``), :mod:`.torch_state` (insightface ``backbone.pth``
 and OpenSphere ``backbone_<iter>.pth`` / ``head_<iter>.pth``), :mod:`.by_structure` (a state dict with
-its own key names, matched to a toolkit backbone in order and by shape), :mod:`.foreign_onnx` (foreign ONNX files
-to a toolkit ``.onnx``), :mod:`.tf_bundle` and :mod:`.mhe_gan` (TensorFlow checkpoints without
-TensorFlow), :mod:`.preprocessing` (the metadata and the input adapter).
+its own key names, matched to a toolkit backbone in order and by shape), :mod:`.foreign_onnx` (foreign ONNX
+files to a toolkit ``.onnx``), :mod:`.dlib_dnn` and :mod:`.dlib_serialization` (dlib ``.dat`` files without
+dlib), :mod:`.tf_bundle` and :mod:`.mhe_gan` (TensorFlow checkpoints without TensorFlow),
+:mod:`.preprocessing` (the metadata and the input adapter).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from sphereface_plus.utils import sha256_file
 __all__ = ["SOURCES", "face_checkpoint", "check_state_dict"]
 
 #: the ``--from`` choices of ``sphereface-plus import`` (the one list of them)
-SOURCES = ("caffe", "opensphere", "insightface", "pytorch", "onnx", "mhe-gan")
+SOURCES = ("caffe", "opensphere", "insightface", "pytorch", "onnx", "mhe-gan", "dlib")
 
 
 def face_checkpoint(backbone: str, state: Mapping[str, torch.Tensor], pre: Preprocessing,

@@ -5,15 +5,16 @@ elsewhere were trained with their own convention, and scoring one with another l
 any error. An imported checkpoint therefore carries a ``preprocessing`` entry:
 
 ========== ================================================================================
-template   ``112x96`` (SphereFace) or ``112x112`` (insightface, OpenSphere): the alignment the
-           crops must have (``sphereface_plus.templates.TEMPLATES``)
-color      ``bgr`` (Caffe / OpenCV order: SphereFace) or ``rgb`` (insightface, OpenSphere)
+template   ``112x96`` (SphereFace), ``112x112`` (insightface, OpenSphere) or ``150x150`` (dlib's
+           face chip): the alignment the crops must have (``sphereface_plus.templates.TEMPLATES``)
+color      ``bgr`` (Caffe / OpenCV order: SphereFace) or ``rgb`` (insightface, OpenSphere, dlib)
 mean, std  pixel normalisation ``(x - mean) / std`` per channel, in the source's channel order:
            SphereFace 127.5 / 128 (``test/code/evaluation.m``), insightface and OpenSphere
-           127.5 / 127.5 (``arcface_torch`` ``eval``, OpenSphere ``dataset/utils.py``)
+           127.5 / 127.5 (``arcface_torch`` ``eval``, OpenSphere ``dataset/utils.py``), dlib
+           (122.782, 117.001, 104.298) / 256 (``input_rgb_image_sized``)
 flip       how the mirror image is used at test time: ``concat`` (SphereFace, OpenSphere: the
            feature is ``[f(crop), f(mirror)]``), ``sum`` (insightface ``verification.py``:
-           ``f(crop) + f(mirror)``) or ``none``
+           ``f(crop) + f(mirror)``) or ``none`` (dlib)
 embedding  the layer whose output is the embedding (``fc5``, ``features``...), for the record
 source     where the weights came from (``caffe``, ``insightface``, ...)
 ========== ================================================================================
@@ -39,7 +40,7 @@ from sphereface_plus.templates import TEMPLATE_SIZES
 from sphereface_plus.errors import CheckpointError, UsageError
 
 __all__ = ["PREPROCESSING_KEY", "COLORS", "FLIP_POLICIES", "TEMPLATE_SIZES", "Preprocessing", "SourceInput",
-           "TOOLKIT", "SPHEREFACE", "INSIGHTFACE", "OPENSPHERE", "wrap_backbone", "source_backbone"]
+           "TOOLKIT", "SPHEREFACE", "INSIGHTFACE", "OPENSPHERE", "DLIB", "wrap_backbone", "source_backbone"]
 
 #: the checkpoint key holding the dict of :class:`Preprocessing`
 PREPROCESSING_KEY = "preprocessing"
@@ -131,6 +132,11 @@ INSIGHTFACE = Preprocessing(template="112x112", color="rgb", mean=[127.5] * 3, s
                             embedding="features", source="insightface")
 OPENSPHERE = Preprocessing(template="112x112", color="rgb", mean=[127.5] * 3, std=[127.5] * 3, flip="concat",
                            embedding="fc", source="opensphere")
+#: dlib's input_rgb_image_sized<150> (dlib/dnn/input.h): (pixel - mean_c) / 256 in RGB; the importer takes
+#: the means from the file (these are dlib's defaults, which the released model stores). No test-time
+#: mirror: dlib embeds the chip alone, or averages random jitters (eval.jitter).
+DLIB = Preprocessing(template="150x150", color="rgb", mean=[122.782, 117.001, 104.298], std=[256.0] * 3, flip="none",
+                     embedding="fc", source="dlib")
 
 
 def parse_override(pre: Preprocessing, template: Optional[str] = None, color: Optional[str] = None,

@@ -13,8 +13,8 @@ what the builder needs to be checked before anything is built:
 
 Families: ``sphere.py`` (SphereFace ResNets, Liu et al. CVPR 2017), ``iresnet.py`` (insightface
 arcface_torch's iResNet), ``sfnet.py`` (OpenSphere's SFNet, with and without BN), ``mobilefacenet.py``
-(MobileFaceNet, Chen et al. 2018, as insightface builds it) and ``cifar.py`` (the 9-conv CIFAR CNN of
-the MHE paper).
+(MobileFaceNet, Chen et al. 2018, as insightface builds it), ``dlib_resnet.py`` (dlib's face-recognition
+ResNet, for its released weights) and ``cifar.py`` (the 9-conv CIFAR CNN of the MHE paper).
 
 Every consumer that rebuilds a network from a run's stored config (trainer, verify, export, compare,
 IJB, MegaFace) calls :func:`backbone_from_config`, the one owner of that mapping.
@@ -249,6 +249,7 @@ def count_parameters(name: str, **kwargs: Any) -> int:
 
 # importing the family modules registers their builders
 from sphereface_plus.models import cifar as _cifar  # noqa: E402,F401
+from sphereface_plus.models import dlib_resnet as _dlib_resnet  # noqa: E402,F401
 from sphereface_plus.models import iresnet as _iresnet  # noqa: E402,F401
 from sphereface_plus.models import mobilefacenet as _mobilefacenet  # noqa: E402,F401
 from sphereface_plus.models import sfnet as _sfnet  # noqa: E402,F401
