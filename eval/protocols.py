@@ -35,9 +35,9 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from eval.verification_metrics import (DEFAULT_FARS, fold_report, fold_scores, insightface_embeddings,
-                                       insightface_kfold, insightface_report, kfold_accuracy, oracle_accuracy,
-                                       squared_distances, verification_report)
+from eval.insightface_metrics import insightface_embeddings, insightface_kfold, insightface_report, squared_distances
+from eval.verification_metrics import (DEFAULT_FARS, fold_report, fold_scores, kfold_accuracy, oracle_accuracy,
+                                       verification_report)
 from sphereface_plus.errors import UsageError
 
 #: the protocol names (the one list: ``verify --protocol``, reports, docs)

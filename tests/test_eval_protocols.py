@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import protocol_reference as ref
+from eval import insightface_metrics
 from eval import verification_metrics as metrics
 from eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS, protocol_report
 
@@ -49,16 +50,16 @@ def test_val_threshold_on_plateaus_and_ties():
     far = np.array([0.0, 0.0, 0.001, 0.001, 0.001, 0.004, 0.004, 1.0])
     thr = np.arange(far.size) * 0.5
     # exactly on a plateau: its largest threshold
-    assert metrics.threshold_at_far_slinear(far, thr, 0.001) == thr[4]
+    assert insightface_metrics.threshold_at_far_slinear(far, thr, 0.001) == thr[4]
     # between plateaus: from (0.001, thr[4]) to (0.004, thr[5])
-    assert metrics.threshold_at_far_slinear(far, thr, 0.002) == pytest.approx(thr[4] + (1 / 3) * (thr[5] - thr[4]))
-    assert metrics.threshold_at_far_slinear(far, thr, 1.0) == thr[-1]
+    assert insightface_metrics.threshold_at_far_slinear(far, thr, 0.002) == pytest.approx(thr[4] + (1 / 3) * (thr[5] - thr[4]))
+    assert insightface_metrics.threshold_at_far_slinear(far, thr, 1.0) == thr[-1]
     # a strictly increasing curve: plain linear interpolation, as scipy.interpolate.interp1d
     interp = pytest.importorskip("scipy.interpolate")
     x = np.sort(np.random.default_rng(0).random(50))
     y = np.arange(50) * 0.001
     for t in (x[3], 0.5 * (x[10] + x[11]), x[-1]):
-        assert metrics.threshold_at_far_slinear(x, y, t) == pytest.approx(float(interp.interp1d(x, y, kind="slinear")(t)),
+        assert insightface_metrics.threshold_at_far_slinear(x, y, t) == pytest.approx(float(interp.interp1d(x, y, kind="slinear")(t)),
                                                                          abs=1e-15)
     # real FAR curves (plateaus everywhere) against the spline scipy built before it refused repeated x:
     # make_interp_spline's k=1 case, knots [x0, x, x_last], coefficients y
@@ -69,7 +70,7 @@ def test_val_threshold_on_plateaus_and_ties():
         curve = np.searchsorted(np.sort(neg), grid, side="left") / n
         for target in (1e-3, 1e-2, float(rng.random())):
             old = interp.BSpline.construct_fast(np.r_[curve[0], curve, curve[-1]], grid, 1)
-            assert metrics.threshold_at_far_slinear(curve, grid, target) == pytest.approx(float(old(target)), abs=1e-12)
+            assert insightface_metrics.threshold_at_far_slinear(curve, grid, target) == pytest.approx(float(old(target)), abs=1e-12)
 
 
 def test_sphereface_protocol_is_the_old_report(pairs600):
