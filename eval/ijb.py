@@ -162,6 +162,10 @@ def read_template_pairs(path) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise InputFileError(f"{path} cannot be read as 'template_id_1 template_id_2 label' lines")
     if data.shape[0] == 0:
         raise InputFileError(f"{path} lists no template pairs")
+    genuine = int(data[:, 2].sum())
+    if genuine in (0, data.shape[0]):  # the ROC and TAR@FAR need both kinds of pair
+        raise InputFileError(f"{path}: all {data.shape[0]} template pairs have label {data[0, 2]}; the 1:1 protocol "
+                             "needs genuine (1) and impostor (0) pairs")
     return data[:, 0].copy(), data[:, 1].copy(), data[:, 2].copy()
 
 

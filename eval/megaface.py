@@ -152,8 +152,10 @@ def iter_feature_chunks(out_dir, rel_paths: Sequence[str], suffix: str, chunk: i
 def read_image_list(path) -> Tuple[List[str], Optional[List[str]]]:
     """Read an image list: the devkit JSON (``{"path": [...], "id": [...]}``), a JSON list of paths,
     or a text file of ``relative/path [label]`` lines. Returns ``(paths, labels or None)``."""
+    from sphereface_plus.utils import read_text
+
     path = require_file(path, "image list")
-    text = path.read_text()
+    text = read_text(path, "image list")
     s = text.lstrip()
     if s.startswith("{") or s.startswith("["):
         try:

@@ -175,7 +175,8 @@ def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray, b
         from eval.packs import LoadedPack, check_pack_size
 
         check_pack_size(LoadedPack("pack", Path(args.pack), pack_images, np.zeros(0, bool)), info["input_size"])
-        feats = F.extract_from_dataset(model, F.EncodedImages(pack_images, info["input_size"]), args.batch_size,
+        images = F.EncodedImages(pack_images, info["input_size"], args.pack)
+        feats = F.extract_from_dataset(model, images, args.batch_size,
                                        flip, args.device, args.workers, precision=args.precision)
         return [str(i) for i in range(len(pack_images))], feats, flip
     paths = pairs_to_arrays(pairs)[0]
@@ -203,6 +204,9 @@ def run(args) -> int:
     args.protocol = resolve_protocol(args.protocol, args.source)
     _check_args(args)
     pairs, pack_images = build_pairs(args)
+    from eval.pairs import check_protocol_pairs
+
+    check_protocol_pairs(pairs, args.pairs or args.pack or args.root)
     logger.info("%d pairs (%d same) in %d folds", len(pairs), sum(p.same for p in pairs),
                 len({p.fold for p in pairs}))
     paths, feats, flip_halves = compute_features(args, pairs, pack_images)
