@@ -29,7 +29,7 @@ import torch
 from data_prep.datasets import build_train_dataset, check_data_config
 from eval.lfw import pairs_verifier
 from eval.packs import check_pack_names, pack_paths, packs_verifier
-from sphereface_plus.config import Config, ConfigError, config_to_yaml, load_config
+from sphereface_plus.config import Config, ConfigError, config_to_yaml, load_config, naming_recipe
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.checkpoint import load_checkpoint
 from sphereface_plus.engine.dist import DistInfo, cleanup_distributed, explain_collective_failure, setup_distributed
@@ -52,8 +52,9 @@ def load_train_config(path: Optional[str] = None, overrides=()) -> Config:
     """:func:`sphereface_plus.config.load_config` plus the data checks that belong to ``data_prep`` and the
     pack names that belong to ``eval``."""
     cfg = load_config(path, overrides)
-    _check_data(cfg)
-    check_pack_names(cfg.eval.packs, "eval.packs")
+    with naming_recipe(path):
+        _check_data(cfg)
+        check_pack_names(cfg.eval.packs, "eval.packs")
     return cfg
 
 
