@@ -130,7 +130,9 @@ def import_onnx_file(src, out: Path, overrides: dict, tolerance: float = 1e-4) -
     the original model with the source convention computed in numpy and to the rewritten one with the
     toolkit's input; the ``feature`` outputs must agree within ``tolerance`` relative to their norm.
     """
+    import contextlib
     import hashlib
+    import io
 
     import numpy as np
     import onnxruntime as ort
@@ -143,7 +145,7 @@ def import_onnx_file(src, out: Path, overrides: dict, tolerance: float = 1e-4) -
     from sphereface_plus.utils import atomic_write_bytes
 
     model = read_onnx(src)
-    pre = guess_preprocessing(model, overrides.get("template"))
+    pre = guess_preprocessing(model, overrides.get("template"), str(src))
     pre = parse_override(pre, **overrides)
     meta = {
         FORMAT_KEY: FORMAT_VERSION, "format": "onnx", "backbone": f"onnx:{Path(src).name}",
@@ -155,16 +157,20 @@ def import_onnx_file(src, out: Path, overrides: dict, tolerance: float = 1e-4) -
         "source_sha256": hashlib.sha256(Path(src).read_bytes()).hexdigest(),
         "toolkit_version": str(getattr(sphereface_plus, "__version__", "unknown")),
     }
-    data = convert_onnx(model, pre, meta)
+    data = convert_onnx(model, pre, meta, str(src))
     crops = synthetic_crops(pre.template, 8)
     toolkit = np.stack([(c.transpose(2, 0, 1).astype(np.float32) - 127.5) / 128 for c in crops])
     pixels = np.stack([(c[:, :, ::-1] if pre.color == "rgb" else c).transpose(2, 0, 1) for c in crops]).astype(np.float32)
     source = (pixels - np.array(pre.mean, np.float32).reshape(1, 3, 1, 1)) / np.array(pre.std, np.float32).reshape(1, 3, 1, 1)
-    try:
-        orig = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
-        want = np.concatenate([orig.run(None, {orig.get_inputs()[0].name: source[i:i + 1]})[0] for i in range(len(crops))])
-        new = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        got = new.run([FEATURE_OUTPUT], {INPUT_NAME: toolkit})[0]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: a failure is the one line below
+    try:  # onnxruntime prints its provider fallback ("EP Error ...") to stdout: kept out of the output
+        with contextlib.redirect_stdout(io.StringIO()):
+            orig = ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+            want = np.concatenate([orig.run(None, {orig.get_inputs()[0].name: source[i:i + 1]})[0]
+                                   for i in range(len(crops))])
+            new = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+            got = new.run([FEATURE_OUTPUT], {INPUT_NAME: toolkit})[0]
     except Exception as e:  # onnxruntime's own exception types
         raise UsageError(f"onnxruntime cannot run {src} or its rewrite ({str(e).splitlines()[0]})") from None
     diff = float((np.abs(got - want) / np.maximum(np.linalg.norm(want, axis=1, keepdims=True), 1e-12)).max())
