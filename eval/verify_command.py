@@ -250,14 +250,12 @@ def save_model_with_threshold(checkpoint, out, threshold: float, source: str = "
     cannot ``--resume`` a run, but ``train.init_from`` and every evaluation command accept it, and it
     loads with ``torch.load(weights_only=True)``.
     """
-    from sphereface_plus.engine.checkpoint import load_checkpoint, serialize
-    from sphereface_plus.utils import atomic_write_bytes
+    from sphereface_plus.engine.checkpoint import load_checkpoint, write_checkpoint
 
     state = load_checkpoint(checkpoint)
     copy = {k: state[k] for k in ("model", "head", "config", "iteration") if k in state}
     copy["threshold"] = float(threshold)
     copy["threshold_source"] = str(source)
-    out = Path(out)
-    atomic_write_bytes(out, serialize(copy))
+    out = write_checkpoint(out, copy)
     logger.info("wrote %s (threshold %.4f from %s)", out, threshold, source or "verification")
     return out

@@ -67,7 +67,7 @@ def _override_args(args) -> dict:
 
 
 def run(args) -> int:
-    from sphereface_plus.utils import atomic_torch_save
+    from sphereface_plus.engine.checkpoint import write_checkpoint
 
     lo, hi = SRC_COUNT[args.source]
     if not lo <= len(args.src) <= hi:
@@ -92,7 +92,7 @@ def run(args) -> int:
         from sphereface_plus.importers.mhe_gan import import_mhe_gan
 
         ckpt = import_mhe_gan(args.src[0])
-        atomic_torch_save(ckpt, out)
+        write_checkpoint(out, ckpt)
         print(f"wrote {out}: MHE-GAN generator and {'SN ' if ckpt['config']['sn'] else ''}discriminator from "
               f"{args.src[0]}; score it with: sphereface-plus gan --eval-only --init-from {out} --data <cifar-10>")
         return 0
@@ -116,7 +116,7 @@ def run(args) -> int:
         h, w = ckpt["config"]["model"]["input_size"]
         raise UsageError(f"--template {pre.template} does not fit the imported network, which takes {h}x{w} crops")
     ckpt[PREPROCESSING_KEY] = pre.to_dict()
-    atomic_torch_save(ckpt, out)
+    write_checkpoint(out, ckpt)
     model = ckpt["config"]["model"]
     head = f", head {ckpt['config']['head'].get('name')} ({ckpt['head']['weight'].shape[0]} classes)" if "head" in ckpt else ", no head"
     print(f"wrote {out}: {model['backbone']} ({args.source}){head}; input: {pre.describe()}")

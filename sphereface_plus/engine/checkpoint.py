@@ -49,6 +49,8 @@ __all__ = [
     "save_best_checkpoint",
     "load_checkpoint",
     "read_checkpoint",
+    "write_checkpoint",
+    "with_integrity",
     "find_resume_checkpoint",
     "load_resume_state",
     "periodic_checkpoints",
@@ -174,6 +176,19 @@ def state_digest(state: Dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def with_integrity(state: Dict[str, Any]) -> Dict[str, Any]:
+    """``state`` plus its ``integrity`` entry (what every checkpoint file carries, :func:`read_checkpoint` checks)."""
+    return {**state, INTEGRITY_KEY: {"algorithm": "sha256", "digest": state_digest(state)}}
+
+
+def write_checkpoint(path, state: Dict[str, Any]) -> Path:
+    """Write one checkpoint file outside a run's ``checkpoints/`` (``verify --save-model``, ``import``, the
+    demo's model) with its checksum, atomically."""
+    path = Path(path)
+    atomic_write_bytes(path, serialize(with_integrity(state)))
+    return path
+
+
 def save_checkpoint(state: Dict[str, Any], out_dir, every: int = 0, keep: int = 0) -> Path:
     """Write ``last.pt`` (and ``ckpt_<iteration>.pt`` when the iteration is a multiple of ``every`` > 0).
 
@@ -183,7 +198,7 @@ def save_checkpoint(state: Dict[str, Any], out_dir, every: int = 0, keep: int = 
     """
     folder = checkpoint_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {**state, INTEGRITY_KEY: {"algorithm": "sha256", "digest": state_digest(state)}}
+    state = with_integrity(state)
     data = serialize(state)
     last = folder / "last.pt"
     atomic_write_bytes(last, data)
@@ -203,8 +218,7 @@ def save_best_checkpoint(state: Dict[str, Any], out_dir) -> Path:
     ``last.pt`` and the periodic files only), so keeping it never changes where a run continues."""
     folder = checkpoint_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "best.pt"
-    atomic_write_bytes(path, serialize(state))
+    path = write_checkpoint(folder / "best.pt", state)
     logger.info("saved best checkpoint at iteration %d: %s", int(state["iteration"]), path)
     return path
 
