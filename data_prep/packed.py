@@ -35,6 +35,7 @@ import logging
 import os
 from multiprocessing import get_context
 from pathlib import Path
+from tokenize import TokenError  # numpy parses a .npy header with tokenize
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -254,7 +255,7 @@ class PackedReader:
         try:
             index = json.loads(read_text(p, "pack index"))
         except (ValueError, RecursionError) as exc:
-            raise InputFileError(f"{p} is not a valid pack index (JSON error: {exc})") from None
+            raise InputFileError(f"{p} is not a valid pack index (its JSON does not parse: {exc})") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT:
             raise InputFileError(f"{p} is not a {FORMAT} index (format field: {index.get('format') if isinstance(index, dict) else None!r})")
         _check_index_fields(index, p)
@@ -298,9 +299,9 @@ class PackedReader:
                 raise MissingFileError(f"pack data {self.data_path} (named by {self.index_path}) is missing")
             try:  # the header's shape is checked against the file's size by the mapping itself
                 arr = np.load(self.data_path, mmap_mode="r", allow_pickle=False)
-            except (ValueError, OverflowError, EOFError, OSError, SyntaxError, MemoryError) as exc:
-                raise InputFileError(f"{self.data_path} is not a readable .npy array of crops ({type(exc).__name__}: "
-                                     f"{str(exc)[:120]}); re-pack with 'sphereface-plus align ... --pack'") from None
+            except (ValueError, OverflowError, EOFError, OSError, SyntaxError, MemoryError, TokenError) as exc:
+                raise InputFileError(f"{self.data_path} is not a readable .npy array of crops ({str(exc)[:120]}); "
+                                     "re-pack with 'sphereface-plus align ... --pack'") from None
             if arr.shape != self.shape or arr.dtype != np.uint8:
                 raise InputFileError(
                     f"{self.data_path} holds {arr.shape} {arr.dtype}, its index {self.index_path} says {self.shape} uint8"

@@ -74,8 +74,6 @@ class ImageFiles(Dataset):
         return len(self.rel_paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        import cv2
-
         from data_prep.image_files import read_image_file
 
         rel = self.rel_paths[i]
