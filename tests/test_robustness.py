@@ -289,22 +289,14 @@ def test_every_consumer_refuses_weights_that_fail_their_checksum(consumer, tmp_p
     """verify, compare, export, megaface export, check, train.init_from and FaceEmbedder all load a checkpoint
     through engine.checkpoint.read_checkpoint: weights altered under their old digest are one error line (exit 2)
     naming the file, never embedded (verify used to report a normal accuracy with them, exit 0)."""
-    import cv2
-
-    from fuzz.targets.common import checkpoint_bytes, crop, tiny_checkpoint_state
+    from fuzz.targets.common import checkpoint_bytes, crops_and_pairs, tiny_checkpoint_state
     from sphereface_plus.cli import main
     from sphereface_plus.errors import CheckpointError
 
     good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
     good.write_bytes(checkpoint_bytes(tiny_checkpoint_state()))
     _altered_keeping_digest(good, bad)
-    crops = tmp_path / "crops"
-    for i in range(8):
-        (crops / f"id{i % 4}").mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(crops / f"id{i % 4}" / f"{i}.jpg"), crop(i % 4, i // 4))
-    (tmp_path / "pairs.txt").write_text("".join(f"id{k}/{k}.jpg id{k}/{k + 4}.jpg 1 {k % 2}\n"
-                                                f"id{k}/{k}.jpg id{(k + 1) % 4}/{(k + 1) % 4}.jpg 0 {k % 2}\n"
-                                                for k in range(4)))
+    crops, _ = crops_and_pairs(tmp_path)
     (tmp_path / "list.txt").write_text("id0/0.jpg\nid1/1.jpg\n")
     image = str(crops / "id0" / "0.jpg")
     argv = {
