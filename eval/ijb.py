@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -152,7 +153,8 @@ def read_template_pairs(path) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     path = Path(path)
     _require(path, "the template pairs")
     try:
-        with open(path, "r", encoding="utf-8", errors="replace") as fh:
+        with open(path, "r", encoding="utf-8", errors="replace") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": refused below, in one line
             data = np.loadtxt(fh, dtype=np.int64, ndmin=2, comments=None)
         ok = data.ndim == 2 and data.shape[1] == 3 and bool(np.isin(data[:, 2], (0, 1)).all())
     except ValueError:

@@ -147,7 +147,7 @@ def _feed(h, obj: Any, budget: Callable[[], None] = lambda: None) -> None:
 
 #: values a checksum visits at most: a checkpoint holds thousands; a file whose pickle repeats references to one
 #: list (10 references to a list of 10 references ... 9 levels deep: 10**9 values in a few hundred bytes) is refused
-MAX_DIGEST_VALUES = 5_000_000
+MAX_DIGEST_VALUES = 1_000_000
 
 
 class _Budget:

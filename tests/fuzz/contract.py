@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import io
 import json
 import os
 import re
@@ -210,6 +211,42 @@ def judge_in_process(target: Any, case: Path, sandbox: Path, names: Sequence[str
     return verdict
 
 
+def judge_cli_in_process(target: Any, case: Path, sandbox: Path, names: Sequence[str]) -> Verdict:
+    """The command line (``sphereface_plus.cli.main``) in this process, its output captured at the Python level
+    (for the seeds: it also warms up what the forked children then inherit, e.g. the first bf16 kernels)."""
+    import logging
+
+    from sphereface_plus.cli import main
+
+    before = snapshot(sandbox)
+    handlers = list(logging.getLogger().handlers)
+    out, err = io.StringIO(), io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        with working_dir(case), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                _alarm(IN_PROCESS_SECONDS):
+            try:
+                rc = main(list(target.argv(case)))
+            except SystemExit as exc:  # argparse
+                rc = exc.code if isinstance(exc.code, int) else 2
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: B902 - what main lets through is a traceback
+        verdict = _error_verdict(exc, names)
+        verdict.mode = "cli"
+    else:
+        verdict = judge_cli(rc, err.getvalue(), names, target.ok_status, out.getvalue())
+    finally:
+        for h in logging.getLogger().handlers[:]:  # a handler main added holds the captured stream
+            if h not in handlers:
+                logging.getLogger().removeHandler(h)
+    verdict.seconds = time.perf_counter() - t0
+    strays = stray_writes(before, snapshot(sandbox), target.allowed_outputs(case, sandbox))
+    if strays and not verdict.failed:
+        verdict = Verdict("fail", "stray-write", "; ".join(strays[:10]), seconds=verdict.seconds, mode="cli")
+    return verdict
+
+
 def _vm_kib(field_name: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -234,6 +271,14 @@ def _child(target: Any, case: Path, mode: str, out_dir: Path, names: Sequence[st
         f = os.open(out_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
         os.close(f)
+    # Python's streams onto those descriptors (under pytest they point at its capture files, not at 1 and 2)
+    sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), line_buffering=True, errors="backslashreplace")
+    sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), line_buffering=True, errors="backslashreplace")
+    import logging
+
+    for handler in logging.getLogger().handlers:  # a handler made before the fork writes to the old stream
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setStream(sys.stderr)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.alarm(HANG_SECONDS)
@@ -387,4 +432,4 @@ def judge_in_child(target: Any, case: Path, sandbox: Path, names: Sequence[str],
 
 
 __all__ = ["Verdict", "HANG_SECONDS", "MEMORY_LIMIT", "KIND_ORDER", "snapshot", "stray_writes", "judge_cli",
-           "judge_in_process", "judge_in_child", "names_a_file"]
+           "judge_cli_in_process", "judge_in_process", "judge_in_child", "names_a_file"]

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .contract import Verdict, judge_in_child, judge_in_process, one_thread, preload
+from .contract import Verdict, judge_cli_in_process, judge_in_child, judge_in_process, one_thread, preload
 from .targets import Case, Target
 
 #: reproducers written per failure signature (a systematic bug would otherwise write thousands)
@@ -169,8 +169,10 @@ def campaign(target: Target, *, count: Optional[int] = None, seconds: Optional[f
             if lane.in_process or i < len(seeds):  # the seeds always: children fork from a warmed-up reader
                 verdicts.append(judge_in_process(target, case_dir, sandbox, names))
                 report.in_process += 1
-                if verdicts[-1].failed:  # a reader that failed here may have left the case changed
-                    write_case(case, case_dir)
+                write_case(case, case_dir)  # as it was (a failed reader may have changed it)
+            if i < len(seeds) and target.argv(case_dir):  # and the seeds' command line, warming up its path too
+                verdicts.append(judge_cli_in_process(target, case_dir, sandbox, names))
+                write_case(case, case_dir)
             if lane.child_every and i % lane.child_every == 0:
                 modes = []
                 if lane.api_in_child or not (lane.cli and target.argv(case_dir)):
@@ -212,24 +214,49 @@ def _mutated(target: Target, rng: random.Random, case: Case, seeds: Sequence[Cas
     return target.mutate(rng, case, seeds)
 
 
-def replay(target: Target, folder: Path, cli: bool = True) -> List[Verdict]:
-    """Judge a reproducer folder again (in process, then in a child: the API and the command line)."""
+def warm_up(target: Target, seeds: Sequence[Case], root: Path) -> None:
+    """Read the first seed here, through the API and the command line, so that children forked afterwards start
+    with what a reader pays once per process (lazy imports, the first bf16 kernels) already paid."""
+    sandbox = root / "warm-up"
+    case_dir = sandbox / "case"
+    write_case(seeds[0], case_dir)
+    names = target.names(case_dir)
+    judge_in_process(target, case_dir, sandbox, names)
+    if target.argv(case_dir):
+        write_case(seeds[0], case_dir)
+        judge_cli_in_process(target, case_dir, sandbox, names)
+    shutil.rmtree(sandbox, ignore_errors=True)
+
+
+def prepare_warm(target: Target, context: Path) -> None:
+    """:meth:`Target.prepare` in ``context``, then :func:`warm_up` on its first seed (for replays)."""
+    preload()
+    warm_up(target, target.prepare(context), context.parent / f"{context.name}-warm")
+
+
+def replay(target: Target, folder: Path, cli: bool = True, context: Optional[Path] = None) -> List[Verdict]:
+    """Judge a reproducer folder again (in process, then in a child: the API and the command line).
+
+    ``context``: a folder :func:`prepare_warm` already prepared the target in (replays of one target share it)."""
     case: Case = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")
                   if p.is_file() and p.name != "failure.txt"}
     root = Path(tempfile.mkdtemp(prefix=f"fuzz-replay-{target.name}-"))
-    preload()
     try:
-        target.prepare(root / "context")
+        if context is None:
+            prepare_warm(target, root / "context")
+        else:
+            target.context = context
         sandbox = root / "sandbox"
         case_dir = sandbox / "case"
         write_case(case, case_dir)
         names = target.names(case_dir)
-        out = [judge_in_process(target, case_dir, sandbox, names)]
-        write_case(case, case_dir)
-        out.append(judge_in_child(target, case_dir, sandbox, names, "api"))
-        if cli and target.argv(case_dir):
+        with one_thread():
+            out = [judge_in_process(target, case_dir, sandbox, names)]
             write_case(case, case_dir)
-            out.append(judge_in_child(target, case_dir, sandbox, names, "cli"))
+            out.append(judge_in_child(target, case_dir, sandbox, names, "api"))
+            if cli and target.argv(case_dir):
+                write_case(case, case_dir)
+                out.append(judge_in_child(target, case_dir, sandbox, names, "cli"))
         return out
     finally:
         shutil.rmtree(root, ignore_errors=True)

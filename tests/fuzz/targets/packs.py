@@ -95,7 +95,7 @@ class BinPack(Target):
         images, issame = load_bin_pack(case / "pack.bin")
         if images:
             check_pack_size(LoadedPack("pack", case / "pack.bin", images, issame), (112, 96))
-        data = EncodedImages(images, (112, 96))
+        data = EncodedImages(images, (112, 96), case / "pack.bin")
         return images, issame, [data[i].shape for i in range(len(data))]
 
     def check(self, result: Any, case: Path) -> Optional[str]:
@@ -142,7 +142,6 @@ def _record_offsets(rec: bytes) -> List[int]:
 class RecordIO(Target):
     name = "recordio"
     reader = "data_prep.datasets.RecordIODataset (insightface train.rec + train.idx)"
-    weight = 1.5
 
     def seeds(self, context: Path) -> List[Case]:
         imgs = [encode(crop(i % 3, i // 3, "112x112"), ".jpg") for i in range(6)]
@@ -181,7 +180,6 @@ class Packed(Target):
     name = "packed"
     reader = "data_prep.packed.PackedReader + datasets.PackedDataset (packed.npy + packed.json); check"
     ok_status = (0, 1)  # check: 1 with a BAD line for a damaged pack (its report, not an error)
-    weight = 1.5
 
     def seeds(self, context: Path) -> List[Case]:
         import tempfile
