@@ -209,3 +209,89 @@ def test_a_yaml_alias_bomb_is_refused_in_a_moment(tmp_path):
     (tmp_path / "deep.yaml").write_text("[" * 100_000)
     with pytest.raises(ConfigError, match="deep.yaml"):
         load_config(str(tmp_path / "deep.yaml"))
+
+
+# ------------------------------------------- reproducers too large to store as files, rebuilt from the seeds
+@pytest.mark.parametrize("change", ["blocks", "embedding", "kwargs-type", "builder-value", "config-type", "laughs"])
+def test_a_checkpoint_config_the_weights_cannot_justify_is_refused(change, tmp_path):
+    """The campaign's checkpoint reproducers (2 MB each): a config asking for a network far larger than the file
+    (it used to be built: 2 TB asked of the allocator), values the builder rejects with ValueError, config
+    entries of the wrong type, and a billion-laughs structure under a kept checksum: one CheckpointError each,
+    before anything large is allocated."""
+    from eval.features import load_embedding_model
+    from fuzz.mutate import wide_alias
+    from fuzz.targets.common import checkpoint_bytes, tiny_checkpoint_state
+    from sphereface_plus.errors import CheckpointError
+
+    state = tiny_checkpoint_state()
+    model = state["config"]["model"]
+    if change == "blocks":
+        model["kwargs"] = {"scale": 1, "blocks": [1000, 1000, 1000, 1000]}
+    elif change == "embedding":
+        model["embedding_dim"] = 10 ** 9
+    elif change == "kwargs-type":
+        model["kwargs"] = {"scale": ""}
+    elif change == "builder-value":
+        model["kwargs"] = {"blocks": []}
+    elif change == "config-type":
+        state["config"] = dict(state["config"], data=7)
+    else:
+        state["config"]["notes"] = wide_alias(9)
+    path = tmp_path / "model.pt"
+    path.write_bytes(checkpoint_bytes(state) if change != "laughs" else _keep_digest(state))
+    with pytest.raises(CheckpointError, match="model.pt"):
+        load_embedding_model(path)
+
+
+def _keep_digest(state) -> bytes:
+    """``state`` saved with the digest of the tiny model's intact state (computing its own would not end)."""
+    import io
+
+    import torch
+
+    from fuzz.targets.common import tiny_checkpoint_state
+    from sphereface_plus.engine.checkpoint import INTEGRITY_KEY, state_digest
+
+    buf = io.BytesIO()
+    torch.save({**state, INTEGRITY_KEY: {"algorithm": "sha256", "digest": state_digest(tiny_checkpoint_state())}}, buf)
+    return buf.getvalue()
+
+
+def test_megaface_export_writes_nothing_outside_its_folder(tmp_path, monkeypatch):
+    """A list entry '../x.jpg' made ``megaface export`` write --out/../x.jpg_sphereface.bin: refused now, before
+    anything is written (the list names the file and the entry)."""
+    from fuzz.targets.common import checkpoint_bytes, crops_and_pairs, tiny_checkpoint_state
+    from sphereface_plus.cli import main
+
+    crops, _ = crops_and_pairs(tmp_path)
+    (tmp_path / "model.pt").write_bytes(checkpoint_bytes(tiny_checkpoint_state()))
+    (crops / "id0" / "x.jpg").write_bytes((crops / "id0" / "0.jpg").read_bytes())
+    (tmp_path / "list.txt").write_text("id0/0.jpg\nid0/../id0/x.jpg\n")
+    monkeypatch.chdir(tmp_path)
+    before = contract.snapshot(tmp_path)
+    assert main(["megaface", "export", "--checkpoint", "model.pt", "--list", "list.txt", "--root", str(crops),
+                 "--out", "feats/sub", "--workers", "0"]) == 2
+    assert contract.stray_writes(before, contract.snapshot(tmp_path), []) == []
+
+
+def test_caffe_margin_settings_and_mhe_gan_step_are_checked(tmp_path):
+    """Found while writing those targets (their seeds are 30-45 MB): a negative A-Softmax lambda_min in fc6 raised
+    the head's ValueError; a NaN global_step in an MHE-GAN bundle raised int()'s."""
+    from fuzz.targets.models import _bundle
+    from sphereface_plus.errors import CheckpointError
+    from sphereface_plus.importers.caffe import import_caffe
+    from sphereface_plus.importers.mhe_gan import import_mhe_gan
+    from test_import import caffe_weights, mhe_gan_variables, release_prototxt, write_caffemodel
+
+    text = release_prototxt((0, 0, 0, 0), margin=5)
+    bad = text.replace("lambda_min: 5", "lambda_min: -5")
+    (tmp_path / "net.prototxt").write_text(text)
+    write_caffemodel(tmp_path / "w.caffemodel", bad, caffe_weights((0, 0, 0, 0), classes=5))
+    with pytest.raises(CheckpointError, match="w.caffemodel.*fc6"):
+        import_caffe(tmp_path / "net.prototxt", tmp_path / "w.caffemodel")
+    variables = mhe_gan_variables()
+    variables["global_step"] = np.array(float("nan"), np.float32)
+    for name, data in _bundle(variables).items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(CheckpointError, match="global_step"):
+        import_mhe_gan(tmp_path / "model.ckpt-7")

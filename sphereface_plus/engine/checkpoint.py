@@ -262,7 +262,11 @@ def verify_integrity(state: Dict[str, Any], path: Any = "the checkpoint") -> boo
     stored = state.get(INTEGRITY_KEY)
     if not isinstance(stored, dict) or "digest" not in stored:
         return False
-    if stored.get("algorithm", "sha256") != "sha256" or stored["digest"] != state_digest(state):
+    try:
+        digest = state_digest(state)
+    except CheckpointError as exc:  # a structure no checkpoint has: the file is named here
+        raise CheckpointError(f"{str(path)!r}: {exc}") from None
+    if stored.get("algorithm", "sha256") != "sha256" or stored["digest"] != digest:
         raise CheckpointError(f"{str(path)!r} failed its checksum: the file changed after it was written (a damaged "
                               "disk, an interrupted copy, an edit); use an earlier checkpoint (--resume auto falls "
                               "back to the newest good one by itself)")
