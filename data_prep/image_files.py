@@ -234,10 +234,9 @@ def check_image_header(data: bytes, name: Optional[str] = None) -> Tuple[int, in
         raise InputFileError(f"{where}corrupt {kind} data: its header says {width}x{height} pixels")
     limit = max_image_pixels()
     if width * height > limit:
-        raise InputFileError(f"{where}a {width}x{height} {kind} ({width * height / 1e6:.1f} megapixels) is over the "
-                             f"limit of {limit / 1e6:g} megapixels; refused before decoding (a face crop is 112x96, "
-                             f"a photo a few megapixels; raise the limit with {MAX_PIXELS_ENV}=<pixels> for a larger "
-                             "genuine image)")
+        raise InputFileError(f"{where}a {width}x{height} {kind} ({width * height:,} pixels) is over the limit of "
+                             f"{limit:,} pixels; refused before decoding (a face crop is 112x96, a photo a few "
+                             f"megapixels; raise the limit with {MAX_PIXELS_ENV}=<pixels> for a larger genuine image)")
     return width, height
 
 
