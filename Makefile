@@ -4,7 +4,7 @@
 #   make test   set up .venv and run the test suite
 #   make docs   build the documentation site into site/ (mkdocs --strict: broken links fail)
 #   make fuzz   the long fuzz lane: every reader, FUZZ_SECONDS (default 120) per target, failing inputs
-#               written to fuzz-failures/<target>/<hash>/ (docs/robustness.md#fuzzing)
+#               written to fuzz-failures/<target>/<hash>/ (docs/fuzzing.md)
 # Both create the virtual environment themselves; rerunning them reuses it.
 
 PYTHON   ?= python3

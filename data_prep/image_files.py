@@ -10,15 +10,14 @@ simplejpeg, nvJPEG). The header is read first and an image of more than :func:`m
 refused before anything is allocated: a 100 KB PNG may claim 100,000 x 100,000 pixels, 30 GB to decode (a
 decompression bomb). The limit is :data:`DEFAULT_MAX_PIXELS` (40 megapixels: a 7,300 x 5,500 photo; a
 16-bit RGBA image of that size decodes in about 0.5 GB), changed with the environment variable
-:data:`MAX_PIXELS_ENV` (``SPHEREFACE_PLUS_MAX_IMAGE_PIXELS=100000000``); docs/robustness.md#images. A file
+:data:`MAX_PIXELS_ENV` (``SPHEREFACE_PLUS_MAX_IMAGE_PIXELS=100000000``); docs/fuzzing.md#image-pixel-limit. A file
 whose size cannot be read from its header (truncated, or a format outside the list above) is refused too.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
-from typing import Iterator, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 __all__ = ["IMAGE_EXTENSIONS", "is_image_file", "DEFAULT_MAX_PIXELS", "MAX_PIXELS_ENV", "max_image_pixels",
            "image_size", "check_image_header", "decode_image", "read_image_file"]
@@ -204,8 +203,11 @@ _SIGNATURES = ((b"\xff\xd8\xff", "JPEG", _jpeg), (b"\x89PNG\r\n\x1a\n", "PNG", _
 def image_size(data: bytes) -> Tuple[str, Optional[Tuple[int, int]]]:
     """``(format, (width, height))`` from the header of an encoded image; ``(format, None)`` when its header
     is cut short or damaged, ``("", None)`` for content that is none of the formats the toolkit reads."""
-    data = bytes(data)
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    if data[:3] == b"\xff\xd8\xff":  # the common case first
+        kind, reader = "JPEG", _jpeg
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         kind, reader = "WebP", _webp
     else:
         kind, reader = next(((k, r) for sig, k, r in _SIGNATURES if data.startswith(sig)), ("", None))
@@ -240,31 +242,30 @@ def check_image_header(data: bytes, name: Optional[str] = None) -> Tuple[int, in
     return width, height
 
 
-@contextlib.contextmanager
-def _quiet_decoder() -> Iterator[None]:
+class _QuietDecoder:
     """OpenCV's log and the C libraries' own messages ("libpng error: ...", "Corrupt JPEG data: ...") off for one
     decode: the toolkit reports what failed in its own one line, and a second ``error:`` line from libpng would
-    contradict it. File descriptor 2 points at /dev/null meanwhile (a few microseconds)."""
-    import cv2
+    contradict it. File descriptor 2 points at /dev/null meanwhile (four system calls)."""
 
-    if _QUIET["level"] is None:
-        _QUIET["level"] = cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr at all: nothing to hide
-        yield
-        return
-    try:
-        if _QUIET["null"] is None:
-            _QUIET["null"] = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(_QUIET["null"], 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    null: Optional[int] = None
 
+    def __enter__(self) -> None:
+        if _QuietDecoder.null is None:
+            import cv2
 
-_QUIET: dict = {"level": None, "null": None}
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+            _QuietDecoder.null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            self.saved: Optional[int] = os.dup(2)
+        except OSError:  # no stderr at all: nothing to hide
+            self.saved = None
+            return
+        os.dup2(_QuietDecoder.null, 2)
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
 
 
 def decode_image(data: bytes, flags: Optional[int] = None, name: Optional[str] = None):
@@ -277,7 +278,7 @@ def decode_image(data: bytes, flags: Optional[int] = None, name: Optional[str] =
     import numpy as np
 
     check_image_header(data, name)
-    with _quiet_decoder():
+    with _QuietDecoder():
         try:
             image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR if flags is None else flags)
         except cv2.error:  # OpenCV raises for some damaged files instead of returning None

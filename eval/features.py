@@ -401,8 +401,11 @@ def load_features_npz(path) -> Tuple[list, np.ndarray]:
             if missing:
                 raise InputFileError(f"{path} lacks {sorted(missing)}; it needs 'paths' (N relative image paths) "
                                  f"and 'features' (N x D)")
-            paths = [str(p) for p in z["paths"]]
-            feats = np.asarray(z["features"])
+            names, feats = z["paths"], np.asarray(z["features"])
+            if names.ndim != 1:
+                raise InputFileError(f"{path}: 'paths' must be a list of N relative image paths, got an array of "
+                                     f"shape {names.shape}")
+            paths = [str(p) for p in names]
     except InputFileError:
         raise
     except ValueError as e:

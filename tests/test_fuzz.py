@@ -1,4 +1,4 @@
-"""The quick fuzz lane (``make test``; docs/robustness.md#fuzzing): every reader of a user's file against a few
+"""The quick fuzz lane (``make test``; docs/fuzzing.md): every reader of a user's file against a few
 hundred seeded mutations of valid seeds, with the contract judged for each input; the reproducers of every bug
 the campaigns found, replayed; and the harness itself shown to catch each kind of failure.
 

@@ -1,4 +1,4 @@
-"""The contract every reader is held to, judged for one input (docs/robustness.md#fuzzing).
+"""The contract every reader is held to, judged for one input (docs/fuzzing.md#fuzz-contract).
 
 For every input a reader either returns a valid result or refuses it with the toolkit's error type
 (:class:`~sphereface_plus.errors.ToolkitError`; through the command line: exit status 2 and one

@@ -30,7 +30,7 @@ MAX_REPRODUCERS_PER_SIGNATURE = 20
 
 @dataclass
 class Report:
-    """What a campaign found, for the reliability table (``docs/robustness.md#fuzzing``)."""
+    """What a campaign found, for the reliability table (``docs/fuzzing.md#reliability``)."""
 
     target: str
     reader: str

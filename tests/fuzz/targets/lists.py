@@ -267,10 +267,11 @@ class YamlRecipe(Target):
     weight = 2.0
 
     def seeds(self, context: Path) -> List[Case]:
-        root = Path(__file__).resolve().parents[3] / "configs"
+        root = Path(__file__).resolve().parents[3] / "configs"  # the repository's own recipes (any sub-folder)
         picks = ("cpu_smoke.yaml", "sphereface20_casia.yaml", "spherefaceplus20_casia.yaml",
                  "arcface_sfnet20_vggface2.yaml", "demo.yaml")
-        return [{"recipe.yaml": (root / p).read_bytes()} for p in picks if (root / p).is_file()]
+        found = [next(iter(sorted(root.rglob(p))), None) for p in picks]
+        return [{"recipe.yaml": f.read_bytes()} for f in found if f is not None]
 
     def mutate(self, rng: random.Random, case: Case, seeds: Sequence[Case]) -> Case:
         import yaml
