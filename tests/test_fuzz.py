@@ -199,7 +199,8 @@ def test_image_sizes_from_the_header_match_the_decoded_images():
 
 def test_a_yaml_alias_bomb_is_refused_in_a_moment(tmp_path):
     """Nine levels of ten aliases (10**9 values in 300 bytes) and 100,000 nested brackets: one line each."""
-    from sphereface_plus.config import ConfigError, load_config
+    from sphereface_plus.config import ConfigError
+    from sphereface_plus.face.config import load_config
 
     bomb = "a: &a [" + "x," * 10 + "]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(9))

@@ -23,8 +23,8 @@ __all__ = ["CLASSIFIER_MODES", "classifier_mhe"]
 CLASSIFIER_MODES = ("batch_vs_all", "batch_unique", "full", "caffe_among")
 
 
-def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    labels = check_labels(labels, None, num_classes)
+def _check_labels(labels: torch.Tensor, num_classes: int, check_range: bool = True) -> torch.Tensor:
+    labels = check_labels(labels, None, num_classes, check_range=check_range)
     if labels.numel() == 0:
         raise ValueError("labels is empty: classifier_mhe needs at least one sample")
     return labels
@@ -39,6 +39,7 @@ def classifier_mhe(
     check_finite: bool = True,
     replicas: int = 1,
     variant: str = "mhe",
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """The SphereFace+ MHE term on classifier weights ``C x d`` (``docs/theory.md#classifier-mhe-modes``).
 
@@ -66,7 +67,8 @@ def classifier_mhe(
         averages them (Caffe's multi-GPU all-reduce divides the summed diffs by the number of GPUs): the
         released recipe ran 2 GPUs x 256, and D, hence the diff, depends on the per-GPU batch.
 
-    ``check_finite``: as in :func:`mhe_energy`. ``replicas``: only for ``caffe_among``. ``variant``:
+    ``check_finite``: as in :func:`mhe_energy`; ``check_labels=False`` leaves out the labels' range check
+    (labels their owner checked already, without a host sync). ``replicas``: only for ``caffe_among``. ``variant``:
     ``'mhe'`` (default, the MHE reference code's kernels) or ``'opensphere_v0'`` (OpenSphere_v0's
     SphereFace+: unit rows, cosine clamped at 1e-5, kernels on theta itself; batch modes only; see
     :data:`~sphereface_plus.mhe.kernels.MHE_VARIANTS`, docs/theory.md#sphereface-plus-v0).
@@ -84,12 +86,12 @@ def classifier_mhe(
     num_classes = weight.shape[0]
     if mode == "full":
         if labels is not None:
-            _check_labels(labels, num_classes)
+            _check_labels(labels, num_classes, check_labels)
         return mhe_energy(weight, power, half_space=False, block_size=block_size or _default_block(num_classes),
                           check_finite=check_finite)
     if labels is None:
         raise ValueError(f"classifier_mhe mode {mode!r} needs the batch labels")
-    labels = _check_labels(labels, num_classes).to(weight.device)
+    labels = _check_labels(labels, num_classes, check_labels).to(weight.device)
     if replicas != 1 and mode != "caffe_among":
         raise ValueError(f"replicas={replicas!r} is only for mode 'caffe_among' (got mode {mode!r})")
     if mode == "caffe_among":

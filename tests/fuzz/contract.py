@@ -325,9 +325,10 @@ def _child(target: Any, case: Path, mode: str, out_dir: Path, names: Sequence[st
 
 #: what the readers and commands import: loaded once before the first fork, so a child starts at once
 PRELOAD = ("torch", "cv2", "yaml", "onnx", "onnxruntime", "google.protobuf.text_format", "sphereface_plus.cli",
-           "sphereface_plus.apps.train", "sphereface_plus.apps.import_weights", "sphereface_plus.apps.check",
+           "sphereface_plus.commands.train", "sphereface_plus.commands.import_weights", "sphereface_plus.commands.check",
+           "sphereface_plus.commands.verify", "sphereface_plus.commands.megaface", "sphereface_plus.commands.compare",
            "sphereface_plus.importers.caffe", "sphereface_plus.importers.tf_bundle", "sphereface_plus.importers.mhe_gan",
-           "sphereface_plus.importers.foreign_onnx", "sphereface_plus.engine.checkpoint", "eval.verify_command",
+           "sphereface_plus.importers.foreign_onnx", "sphereface_plus.engine.checkpoint", "sphereface_plus.face.config",
            "eval.features", "eval.pairs", "eval.packs", "eval.ijb", "eval.megaface", "eval.embedder", "eval.export",
            "eval.onnx_model", "eval.lfw", "eval.report", "eval.pack_bin", "data_prep.prepare", "data_prep.datasets",
            "data_prep.packed", "data_prep.jpeg", "data_prep.landmarks", "sklearn.metrics")

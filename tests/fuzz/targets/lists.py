@@ -295,7 +295,8 @@ class YamlRecipe(Target):
         return {"recipe.yaml": mutate_text(rng, data, [s["recipe.yaml"] for s in seeds])}
 
     def run(self, case: Path) -> Any:
-        from sphereface_plus.config import config_to_yaml, load_config
+        from sphereface_plus.config import config_to_yaml
+        from sphereface_plus.face.config import load_config
 
         cfg = load_config(str(case / "recipe.yaml"))
         return config_to_yaml(cfg)
