@@ -154,8 +154,10 @@ def run(args: argparse.Namespace) -> int:
     """The command; a :class:`~sphereface_plus.errors.ToolkitError` is turned into one ``error:`` line
     by the caller (:func:`sphereface_plus.cli.main`, or :func:`sphereface_plus.cli.run_guarded`)."""
     cfg = load_config(args.config, args.overrides)
+    with naming_recipe(args.config):  # a data section its owner refuses is traced to the recipe
+        resolved = resolve_recipe(cfg)
     if args.print_config:  # the values in force: the head's defaults, the input size of the template
-        print(config_to_yaml(resolve_recipe(cfg).config), end="")
+        print(config_to_yaml(resolved.config), end="")
         return 0
     summary = train(cfg, resume=args.resume)
     if summary["final"] and is_rank0():
