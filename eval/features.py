@@ -9,6 +9,7 @@ bf16), under bfloat16 autocast with NHWC tensors; features are always returned f
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import zipfile
 from pathlib import Path
@@ -295,6 +296,32 @@ def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Te
     return dict(state)
 
 
+#: parts (submodules) a network may have per tensor its checkpoint stores: each part with weights holds one
+#: tensor at least, and activations, pools and containers come a few per such part
+PARTS_PER_TENSOR = 8
+
+
+@contextlib.contextmanager
+def _parts_bound(tensors: int, path):
+    """Stop building a network once it has more submodules than ``tensors`` stored tensors can justify (a config
+    whose block count was changed to 10**30 would otherwise be built, part by part, on the meta device for hours)."""
+    from torch.nn.modules.module import register_module_module_registration_hook
+
+    limit, count = PARTS_PER_TENSOR * tensors + 64, [0]
+
+    def hook(module, name, submodule):
+        count[0] += 1
+        if count[0] > limit:
+            raise CheckpointError(f"{path}: its config describes a network of more than {limit} parts, which the "
+                                  f"{tensors} tensors the file stores cannot fill; the checkpoint is damaged")
+
+    handle = register_module_module_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def load_embedding_model(path, device="cpu"):
     """Build the backbone described by a training checkpoint (docs/interfaces.md) and load its weights.
 
@@ -324,8 +351,10 @@ def load_embedding_model(path, device="cpu"):
         raise CheckpointError(f"{path} is not a valid checkpoint (not written by this toolkit): missing or wrong {e} "
                               f"(expected keys model, config[model][backbone], config[model][input_size])") from None
     try:  # any registered backbone, with the input size, embedding_dim and model.kwargs it was trained with
-        with torch.device("meta"):  # first on the meta device (nothing allocated): how many weights it has
+        with torch.device("meta"), _parts_bound(len(state), path):  # first on the meta device (nothing allocated)
             size = sum(t.numel() for t in backbone_from_config(cfg["model"]).state_dict().values())
+    except CheckpointError:
+        raise
     except (UsageError, TypeError, ValueError) as e:  # e.g. a backbone this version of the toolkit does not have
         raise CheckpointError(f"{path}: its config names a network this toolkit cannot build: {e}") from None
     if size > path.stat().st_size:  # each weight takes a byte of the file at least: the config was changed

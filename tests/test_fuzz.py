@@ -213,10 +213,12 @@ def test_a_yaml_alias_bomb_is_refused_in_a_moment(tmp_path):
 
 
 # ------------------------------------------- reproducers too large to store as files, rebuilt from the seeds
-@pytest.mark.parametrize("change", ["blocks", "embedding", "kwargs-type", "builder-value", "config-type", "laughs"])
+@pytest.mark.parametrize("change", ["blocks", "block-count", "embedding", "kwargs-type", "builder-value", "config-type",
+                                    "laughs"])
 def test_a_checkpoint_config_the_weights_cannot_justify_is_refused(change, tmp_path):
     """The campaign's checkpoint reproducers (2 MB each): a config asking for a network far larger than the file
-    (it used to be built: 2 TB asked of the allocator), values the builder rejects with ValueError, config
+    (it used to be built: 2 TB asked of the allocator; a block count of 10**30 was built part by part on the meta
+    device until the 10 s limit), values the builder rejects with ValueError, config
     entries of the wrong type, and a billion-laughs structure under a kept checksum: one CheckpointError each,
     before anything large is allocated."""
     from eval.features import load_embedding_model
@@ -228,6 +230,8 @@ def test_a_checkpoint_config_the_weights_cannot_justify_is_refused(change, tmp_p
     model = state["config"]["model"]
     if change == "blocks":
         model["kwargs"] = {"scale": 1, "blocks": [1000, 1000, 1000, 1000]}
+    elif change == "block-count":
+        model["kwargs"] = {"scale": 1, "blocks": [1, 1, 1, 10 ** 30]}
     elif change == "embedding":
         model["embedding_dim"] = 10 ** 9
     elif change == "kwargs-type":

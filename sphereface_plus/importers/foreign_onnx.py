@@ -54,6 +54,12 @@ def read_onnx(path):
         model = onnx.load(str(path))
     except Exception as e:  # protobuf's DecodeError and friends
         raise CheckpointError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
+    graph = model.graph
+    names = [v.name for v in (*graph.input, *graph.output, *graph.initializer)]
+    names += [n for node in graph.node for n in (*node.input, *node.output)]
+    bad = next((n for n in names if not isinstance(n, str)), None)  # protobuf hands invalid UTF-8 back as bytes
+    if bad is not None:
+        raise InputFileError(f"{path}: the tensor name {bad[:40]!r} is not UTF-8 text; ONNX names are UTF-8 strings")
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
