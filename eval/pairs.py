@@ -286,14 +286,19 @@ def load_bin_pack(path) -> Tuple[List[bytes], np.ndarray]:
 
 
 def save_bin_pack(path, images: Sequence[bytes], issame: Sequence[bool], protocol: int = 4) -> None:
-    """Write a pack in the insightface layout (for tests and for exporting a pairs set)."""
+    """Write a pack in the insightface layout (for tests and for exporting a pairs set).
+
+    Every slot is stored in full, as insightface's packs store them, even when two pairs share an image:
+    pickle would otherwise write one object and references to it, which :func:`load_bin_pack` refuses (a
+    pack's images must fit in its file)."""
     import pickle
 
     from sphereface_plus.utils import atomic_write_bytes
 
     if len(images) != 2 * len(issame):
         raise ValueError(f"{len(images)} images for {len(issame)} pairs")
-    atomic_write_bytes(path, pickle.dumps(([bytes(b) for b in images], [bool(s) for s in issame]), protocol=protocol))
+    payload = ([bytes(bytearray(b)) for b in images], [bool(s) for s in issame])  # bytearray: a copy per slot
+    atomic_write_bytes(path, pickle.dumps(payload, protocol=protocol))
 
 
 def bin_pack_pairs(issame: np.ndarray, num_folds: int = 10) -> List[Pair]:
