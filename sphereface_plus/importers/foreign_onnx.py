@@ -148,4 +148,7 @@ def convert_onnx(model, pre: Preprocessing, metadata: Dict[str, str], where: str
         onnx.checker.check_model(out)
     except onnx.checker.ValidationError as e:
         raise InputFileError(f"{where}: the rewritten graph does not validate ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:  # a node name, op type or attribute text protobuf kept as raw bytes
+        raise InputFileError(f"{where}: a text in the graph is not UTF-8 (byte {e.start}: {e.reason}); ONNX texts "
+                             "are UTF-8 strings") from None
     return out.SerializeToString()
