@@ -263,7 +263,7 @@ class Ijb(Target):
 
 class YamlRecipe(Target):
     name = "yaml"
-    reader = "sphereface_plus.config.load_config (YAML recipes); train --print-config"
+    reader = "sphereface_plus.face.config.load_config (YAML face recipes); train --print-config"
     weight = 2.0
 
     def seeds(self, context: Path) -> List[Case]:
