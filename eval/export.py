@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.image_files import IMAGE_EXTENSIONS
+from data_prep.image_files import IMAGE_EXTENSIONS, read_image_file
 from eval.onnx_model import format_size
 from sphereface_plus.export_format import (EMBEDDING_OUTPUT, FEATURE_OUTPUT, FLIP_KEY, FLIP_POLICY, FORMAT_KEY,
                                            FORMAT_VERSION, INPUT_NAME, PREPROCESSING, TORCHSCRIPT_META)
@@ -107,8 +107,6 @@ def synthetic_crops(template: str, count: int, seed: int = SYNTHETIC_SEED) -> Li
 
 def folder_crops(folder, input_size: Tuple[int, int], count: int) -> List[np.ndarray]:
     """The first ``count`` images (sorted relative paths) under ``folder``, checked against the model size."""
-    import cv2
-
     from eval.features import fit_crop
 
     folder = Path(folder)
@@ -121,7 +119,7 @@ def folder_crops(folder, input_size: Tuple[int, int], count: int) -> List[np.nda
                              f"of aligned crops (sphereface-plus align writes them)")
     crops = []
     for p in files:
-        image = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        image = read_image_file(p)  # BGR; the pixel limit checked from the header
         if image is None:
             raise InputFileError(f"--check-images: cannot read {p} (not an image); remove it or choose another folder")
         try:

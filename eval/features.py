@@ -9,6 +9,7 @@ bf16), under bfloat16 autocast with NHWC tensors; features are always returned f
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import zipfile
 from pathlib import Path
@@ -75,10 +76,10 @@ class ImageFiles(Dataset):
 
     def crop(self, i: int) -> np.ndarray:
         """Image ``i`` as the network sees it before normalisation: the aligned BGR uint8 crop."""
-        import cv2
+        from data_prep.image_files import read_image_file
 
         rel = self.rel_paths[i]
-        image = cv2.imread(str(self.root / rel), cv2.IMREAD_COLOR)
+        image = read_image_file(self.root / rel)  # BGR; the pixel limit checked from the header
         if image is None:
             raise InputFileError(f"cannot read image {self.root / rel} (missing or not an image)")
         if self.landmarks is not None:
@@ -92,23 +93,25 @@ class ImageFiles(Dataset):
 
 
 class EncodedImages(Dataset):
-    """Encoded images (JPEG/PNG bytes, e.g. from an insightface pack), already aligned."""
+    """Encoded images (JPEG/PNG bytes, e.g. from an insightface pack ``source``), already aligned."""
 
-    def __init__(self, images: Sequence[bytes], input_size: Optional[Tuple[int, int]] = None):
+    def __init__(self, images: Sequence[bytes], input_size: Optional[Tuple[int, int]] = None, source: str = "pack"):
         self.images = images
         self.input_size = tuple(input_size) if input_size is not None else None
+        self.source = str(source)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def crop(self, i: int) -> np.ndarray:
         """Image ``i`` decoded and fitted to the model's size (BGR uint8)."""
-        import cv2
+        from data_prep.image_files import decode_image
 
-        image = cv2.imdecode(np.frombuffer(self.images[i], dtype=np.uint8), cv2.IMREAD_COLOR)
+        name = f"{self.source}: image {i}"
+        image = decode_image(self.images[i], name=name)  # BGR; the pixel limit checked from the header
         if image is None:
-            raise InputFileError(f"pack image {i} cannot be decoded")
-        return fit_crop(image, self.input_size, f"pack image {i}")
+            raise InputFileError(f"{name} cannot be decoded")
+        return fit_crop(image, self.input_size, name)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return preprocess(self.crop(i))
@@ -316,6 +319,32 @@ def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Te
     return dict(state)
 
 
+#: parts (submodules) a network may have per tensor its checkpoint stores: each part with weights holds one
+#: tensor at least, and activations, pools and containers come a few per such part
+PARTS_PER_TENSOR = 8
+
+
+@contextlib.contextmanager
+def _parts_bound(tensors: int, path):
+    """Stop building a network once it has more submodules than ``tensors`` stored tensors can justify (a config
+    whose block count was changed to 10**30 would otherwise be built, part by part, on the meta device for hours)."""
+    from torch.nn.modules.module import register_module_module_registration_hook
+
+    limit, count = PARTS_PER_TENSOR * tensors + 64, [0]
+
+    def hook(module, name, submodule):
+        count[0] += 1
+        if count[0] > limit:
+            raise CheckpointError(f"{path}: its config describes a network of more than {limit} parts, which the "
+                                  f"{tensors} tensors the file stores cannot fill; the checkpoint is damaged")
+
+    handle = register_module_module_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def load_embedding_model(path, device="cpu"):
     """Build the backbone described by a training checkpoint (docs/interfaces.md) and load its weights.
 
@@ -328,27 +357,35 @@ def load_embedding_model(path, device="cpu"):
         from eval.onnx_model import load_onnx_model
 
         return load_onnx_model(path, device=device)
+    from sphereface_plus.engine.checkpoint import read_checkpoint
     from sphereface_plus.errors import UsageError
     from sphereface_plus.models import backbone_from_config
-    from sphereface_plus.utils import safe_torch_load
 
     path = Path(path)
-    ckpt = safe_torch_load(path, map_location="cpu")  # MissingFileError / CheckpointError
+    ckpt = read_checkpoint(path, map_location="cpu")  # MissingFileError / CheckpointError, checksum verified
     try:
         cfg = ckpt["config"]
         name = cfg["model"]["backbone"]
         input_size = tuple(int(v) for v in cfg["model"]["input_size"])
         template = cfg.get("data", {}).get("template", "112x96")
         state = ckpt["model"]
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a valid checkpoint (not written by this toolkit): missing {e} "
+        state = strip_module_prefix(state)
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a valid checkpoint (not written by this toolkit): missing or wrong {e} "
                               f"(expected keys model, config[model][backbone], config[model][input_size])") from None
     try:  # any registered backbone, with the input size, embedding_dim and model.kwargs it was trained with
-        model = backbone_from_config(cfg["model"])
-    except UsageError as e:  # e.g. a backbone this version of the toolkit does not have
+        with torch.device("meta"), _parts_bound(len(state), path):  # first on the meta device (nothing allocated)
+            size = sum(t.numel() for t in backbone_from_config(cfg["model"]).state_dict().values())
+    except CheckpointError:
+        raise
+    except (UsageError, TypeError, ValueError) as e:  # e.g. a backbone this version of the toolkit does not have
         raise CheckpointError(f"{path}: its config names a network this toolkit cannot build: {e}") from None
+    if size > path.stat().st_size:  # each weight takes a byte of the file at least: the config was changed
+        raise CheckpointError(f"{path}: its config asks for a {name} of {size} weights, more than the file's "
+                              f"{path.stat().st_size} bytes hold; the checkpoint is damaged")
+    model = backbone_from_config(cfg["model"])
     try:
-        model.load_state_dict(strip_module_prefix(state))
+        model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: the stored weights do not fit the {name} backbone its config names "
@@ -414,8 +451,11 @@ def load_features_npz(path) -> Tuple[list, np.ndarray]:
             if missing:
                 raise InputFileError(f"{path} lacks {sorted(missing)}; it needs 'paths' (N relative image paths) "
                                  f"and 'features' (N x D)")
-            paths = [str(p) for p in z["paths"]]
-            feats = np.asarray(z["features"])
+            names, feats = z["paths"], np.asarray(z["features"])
+            if names.ndim != 1:
+                raise InputFileError(f"{path}: 'paths' must be a list of N relative image paths, got an array of "
+                                     f"shape {names.shape}")
+            paths = [str(p) for p in names]
     except InputFileError:
         raise
     except ValueError as e:
@@ -427,4 +467,11 @@ def load_features_npz(path) -> Tuple[list, np.ndarray]:
         raise InputFileError(f"{path} is not a readable .npz of features ({type(e).__name__})") from None
     if feats.ndim != 2 or feats.shape[0] != len(paths):
         raise InputFileError(f"{path}: features must be N x D with N = {len(paths)} paths, got {feats.shape}")
+    if feats.dtype.kind not in "fiu":
+        raise InputFileError(f"{path}: features must be numbers, got dtype {feats.dtype}")
+    bad = ~np.isfinite(feats).all(axis=1) if feats.dtype.kind == "f" else np.zeros(len(feats), bool)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise InputFileError(f"{path}: {int(bad.sum())} feature rows hold NaN or infinite values (first: row {first}, "
+                             f"{paths[first]!r}); extract the features again")
     return paths, feats

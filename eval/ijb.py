@@ -41,6 +41,7 @@ its rows in any order. Everything after the embedding is vectorised numpy in flo
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -150,7 +151,8 @@ def read_template_pairs(path) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     path = Path(path)
     _require(path, "the template pairs")
     try:
-        with open(path, "r", encoding="utf-8", errors="replace") as fh:
+        with open(path, "r", encoding="utf-8", errors="replace") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": refused below, in one line
             data = np.loadtxt(fh, dtype=np.int64, ndmin=2, comments=None)
         ok = data.ndim == 2 and data.shape[1] == 3 and bool(np.isin(data[:, 2], (0, 1)).all())
     except ValueError:
@@ -160,6 +162,10 @@ def read_template_pairs(path) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise InputFileError(f"{path} cannot be read as 'template_id_1 template_id_2 label' lines")
     if data.shape[0] == 0:
         raise InputFileError(f"{path} lists no template pairs")
+    genuine = int(data[:, 2].sum())
+    if genuine in (0, data.shape[0]):  # the ROC and TAR@FAR need both kinds of pair
+        raise InputFileError(f"{path}: all {data.shape[0]} template pairs have label {data[0, 2]}; the 1:1 protocol "
+                             "needs genuine (1) and impostor (0) pairs")
     return data[:, 0].copy(), data[:, 1].copy(), data[:, 2].copy()
 
 

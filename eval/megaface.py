@@ -127,15 +127,28 @@ def read_features(out_dir, rel_paths: Sequence[str], suffix: str = DEFAULT_SUFFI
 
         raise MissingFileError(describe_missing(missing, len(files), f"in {out_dir}",
                                                  "run 'sphereface-plus megaface export' for this list first"))
-    return np.stack([read_feature(f) for f in progress(files, desc=desc, unit="file")])
+    return _stack(files, [read_feature(f) for f in progress(files, desc=desc, unit="file")])
 
 
-def iter_feature_chunks(out_dir, rel_paths: Sequence[str], suffix: str, chunk: int) -> Iterator[np.ndarray]:
-    """Features of ``rel_paths`` ``chunk`` files at a time (bounded memory for 1M distractors)."""
+def _stack(files: Sequence[Path], vectors: List[np.ndarray], dim: Optional[int] = None) -> np.ndarray:
+    """``N x D`` of one feature per file; a file of another length than the first (or than ``dim``) is named."""
+    dim = dim if dim is not None else (vectors[0].size if vectors else 0)
+    for f, v in zip(files, vectors):
+        if v.size != dim:
+            raise InputFileError(f"{f}: a {v.size}-d feature among {dim}-d ones; export all features with one model")
+    return np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
+
+
+def iter_feature_chunks(out_dir, rel_paths: Sequence[str], suffix: str, chunk: int,
+                        dim: Optional[int] = None) -> Iterator[np.ndarray]:
+    """Features of ``rel_paths`` ``chunk`` files at a time (bounded memory for 1M distractors), each ``dim``-d
+    (default: the first file's length)."""
     bar = progress(total=len(rel_paths), desc="distractors", unit="file")
     for start in range(0, len(rel_paths), chunk):
         part = rel_paths[start:start + chunk]
-        out = np.stack([read_feature(feature_path(out_dir, p, suffix)) for p in part])
+        files = [feature_path(out_dir, p, suffix) for p in part]
+        out = _stack(files, [read_feature(f) for f in files], dim)
+        dim = out.shape[1]
         bar.update(len(part))
         yield out
     bar.close()
@@ -143,36 +156,50 @@ def iter_feature_chunks(out_dir, rel_paths: Sequence[str], suffix: str, chunk: i
 
 def read_image_list(path) -> Tuple[List[str], Optional[List[str]]]:
     """Read an image list: the devkit JSON (``{"path": [...], "id": [...]}``), a JSON list of paths,
-    or a text file of ``relative/path [label]`` lines. Returns ``(paths, labels or None)``."""
+    or a text file of ``relative/path [label]`` lines. Returns ``(paths, labels or None)``.
+
+    Every path must be relative and stay inside its folder (no ``..``, no absolute path, names a file system
+    takes): ``megaface export`` writes ``--out/<path><suffix>`` for each, and nothing outside ``--out``."""
+    from sphereface_plus.utils import read_text
+
     path = require_file(path, "image list")
-    text = path.read_text()
+    text = read_text(path, "image list")
     s = text.lstrip()
+    labels: Optional[List[str]]
     if s.startswith("{") or s.startswith("["):
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputFileError(f"{path}: invalid JSON ({e})") from None
-        if isinstance(obj, list):
-            return [str(p) for p in obj], None
-        if "path" not in obj:
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise InputFileError(f"{path}: invalid JSON ({str(e)[:200]})") from None
+        if isinstance(obj, dict) and not isinstance(obj.get("path"), list):
             raise InputFileError(f"{path}: a JSON image list needs a 'path' list (the devkit layout), found keys "
-                             f"{sorted(obj)[:5]}")
-        paths = [str(p) for p in obj["path"]]
-        labels = [str(v) for v in obj["id"]] if "id" in obj else None
+                                 f"{sorted(map(str, obj))[:5]}")
+        paths = obj if isinstance(obj, list) else obj["path"]
+        ids = obj.get("id") if isinstance(obj, dict) else None
+        if not all(isinstance(p, str) for p in paths):
+            raise InputFileError(f"{path}: every image path must be a string")
+        if ids is not None and not (isinstance(ids, list) and all(isinstance(v, (str, int)) for v in ids)):
+            raise InputFileError(f"{path}: 'id' must be a list of identity names or numbers")
+        labels = [str(v) for v in ids] if ids is not None else None
         if labels is not None and len(labels) != len(paths):
             raise InputFileError(f"{path}: {len(paths)} paths but {len(labels)} ids")
-        return paths, labels
-    paths, labels = [], []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        f = line.split()
-        if not f:
-            continue
-        if len(f) > 2:
-            raise InputFileError(f"{path}:{line_no}: expected 'relative/path [label]', got {len(f)} fields")
-        paths.append(f[0])
-        labels.append(f[1] if len(f) == 2 else None)
-    if any(lab is None for lab in labels):
-        labels = None
+    else:
+        paths, found = [], []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            f = line.split()
+            if not f:
+                continue
+            if len(f) > 2:
+                raise InputFileError(f"{path}:{line_no}: expected 'relative/path [label]', got {len(f)} fields")
+            paths.append(f[0])
+            found.append(f[1] if len(f) == 2 else None)
+        labels = None if any(lab is None for lab in found) else found
+    if not paths:
+        raise InputFileError(f"{path} lists no images")
+    for p in paths:
+        parts = p.replace("\\", "/").split("/")
+        if not p or p.startswith("/") or ".." in parts or "\0" in p or any(len(x.encode()) > 255 for x in parts):
+            raise InputFileError(f"{path}: {p[:80]!r} is not a relative image path inside the image folder")
     return paths, labels
 
 

@@ -19,6 +19,8 @@ into the ``info`` dict that :func:`eval.features.load_embedding_model` returns f
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import threading
@@ -56,12 +58,24 @@ def read_export_metadata(path) -> Dict[str, str]:
     if not path.is_file():
         raise MissingFileError(f"exported model {path} does not exist")
     if zipfile.is_zipfile(path):  # a TorchScript archive: <name>/extra/sphereface_plus.json
-        with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith("/extra/" + TORCHSCRIPT_META)]
-            if not names:
-                raise CheckpointError(f"{path} is a zip archive without extra/{TORCHSCRIPT_META}: not a TorchScript "
-                                      f"file written by sphereface-plus export")
-            return {str(k): str(v) for k, v in json.loads(z.read(names[0]).decode()).items()}
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith("/extra/" + TORCHSCRIPT_META)]
+                if not names:
+                    raise CheckpointError(f"{path} is a zip archive without extra/{TORCHSCRIPT_META}: not a "
+                                          f"TorchScript file written by sphereface-plus export")
+                info = z.getinfo(names[0])
+                if info.file_size > (1 << 20):  # metadata is a few hundred bytes: never inflate a bomb
+                    raise CheckpointError(f"{path}: its {TORCHSCRIPT_META} claims {info.file_size} bytes")
+                meta = json.loads(z.read(names[0]).decode())
+        except CheckpointError:
+            raise
+        except (zipfile.BadZipFile, ValueError, EOFError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path} is a damaged TorchScript archive ({type(e).__name__}); export it again "
+                                  f"with sphereface-plus export") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: its {TORCHSCRIPT_META} is not a JSON object")
+        return {str(k): str(v) for k, v in meta.items()}
     import onnx
 
     try:
@@ -80,13 +94,18 @@ def info_from_metadata(meta: Dict[str, str], where: str) -> Dict[str, object]:
                               f"sphereface-plus export --checkpoint CKPT --format onnx --out MODEL.onnx")
     threshold = meta.get("threshold", "none")
     iteration = meta.get("iteration", "none")
+    try:
+        numbers = {"threshold": None if threshold == "none" else float(threshold),
+                   "iteration": None if iteration == "none" else int(iteration),
+                   "embedding_dim": int(meta["embedding_dim"]) if "embedding_dim" in meta else None}
+    except ValueError as e:
+        raise CheckpointError(f"{where}: its metadata holds a value that is not a number ({e}); export the checkpoint "
+                              f"again with sphereface-plus export") from None
     return {
         "backbone": meta.get("backbone"),
         "input_size": parse_size(meta.get("input_size", ""), where),
         "template": meta.get("template", "112x96"),
-        "threshold": None if threshold == "none" else float(threshold),
-        "iteration": None if iteration == "none" else int(iteration),
-        "embedding_dim": int(meta["embedding_dim"]) if "embedding_dim" in meta else None,
+        **numbers,
         "flip_policy": meta.get(FLIP_KEY, "concat"),
         "flip_policy_text": meta.get("flip_policy"),
     }
@@ -156,14 +175,21 @@ class OnnxModel(torch.nn.Module):
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(threads)
-        try:
-            return ort.InferenceSession(self.path, sess_options=opts, providers=self.providers)
+        opts.log_severity_level = 3  # errors only: a failure is reported below, in one line
+        try:  # onnxruntime prints its provider fallback ("EP Error ...") to stdout: kept out of the output
+            with contextlib.redirect_stdout(io.StringIO()):
+                return ort.InferenceSession(self.path, sess_options=opts, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise OnnxLoadError(f"onnxruntime cannot load {self.path}: {str(e).splitlines()[0]}; export it again "
                                 f"with sphereface-plus export") from None
 
     def _run(self, session, batch: np.ndarray) -> np.ndarray:
-        (out,) = session.run([self.output], {self.input_name: batch})
+        try:
+            (out,) = session.run([self.output], {self.input_name: batch})
+        except Exception as e:  # onnxruntime's own types: a graph that does not take what its metadata says
+            raise CheckpointError(f"onnxruntime cannot run {self.path} on a {'x'.join(map(str, batch.shape))} batch "
+                                  f"({str(e).splitlines()[0][:200]}); export it again with sphereface-plus export"
+                                  ) from None
         return out
 
     def run_numpy(self, batch: np.ndarray) -> np.ndarray:

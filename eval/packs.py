@@ -84,19 +84,19 @@ def load_packs(paths: Dict[str, Path]) -> List[LoadedPack]:
     packs = []
     for name, path in paths.items():
         images, issame = load_bin_pack(path)
-        if len(issame) < 2:
-            raise InputFileError(f"{path} holds {len(issame)} pair(s); a verification pack needs at least 2")
+        if len(issame) < 2 or issame.all() or not issame.any():
+            raise InputFileError(f"{path} holds {len(issame)} pair(s), {int(issame.sum())} of them same; a "
+                                 "verification pack needs at least 2 pairs, same and different ones")
         packs.append(LoadedPack(name, Path(path), images, issame))
     return packs
 
 
 def check_pack_size(pack: LoadedPack, input_size) -> None:
     """Refuse, before anything is embedded, a pack whose (first) image fits no size rule of the model."""
-    import cv2
-
     from data_prep.geometry import cut_wide_crop
+    from data_prep.image_files import decode_image
 
-    image = cv2.imdecode(np.frombuffer(pack.images[0], dtype=np.uint8), cv2.IMREAD_COLOR)
+    image = decode_image(pack.images[0], name=f"{pack.path}: image 0")
     if image is None:
         raise InputFileError(f"{pack.path}: image 0 cannot be decoded (is this an insightface .bin pack?)")
     if input_size is not None and cut_wide_crop(image, input_size) is None:
@@ -116,7 +116,7 @@ def embed_packs(model, packs: Sequence[LoadedPack], input_size, batch_size: int 
 
     for p in packs:
         check_pack_size(p, input_size)
-    data = ConcatDataset([EncodedImages(p.images, input_size) for p in packs])
+    data = ConcatDataset([EncodedImages(p.images, input_size, p.path) for p in packs])
     feats = extract_from_dataset(model, data, batch_size, flip, device, num_workers, desc="packs",
                                  precision=precision, channels_last=channels_last)
     bounds = np.cumsum([0] + [len(p.images) for p in packs])

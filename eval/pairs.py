@@ -208,6 +208,18 @@ def parse_pairs_file(path, num_folds: int = 10) -> List[Pair]:
     return [Pair(a, b, s, int(k)) for (a, b, s, _), k in zip(rows, folds)]
 
 
+def check_protocol_pairs(pairs: Sequence[Pair], where) -> None:
+    """Refuse pairs the k-fold protocol cannot score (docs/theory.md#lfw-protocol): each fold's threshold is
+    chosen on the other folds and the ROC needs both labels, so at least 2 folds and both same and different
+    pairs. :class:`PairsFormatError` naming ``where`` (the pairs file or pack)."""
+    folds = {p.fold for p in pairs}
+    same = sum(bool(p.same) for p in pairs)
+    if len(folds) < 2 or same == 0 or same == len(pairs):
+        raise PairsFormatError(f"{where}: {len(pairs)} pairs ({same} same, {len(pairs) - same} different) in "
+                               f"{len(folds)} fold(s); the k-fold protocol needs at least 2 folds and both same and "
+                               "different pairs (add pairs, or lower --folds)")
+
+
 def pairs_to_arrays(pairs: Sequence[Pair]):
     """``(unique_paths, index1, index2, issame, folds)``: each distinct image once, pairs as indices."""
     if not pairs:
@@ -273,18 +285,27 @@ def load_bin_pack(path) -> Tuple[List[bytes], np.ndarray]:
                                f"{type(issame[bad[0]]).__name__})")
     if len(bins) != 2 * len(issame):
         raise PairsFormatError(f"{path}: {len(bins)} images for {len(issame)} pairs; a pack holds 2 images per pair")
+    total = sum(len(b) for b in bins)
+    if total > len(data):  # the same bytes referenced many times (pickle memo): copying them would not end
+        raise PairsFormatError(f"{path}: its {len(bins)} images add up to {total} bytes, more than the file's "
+                               f"{len(data)}: the pack repeats references to one object; it is corrupt or malicious")
     return [bytes(b) for b in bins], np.asarray(issame, dtype=bool)
 
 
 def save_bin_pack(path, images: Sequence[bytes], issame: Sequence[bool], protocol: int = 4) -> None:
-    """Write a pack in the insightface layout (for tests and for exporting a pairs set)."""
+    """Write a pack in the insightface layout (for tests and for exporting a pairs set).
+
+    Every slot is stored in full, as insightface's packs store them, even when two pairs share an image:
+    pickle would otherwise write one object and references to it, which :func:`load_bin_pack` refuses (a
+    pack's images must fit in its file)."""
     import pickle
 
     from sphereface_plus.utils import atomic_write_bytes
 
     if len(images) != 2 * len(issame):
         raise ValueError(f"{len(images)} images for {len(issame)} pairs")
-    atomic_write_bytes(path, pickle.dumps(([bytes(b) for b in images], [bool(s) for s in issame]), protocol=protocol))
+    payload = ([bytes(bytearray(b)) for b in images], [bool(s) for s in issame])  # bytearray: a copy per slot
+    atomic_write_bytes(path, pickle.dumps(payload, protocol=protocol))
 
 
 def bin_pack_pairs(issame: np.ndarray, num_folds: int = 10) -> List[Pair]:

@@ -18,6 +18,7 @@ change when a run is resumed (``field(metadata={"resumable": True})``, :func:`re
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -43,6 +44,7 @@ __all__ = [
     "config_to_dict",
     "config_to_yaml",
     "yaml_load",
+    "naming_recipe",
     "stored_config_as_read",
     "recipe_path",
     "RECIPE_GROUPS",
@@ -112,6 +114,17 @@ def _unknown_key(key: str, root: Any, source: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} (in {source}).{hint} Valid keys: {', '.join(valid)}")
 
 
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a few items and characters: a value in an error message may be an enormous
+    (or aliased, YAML ``*ref``) structure whose full repr would take minutes and gigabytes."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, 80, 80
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 6
+    return short.repr(value)
+
+
 def coerce_value(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted for floats, nothing else is cast."""
     origin = typing.get_origin(tp)
@@ -125,34 +138,34 @@ def coerce_value(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
-            raise ConfigError(f"{key} expects a list (e.g. {key}=[1,2]), got {value!r} (in {source})")
+            raise ConfigError(f"{key} expects a list (e.g. {key}=[1,2]), got {_short(value)} (in {source})")
         return [coerce_value(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if tp is Any:
         return value
     if origin in (dict, Dict):
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise ConfigError(f"{key} expects a mapping of names to values (e.g. {key}={{dropout: 0.4}} or "
-                              f"{key}.dropout=0.4), got {value!r} (in {source})")
+                              f"{key}.dropout=0.4), got {_short(value)} (in {source})")
         _, item_tp = typing.get_args(tp) or (str, Any)
         return {k: coerce_value(v, item_tp, f"{key}.{k}", source) for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} expects a number, got {value!r} (in {source})")
+            raise ConfigError(f"{key} expects a number, got {_short(value)} (in {source})")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{key} expects an integer, got {value!r} (in {source})")
+            raise ConfigError(f"{key} expects an integer, got {_short(value)} (in {source})")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key} expects true or false, got {value!r} (in {source})")
+            raise ConfigError(f"{key} expects true or false, got {_short(value)} (in {source})")
         return value
     if tp is str:
         # YAML turns `power: 2` or `power: 0` into ints; a str field takes them as written
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{key} expects a string, got {value!r} (in {source})")
+            raise ConfigError(f"{key} expects a string, got {_short(value)} (in {source})")
         return str(value)
     raise ConfigError(f"{key}: unsupported field type {tp!r}")
 
@@ -170,7 +183,7 @@ def _current_name(obj: Any, name: str, prefix: str, source: str) -> str:
 def _merge(obj: Any, data: Dict[str, Any], prefix: str, source: str, root: Any = None) -> None:
     root = obj if root is None else root
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r} (in {source})")
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {_short(data)} (in {source})")
     types = _field_types(obj)
     for name, value in data.items():
         name = _current_name(obj, str(name), prefix, source)
@@ -239,17 +252,53 @@ def _yaml_loader():
     return Loader
 
 
-def yaml_load(text_or_stream) -> Any:
+#: a recipe is a small tree: this many values per character of its text (plus a constant), this deep at most
+YAML_VALUES_PER_CHAR, YAML_MAX_DEPTH = 4, 64
+
+
+def yaml_load(text_or_stream, source: str = "the YAML text") -> Any:
+    """The YAML document (SafeLoader subclass: no object tags) of a text or an open stream.
+
+    A document that nests deeper than :data:`YAML_MAX_DEPTH` or expands, through aliases (``*ref``), to more
+    values than its text could hold without them is a :class:`ConfigError`: a few lines of anchors make a
+    tree of 10**9 shared leaves ("billion laughs") that every later walk over the config (a repr, a copy, the
+    checkpoint's checksum) would take hours to visit.
+    """
     import yaml
 
-    return yaml.load(text_or_stream, Loader=_yaml_loader())  # a SafeLoader subclass: no object tags
+    text = text_or_stream if isinstance(text_or_stream, (str, bytes)) else text_or_stream.read()
+    try:
+        data = yaml.load(text, Loader=_yaml_loader())
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a recipe") from None
+    _check_tree(data, 1000 + YAML_VALUES_PER_CHAR * len(text), source)
+    return data
+
+
+def _check_tree(data: Any, budget: int, source: str) -> None:
+    """Refuse a tree of more than ``budget`` values (shared ones counted each time) or deeper than the limit."""
+    stack = [(data, 1)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > budget:
+            raise ConfigError(f"{source} expands to more than {budget} values (YAML aliases repeating a structure?); "
+                              "write the recipe out without anchors and aliases")
+        if depth > YAML_MAX_DEPTH:
+            raise ConfigError(f"{source} nests more than {YAML_MAX_DEPTH} levels deep; a recipe is a few levels of "
+                              "sections and values")
+        if isinstance(node, dict):
+            stack += [(v, depth + 1) for kv in node.items() for v in kv]
+        elif isinstance(node, (list, tuple)):
+            stack += [(v, depth + 1) for v in node]
 
 
 def _parse_value(text: str) -> Any:
     import yaml
 
     try:
-        return yaml_load(text) if text.strip() else ""
+        return yaml_load(text, "an override") if text.strip() else ""
     except yaml.YAMLError:
         return text
 
@@ -303,17 +352,32 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), *, sc
     schema's ``validate()`` method, when it has one)."""
     import yaml
 
+    from sphereface_plus.utils import read_text
+
     cfg = schema()
-    if path:
-        p = recipe_path(path)
-        with open(p, "r", encoding="utf-8") as fh:
+    with naming_recipe(path):
+        if path:
+            p = recipe_path(path)
             try:
-                data = yaml_load(fh) or {}
+                data = yaml_load(read_text(p, "config file"), str(p)) or {}
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{p}: not valid YAML: {' '.join(str(exc).split())}") from None
-        _merge(cfg, data, prefix="", source=str(p))
-    apply_overrides(cfg, overrides)
-    return _validate(cfg)
+            _merge(cfg, data, prefix="", source=str(p))
+        apply_overrides(cfg, overrides)
+        return _validate(cfg)
+
+
+@contextlib.contextmanager
+def naming_recipe(path: Optional[str]):
+    """A :class:`~sphereface_plus.errors.UsageError` raised inside names the recipe ``path`` (when it does not
+    already), so that a bad value is traced to its file: ``checkpoint.every must be positive, got 0 (recipe
+    'runs.yaml')``."""
+    try:
+        yield
+    except UsageError as exc:
+        if not path or str(path) in str(exc):
+            raise
+        raise type(exc)(f"{exc} (recipe {str(path)!r} or its overrides)") from None
 
 
 def resumable_keys(schema: Any, prefix: str = "") -> List[str]:

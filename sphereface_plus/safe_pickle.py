@@ -33,6 +33,23 @@ class UnsafePickleError(InputFileError, pickle.UnpicklingError):
     """The pickle names a global that is not on the allow-list."""
 
 
+#: the encodings under which ``_codecs.encode`` spells a byte string in a protocol-2 pickle (one byte per char)
+_BYTES_ENCODINGS = frozenset({"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"})
+
+
+def _latin1_bytes(text: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """What ``_codecs.encode`` is allowed to be in a pickle: a str made bytes, one byte per character.
+
+    Python 3 writes ``bytes`` into protocol-2 pickles as ``_codecs.encode(text, 'latin1')``. The real function
+    takes any codec, and some of them grow their input (``hex``, ``base64``, ``uu``): nested calls turn a few
+    hundred bytes of pickle into gigabytes. Here only a str and a Latin-1 spelling are accepted, so the result
+    is never longer than the text the file holds."""
+    if not isinstance(text, str) or str(encoding).lower() not in _BYTES_ENCODINGS or errors != "strict":
+        raise UnsafePickleError(f"refusing _codecs.encode({type(text).__name__}, {str(encoding)[:20]!r}): a pickle "
+                                "spells bytes as _codecs.encode(<str>, 'latin1') only; it may be corrupt or malicious")
+    return text.encode("latin1")
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, allowed: Collection[GlobalName] = (), **kwargs: Any):
         super().__init__(file, **kwargs)
@@ -40,6 +57,8 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._allowed:
+            if (module, name) == ("_codecs", "encode"):
+                return _latin1_bytes
             return super().find_class(module, name)
         raise UnsafePickleError(
             f"refusing to unpickle global {module}.{name}: this file may only contain "

@@ -135,6 +135,9 @@ def safe_torch_load(path, map_location: Any = "cpu") -> Any:
             "use a checkpoint written by 'sphereface-plus train' (<out_dir>/checkpoints/*.pt) or "
             "'verify --save-model'"
         ) from None
+    except OSError as exc:  # torch's zip reader answers a damaged archive with EINVAL; a real I/O error says which
+        raise CheckpointError(f"{name} cannot be read as a checkpoint ({exc.strerror or type(exc).__name__}): it is "
+                              "truncated, damaged or not written by this toolkit") from None
 
 
 def plain(obj: Any) -> Any:

@@ -257,11 +257,12 @@ def test_caffe_bad_inputs_are_one_error_line(caffe_files, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ MHE-GAN TF1 checkpoint
-def write_tf_bundle(prefix, variables):
+def write_tf_bundle(prefix, variables, entry_hook=None):
     """A TF V2 checkpoint (tensor bundle) of ``variables`` (name -> array): PREFIX.index (a LevelDB-format
     table: one data block of sorted keys, no prefix sharing, an index block, an empty metaindex block, the
     48-byte footer with the magic) and PREFIX.data-00000-of-00001, as tensorflow/core/util/tensor_bundle
-    writes them (leveldb/doc/table_format.md). The values are BundleHeaderProto / BundleEntryProto."""
+    writes them (leveldb/doc/table_format.md). The values are BundleHeaderProto / BundleEntryProto;
+    ``entry_hook(name, entry)`` may change an entry before it is written (the fuzz harness damages them)."""
     import struct
 
     from sphereface_plus.importers.tf_bundle import TABLE_MAGIC, bundle_messages
@@ -274,6 +275,8 @@ def write_tf_bundle(prefix, variables):
         e = msgs["BundleEntryProto"](dtype=codes[arr.dtype], offset=len(data), size=arr.nbytes)
         for d in arr.shape:
             e.shape.dim.add(size=d)
+        if entry_hook is not None:
+            entry_hook(name, e)
         data += arr.astype(arr.dtype.newbyteorder("<")).tobytes()
         entries[name.encode()] = e.SerializeToString()
 

@@ -273,6 +273,72 @@ def test_a_flipped_byte_is_refused_and_resume_auto_falls_back(reference, cache, 
     assert good4["iteration"] == 4
 
 
+def _altered_keeping_digest(src: Path, dst: Path) -> None:
+    """A copy of checkpoint ``src`` whose weights were changed while its stored digest was kept (what a damaged
+    copy or a careless edit leaves); a plain ``torch.load`` notices nothing."""
+    import torch
+
+    state = torch.load(src, weights_only=True)
+    key = next(k for k, v in state["model"].items() if v.is_floating_point() and v.numel() > 100)
+    state["model"][key] = state["model"][key] * 0.5 + 0.1
+    torch.save(state, dst)
+
+
+@pytest.mark.parametrize("consumer", ["verify", "compare", "export", "megaface", "check", "init_from", "embedder"])
+def test_every_consumer_refuses_weights_that_fail_their_checksum(consumer, tmp_path, capsys, cache):
+    """verify, compare, export, megaface export, check, train.init_from and FaceEmbedder all load a checkpoint
+    through engine.checkpoint.read_checkpoint: weights altered under their old digest are one error line (exit 2)
+    naming the file, never embedded (verify used to report a normal accuracy with them, exit 0)."""
+    from fuzz.targets.common import checkpoint_bytes, crops_and_pairs, tiny_checkpoint_state
+    from sphereface_plus.cli import main
+    from sphereface_plus.errors import CheckpointError
+
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    good.write_bytes(checkpoint_bytes(tiny_checkpoint_state()))
+    _altered_keeping_digest(good, bad)
+    crops, _ = crops_and_pairs(tmp_path)
+    (tmp_path / "list.txt").write_text("id0/0.jpg\nid1/1.jpg\n")
+    image = str(crops / "id0" / "0.jpg")
+    argv = {
+        "verify": ["verify", "pairs", "--pairs", tmp_path / "pairs.txt", "--root", crops, "--workers", "0"],
+        "compare": ["compare", image, image, "--aligned"],
+        "export": ["export", "--format", "torchscript", "--out", tmp_path / "m.ts"],
+        "megaface": ["megaface", "export", "--list", tmp_path / "list.txt", "--root", crops, "--out", tmp_path / "f",
+                     "--workers", "0"],
+        "check": ["check"],
+        "init_from": ["train", "--config", SMOKE, *_overrides(tmp_path / "run", cache, 1)],
+    }
+    if consumer == "embedder":
+        from eval.embedder import FaceEmbedder
+
+        FaceEmbedder(good)  # the intact file loads
+        with pytest.raises(CheckpointError, match="failed its checksum"):
+            FaceEmbedder(bad)
+        return
+    # (train.init_from: the good file is another network than the recipe's, so only the bad one is run)
+    for path in (good, bad) if consumer != "init_from" else (bad,):
+        args = list(argv[consumer])
+        if consumer == "check":
+            args.append(path)
+        elif consumer == "init_from":
+            args.append(f"train.init_from={path}")
+        else:
+            args += ["--checkpoint", path]
+        capsys.readouterr()
+        rc = main([str(a) for a in args])
+        err = capsys.readouterr()
+        if path == good:
+            assert rc == 0, err
+            continue
+        text = err.out if consumer == "check" else err.err  # check prints its verdict per file, exits 1
+        if consumer == "check":
+            assert rc == 1 and "BAD" in text and "failed its checksum" in text, text
+        else:
+            lines = [ln for ln in text.splitlines() if "error:" in ln]
+            assert rc == 2 and len(lines) == 1 and "bad.pt" in lines[0] and "failed its checksum" in lines[0], text
+    assert not (tmp_path / "run").exists()
+
+
 def test_check_command_names_damaged_checkpoints_and_pack_chunks(tmp_path, capsys):
     from data_prep.packed import CHUNK_ITEMS, PackedReader, PackWriter
     from sphereface_plus.cli import main

@@ -54,7 +54,7 @@ from eval.report import write_report
 from sphereface_plus.commands.demo_data import DemoData, prepare_lfw, prepare_synthetic_demo
 from sphereface_plus.commands.demo_report import report_markdown
 from sphereface_plus.commands.train import train
-from sphereface_plus.engine.checkpoint import check_settings
+from sphereface_plus.engine.checkpoint import check_settings, read_checkpoint, write_checkpoint
 from sphereface_plus.engine.run_folder import RunFolder
 from sphereface_plus.errors import ToolkitError
 from sphereface_plus.mhe import mhe_energy
@@ -62,7 +62,7 @@ from sphereface_plus.models import create_backbone
 from sphereface_plus.face.config import load_config
 from sphereface_plus.face.resolve import resolve
 from sphereface_plus.face.trainer import FaceTrainer
-from sphereface_plus.utils import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
+from sphereface_plus.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -190,12 +190,12 @@ def evaluate_model(model, data: DemoData, device: str = "cpu", batch_size: int =
 
 def export_model(checkpoint, path, threshold: float, extra: Optional[Dict[str, Any]] = None) -> None:
     """A compact checkpoint (``model``, ``head``, ``iteration``, ``config``, ``threshold``; docs/interfaces.md)."""
-    state = safe_torch_load(checkpoint)
+    state = read_checkpoint(checkpoint)
     out = {k: state[k] for k in ("model", "head", "iteration", "config")}
     out["threshold"] = float(threshold)
     if extra:
         out.update(extra)
-    atomic_torch_save(out, path)
+    write_checkpoint(path, out)
 
 
 # ------------------------------------------------------------------------------------------- pipeline
@@ -283,7 +283,7 @@ def run_demo(out, data_dir=None, minutes: float = 0.0, iterations: Optional[int]
     summary, stats = train_with_stats(cfg)
     timings["training"] = time.perf_counter() - t0
     ckpt_path = Path(summary["checkpoint"])
-    state = safe_torch_load(ckpt_path)
+    state = read_checkpoint(ckpt_path)
     energy = float(mhe_energy(state["head"]["weight"].double(), power=MHE_POWER))
 
     # 4: verification

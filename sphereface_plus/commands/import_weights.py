@@ -93,7 +93,7 @@ def _override_args(args) -> dict:
 
 
 def run(args) -> int:
-    from sphereface_plus.utils import atomic_torch_save
+    from sphereface_plus.engine.checkpoint import write_checkpoint
 
     lo, hi = SRC_COUNT[args.source]
     if not lo <= len(args.src) <= hi:
@@ -123,7 +123,7 @@ def run(args) -> int:
         from sphereface_plus.importers.mhe_gan import import_mhe_gan
 
         ckpt = import_mhe_gan(args.src[0])
-        atomic_torch_save(ckpt, out)
+        write_checkpoint(out, ckpt)
         print(f"wrote {out}: MHE-GAN generator and {'SN ' if ckpt['config']['sn'] else ''}discriminator from "
               f"{args.src[0]}; score it with: sphereface-plus gan --eval-only --init-from {out} --data <cifar-10>")
         return 0
@@ -159,7 +159,7 @@ def run(args) -> int:
         h, w = ckpt["config"]["model"]["input_size"]
         raise UsageError(f"--template {pre.template} does not fit the imported network, which takes {h}x{w} crops")
     ckpt[PREPROCESSING_KEY] = pre.to_dict()
-    atomic_torch_save(ckpt, out)
+    write_checkpoint(out, ckpt)
     model = ckpt["config"]["model"]
     head = f", head {ckpt['config']['head'].get('name')} ({ckpt['head']['weight'].shape[0]} classes)" if "head" in ckpt else ", no head"
     opts = "".join(f" {k}={v}" for k, v in model.get("kwargs", {}).items())
@@ -206,6 +206,9 @@ def import_onnx_file(src, out: Path, overrides: dict, tolerance: float = 1e-4) -
     the original model with the source convention computed in numpy and to the rewritten one with the
     toolkit's input; the ``feature`` outputs must agree within ``tolerance`` relative to their norm.
     """
+    import contextlib
+    import io
+
     import numpy as np
     import onnxruntime as ort
 
@@ -217,7 +220,7 @@ def import_onnx_file(src, out: Path, overrides: dict, tolerance: float = 1e-4) -
     from sphereface_plus.utils import atomic_write_bytes
 
     model = read_onnx(src)
-    pre = guess_preprocessing(model, overrides.get("template"))
+    pre = guess_preprocessing(model, overrides.get("template"), str(src))
     pre = parse_override(pre, **overrides)
     meta = {
         FORMAT_KEY: FORMAT_VERSION, "format": "onnx", "backbone": f"onnx:{Path(src).name}",
@@ -229,16 +232,20 @@ def import_onnx_file(src, out: Path, overrides: dict, tolerance: float = 1e-4) -
         "source_sha256": sha256_file(src),
         "toolkit_version": str(getattr(sphereface_plus, "__version__", "unknown")),
     }
-    data = convert_onnx(model, pre, meta)
+    data = convert_onnx(model, pre, meta, str(src))
     crops = synthetic_crops(pre.template, 8)
     toolkit = np.stack([(c.transpose(2, 0, 1).astype(np.float32) - 127.5) / 128 for c in crops])
     pixels = np.stack([(c[:, :, ::-1] if pre.color == "rgb" else c).transpose(2, 0, 1) for c in crops]).astype(np.float32)
     source = (pixels - np.array(pre.mean, np.float32).reshape(1, 3, 1, 1)) / np.array(pre.std, np.float32).reshape(1, 3, 1, 1)
-    try:
-        orig = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
-        want = np.concatenate([orig.run(None, {orig.get_inputs()[0].name: source[i:i + 1]})[0] for i in range(len(crops))])
-        new = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        got = new.run([FEATURE_OUTPUT], {INPUT_NAME: toolkit})[0]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: a failure is the one line below
+    try:  # onnxruntime prints its provider fallback ("EP Error ...") to stdout: kept out of the output
+        with contextlib.redirect_stdout(io.StringIO()):
+            orig = ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+            want = np.concatenate([orig.run(None, {orig.get_inputs()[0].name: source[i:i + 1]})[0]
+                                   for i in range(len(crops))])
+            new = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+            got = new.run([FEATURE_OUTPUT], {INPUT_NAME: toolkit})[0]
     except Exception as e:  # onnxruntime's own exception types
         raise UsageError(f"onnxruntime cannot run {src} or its rewrite ({str(e).splitlines()[0]})") from None
     diff = float((np.abs(got - want) / np.maximum(np.linalg.norm(want, axis=1, keepdims=True), 1e-12)).max())

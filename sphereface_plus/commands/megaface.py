@@ -146,7 +146,8 @@ def score(args) -> int:
     if missing:
         raise MissingFileError(describe_missing(missing, len(dist_paths), f"in {args.distractor_dir}",
                                                  "run 'sphereface-plus megaface export' for this list first"))
-    res = M.evaluate(probes, labels, M.iter_feature_chunks(args.distractor_dir, dist_paths, args.suffix, args.chunk),
+    res = M.evaluate(probes, labels, M.iter_feature_chunks(args.distractor_dir, dist_paths, args.suffix, args.chunk,
+                                                           probes.shape[1]),
                      far=args.far, sizes=sizes, num_distractors=len(dist_paths))
     print(f"probes {res['num_probes']} ({res['num_identities']} identities, {res['num_trials']} trials), "
           f"distractors {res['num_distractors']}")

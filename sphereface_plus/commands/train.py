@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional, Union
 from data_prep.training_set import build_training_set, check_data_config
 from eval.packs import check_pack_names, pack_paths
 from eval.training_verifier import training_verifier
-from sphereface_plus.config import config_to_yaml
+from sphereface_plus.config import config_to_yaml, naming_recipe
 from sphereface_plus.engine.checkpoint import load_checkpoint
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.dist import DistInfo, cleanup_distributed, explain_collective_failure, setup_distributed
@@ -62,8 +62,9 @@ def load_train_config(path: Optional[str] = None, overrides=()) -> FaceConfig:
     """The recipe (:func:`sphereface_plus.face.config.load_config`) with the checks that belong to
     ``data_prep`` (data source, template, root) and ``eval`` (pack names)."""
     cfg = load_config(path, overrides)
-    resolve(cfg, DataFacts(check_data_config(cfg.data)))  # train.init_from's file is checked when the run starts
-    check_pack_names(cfg.eval.packs, "eval.packs")
+    with naming_recipe(path):  # train.init_from's file is checked when the run starts
+        resolve(cfg, DataFacts(check_data_config(cfg.data)))
+        check_pack_names(cfg.eval.packs, "eval.packs")
     return cfg
 
 
@@ -156,12 +157,13 @@ def run(args: argparse.Namespace) -> int:
     by the caller (:func:`sphereface_plus.cli.main`, or :func:`sphereface_plus.cli.run_guarded`)."""
     cfg = load_config(args.config, args.overrides)
     if args.print_config:  # the values in force: the head's defaults, the input size of the template
-        if cfg.train.init_from and not Path(cfg.train.init_from).is_file():  # a recipe read before its first stage ran
-            print(f"note: train.init_from {cfg.train.init_from} does not exist yet; the model section shown is the "
-                  "recipe's (a run takes the checkpoint's)", file=sys.stderr)
-            resolved = resolve(cfg, DataFacts(check_data_config(cfg.data)))
-        else:
-            resolved = resolve_recipe(cfg)
+        with naming_recipe(args.config):  # a data section its owner refuses is traced to the recipe
+            if cfg.train.init_from and not Path(cfg.train.init_from).is_file():  # read before its first stage ran
+                print(f"note: train.init_from {cfg.train.init_from} does not exist yet; the model section shown is "
+                      "the recipe's (a run takes the checkpoint's)", file=sys.stderr)
+                resolved = resolve(cfg, DataFacts(check_data_config(cfg.data)))
+            else:
+                resolved = resolve_recipe(cfg)
         print(config_to_yaml(resolved.config), end="")
         return 0
     summary = train(cfg, resume=args.resume)

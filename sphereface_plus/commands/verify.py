@@ -78,7 +78,7 @@ from eval.protocols import PROTOCOLS, resolve_protocol
 from eval.report import format_report, plot_roc, verification_markdown, write_json_report
 from eval.runtime import load_inference_model
 from sphereface_plus.commands.options import add_inference_arguments
-from sphereface_plus.engine.checkpoint import load_checkpoint, serialize
+from sphereface_plus.engine.checkpoint import load_checkpoint, write_checkpoint
 from sphereface_plus.errors import UsageError, require_dir, require_file
 from sphereface_plus.utils import atomic_write_bytes
 
@@ -225,9 +225,9 @@ def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray, b
                     "the model's flip policy is 'none'")
     if pack_images is not None:
         K.check_pack_size(K.LoadedPack("pack", Path(args.pack), pack_images, np.zeros(0, bool)), info["input_size"])
-        feats = F.extract_from_dataset(model, F.EncodedImages(pack_images, info["input_size"]), args.batch_size,
-                                       flip, args.device, args.workers, precision=args.precision, jitter=jitter,
-                                       jitter_seed=args.jitter_seed)
+        images = F.EncodedImages(pack_images, info["input_size"], args.pack)
+        feats = F.extract_from_dataset(model, images, args.batch_size, flip, args.device, args.workers,
+                                       precision=args.precision, jitter=jitter, jitter_seed=args.jitter_seed)
         return [str(i) for i in range(len(pack_images))], feats, flip, info
     paths = P.pairs_to_arrays(pairs)[0]
     landmarks = F.read_landmarks(args.landmarks) if args.landmarks else None
@@ -249,6 +249,7 @@ def run(args) -> int:
     args.protocol = resolve_protocol(args.protocol, args.source)
     _check_args(args)
     pairs, pack_images = build_pairs(args)
+    P.check_protocol_pairs(pairs, args.pairs or args.pack or args.root)
     logger.info("%d pairs (%d same) in %d folds", len(pairs), sum(p.same for p in pairs),
                 len({p.fold for p in pairs}))
     paths, feats, flip_halves, info = compute_features(args, pairs, pack_images)
@@ -331,7 +332,7 @@ def shown_crops(args, pairs, picked, pack_images, info):
     shown = sorted({int(i) for idx in picked.values() for i in idx})
     size = None if info is None else info["input_size"]
     if pack_images is not None:
-        images = F.EncodedImages(pack_images, size)
+        images = F.EncodedImages(pack_images, size, args.pack)
         return {i: (images.crop(int(pairs[i].path1)), images.crop(int(pairs[i].path2))) for i in shown}
     if not args.root:
         return None
@@ -359,8 +360,7 @@ def save_model_with_threshold(checkpoint, out, threshold: float, source: str = "
     copy = {k: state[k] for k in keep if k in state}
     copy["threshold"] = float(threshold)
     copy["threshold_source"] = str(source)
-    out = Path(out)
-    atomic_write_bytes(out, serialize(copy))
+    out = write_checkpoint(out, copy)
     logger.info("wrote %s (threshold %.4f from %s)", out, threshold, source or "verification")
     return out
 

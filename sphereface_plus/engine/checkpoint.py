@@ -48,6 +48,9 @@ __all__ = [
     "save_checkpoint",
     "save_best_checkpoint",
     "load_checkpoint",
+    "read_checkpoint",
+    "write_checkpoint",
+    "with_integrity",
     "find_resume_checkpoint",
     "load_resume_state",
     "periodic_checkpoints",
@@ -114,8 +117,9 @@ def serialize(state: Dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _feed(h, obj: Any) -> None:
-    """Hash ``obj`` canonically: types, shapes and values (dict keys in a fixed order)."""
+def _feed(h, obj: Any, budget: Callable[[], None] = lambda: None) -> None:
+    """Hash ``obj`` canonically: types, shapes and values (dict keys in a fixed order); ``budget()`` per value."""
+    budget()
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
@@ -125,12 +129,12 @@ def _feed(h, obj: Any) -> None:
     elif isinstance(obj, dict):
         h.update(f"D{len(obj)};".encode())
         for k in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
-            _feed(h, k)
-            _feed(h, obj[k])
+            _feed(h, k, budget)
+            _feed(h, obj[k], budget)
     elif isinstance(obj, (list, tuple)):
         h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
         for v in obj:
-            _feed(h, v)
+            _feed(h, v, budget)
     elif isinstance(obj, bool) or obj is None:
         h.update(f"B{obj};".encode())
     elif isinstance(obj, (int, float, str)):
@@ -141,11 +145,48 @@ def _feed(h, obj: Any) -> None:
         h.update(f"O{len(text)}:{text};".encode())
 
 
+#: values a checksum visits at most: a checkpoint holds thousands; a file whose pickle repeats references to one
+#: list (10 references to a list of 10 references ... 9 levels deep: 10**9 values in a few hundred bytes) is refused
+MAX_DIGEST_VALUES = 1_000_000
+
+
+class _Budget:
+    """Counts the values :func:`_feed` visits; too many is a :class:`CheckpointError`."""
+
+    def __init__(self, limit: int):
+        self.left = limit
+
+    def __call__(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise CheckpointError(f"the checkpoint holds more than {MAX_DIGEST_VALUES} values (a structure that "
+                                  "repeats references to itself): it is damaged or not written by this toolkit")
+
+
 def state_digest(state: Dict[str, Any]) -> str:
-    """SHA-256 (hex) of a checkpoint's contents, the ``integrity`` entry left out."""
+    """SHA-256 (hex) of a checkpoint's contents, the ``integrity`` entry left out.
+
+    A structure of more than :data:`MAX_DIGEST_VALUES` values or nested too deeply for Python's recursion
+    limit is a :class:`CheckpointError` (no checkpoint is either)."""
     h = hashlib.sha256()
-    _feed(h, {k: v for k, v in state.items() if k != INTEGRITY_KEY})
+    try:
+        _feed(h, {k: v for k, v in state.items() if k != INTEGRITY_KEY}, _Budget(MAX_DIGEST_VALUES))
+    except RecursionError:
+        raise CheckpointError("the checkpoint nests containers too deeply to be one written by this toolkit") from None
     return h.hexdigest()
+
+
+def with_integrity(state: Dict[str, Any]) -> Dict[str, Any]:
+    """``state`` plus its ``integrity`` entry (what every checkpoint file carries, :func:`read_checkpoint` checks)."""
+    return {**state, INTEGRITY_KEY: {"algorithm": "sha256", "digest": state_digest(state)}}
+
+
+def write_checkpoint(path, state: Dict[str, Any]) -> Path:
+    """Write one checkpoint file outside a run's ``checkpoints/`` (``verify --save-model``, ``import``, the
+    demo's model) with its checksum, atomically."""
+    path = Path(path)
+    atomic_write_bytes(path, serialize(with_integrity(state)))
+    return path
 
 
 def save_checkpoint(state: Dict[str, Any], out_dir, every: int = 0, keep: int = 0) -> Path:
@@ -157,7 +198,7 @@ def save_checkpoint(state: Dict[str, Any], out_dir, every: int = 0, keep: int = 
     """
     folder = checkpoint_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {**state, INTEGRITY_KEY: {"algorithm": "sha256", "digest": state_digest(state)}}
+    state = with_integrity(state)
     data = serialize(state)
     last = folder / "last.pt"
     atomic_write_bytes(last, data)
@@ -177,8 +218,7 @@ def save_best_checkpoint(state: Dict[str, Any], out_dir) -> Path:
     ``last.pt`` and the periodic files only), so keeping it never changes where a run continues."""
     folder = checkpoint_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "best.pt"
-    atomic_write_bytes(path, serialize(state))
+    path = write_checkpoint(folder / "best.pt", state)
     logger.info("saved best checkpoint at iteration %d: %s", int(state["iteration"]), path)
     return path
 
@@ -193,14 +233,27 @@ def periodic_checkpoints(folder) -> List[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path, map_location: Any = "cpu") -> Dict[str, Any]:
-    """``torch.load(weights_only=True)``; a missing or unreadable file is an error that names it."""
-    # MissingFileError / CheckpointError (sphereface_plus.errors) with a one-line message that never
-    # repeats torch's advice to turn weights_only off
+def read_checkpoint(path, map_location: Any = "cpu") -> Dict[str, Any]:
+    """The one loader of every consumer of a checkpoint file (``verify``, ``compare``, ``export``, ``megaface``,
+    ``check``, ``train.init_from``, resume): ``torch.load(weights_only=True)``, a dict, and the checksum it
+    carries verified (:func:`verify_integrity`; a file without one, from an older version, loads as before).
+
+    A missing or unreadable file, or one that fails its checksum, is a :class:`~sphereface_plus.errors.
+    MissingFileError` / :class:`~sphereface_plus.errors.CheckpointError` whose one line names it and never
+    repeats torch's advice to turn ``weights_only`` off."""
     state = safe_torch_load(Path(path), map_location=map_location)
-    if not isinstance(state, dict) or "iteration" not in state:
-        raise CheckpointError(f"{str(path)!r} is not a valid checkpoint (not written by this toolkit: no 'iteration' entry)")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(path)!r} is not a valid checkpoint (not written by this toolkit: it holds a "
+                              f"{type(state).__name__}, not a dict)")
     verify_integrity(state, path)
+    return state
+
+
+def load_checkpoint(path, map_location: Any = "cpu") -> Dict[str, Any]:
+    """:func:`read_checkpoint` of a training checkpoint: it must also hold its ``iteration``."""
+    state = read_checkpoint(path, map_location)
+    if "iteration" not in state:
+        raise CheckpointError(f"{str(path)!r} is not a valid checkpoint (not written by this toolkit: no 'iteration' entry)")
     return state
 
 
@@ -209,7 +262,11 @@ def verify_integrity(state: Dict[str, Any], path: Any = "the checkpoint") -> boo
     stored = state.get(INTEGRITY_KEY)
     if not isinstance(stored, dict) or "digest" not in stored:
         return False
-    if stored.get("algorithm", "sha256") != "sha256" or stored["digest"] != state_digest(state):
+    try:
+        digest = state_digest(state)
+    except CheckpointError as exc:  # a structure no checkpoint has: the file is named here
+        raise CheckpointError(f"{str(path)!r}: {exc}") from None
+    if stored.get("algorithm", "sha256") != "sha256" or stored["digest"] != digest:
         raise CheckpointError(f"{str(path)!r} failed its checksum: the file changed after it was written (a damaged "
                               "disk, an interrupted copy, an edit); use an earlier checkpoint (--resume auto falls "
                               "back to the newest good one by itself)")

@@ -26,6 +26,7 @@ training data layer's ``mean_value 127.5, scale 0.0078125`` and ``test/code/eval
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -162,6 +163,8 @@ def read_prototxt(path) -> Any:
         text_format.Parse(path.read_text(errors="replace"), net, allow_unknown_field=True)
     except text_format.ParseError as e:
         raise InputFileError(f"{path} is not a readable Caffe prototxt: {e}") from None
+    except RecursionError:  # protobuf's text parser recurses per nested message
+        raise InputFileError(f"{path} is not a readable Caffe prototxt: its messages nest too deeply") from None
     _check_layers(net, path)
     return net
 
@@ -201,11 +204,13 @@ def blob_array(blob, where: str) -> np.ndarray:
         shape = tuple(int(d) for d in (blob.num, blob.channels, blob.height, blob.width))
         while len(shape) > 1 and shape[0] == 1:  # the legacy 4-D shape pads with leading 1s
             shape = shape[1:]
+    if any(d < 0 for d in shape):
+        raise CheckpointError(f"{where}: the blob's shape {shape} has a negative dimension (a damaged .caffemodel)")
     if len(blob.double_data):
         values = np.array(blob.double_data, dtype=np.float64).astype(np.float32)
     else:
         values = np.array(blob.data, dtype=np.float32)
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # Python integers: a product of huge dimensions does not wrap around to 0
     if values.size != count:
         raise CheckpointError(f"{where}: the blob holds {values.size} values but its shape {shape} needs {count} "
                               f"(a truncated or damaged .caffemodel)")
@@ -370,8 +375,14 @@ def import_caffe(prototxt, caffemodel, arch: Optional[str] = None) -> Dict[str, 
         if wt.ndim != 2 or wt.shape[1] != embedding_dim:
             raise CheckpointError(f"{where}: {layer.name!r} weight has shape {wt.shape}; the A-Softmax classifier "
                                   f"needs C x {embedding_dim}")
-        module = create_head("a_softmax", in_features=embedding_dim, num_classes=wt.shape[0],
-                             **{k: v for k, v in head_config.items() if k != "name"})
+        try:
+            if not all(math.isfinite(head_config[k]) for k in ("base", "gamma", "power", "lambda_min")):
+                raise ValueError("its base, gamma, power and lambda_min must be finite numbers")
+            module = create_head("a_softmax", in_features=embedding_dim, num_classes=wt.shape[0],
+                                 **{k: v for k, v in head_config.items() if k != "name"})
+        except ValueError as e:  # the head's own checks of its settings (UsageError is one)
+            raise CheckpointError(f"{where}: {layer.name!r} has margin settings the A-Softmax head refuses: {e}"
+                                  ) from None
         hstate = module.state_dict()
         hstate["weight"] = torch.from_numpy(wt)
         hstate["iteration"] = torch.tensor(int(p.iteration), dtype=torch.long)

@@ -54,6 +54,12 @@ def read_onnx(path):
         model = onnx.load(str(path))
     except Exception as e:  # protobuf's DecodeError and friends
         raise CheckpointError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
+    graph = model.graph
+    names = [v.name for v in (*graph.input, *graph.output, *graph.initializer)]
+    names += [n for node in graph.node for n in (*node.input, *node.output)]
+    bad = next((n for n in names if not isinstance(n, str)), None)  # protobuf hands invalid UTF-8 back as bytes
+    if bad is not None:
+        raise InputFileError(f"{path}: the tensor name {bad[:40]!r} is not UTF-8 text; ONNX names are UTF-8 strings")
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
@@ -73,20 +79,21 @@ def _input_hw(model) -> Tuple[Optional[int], Optional[int], Optional[int]]:
     return dims[1], dims[2], dims[3]
 
 
-def guess_preprocessing(model, template: Optional[str] = None) -> Preprocessing:
-    """The convention of an insightface-style model (module docstring); ``template`` for a symbolic size."""
+def guess_preprocessing(model, template: Optional[str] = None, where: str = "the model") -> Preprocessing:
+    """The convention of an insightface-style model (module docstring); ``template`` for a symbolic size;
+    ``where`` (the file) starts every error message."""
     c, h, w = _input_hw(model)
     if c not in (None, 3):
-        raise InputFileError(f"the model's input has {c} channels; a face model takes 3 (B x 3 x H x W)")
+        raise InputFileError(f"{where}: the model's input has {c} channels; a face model takes 3 (B x 3 x H x W)")
     if h is not None and w is not None:
         found = _SIZES.get((h, w))
         if found is None:
-            raise InputFileError(f"the model takes {h}x{w} crops; the toolkit aligns 112x112 or 112x96 crops")
+            raise InputFileError(f"{where}: the model takes {h}x{w} crops; the toolkit aligns 112x112 or 112x96 crops")
         if template is not None and template != found:
-            raise UsageError(f"--template {template}: the model's input is {found}")
+            raise UsageError(f"--template {template}: the input of {where} is {found}")
         template = found
     if template is None:
-        raise UsageError("the model's input size is symbolic: give --template 112x112 or 112x96")
+        raise UsageError(f"the input size of {where} is symbolic: give --template 112x112 or 112x96")
     first = [n.op_type for n in model.graph.node[:8]]
     in_graph = "Sub" in first and "Mul" in first
     mean, std = ([0.0] * 3, [1.0] * 3) if in_graph else (INSIGHTFACE.mean, INSIGHTFACE.std)
@@ -94,8 +101,9 @@ def guess_preprocessing(model, template: Optional[str] = None) -> Preprocessing:
                          source="onnx")
 
 
-def convert_onnx(model, pre: Preprocessing, metadata: Dict[str, str]) -> bytes:
-    """The toolkit ``.onnx`` (bytes): prelude + the original graph + ``feature``/``embedding`` outputs."""
+def convert_onnx(model, pre: Preprocessing, metadata: Dict[str, str], where: str = "the model") -> bytes:
+    """The toolkit ``.onnx`` (bytes): prelude + the original graph + ``feature``/``embedding`` outputs;
+    ``where`` (the source file) starts every error message."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -105,7 +113,7 @@ def convert_onnx(model, pre: Preprocessing, metadata: Dict[str, str]) -> bytes:
     orig_out = graph.output[0].name
     taken = {n for node in graph.node for n in list(node.input) + list(node.output)} | inits | {orig_in.name}
     if INPUT_NAME in taken or FEATURE_OUTPUT in taken or EMBEDDING_OUTPUT in taken:
-        raise InputFileError(f"the model already uses one of the names {INPUT_NAME}, {FEATURE_OUTPUT}, "
+        raise InputFileError(f"{where} already uses one of the names {INPUT_NAME}, {FEATURE_OUTPUT}, "
                              f"{EMBEDDING_OUTPUT}: is it already a toolkit export?")
     p = "sphereface_plus_prelude_"
     consts = {
@@ -139,5 +147,8 @@ def convert_onnx(model, pre: Preprocessing, metadata: Dict[str, str]) -> bytes:
     try:
         onnx.checker.check_model(out)
     except onnx.checker.ValidationError as e:
-        raise InputFileError(f"the rewritten graph does not validate ({str(e).splitlines()[0]})") from None
+        raise InputFileError(f"{where}: the rewritten graph does not validate ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:  # a node name, op type or attribute text protobuf kept as raw bytes
+        raise InputFileError(f"{where}: a text in the graph is not UTF-8 (byte {e.start}: {e.reason}); ONNX texts "
+                             "are UTF-8 strings") from None
     return out.SerializeToString()

@@ -85,13 +85,16 @@ def import_mhe_gan(path) -> Dict[str, Any]:
     where = f"{prefix}.index"
     variables = read_tf_checkpoint(prefix)
     sn = f"{D_SCOPE}/c0_0/u" in variables
+    g_state, d_state = generator_state(variables, where), discriminator_state(variables, where, sn)  # names first
     G, D = Generator(), Discriminator(spectral_norm=sn)
-    check_state_dict(G, generator_state(variables, where), where, "MHE-GAN generator")
+    check_state_dict(G, g_state, where, "MHE-GAN generator")
     # num_batches_tracked is the toolkit's own counter; TF has none (it is only used with momentum=None)
-    check_state_dict(D, discriminator_state(variables, where, sn), where,
-                     f"MHE-GAN {'SN ' if sn else ''}discriminator")
+    check_state_dict(D, d_state, where, f"MHE-GAN {'SN ' if sn else ''}discriminator")
     step = variables.get("global_step")
-    iteration = int(np.asarray(step).reshape(-1)[0]) if step is not None and np.size(step) == 1 else 0
+    step = float(np.asarray(step).reshape(-1)[0]) if step is not None and np.size(step) == 1 else 0.0
+    if not (np.isfinite(step) and step == int(step) and step >= 0):
+        raise CheckpointError(f"{where}: global_step {step} is not an iteration count")
+    iteration = int(step)
     logger.info("read %d variables of %s (%s discriminator, step %d)", len(variables), prefix,
                 "SN" if sn else "plain", iteration)
     return {"generator": G.state_dict(), "discriminator": D.state_dict(), "iteration": iteration,

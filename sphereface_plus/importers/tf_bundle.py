@@ -23,6 +23,7 @@ arrays. So the reader is here, in two parts:
 """
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -120,6 +121,16 @@ def _block(data: bytes, offset: int, size: int, where: str) -> Dict[bytes, bytes
     return entries
 
 
+def _parse(message_class, data: bytes, where: str, what: str):
+    """A protobuf message from a table value; a damaged one is a :class:`CheckpointError` naming the file."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        return message_class.FromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{where}: the {what} does not parse ({e}): a damaged checkpoint index") from None
+
+
 def resolve_prefix(path) -> Path:
     """The checkpoint prefix of ``path``: ``model.ckpt-N``, its ``.index`` / ``.data-*`` / ``.meta`` file, or a
     folder with a ``checkpoint`` state file (its ``model_checkpoint_path``)."""
@@ -171,14 +182,14 @@ def read_tf_checkpoint(path) -> Dict[str, np.ndarray]:
     msgs = bundle_messages()
     if b"" not in entries:
         raise CheckpointError(f"{where}: no bundle header: not a tf.train.Saver (V2) checkpoint")
-    header = msgs["BundleHeaderProto"].FromString(entries.pop(b""))
+    header = _parse(msgs["BundleHeaderProto"], entries.pop(b""), where, "bundle header")
     if header.endianness != 0:
         raise CheckpointError(f"{where}: big-endian checkpoint; re-save it on a little-endian machine")
     shards: Dict[int, bytes] = {}
     out: Dict[str, np.ndarray] = {}
     for key, value in entries.items():
         name = key.decode("utf-8", errors="replace")
-        entry = msgs["BundleEntryProto"].FromString(value)
+        entry = _parse(msgs["BundleEntryProto"], value, where, f"entry of {name!r}")
         if len(entry.slices):
             raise CheckpointError(f"{where}: variable {name!r} is saved in slices (partitioned variable); not supported")
         dtype = DTYPES.get(entry.dtype)
@@ -193,9 +204,10 @@ def read_tf_checkpoint(path) -> Dict[str, np.ndarray]:
             shards[shard] = file.read_bytes()
         blob = shards[shard]
         shape = tuple(int(d.size) for d in entry.shape.dim)
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)  # Python integers: huge dimensions do not wrap around
         itemsize = np.dtype(dtype).itemsize
-        if entry.offset + entry.size > len(blob) or entry.size != count * itemsize:
+        if min(shape, default=0) < 0 or entry.offset < 0 or entry.offset + entry.size > len(blob) \
+                or entry.size != count * itemsize:
             raise CheckpointError(f"{where}: variable {name!r} ({shape}) does not fit its data file "
                                   f"(offset {entry.offset}, size {entry.size}): truncated checkpoint?")
         arr = np.frombuffer(blob, dtype=np.dtype(dtype).newbyteorder("<"), count=count, offset=entry.offset)
