@@ -35,7 +35,6 @@ only they are used.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -44,7 +43,7 @@ import torch.nn as nn
 
 from sphereface_plus.errors import UsageError
 from sphereface_plus.heads import create_head
-from sphereface_plus.heads.base import INIT_CHUNK, init_rows
+from sphereface_plus.heads.base import init_rows
 from sphereface_plus.heads.functional import NO_TARGET, check_labels
 from sphereface_plus.parallel.collectives import (
     all_gather_labels,
