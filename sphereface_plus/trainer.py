@@ -53,7 +53,7 @@ from sphereface_plus.engine.optim import build_optimizer, build_scheduler
 from sphereface_plus.engine.precision import autocast, resolve_precision
 from sphereface_plus.engine.sampler import ResumableSampler
 from sphereface_plus.heads import HeadOutput, create_head, head_parameters
-from sphereface_plus.mhe import classifier_mhe
+from sphereface_plus.mhe import ClassifierMHE, classifier_mhe
 from sphereface_plus.models import backbone_from_config
 from sphereface_plus.parallel import (ShardedClassifier, gather_head_state, gather_optimizer_state, load_head_state,
                                       shard_optimizer_state, sharded_classifier_mhe)
@@ -162,17 +162,20 @@ class FaceTrainModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, lambda_m: float = 0.0, mhe_power: str = "2",
-                 mhe_mode: str = "batch_vs_all", mhe_variant: str = "mhe"):
+                 mhe_mode: str = "batch_vs_all", mhe_variant: str = "mhe", mhe_term: Optional[ClassifierMHE] = None):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.lambda_m, self.mhe_power, self.mhe_mode = float(lambda_m), str(mhe_power), mhe_mode
         self.mhe_variant = mhe_variant  # sphereface_plus.mhe.MHE_VARIANTS
+        self.mhe_term = mhe_term  # another objective of the family (docs/theory.md#classifier-family), or None
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         emb = self.backbone(images)
         with torch.autocast(images.device.type, enabled=False):
             out = self.head(_head_precision(emb), labels)
-            if self.lambda_m > 0:
+            if self.lambda_m > 0 and self.mhe_term is not None:
+                mhe = self.mhe_term(_head_precision(self.head.weight), labels)
+            elif self.lambda_m > 0:
                 # no NaN check (a host sync every step): a non-finite weight gives a non-finite loss,
                 # which the trainer's guard skips and, if it persists, rolls back
                 mhe = classifier_mhe(_head_precision(self.head.weight), labels, power=self.mhe_power,
@@ -351,7 +354,10 @@ class Trainer:
             _record_head_settings(cfg.head, clf.head)
             return ShardedFaceModel(backbone, clf, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode, cfg.mhe.variant)
         head = build_head(cfg.head, cfg.model.embedding_dim, num_classes, seed=cfg.train.seed)
-        return FaceTrainModel(backbone, head, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode, cfg.mhe.variant)
+        term = None if cfg.mhe.objective == "mhe" else ClassifierMHE(
+            cfg.mhe.objective, cfg.mhe.power, cfg.mhe.mode, settings=cfg.mhe.settings(cfg.train.seed),
+            coefficient=cfg.mhe.lambda_m)
+        return FaceTrainModel(backbone, head, cfg.mhe.lambda_m, cfg.mhe.power, cfg.mhe.mode, cfg.mhe.variant, term)
 
     def _init_from(self, path: str) -> None:
         state = ckpt.load_checkpoint(path)
@@ -405,6 +411,8 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "config": self.cfg.to_dict(),
         }
+        if getattr(self.model, "mhe_term", None) is not None:  # the objective's projections / poles
+            state["mhe_state"] = self.model.mhe_term.state_dict()
         if self.threshold is not None:  # docs/interfaces.md: used by `sphereface-plus compare`
             state["threshold"] = self.threshold
         if self.best_accuracy is not None:
@@ -435,6 +443,8 @@ class Trainer:
             self.model.head.load_state_dict(state["head"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("mhe_state") is not None and getattr(self.model, "mhe_term", None) is not None:
+            self.model.mhe_term.load_state_dict(state["mhe_state"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng(state["rng"])
@@ -533,6 +543,8 @@ class Trainer:
         self.net.train()
         images = images.to(self.device, dtype=self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
+        if self.model.lambda_m > 0 and getattr(self.model, "mhe_term", None) is not None:  # its inner optimisers
+            self.model.mhe_term.advance(_head_precision(self.model.head.weight), labels, self.optimizer.param_groups[0]["lr"])
         with autocast(self.device, self.precision):  # the head and MHE inside turn it off again
             out, mhe = self.net(images, labels)
         loss = out.loss + self.model.lambda_m * mhe  # the one place lambda_M is applied

@@ -59,7 +59,8 @@ from sphereface_plus.engine.run_folder import RunFolder
 from sphereface_plus.engine.sampler import ResumableSampler, derive_seed, step_generator
 from sphereface_plus.errors import UsageError
 from sphereface_plus.losses import smoothed_cross_entropy
-from sphereface_plus.mhe import DEFAULT_COEFFICIENTS, POWERS, MHERegularizer, normalize_power
+from sphereface_plus.mhe import (OBJECTIVES, POWERS, MHERegularizer, check_objective, default_coefficients,
+                                 normalize_power, resolve_settings)
 from sphereface_plus.models import create_backbone
 from sphereface_plus.utils import atomic_write_json, atomic_write_text, progress
 
@@ -73,6 +74,12 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # cifar_<model_name>.
 # The reference schedule (docs/theory.md#cifar-setup): 42.5k iterations, lr x0.1 at 20k, 30k and 37.5k.
 REFERENCE_ITERATIONS = 42500
 REFERENCE_MILESTONES = (20000, 30000, 37500)
+# lr_schedule -> (iterations, milestones) of the authors' train.py: wy1iu/MHE, and rmlin/CoMHE with
+# wy1iu/Sphere-Uniformity (75k iterations, x0.1 at 30k, 50k, 65k); scaled to a run's length
+LR_SCHEDULES: Dict[str, Tuple[int, Tuple[int, ...]]] = {
+    "mhe": (REFERENCE_ITERATIONS, REFERENCE_MILESTONES),
+    "comhe": (75000, (30000, 50000, 65000)),
+}
 EVAL_BATCH = 500
 
 # Published CIFAR-100 test accuracy (%) at the final iteration (docs/theory.md#cifar-setup).
@@ -119,6 +126,14 @@ class CifarConfig:
     # network precision: sphereface_plus.engine.precision.SETTINGS; auto = bf16 where the CPU/GPU has
     # native bf16, else fp32 (fp32 / off = float32). The loss and the MHE terms are always float32.
     precision: str = "auto"
+    # the regulariser: sphereface_plus.mhe.OBJECTIVES (docs/theory.md#mhe-family); null settings take the
+    # authors' defaults of the objective (CoMHE pd/pn, inner steps of projections and poles, MHC's gamma)
+    mhe_objective: str = "mhe"
+    mhe_projection_dim: Optional[int] = None
+    mhe_projections: Optional[int] = None
+    mhe_inner_steps: Optional[int] = None
+    mhe_gamma: Optional[float] = None
+    lr_schedule: str = "mhe"  # LR_SCHEDULES: the authors' milestones, scaled to `iterations`
 
     #: keys of earlier releases, still read (with a warning) from old recipes and checkpoints
     RENAMED_KEYS = {"amp": "precision", "power_s": "mhe_power"}
@@ -129,7 +144,16 @@ class CifarConfig:
     def validate(self) -> None:
         if self.model_name not in MODEL_NAMES:
             raise ConfigError(f"model_name {self.model_name!r}: choose one of {', '.join(MODEL_NAMES)}")
-        if self.model_name == "baseline":
+        try:
+            self.mhe_objective = check_objective(self.mhe_objective)
+            self.mhe_settings()
+        except ValueError as e:
+            raise ConfigError(str(e).replace("MHE objective", "mhe_objective")) from None  # names the recipe's keys
+        if self.model_name == "half_mhe" and not OBJECTIVES[self.mhe_objective].half_space:
+            raise ConfigError(f"mhe_objective {self.mhe_objective} has no half-space form: use model_name mhe")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        if self.model_name == "baseline" or not OBJECTIVES[self.mhe_objective].uses_power:
             self.mhe_power = "-"
         else:
             try:
@@ -156,8 +180,20 @@ class CifarConfig:
 
     @property
     def setting(self) -> str:
-        """``baseline``, ``mhe_0`` .. ``half_mhe_a2`` (the reference's log folder names)."""
-        return "baseline" if self.model_name == "baseline" else f"{self.model_name}_{self.mhe_power}"
+        """``baseline``, ``mhe_0`` .. ``half_mhe_a2`` (the reference's log folder names); another objective:
+        its name, its kernel for CoMHE, ``half_`` first for the half-space form (``half_comhe_rp_2``,
+        ``half_mhs``, ``r_mhp``)."""
+        if self.model_name == "baseline":
+            return "baseline"
+        if self.mhe_objective == "mhe":
+            return f"{self.model_name}_{self.mhe_power}"
+        name = self.mhe_objective + ("" if self.mhe_power == "-" else f"_{self.mhe_power}")
+        return f"half_{name}" if self.model_name == "half_mhe" else name
+
+    def mhe_settings(self):
+        """The objective's settings in force (``sphereface_plus.mhe.resolve_settings``)."""
+        return resolve_settings(self.mhe_objective, self.mhe_projection_dim, self.mhe_projections,
+                                self.mhe_inner_steps, self.mhe_gamma, self.seed, prefix="mhe_")
 
     @property
     def num_classes(self) -> int:
@@ -165,7 +201,7 @@ class CifarConfig:
 
     @property
     def milestones(self) -> Tuple[int, ...]:
-        return scaled_milestones(self.iterations)
+        return scaled_milestones(self.iterations, self.lr_schedule)
 
     def coefficients(self) -> Tuple[float, float]:
         """``(λ_h, λ_o)`` actually used: the coefficients of docs/theory.md#mhe-regularizer times
@@ -173,8 +209,8 @@ class CifarConfig:
         if self.model_name == "baseline":
             return 0.0, 0.0
         # the reference's (hidden, output) coefficients by power (docs/theory.md#mhe-regularizer, owned by mhe.py); the
-        # published full-space logs match these x 0.1, the half-space logs exactly
-        h, o = DEFAULT_COEFFICIENTS[self.mhe_power]
+        # published full-space logs match these x 0.1, the half-space logs exactly; the other objectives' own
+        h, o = default_coefficients(self.mhe_objective, None if self.mhe_power == "-" else self.mhe_power)
         return h * self.mhe_scale, o * self.mhe_scale
 
     def to_dict(self) -> Dict[str, Any]:
@@ -185,15 +221,16 @@ class CifarConfig:
 # pieces of the recipe
 
 
-def scaled_milestones(iterations: int) -> Tuple[int, ...]:
-    """The lr milestones for a run of ``iterations`` updates.
+def scaled_milestones(iterations: int, schedule: str = "mhe") -> Tuple[int, ...]:
+    """The lr milestones for a run of ``iterations`` updates (``schedule``: :data:`LR_SCHEDULES`).
 
     The reference's 20k/30k/37.5k of 42.5k are kept as fractions of the run, so ``iterations=42500``
     gives exactly (20000, 30000, 37500) and a shorter run keeps the same shape (e.g. 4250 ->
     (2000, 3000, 3750)). Scaling was chosen over truncating because a truncated run would never leave
     lr 0.1, and the last two thirds of the schedule are where the published accuracy is made.
     """
-    return tuple(int(round(m * iterations / REFERENCE_ITERATIONS)) for m in REFERENCE_MILESTONES)
+    reference, milestones = LR_SCHEDULES[schedule]
+    return tuple(int(round(m * iterations / reference)) for m in milestones)
 
 
 def build_model(num_classes: int, seed: int = 0, bn_momentum: Optional[float] = None) -> nn.Module:
@@ -222,9 +259,10 @@ def build_regularizer(model: nn.Module, cfg: CifarConfig) -> Optional[MHERegular
     if cfg.model_name == "baseline" or cfg.mhe_scale == 0:
         return None
     hidden_coef, output_coef = cfg.coefficients()
-    reg = MHERegularizer(model, power=cfg.mhe_power, half_space=cfg.model_name == "half_mhe", hidden_coef=hidden_coef,
-                         output_coef=output_coef, include=list(HIDDEN_LAYERS) + [OUTPUT_LAYER],
-                         output_layers=[OUTPUT_LAYER])
+    reg = MHERegularizer(model, power=None if cfg.mhe_power == "-" else cfg.mhe_power,
+                         half_space=cfg.model_name == "half_mhe", hidden_coef=hidden_coef, output_coef=output_coef,
+                         include=list(HIDDEN_LAYERS) + [OUTPUT_LAYER], output_layers=[OUTPUT_LAYER],
+                         objective=cfg.mhe_objective, settings=cfg.mhe_settings())
     if tuple(reg.hidden_layers) != HIDDEN_LAYERS or tuple(reg.output_layers) != (OUTPUT_LAYER,):
         raise RuntimeError(f"MHE selected hidden={reg.hidden_layers}, output={reg.output_layers}; expected the 9 "
                            f"convs and fc6 as hidden layers and score as output (has cifar_cnn9 renamed its layers?)")
@@ -301,6 +339,7 @@ def train_step(model, reg, optimizer, x, y, cfg: CifarConfig, precision: str = "
     loss = task
     hidden = output = 0.0
     if reg is not None:
+        reg.advance(optimizer.param_groups[0]["lr"])  # the objective's projections / poles (docs/theory.md#mhe-family)
         mhe_loss, values = reg()
         loss = loss + mhe_loss
         hidden, output = split_terms(reg, values)
@@ -385,6 +424,8 @@ def _train_cifar(cfg: CifarConfig, out_dir, device: str, resume: bool, stop_afte
         log_window.load_state_dict(state["windows"]["log"])
         eval_window.load_state_dict(state["windows"]["eval"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
+        if reg is not None and state.get("mhe_state") is not None:
+            reg.load_state_dict(state["mhe_state"])
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {**cfg.to_dict(), "setting": cfg.setting, "milestones": list(cfg.milestones),
@@ -409,7 +450,7 @@ def _train_cifar(cfg: CifarConfig, out_dir, device: str, resume: bool, stop_afte
                               "scheduler": scheduler.state_dict(), "iteration": iteration, "config": cfg.to_dict(),
                               "logs": {"train": train_log.state_dict(), "test": test_log.state_dict()},
                               "windows": {"log": log_window.state_dict(), "eval": eval_window.state_dict()},
-                              "elapsed_s": elapsed()}, out)
+                              "elapsed_s": elapsed(), "mhe_state": reg.state_dict() if reg is not None else None}, out)
 
     def batch(update: int):
         idx = sampler.batch_indices(update)
@@ -540,6 +581,8 @@ def run_sweep(base: CifarConfig, out_dir, device: str = "auto") -> Dict[str, Dic
 _SETTING_FLAGS = {
     "model_name": (str, f"{' | '.join(MODEL_NAMES)}: no MHE, full-space MHE, half-space MHE on hidden layers"),
     "mhe_power": (str, f"MHE kernel s (the seed's --power_s): {' | '.join(POWERS)} (0/1/2 Euclidean log, 1/d, 1/d^2; a0/a1/a2 angular)"),
+    "mhe_objective": (str, f"the regulariser: {' | '.join(OBJECTIVES)} (docs/theory.md#mhe-family); its settings as "
+                           f"key=value: mhe_projection_dim, mhe_projections, mhe_inner_steps, mhe_gamma"),
     "mhe_scale": (float, "multiplies the original's coefficients (λ_h, λ_o) = (1, 10) for 0/1/2/a0, (0.1, 1) for a1/a2; "
                          "0.1 matches the published full-space logs"),
     "dataset": (str, f"{' | '.join(CIFAR_DATASETS)} (fine labels for cifar100)"),

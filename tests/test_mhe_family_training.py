@@ -1,0 +1,241 @@
+"""The MHE family in training: the regulariser's weighted sum, the inner optimisers of projections and
+poles against the authors' update rules (tests/mhe_family_reference.py), the draws of CoMHE-RP, the
+settings' validation, and a bit-exact resume through the CIFAR trainer."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import mhe_family_reference as ref
+from sphereface_plus.apps import cifar
+from sphereface_plus.config import ConfigError
+from sphereface_plus.mhe import (OBJECTIVES, MHERegularizer, ObjectiveSettings, default_coefficients, mhe_energy,
+                                 resolve_settings)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 5, 2, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 3 * 3, 4)).double()
+
+
+def _filts(model):
+    return ref.filt_of(model[0].weight), ref.filt_of(model[3].weight)
+
+
+def _reference_terms(objective, reg, model, lr):
+    """The transcription's (hidden, output) terms of the tiny model, with the regulariser's state."""
+    conv, lin = _filts(model)
+    half = reg.half_space
+    st = reg.state_dict()["state"]
+    if objective == "mhe":
+        return ref.thomson(conv, half), ref.thomson(lin, False)  # power 2 in this test
+    if objective == "comhe_rp":
+        p = reg.state.projections("0", model[0].weight).numpy()
+        return ref.comhe_rp(conv, p, half), ref.thomson(lin, False)
+    if objective in ("comhe_ap", "comhe_ad"):
+        kind = "angle" if objective == "comhe_ap" else "adversarial"
+        return ref.comhe_learned(conv, st["projections"]["0"].numpy(), lr, kind, half), ref.thomson(lin, False)
+    if objective in ("mhp", "mhc"):
+        f = ref.mhp if objective == "mhp" else ref.mhc
+        return (-1 if objective == "mhp" else 1) * np.array([f(conv, st["poles"]["0"].numpy().reshape(1, -1), half),
+                                                              f(lin, st["poles"]["3"].numpy().reshape(1, -1), False)])
+    if objective == "mhs":
+        return ref.mhs(conv, half), ref.mhs(lin, False)
+    if objective == "r_mhp":
+        return ref.r_mhp(conv), ref.r_mhp(lin)
+    return ref.mgd(conv, half), ref.mgd(lin, False)
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_regulariser_is_the_authors_weighted_sum(objective):
+    model = _model()
+    spec = OBJECTIVES[objective]
+    settings = {"comhe_rp": ObjectiveSettings(projection_dim=4, projections=3),
+                "comhe_ap": ObjectiveSettings(projection_dim=4, inner_steps=2),
+                "comhe_ad": ObjectiveSettings(projection_dim=4, inner_steps=2),
+                "mhp": ObjectiveSettings(inner_steps=2), "mhc": ObjectiveSettings(inner_steps=2)}.get(objective)
+    reg = MHERegularizer(model, power="2" if spec.uses_power else None, half_space=spec.half_space,
+                         objective=objective, settings=settings)
+    assert reg.output_layers == ["3"] and reg.hidden_layers == ["0"]
+    lr = 0.05
+    reg.advance(lr)
+    loss, values = reg()
+    h, o = _reference_terms(objective, reg, model, lr)
+    ch, co = default_coefficients(objective, "2")
+    assert (reg.hidden_coef, reg.output_coef) == (ch, co)
+    assert float(values["0"]) == pytest.approx(h, rel=1e-9) and float(values["3"]) == pytest.approx(o, rel=1e-9)
+    assert float(loss) == pytest.approx(ch * h + co * o, rel=1e-9)
+
+
+def test_authors_coefficients_and_signs():
+    assert default_coefficients("mhe", "0") == (1.0, 10.0) and default_coefficients("mhe", "a1") == (0.1, 1.0)
+    assert default_coefficients("comhe_rp", "2") == (1.0, 10.0)
+    assert {k: default_coefficients(k) for k in ("mhs", "mhp", "r_mhp", "mhc", "mgd")} == {
+        "mhs": (0.1, 1.0), "mhp": (1.0, 10.0), "r_mhp": (0.01, 0.1), "mhc": (0.01, 0.1), "mgd": (0.01, 0.1)}
+    assert OBJECTIVES["mhp"].sign == -1 and all(o.sign == 1 for k, o in OBJECTIVES.items() if k != "mhp")
+
+
+# ------------------------------------------------------------------------------------------ inner optimisers
+
+
+@pytest.mark.parametrize("objective, kind, steps", [("comhe_ap", "angle", 1), ("comhe_ad", "adversarial", 3)])
+def test_projection_steps_follow_the_authors_gradient_descent(objective, kind, steps):
+    model = _model(1)
+    reg = MHERegularizer(model, half_space=True, objective=objective,
+                         settings=ObjectiveSettings(projection_dim=4, inner_steps=steps))
+    p0 = reg.state.projection("0", model[0].weight).numpy().copy()
+    lr = 0.2
+    reg.advance(lr)
+    expected = ref.projection_steps(_filts(model)[0], p0, lr, kind, steps)
+    np.testing.assert_allclose(reg.state_dict()["state"]["projections"]["0"].numpy(), expected, rtol=1e-9, atol=1e-12)
+    assert "3" not in reg.state_dict()["state"]["projections"]  # the output layer is not projected
+
+
+@pytest.mark.parametrize("objective", ["mhp", "mhc"])
+def test_pole_steps_follow_the_authors_momentum(objective):
+    model = _model(2)
+    reg = MHERegularizer(model, half_space=True, objective=objective, settings=ObjectiveSettings(inner_steps=4))
+    conv, lin = _filts(model)
+    v0 = {n: reg.state.pole(n, m.weight).numpy().reshape(1, -1).copy() for n, m in (("0", model[0]), ("3", model[3]))}
+    lr = 0.1
+    reg.advance(lr)
+    st = reg.state_dict()["state"]
+    for name, filt, half, coef in (("0", conv, True, reg.hidden_coef), ("3", lin, False, reg.output_coef)):
+        expected = ref.pole_steps(filt, v0[name], half, objective, coef, lr, 4)
+        np.testing.assert_allclose(st["poles"][name].numpy(), expected.reshape(-1), rtol=1e-9, atol=1e-12)
+    # a second update continues the momentum (the buffers are state too)
+    reg.advance(lr)
+    expected = ref.pole_steps(conv, v0["0"], True, objective, reg.hidden_coef, lr, 8)
+    np.testing.assert_allclose(reg.state_dict()["state"]["poles"]["0"].numpy(), expected.reshape(-1), rtol=1e-8)
+
+
+def test_random_projections_are_drawn_anew_each_update_and_replayable():
+    model = _model(3)
+    settings = ObjectiveSettings(projection_dim=4, projections=3, seed=5)
+    reg = MHERegularizer(model, objective="comhe_rp", settings=settings)
+    w = model[0].weight
+    p0 = reg.state.projections("0", w).clone()
+    assert p0.shape == (3, 4, 12)
+    reg.advance(0.1)
+    p1 = reg.state.projections("0", w).clone()
+    assert not torch.equal(p0, p1)
+    saved = reg.state_dict()
+    other = MHERegularizer(model, objective="comhe_rp", settings=settings)
+    other.load_state_dict(saved)
+    assert torch.equal(other.state.projections("0", w), p1)
+    assert float(other()[0]) == float(reg()[0])
+    with pytest.raises(ValueError, match="objective"):
+        MHERegularizer(model, objective="mhs").load_state_dict(saved)
+
+
+def test_default_stays_plain_mhe():
+    model = _model(4)
+    loss, values = MHERegularizer(model)()
+    assert float(values["0"]) == float(mhe_energy(model[0].weight, "0"))
+    assert float(loss) == float(1.0 * mhe_energy(model[0].weight, "0") + 10.0 * mhe_energy(model[3].weight, "0"))
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+def test_settings_are_validated():
+    assert resolve_settings("comhe_rp") == ObjectiveSettings(projection_dim=40, projections=20)
+    assert resolve_settings("comhe_ad").inner_steps == 10 and resolve_settings("mhc").gamma == 10.0
+    with pytest.raises(ValueError, match="has no setting 'gamma'"):
+        resolve_settings("mhs", gamma=3.0)
+    with pytest.raises(ValueError, match="projections must be 1"):
+        resolve_settings("comhe_ap", projections=4)
+    with pytest.raises(ValueError, match="unknown MHE objective"):
+        MHERegularizer(_model(), objective="comhe")
+    with pytest.raises(ValueError, match="no half-space form"):
+        MHERegularizer(_model(), objective="r_mhp", half_space=True)
+    with pytest.raises(ValueError, match="has no kernel"):
+        MHERegularizer(_model(), objective="mgd", power="2")
+    with pytest.raises(ConfigError, match="no half-space form"):
+        cifar.CifarConfig(model_name="half_mhe", mhe_objective="r_mhp")
+    with pytest.raises(ConfigError, match="mhe_objective 'mhs' has no setting 'mhe_projection_dim'"):
+        cifar.CifarConfig(mhe_objective="mhs", mhe_projection_dim=3)
+    cfg = cifar.CifarConfig(model_name="half_mhe", mhe_objective="comhe_rp", mhe_power="2", iterations=75000,
+                            lr_schedule="comhe")
+    assert cfg.setting == "half_comhe_rp_2" and cfg.milestones == (30000, 50000, 65000)
+    assert cifar.CifarConfig(model_name="mhe", mhe_objective="r_mhp").setting == "r_mhp"
+
+
+# --------------------------------------------------------------------------------------- resume, bit-exact
+
+
+def _write_synthetic_cifar10(folder):
+    g = np.random.default_rng(0)
+    root = folder / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    for i in range(1, 6):
+        blob = {b"batch_label": b"b", b"labels": [int(v) for v in g.integers(0, 10, 16)],
+                b"data": g.integers(0, 256, (16, 3072), dtype=np.uint8)}
+        (root / f"data_batch_{i}").write_bytes(pickle.dumps(blob, protocol=2))
+    blob = {b"batch_label": b"t", b"labels": [int(v) for v in g.integers(0, 10, 10)],
+            b"data": g.integers(0, 256, (10, 3072), dtype=np.uint8)}
+    (root / "test_batch").write_bytes(pickle.dumps(blob, protocol=2))
+    return folder
+
+
+@pytest.mark.parametrize("objective", ["comhe_rp", "comhe_ap", "comhe_ad", "mhp", "mhc"])
+def test_state_round_trip_resumes_bit_exactly(objective):
+    # three SGD updates of a tiny model with the regulariser, against one update, a save (model, optimiser,
+    # regulariser's state_dict), fresh objects loading it, and two more updates
+    def run(updates, state=None):
+        model = _model(6)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        settings = ObjectiveSettings(projection_dim=4, projections=2) if objective == "comhe_rp" else \
+            ObjectiveSettings(projection_dim=4, inner_steps=2) if objective.startswith("comhe") else \
+            ObjectiveSettings(inner_steps=2)
+        reg = MHERegularizer(model, half_space=True, objective=objective, settings=settings)
+        if state is not None:
+            model.load_state_dict(state[0])
+            opt.load_state_dict(state[1])
+            reg.load_state_dict(state[2])
+        x = torch.randn(4, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        for _ in range(updates):
+            reg.advance(opt.param_groups[0]["lr"])
+            loss = model(x).square().mean() + reg()[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model, opt, reg
+
+    whole = run(3)
+    m, o, r = run(1)
+    saved = pickle.loads(pickle.dumps((m.state_dict(), o.state_dict(), r.state_dict())))
+    resumed = run(2, saved)
+    for a, b in zip(whole[0].parameters(), resumed[0].parameters()):
+        assert torch.equal(a, b)
+    assert float(whole[2]()[0]) == float(resumed[2]()[0])
+
+
+def test_cifar_resume_is_bit_exact(tmp_path):
+    # through the CIFAR trainer: the regulariser's state (here MHP's poles and their momentum) travels in the
+    # checkpoint (mhe_state) and an interrupted run retraces the uninterrupted one bit for bit
+    objective = "mhp"
+    data = _write_synthetic_cifar10(tmp_path / "data")
+    cfg = cifar.CifarConfig(model_name="half_mhe", mhe_objective=objective, dataset="cifar10", data=str(data),
+                            iterations=3, batch_size=4, eval_every=2, seed=1, precision="fp32", lr=0.01,
+                            lr_schedule="comhe", mhe_inner_steps=2)
+    whole = cifar.train_cifar(cfg, tmp_path / "a", device="cpu")
+    part = cifar.train_cifar(cfg, tmp_path / "b", device="cpu", stop_after=1)
+    assert part["stopped"] and whole["iterations"] == 3
+    cifar.train_cifar(cfg, tmp_path / "b", device="cpu", resume=True)
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    poles_a, poles_b = a["mhe_state"]["state"], b["mhe_state"]["state"]
+    assert poles_a["poles"].keys() == poles_b["poles"].keys() == set(cifar.HIDDEN_LAYERS + (cifar.OUTPUT_LAYER,))
+    for key in ("poles", "momentum"):
+        for name in poles_a[key]:
+            assert torch.equal(poles_a[key][name], poles_b[key][name]), (key, name)
+    rows = [[json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab"]
+    assert [r["iteration"] for r in rows[1]] == [0, 2, 3]
+    for x, y in zip(*rows):
+        assert (x["loss"], x["mhe_hidden"], x["mhe_output"]) == (y["loss"], y["mhe_hidden"], y["mhe_output"])
