@@ -239,3 +239,35 @@ def test_cifar_resume_is_bit_exact(tmp_path):
     assert [r["iteration"] for r in rows[1]] == [0, 2, 3]
     for x, y in zip(*rows):
         assert (x["loss"], x["mhe_hidden"], x["mhe_output"]) == (y["loss"], y["mhe_hidden"], y["mhe_output"])
+
+
+# ---------------------------------------------------------------------------------------- the GAN discriminator
+
+
+def test_gan_discriminator_takes_any_objective():
+    from sphereface_plus.apps.gan import GanConfig
+    from sphereface_plus.gan import Discriminator, Generator, gan_mhe_loss
+    from sphereface_plus.gan import steps as S
+    from sphereface_plus.gan.losses import discriminator_regularizer
+
+    torch.manual_seed(0)
+    d = Discriminator(spectral_norm=True)
+    reg = discriminator_regularizer(d, "r_mhp")
+    convs = [m for _, m in d.layers() if m.weight.shape[0] >= 2]
+    assert len(reg.layers) == len(convs) == 7 and reg.output_layers == []
+    expected = 1e-3 * sum(ref.r_mhp(ref.filt_of(m.weight)) for m in convs)  # raw weights, coefficient 1 each
+    assert float(gan_mhe_loss(d, 1e-3, regularizer=reg)) == pytest.approx(expected, rel=1e-6)
+    # a discriminator update advances the objective's state (MHP's poles) at D's learning rate
+    g = Generator()
+    opt_g, opt_d = S.make_optimizers(g, d)
+    mhp = discriminator_regularizer(d, "mhp", half_space=True, settings=ObjectiveSettings(inner_steps=1))
+    before = {k: v.clone() for k, v in mhp.state_dict()["state"]["poles"].items()} or None
+    out = S.d_step(g, d, opt_d, torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 128), mhe_magnitude=1e-3,
+                   mhe_regularizer=mhp)
+    assert before is None and set(mhp.state_dict()["state"]["poles"]) == {n for n, *_ in mhp.layers}
+    assert float(out["mhe"]) < 0  # MHP's polarisation enters D's loss negated
+    with pytest.raises(ConfigError, match="needs a toolkit kernel"):
+        GanConfig(mhe_objective="comhe_rp")
+    with pytest.raises(ConfigError, match="has no kernel"):
+        GanConfig(mhe_objective="mhs", mhe_power="2")
+    assert GanConfig(mhe_objective="comhe_rp", mhe_power="2", mhe_half_space=True).mhe_regularizer(d).objective == "comhe_rp"

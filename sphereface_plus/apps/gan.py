@@ -44,6 +44,7 @@ from sphereface_plus.errors import UsageError
 from sphereface_plus.gan import losses as gan_losses
 from sphereface_plus.gan import steps
 from sphereface_plus.gan.models import Discriminator, Generator
+from sphereface_plus.mhe import OBJECTIVES, check_objective, resolve_settings
 from sphereface_plus.utils import atomic_write_text, progress
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,13 @@ class GanConfig:
     mhe: float = gan_losses.MHE_MAGNITUDE["sn"]  # MHE magnitude on D's loss; 0 = off
     mhe_power: str = "original"  # ops.py's term, or a toolkit kernel: 0 1 2 a0 a1 a2
     mhe_half_space: bool = False  # toolkit kernels only
+    # another objective of the MHE family on D (sphereface_plus.mhe.OBJECTIVES, docs/gan.md#gan-family), with
+    # mhe as its magnitude; null settings take the objective's defaults
+    mhe_objective: str = "mhe"
+    mhe_projection_dim: Optional[int] = None
+    mhe_projections: Optional[int] = None
+    mhe_inner_steps: Optional[int] = None
+    mhe_gamma: Optional[float] = None
     loss: str = "nonsaturating"  # sphereface_plus.gan.losses.LOSSES
     data: str = "."  # CIFAR-10 python folder (cifar-10-batches-py or its parent)
     iterations: int = steps.ITERATIONS
@@ -102,9 +110,22 @@ class GanConfig:
         kernels = gan_losses.MHE_KERNELS
         if str(self.mhe_power) not in kernels:
             raise ConfigError(f"mhe_power {self.mhe_power!r}: choose one of {', '.join(kernels)}")
-        if self.mhe_half_space and self.mhe_power == "original":
+        if self.mhe_half_space and self.mhe_power == "original" and self.mhe_objective in ("mhe", "comhe_rp",
+                                                                                           "comhe_ap", "comhe_ad"):
             raise ConfigError("mhe_half_space needs a toolkit kernel (mhe_power=0|1|2|a0|a1|a2); "
                               "the original formula is full-space")
+        try:
+            spec = OBJECTIVES[check_objective(self.mhe_objective)]
+            self.mhe_settings()
+        except ValueError as e:
+            raise ConfigError(str(e).replace("MHE objective", "mhe_objective")) from None
+        if self.mhe_objective != "mhe" and spec.uses_power and self.mhe_power == "original":
+            raise ConfigError(f"mhe_objective={self.mhe_objective} needs a toolkit kernel: mhe_power=2 (the authors') "
+                              f"or 0|1|a0|a1|a2")
+        if self.mhe_objective != "mhe" and not spec.uses_power and self.mhe_power != "original":
+            raise ConfigError(f"mhe_objective={self.mhe_objective} has no kernel: leave mhe_power unset")
+        if self.mhe_half_space and not spec.half_space:
+            raise ConfigError(f"mhe_objective={self.mhe_objective} has no half-space form: mhe_half_space=false")
         splits = self.real_splits
         if not splits or any(s not in REAL_SPLITS for s in splits) or len(set(splits)) < len(splits):
             raise ConfigError(f"real_stats {self.real_stats!r}: one of {', '.join(REAL_SPLITS)}, or both comma-separated "
@@ -128,8 +149,20 @@ class GanConfig:
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
+    def mhe_settings(self):
+        """The MHE objective's settings in force (``sphereface_plus.mhe.resolve_settings``)."""
+        return resolve_settings(self.mhe_objective, self.mhe_projection_dim, self.mhe_projections,
+                                self.mhe_inner_steps, self.mhe_gamma, self.seed, prefix="mhe_")
 
-def _loss_at_start(G, D, real, z_g, z_d, cfg: GanConfig) -> Dict[str, float]:
+    def mhe_regularizer(self, D):
+        """The family objective's regulariser on ``D``, or None for MHE's own term."""
+        if self.mhe_objective == "mhe" or self.mhe == 0:
+            return None
+        return gan_losses.discriminator_regularizer(D, self.mhe_objective, self.mhe_power, self.mhe_half_space,
+                                                    self.mhe_settings())
+
+
+def _loss_at_start(G, D, real, z_g, z_d, cfg: GanConfig, reg=None) -> Dict[str, float]:
     """d_loss, g_loss and mhe at the initial weights on the first batch (nothing updated: BN and u restored)."""
     d_fn, g_fn = gan_losses.adversarial_losses(cfg.loss)
     g_state, d_state = copy.deepcopy(G.state_dict()), copy.deepcopy(D.state_dict())
@@ -138,7 +171,8 @@ def _loss_at_start(G, D, real, z_g, z_d, cfg: GanConfig) -> Dict[str, float]:
         g_loss = g_fn(D(G(z_g)))
         fake = G(z_d)
         d_loss = d_fn(D(real), D(fake))
-        mhe = gan_losses.gan_mhe_loss(D, cfg.mhe, kernel=cfg.mhe_power, half_space=cfg.mhe_half_space)
+        mhe = gan_losses.gan_mhe_loss(D, cfg.mhe, kernel=cfg.mhe_power, half_space=cfg.mhe_half_space,
+                                      regularizer=reg)
     G.load_state_dict(g_state)
     D.load_state_dict(d_state)
     return {"d_loss": float(d_loss), "g_loss": float(g_loss), "mhe": float(mhe)}
@@ -206,6 +240,7 @@ def _train_gan(cfg: GanConfig, out_dir, device: str, resume: bool, stop_after: O
     torch.manual_seed(cfg.seed)
     G, D = Generator().to(dev), Discriminator(spectral_norm=cfg.sn).to(dev)
     opt_g, opt_d = steps.make_optimizers(G, D, cfg.lr, (cfg.beta1, cfg.beta2))
+    reg = cfg.mhe_regularizer(D)  # None for MHE's own term
     window = RunningMeans()
     start, elapsed_before = 0, 0.0
     if init_state is not None:
@@ -219,6 +254,8 @@ def _train_gan(cfg: GanConfig, out_dir, device: str, resume: bool, stop_after: O
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         window.load_state_dict(state["window"])
+        if reg is not None and state.get("mhe_state") is not None:
+            reg.load_state_dict(state["mhe_state"])
         start, elapsed_before = int(state["iteration"]), float(state["elapsed_s"])
         log.info("resuming %s from iteration %d", out, start)
 
@@ -246,7 +283,8 @@ def _train_gan(cfg: GanConfig, out_dir, device: str, resume: bool, stop_after: O
     def save(it: int) -> None:
         ckpt.save_checkpoint({"generator": G.state_dict(), "discriminator": D.state_dict(), "opt_g": opt_g.state_dict(),
                               "opt_d": opt_d.state_dict(), "iteration": it, "config": cfg.to_dict(),
-                              "window": window.state_dict(), "log": logger.state_dict(), "elapsed_s": elapsed()}, out)
+                              "window": window.state_dict(), "log": logger.state_dict(), "elapsed_s": elapsed(),
+                              "mhe_state": reg.state_dict() if reg is not None else None}, out)
 
     def evaluate(it: int, losses: Dict[str, float]) -> None:
         steps.save_grid(_samples(G, sample_z), out / f"samples_{it:07d}.png")
@@ -277,13 +315,13 @@ def _train_gan(cfg: GanConfig, out_dir, device: str, resume: bool, stop_after: O
     stopped, done = False, start
     try:
         if state is None:  # a run resumed from its iteration-0 checkpoint already has row 0
-            evaluate(0, _loss_at_start(G, D, *batch(0), cfg))
+            evaluate(0, _loss_at_start(G, D, *batch(0), cfg, reg))
             save(0)
         for it in bar:
             real, z_g, z_d = batch(it)
             with autocast(dev, precision):
                 vals = steps.train_iteration(G, D, opt_g, opt_d, real, z_g, z_d, cfg.loss, cfg.mhe,
-                                             cfg.mhe_power, cfg.mhe_half_space)
+                                             cfg.mhe_power, cfg.mhe_half_space, reg)
             vals = {k: float(v) for k, v in vals.items()}
             done = it + 1
             bad = [k for k, v in vals.items() if not math.isfinite(v)]
