@@ -162,6 +162,12 @@ def test_settings_are_validated():
                             lr_schedule="comhe")
     assert cfg.setting == "half_comhe_rp_2" and cfg.milestones == (30000, 50000, 65000)
     assert cifar.CifarConfig(model_name="mhe", mhe_objective="r_mhp").setting == "r_mhp"
+    # a checkpoint written before these settings existed resumes: they are compared at their defaults
+    from sphereface_plus.config import stored_config_as_read
+
+    added = ("mhe_objective", "mhe_projection_dim", "mhe_projections", "mhe_inner_steps", "mhe_gamma", "lr_schedule")
+    old = {k: v for k, v in cifar.CifarConfig().to_dict().items() if k not in added}
+    assert stored_config_as_read(old, cifar.CifarConfig) == cifar.CifarConfig().to_dict()
 
 
 # --------------------------------------------------------------------------------------- resume, bit-exact

@@ -47,7 +47,8 @@ import torch
 import torch.nn as nn
 
 from data_prep.cifar import CIFAR_DATASETS, load_cifar, random_pad_crop_flip, to_network_input
-from sphereface_plus.config import ConfigError, add_field_flags, config_to_yaml, load_config_from_args
+from sphereface_plus.config import (ConfigError, add_field_flags, config_to_yaml, load_config_from_args,
+                                    stored_config_as_read)
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.run_log import MetricsLogger, RunningMeans, open_tensorboard
@@ -393,7 +394,9 @@ def _train_cifar(cfg: CifarConfig, out_dir, device: str, resume: bool, stop_afte
     dev = resolve_device(device, setting="--device")
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    found = ckpt.resume_run_state(out, resume, cfg.to_dict(), RESUMABLE_CHANGES)
+    # a checkpoint of an earlier release lacks the settings added since: compared at their defaults
+    found = ckpt.resume_run_state(out, resume, cfg.to_dict(), RESUMABLE_CHANGES,
+                                  view=lambda c: stored_config_as_read(c, CifarConfig))
     state = found[1] if found else None
     if found:
         log.info("resuming %s from iteration %d (%s)", cfg.setting, int(state["iteration"]), found[0])

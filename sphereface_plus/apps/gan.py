@@ -32,7 +32,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from data_prep.cifar import load_cifar_split
-from sphereface_plus.config import ConfigError, add_field_flags, config_to_yaml, load_config_from_args
+from sphereface_plus.config import (ConfigError, add_field_flags, config_to_yaml, load_config_from_args,
+                                    stored_config_as_read)
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.run_log import MetricsLogger, RunningMeans, open_tensorboard
@@ -220,7 +221,9 @@ def _train_gan(cfg: GanConfig, out_dir, device: str, resume: bool, stop_after: O
     out = Path(out_dir)
     dev = resolve_device(device, setting="--device")
     precision = resolve_precision(cfg.precision, dev, what="--precision")
-    found = ckpt.resume_run_state(out, resume, cfg.to_dict(), RESUMABLE_CHANGES)
+    # a checkpoint of an earlier release lacks the settings added since: compared at their defaults
+    found = ckpt.resume_run_state(out, resume, cfg.to_dict(), RESUMABLE_CHANGES,
+                                  view=lambda c: stored_config_as_read(c, GanConfig))
     state = found[1] if found else None
     # inputs first (data, weights files), before anything is written
     train_x, _ = load_cifar_split(cfg.data, "cifar10", "train")
