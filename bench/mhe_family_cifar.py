@@ -12,9 +12,10 @@ recipe's coefficients but for few, small steps, which is what this table can and
 report's notes).
 
 Resumable: every run is a run folder under ``--out`` (checkpoint at each evaluation), finished runs are
-recorded in ``results.json`` there and skipped when the script is started again; the Markdown table is
+recorded in ``results*.json`` there and skipped when the script is started again; the Markdown table is
 rewritten after every run, seeds first (all settings at seed 0, then at seed 1, ...), so a partial
-table already covers every setting.
+table already covers every setting. ``--shard I/N`` runs every N-th run from the I-th (``results-I-of-N.json``),
+so that N processes share the list; the table merges what every shard has finished.
 
     nice -n 5 python bench/mhe_family_cifar.py --data ../shared/data/cifar10-subset --out runs/mhe-family-cifar
 """
@@ -141,18 +142,28 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report", default=str(RESULTS / "mhe_family_cifar.md"))
+    p.add_argument("--shard", default="0/1", help="I/N: this process runs every N-th run from the I-th")
     args = p.parse_args(argv)
+    shard, shards = (int(v) for v in args.shard.split("/"))
+    if not 0 <= shard < shards:
+        p.error(f"--shard {args.shard}: need 0 <= I < N")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    done_file = out / "results.json"
+    done_file = out / ("results.json" if shards == 1 else f"results-{shard}-of-{shards}.json")
+
+    def finished() -> Dict[str, Dict[str, float]]:
+        merged: Dict[str, Dict[str, float]] = {}
+        for f in sorted(out.glob("results*.json")):
+            merged.update(json.loads(f.read_text()))
+        return merged
+
     results = json.loads(done_file.read_text()) if done_file.is_file() else {}
     started = time.time()
-    for seed in range(args.seeds):
-        for setting in SETTINGS:
-            key = f"{setting}/seed{seed}"
-            if key in results:
-                continue
+    runs = [(seed, setting) for seed in range(args.seeds) for setting in SETTINGS]
+    for i, (seed, setting) in enumerate(runs):
+        key = f"{setting}/seed{seed}"
+        if i % shards == shard and key not in finished():
             cfg = setting_config(setting, seed, args)
             res = cifar.train_cifar(cfg, out / setting / f"seed{seed}", device="cpu", resume=True)
             if not math.isfinite(res["final_accuracy"]):
@@ -160,8 +171,8 @@ def main(argv=None) -> int:
             results[key] = {"final_accuracy": res["final_accuracy"], "best_accuracy": res["best_accuracy"],
                             "s_per_update": res["elapsed_s"] / cfg.iterations, "setting": cfg.setting}
             atomic_write_json(done_file, results)
-            write_report(Path(args.report), report(results, args, started))
-    write_report(Path(args.report), report(results, args, started))
+            write_report(Path(args.report), report(finished(), args, started))
+    write_report(Path(args.report), report(finished(), args, started))
     return 0
 
 

@@ -116,7 +116,7 @@ def test_classifier_state_is_what_the_term_uses(objective):
     term = ClassifierMHE(objective, mode="full", settings=settings, coefficient=0.5)
     w, labels = _w(5), torch.tensor([0, 1])
     term.advance(w, labels, 0.1)
-    st = term.state_dict()["state"]
+    st = term.state_dict()
     if objective == "comhe_rp":
         extra = {"projections": term.state.projections("classifier", w)}
     elif objective == "comhe_ad":
@@ -169,6 +169,6 @@ def test_face_trainer_resumes_an_objective_with_state_exactly(tmp_path):
     resumed = _trainer(tmp_path / "part")
     assert resumed.resume("auto") is not None
     assert _run(resumed, range(SAVE_AT, STEPS)) == want[SAVE_AT:]
-    a, b = resumed.state_dict()["mhe_state"]["state"], whole.state_dict()["mhe_state"]["state"]
+    a, b = resumed.state_dict()["mhe_state"], whole.state_dict()["mhe_state"]
     for key, name in itertools.product(("poles", "momentum"), ("classifier",)):
         assert torch.equal(a[key][name], b[key][name])

@@ -29,7 +29,7 @@ def _reference_terms(objective, reg, model, lr):
     """The transcription's (hidden, output) terms of the tiny model, with the regulariser's state."""
     conv, lin = _filts(model)
     half = reg.half_space
-    st = reg.state_dict()["state"]
+    st = reg.state_dict()
     if objective == "mhe":
         return ref.thomson(conv, half), ref.thomson(lin, False)  # power 2 in this test
     if objective == "comhe_rp":
@@ -90,8 +90,8 @@ def test_projection_steps_follow_the_authors_gradient_descent(objective, kind, s
     lr = 0.2
     reg.advance(lr)
     expected = ref.projection_steps(_filts(model)[0], p0, lr, kind, steps)
-    np.testing.assert_allclose(reg.state_dict()["state"]["projections"]["0"].numpy(), expected, rtol=1e-9, atol=1e-12)
-    assert "3" not in reg.state_dict()["state"]["projections"]  # the output layer is not projected
+    np.testing.assert_allclose(reg.state_dict()["projections"]["0"].numpy(), expected, rtol=1e-9, atol=1e-12)
+    assert "3" not in reg.state_dict()["projections"]  # the output layer is not projected
 
 
 @pytest.mark.parametrize("objective", ["mhp", "mhc"])
@@ -102,14 +102,14 @@ def test_pole_steps_follow_the_authors_momentum(objective):
     v0 = {n: reg.state.pole(n, m.weight).numpy().reshape(1, -1).copy() for n, m in (("0", model[0]), ("3", model[3]))}
     lr = 0.1
     reg.advance(lr)
-    st = reg.state_dict()["state"]
+    st = reg.state_dict()
     for name, filt, half, coef in (("0", conv, True, reg.hidden_coef), ("3", lin, False, reg.output_coef)):
         expected = ref.pole_steps(filt, v0[name], half, objective, coef, lr, 4)
         np.testing.assert_allclose(st["poles"][name].numpy(), expected.reshape(-1), rtol=1e-9, atol=1e-12)
     # a second update continues the momentum (the buffers are state too)
     reg.advance(lr)
     expected = ref.pole_steps(conv, v0["0"], True, objective, reg.hidden_coef, lr, 8)
-    np.testing.assert_allclose(reg.state_dict()["state"]["poles"]["0"].numpy(), expected.reshape(-1), rtol=1e-8)
+    np.testing.assert_allclose(reg.state_dict()["poles"]["0"].numpy(), expected.reshape(-1), rtol=1e-8)
 
 
 def test_random_projections_are_drawn_anew_each_update_and_replayable():
@@ -236,7 +236,7 @@ def test_cifar_resume_is_bit_exact(tmp_path):
     b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    poles_a, poles_b = a["mhe_state"]["state"], b["mhe_state"]["state"]
+    poles_a, poles_b = a["mhe_state"], b["mhe_state"]
     assert poles_a["poles"].keys() == poles_b["poles"].keys() == set(cifar.HIDDEN_LAYERS + (cifar.OUTPUT_LAYER,))
     for key in ("poles", "momentum"):
         for name in poles_a[key]:
@@ -267,10 +267,10 @@ def test_gan_discriminator_takes_any_objective():
     g = Generator()
     opt_g, opt_d = S.make_optimizers(g, d)
     mhp = discriminator_regularizer(d, "mhp", half_space=True, settings=ObjectiveSettings(inner_steps=1))
-    before = {k: v.clone() for k, v in mhp.state_dict()["state"]["poles"].items()} or None
+    before = {k: v.clone() for k, v in mhp.state_dict()["poles"].items()} or None
     out = S.d_step(g, d, opt_d, torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 128), mhe_magnitude=1e-3,
                    mhe_regularizer=mhp)
-    assert before is None and set(mhp.state_dict()["state"]["poles"]) == {n for n, *_ in mhp.layers}
+    assert before is None and set(mhp.state_dict()["poles"]) == {n for n, *_ in mhp.layers}
     assert float(out["mhe"]) < 0  # MHP's polarisation enters D's loss negated
     with pytest.raises(ConfigError, match="needs a toolkit kernel"):
         GanConfig(mhe_objective="comhe_rp")

@@ -272,10 +272,8 @@ class ClassifierMHE:
                               variant=self.variant, objective=self.objective, **extra)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"objective": self.objective, "state": self.state.state_dict()}
+        """The objective's state (as :meth:`MHERegularizer.state_dict`)."""
+        return self.state.state_dict()
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state.get("objective") != self.objective:
-            raise ValueError(f"classifier MHE state of objective {state.get('objective')!r} cannot be loaded into "
-                             f"objective {self.objective!r}")
-        self.state.load_state_dict(state["state"])
+        self.state.load_state_dict(state)

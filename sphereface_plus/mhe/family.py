@@ -48,11 +48,13 @@ def _initial(seed: int, index: int, shape, like: torch.Tensor) -> torch.Tensor:
 
 
 class _LayerState:
-    """Common part: the layers (name -> index, in the regulariser's order) and which of them are projected."""
+    """Common part: the objective, the layers (name -> index, in the regulariser's order) and which of them
+    are projected. ``state_dict()`` names the objective; loading another objective's state is refused."""
 
     kind = "none"
 
-    def __init__(self, layers: Iterable[str], settings: ObjectiveSettings, projected: Iterable[str] = ()):
+    def __init__(self, objective: str, layers: Iterable[str], settings: ObjectiveSettings, projected: Iterable[str] = ()):
+        self.objective = objective
         self.index = {name: i for i, name in enumerate(layers)}
         self.settings = settings
         self.projected = set(projected)
@@ -61,12 +63,12 @@ class _LayerState:
         """Nothing to do between updates."""
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"kind": self.kind}
+        return {"objective": self.objective}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state.get("kind", "none") != self.kind:
-            raise ValueError(f"MHE state of kind {state.get('kind')!r} cannot be loaded into a {self.kind!r} state "
-                             f"(was the checkpoint written with another objective?)")
+        if state.get("objective") != self.objective:
+            raise ValueError(f"MHE state of objective {state.get('objective')!r} cannot be loaded into objective "
+                             f"{self.objective!r} (was the checkpoint written with another objective?)")
 
 
 class RandomProjectionState(_LayerState):
@@ -74,8 +76,8 @@ class RandomProjectionState(_LayerState):
 
     kind = RANDOM_PROJECTIONS
 
-    def __init__(self, layers, settings, projected=()):
-        super().__init__(layers, settings, projected)
+    def __init__(self, objective, layers, settings, projected=()):
+        super().__init__(objective, layers, settings, projected)
         self.count = 0
         self._cache: Dict[str, torch.Tensor] = {}
 
@@ -95,7 +97,7 @@ class RandomProjectionState(_LayerState):
         self._cache.clear()
 
     def state_dict(self):
-        return {"kind": self.kind, "count": self.count}
+        return {**super().state_dict(), "count": self.count}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
@@ -108,9 +110,10 @@ class LearnedProjectionState(_LayerState):
 
     kind = LEARNED_PROJECTIONS
 
-    def __init__(self, layers, settings, projected=(), learned: str = "angle", power: str = "2"):
-        super().__init__(layers, settings, projected)
-        self.learned, self.power = learned, power
+    def __init__(self, objective, layers, settings, projected=(), power: str = "2"):
+        super().__init__(objective, layers, settings, projected)
+        self.learned = "angle" if objective == "comhe_ap" else "adversarial"
+        self.power = power
         self.proj: Dict[str, torch.Tensor] = {}
         self.lr: Optional[float] = None  # the learning rate of the last update (the look-ahead step's)
 
@@ -139,13 +142,11 @@ class LearnedProjectionState(_LayerState):
         self.lr = lr
 
     def state_dict(self):
-        return {"kind": self.kind, "learned": self.learned, "lr": self.lr,
+        return {**super().state_dict(), "lr": self.lr,
                 "projections": {k: v.detach().clone() for k, v in self.proj.items()}}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        if state.get("learned") != self.learned:
-            raise ValueError(f"the checkpoint's projections are {state.get('learned')!r}, this run's {self.learned!r}")
         self.lr = None if state["lr"] is None else float(state["lr"])
         self.proj = {k: v.detach().clone() for k, v in state["projections"].items()}
 
@@ -155,9 +156,8 @@ class PoleState(_LayerState):
 
     kind = POLES
 
-    def __init__(self, layers, settings, projected=(), objective: str = "mhp", half_space: Optional[Dict[str, bool]] = None):
-        super().__init__(layers, settings, projected)
-        self.objective = objective
+    def __init__(self, objective, layers, settings, half_space: Optional[Dict[str, bool]] = None):
+        super().__init__(objective, layers, settings)
         self.half_space = dict(half_space or {})
         self.poles: Dict[str, torch.Tensor] = {}
         self.momentum: Dict[str, torch.Tensor] = {}
@@ -198,14 +198,12 @@ class PoleState(_LayerState):
                 self.poles[name] = (v - lr * buf).detach()
 
     def state_dict(self):
-        return {"kind": self.kind, "objective": self.objective,
+        return {**super().state_dict(),
                 "poles": {k: v.detach().clone() for k, v in self.poles.items()},
                 "momentum": {k: v.detach().clone() for k, v in self.momentum.items()}}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        if state.get("objective") != self.objective:
-            raise ValueError(f"the checkpoint's poles are {state.get('objective')!r}'s, this run's {self.objective!r}'s")
         self.poles = {k: v.detach().clone() for k, v in state["poles"].items()}
         self.momentum = {k: v.detach().clone() for k, v in state["momentum"].items()}
 
@@ -216,13 +214,12 @@ def make_state(objective: str, layers: Iterable[str], settings: ObjectiveSetting
     spec = OBJECTIVES[check_objective(objective)]
     layers = list(layers)
     if spec.state == RANDOM_PROJECTIONS:
-        return RandomProjectionState(layers, settings, projected)
+        return RandomProjectionState(spec.name, layers, settings, projected)
     if spec.state == LEARNED_PROJECTIONS:
-        return LearnedProjectionState(layers, settings, projected,
-                                      "angle" if spec.name == "comhe_ap" else "adversarial", power)
+        return LearnedProjectionState(spec.name, layers, settings, projected, power)
     if spec.state == POLES:
-        return PoleState(layers, settings, (), spec.name, half_space)
-    return _LayerState(layers, settings, ())
+        return PoleState(spec.name, layers, settings, half_space)
+    return _LayerState(spec.name, layers, settings)
 
 
 def layer_term(objective: str, weight: torch.Tensor, half_space: bool, power: str, state: _LayerState,

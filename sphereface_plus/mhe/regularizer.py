@@ -186,14 +186,12 @@ class MHERegularizer:
                            {name: self.coefficient(name) for name, *_ in self.layers})
 
     def state_dict(self) -> Dict[str, object]:
-        """The objective's state (empty apart from its kind for the stateless objectives)."""
-        return {"objective": self.objective, "state": self.state.state_dict()}
+        """The objective's state (only its name for the stateless objectives)."""
+        return self.state.state_dict()
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        if state.get("objective") != self.objective:
-            raise ValueError(f"MHE state of objective {state.get('objective')!r} cannot be loaded into a regulariser "
-                             f"of objective {self.objective!r}")
-        self.state.load_state_dict(state["state"])
+        """Load :meth:`state_dict`; a state of another objective is refused."""
+        self.state.load_state_dict(state)
 
     def __call__(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         values: Dict[str, torch.Tensor] = {}
