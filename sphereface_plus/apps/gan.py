@@ -111,15 +111,14 @@ class GanConfig:
         kernels = gan_losses.MHE_KERNELS
         if str(self.mhe_power) not in kernels:
             raise ConfigError(f"mhe_power {self.mhe_power!r}: choose one of {', '.join(kernels)}")
-        if self.mhe_half_space and self.mhe_power == "original" and self.mhe_objective in ("mhe", "comhe_rp",
-                                                                                           "comhe_ap", "comhe_ad"):
-            raise ConfigError("mhe_half_space needs a toolkit kernel (mhe_power=0|1|2|a0|a1|a2); "
-                              "the original formula is full-space")
         try:
             spec = OBJECTIVES[check_objective(self.mhe_objective)]
             self.mhe_settings()
         except ValueError as e:
             raise ConfigError(str(e).replace("MHE objective", "mhe_objective")) from None
+        if self.mhe_half_space and self.mhe_power == "original" and spec.uses_power:
+            raise ConfigError("mhe_half_space needs a toolkit kernel (mhe_power=0|1|2|a0|a1|a2); "
+                              "the original formula is full-space")
         if self.mhe_objective != "mhe" and spec.uses_power and self.mhe_power == "original":
             raise ConfigError(f"mhe_objective={self.mhe_objective} needs a toolkit kernel: mhe_power=2 (the authors') "
                               f"or 0|1|a0|a1|a2")
