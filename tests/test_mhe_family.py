@@ -185,3 +185,21 @@ def test_mhs_half_space_counts_each_pair_twice():
     full, half = float(mhs_energy(w)), float(mhs_energy(w, True))
     _close(half, 2 * full, rel=1e-12)
     _close(half, ref.mhs(ref.filt_of(w), True))
+
+
+@pytest.mark.parametrize("power", ["0", "1", "2", "a0", "a1", "a2"])
+@pytest.mark.parametrize("space", SPACES)
+def test_comhe_rp_with_every_kernel_is_the_mean_mhe_energy_of_the_projections(power, space):
+    # the fused half-space form (N x N products only) against mhe_energy (tests/test_mhe.py checks it against
+    # a brute-force loop) on each projection's 2N rows
+    from sphereface_plus.mhe import mhe_energy
+
+    w = _weight((7, 3, 2, 2), 15).requires_grad_(True)
+    proj = _weight((4, 5, 12), 16)
+    got = comhe_rp_energy(w, proj, power, SPACES[space])
+    (g,) = torch.autograd.grad(got, w)
+    rows = w.reshape(7, -1)
+    expected = torch.stack([mhe_energy(rows @ p.t(), power, SPACES[space]) for p in proj]).mean()
+    (g_ref,) = torch.autograd.grad(expected, w)
+    _close(float(got), float(expected), rel=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-14)

@@ -25,8 +25,8 @@ from typing import Optional, Union
 
 import torch
 
-from sphereface_plus.mhe.energy import _check_weight, mhe_energy
-from sphereface_plus.mhe.kernels import mhe_kernel, normalize_power, normalize_rows
+from sphereface_plus.mhe.energy import BLOCK_ENTRIES, _check_weight
+from sphereface_plus.mhe.kernels import _kernel_and_slope, mhe_kernel, normalize_power, normalize_rows
 
 __all__ = ["LEARNED_KINDS", "random_projections", "project_rows", "comhe_rp_energy", "angle_preserving_loss",
            "adversarial_energy", "lookahead_projection", "comhe_learned_energy"]
@@ -34,9 +34,6 @@ __all__ = ["LEARNED_KINDS", "random_projections", "project_rows", "comhe_rp_ener
 #: the two learned projections: angle-preserving (rmlin/CoMHE angle_projection/) and adversarial
 #: (adversarial_projection/)
 LEARNED_KINDS = ("angle", "adversarial")
-# CoMHE-RP computes all projections in one batched N x N product up to this many kernel entries, and one
-# projection at a time (each through mhe_energy, blocked above 4096 rows) beyond it.
-BATCHED_ENTRIES = 1 << 24
 
 
 def random_projections(count: int, dim: int, in_dim: int, generator: Optional[torch.Generator] = None,
@@ -62,25 +59,76 @@ def project_rows(weight: torch.Tensor, projections: torch.Tensor) -> torch.Tenso
     return torch.matmul(w.unsqueeze(0), p.transpose(1, 2))
 
 
-def _batched_pair_energy(x: torch.Tensor, power: str) -> torch.Tensor:
-    """Mean kernel over the pairs ``i < j`` of the rows of each ``x[k]`` (``k x M x d``), as
-    :func:`~sphereface_plus.mhe.energy.mhe_energy`'s dense form, one value per ``k``."""
+def _dense_pair_energy(x: torch.Tensor, power: str) -> torch.Tensor:
+    """Mean kernel over the pairs ``i < j`` of the rows of ``x[k]`` (``k x M x d``, not yet normalised) with
+    the whole ``M x M`` matrices and plain autograd, so that it can be differentiated twice: the adversarial
+    projection's inner objective, whose gradient enters the network's term (:func:`lookahead_projection`)."""
     m = x.shape[1]
     w_hat = normalize_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape)
     eye = torch.eye(m, dtype=torch.bool, device=x.device)
     cos = torch.matmul(w_hat, w_hat.transpose(1, 2)).masked_fill(eye, 0.0)
     e = mhe_kernel(cos, power).masked_fill(eye, 0.0)
-    return e.sum(dim=(1, 2)) / (m * (m - 1))
+    return (e.sum(dim=(1, 2)) / (m * (m - 1))).mean()
+
+
+class _ProjectedPairEnergy(torch.autograd.Function):
+    """Mean over ``k`` of the pair energy of the rows of ``w_hat[k]`` (``k x N x d``, already normalised), full
+    or half space, in row blocks: value and ``dE/dŵ`` in one pass, memory ``O(k · block · N)``.
+
+    Half space is computed from the ``N x N`` products alone: ``[ŵ; -ŵ]`` has the cosines ``G`` (pairs
+    ``(w_i, w_j)`` and ``(-w_i, -w_j)``, ``i < j``, each twice) and ``-G`` (pairs ``(w_i, -w_j)``, every ordered
+    ``(i, j)`` including ``i = j``): the same sum as the ``2N x 2N`` matrix, for a quarter of its products
+    and half of its kernel evaluations. Row block ``[s, e)`` against all columns; the kernel and its slope
+    are :func:`~sphereface_plus.mhe.kernels._kernel_and_slope`'s (in place), as in ``mhe_energy``'s blocked form.
+    """
+
+    @staticmethod
+    def forward(ctx, w_hat: torch.Tensor, power: str, half_space: bool) -> torch.Tensor:
+        k, n, _ = w_hat.shape
+        need_grad = bool(ctx.needs_input_grad[0])
+        euclidean = power in ("0", "1", "2")
+        block = int(max(1, min(n, BLOCK_ENTRIES // max(k * n, 1))))
+        grad = torch.zeros_like(w_hat) if need_grad else None
+        total = torch.zeros((), dtype=torch.float64, device=w_hat.device)
+        cols = torch.arange(n, device=w_hat.device)
+        mult = 2.0 if half_space else 1.0
+        for s in range(0, n, block):
+            e = min(s + block, n)
+            g = torch.matmul(w_hat[:, s:e], w_hat.transpose(1, 2))  # k x b x N
+            upper = cols.unsqueeze(0) > torch.arange(s, e, device=w_hat.device).unsqueeze(1)  # pairs i < j
+            # entries j <= i are not pairs: given a harmless value (an orthogonal pair) and zeroed after
+            x = (2.0 - 2.0 * g) if euclidean else g.clone()
+            x.masked_fill_(~upper, 2.0 if euclidean else 0.0)
+            val, slope = _kernel_and_slope(x, power, need_grad)
+            total += mult * val.masked_fill_(~upper, 0.0).sum().double()
+            a = slope.masked_fill_(~upper, 0.0).mul_(mult) if need_grad else None  # dE/dG of the pairs i < j
+            if half_space:
+                x = (2.0 + 2.0 * g) if euclidean else -g  # cosine -G_ij of (w_i, -w_j)
+                val, slope = _kernel_and_slope(x, power, need_grad)
+                total += val.sum().double()
+                if need_grad:
+                    a.sub_(slope)  # d/dG of e(-G) is -e'(-G)
+            if need_grad:
+                grad[:, s:e] += torch.matmul(a, w_hat)
+                grad += torch.matmul(a.transpose(1, 2), w_hat[:, s:e])
+            del g, x, val, slope, a
+        m = 2 * n if half_space else n
+        scale = 1.0 / (k * m * (m - 1) / 2.0)
+        if need_grad:
+            ctx.save_for_backward(grad.mul_(scale))
+        return (total * scale).to(w_hat.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out, None, None
 
 
 def _projected_energy(x: torch.Tensor, power: str, half_space: bool) -> torch.Tensor:
-    """Mean over ``k`` of the energy of the rows of ``x[k]`` (``k x N x pd``)."""
-    if half_space:
-        x = torch.cat([x, -x], dim=1)
-    k, m = x.shape[0], x.shape[1]
-    if k * m * m <= BATCHED_ENTRIES:
-        return _batched_pair_energy(x, power).mean()
-    return torch.stack([mhe_energy(x[i], power, check_finite=False) for i in range(k)]).mean()
+    """Mean over ``k`` of the MHE energy of the rows of ``x[k]`` (``k x N x pd``), eps 1e-4 after projecting."""
+    w_hat = normalize_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+    return _ProjectedPairEnergy.apply(w_hat, power, bool(half_space))
 
 
 def comhe_rp_energy(weight: torch.Tensor, projections: torch.Tensor, power: Union[str, int] = "2",
@@ -133,7 +181,7 @@ def adversarial_energy(weight: torch.Tensor, projection: torch.Tensor, power: Un
     p = _as_stack(projection, w.shape[1])
     if p.shape[0] != 1:
         raise ValueError(f"the adversarial energy takes one projection pd x D, got {tuple(projection.shape)}")
-    return _projected_energy(project_rows(w, p), normalize_power(power), False)
+    return _dense_pair_energy(project_rows(w, p), normalize_power(power))
 
 
 def _check_kind(kind: str) -> str:
