@@ -203,3 +203,17 @@ def test_comhe_rp_with_every_kernel_is_the_mean_mhe_energy_of_the_projections(po
     (g_ref,) = torch.autograd.grad(expected, w)
     _close(float(got), float(expected), rel=1e-12)
     torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-14)
+
+
+def test_comhe_rp_on_a_wide_layer_goes_one_projection_and_row_block_at_a_time():
+    # N = 2100: N^2 > 4M entries, so each projection is its own group, in two row blocks
+    from sphereface_plus.mhe import mhe_energy
+
+    w = _weight((2100, 10), 17).requires_grad_(True)
+    proj = _weight((2, 6, 10), 18)
+    got = comhe_rp_energy(w, proj, "2", True)
+    (g,) = torch.autograd.grad(got, w)
+    expected = torch.stack([mhe_energy(w @ p.t(), "2", True) for p in proj]).mean()
+    (g_ref,) = torch.autograd.grad(expected, w)
+    _close(float(got), float(expected), rel=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-15)

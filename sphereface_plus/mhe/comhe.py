@@ -87,7 +87,7 @@ class _ProjectedPairEnergy(torch.autograd.Function):
         k, n, _ = w_hat.shape
         need_grad = bool(ctx.needs_input_grad[0])
         euclidean = power in ("0", "1", "2")
-        block = int(max(1, min(n, BLOCK_ENTRIES // max(k * n, 1))))
+        block = int(min(n, max(32, BLOCK_ENTRIES // max(k * n, 1))))  # as mhe_energy's row blocks
         grad = torch.zeros_like(w_hat) if need_grad else None
         total = torch.zeros((), dtype=torch.float64, device=w_hat.device)
         cols = torch.arange(n, device=w_hat.device)
@@ -126,9 +126,17 @@ class _ProjectedPairEnergy(torch.autograd.Function):
 
 
 def _projected_energy(x: torch.Tensor, power: str, half_space: bool) -> torch.Tensor:
-    """Mean over ``k`` of the MHE energy of the rows of ``x[k]`` (``k x N x pd``), eps 1e-4 after projecting."""
+    """Mean over ``k`` of the MHE energy of the rows of ``x[k]`` (``k x N x pd``), eps 1e-4 after projecting.
+
+    The projections go through :class:`_ProjectedPairEnergy` together while their ``N x N`` products fit
+    in about 4M entries, in groups beyond (one at a time for ``N`` above 2048).
+    """
+    k, n = x.shape[0], x.shape[1]
     w_hat = normalize_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape)
-    return _ProjectedPairEnergy.apply(w_hat, power, bool(half_space))
+    group = int(max(1, min(k, BLOCK_ENTRIES // (n * n))))
+    parts = [_ProjectedPairEnergy.apply(w_hat[i:i + group], power, bool(half_space)) * min(group, k - i)
+             for i in range(0, k, group)]
+    return parts[0] / k if len(parts) == 1 else torch.stack(parts).sum() / k
 
 
 def comhe_rp_energy(weight: torch.Tensor, projections: torch.Tensor, power: Union[str, int] = "2",
