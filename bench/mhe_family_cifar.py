@@ -135,10 +135,10 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10-subset"),
                    help="the CIFAR-10 subset folder (default ../shared/data/cifar10-subset)")
     p.add_argument("--out", default="runs/mhe-family-cifar", help="run folders and results.json")
-    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--iterations", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.003)
-    p.add_argument("--eval-every", type=int, default=150)
+    p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report", default=str(RESULTS / "mhe_family_cifar.md"))

@@ -13,10 +13,9 @@ import torch
 import torch.nn as nn
 
 import mhe_family_reference as ref
-from sphereface_plus.mhe import (OBJECTIVES, MHERegularizer, ObjectiveSettings, adversarial_energy, angle_preserving_loss,
-                                 comhe_learned_energy, comhe_rp_energy, default_coefficients, mgd_energy,
-                                 mhc_energy, mhp_energy, mhs_energy, r_mhp_energy, resolve_settings)
-from sphereface_plus.mhe.family import LearnedProjectionState, PoleState, RandomProjectionState
+from sphereface_plus.mhe import (adversarial_energy, angle_preserving_loss, comhe_learned_energy, comhe_rp_energy,
+                                 mgd_energy, mhc_energy, mhp_energy, mhs_energy, pole_step, projection_step,
+                                 r_mhp_energy)
 
 LAYERS = {"conv": (5, 3, 2, 2), "linear": (6, 10)}  # neurons x (in x kh x kw) / out x in
 SPACES = {"full": False, "half": True}
@@ -88,6 +87,25 @@ def test_inner_objectives_and_their_projection_gradients(layer):
         _grad_close(g, ref_grad)
         # the hand-derived transcription gradient is itself checked against finite differences
         _grad_close(ref_grad, ref.fd_grad(lambda q: ref_fn(filt, q)[0], p.detach().numpy()))
+
+
+@pytest.mark.parametrize("kind", ["angle", "adversarial"])
+def test_projection_step_is_the_authors_gradient_descent(kind):
+    w, p = _weight((6, 10), 19), _weight((4, 10), 20)
+    got = p
+    for _ in range(3):
+        got = projection_step(w, got, 0.3, kind)
+    np.testing.assert_allclose(got.numpy(), ref.projection_steps(ref.filt_of(w), p.numpy(), 0.3, kind, 3), rtol=1e-10)
+
+
+@pytest.mark.parametrize("objective", ["mhp", "mhc"])
+def test_pole_step_is_the_authors_momentum(objective):
+    w, v = _weight((5, 3, 2, 2), 21), _weight((12,), 22)
+    got, buf = v, None
+    for _ in range(4):
+        got, buf = pole_step(w, got, buf, 0.2, objective, coefficient=0.7, half_space=True)
+    expected = ref.pole_steps(ref.filt_of(w), v.numpy().reshape(1, -1), True, objective, 0.7, 0.2, 4)
+    np.testing.assert_allclose(got.numpy(), expected.reshape(-1), rtol=1e-10)
 
 
 # ----------------------------------------------------------------------------------- hyperspherical uniformity

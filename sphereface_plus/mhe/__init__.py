@@ -41,6 +41,7 @@ from sphereface_plus.mhe.comhe import (
     comhe_learned_energy,
     comhe_rp_energy,
     lookahead_projection,
+    projection_step,
     random_projections,
 )
 from sphereface_plus.mhe.energy import BLOCK_ENTRIES, DENSE_MAX_NEURONS, mhe_energy
@@ -67,7 +68,7 @@ from sphereface_plus.mhe.objectives import (
     resolve_settings,
 )
 from sphereface_plus.mhe.regularizer import MHERegularizer
-from sphereface_plus.mhe.uniformity import mgd_energy, mhc_energy, mhp_energy, mhs_energy, r_mhp_energy
+from sphereface_plus.mhe.uniformity import mgd_energy, mhc_energy, mhp_energy, mhs_energy, pole_step, r_mhp_energy
 
 __all__ = [
     "POWERS",
@@ -101,6 +102,8 @@ __all__ = [
     "adversarial_energy",
     "lookahead_projection",
     "random_projections",
+    "projection_step",
+    "pole_step",
     "mhs_energy",
     "mhp_energy",
     "r_mhp_energy",

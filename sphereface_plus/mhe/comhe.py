@@ -27,9 +27,10 @@ import torch
 
 from sphereface_plus.mhe.energy import BLOCK_ENTRIES, _check_weight
 from sphereface_plus.mhe.kernels import _kernel_and_slope, mhe_kernel, normalize_power, normalize_rows
+from sphereface_plus.mhe.objectives import PROJECTION_WEIGHT_DECAY
 
 __all__ = ["LEARNED_KINDS", "random_projections", "project_rows", "comhe_rp_energy", "angle_preserving_loss",
-           "adversarial_energy", "lookahead_projection", "comhe_learned_energy"]
+           "adversarial_energy", "inner_objective", "projection_step", "lookahead_projection", "comhe_learned_energy"]
 
 #: the two learned projections: angle-preserving (rmlin/CoMHE angle_projection/) and adversarial
 #: (adversarial_projection/)
@@ -203,6 +204,22 @@ def inner_objective(weight: torch.Tensor, projection: torch.Tensor, kind: str, p
     if _check_kind(kind) == "angle":
         return angle_preserving_loss(weight, projection)
     return -adversarial_energy(weight, projection, power)
+
+
+def projection_step(weight: torch.Tensor, projection: torch.Tensor, lr: float, kind: str, power: Union[str, int] = "2",
+                    weight_decay: float = PROJECTION_WEIGHT_DECAY) -> torch.Tensor:
+    """One step of the projection's own optimiser on fixed ``weight``: ``P - lr (∇_P L + weight_decay P)``.
+
+    rmlin/CoMHE ``*/train.py``: ``GradientDescentOptimizer(lr_)`` on ``p_loss + 1e-3 * l2_regularizer(5e-4)``
+    (AP), resp. ``-filt_mhe + ...`` (AD), i.e. ``L`` = :func:`inner_objective` and a decay gradient of
+    ``1e-3 * 5e-4 * P``; ``lr`` is the network's learning rate. Returns the new projection (no gradient).
+    """
+    w = weight.detach()
+    p = projection.detach().to(w.dtype)
+    with torch.enable_grad():
+        leaf = p.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(inner_objective(w, leaf, kind, power), leaf)
+    return p - float(lr) * (g + weight_decay * p)
 
 
 def lookahead_projection(weight: torch.Tensor, projection: torch.Tensor, lr: float, kind: str,

@@ -30,9 +30,8 @@ import torch
 from sphereface_plus.engine.sampler import derive_seed
 from sphereface_plus.mhe import comhe, uniformity
 from sphereface_plus.mhe.energy import mhe_energy
-from sphereface_plus.mhe.objectives import (LEARNED_PROJECTIONS, OBJECTIVES, POLE_MOMENTUM, POLE_WEIGHT_DECAY, POLES,
-                                            PROJECTION_WEIGHT_DECAY, RANDOM_PROJECTIONS, ObjectiveSettings,
-                                            check_objective)
+from sphereface_plus.mhe.objectives import (LEARNED_PROJECTIONS, OBJECTIVES, POLES, RANDOM_PROJECTIONS,
+                                            ObjectiveSettings, check_objective)
 
 logger = logging.getLogger(__name__)
 
@@ -127,19 +126,13 @@ class LearnedProjectionState(_LayerState):
         return p
 
     def advance(self, weights, lr, coefficients):
-        lr = float(lr)
         for name, w in weights.items():
-            if name not in self.projected:
-                continue
-            w = w.detach()
-            p = self.projection(name, w)
-            for _ in range(self.settings.inner_steps):
-                with torch.enable_grad():
-                    leaf = p.detach().requires_grad_(True)
-                    (g,) = torch.autograd.grad(comhe.inner_objective(w, leaf, self.learned, self.power), leaf)
-                p = p - lr * (g + PROJECTION_WEIGHT_DECAY * p)
-            self.proj[name] = p.detach()
-        self.lr = lr
+            if name in self.projected:
+                p = self.projection(name, w)
+                for _ in range(self.settings.inner_steps):
+                    p = comhe.projection_step(w, p, lr, self.learned, self.power)
+                self.proj[name] = p
+        self.lr = float(lr)
 
     def state_dict(self):
         return {**super().state_dict(), "lr": self.lr,
@@ -171,31 +164,19 @@ class PoleState(_LayerState):
         self.poles[name] = v
         return v
 
-    def term(self, name: str, weight: torch.Tensor, half_space: bool, pole: Optional[torch.Tensor] = None,
-             check_finite: bool = False) -> torch.Tensor:
-        """The layer's MHP / MHC energy with its pole (or with ``pole``)."""
-        v = self.pole(name, weight) if pole is None else pole
+    def term(self, name: str, weight: torch.Tensor, half_space: bool, check_finite: bool = False) -> torch.Tensor:
+        """The layer's MHP / MHC energy with its pole."""
+        v = self.pole(name, weight)
         if self.objective == "mhp":
             return uniformity.mhp_energy(weight, v, half_space, check_finite=check_finite)
         return uniformity.mhc_energy(weight, v, half_space, self.settings.gamma, check_finite=check_finite)
 
     def advance(self, weights, lr, coefficients):
-        # the poles minimise -sign * coef * term (MHP: + coef * E, MHC: - coef * E) + 5e-4 |v|^2 / 2
-        pole_sign = -OBJECTIVES[self.objective].sign
-        lr = float(lr)
         for _ in range(self.settings.inner_steps):
             for name, w in weights.items():
-                w = w.detach()
-                v = self.pole(name, w)
-                with torch.enable_grad():
-                    leaf = v.detach().requires_grad_(True)
-                    loss = pole_sign * float(coefficients[name]) * self.term(name, w, self.half_space.get(name, False), leaf)
-                    (g,) = torch.autograd.grad(loss, leaf)
-                g = g + POLE_WEIGHT_DECAY * v
-                buf = self.momentum.get(name)
-                buf = g if buf is None else buf.to(g) * POLE_MOMENTUM + g  # TF: accum = 0.9 accum + g
-                self.momentum[name] = buf.detach()
-                self.poles[name] = (v - lr * buf).detach()
+                self.poles[name], self.momentum[name] = uniformity.pole_step(
+                    w, self.pole(name, w), self.momentum.get(name), lr, self.objective, coefficients[name],
+                    self.half_space.get(name, False), self.settings.gamma or 10.0)
 
     def state_dict(self):
         return {**super().state_dict(),

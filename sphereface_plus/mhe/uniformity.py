@@ -28,9 +28,10 @@ import torch
 
 from sphereface_plus.mhe.energy import _check_weight, _default_block
 from sphereface_plus.mhe.kernels import NORM_EPS, normalize_rows
+from sphereface_plus.mhe.objectives import POLE_MOMENTUM, POLE_WEIGHT_DECAY
 
 __all__ = ["MGD_JITTER", "MGD_DENSE_MAX", "uniform_rows", "unit_pole", "mhs_energy", "mhp_energy", "r_mhp_energy",
-           "mhc_energy", "mgd_energy"]
+           "mhc_energy", "mgd_energy", "pole_step"]
 
 MGD_JITTER = 1e-6  # tf.diag([1e-6] * n) added to the kernel matrix before its log-determinant
 # mgd_energy builds the M x M kernel matrix and factors it (O(M^2) memory, O(M^3) time); above this many
@@ -153,6 +154,32 @@ def mhc_energy(weight: torch.Tensor, pole: torch.Tensor, half_space: bool = Fals
         raise ValueError(f"gamma must be > 0, got {gamma}")
     d = 2.0 - 2.0 * _pole_cosines(weight, pole, half_space)
     return -(torch.logsumexp(-gamma * d, dim=0) - math.log(d.numel())) / gamma
+
+
+def pole_step(weight: torch.Tensor, pole: torch.Tensor, momentum: Optional[torch.Tensor], lr: float, objective: str,
+              coefficient: float = 1.0, half_space: bool = False, gamma: float = 10.0,
+              weight_decay: float = POLE_WEIGHT_DECAY, momentum_factor: float = POLE_MOMENTUM
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One step of a pole's own optimiser on fixed ``weight``; returns ``(pole, momentum)``.
+
+    wy1iu/Sphere-Uniformity ``mhp/train.py`` / ``mhc/train.py``: ``MomentumOptimizer(lr_, 0.9)`` on the poles'
+    loss ``coefficient * E`` (MHP: the poles minimise the energy) or ``-coefficient * E`` (MHC: they maximise
+    the covering term), plus ``l2_regularizer(5e-4)(v)``: ``a = 0.9 a + g; v = v - lr a`` (``momentum`` None
+    at the first step: ``a`` starts at 0). ``lr`` is the network's learning rate.
+    """
+    if objective not in ("mhp", "mhc"):
+        raise ValueError(f"pole_step is for the objectives mhp and mhc, not {objective!r}")
+    w = weight.detach()
+    v = pole.detach().to(w.dtype)
+    sign = 1.0 if objective == "mhp" else -1.0
+    with torch.enable_grad():
+        leaf = v.clone().requires_grad_(True)
+        e = mhp_energy(w, leaf, half_space, check_finite=False) if objective == "mhp" else \
+            mhc_energy(w, leaf, half_space, gamma, check_finite=False)
+        (g,) = torch.autograd.grad(sign * float(coefficient) * e, leaf)
+    g = g + weight_decay * v
+    buf = g if momentum is None else momentum.to(g) * momentum_factor + g
+    return v - float(lr) * buf, buf
 
 
 # ------------------------------------------------------------------------------------------- R-MHP and MGD
