@@ -47,21 +47,21 @@ def _config(setting: str, batch: int) -> cifar.CifarConfig:
     return cifar.CifarConfig(**{k: getattr(rcfg, k) for k in RECIPE_FIELDS}, dataset="cifar100", batch_size=batch)
 
 
-def cnn_variants(batch: int):
+def cnn_variants(batch: int, device: torch.device = torch.device("cpu")):
     """``{setting: regulariser pass}`` and ``{setting: training step}`` on the CNN-9 (CIFAR-100 head)."""
     g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (1024, 32, 32, 3), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 100, (1024,), generator=g)
+    images = torch.randint(0, 256, (1024, 32, 32, 3), dtype=torch.uint8, generator=g).to(device)
+    labels = torch.randint(0, 100, (1024,), generator=g).to(device)
     reg_only, steps = {}, {}
     for setting in SETTINGS:
         cfg = _config(setting, batch)
-        model = cifar.build_model(100, seed=0)
+        model = cifar.build_model(100, seed=0).to(device)
         reg = cifar.build_regularizer(model, cfg)
         opt = cifar.build_optimizer(model, cifar.CifarConfig(lr=0.01))
         gen = torch.Generator().manual_seed(0)
 
         def step(model=model, reg=reg, opt=opt, cfg=cfg, gen=gen):
-            idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
+            idx = torch.randint(0, images.shape[0], (batch,), generator=gen).to(device)
             x = to_network_input(random_pad_crop_flip(images[idx], gen))
             cifar.train_step(model, reg, opt, x, labels[idx], cfg, "fp32")
 
@@ -151,6 +151,17 @@ def main(argv=None) -> int:
                              log=False), "mhe")
         lines.append(f"| {width} | {r['mhe']['best_s']:.4f} | {r['comhe_rp']['best_s']:.4f} | {r['comhe_rp']['ratio']:.2f} |")
         print(lines[-1], flush=True)
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        reg_only, steps = cnn_variants(args.batch_size, dev)
+        sync = torch.cuda.synchronize
+        r_reg = ratios(alternate(reg_only, 10, sync=sync, log=False), "mhe")
+        r_step = ratios(alternate(steps, 10, sync=sync, log=False), "mhe")
+        lines += ["", f"## CUDA: {torch.cuda.get_device_name(dev)}, wall clock, 10 rounds", "",
+                  "| objective | regulariser / MHE's | step / MHE step |", "| --- | --- | --- |"]
+        lines += [f"| {k} | {r_reg[k]['ratio'] if k in r_reg else '-'} | {r_step[k]['ratio']} |" for k in SETTINGS]
+    else:
+        lines += ["", "CUDA: no GPU was available for this run (the script adds a CUDA table when one is present)."]
     lines += ["", f"Load average after: {' / '.join(map(str, load_average()))}."]
     write_report(Path(args.out), lines)
     return 0
