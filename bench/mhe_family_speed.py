@@ -33,7 +33,7 @@ from bench.mhe_family_cifar import RECIPE_FIELDS, RECIPES  # noqa: E402
 from data_prep.cifar import random_pad_crop_flip, to_network_input  # noqa: E402
 from sphereface_plus.apps import cifar  # noqa: E402
 from sphereface_plus.config import load_config  # noqa: E402
-from sphereface_plus.mhe import OBJECTIVES, ObjectiveSettings, comhe_rp_energy, mhe_energy, random_projections  # noqa: E402
+from sphereface_plus.mhe import OBJECTIVES, comhe_rp_energy, mhe_energy, random_projections  # noqa: E402
 
 SETTINGS = ["none", "mhe"] + [name for name in OBJECTIVES if name != "mhe"]
 

@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import mhe_family_reference as ref
 from sphereface_plus.mhe import (adversarial_energy, angle_preserving_loss, comhe_learned_energy, comhe_rp_energy,

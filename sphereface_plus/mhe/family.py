@@ -50,8 +50,6 @@ class _LayerState:
     """Common part: the objective, the layers (name -> index, in the regulariser's order) and which of them
     are projected. ``state_dict()`` names the objective; loading another objective's state is refused."""
 
-    kind = "none"
-
     def __init__(self, objective: str, layers: Iterable[str], settings: ObjectiveSettings, projected: Iterable[str] = ()):
         self.objective = objective
         self.index = {name: i for i, name in enumerate(layers)}
@@ -72,8 +70,6 @@ class _LayerState:
 
 class RandomProjectionState(_LayerState):
     """CoMHE-RP: the draw of update ``count`` for layer ``i`` comes from ``derive_seed(seed, 12, count, i)``."""
-
-    kind = RANDOM_PROJECTIONS
 
     def __init__(self, objective, layers, settings, projected=()):
         super().__init__(objective, layers, settings, projected)
@@ -105,9 +101,7 @@ class RandomProjectionState(_LayerState):
 
 
 class LearnedProjectionState(_LayerState):
-    """CoMHE-AP (``kind='angle'``) / CoMHE-AD (``'adversarial'``): a projection per projected layer."""
-
-    kind = LEARNED_PROJECTIONS
+    """CoMHE-AP / CoMHE-AD: a projection per projected layer (``learned``: ``'angle'`` or ``'adversarial'``)."""
 
     def __init__(self, objective, layers, settings, projected=(), power: str = "2"):
         super().__init__(objective, layers, settings, projected)
@@ -146,8 +140,6 @@ class LearnedProjectionState(_LayerState):
 
 class PoleState(_LayerState):
     """MHP / MHC: a pole and its momentum buffer per layer."""
-
-    kind = POLES
 
     def __init__(self, objective, layers, settings, half_space: Optional[Dict[str, bool]] = None):
         super().__init__(objective, layers, settings)
