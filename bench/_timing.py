@@ -1,4 +1,4 @@
-"""Shared timing helpers of the speed benches (issue 23): alternating rounds, best-of, load, JSON results.
+"""Shared timing helpers of the speed benches: alternating rounds, best-of, load, JSON results.
 
 Every figure is a ratio against a baseline timed in the same process, in alternating rounds (each
 variant once per round, in turn), and the best round of each is kept: on a machine shared with other

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.cifar import random_pad_crop_flip, to_network_input  # noqa: E402
-from sphereface_plus.apps import cifar  # noqa: E402
+from sphereface_plus import cifar  # noqa: E402
 from sphereface_plus.utils import atomic_write_text  # noqa: E402
 
 SETTINGS = [

@@ -1,4 +1,4 @@
-"""torch.compile for training (issue 23): compile time, steady-state step, break-even iteration count.
+"""torch.compile for training (docs/performance.md): compile time, steady-state step, break-even iteration count.
 
     PYTHONPATH=. python bench/compile_speed.py [--precisions bf16] [--rounds 5] [--steps 2] [--batch 16]
         [--threads 2] [--device cpu|cuda] [--backbone sphere20] [--out bench/results/compile_speed.json]
@@ -81,7 +81,7 @@ def main() -> int:
                "load_average_start": load0, "load_average_end": load_average(), "rows": rows,
                "break_even_note": "null = the compiled step was not faster: compiling never pays"}
     out = write_json(Path(args.out).name, payload, Path(args.out).parent)
-    lines = ["# torch.compile for training: sphere20 trainer step (issue 23)", "",
+    lines = ["# torch.compile for training: sphere20 trainer step", "",
              f"Command: `{payload['command']}`; device {args.device}, batch {args.batch}, {args.threads} threads, "
              f"{args.rounds} alternating rounds of {args.steps} steps, best. Load average {load0} at the start, "
              f"{payload['load_average_end']} at the end.", "",

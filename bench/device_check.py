@@ -1,4 +1,4 @@
-"""The prepared GPU check (issue 23), run by ``bench/device_check.sh``: correctness on CUDA, then figures.
+"""The prepared GPU check, run by ``bench/device_check.sh``: correctness on CUDA, then figures.
 
     PYTHONPATH=. python bench/device_check.py [--size full|ci] [--out bench/results] [--budget-s 420]
 
@@ -38,10 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._timing import RESULTS, load_average, machine, write_json, write_report  # noqa: E402
-from sphereface_plus.config import load_config  # noqa: E402
+from sphereface_plus.face.config import load_config  # noqa: E402
 from sphereface_plus.engine.dist import DistInfo  # noqa: E402
 from sphereface_plus.models import list_backbones  # noqa: E402
-from sphereface_plus.trainer import Trainer  # noqa: E402
+from sphereface_plus.face.trainer import FaceTrainer  # noqa: E402
 
 SIZES = {  # batch, steps per round, rounds, classes, mhe classes
     "full": dict(batch=256, steps=10, rounds=2, classes=10572, pipeline_images=2048),
@@ -66,7 +66,7 @@ def make_trainer(device, backbone="sphere20", batch=16, classes=100, amp="bf16",
         f"train.batch_size={batch}", f"train.precision={amp}", f"train.compile={str(compile_).lower()}",
         "train.tensorboard=false", f"train.device={device}", f"out_dir={out}", f"head.parallel={parallel}",
         "data.source=synthetic"])
-    return Trainer(cfg, _Faces(classes, INPUT.get(backbone, (112, 96))), dist or DistInfo(device=torch.device(device)))
+    return FaceTrainer.from_config(cfg, _Faces(classes, INPUT.get(backbone, (112, 96))), dist or DistInfo(device=torch.device(device)))
 
 
 def _sync(device):
@@ -367,7 +367,7 @@ def main() -> int:
     out = Path(args.out)
     suffix = "" if (size == "full" or out.resolve() != RESULTS.resolve()) else "_cpu_ci"
     path = write_json(f"device_check{suffix}.json", payload, out)
-    lines = [f"# Device check ({payload['device']}, size {size}; issue 23)", "",
+    lines = [f"# Device check ({payload['device']}, size {size})", "",
              f"`bash bench/device_check.sh`: {payload['machine'].get('gpu', payload['machine']['cpu'])}, torch "
              f"{torch.__version__}, {payload['wall_s']} s. Checks: "
              f"{'all passed' if payload['checks_ok'] else 'FAILURES: ' + ', '.join(c['check'] for c in checks if not c.get('ok'))}.",

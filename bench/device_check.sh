@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issue 23): run it whenever a CUDA machine is available, from the repository root:
+# One prepared GPU check (docs/performance.md): run it whenever a CUDA machine is available, from the repository root:
 #
 #     bash bench/device_check.sh            # CUDA: correctness checks + figures, under 8 minutes on one H200
 #

@@ -31,7 +31,7 @@ from typing import Dict, List
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sphereface_plus.apps.gan import DEFAULT_STATS_CACHE, PUBLISHED_IS  # noqa: E402
+from sphereface_plus.gan.config import DEFAULT_STATS_CACHE, PUBLISHED_IS  # noqa: E402
 from sphereface_plus.engine.run_log import read_jsonl  # noqa: E402
 
 VARIANTS = ("baseline", "sn", "mhe", "sn_mhe")
@@ -45,7 +45,7 @@ def run_dir(args, variant: str, seed: int) -> Path:
 def launch(variant: str, seed: int, args) -> subprocess.Popen:
     out = run_dir(args, variant, seed)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "sphereface_plus", "gan", "--config", str(ROOT / "configs" / f"gan_{variant}.yaml"),
+    cmd = [sys.executable, "-m", "sphereface_plus", "gan", "--config", str(ROOT / "configs" / "gan" / f"{variant}.yaml"),
            "--data", args.data, "--out", str(out), "--resume", "--threads", "1", "--device", "cpu",
            f"iterations={args.iterations}", f"eval_every={args.eval_every}", f"eval_samples={args.eval_samples}",
            f"seed={seed}", f"real_stats={args.real_stats}", f"real_limit={args.real_limit}",

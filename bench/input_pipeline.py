@@ -1,4 +1,4 @@
-"""Input pipeline rate (issue 23): training images per second per worker for every data source.
+"""Input pipeline rate (docs/performance.md): training images per second per worker for every data source.
 
     PYTHONPATH=. python bench/input_pipeline.py [--images 512] [--rounds 5] [--workers 1,2,all]
         [--batch 64] [--out bench/results/input_pipeline.json] [--quick]
@@ -113,7 +113,7 @@ def build_sources(root: Path, n: int, identities: int = 16):
 
 
 def _old_normalise(image_bgr):
-    """The toolkit's normalisation before issue 23 (torch permute + float + sub + div): the baseline."""
+    """The toolkit's earlier normalisation (torch permute + float + sub + div): the baseline."""
     t = torch.from_numpy(np.ascontiguousarray(image_bgr)).permute(2, 0, 1).float()
     return t.sub_(127.5).div_(128.0)
 
@@ -201,7 +201,7 @@ def main() -> int:
                "load_average_start": load0, "load_average_end": load_average(), "wall_s": round(time.time() - t_start, 1),
                "per_worker": per_worker, "dataloader": loaders}
     out = write_json(Path(args.out).name, payload, Path(args.out).parent)
-    lines = ["# Input pipeline: read + decode + flip + normalise, one worker (issue 23)", "",
+    lines = ["# Input pipeline: read + decode + flip + normalise, one worker", "",
              f"Command: `{payload['command']}`; {args.images} crops 112x96 JPEG q95 ({origin}); {args.rounds} "
              f"alternating rounds, best. Load average {load0} at the start, {payload['load_average_end']} at the "
              "end.", "", "| source, decoder | images/s per worker | speed-up vs baseline |", "| --- | --- | --- |"]

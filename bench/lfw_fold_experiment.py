@@ -1,4 +1,4 @@
-"""Real-data experiment (issue 5): softmax vs A-Softmax (m=4) vs SphereFace+ on an LFW fold split.
+"""Real-data experiment: softmax vs A-Softmax (m=4) vs SphereFace+ on an LFW fold split.
 
     python bench/lfw_fold_experiment.py                          # the measured run of docs/benchmarks.md#lfw-fold-experiment
     python bench/lfw_fold_experiment.py --iterations 4 --tag tiny # a quick check of the whole script
@@ -7,7 +7,7 @@ Data: ``../shared/data/lfw`` (deep-funneled LFW, ``pairs.txt``, ``lfw_landmark.t
 112x96 from the landmark file into ``bench/out/lfw_112x96`` (reused on later runs). Training people:
 those named in the pairs of folds 2-10 with at least ``--min-images`` images; test: the 600 pairs of
 fold 1 (person-disjoint from every training person), scored with the 10-fold protocol on 10 stratified
-sub-folds of 60 pairs (:func:`sphereface_plus.apps.demo.prepare_lfw`).
+sub-folds of 60 pairs (:func:`sphereface_plus.commands.demo.prepare_lfw`).
 
 Variants, identical except for the loss (same backbone, batch, iterations, learning-rate schedule,
 data order and initial weights, from ``--seed``):
@@ -19,7 +19,7 @@ data order and initial weights, from ``--seed``):
   --iterations 200`` was measured: A-Softmax then stopped learning, see docs/benchmarks.md#lfw-fold-experiment);
 - ``sphereface_plus``: the same A-Softmax plus the classifier MHE of docs/theory.md#classifier-mhe-modes with
   lambda_M = 1, Riesz kernel s = 2 ((2 - 2cos)^-1), mode batch_vs_all (as
-  configs/spherefaceplus20_casia.yaml), trained from scratch here rather than fine-tuned.
+  configs/face/spherefaceplus20_casia.yaml), trained from scratch here rather than fine-tuned.
 
 For every variant the table reports the fold-1 accuracy (mean ± std over the 10 sub-folds), EER, AUC,
 the final training loss / accuracy, the same network with its initial weights (no training) as a
@@ -49,12 +49,12 @@ VARIANTS = {
     "softmax": ("softmax", 0.0, {"train.precision": "fp32"}),
     "a_softmax": ("a_softmax", 0.0, {"train.precision": "fp32"}),
     "sphereface_plus": ("a_softmax", 1.0, {"train.precision": "fp32"}),
-    # issue 11: the released recipes' Caffe A-Softmax backward, and SphereFace+ with the Caffe InterClass
-    # AMONG term at the released alpha = lambda_M = 10 (configs/spherefaceplus20_casia_released.yaml)
+    # the released recipes' Caffe A-Softmax backward, and SphereFace+ with the Caffe InterClass
+    # AMONG term at the released alpha = lambda_M = 10 (configs/face/spherefaceplus20_casia_released.yaml)
     "sphereface_plus_caffe": ("a_softmax", 10.0, {"train.precision": "fp32", "head.gradient": "caffe",
                                                   "mhe.mode": "caffe_among"}),
     "a_softmax_caffe": ("a_softmax", 0.0, {"train.precision": "fp32", "head.gradient": "caffe"}),
-    # issue 14: the sphereface_plus variant with the backbone in bfloat16 (autocast; head, CE, MHE float32)
+    # the sphereface_plus variant with the backbone in bfloat16 (autocast; head, CE, MHE float32)
     "sphereface_plus_bf16": ("a_softmax", 1.0, {"train.precision": "bf16"}),
 }
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "lfw"
@@ -84,7 +84,7 @@ def parse_args(argv=None):
 def run_variant(name, args, data, out_root):
     import torch
 
-    from sphereface_plus.apps.demo import evaluate_checkpoint, train_config, train_with_stats
+    from sphereface_plus.commands.demo import evaluate_checkpoint, train_config, train_with_stats
     from sphereface_plus.mhe import mhe_energy
     from sphereface_plus.utils import safe_torch_load
 
@@ -157,7 +157,7 @@ def earlier_rows(path, skip):
 VARIANT_NOTES = {
     "sphereface_plus_caffe": "SphereFace+ with the Caffe InterClass AMONG term (mhe.mode=caffe_among, alpha = "
                              "lambda_M = 10, the released m = 4 value) and the Caffe A-Softmax backward "
-                             "(head.gradient=caffe), as configs/spherefaceplus20_casia_released.yaml, here from scratch",
+                             "(head.gradient=caffe), as configs/face/spherefaceplus20_casia_released.yaml, here from scratch",
     "a_softmax_caffe": "A-Softmax with the Caffe backward (head.gradient=caffe)",
     "sphereface_plus_bf16": "the sphereface_plus variant with the backbone under bf16 autocast (train.precision=bf16; "
                             "head, CE and MHE in float32)",
@@ -222,7 +222,7 @@ def markdown(results, meta, kept=()):
 
 def main(argv=None):
     args = parse_args(argv)
-    from sphereface_plus.apps.demo import prepare_lfw
+    from sphereface_plus.commands.demo import prepare_lfw
     from sphereface_plus.utils import atomic_write_json, atomic_write_text, setup_logging
 
     setup_logging()
@@ -241,7 +241,7 @@ def main(argv=None):
     data = prepare_lfw(args.data, work, test_fold=args.test_fold, min_images=args.min_images, workers=args.workers)
     print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
     out_root = work / "lfw_fold" / args.tag
-    from sphereface_plus.apps.demo import evaluate_model, untrained_backbone
+    from sphereface_plus.commands.demo import evaluate_model, untrained_backbone
 
     t0 = time.perf_counter()
     untrained, _ = evaluate_model(untrained_backbone(args.backbone, args.seed), data, device="cpu")
@@ -252,7 +252,7 @@ def main(argv=None):
     for name in names:
         results.append(run_variant(name, args, data, out_root))
         atomic_write_json(out_root / "results.json", {"args": vars(args), "results": results})
-    from sphereface_plus.apps.demo import train_config
+    from sphereface_plus.commands.demo import train_config
 
     cfg = train_config(out_root / "x", data, args.iterations, seed=args.seed, batch_size=args.batch_size,
                        backbone=args.backbone, lr=args.lr, lambda_reach=args.lambda_reach)

@@ -1,4 +1,4 @@
-"""Benchmark of ``classifier_mhe`` against a dense full-space MHE baseline (issue 2, docs/theory.md#classifier-mhe-modes).
+"""Benchmark of ``classifier_mhe`` against a dense full-space MHE baseline (docs/theory.md#classifier-mhe-modes).
 
     python bench/mhe.py                      # C = 10,572, d = 512, B = 512, plus `full` at C = 100,000
     python bench/mhe.py --big-classes 0      # skip the C = 100,000 case (it takes minutes on 2 cores)

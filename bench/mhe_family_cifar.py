@@ -37,7 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._timing import RESULTS, load_average, write_report  # noqa: E402
-from sphereface_plus.apps import cifar  # noqa: E402
+from sphereface_plus.cifar.config import CifarConfig  # noqa: E402
+from sphereface_plus.commands.cifar import train_cifar  # noqa: E402
 from sphereface_plus.config import load_config  # noqa: E402
 from sphereface_plus.mhe import OBJECTIVES  # noqa: E402
 from sphereface_plus.utils import atomic_write_json  # noqa: E402
@@ -54,16 +55,16 @@ RECIPE_FIELDS = ("model_name", "mhe_objective", "mhe_power", "mhe_projection_dim
                  "mhe_inner_steps", "mhe_gamma")
 
 
-def setting_config(setting: str, seed: int, args) -> cifar.CifarConfig:
+def setting_config(setting: str, seed: int, args) -> CifarConfig:
     """The recipe of ``setting`` with the short protocol's schedule and data."""
     if setting == "none":
         recipe = {"model_name": "baseline"}
     elif setting == "mhe":
         recipe = {"model_name": "half_mhe", "mhe_power": "2"}
     else:
-        rcfg = load_config(str(RECIPES / f"{setting}.yaml"), schema=cifar.CifarConfig)
+        rcfg = load_config(str(RECIPES / f"{setting}.yaml"), schema=CifarConfig)
         recipe = {k: getattr(rcfg, k) for k in RECIPE_FIELDS}
-    return cifar.CifarConfig(**recipe, dataset="cifar10", data=str(args.data), iterations=args.iterations,
+    return CifarConfig(**recipe, dataset="cifar10", data=str(args.data), iterations=args.iterations,
                              batch_size=args.batch_size, lr=args.lr, lr_schedule="comhe", bn_momentum=0.1,
                              eval_every=args.eval_every, log_every=args.eval_every, seed=seed, precision="fp32")
 
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
         key = f"{setting}/seed{seed}"
         if i % shards == shard and key not in finished():
             cfg = setting_config(setting, seed, args)
-            res = cifar.train_cifar(cfg, out / setting / f"seed{seed}", device="cpu", resume=True)
+            res = train_cifar(cfg, out / setting / f"seed{seed}", device="cpu", resume=True)
             if not math.isfinite(res["final_accuracy"]):
                 raise RuntimeError(f"{key}: non-finite accuracy")
             results[key] = {"final_accuracy": res["final_accuracy"], "best_accuracy": res["best_accuracy"],

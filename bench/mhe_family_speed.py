@@ -31,20 +31,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._timing import RESULTS, alternate, load_average, ratios, write_report  # noqa: E402
 from bench.mhe_family_cifar import RECIPE_FIELDS, RECIPES  # noqa: E402
 from data_prep.cifar import random_pad_crop_flip, to_network_input  # noqa: E402
-from sphereface_plus.apps import cifar  # noqa: E402
+from sphereface_plus.cifar import trainer as cifar  # noqa: E402
+from sphereface_plus.cifar.config import CifarConfig  # noqa: E402
 from sphereface_plus.config import load_config  # noqa: E402
 from sphereface_plus.mhe import OBJECTIVES, comhe_rp_energy, mhe_energy, random_projections  # noqa: E402
 
 SETTINGS = ["none", "mhe"] + [name for name in OBJECTIVES if name != "mhe"]
 
 
-def _config(setting: str, batch: int) -> cifar.CifarConfig:
+def _config(setting: str, batch: int) -> CifarConfig:
     if setting == "none":
-        return cifar.CifarConfig(model_name="baseline", dataset="cifar100", batch_size=batch)
+        return CifarConfig(model_name="baseline", dataset="cifar100", batch_size=batch)
     if setting == "mhe":
-        return cifar.CifarConfig(model_name="half_mhe", mhe_power="2", dataset="cifar100", batch_size=batch)
-    rcfg = load_config(str(RECIPES / f"{setting}.yaml"), schema=cifar.CifarConfig)
-    return cifar.CifarConfig(**{k: getattr(rcfg, k) for k in RECIPE_FIELDS}, dataset="cifar100", batch_size=batch)
+        return CifarConfig(model_name="half_mhe", mhe_power="2", dataset="cifar100", batch_size=batch)
+    rcfg = load_config(str(RECIPES / f"{setting}.yaml"), schema=CifarConfig)
+    return CifarConfig(**{k: getattr(rcfg, k) for k in RECIPE_FIELDS}, dataset="cifar100", batch_size=batch)
 
 
 def cnn_variants(batch: int, device: torch.device = torch.device("cpu")):
@@ -57,7 +58,7 @@ def cnn_variants(batch: int, device: torch.device = torch.device("cpu")):
         cfg = _config(setting, batch)
         model = cifar.build_model(100, seed=0).to(device)
         reg = cifar.build_regularizer(model, cfg)
-        opt = cifar.build_optimizer(model, cifar.CifarConfig(lr=0.01))
+        opt = cifar.build_optimizer(model, CifarConfig(lr=0.01))
         gen = torch.Generator().manual_seed(0)
 
         def step(model=model, reg=reg, opt=opt, cfg=cfg, gen=gen):

@@ -1,4 +1,4 @@
-"""PReLU at ReLU's cost (issue 23): the sphere20 training step with the toolkit's PReLU, torch's nn.PReLU, ReLU.
+"""PReLU at ReLU's cost (docs/performance.md): the sphere20 training step with the toolkit's PReLU, torch's nn.PReLU, ReLU.
 
     PYTHONPATH=. python bench/prelu_speed.py [--rounds 7] [--batch 16] [--threads 2]
         [--precisions fp32,bf16] [--formats channels_last,contiguous] [--ops]
@@ -170,7 +170,7 @@ def main() -> int:
                "wall_s": round(time.time() - t_start, 1), "steps": results, "backward_ops_ms": ops, "notes": notes,
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_support": bf16_support("cpu")}
     out = write_json(Path(args.out).name, payload, Path(args.out).parent)
-    lines = ["# PReLU at ReLU's cost: sphere20 training step (issue 23)", "",
+    lines = ["# PReLU at ReLU's cost: sphere20 training step", "",
              f"Command: `{payload['command']}`; batch {args.batch}, {args.threads} threads, {args.rounds} "
              f"alternating rounds ({args.settle} untimed step before each timed one), best round. Load average "
              f"(1/5/15 min) {load0} at the start, {payload['load_average_end']} at the end (2-core machine shared "

@@ -1,4 +1,4 @@
-"""Per-rank peak memory and step time of the row-sharded head + SphereFace+ MHE (issue 13).
+"""Per-rank peak memory and step time of the row-sharded head + SphereFace+ MHE (docs/distributed.md).
 
     python bench/sharded_classifier.py                          # C = 1,000,000, d = 512, worlds 1 2 4
     python bench/sharded_classifier.py --classes 100000 --worlds 1 2

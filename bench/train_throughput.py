@@ -6,11 +6,11 @@
 Both sides do the same work per step: sphere20 forward, A-Softmax (m = 4) logits, cross-entropy,
 SphereFace+ batch-vs-all MHE (s = 2) on the classifier, backward, SGD with momentum and weight decay.
 The baseline is written out here with plain tensor operations (no trainer, no registry, no config);
-the trainer side is ``sphereface_plus.trainer.Trainer.train_step`` (NaN guard, scheduler, statistics
+the trainer side is ``sphereface_plus.face.trainer.FaceTrainer.train_step`` (NaN guard, scheduler, statistics
 included). Inputs are random tensors, so data loading is not part of either number. Variants are
 timed in interleaved rounds (median of rounds) so that a busy machine affects them alike.
 
-Precision variants (issue 14): float32 eager vs bf16 vs bf16 + channels_last (+ ``torch.compile`` of
+Precision variants: float32 eager vs bf16 vs bf16 + channels_last (+ ``torch.compile`` of
 the backbone), all on the trainer's model and optimiser. bf16 goes through the trainer's own step
 (``Trainer.train_step`` with ``train.precision=bf16``: the backbone under autocast, head, loss and MHE in
 float32); the compile rows set ``train.compile=true`` (``Module.compile`` of the backbone, in place).
@@ -37,10 +37,10 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sphereface_plus.config import load_config  # noqa: E402
+from sphereface_plus.face.config import load_config  # noqa: E402
 from sphereface_plus.engine.dist import DistInfo  # noqa: E402
 from sphereface_plus.engine.precision import bf16_support  # noqa: E402
-from sphereface_plus.trainer import Trainer  # noqa: E402
+from sphereface_plus.face.trainer import FaceTrainer  # noqa: E402
 from sphereface_plus.utils import atomic_write_text  # noqa: E402
 
 
@@ -120,7 +120,7 @@ def make_trainer(num_classes, device, batch, amp="off", channels_last=False, com
         "optim.lr=0.01", f"train.batch_size={batch}", f"train.precision={amp}", "train.tensorboard=false",
         f"train.device={device}", "out_dir=/tmp/sphereface_plus_bench",
     ])
-    return Trainer(cfg, _RandomFaces(num_classes), DistInfo(device=torch.device(device)))
+    return FaceTrainer.from_config(cfg, _RandomFaces(num_classes), DistInfo(device=torch.device(device)))
 
 
 def build_trainer(num_classes, device, batch, amp="off", channels_last=False):

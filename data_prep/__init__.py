@@ -10,7 +10,7 @@ from sphereface_plus.lazy_exports import lazy_exports
 _EXPORTS = {
     "similarity_transform": "data_prep.geometry",
     "align_face": "data_prep.geometry",
-    "TEMPLATES": "data_prep.geometry",
+    "TEMPLATES": "sphereface_plus.templates",
     "create_detector": "data_prep.detectors",
     "list_detectors": "data_prep.detectors",
 }

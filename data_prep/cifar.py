@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 
+from sphereface_plus.cifar.config import CIFAR_CLASSES
 from sphereface_plus.errors import MissingFileError
 from sphereface_plus.safe_pickle import NUMPY_ARRAY_GLOBALS, UnsafePickleError, restricted_load
 
@@ -59,7 +60,7 @@ DATASETS: Dict[str, Dict[str, Any]] = {
         "label_key": "fine_labels",
         "meta": "meta",
         "names_key": "fine_label_names",
-        "num_classes": 100,
+        "num_classes": CIFAR_CLASSES["cifar100"],
         "archive": "cifar-100-python.tar.gz",
     },
     "cifar10": {
@@ -68,13 +69,13 @@ DATASETS: Dict[str, Dict[str, Any]] = {
         "label_key": "labels",
         "meta": "batches.meta",
         "names_key": "label_names",
-        "num_classes": 10,
+        "num_classes": CIFAR_CLASSES["cifar10"],
         "archive": "cifar-10-python.tar.gz",
     },
 }
 
 
-#: the dataset names the loaders know (the ``dataset`` setting of the CIFAR recipe reads them here)
+#: the dataset names the loaders know (the recipe's, sphereface_plus.cifar.config.CIFAR_CLASSES)
 CIFAR_DATASETS = tuple(DATASETS)
 
 
@@ -287,3 +288,39 @@ def random_pad_crop_flip(images, generator=None, pad: int = 4):
 def to_network_input(images):
     """``B x 32 x 32 x 3`` uint8 RGB -> ``B x 3 x 32 x 32`` float32 ``(x - 127.5) / 128`` (docs/theory.md#cifar-setup)."""
     return images.permute(0, 3, 1, 2).float().sub_(127.5).div_(128.0).contiguous()
+
+
+class CifarData:
+    """The MHE CIFAR recipe's data, as the trainer reads them (docs/theory.md#cifar-setup).
+
+    ``batch(update)``: the training batch of an update, a function of ``(seed, update)`` alone, so a resumed
+    run draws what the uninterrupted one drew: each epoch a fresh permutation, ``floor(N / batch)``
+    batches (the last partial batch is dropped, as the reference's 390 batches of 128 per epoch were),
+    then :func:`random_pad_crop_flip` and :func:`to_network_input`. ``test_batches(batch_size)``: the test
+    set, network-ready. On a GPU the training images (150 MB for CIFAR-100) stay on it and are augmented there.
+    """
+
+    def __init__(self, root, dataset: str, batch_size: int, iterations: int, seed: int, device) -> None:
+        from sphereface_plus.engine.sampler import ResumableSampler, derive_seed
+
+        arrays = load_cifar(root, dataset)
+        self.device, self.seed = torch.device(device), int(seed)
+        self.train_x, self.train_y = torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"])
+        self.test_x, self.test_y = torch.from_numpy(arrays["test_images"]), torch.from_numpy(arrays["test_labels"])
+        if self.device.type == "cuda":
+            self.train_x, self.train_y = self.train_x.to(self.device), self.train_y.to(self.device)
+        self.sampler = ResumableSampler(self.train_x.shape[0], batch_size, iterations, seed=self.seed, flip=False,
+                                        drop_last=True, epoch_seed=lambda e: derive_seed(self.seed, 1, e))
+
+    def batch(self, update: int):
+        from sphereface_plus.engine.sampler import step_generator
+
+        idx = self.sampler.batch_indices(update)
+        x = random_pad_crop_flip(self.train_x[idx.to(self.train_x.device)], step_generator(self.seed, 2, update))
+        return (to_network_input(x.to(self.device, non_blocking=True)),
+                self.train_y[idx.to(self.train_y.device)].to(self.device))
+
+    def test_batches(self, batch_size: int):
+        for s in range(0, self.test_x.shape[0], batch_size):
+            yield (to_network_input(self.test_x[s: s + batch_size].to(self.device, non_blocking=True)),
+                   self.test_y[s: s + batch_size].to(self.device, non_blocking=True))

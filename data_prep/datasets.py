@@ -18,11 +18,12 @@ Sources (``data.source``):
 - ``rec``: insightface ``train.rec`` + ``train.idx`` (MXNet RecordIO), read without MXNet;
 - ``packed``: the shards written by ``sphereface-plus align --pack`` (:mod:`data_prep.packed`);
 - ``synthetic``: the generated identities of :mod:`data_prep.synthetic`, aligned with their known
-  landmarks into a cache folder on first use.
+  landmarks into a cache folder on first use, read as a ``folder``.
+
+Which reader a recipe's ``data.source`` gets is :mod:`data_prep.training_set`'s.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import struct
@@ -45,8 +46,6 @@ __all__ = [
     "ListDataset",
     "RecordIODataset",
     "PackedDataset",
-    "prepare_synthetic",
-    "build_train_dataset",
     "preprocess",
     "read_recordio_index",
 ]
@@ -130,6 +129,9 @@ class FaceDataset(Dataset):
     :attr:`bad_images` is the list of ``{"path", "reason"}`` found so far (for the trainer's start-up
     log and ``summary.json``).
     """
+
+    #: ``(pairs.txt, crops folder)`` of the set's own verification pairs, where it has them (the synthetic set)
+    verification_pairs = None
 
     num_classes: int = 0
 
@@ -568,106 +570,3 @@ class PackedDataset(FaceDataset):
 
     def read(self, index: int) -> np.ndarray:
         return self.reader.read(index)
-
-
-# --------------------------------------------------------------------------------------- synthetic
-def prepare_synthetic(
-    cache_dir,
-    num_identities: int,
-    images_per_identity: int,
-    seed: int,
-    template: str = "112x96",
-    pairs_per_fold: int = 60,
-) -> Path:
-    """Generate the synthetic identities (:mod:`data_prep.synthetic`) and align them with their known landmarks.
-
-    Returns the cache folder: ``raw/`` (``images/``, ``landmarks.txt``, ``pairs.txt``) and ``aligned/``
-    (crops mirroring ``raw/images``, so ``raw/pairs.txt`` applies to ``aligned/``). Both steps are
-    skipped when a finished cache with the same parameters exists.
-    """
-    import cv2
-
-    from data_prep.geometry import align_face
-    from data_prep.synthetic import ensure_synthetic_dataset
-    from sphereface_plus.utils import atomic_write_bytes, atomic_write_json, progress
-
-    cache = Path(cache_dir)
-    params = {"num_identities": int(num_identities), "images_per_identity": int(images_per_identity),
-              "seed": int(seed), "template": template, "pairs_per_fold": int(pairs_per_fold)}
-    stamp = cache / "aligned.json"
-    if stamp.is_file() and (cache / "raw" / "pairs.txt").is_file():
-        try:
-            if json.loads(stamp.read_text()) == params:
-                return cache
-        except ValueError:
-            pass
-    syn = ensure_synthetic_dataset(cache / "raw", num_identities, images_per_identity, seed, pairs_per_fold=pairs_per_fold)
-    for rel, pts in progress(sorted(syn.landmarks.items()), desc="align synthetic", unit="img", leave=False):
-        image = cv2.imread(str(syn.images / rel), cv2.IMREAD_COLOR)
-        if image is None:
-            raise FileNotFoundError(f"synthetic image {syn.images / rel} was not written")
-        crop = align_face(image, pts, template=template)
-        ok, enc = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
-        if not ok:
-            raise RuntimeError(f"could not encode the aligned crop of {rel}")
-        atomic_write_bytes(cache / "aligned" / rel, enc.tobytes())
-    atomic_write_json(stamp, params)
-    return cache
-
-
-#: the values of ``data.source`` (one owner: the readers below; config validation and docs read it here)
-DATA_SOURCES = ("synthetic", "folder", "list", "rec", "packed")
-
-
-def check_data_config(data_cfg) -> Tuple[int, int]:
-    """Check ``data.source`` and ``data.template`` before anything is written; the crop size ``(H, W)``."""
-    from sphereface_plus.config import ConfigError
-
-    from data_prep.geometry import TEMPLATES, template_size
-
-    if data_cfg.source not in DATA_SOURCES:
-        raise ConfigError(f"data.source={data_cfg.source!r} is not valid; choose one of {', '.join(DATA_SOURCES)}")
-    if data_cfg.template not in TEMPLATES:
-        raise ConfigError(f"data.template={data_cfg.template!r} is not valid; choose one of {', '.join(TEMPLATES)}")
-    if data_cfg.source != "synthetic" and not data_cfg.root:
-        raise ConfigError(f"data.source={data_cfg.source!r} needs data.root=<folder>; "
-                          "or use data.source=synthetic for the generated demo identities")
-    return template_size(data_cfg.template)
-
-
-def build_train_dataset(data_cfg, input_size: Sequence[int], synthetic_cache=None) -> FaceDataset:
-    """The dataset named by ``data.source`` (see the module docstring), its inputs checked.
-
-    ``synthetic_cache``: the folder for ``source=synthetic`` (default ``data.synthetic.cache_dir``).
-    Raises a :class:`~sphereface_plus.errors.ToolkitError` (one line: what, where, how to fix) for an
-    unset or missing ``data.root``, an empty tree, a list naming only missing images, raw (unaligned)
-    photos; nothing is written for the real-data sources, so a caller that builds the dataset first
-    leaves no ``out_dir`` behind on such a mistake.
-    """
-    from sphereface_plus.errors import UsageError, require_dir
-
-    source = data_cfg.source
-    if source == "synthetic":
-        s = data_cfg.synthetic
-        cache = Path(synthetic_cache or s.cache_dir or "synthetic")
-        prepare_synthetic(cache, s.num_identities, s.images_per_identity, s.seed, data_cfg.template, s.pairs_per_fold)
-        return ImageFolderDataset(cache / "aligned", input_size)
-    if source not in ("folder", "list", "rec", "packed"):
-        raise UsageError(f"data.source={source!r}: choose synthetic, folder, list, rec or packed")
-    if not data_cfg.root:
-        raise UsageError(f"data.source={source} needs data.root=<folder> (the aligned crops made by "
-                         "'sphereface-plus align'), or use data.source=synthetic")
-    if source == "folder":
-        return ImageFolderDataset(data_cfg.root, input_size)
-    if source == "list":
-        require_dir(data_cfg.root, "data.root", "give the folder the list file's paths are relative to")
-        list_file = data_cfg.list_file or str(Path(data_cfg.root) / "list.txt")
-        return ListDataset(data_cfg.root, list_file, input_size)
-    if source == "rec":
-        if not str(data_cfg.root).endswith(".rec"):
-            require_dir(data_cfg.root, "data.root", "give the folder holding train.rec + train.idx")
-        return RecordIODataset(data_cfg.root, input_size)
-    if source == "packed":
-        require_dir(data_cfg.root, "data.root", "give the folder of 'sphereface-plus align --pack' (packed.json)")
-        return PackedDataset(data_cfg.root, input_size)
-    raise ValueError(f"data.source={source!r}: choose one of {', '.join(DATA_SOURCES)}")

@@ -2,9 +2,9 @@
 
 Three pieces, all pure functions:
 
-- ``TEMPLATES``: the reference landmark positions of a 112x96 crop (and of 112x112, same points with
-  x + 8), stored as published (MATLAB, 1-based) and converted to the 0-based pixel convention of
-  OpenCV / numpy by :func:`template_points`.
+- ``TEMPLATES`` (owned by :mod:`sphereface_plus.templates`): the reference landmark positions of a 112x96
+  crop (and of 112x112, same points with x + 8), stored as published (MATLAB, 1-based) and converted to
+  the 0-based pixel convention of OpenCV / numpy by :func:`template_points`.
 - :func:`similarity_transform`: the least-squares similarity over all five points with the exact
   semantics of MATLAB ``cp2tform(input, base, 'similarity')`` used by the original SphereFace
   preprocessing (``code/preprocess/face_align_demo.m``), including the reflected fit.
@@ -23,40 +23,16 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
+from sphereface_plus.templates import template_entry
+
 logger = logging.getLogger(__name__)
 
-# Published SphereFace template for a 112 (h) x 96 (w) crop, (x, y), MATLAB 1-based coordinates:
-# left eye, right eye, nose tip, left mouth corner, right mouth corner.
-_TEMPLATE_112x96_MATLAB = np.array(
-    [
-        [30.2946, 51.6963],
-        [65.5318, 51.5014],
-        [48.0252, 71.7366],
-        [33.5493, 92.3655],
-        [62.7299, 92.2041],
-    ],
-    dtype=np.float64,
-)
-
-#: name -> (crop height, crop width, 5 x 2 template points in MATLAB 1-based coordinates).
-#: ``112x112`` is the same face placed in a wider crop: x + 8 (docs/theory.md#five-point-alignment).
-TEMPLATES: Dict[str, Tuple[int, int, np.ndarray]] = {
-    "112x96": (112, 96, _TEMPLATE_112x96_MATLAB),
-    "112x112": (112, 112, _TEMPLATE_112x96_MATLAB + np.array([8.0, 0.0])),
-}
-
-
 def _check_template(template: str) -> Tuple[int, int, np.ndarray]:
-    try:
-        return TEMPLATES[template]
-    except KeyError:
-        raise ValueError(
-            f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}"
-        ) from None
+    return template_entry(template)
 
 
 def template_points(template: str = "112x96") -> np.ndarray:

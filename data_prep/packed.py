@@ -15,7 +15,7 @@
          "paths": [<crop paths relative to the aligned root>], "labels": [<int>, ...]}
 
     ``labels[i]`` is the class of crop ``i`` and ``classes[labels[i]]`` its identity folder (labels
-    follow sorted folder order, like the list file). Since issue 20 the index also holds
+    follow sorted folder order, like the list file). The index also holds
     ``"checksum": {"algorithm": "sha256", "chunk_items": K, "chunks": [<hex>, ...]}``: the SHA-256 of
     the bytes of every run of ``K`` consecutive crops. :class:`PackedReader` verifies a chunk the
     first time it reads a crop of it (in each process), so flipped bytes are refused with a line

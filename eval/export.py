@@ -1,4 +1,4 @@
-"""``sphereface-plus export``: a checkpoint's embedding network as ONNX or TorchScript, checked before it is written.
+"""A checkpoint's embedding network as ONNX or TorchScript, checked before it is written.
 
 The exported network takes the toolkit's preprocessed crops, ``B x 3 x H x W`` float32 (H x W =
 112 x 96 or 112 x 112, BGR, ``(x - 127.5) / 128``), with a dynamic batch size, and returns the
@@ -29,12 +29,9 @@ uses ``torch.jit.trace_module``; ``torch.jit`` is deprecated upstream too, so pr
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import io
 import json
 import logging
-import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,31 +42,26 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.image_files import IMAGE_EXTENSIONS
-from eval.onnx_model import (EMBEDDING_OUTPUT, FEATURE_OUTPUT, FLIP_KEY, FLIP_POLICY, FORMAT_KEY, FORMAT_VERSION,
-                             INPUT_NAME, PREPROCESSING, TORCHSCRIPT_META, format_size)
+from eval.onnx_model import format_size
+from sphereface_plus.export_format import (EMBEDDING_OUTPUT, FEATURE_OUTPUT, FLIP_KEY, FLIP_POLICY, FORMAT_KEY,
+                                           FORMAT_VERSION, INPUT_NAME, PREPROCESSING, TORCHSCRIPT_META)
 from sphereface_plus.importers.preprocessing import Preprocessing
 from sphereface_plus.errors import InputFileError, MissingFileError, ToolkitError, UsageError
+from sphereface_plus.utils import sha256_file
 
 logger = logging.getLogger(__name__)
 
-HELP = "export a checkpoint's embedding network to ONNX or TorchScript, checked against PyTorch"
 FORMATS = ("onnx", "torchscript")
 DEFAULT_TOLERANCE = 1e-4
 DEFAULT_CHECK_COUNT = 32
 SYNTHETIC_SEED = 0
-EXIT_CHECK_FAILED = 3
 
-DESCRIPTION = __doc__ + """
-examples:
-  sphereface-plus export --checkpoint runs/x/checkpoints/last.pt --format onnx --out sphere20.onnx
-  sphereface-plus export --checkpoint last.pt --format onnx --out m.onnx --check-images lfw-112x96/Aaron_Peirsol
-  sphereface-plus export --checkpoint last.pt --format torchscript --out sphere20.ts.pt
-  sphereface-plus verify lfw --checkpoint sphere20.onnx --root lfw-112x96 --pairs pairs.txt
-"""
 
 
 class ExportCheckError(ToolkitError, RuntimeError):
-    """The exported model does not reproduce PyTorch's outputs; nothing was written."""
+    """The exported model does not reproduce PyTorch's outputs; nothing was written (exit status 3)."""
+
+    exit_status = 3
 
 
 class EmbeddingNet(torch.nn.Module):
@@ -104,7 +96,7 @@ class _BothOutputs(torch.nn.Module):
 def synthetic_crops(template: str, count: int, seed: int = SYNTHETIC_SEED) -> List[np.ndarray]:
     """``count`` aligned crops of distinct synthetic identities (``data_prep.synthetic``), deterministic."""
     from data_prep import align_face
-    from data_prep.synthetic import identity_params, image_params, render_image
+    from data_prep.synthetic_faces import identity_params, image_params, render_image
 
     crops = []
     for i in range(count):
@@ -264,14 +256,6 @@ def check_export(fmt: str, data: bytes, batch: torch.Tensor, reference: torch.nn
 # --------------------------------------------------------------------------- the command
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_metadata(info: Dict[str, object], checkpoint: Path, embedding_dim: int, fmt: str) -> Dict[str, str]:
     """The file's metadata (``str -> str``); ``check_*`` entries are added after the check."""
     import sphereface_plus
@@ -298,7 +282,7 @@ def build_metadata(info: Dict[str, object], checkpoint: Path, embedding_dim: int
         "threshold_note": "cosine threshold for compare, chosen on the flip-concatenated feature",
         "iteration": "none" if info.get("iteration") is None else str(int(info["iteration"])),
         "source_checkpoint": checkpoint.name,
-        "source_sha256": _sha256(checkpoint),
+        "source_sha256": sha256_file(checkpoint),
         "toolkit_version": str(getattr(sphereface_plus, "__version__", "unknown")),
         "torch_version": torch.__version__,
     }
@@ -353,34 +337,3 @@ def export_model(checkpoint, out, fmt: str = "onnx", check_images=None, check_co
     return {"out": str(out), "format": fmt, "bytes": len(data), "check_images": where,
             "max_abs_diff_embedding": diffs["embedding"], "max_rel_diff_feature": diffs["feature"],
             "batch_sizes": diffs["batch_sizes"], "metadata": metadata}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) to export")
-    parser.add_argument("--format", default="onnx", choices=FORMATS, help="onnx (default) or torchscript")
-    parser.add_argument("--out", required=True, help="file to write (only after the check passes; atomic)")
-    parser.add_argument("--check-images", metavar="DIR",
-                        help="folder of aligned crops of the model's size to check the export on (the first "
-                             "--check-count in sorted order); default: synthetic faces from data_prep.synthetic, "
-                             "aligned with their exact landmarks. The output says which were used")
-    parser.add_argument("--check-count", type=int, default=DEFAULT_CHECK_COUNT,
-                        help=f"crops in the check batch (default {DEFAULT_CHECK_COUNT}; a batch of one is checked too)")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help=f"largest accepted difference from PyTorch (default {DEFAULT_TOLERANCE:g})")
-
-
-def run(args) -> int:
-    try:
-        result = export_model(args.checkpoint, args.out, args.format, args.check_images, args.check_count,
-                              args.tolerance)
-    except ExportCheckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CHECK_FAILED
-    except ToolkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {result['out']} ({result['format']}, {result['bytes'] / 1e6:.1f} MB)")
-    print(f"check on {result['check_images']}, batch sizes {result['batch_sizes']}: max |diff| from PyTorch "
-          f"{result['max_abs_diff_embedding']:.2e} (embedding), {result['max_rel_diff_feature']:.2e} (feature, "
-          f"relative); tolerance {args.tolerance:g}")
-    return 0

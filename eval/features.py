@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_prep.datasets import to_network_tensor as preprocess  # the one model transform
 from data_prep.geometry import cut_wide_crop, to_bgr
-from data_prep.landmarks import read_landmarks  # noqa: F401 (eval.verify_command / eval.megaface use F.read_landmarks)
+from data_prep.landmarks import read_landmarks  # noqa: F401 (the verify and megaface commands use F.read_landmarks)
 from sphereface_plus.errors import CheckpointError, InputFileError, MissingFileError
 from sphereface_plus.importers.preprocessing import PREPROCESSING_KEY, Preprocessing, wrap_backbone
 from sphereface_plus.utils import progress
@@ -73,7 +73,8 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.rel_paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def crop(self, i: int) -> np.ndarray:
+        """Image ``i`` as the network sees it before normalisation: the aligned BGR uint8 crop."""
         import cv2
 
         rel = self.rel_paths[i]
@@ -84,7 +85,10 @@ class ImageFiles(Dataset):
             from data_prep import align_face
 
             image = align_face(image, self.landmarks[rel], template=self.template)
-        return preprocess(fit_crop(image, self.input_size, str(self.root / rel)))
+        return fit_crop(image, self.input_size, str(self.root / rel))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return preprocess(self.crop(i))
 
 
 class EncodedImages(Dataset):
@@ -97,13 +101,17 @@ class EncodedImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def crop(self, i: int) -> np.ndarray:
+        """Image ``i`` decoded and fitted to the model's size (BGR uint8)."""
         import cv2
 
         image = cv2.imdecode(np.frombuffer(self.images[i], dtype=np.uint8), cv2.IMREAD_COLOR)
         if image is None:
             raise InputFileError(f"pack image {i} cannot be decoded")
-        return preprocess(fit_crop(image, self.input_size, f"pack image {i}"))
+        return fit_crop(image, self.input_size, f"pack image {i}")
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return preprocess(self.crop(i))
 
 
 class ArrayImages(Dataset):
@@ -146,16 +154,6 @@ def inference_setup(model, precision: str = "auto", device="cpu",
     if channels_last is None:
         channels_last = resolved == "bf16" and device.type == "cpu"
     return resolved, bool(channels_last)
-
-
-def add_precision_argument(parser) -> None:
-    """``--precision auto|fp32|bf16`` for the commands that embed images (verify, compare, megaface export)."""
-    from sphereface_plus.engine.precision import EMBED_SETTINGS
-
-    parser.add_argument("--precision", choices=EMBED_SETTINGS, default="auto",
-                        help="backbone precision: bf16 (autocast, NHWC on CPU; features stay float32) or fp32; "
-                             "default auto = bf16 where the CPU/GPU has native bf16 (AVX512-BF16, AMX, "
-                             "Ampere+), else fp32")
 
 
 def embed_batch(model: torch.nn.Module, x: torch.Tensor, flip: bool = True, precision: str = "fp32",

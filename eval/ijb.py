@@ -40,16 +40,14 @@ its rows in any order. Everything after the embedding is vectorised numpy in flo
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from sphereface_plus.errors import InputFileError, MissingFileError, ToolkitError, UsageError
+from sphereface_plus.errors import InputFileError, MissingFileError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -526,71 +524,6 @@ def model_face_features(model, info, meta: IJBMeta, batch_size: int = 64, flip: 
     return names, flip_sum(feats) if flip else feats
 
 
-# --------------------------------------------------------------------------- the command (verify ijb)
-
-
-def add_ijb_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``verify ijb`` (it also uses --root, --checkpoint, --features, --json, --plot...)."""
-    g = parser.add_argument_group("ijb (IJB-B / IJB-C 1:1 and 1:N, insightface's protocol; --root is the IJB folder)")
-    g.add_argument("--dataset", default="IJBC", choices=IJB_DATASETS,
-                   help="which meta file names to read under --root/meta (default IJBC)")
-    g.add_argument("--task", default="1:1", choices=IJB_TASKS,
-                   help="1:1 template verification (TAR@FAR; default), 1:N identification (TPIR@FPIR 1e-2, 1e-1 "
-                        "and rank-1/5/10 on galleries G1 and G2 (IJB-B: S1, S2) separately, from "
-                        "<ds>_1N_gallery_*.csv and <ds>_1N_probe_mixed.csv), or both")
-    g.add_argument("--detector-score", action="store_true",
-                   help="weight each face by its detector score from <ds>_name_5pts_score.txt (insightface D1; "
-                        "its published tables use it)")
-    g.add_argument("--normalize-faces", action="store_true",
-                   help="L2-normalise each face feature before pooling (insightface N0; default N1 keeps the "
-                        "norm as a quality weight)")
-
-
-def _check_ijb_args(args) -> None:
-    if bool(args.checkpoint) == bool(args.features):
-        raise UsageError("verify ijb: give exactly one of --checkpoint (a .pt checkpoint or an exported .onnx) "
-                         "and --features (an .npz with 'paths' and 'features')")
-    if not args.root:
-        raise UsageError("verify ijb needs --root, the IJB folder holding meta/ and loose_crop/")
-    if getattr(args, "protocol", None) not in (None, "insightface"):
-        raise UsageError(f"--protocol {args.protocol}: IJB is scored with insightface's protocol only (drop --protocol)")
-    if getattr(args, "plot", None) and getattr(args, "task", "1:1") == "1:N":
-        raise UsageError("--plot draws the 1:1 ROC curve: use --task both (or 1:1) with --plot")
-    if args.features and args.no_flip:
-        logger.warning("--no-flip has no effect with --features (the features are used as they are)")
-
-
-def compute_ijb(args) -> Dict[str, object]:
-    """Everything ``verify ijb`` computes, as a report dict (also used by tests)."""
-    from eval import features as F
-
-    _check_ijb_args(args)
-    task = getattr(args, "task", "1:1")
-    meta = load_ijb_meta(args.root, args.dataset, need_landmarks=bool(args.checkpoint or args.detector_score),
-                         need_pairs=task != "1:N")
-    if task != "1:1":  # the 1:N lists are read (and checked) before anything is embedded
-        for key in ["probes"] + [f"gallery_{g}" for g in IJB_GALLERIES[args.dataset]]:
-            read_template_subjects(meta.files[key])
-    if args.features:
-        names, feats = F.load_features_npz(args.features)
-    else:
-        model, info = F.load_embedding_model(args.checkpoint, device=args.device)
-        names, feats = model_face_features(model, info, meta, args.batch_size, not args.no_flip, args.device,
-                                           args.workers)
-        if args.save_features:
-            F.save_features_npz(args.save_features, names, feats)
-            logger.info("features saved to %s", args.save_features)
-    source = args.features or "the extracted features"
-    report: Dict[str, object] = {"protocol": "insightface", "benchmark": "ijb", "task": task, "dataset": args.dataset}
-    if task != "1:N":
-        report.update(evaluate_ijb(meta, names, feats, args.detector_score, args.normalize_faces, source=source)[0])
-    if task != "1:1":
-        report["identification"] = evaluate_ijb_1n(meta, names, feats, args.dataset, args.detector_score,
-                                                   args.normalize_faces, source=source)
-    report.update({"flip": (not args.no_flip) if args.checkpoint else None, "source": args.checkpoint or args.features})
-    return report
-
-
 def format_ijb_report(report: Dict[str, object]) -> str:
     """The TAR@FAR table as insightface prints it (percent), with the AUC."""
     keys = list(report["tar_at_far"])
@@ -601,24 +534,3 @@ def format_ijb_report(report: Dict[str, object]) -> str:
              "TAR, FAR<=target " + "".join(f"{100 * report['tar_at_far_bounded'][k]:9.2f}" for k in keys),
              f"AUC {report['auc']:.5f}"]
     return "\n".join(lines)
-
-
-def run_ijb(args) -> int:
-    from eval.report import plot_roc, write_json_report
-
-    try:
-        report = compute_ijb(args)
-    except (ToolkitError, ValueError, OSError) as e:  # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if "tar_at_far" in report:
-        print(format_ijb_report(report))
-    if "identification" in report:
-        print(format_identification(report, args.dataset))
-    if args.json:
-        write_json_report(report, args.json)
-        print(f"report: {args.json}")
-    if args.plot:
-        plot_roc({f"{args.dataset}": report}, args.plot, title=f"{args.dataset} 1:1 verification", xlim=(1e-6, 1e-1))
-        print(f"ROC plot: {args.plot}")
-    return 0

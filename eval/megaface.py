@@ -18,12 +18,11 @@ The distractors are processed in chunks: only the running best distractor score 
 ``floor(FAR * n) + 1`` largest impostor scores are kept, so memory stays bounded at 1M distractors
 (3.5 billion impostor scores).
 
-Commands: ``sphereface-plus megaface export`` (features for an image list, resumable, atomic per
-file) and ``sphereface-plus megaface score``.
+The commands ``sphereface-plus megaface export`` (features for an image list, resumable, atomic per
+file) and ``sphereface-plus megaface score`` are :mod:`sphereface_plus.commands.megaface`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -34,21 +33,10 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from eval.verification_metrics import allowed_false_accepts, tar_from_top_impostors
-from sphereface_plus.errors import InputFileError, MissingFileError, require_dir, require_file
+from sphereface_plus.errors import InputFileError, MissingFileError, require_file
 from sphereface_plus.utils import atomic_write_bytes, progress
 
 logger = logging.getLogger(__name__)
-
-HELP = "MegaFace Challenge 1: export features in the devkit format, score rank-1 and TAR@FAR=1e-6"
-DESCRIPTION = __doc__ + """
-examples:
-  sphereface-plus megaface export --checkpoint last.pt --list facescrub_features_list.json \\
-      --root facescrub-112x96 --out feats/facescrub
-  sphereface-plus megaface export --checkpoint last.pt --list megaface_features_list.json_1000000_1 \\
-      --root megaface-112x96 --out feats/megaface
-  sphereface-plus megaface score --probe-list facescrub_features_list.json --probe-dir feats/facescrub \\
-      --distractor-list megaface_features_list.json_1000000_1 --distractor-dir feats/megaface --json mf.json
-"""
 
 HEADER = struct.Struct("<4i")
 CV_TYPES = {5: np.dtype("<f4"), 6: np.dtype("<f8")}  # CV_32F, CV_64F
@@ -314,153 +302,3 @@ def evaluate(
         "num_genuine": int(genuine.size),
         "num_impostors": int(n_imp),
     }
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION")
-    sub.required = True
-    ex = sub.add_parser("export", help="write devkit feature files for an image list (resumable)",
-                        description="Embed every image of a list (aligned crops, or raw images with "
-                                    "--landmarks) and write <out>/<path><suffix> in the devkit format, "
-                                    "L2-normalised. Complete files that exist are kept (each one's header "
-                                    "and size are checked; damaged ones are redone), so an interrupted "
-                                    "export resumes where it stopped; --overwrite recomputes everything.")
-    ex.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
-    ex.add_argument("--list", required=True, help="image list: devkit JSON, JSON list, or 'path [label]' lines")
-    ex.add_argument("--root", required=True, help="folder holding the images at the list's relative paths")
-    ex.add_argument("--out", required=True, help="output folder for the feature files")
-    ex.add_argument("--suffix", default=DEFAULT_SUFFIX, help=f"file name suffix (default {DEFAULT_SUFFIX})")
-    ex.add_argument("--landmarks", help="landmark file to align raw images on the fly")
-    ex.add_argument("--no-flip", action="store_true", help="embed the crop only (default: crop + mirror)")
-    ex.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
-    ex.add_argument("--batch-size", type=int, default=64)
-    ex.add_argument("--workers", type=int, default=2)
-    ex.add_argument("--device", default="cpu")
-    from eval.features import add_precision_argument
-
-    add_precision_argument(ex)
-    sc = sub.add_parser("score", help="rank-1 identification and TAR@FAR from feature files",
-                        description="Score MegaFace Challenge 1 from devkit feature files: rank-1 with "
-                                    "distractor set sizes 10 .. 1M, and TAR at FAR (default 1e-6).")
-    sc.add_argument("--probe-list", required=True, help="FaceScrub list (devkit JSON with 'id', or 'path label' "
-                                                        "lines; without labels the parent folder is the identity)")
-    sc.add_argument("--probe-dir", required=True, help="folder with the probe feature files")
-    sc.add_argument("--distractor-list", required=True, help="MegaFace distractor list")
-    sc.add_argument("--distractor-dir", required=True, help="folder with the distractor feature files")
-    sc.add_argument("--suffix", default=DEFAULT_SUFFIX, help=f"file name suffix (default {DEFAULT_SUFFIX})")
-    sc.add_argument("--sizes", default=",".join(str(s) for s in DEFAULT_SIZES),
-                    help="distractor set sizes for rank-1, comma separated (default 10,...,1000000)")
-    sc.add_argument("--far", type=float, default=1e-6, help="false accept rate for TAR (default 1e-6)")
-    sc.add_argument("--chunk", type=int, default=20000, help="distractor files read at a time (default 20000)")
-    sc.add_argument("--json", help="write the results here")
-
-
-def _resume_todo(paths: Sequence[str], out: Path, suffix: str, dim: Optional[int]) -> Tuple[List[str], List[str]]:
-    """``(to do, damaged)``: images without a complete feature file; damaged files are named in the log."""
-    todo, damaged = [], []
-    for p in progress(paths, desc="check existing", unit="file"):
-        f = feature_path(out, p, suffix)
-        if not f.is_file():
-            todo.append(p)
-            continue
-        problem = feature_file_problem(f, dim)
-        if problem:
-            todo.append(p)
-            damaged.append(p)
-            logger.warning("redoing %s: %s", f, problem)
-    return todo, damaged
-
-
-def export(args) -> int:
-    from eval import features as F
-
-    require_file(args.checkpoint, "--checkpoint")
-    require_dir(args.root, "--root")
-    paths, _ = read_image_list(args.list)
-    out = Path(args.out)
-    model, info = F.load_embedding_model(args.checkpoint, device=args.device)  # before anything is written
-    landmarks = F.read_landmarks(args.landmarks) if args.landmarks else None
-    dim = _feature_dim(model, info, not args.no_flip)
-    damaged: List[str] = []
-    if args.overwrite:
-        todo = list(paths)
-    else:
-        todo, damaged = _resume_todo(paths, out, args.suffix, dim)
-    logger.info("%d images in %s, %d already exported, %d to do (%d damaged files redone)", len(paths), args.list,
-                len(paths) - len(todo), len(todo), len(damaged))
-    if not todo:
-        print(f"all {len(paths)} features already in {out} (each file's header and size checked); "
-              f"--overwrite recomputes them")
-        return 0
-    from eval.pairs import describe_missing, missing_images
-
-    missing = missing_images(args.root, todo)
-    if missing:
-        raise MissingFileError(describe_missing(missing, len(todo), f"under {args.root}", "check --root"))
-    dataset = F.ImageFiles(args.root, todo, input_size=info["input_size"], landmarks=landmarks,
-                           template=info["template"])
-    F.check_first_image(dataset)  # raw photos: one clear error here, not a worker traceback
-    for start, feats in F.iter_embeddings(model, dataset, args.batch_size, not args.no_flip, args.device,
-                                          args.workers, desc="export", precision=args.precision):
-        for rel, v in zip(todo[start:start + feats.shape[0]], feats):
-            write_feature(feature_path(out, rel, args.suffix), v, normalize=True)
-    redone = f", {len(damaged)} of them replacing damaged files" if damaged else ""
-    print(f"wrote {len(todo)} feature files to {out} ({len(paths)} in the list{redone}); "
-          f"--overwrite recomputes all")
-    return 0
-
-
-def _feature_dim(model, info, flip: bool) -> Optional[int]:
-    """The length of this model's feature vectors (doubled by the mirror), from one dummy forward."""
-    import torch
-
-    h, w = info["input_size"]
-    try:
-        with torch.inference_mode():
-            d = int(model(torch.zeros(1, 3, h, w, device=next(model.parameters()).device)).shape[1])
-    except StopIteration:
-        return None
-    return 2 * d if flip else d
-
-
-def score(args) -> int:
-    from sphereface_plus.utils import atomic_write_json
-
-    probe_paths, labels = read_image_list(args.probe_list)
-    if labels is None:
-        labels = labels_from_folders(probe_paths)
-    dist_paths, _ = read_image_list(args.distractor_list)
-    try:
-        sizes = [int(float(s)) for s in args.sizes.split(",") if s.strip()]
-    except ValueError:
-        from sphereface_plus.errors import UsageError
-
-        raise UsageError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
-    probes = read_features(args.probe_dir, probe_paths, args.suffix, desc="probes")
-    missing = [p for p in dist_paths if not feature_path(args.distractor_dir, p, args.suffix).is_file()]
-    if missing:
-        from eval.pairs import describe_missing
-
-        raise MissingFileError(describe_missing(missing, len(dist_paths), f"in {args.distractor_dir}",
-                                                 "run 'sphereface-plus megaface export' for this list first"))
-    res = evaluate(probes, labels, iter_feature_chunks(args.distractor_dir, dist_paths, args.suffix, args.chunk),
-                   far=args.far, sizes=sizes, num_distractors=len(dist_paths))
-    print(f"probes {res['num_probes']} ({res['num_identities']} identities, {res['num_trials']} trials), "
-          f"distractors {res['num_distractors']}")
-    print("distractors  rank-1")
-    for n, r in res["rank1_by_size"].items():
-        print(f"{int(n):>11}  {100 * r:6.2f}%")
-    print(f"TAR@FAR={args.far:g}: {100 * res['tar']:.2f}% (threshold {res['threshold']:.4f}, FAR reached "
-          f"{res['far']:.2e})")
-    if args.json:
-        atomic_write_json(args.json, res)
-        print(f"results: {args.json}")
-    return 0
-
-
-def run(args) -> int:
-    # input mistakes raise ToolkitErrors: the command line prints them as one 'error:' line, exit 2
-    return export(args) if args.action == "export" else score(args)

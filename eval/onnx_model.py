@@ -28,23 +28,10 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from sphereface_plus.errors import CheckpointError, MissingFileError, UsageError
+from sphereface_plus.export_format import (EMBEDDING_OUTPUT, FEATURE_OUTPUT, FLIP_KEY, FLIP_POLICY,  # noqa: F401
+                                           FORMAT_KEY, FORMAT_VERSION, INPUT_NAME, PREPROCESSING, TORCHSCRIPT_META)
 
 logger = logging.getLogger(__name__)
-
-#: metadata key that marks a file written by ``sphereface-plus export`` (value: the format version)
-FORMAT_KEY = "sphereface_plus.format"
-FORMAT_VERSION = "1"
-#: the name of the TorchScript extra file holding the metadata (JSON)
-TORCHSCRIPT_META = "sphereface_plus.json"
-INPUT_NAME = "input"
-EMBEDDING_OUTPUT = "embedding"
-FEATURE_OUTPUT = "feature"
-#: the flip policy the toolkit uses and the stored threshold was chosen with (eval.features.embed_batch)
-FLIP_POLICY = "concat: feature = [f(crop), f(mirror)], then L2-normalised and compared by cosine"
-PREPROCESSING = "BGR uint8 crop, (x - 127.5) / 128, NCHW float32"
-#: machine-readable flip policy (concat | sum | none, sphereface_plus.importers.preprocessing.FLIP_POLICIES);
-#: absent in older files: concat
-FLIP_KEY = "flip"
 
 
 def format_size(size) -> str:

@@ -1,4 +1,4 @@
-"""``sphereface-plus pack-bin``: an insightface-style ``.bin`` verification pack from a pairs file and crops.
+"""An insightface-style ``.bin`` verification pack from a pairs file and crops (``sphereface-plus pack-bin``).
 
 A pack is one file holding, for every pair, the two aligned crops as encoded image bytes and a
 same/different flag (:func:`eval.pairs.save_bin_pack`, the layout of insightface's ``lfw.bin``,
@@ -12,38 +12,17 @@ crop must have the same size, the one of the template the pack is for.
 Pairs are written fold by fold. ``verify bin`` cuts a pack into contiguous folds (as insightface's
 ``KFold(10, shuffle=False)``), so an LFW ``pairs.txt`` packs into the exact LFW folds; a generic pairs
 file keeps its folds when they are of equal size.
-
-examples:
-  sphereface-plus pack-bin --pairs lfw/pairs.txt --root lfw-112x96 --out lfw.bin
-  sphereface-plus pack-bin --pairs my_pairs.txt --format pairs --root my-crops --out mine.bin
-  sphereface-plus verify bin --checkpoint last.pt --pack lfw.bin
-
-exit status: 0 written; 2 usage or input error (missing or damaged crop, mixed sizes; nothing written).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from collections import Counter
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
-from sphereface_plus.errors import InputFileError, MissingFileError, UsageError, require_dir, require_file
+from sphereface_plus.errors import InputFileError, MissingFileError
 
 logger = logging.getLogger(__name__)
-
-HELP = "write an insightface-style .bin verification pack from a pairs file and aligned crops"
-DESCRIPTION = __doc__
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pairs", required=True, help="LFW pairs.txt, or a 'path1 path2 same [fold]' file")
-    parser.add_argument("--format", default="lfw", choices=("lfw", "pairs"),
-                        help="lfw: LFW View 2 pairs.txt (default); pairs: a generic pairs file")
-    parser.add_argument("--root", required=True, help="folder holding the aligned crops at the pairs' relative paths")
-    parser.add_argument("--ext", default=".jpg", help="lfw: image extension of the crops (default .jpg)")
-    parser.add_argument("--folds", type=int, default=10, help="pairs: folds when the file has no fold column (default 10)")
-    parser.add_argument("--out", required=True, metavar="FILE.bin", help="the pack to write (atomically)")
 
 
 def pack_pairs(pairs, root) -> Tuple[List[bytes], List[bool]]:
@@ -84,27 +63,7 @@ def pack_pairs(pairs, root) -> Tuple[List[bytes], List[bool]]:
     return images, [bool(p.same) for p in ordered]
 
 
-def _fold_sizes(pairs: Sequence) -> List[int]:
+def fold_sizes(pairs: Sequence) -> List[int]:
+    """The number of pairs in each fold, in fold order."""
     c = Counter(p.fold for p in pairs)
     return [c[k] for k in sorted(c)]
-
-
-def run(args: argparse.Namespace) -> int:
-    from eval import pairs as P
-
-    require_file(args.pairs, "--pairs")
-    require_dir(args.root, "--root")
-    out = Path(args.out)
-    if out.suffix != ".bin":
-        raise UsageError(f"--out {out}: a verification pack is a .bin file (e.g. --out lfw.bin)")
-    pairs = P.parse_lfw_pairs(args.pairs, ext=args.ext) if args.format == "lfw" else \
-        P.parse_pairs_file(args.pairs, num_folds=args.folds)
-    images, issame = pack_pairs(pairs, args.root)
-    sizes = _fold_sizes(pairs)
-    if len(set(sizes)) > 1:
-        logger.warning("the folds of %s have different sizes (%s): 'verify bin' cuts a pack into equal contiguous "
-                       "folds, so its folds will not be exactly these", args.pairs, ", ".join(map(str, sizes)))
-    P.save_bin_pack(out, images, issame)
-    print(f"wrote {out}: {len(issame)} pairs ({sum(issame)} same) in {len(sizes)} folds, {len(images)} images; "
-          f"score it with: sphereface-plus verify bin --checkpoint CKPT --pack {out} --folds {len(sizes)}")
-    return 0

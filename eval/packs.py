@@ -197,55 +197,7 @@ def packs_verifier(folder, names: Sequence[str], input_size, batch_size: int = 6
     return verifier
 
 
-# --------------------------------------------------------------------------- the command (verify packs)
-
-
-def run_packs(args) -> int:
-    """``sphereface-plus verify packs --dir DIR --checkpoint CKPT|MODEL.onnx``."""
-    from eval import features as F
-    from eval.protocols import resolve_protocol
-    from eval.report import write_json_report
-    from sphereface_plus.errors import require_file
-
-    if not args.checkpoint or args.features:
-        raise UsageError("verify packs embeds the packs' images: give --checkpoint (a .pt checkpoint or an exported "
-                         ".onnx), not --features")
-    if not args.dir:
-        raise UsageError("verify packs needs --dir, the folder holding lfw.bin, cfp_fp.bin, agedb_30.bin, ...")
-    if args.no_mean_sub:
-        raise UsageError("--no-mean-sub belongs to verify lfw|pairs|folder (the sphereface protocol); the packs "
-                         "are scored without a mean")
-    require_file(args.checkpoint, "--checkpoint")
-    protocol = resolve_protocol(args.protocol, "packs")
-    paths = pack_paths(args.dir, args.packs or None)
-    packs = load_packs(paths)
-    model, info = F.load_embedding_model(args.checkpoint, device=args.device)
-    for p in packs:  # before anything is embedded or written
-        check_pack_size(p, info["input_size"])
-    logger.info("%d packs: %s", len(packs), ", ".join(f"{p.name} ({len(p.issame)} pairs)" for p in packs))
-    feats = embed_packs(model, packs, info["input_size"], args.batch_size, not args.no_flip, args.device,
-                        args.workers, precision=args.precision)
-    if args.save_features:  # rows named <pack>/<image index in the pack>
-        from eval.features import CROP_MIRROR_LAYOUT, save_features_npz
-
-        save_features_npz(args.save_features, [f"{p.name}/{i}" for p in packs for i in range(len(p.images))],
-                          np.concatenate(feats), layout=None if args.no_flip else CROP_MIRROR_LAYOUT)
-        logger.info("features saved to %s", args.save_features)
-    summary = score_packs(packs, feats, protocol, args.folds, flip_halves=not args.no_flip)
-    summary.update({"flip": not args.no_flip, "source": args.checkpoint, "oracle_note": _oracle_note()})
-    print(format_packs_table(summary))
-    if args.json:
-        write_json_report(summary, args.json)
-        print(f"report: {args.json}")
-    if args.plot:
-        from eval.report import plot_roc
-
-        plot_roc(summary["packs"], args.plot, title=f"verify packs ({protocol} protocol)")
-        print(f"ROC plot: {args.plot}")
-    return 0
-
-
-def _oracle_note() -> str:
+def oracle_note() -> str:
     from eval.protocols import ORACLE_LABEL
 
     return f"oracle_accuracy in each pack's report: {ORACLE_LABEL}"

@@ -28,8 +28,9 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from eval.verification_metrics import (DEFAULT_FARS, fold_scores, insightface_embeddings, insightface_report, kfold_accuracy,
-                          oracle_accuracy, squared_distances, verification_report)
+from eval.verification_metrics import (DEFAULT_FARS, fold_scores, insightface_embeddings, insightface_kfold,
+                                       insightface_report, kfold_accuracy, oracle_accuracy, squared_distances,
+                                       verification_report)
 from sphereface_plus.errors import UsageError
 
 #: the protocol names (the one list: ``verify --protocol``, reports, docs)
@@ -86,3 +87,36 @@ def protocol_report(protocol: str, feat1, feat2, issame, folds, *, flip_halves: 
         raise UsageError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     return {"protocol": protocol, **report, "oracle_accuracy": oracle["accuracy"],
             "oracle_threshold": float(oracle_threshold)}
+
+
+def pair_outcomes(protocol: str, feat1, feat2, issame, folds, *, flip_halves: bool = False,
+                  mean_sub: bool = True) -> Dict[str, np.ndarray]:
+    """How every pair fared when its fold was tested (docs/theory.md#hardest-errors): ``score`` (the
+    protocol's own: the cosine each pair was tested with, or the squared distance), ``threshold`` (its
+    fold's, chosen on the other folds), ``error`` (the protocol called it wrongly: a same pair not
+    accepted, a different pair accepted, with the protocol's strict or non-strict inequality) and
+    ``wrongness`` (how far the score lies on the wrong side of the threshold, in the score's unit:
+    positive for errors, so sorting it ranks the hardest errors first)."""
+    issame = np.asarray(issame).astype(bool).ravel()
+    folds = np.asarray(folds).ravel()
+    if protocol == "sphereface":
+        _, scores = fold_scores(feat1, feat2, folds, mean_sub=mean_sub)
+        kf = kfold_accuracy(scores, issame, folds)
+        score = kf["test_scores"]
+    elif protocol == "insightface":
+        score = squared_distances(insightface_embeddings(feat1, flip_halves), insightface_embeddings(feat2, flip_halves))
+        kf = insightface_kfold(score, issame, folds)
+    else:
+        raise UsageError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    threshold = np.asarray(kf["fold_thresholds"], dtype=np.float64)[np.searchsorted(kf["fold_ids"], folds)]
+    if protocol == "sphereface":  # same when score > t (evaluation.m); both inequalities strict
+        accept = score > threshold
+        reject = score < threshold
+        wrongness = np.where(issame, threshold - score, score - threshold)
+    else:  # same when distance < t, different when distance >= t (verification.py)
+        accept = score < threshold
+        reject = ~accept
+        wrongness = np.where(issame, score - threshold, threshold - score)
+    error = np.where(issame, ~accept, ~reject)
+    return {"score": score, "threshold": threshold, "error": error, "wrongness": wrongness, "issame": issame,
+            "fold": folds}

@@ -1,4 +1,4 @@
-"""Verification reports: a JSON file, a ROC plot (PNG, matplotlib Agg), and the text table.
+"""Verification reports: a JSON file, a ROC plot (PNG, matplotlib Agg), the text table and report.md.
 
 All files are written atomically (temporary file + ``os.replace``), so an interrupted run never
 leaves a truncated report.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from sphereface_plus.utils import atomic_write_bytes, atomic_write_json
 
@@ -92,3 +92,44 @@ def format_report(report: Mapping[str, object]) -> str:
 
         lines.append(f"{100 * report['oracle_accuracy']:.2f}%: {ORACLE_LABEL}")
     return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def fold_table_markdown(report: Mapping[str, object]) -> List[str]:
+    """The fold accuracies and thresholds as a markdown table, the mean (± population std) last."""
+    unit = "distance" if report.get("protocol") == "insightface" else "threshold"
+    lines = [f"| fold | accuracy | {unit} |", "| ---: | ---: | ---: |"]
+    for i, (a, t) in enumerate(zip(report["fold_accuracies"], report["fold_thresholds"]), 1):
+        lines.append(f"| {i} | {_pct(a)} | {t:.4f} |")
+    lines.append(f"| **mean** | **{_pct(report['mean_accuracy'])} ± {_pct(report['std_accuracy'])}** | "
+                 f"{report['threshold']:.4f} |")
+    return lines
+
+
+def verification_markdown(report: Mapping[str, object], title: str, command: str, roc_image: Optional[str] = None,
+                          extra: Sequence[str] = ()) -> str:
+    """``report.md`` of a verification run: what ran, the fold table, the summary, the ROC plot, then
+    ``extra`` lines (the hardest errors, :mod:`eval.hard_errors`)."""
+    from eval.protocols import COMPARABLE_TO, ORACLE_LABEL
+
+    protocol = str(report.get("protocol", "sphereface"))
+    lines = [f"# {title}", "", f"Command: `{command}`", "",
+             f"- model / features: `{report.get('source')}`",
+             f"- {report['num_pairs']} pairs ({report['num_positive']} same) in {report['num_folds']} folds",
+             f"- protocol: {protocol} (comparable to {COMPARABLE_TO.get(protocol, 'its own numbers only')})", "",
+             "## Accuracy", ""]
+    lines += fold_table_markdown(report)
+    lines += ["", f"- EER {_pct(report['eer'])}, AUC {report['auc']:.5f}, "
+              + ", ".join(f"TAR@FAR={k} {_pct(v)}" for k, v in report["tar_at_far"].items())]
+    val = report.get("val_at_far")
+    if val:
+        lines.append(f"- VAL@FAR={val['far_target']:g} (insightface) {_pct(val['val'])} ± {_pct(val['val_std'])}")
+    if report.get("oracle_accuracy") is not None:
+        lines.append(f"- {_pct(report['oracle_accuracy'])}: {ORACLE_LABEL}")
+    if roc_image:
+        lines += ["", f"![ROC]({roc_image})"]
+    lines.append("")
+    return "\n".join(lines + list(extra)) + "\n"

@@ -1,7 +1,7 @@
 """The ``sphereface-plus`` command: parses the command line and dispatches, nothing else.
 
-Each subcommand's runner (``sphereface_plus.apps.*``, ``data_prep.*``, ``eval.*``) is a module that provides
-``add_arguments(parser)``, ``run(args) -> int`` and a one-line ``HELP`` string. Only the module of the
+Each subcommand is a module of :mod:`sphereface_plus.commands` that provides ``add_arguments(parser)``,
+``run(args) -> int`` and a one-line ``HELP`` string. Only the module of the
 command being run is imported, so a command starts fast and an optional dependency of one command
 (onnxruntime, say) never breaks another. ``python -m sphereface_plus ...`` and the
 ``sphereface-plus`` console script are the same entry point.
@@ -19,21 +19,28 @@ from typing import Callable, List, Optional
 
 # subcommand -> (module that implements it, one-line summary for the top-level help)
 COMMANDS = {
-    "info": ("sphereface_plus.apps.info", "print versions, device, registered backbones and heads"),
-    "fetch-weights": ("data_prep.detectors.weights", "download and verify the MTCNN / RetinaFace weights"),
-    "align": ("data_prep.prepare", "detect / read 5 landmarks and warp a dataset tree to 112x96 or 112x112 crops"),
-    "train": ("sphereface_plus.apps.train", "train SphereFace / SphereFace+ from a YAML recipe (torchrun for many GPUs)"),
-    "verify": ("eval.verify_command", "LFW 10-fold verification, any pairs list, insightface .bin packs, identity folders"),
-    "export": ("eval.export", "ONNX / TorchScript export of a checkpoint's embedding network, checked against PyTorch"),
-    "compare": ("eval.embedder", "cosine similarity and same/different decision for two photos"),
-    "megaface": ("eval.megaface", "export MegaFace devkit feature files and score them without the devkit"),
-    "cifar": ("sphereface_plus.apps.cifar", "CIFAR MHE experiments (9-conv CNN, MHE on every layer)"),
-    "gan": ("sphereface_plus.apps.gan", "MHE-GAN on CIFAR-10 (SN / MHE variants of the published table, FID/KID offline)"),
-    "demo": ("sphereface_plus.apps.demo", "the whole pipeline (align, train, verify, report) on built-in or LFW data"),
-    "import": ("sphereface_plus.apps.import_weights",
+    "info": ("sphereface_plus.commands.info", "print versions, device, registered backbones and heads"),
+    "fetch-weights": ("sphereface_plus.commands.fetch_weights", "download and verify the MTCNN / RetinaFace weights"),
+    "align": ("sphereface_plus.commands.align",
+              "detect / read 5 landmarks and warp a dataset tree to 112x96 or 112x112 crops"),
+    "train": ("sphereface_plus.commands.train",
+              "train SphereFace / SphereFace+ from a YAML recipe (torchrun for many GPUs)"),
+    "verify": ("sphereface_plus.commands.verify",
+               "LFW 10-fold verification, any pairs list, insightface .bin packs, identity folders"),
+    "export": ("sphereface_plus.commands.export",
+               "ONNX / TorchScript export of a checkpoint's embedding network, checked against PyTorch"),
+    "compare": ("sphereface_plus.commands.compare", "cosine similarity and same/different decision for two photos"),
+    "megaface": ("sphereface_plus.commands.megaface",
+                 "export MegaFace devkit feature files and score them without the devkit"),
+    "cifar": ("sphereface_plus.commands.cifar", "CIFAR MHE experiments (9-conv CNN, MHE on every layer)"),
+    "gan": ("sphereface_plus.commands.gan",
+            "MHE-GAN on CIFAR-10 (SN / MHE variants of the published table, FID/KID offline)"),
+    "demo": ("sphereface_plus.commands.demo", "the whole pipeline (align, train, verify, report) on built-in or LFW data"),
+    "import": ("sphereface_plus.commands.import_weights",
                "released weights (SphereFace Caffe, insightface, OpenSphere, ONNX, MHE-GAN TF1) to a toolkit model"),
-    "pack-bin": ("eval.pack_bin", "write an insightface-style .bin verification pack from a pairs file and aligned crops"),
-    "check": ("sphereface_plus.apps.check", "verify checkpoints and packed datasets (checksums) before a long run"),
+    "pack-bin": ("sphereface_plus.commands.pack_bin",
+                 "write an insightface-style .bin verification pack from a pairs file and aligned crops"),
+    "check": ("sphereface_plus.commands.check", "verify checkpoints and packed datasets (checksums) before a long run"),
 }
 
 EPILOG = """\
@@ -41,7 +48,7 @@ examples:
   sphereface-plus info
   sphereface-plus fetch-weights
   sphereface-plus align --input lfw/images --output lfw-112x96 --landmarks lfw_landmark.txt
-  sphereface-plus train --config configs/sphereface20_casia.yaml data.root=casia-112x96
+  sphereface-plus train --config configs/face/sphereface20_casia.yaml data.root=casia-112x96
   sphereface-plus verify lfw --checkpoint runs/x/checkpoints/last.pt --root lfw-112x96 --pairs pairs.txt
   sphereface-plus cifar --model_name mhe --power_s 0 --data cifar-100-python
   sphereface-plus demo
@@ -115,8 +122,8 @@ def run_guarded(func: Callable[[], int], prog: str, debug: Optional[bool] = None
     """``func()``, with a :class:`~sphereface_plus.errors.ToolkitError` turned into one line and exit 2.
 
     ``prog: error: <message>`` on stderr; the traceback only with ``debug`` (default: the
-    ``SPHEREFACE_PLUS_DEBUG`` variable). Other exceptions are bugs and keep their traceback. Entry
-    points outside :func:`main` (``python -m sphereface_plus.apps.train`` under torchrun) use it too.
+    ``SPHEREFACE_PLUS_DEBUG`` variable). Other exceptions are bugs and keep their traceback. It is
+    :func:`main`'s guard (also under torchrun, ``torchrun ... -m sphereface_plus train``).
     """
     from sphereface_plus.errors import RunStopped, ToolkitError, one_line
 
@@ -151,8 +158,8 @@ def run_guarded(func: Callable[[], int], prog: str, debug: Optional[bool] = None
 
 
 def exit_process(code: int) -> None:
-    """End the process with status ``code`` (the ``__main__`` of ``python -m sphereface_plus`` and of
-    ``python -m sphereface_plus.apps.train``).
+    """End the process with status ``code`` (the ``__main__`` of ``python -m sphereface_plus``, also the
+    entry point of ``torchrun ... -m sphereface_plus train``).
 
     A ``torchrun`` worker (``WORLD_SIZE`` > 1) ends with ``os._exit`` once its logs and streams are flushed:
     its work is done and written (checkpoints are atomic, the process group is destroyed), and the

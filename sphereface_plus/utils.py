@@ -56,7 +56,7 @@ def _umask() -> int:
 def read_text(path, what: str = "file") -> str:
     """The UTF-8 text of ``path``; a byte that is not UTF-8 is an ``InputFileError`` naming the file and line.
 
-    (Issue 20: a non-UTF-8 byte in a pairs or list file used to end in a ``UnicodeDecodeError`` traceback.)
+    (A non-UTF-8 byte in a pairs or list file would otherwise end in a ``UnicodeDecodeError`` traceback.)
     """
     from sphereface_plus.errors import InputFileError
 
@@ -131,6 +131,34 @@ def safe_torch_load(path, map_location: Any = "cpu") -> Any:
             "use a checkpoint written by 'sphereface-plus train' (<out_dir>/checkpoints/*.pt) or "
             "'verify --save-model'"
         ) from None
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` as plain JSON data: dict keys as strings, tuples as lists, numpy scalars and arrays as numbers
+    and lists (reports and summaries are written as JSON)."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in chunks (the one file-hash helper: weights, checkpoints,
+    exported models, caches)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def is_rank0() -> bool:

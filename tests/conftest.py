@@ -22,7 +22,7 @@ def two_torch_threads():
 def cache(tmp_path_factory):
     """A small synthetic face set (20 identities x 3 images, 112x96, 2 pairs per fold) for the CLI training
     runs of several modules; made once per session, read only."""
-    from data_prep.datasets import prepare_synthetic
+    from data_prep.training_set import prepare_synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
     prepare_synthetic(root, 20, 3, 0, "112x96", pairs_per_fold=2)

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sphereface_plus.config import ConfigError, load_config
+from sphereface_plus.config import ConfigError
+from sphereface_plus.face.config import load_config
 from sphereface_plus.errors import UsageError
 from sphereface_plus.models import (OUTPUTS, BackboneOptionError, backbone_from_config, backbone_spec,
                                     check_model_config, count_parameters, create_backbone, list_backbones)
@@ -480,7 +481,7 @@ def test_checkpoint_of_an_unknown_backbone_is_a_checkpoint_error(tmp_path):
 
 def test_trainer_builds_from_the_same_function():
     """Trainer.build_model goes through backbone_from_config (model.kwargs reach the network)."""
-    from sphereface_plus.trainer import Trainer
+    from sphereface_plus.face.trainer import FaceTrainer
 
     class Data:
         input_size = (112, 96)
@@ -492,7 +493,7 @@ def test_trainer_builds_from_the_same_function():
     cfg = load_config(None, ["model.backbone=sfnet20_bn", "model.embedding_dim=8", "train.device=cpu",
                              "model.kwargs={channels: [4, 4, 8, 8], dropout: 0.25}", "train.tensorboard=false",
                              "train.precision=fp32"])
-    trainer = Trainer(cfg, Data())
+    trainer = FaceTrainer.from_config(cfg, Data())
     net = trainer.model.backbone
     assert net.input_size == (112, 96) and net.dropout.p == 0.25 and net.layer4[0].conv1.out_channels == 8
     assert trainer.cfg.to_dict()["model"]["kwargs"] == {"channels": [4, 4, 8, 8], "dropout": 0.25}

@@ -399,7 +399,7 @@ def test_released_recipes_use_the_caffe_semantics(name, gradient, mode, lambda_m
 
     import yaml
 
-    cfg = yaml.safe_load((pathlib.Path(__file__).parents[1] / "configs" / f"{name}.yaml").read_text())
+    cfg = yaml.safe_load((pathlib.Path(__file__).parents[1] / "configs" / "face" / f"{name}.yaml").read_text())
     assert cfg["head"]["gradient"] == gradient and gradient in A_SOFTMAX_GRADIENTS
     assert cfg["mhe"]["lambda_m"] == lambda_m
     if mode is not None:

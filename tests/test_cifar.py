@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from data_prep.cifar import CifarDataError, load_cifar, load_cifar_class_names, load_cifar_split
-from sphereface_plus.apps import cifar
+from sphereface_plus import cifar
+from sphereface_plus.commands.cifar import config_from_args, results_table, train_cifar
 from data_prep.cifar import random_pad_crop_flip
 from sphereface_plus.engine.optim import lr_factor
 from sphereface_plus.losses import smoothed_cross_entropy
@@ -304,7 +305,7 @@ def test_half_space_doubles_the_neurons():
 
 def test_sweep_table_sits_next_to_the_published_numbers():
     assert len(cifar.SWEEP_SETTINGS) == 13
-    md = cifar.results_table({"half_mhe_2": {"final_accuracy": 0.5}}, "cifar100", 42500)
+    md = results_table({"half_mhe_2": {"final_accuracy": 0.5}}, "cifar100", 42500)
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "---" not in line}
     assert "50.00 / 73.99" in rows["half_mhe"] and "- / 69.74" in rows["baseline"]
     assert rows["mhe"].count(" / ") == 6 and "- / 71.97" in rows["mhe"]
@@ -357,7 +358,7 @@ def test_resume_retraces_the_uninterrupted_run(small_cifar10, tmp_path):
     assert cli_main(common + ["--out", str(tmp_path / "a")]) == 0
     cfg = cifar.CifarConfig(model_name="mhe", mhe_power="0", dataset="cifar10", data=str(small_cifar10),
                             iterations=4, batch_size=8, eval_every=2, seed=3)
-    part = cifar.train_cifar(cfg, tmp_path / "b", device="cpu", stop_after=3)
+    part = train_cifar(cfg, tmp_path / "b", device="cpu", stop_after=3)
     assert part["stopped"] and part["iterations"] == 3
     assert cli_main(common + ["--out", str(tmp_path / "b")]) == 2  # refuses to overwrite
     assert cli_main(common + ["--out", str(tmp_path / "b"), "--resume"]) == 0
@@ -400,13 +401,15 @@ def test_short_run_learns(subset, tmp_path):
 
 
 def test_amp_setting_runs_the_network_in_bf16_and_keeps_loss_and_mhe_float32():
-    """Issue 14 for CIFAR: ``amp`` is checked against engine.precision.SETTINGS; under bf16 the network's
+    """bf16 for CIFAR: ``precision`` is checked against engine.precision.SETTINGS; under bf16 the network's
     convolutions run in bf16, the logits reach the loss in float32, and the MHE terms equal their
     float32 value on the same weights."""
-    from sphereface_plus.apps import cifar as C
+    from sphereface_plus import cifar as C
     from sphereface_plus.engine.precision import resolve_precision
 
-    with pytest.raises(C.ConfigError, match="precision 'half'.*auto, fp32, bf16, fp16, off"):
+    from sphereface_plus.config import ConfigError
+
+    with pytest.raises(ConfigError, match="precision 'half'.*auto, fp32, bf16, fp16, off"):
         C.CifarConfig(precision="half")
     if resolve_precision("bf16", "cpu") != "bf16":
         pytest.skip("this CPU has no bf16")

@@ -54,3 +54,27 @@ def test_info_help(capsys):
     except SystemExit as exc:
         assert exc.code == 0
     assert "--json" in capsys.readouterr().out
+
+
+def test_every_command_has_help_and_its_module_parses_nothing_at_import(capsys):
+    """Each registered command builds its parser from its module in sphereface_plus/commands."""
+    from sphereface_plus.cli import COMMANDS
+
+    for name, (module, _) in COMMANDS.items():
+        assert module.startswith("sphereface_plus.commands."), (name, module)
+        try:
+            main([name, "--help"])
+        except SystemExit as exc:
+            assert exc.code == 0, name
+        assert "usage: sphereface-plus " + name in capsys.readouterr().out
+
+
+def test_old_torchrun_entry_point_still_runs_train():
+    """``python -m sphereface_plus.apps.train`` (what older scripts give torchrun) is ``python -m sphereface_plus
+    train``, with a one-line notice."""
+    proc = subprocess.run([sys.executable, "-m", "sphereface_plus.apps.train", "--config", "configs/face/cpu_smoke.yaml",
+                           "--print-config"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "backbone: sphere4" in proc.stdout
+    notes = [line for line in proc.stderr.splitlines() if "sphereface_plus.apps.train" in line]
+    assert len(notes) == 1 and "python -m sphereface_plus train" in notes[0]

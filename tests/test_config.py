@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sphereface_plus.apps.train import load_train_config
-from sphereface_plus.config import Config, ConfigError, apply_overrides, load_config
+from sphereface_plus.commands.train import load_train_config
+from sphereface_plus.config import ConfigError, apply_overrides
+from sphereface_plus.face.config import FaceConfig as Config
+from sphereface_plus.face.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith(("cifar_", "gan_")))  # face recipes (GAN recipes: test_gan_runner)
-CIFAR_CONFIGS = sorted((REPO / "configs").glob("cifar_*.yaml"))
+CONFIGS = sorted((REPO / "configs" / "face").glob("*.yaml"))  # face recipes (GAN recipes: test_gan_runner)
+CIFAR_CONFIGS = sorted((REPO / "configs" / "cifar").glob("*.yaml"))
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):
@@ -89,7 +91,7 @@ def test_shipped_recipes_load(path):
     backbone = yaml.safe_load(path.read_text())["model"]["backbone"]
     from sphereface_plus.models import list_backbones
 
-    if backbone not in list_backbones():  # the recipes of issue 19 name backbones of another branch
+    if backbone not in list_backbones():  # a recipe may name a backbone not registered here
         pytest.skip(f"{path.name}: backbone {backbone!r} is not registered yet")
     cfg = load_train_config(str(path), overrides)
     # follows from the template; the released recipes state it (as their prototxt does), which is checked
@@ -100,7 +102,7 @@ def test_shipped_recipes_load(path):
 
 
 def test_sphereface20_recipe_is_spec_section_6():
-    cfg = load_config(str(REPO / "configs" / "sphereface20_casia.yaml"), ["data.root=x"])
+    cfg = load_config(str(REPO / "configs" / "face" / "sphereface20_casia.yaml"), ["data.root=x"])
     assert cfg.model.backbone == "sphere20" and cfg.model.embedding_dim == 512
     assert (cfg.train.batch_size, cfg.train.iterations) == (512, 28000)
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 5e-4)
@@ -111,7 +113,7 @@ def test_sphereface20_recipe_is_spec_section_6():
 
 
 def test_spherefaceplus_recipe_is_spec_section_5():
-    cfg = load_config(str(REPO / "configs" / "spherefaceplus20_casia.yaml"), ["data.root=x"])
+    cfg = load_config(str(REPO / "configs" / "face" / "spherefaceplus20_casia.yaml"), ["data.root=x"])
     assert cfg.mhe.lambda_m > 0 and cfg.train.init_from  # fine-tune from a SphereFace checkpoint
     assert (cfg.head.m, cfg.head.base, cfg.head.lambda_min) == (4, 5.0, 5.0)  # λ fixed at 5
     assert (cfg.optim.lr, cfg.optim.milestones, cfg.train.iterations) == (0.01, [4000, 6000], 8000)
@@ -119,62 +121,68 @@ def test_spherefaceplus_recipe_is_spec_section_5():
 
 
 def test_cli_reports_bad_key_with_exit_status_2(capsys):
-    from sphereface_plus.apps import train as train_cmd
+    from sphereface_plus.commands import train as train_cmd
 
     parser = argparse.ArgumentParser()
     train_cmd.add_arguments(parser)
     from sphereface_plus.cli import main
 
-    assert main(["train", "--config", str(REPO / "configs" / "cpu_smoke.yaml"), "train.iteratons=3"]) == 2
+    assert main(["train", "--config", str(REPO / "configs" / "face" / "cpu_smoke.yaml"), "train.iteratons=3"]) == 2
     assert "Did you mean 'train.iterations'" in capsys.readouterr().err
-    args = parser.parse_args(["--config", str(REPO / "configs" / "cpu_smoke.yaml"), "--print-config", "train.seed=9"])
+    args = parser.parse_args(["--config", str(REPO / "configs" / "face" / "cpu_smoke.yaml"), "--print-config", "train.seed=9"])
     assert train_cmd.run(args) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["seed"] == 9 and printed["data"]["source"] == "synthetic"
 
 
-@pytest.mark.parametrize("name, model_name, power", [("cifar_baseline", "baseline", "-"), ("cifar_mhe", "mhe", "0"),
-                                                      ("cifar_half_mhe", "half_mhe", "2")])
+@pytest.mark.parametrize("name, model_name, power", [("baseline", "baseline", "-"), ("mhe", "mhe", "0"),
+                                                      ("half_mhe", "half_mhe", "2")])
 def test_cifar_recipes_are_spec_section_7(name, model_name, power):
     """The CIFAR recipes load through the same loader into the CIFAR schema, with the values of docs/theory.md#cifar-setup."""
-    from sphereface_plus.apps.cifar import CifarConfig
+    from sphereface_plus.cifar.config import CifarConfig
+    from sphereface_plus.config import load_config
 
-    cfg = load_config(str(REPO / "configs" / f"{name}.yaml"), schema=CifarConfig)
+    cfg = load_config(str(REPO / "configs" / "cifar" / f"{name}.yaml"), schema=CifarConfig)
     assert (cfg.model_name, cfg.mhe_power, cfg.dataset) == (model_name, power, "cifar100")
     assert (cfg.iterations, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (42500, 128, 0.1, 0.9, 5e-4)
     assert cfg.milestones == (20000, 30000, 37500) and (cfg.label_smoothing, cfg.log_eps) == (0.01, 1e-4)
     assert cfg == CifarConfig(model_name=model_name, mhe_power="0" if power == "-" else power)  # = the built-in defaults
-    assert len(CIFAR_CONFIGS) == 3
+    # these three, and one recipe per other objective of the MHE family (tests/test_mhe_family_training.py)
+    from sphereface_plus.mhe import OBJECTIVES
+
+    family = [n for n in OBJECTIVES if n != "mhe"]
+    assert [p.stem for p in CIFAR_CONFIGS] == sorted(["baseline", "mhe", "half_mhe", *family])
 
 
 def test_cifar_seed_flags_are_aliases_that_override_the_yaml():
     import argparse
 
-    from sphereface_plus.apps import cifar
+    from sphereface_plus.commands import cifar
+    from sphereface_plus.commands.cifar import config_from_args
 
     parser = argparse.ArgumentParser()
     cifar.add_arguments(parser)
-    args = parser.parse_args(["--config", str(REPO / "configs" / "cifar_half_mhe.yaml"), "iterations=50",
+    args = parser.parse_args(["--config", str(REPO / "configs" / "cifar" / "half_mhe.yaml"), "iterations=50",
                               "--power_s", "a1", "--batch-size", "64", "--dataset", "cifar10"])
-    cfg = cifar.config_from_args(args)
+    cfg = config_from_args(args)
     assert (cfg.model_name, cfg.mhe_power, cfg.batch_size, cfg.iterations, cfg.dataset) == ("half_mhe", "a1", 64, 50, "cifar10")
     args = parser.parse_args(["--model-name", "baseline", "lr=0.5", "--lr", "0.2"])  # a flag wins over key=value
-    cfg = cifar.config_from_args(args)
+    cfg = config_from_args(args)
     assert (cfg.model_name, cfg.mhe_power, cfg.lr) == ("baseline", "-", 0.2)
     with pytest.raises(ConfigError, match="Did you mean 'batch_size'"):
-        cifar.config_from_args(parser.parse_args(["batch_sise=3"]))
+        config_from_args(parser.parse_args(["batch_sise=3"]))
 
 
 @pytest.mark.parametrize("name", ["sphereface20_casia_released", "spherefaceplus20_casia_released"])
 def test_released_recipes_print_through_the_cli(name, tmp_path):
-    """Issue 11: the released-recipe configs (head.gradient=caffe, mhe.mode=caffe_among) load and print."""
+    """The released-recipe configs (head.gradient=caffe, mhe.mode=caffe_among) load and print."""
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "sphereface_plus.cli", "train", "--config",
-                           str(REPO / "configs" / f"{name}.yaml"), "--print-config", f"data.root={tmp_path}"],
+                           str(REPO / "configs" / "face" / f"{name}.yaml"), "--print-config", f"data.root={tmp_path}"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
@@ -184,23 +192,35 @@ def test_released_recipes_print_through_the_cli(name, tmp_path):
     assert not (tmp_path / "runs").exists()  # printing writes nothing
 
 
-def test_head_gradient_is_checked_against_the_heads_list():
+def _build(overrides):
+    """The recipe resolved and its model built (the head is built once, by the trainer: its values are
+    judged there), on a stand-in dataset of 10 classes."""
+    from trainer_stubs import TinyFaces
+
+    from sphereface_plus.face.trainer import FaceTrainer
+
+    cfg = load_config(None, ["data.source=synthetic", "model.backbone=sphere4", "train.device=cpu",
+                             "train.precision=fp32", *overrides])
+    return FaceTrainer.from_config(cfg, TinyFaces(10))
+
+
+def test_head_gradient_is_checked_against_the_heads_list(tmp_path):
     from sphereface_plus.heads import A_SOFTMAX_GRADIENTS
 
     for gradient in A_SOFTMAX_GRADIENTS:
         assert load_config(None, ["data.source=synthetic", f"head.gradient={gradient}"]).head.gradient == gradient
     assert load_config(None, ["data.source=synthetic"]).head.gradient is None  # the head's own default
     with pytest.raises(ConfigError, match="'gradient': 'approx'.*exact, caffe, detached"):
-        load_config(None, ["data.source=synthetic", "head.gradient=approx"])
+        _build([f"out_dir={tmp_path}", "head.gradient=approx"])
     with pytest.raises(ConfigError, match="head.name='arcface'.*'gradient': 'caffe'.*ArcFace gradient.*exact, detached"):
-        load_config(None, ["data.source=synthetic", "head.name=arcface", "head.gradient=caffe"])
+        _build([f"out_dir={tmp_path}", "head.name=arcface", "head.gradient=caffe"])
     with pytest.raises(ConfigError, match="mhe.mode='among'.*caffe_among"):
         load_config(None, ["data.source=synthetic", "mhe.mode=among"])
 
 
 def test_exponent_floats_without_a_dot_are_numbers():
     # YAML 1.1 reads "2e-4" as a string; the loader follows YAML 1.2 here, as it does for booleans
-    from sphereface_plus.config import load_config
+    from sphereface_plus.face.config import load_config
 
     cfg = load_config(None, ["optim.lr=2e-4", "optim.weight_decay=5E-4"])
     assert cfg.optim.lr == 2e-4 and cfg.optim.weight_decay == 5e-4
@@ -222,10 +242,10 @@ def test_a_renamed_key_still_loads_with_a_warning(tmp_path, caplog):
 
 
 def test_head_settings_are_the_heads_own_and_checked_against_its_signature(tmp_path):
-    """Issue 19: ``head`` holds name / parallel / sample_rate plus the head's own settings, validated
+    """``head`` holds name / parallel / sample_rate plus the head's own settings, validated
     against the head's constructor (heads.head_parameters): YAML and key=value both work, an unknown key
     names the head's valid keys and the nearest, a value is checked against the declared type."""
-    from sphereface_plus.config import Config
+    from sphereface_plus.face.config import FaceConfig as Config
     from sphereface_plus.heads import head_parameters
 
     p = tmp_path / "opensphere.yaml"
@@ -249,6 +269,6 @@ def test_head_settings_are_the_heads_own_and_checked_against_its_signature(tmp_p
     with pytest.raises(ConfigError, match="head.renorm_weight expects true or false"):
         load_config(None, ["head.renorm_weight=3"])
     with pytest.raises(ConfigError, match=r"\[1, 4\]"):
-        load_config(None, ["head.m=5"])
+        _build([f"out_dir={tmp_path}", "head.m=5"])
     with pytest.raises(AttributeError):
         cfg.head.easy_margin  # not a setting of a_softmax

@@ -188,8 +188,8 @@ def test_wrong_size_and_missing_images_are_replaced(folder, caplog):
 
 def test_training_run_leaves_out_a_broken_file(folder, tmp_path_factory):
     """End to end: a 0-byte file in the training folder is left out at start-up and training finishes."""
-    from sphereface_plus.config import load_config
-    from sphereface_plus.apps.train import train
+    from sphereface_plus.face.config import load_config
+    from sphereface_plus.commands.train import train
 
     root, _ = folder
     ds = ImageFolderDataset(root)

@@ -138,7 +138,7 @@ def test_demo_bad_arguments(tmp_path, capsys):
 
 
 def test_schedule_gamma_reaches_the_floor_at_the_chosen_iteration():
-    from sphereface_plus.apps.demo import schedule_gamma
+    from sphereface_plus.commands.demo import schedule_gamma
 
     g = schedule_gamma(300, base=1000.0, lambda_min=5.0, power=1.0, reach=0.5)
     assert 1000.0 * (1 + g * 150) ** -1.0 == pytest.approx(5.0)
@@ -169,9 +169,9 @@ def test_lfw_fold_split_is_person_disjoint_and_complete():
 
 def test_untrained_reference_is_the_trainers_initial_network(demo_run):
     """The 'no training' line of the report uses exactly the weights the trainer starts from."""
-    from sphereface_plus.config import Config
-    from sphereface_plus.apps.demo import untrained_backbone
-    from sphereface_plus.apps.train import make_trainer
+    from sphereface_plus.face.config import FaceConfig as Config
+    from sphereface_plus.commands.demo import untrained_backbone
+    from sphereface_plus.commands.train import make_trainer
 
     cfg = Config.from_dict(json.loads((demo_run / "report.json").read_text())["training"]["config"])
     cfg.out_dir = str(demo_run / "unused")

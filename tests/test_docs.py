@@ -78,3 +78,18 @@ def test_no_reference_to_the_internal_spec_remains():
             if UNSHIPPED_DOC.search(line):
                 found.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()[:100]}")
     assert not found, "references to a document that does not ship (cite docs/theory.md anchors instead):\n" + "\n".join(found)
+
+
+ISSUE_CITATION = re.compile(r"(?<![A-Za-z0-9_/])[Ii]ssues? #?[0-9]+")
+
+
+def test_no_project_issue_number_is_cited():
+    """Code, tests, configs and pages cite docs pages or paper equations, never the project's issue numbers
+    (a reader has nowhere to look them up)."""
+    found = []
+    for path in repo_text_files():
+        for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if ISSUE_CITATION.search(line) and path != Path(__file__).resolve():
+                found.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()[:100]}")
+    assert not found, "issue numbers cited (cite a docs page anchor or the paper instead):\n" + "\n".join(found)
+    assert ISSUE_CITATION.search("(" + "issue 20" + ")") and not ISSUE_CITATION.search("tissue 3")

@@ -158,3 +158,103 @@ def test_verify_bin_pack_with_checkpoint(tmp_path):
         ref = torch.cat([model(x), model(x.flip(3))], 1).numpy()
     assert got.shape == (16, 128)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def _reference_outcomes(f1, f2, issame, folds):
+    """Every pair's test score and its fold's threshold by brute force (as _reference), and how far on the
+    wrong side of it the score lies."""
+    thr = np.arange(-10000, 10001) / 10000.0
+    score, t_of = np.zeros(len(issame)), np.zeros(len(issame))
+    for k in range(folds.max() + 1):
+        test, train = folds == k, folds != k
+        mu = np.concatenate([f1[train], f2[train]]).mean(0)
+        a, b = f1 - mu, f2 - mu
+        s = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+        c = (s[train][None] > thr[:, None])[:, issame[train]].sum(1) + \
+            (s[train][None] < thr[:, None])[:, ~issame[train]].sum(1)
+        score[test], t_of[test] = s[test], thr[c == c.max()].mean()
+    return score, t_of, np.where(issame, t_of - score, score - t_of)
+
+
+def test_verify_report_dir_shows_the_hardest_errors(lfw_like, capsys):
+    """report.md lists, and hardest_errors.png shows, exactly the k false accepts and false rejects scored
+    furthest on the wrong side of their fold's threshold (a brute-force reference picks them)."""
+    import cv2
+
+    from eval.export import synthetic_crops
+
+    d, paths, feats, (i1, i2, issame, folds) = lfw_like
+    crops = synthetic_crops("112x96", 5)
+    for n, p in enumerate(paths):  # crops to show (any aligned image will do: the scores come from the .npz)
+        (d / "crops" / p).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(d / "crops" / p), crops[n % 5])
+    score, thr, wrong = _reference_outcomes(feats[i1].astype(np.float64), feats[i2].astype(np.float64), issame, folds)
+    k = 4
+    argv = ["verify", "lfw", "--features", str(d / "f.npz"), "--pairs", str(d / "pairs.txt"), "--hardest", str(k)]
+    assert main(argv + ["--root", str(d / "crops"), "--report-dir", str(d / "rep")]) == 0
+    md = (d / "rep" / "report.md").read_text()
+    assert (d / "rep" / "hardest_errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![hardest errors](hardest_errors.png)" in md and "![ROC](roc.png)" in md
+    assert json.loads((d / "rep" / "report.json").read_text())["fold_accuracies"] == _reference(
+        feats[i1].astype(np.float64), feats[i2].astype(np.float64), issame, folds).tolist()
+    for title, same in (("False accepts", False), ("False rejects", True)):
+        errors = np.flatnonzero((wrong >= 0) & (issame == same))
+        want = errors[np.argsort(-wrong[errors], kind="stable")][:k]
+        assert f"### {title} ({len(errors)} in all, {len(want)} shown)" in md
+        section = md.split(f"### {title}")[1].split("###")[0]
+        rows = [r.split("|") for r in section.splitlines() if r.startswith("| ") and r[2].isdigit()]
+        assert len(want) == k
+        assert [(r[2].strip(" `"), r[3].strip(" `")) for r in rows] == [(paths[i1[i]], paths[i2[i]]) for i in want]
+        assert [float(r[5]) for r in rows] == pytest.approx(score[want], abs=5e-5)
+        assert [float(r[6]) for r in rows] == pytest.approx(thr[want], abs=5e-5)
+    # without images: the same tables, no grid; an existing report is never overwritten
+    assert main(argv + ["--report-dir", str(d / "rep2")]) == 0
+    assert "No image grid" in (d / "rep2" / "report.md").read_text()
+    assert not (d / "rep2" / "hardest_errors.png").exists()
+    capsys.readouterr()
+    assert main(argv + ["--report-dir", str(d / "rep")]) == 2
+    assert "already holds a report.md" in capsys.readouterr().err
+
+
+def test_verify_bin_report_dir_draws_the_pack_images(tmp_path, capsys):
+    """verify bin --report-dir: the grid is drawn from the pack's own images (a model embeds them), the pairs
+    listed are the k worst of the features the run saved (brute force), named by their pack index."""
+    import cv2
+    import torch
+
+    from eval.export import synthetic_crops
+    from eval.features import load_features_npz
+    from eval.pairs import save_bin_pack
+    from sphereface_plus.models import create_backbone
+
+    crops = synthetic_crops("112x96", 8)
+    rng = np.random.default_rng(1)
+    issame = np.arange(40) % 2 == 0
+    images = []
+    for _ in issame:  # labels that the images do not follow: errors of both kinds for an untrained model
+        a, b = rng.choice(8, 2, replace=False)
+        images += [cv2.imencode(".png", crops[a])[1].tobytes(), cv2.imencode(".png", crops[b])[1].tobytes()]
+    save_bin_pack(tmp_path / "p.bin", images, issame)
+    torch.save(create_backbone("sphere4").state_dict(), tmp_path / "s4.pth")
+    assert main(["import", "--from", "pytorch", str(tmp_path / "s4.pth"), "--backbone", "sphere4",
+                 "--out", str(tmp_path / "s4.pt")]) == 0
+    k = 3
+    assert main(["verify", "bin", "--checkpoint", str(tmp_path / "s4.pt"), "--pack", str(tmp_path / "p.bin"),
+                 "--protocol", "sphereface", "--precision", "fp32", "--workers", "0", "--hardest", str(k),
+                 "--save-features", str(tmp_path / "f.npz"), "--report-dir", str(tmp_path / "rep"),
+                 "--save-model", str(tmp_path / "s4_thr.pt")]) == 0
+    # the copy with the threshold keeps the imported model's input convention
+    assert torch.load(tmp_path / "s4_thr.pt", weights_only=True)["preprocessing"] == \
+        torch.load(tmp_path / "s4.pt", weights_only=True)["preprocessing"]
+    paths, feats = load_features_npz(tmp_path / "f.npz")
+    f = feats.astype(np.float64)
+    folds = np.repeat(np.arange(10), 4)
+    _, _, wrong = _reference_outcomes(f[0::2], f[1::2], issame, folds)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert (tmp_path / "rep" / "hardest_errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for title, same in (("False accepts", False), ("False rejects", True)):
+        errors = np.flatnonzero((wrong >= 0) & (issame == same))
+        want = errors[np.argsort(-wrong[errors], kind="stable")][:k]
+        section = md.split(f"### {title}")[1].split("###")[0]
+        rows = [r.split("|") for r in section.splitlines() if r.startswith("| ") and r[2].isdigit()]
+        assert len(want) == k and [r[2].strip(" `") for r in rows] == [f"pack image {2 * i}" for i in want]

@@ -44,10 +44,10 @@ def setup(tmp_path_factory):
     from data_prep import align_face
     from eval.features import load_embedding_model, read_landmarks
     from eval.pairs import parse_lfw_pairs
-    from sphereface_plus.apps.train import train
+    from sphereface_plus.commands.train import train
 
     d = tmp_path_factory.mktemp("export")
-    summary = train(str(REPO / "configs" / "cpu_smoke.yaml"),
+    summary = train(str(REPO / "configs" / "face" / "cpu_smoke.yaml"),
                     overrides=[f"out_dir={d / 'run'}", "train.iterations=6", "checkpoint.every=6", "train.log_every=3"])
     ckpt = Path(summary["checkpoint"])
     backbone, info = load_embedding_model(ckpt)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sphereface_plus.apps.gan import GanConfig, train_gan
+from sphereface_plus.commands.gan import train_gan
+from sphereface_plus.gan.config import GanConfig
 from sphereface_plus.engine.checkpoint import load_checkpoint
 from sphereface_plus.gan import inception_metrics as M
 from shared_data import CIFAR_SUBSET, needs_cifar_subset as needs_subset, needs_inception
@@ -155,7 +156,7 @@ def test_evaluation_rows_score_against_both_splits(tmp_path):
 def test_cli_accepts_the_original_flags_in_both_spellings(capsys):
     import yaml
 
-    rc, out, err = main_inproc(capsys, "--config", ROOT / "configs" / "gan_mhe.yaml", "--no-sn", "--mhe", "2e-6",
+    rc, out, err = main_inproc(capsys, "--config", ROOT / "configs" / "gan" / "mhe.yaml", "--no-sn", "--mhe", "2e-6",
                                "--batch_size", "32", "--eval-every", "7", "--eval_samples", "10", "--iterations", "9",
                                "--seed", "5", "--real_stats", "train", "lr=2.0e-4", "--print-config")
     assert rc == 0, err
@@ -167,7 +168,7 @@ def test_cli_accepts_the_original_flags_in_both_spellings(capsys):
     assert rc == 0 and yaml.safe_load(out)["sn"] is True
     # the four recipes are the published rows
     for name, sn, mhe in (("baseline", False, 0), ("sn", True, 0), ("mhe", False, 1e-6), ("sn_mhe", True, 1e-7)):
-        rc, out, _ = main_inproc(capsys, "--config", ROOT / "configs" / f"gan_{name}.yaml", "--print-config")
+        rc, out, _ = main_inproc(capsys, "--config", ROOT / "configs" / "gan" / f"{name}.yaml", "--print-config")
         c = yaml.safe_load(out)
         assert (rc, c["sn"], c["mhe"], c["iterations"], c["batch_size"]) == (0, sn, mhe, 200000, 64), name
 

@@ -1,4 +1,4 @@
-"""Exact resume with each registered head's state (issue 19): a run saved after 2 steps and resumed
+"""Exact resume with each registered head's state: a run saved after 2 steps and resumed
 continues bit for bit as the uninterrupted run (weights, the head's buffers such as A-Softmax's
 iteration counter, momentum, losses, the head's logged terms). Also: the trainer logs a head's terms
 generically, and a head's settings in force are recorded in the checkpoint's config."""
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sphereface_plus.config import load_config
+from sphereface_plus.face.config import load_config
 from sphereface_plus.heads import head_parameters, list_heads
-from sphereface_plus.trainer import Trainer
+from sphereface_plus.face.trainer import FaceTrainer
 from tests.trainer_stubs import TinyFaces
 
 NUM_CLASSES, BATCH, STEPS, SAVE_AT = 8, 4, 4, 2
@@ -28,10 +28,10 @@ def make_trainer(out, name: str) -> Trainer:
         "mhe.lambda_m=0.5", "optim.lr=0.05", "train.seed=2", f"train.batch_size={BATCH}", f"train.iterations={STEPS}",
         "train.tensorboard=false", "train.precision=fp32", "train.device=cpu", "checkpoint.every=100", "eval.pairs=",
     ])
-    return Trainer(cfg, TinyFaces(NUM_CLASSES))
+    return FaceTrainer.from_config(cfg, TinyFaces(NUM_CLASSES))
 
 
-def run(trainer: Trainer, steps):
+def run(trainer: FaceTrainer, steps):
     out = []
     for step in steps:
         stats = trainer.train_step(*batch(step))
@@ -94,9 +94,9 @@ def test_a_checkpoint_of_an_earlier_release_resumes_and_real_changes_are_still_r
     differs is still named."""
     from sphereface_plus.engine.checkpoint import check_settings
     from sphereface_plus.errors import UsageError
-    from sphereface_plus.trainer import saved_settings_in_force
+    from sphereface_plus.face.trainer import saved_settings_in_force
 
-    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "cpu_smoke.yaml"))
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "face" / "cpu_smoke.yaml"))
     now = cfg.to_dict()
     old = {k: (dict(v) if isinstance(v, dict) else v) for k, v in now.items()}
     del old["model"]["kwargs"], old["train"]["dist_timeout"], old["mhe"]["variant"]

@@ -231,3 +231,25 @@ def test_heads_reject_no_target_labels():
     head = create_head("a_softmax", in_features=4, num_classes=3)
     with pytest.raises(ValueError, match="label -1 is outside"):
         head(torch.randn(2, 4), torch.tensor([0, -1]))
+
+
+def test_a_head_is_registered_as_its_class_and_its_settings_are_its_signature():
+    """A head's settings are its constructor's named keyword arguments (no return annotation, no builder);
+    a constructor that hides them behind **kwargs is refused when it is registered."""
+    import inspect
+
+    from sphereface_plus.heads import HEADS, ClassifierHead, head_parameters, register_head
+
+    for name in HEADS.names():
+        cls = HEADS.get(name)
+        assert isinstance(cls, type) and issubclass(cls, ClassifierHead), name
+        params = [p for p in inspect.signature(cls).parameters if p not in ("in_features", "num_classes")]
+        assert list(head_parameters(name)) == params, name
+
+    class Hidden(ClassifierHead):
+        def __init__(self, in_features, num_classes, **kwargs):
+            super().__init__(in_features, num_classes)
+
+    with pytest.raises(TypeError, match="named keyword arguments"):
+        register_head("hidden_settings")(Hidden)
+    assert "hidden_settings" not in HEADS

@@ -1,4 +1,4 @@
-"""The heads of issue 19 (sphereface_r, sphereface2, adaface, magface) against float64 loops written from
+"""The newer heads (sphereface_r, sphereface2, adaface, magface) against float64 loops written from
 the formulas (per sample, per class, 0-dim tensors, so autograd of the loop is the reference gradient),
 the SphereFace2 bias against its defining property, schedules and state round trips.
 

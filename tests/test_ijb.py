@@ -28,7 +28,7 @@ KEYS = ["1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"]
 
 def write_ijb(root: Path, dataset: str = "IJBC", ids: int = 14, seed: int = 0):
     """A small IJB set: per identity 4 templates of 2-3 media with 1-3 faces each (rendered faces)."""
-    from data_prep.synthetic import identity_params, image_params, render_image
+    from data_prep.synthetic_faces import identity_params, image_params, render_image
 
     rng = np.random.default_rng(seed)
     (root / "meta").mkdir(parents=True)

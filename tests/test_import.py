@@ -541,10 +541,10 @@ def test_opensphere_checkpoints_match_reference(tmp_path, crops112):
     from eval.embedder import FaceEmbedder
     from sphereface_plus.models import create_backbone
 
-    # main layout: checkpoint/model_<step>.pth = {'backbone': ..., 'head': {'w': feat_dim x classes}}
+    # main layout: checkpoint/model_<step>.pth = {'backbone': ..., 'head': {'w': classes x feat_dim}}
     state = _random_state(create_backbone("sfnet20_bn", input_size=(112, 112)), 1)
     assert all(k in state for k in OPENSPHERE_SFNET_BN_KEYS)
-    w = torch.randn(512, 11)
+    w = torch.randn(11, 512)
     torch.save({"backbone": {f"module.{k}": v for k, v in state.items()}, "head": {"w": w}}, tmp_path / "model_100.pth")
     out = tmp_path / "sf.pt"
     assert main(["import", "--from", "opensphere", str(tmp_path / "model_100.pth"), "--out", str(out)]) == 0
@@ -552,17 +552,72 @@ def test_opensphere_checkpoints_match_reference(tmp_path, crops112):
     emb = FaceEmbedder(out, precision="fp32").embed(crops112, aligned=True)
     assert np.abs(emb - _unit(np.concatenate([f, f_flip], axis=1))).max() <= TOL
     ckpt = torch.load(out, weights_only=True)
-    assert torch.equal(ckpt["head"]["weight"], w.t()) and ckpt["config"]["model"]["backbone"] == "sfnet20_bn"
-    # v0 layout: models/backbone_<iter>.pth + models/head_<iter>.pth, SFNet without BN
+    assert torch.equal(ckpt["head"]["weight"], w) and ckpt["config"]["model"]["backbone"] == "sfnet20_bn"
+    # v0 layout: models/backbone_<iter>.pth + models/head_<iter>.pth (w: feat_dim x classes), SFNet without BN
     plain = _random_state(create_backbone("sfnet20_deprecated", input_size=(112, 112)), 2)
     torch.save(plain, tmp_path / "backbone_5.pth")
-    torch.save({"w": w}, tmp_path / "head_5.pth")
+    torch.save({"w": w.t()}, tmp_path / "head_5.pth")
     out2 = tmp_path / "sf_plain.pt"
     assert main(["import", "--from", "opensphere", str(tmp_path / "backbone_5.pth"), str(tmp_path / "head_5.pth"),
                  "--out", str(out2)]) == 0
     f, f_flip = _reference("sfnet20_deprecated", plain, crops112, 127.5, 127.5, (112, 112))
     emb = FaceEmbedder(out2, precision="fp32").embed(crops112, aligned=True)
     assert np.abs(emb - _unit(np.concatenate([f, f_flip], axis=1))).max() <= TOL
+
+
+def test_opensphere_head_orientation_of_each_branch(tmp_path, capsys):
+    """Each branch writes its head's w its own way (main: torch.Tensor(subj_num, feat_dim) in one
+    {'backbone', 'head'} file, or under 'model' in a training ckpt; OpenSphere_v0: torch.Tensor(feat_dim,
+    num_class) in head_<iter>.pth; SphereFace2_ICLR21: feat_dim x num_class in one {'backbone', 'head'}
+    file whose stage convolutions are layer{i}.0.conv); the toolkit head's weight is classes x feat_dim."""
+    from sphereface_plus.importers.torch_state import head_layout, read_opensphere
+
+    dim = 16
+    stub = {"layer1.0.conv1.weight": torch.zeros(2, 3, 3, 3)}  # what tells the branches apart: the key names
+    iclr = {"layer1.0.conv.weight": torch.zeros(2, 3, 3, 3)}
+    for classes in (7, dim):  # dim: a square w, whose shape says nothing; the layout decides
+        w = torch.randn(classes, dim)  # classes x feat_dim, what the toolkit head holds
+        files = {"main": ({"backbone": stub, "head": {"w": w}},),
+                 "main ckpt": ({"step": 9, "model": {"backbone": stub, "head": {"w": w}}, "optimizer": {"state": {}}},),
+                 "v0": (stub, {"w": w.t().clone()}),
+                 "iclr21": ({"backbone": iclr, "head": {"w": w.t().clone()}},)}
+        for branch, objs in files.items():
+            paths = []
+            for k, obj in enumerate(objs):
+                paths.append(tmp_path / f"{branch}_{classes}_{k}.pth")
+                torch.save(obj, paths[-1])
+            state, head, _, layout = read_opensphere(*paths)
+            assert "layer1.0.conv1.weight" in state
+            weight = head["w"] if head_layout(head["w"].shape, dim, layout, branch) == "classes-by-dim" else head["w"].t()
+            assert torch.equal(weight, w), (branch, classes)
+    from sphereface_plus.errors import CheckpointError, InputFileError
+
+    assert head_layout((dim, dim), dim, "classes-by-dim", "x", override="dim-by-classes") == "dim-by-classes"
+    with pytest.raises(InputFileError, match=r"does not fit head 'w' of shape \(7, 16\)"):
+        head_layout((7, dim), dim, "classes-by-dim", "x", override="dim-by-classes")
+    with pytest.raises(CheckpointError, match="neither side is the backbone's 16-d embedding"):
+        head_layout((7, 8), dim, "classes-by-dim", "x")
+    # end to end, the file the issue was about: main's model_<step>.pth (w: classes x feat_dim) imports
+    from sphereface_plus.models import create_backbone
+
+    state = create_backbone("sfnet20_deprecated", input_size=(112, 112), embedding_dim=dim).state_dict()
+    w = torch.randn(7, dim)
+    torch.save({"backbone": state, "head": {"w": w}}, tmp_path / "model_100.pth")
+    out = tmp_path / "main.pt"
+    assert main(["import", "--from", "opensphere", str(tmp_path / "model_100.pth"), "--out", str(out)]) == 0
+    assert torch.equal(torch.load(out, weights_only=True)["head"]["weight"], w)
+    assert "does not fit head 'w' of shape (7, 16)" in _error_line(
+        capsys, ["import", "--from", "opensphere", str(tmp_path / "model_100.pth"), "--head-layout", "dim-by-classes",
+                 "--out", str(tmp_path / "no.pt")])
+    # a SphereFace2 head (main's sphereface2.py: w and the logit bias b) goes to the toolkit's sphereface2 head
+    torch.save({"backbone": state, "head": {"w": w, "b": torch.tensor([-7.5])}}, tmp_path / "model_sf2.pth")
+    assert "--head sphereface2" in _error_line(capsys, ["import", "--from", "opensphere", str(tmp_path / "model_sf2.pth"),
+                                                        "--out", str(tmp_path / "no.pt")])
+    assert main(["import", "--from", "opensphere", str(tmp_path / "model_sf2.pth"), "--head", "sphereface2",
+                 "--out", str(tmp_path / "sf2.pt")]) == 0
+    head = torch.load(tmp_path / "sf2.pt", weights_only=True)["head"]
+    assert torch.equal(head["weight"], w) and head["bias"].tolist() == [-7.5]
+    assert not (tmp_path / "no.pt").exists()
 
 
 def test_state_dict_bad_inputs_are_one_error_line(tmp_path, capsys):
@@ -700,9 +755,9 @@ def test_export_of_an_imported_model_keeps_its_convention(tmp_path, crops112):
 
 def test_imported_caffe_model_fine_tunes_with_train_init_from(tmp_path):
     """train.init_from=IMPORTED.pt: the SphereFace+ fine-tune starts from the released backbone and its fc6."""
-    from data_prep.datasets import prepare_synthetic
-    from sphereface_plus.apps.train import make_trainer
-    from sphereface_plus.config import load_config
+    from data_prep.training_set import prepare_synthetic
+    from sphereface_plus.commands.train import make_trainer
+    from sphereface_plus.face.config import load_config
 
     text = release_prototxt(UNITS, margin=20)
     blobs = caffe_weights(UNITS, classes=20, seed=9)
@@ -714,7 +769,7 @@ def test_imported_caffe_model_fine_tunes_with_train_init_from(tmp_path):
     cache = tmp_path / "synthetic"
     prepare_synthetic(cache, 20, 2, 0, "112x96", pairs_per_fold=2)
     repo = Path(__file__).resolve().parents[1]
-    cfg = load_config(str(repo / "configs" / "cpu_smoke.yaml"), [
+    cfg = load_config(str(repo / "configs" / "face" / "cpu_smoke.yaml"), [
         f"out_dir={tmp_path / 'run'}", "model.backbone=sphere10", "model.embedding_dim=512", "train.precision=fp32",
         f"data.synthetic.cache_dir={cache}", "data.synthetic.num_identities=20", "data.synthetic.images_per_identity=2",
         "data.synthetic.pairs_per_fold=2", "eval.pairs=", "train.tensorboard=false", "mhe.lambda_m=10.0",

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import mhe_family_reference as ref
-from sphereface_plus.config import ConfigError, load_config
+from sphereface_plus.config import ConfigError
+from sphereface_plus.face.config import load_config
+from sphereface_plus.face.trainer import FaceTrainer
 from sphereface_plus.mhe import OBJECTIVES, ClassifierMHE, ObjectiveSettings, classifier_mhe
-from sphereface_plus.trainer import Trainer
 from tests.trainer_stubs import TinyFaces
 
 C, D = 12, 7
@@ -145,7 +146,7 @@ def _trainer(out):
         "train.seed=2", f"train.batch_size={BATCH}", f"train.iterations={STEPS}", "train.tensorboard=false",
         "train.precision=fp32", "train.device=cpu", "checkpoint.every=100", "eval.pairs=",
     ])
-    return Trainer(cfg, TinyFaces(NUM_CLASSES))
+    return FaceTrainer.from_config(cfg, TinyFaces(NUM_CLASSES))
 
 
 def _run(trainer, steps):

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 import mhe_family_reference as ref
-from sphereface_plus.apps import cifar
+from sphereface_plus.cifar.config import HIDDEN_LAYERS, OUTPUT_LAYER, CifarConfig
+from sphereface_plus.commands.cifar import train_cifar
 from sphereface_plus.config import ConfigError
 from sphereface_plus.mhe import (OBJECTIVES, MHERegularizer, ObjectiveSettings, default_coefficients, mhe_energy,
                                  resolve_settings)
@@ -155,19 +156,36 @@ def test_settings_are_validated():
     with pytest.raises(ValueError, match="has no kernel"):
         MHERegularizer(_model(), objective="mgd", power="2")
     with pytest.raises(ConfigError, match="no half-space form"):
-        cifar.CifarConfig(model_name="half_mhe", mhe_objective="r_mhp")
+        CifarConfig(model_name="half_mhe", mhe_objective="r_mhp")
     with pytest.raises(ConfigError, match="mhe_objective 'mhs' has no setting 'mhe_projection_dim'"):
-        cifar.CifarConfig(mhe_objective="mhs", mhe_projection_dim=3)
-    cfg = cifar.CifarConfig(model_name="half_mhe", mhe_objective="comhe_rp", mhe_power="2", iterations=75000,
+        CifarConfig(mhe_objective="mhs", mhe_projection_dim=3)
+    cfg = CifarConfig(model_name="half_mhe", mhe_objective="comhe_rp", mhe_power="2", iterations=75000,
                             lr_schedule="comhe")
     assert cfg.setting == "half_comhe_rp_2" and cfg.milestones == (30000, 50000, 65000)
-    assert cifar.CifarConfig(model_name="mhe", mhe_objective="r_mhp").setting == "r_mhp"
+    assert CifarConfig(model_name="mhe", mhe_objective="r_mhp").setting == "r_mhp"
     # a checkpoint written before these settings existed resumes: they are compared at their defaults
     from sphereface_plus.config import stored_config_as_read
 
     added = ("mhe_objective", "mhe_projection_dim", "mhe_projections", "mhe_inner_steps", "mhe_gamma", "lr_schedule")
-    old = {k: v for k, v in cifar.CifarConfig().to_dict().items() if k not in added}
-    assert stored_config_as_read(old, cifar.CifarConfig) == cifar.CifarConfig().to_dict()
+    old = {k: v for k, v in CifarConfig().to_dict().items() if k not in added}
+    assert stored_config_as_read(old, CifarConfig) == CifarConfig().to_dict()
+
+
+@pytest.mark.parametrize("objective", [n for n in OBJECTIVES if n != "mhe"])
+def test_cifar_family_recipes_are_the_authors(objective):
+    # configs/cifar/<objective>.yaml: the authors' CNN-9 schedule (75k updates, x0.1 at 30k/50k/65k), the
+    # objective's half-space form where it has one, and its coefficients
+    from pathlib import Path
+
+    from sphereface_plus.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "cifar" / f"{objective}.yaml"
+    cfg = load_config(str(path), schema=CifarConfig)
+    assert (cfg.mhe_objective, cfg.iterations, cfg.batch_size, cfg.lr) == (objective, 75000, 128, 0.1)
+    assert cfg.milestones == (30000, 50000, 65000)
+    assert cfg.model_name == ("half_mhe" if OBJECTIVES[objective].half_space else "mhe")
+    power = None if cfg.mhe_power == "-" else cfg.mhe_power
+    assert cfg.coefficients() == default_coefficients(objective, power)
 
 
 # --------------------------------------------------------------------------------------- resume, bit-exact
@@ -225,19 +243,19 @@ def test_cifar_resume_is_bit_exact(tmp_path):
     # checkpoint (mhe_state) and an interrupted run retraces the uninterrupted one bit for bit
     objective = "mhp"
     data = _write_synthetic_cifar10(tmp_path / "data")
-    cfg = cifar.CifarConfig(model_name="half_mhe", mhe_objective=objective, dataset="cifar10", data=str(data),
+    cfg = CifarConfig(model_name="half_mhe", mhe_objective=objective, dataset="cifar10", data=str(data),
                             iterations=3, batch_size=4, eval_every=2, seed=1, precision="fp32", lr=0.01,
                             lr_schedule="comhe", mhe_inner_steps=2)
-    whole = cifar.train_cifar(cfg, tmp_path / "a", device="cpu")
-    part = cifar.train_cifar(cfg, tmp_path / "b", device="cpu", stop_after=1)
+    whole = train_cifar(cfg, tmp_path / "a", device="cpu")
+    part = train_cifar(cfg, tmp_path / "b", device="cpu", stop_after=1)
     assert part["stopped"] and whole["iterations"] == 3
-    cifar.train_cifar(cfg, tmp_path / "b", device="cpu", resume=True)
+    train_cifar(cfg, tmp_path / "b", device="cpu", resume=True)
     a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     poles_a, poles_b = a["mhe_state"], b["mhe_state"]
-    assert poles_a["poles"].keys() == poles_b["poles"].keys() == set(cifar.HIDDEN_LAYERS + (cifar.OUTPUT_LAYER,))
+    assert poles_a["poles"].keys() == poles_b["poles"].keys() == set(HIDDEN_LAYERS + (OUTPUT_LAYER,))
     for key in ("poles", "momentum"):
         for name in poles_a[key]:
             assert torch.equal(poles_a[key][name], poles_b[key][name]), (key, name)
@@ -251,7 +269,7 @@ def test_cifar_resume_is_bit_exact(tmp_path):
 
 
 def test_gan_discriminator_takes_any_objective():
-    from sphereface_plus.apps.gan import GanConfig
+    from sphereface_plus.gan.config import GanConfig
     from sphereface_plus.gan import Discriminator, Generator, gan_mhe_loss
     from sphereface_plus.gan import steps as S
     from sphereface_plus.gan.losses import discriminator_regularizer

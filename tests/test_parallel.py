@@ -46,7 +46,7 @@ HEAD_CASES = {
     "cosface": [dict(s=8.0, m=0.35)],
     "arcface": [dict(s=8.0, m=0.5), dict(s=8.0, m=2.0, gradient="detached", wrap="insightface")],
     "softmax": [{}],
-    # (issue 19's other heads, when registered) AdaFace's norm statistics: 'global' gathers the batch over
+    # (the newer heads) AdaFace's norm statistics: 'global' gathers the batch over
     # the process group, which the whole-head reference here, run inside the spawned processes on the
     # already global batch, must not do; a block of the sharded classifier sees the global batch either way
     "adaface": [dict(norm_stats="local", s=8.0)],

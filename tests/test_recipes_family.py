@@ -1,4 +1,4 @@
-"""The published recipes of issue 19 (configs/*_vggface2.yaml, *_ms1mv3.yaml, *_ms1m.yaml) train two
+"""The published recipes of the SphereFace family and the field (configs/face/*_vggface2.yaml, *_ms1mv3.yaml, *_ms1m.yaml) train two
 iterations through the CLI on synthetic identities, each with its own head, MHE and optimiser settings and
 a tiny backbone (SFNet-20 at widths 4-16, or sphere4 in place of iResNet-100), and config.yaml records the
 recipe's head settings. A recipe whose backbone is not registered is skipped with the reason.
@@ -28,7 +28,7 @@ def _tiny(backbone):
     """The tiny stand-in for a recipe's backbone (the recipe's head, MHE, optimiser and data settings stay):
     SFNet-20 at widths 4-16 through ``model.kwargs`` (full width takes ~25 s a run on a CPU), sphere4 in
     place of iResNet-100 (which has no width option)."""
-    from sphereface_plus.config import ModelConfig
+    from sphereface_plus.face.config import ModelConfig
 
     has_kwargs = hasattr(ModelConfig(), "kwargs")
     if backbone.startswith("sfnet") and has_kwargs:
@@ -42,7 +42,7 @@ _CACHE = {}
 def _synthetic(tmp_path_factory):
     """20 synthetic identities aligned at 112x112, made once per module (after the skip checks)."""
     if "root" not in _CACHE:
-        from data_prep.datasets import prepare_synthetic
+        from data_prep.training_set import prepare_synthetic
 
         root = tmp_path_factory.mktemp("synthetic112")
         prepare_synthetic(root, 20, 3, 0, "112x112", pairs_per_fold=2)
@@ -55,7 +55,7 @@ def test_recipe_trains_two_iterations(recipe, tmp_path_factory, tmp_path):
     from sphereface_plus.cli import main
     from sphereface_plus.models import list_backbones
 
-    path = REPO / "configs" / recipe
+    path = REPO / "configs" / "face" / recipe
     raw = yaml.safe_load(path.read_text())
     backbone = raw["model"]["backbone"]
     if backbone not in list_backbones():

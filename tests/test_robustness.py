@@ -1,4 +1,4 @@
-"""Issue 20, through the real command line: one run per folder, preemption that saves, checkpoints and packs
+"""Nothing lost (docs/robustness.md), through the real command line: one run per folder, preemption that saves, checkpoints and packs
 that prove their integrity, environment failures as one line, a bounded wait for a silent peer.
 
 Every run is a tiny sphere4 / 32-d embedding / batch 4 job on 20 synthetic identities (1 torch thread in
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "configs" / "cpu_smoke.yaml"
+SMOKE = REPO / "configs" / "face" / "cpu_smoke.yaml"
 EXIT = {"SIGTERM": 143, "SIGINT": 130, "SIGUSR1": 0}
 N_REF = 10  # iterations of the uninterrupted reference runs
 WAIT = 400  # seconds: a generous bound for a marker on a busy machine (never asserted as a duration)
@@ -184,7 +184,7 @@ def _launch_two(args, port, env_extra=None):
     for rank in (0, 1):
         env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env_extra or {}))
-        procs.append(subprocess.Popen([sys.executable, "-m", "sphereface_plus.apps.train", *map(str, args)], cwd=REPO,
+        procs.append(subprocess.Popen([sys.executable, "-m", "sphereface_plus", "train", *map(str, args)], cwd=REPO,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -321,7 +321,7 @@ def test_check_command_names_damaged_checkpoints_and_pack_chunks(tmp_path, capsy
 def test_the_nan_recipe_never_leaves_an_insane_checkpoint(cache, tmp_path):
     """optim.lr=5 optim.warmup_iters=40: weights reach ~1e17 with a finite loss before the first NaN. No
     checkpoint may hold them; giving up is one error line, exit 1, naming what to try."""
-    from sphereface_plus.trainer import HEALTHY_BOUND
+    from sphereface_plus.face.trainer import HEALTHY_BOUND
 
     out = tmp_path / "nan"
     rc, _, err = _run(["--config", SMOKE, *_overrides(out, cache, 30, every=3, extra=[

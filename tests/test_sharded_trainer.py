@@ -1,7 +1,7 @@
-"""The Trainer with ``head.parallel=sharded`` (issue 13) against the replicated single-process Trainer.
+"""The face trainer with ``head.parallel=sharded`` against the replicated single-process trainer.
 
 The reference is a replicated 1-process run (A-Softmax + SphereFace+ MHE, gradient clipping on). Both
-layouts draw the same initial classifier (world-size independent, issue 19): the fixture checks that
+layouts draw the same initial classifier (world-size independent): the fixture checks that
 the sharded run's initial state equals the replicated one's, bit for bit, and still loads it into the
 reference (a check that a sharded checkpoint is a plain replicated one). The runs train in float64
 (``train.float64``): the 2- and 3-process runs add the same numbers in other orders, which float32
@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sphereface_plus.config import load_config
+from sphereface_plus.face.config import load_config
 from sphereface_plus.engine.dist import DistInfo
-from sphereface_plus.trainer import Trainer
+from sphereface_plus.face.trainer import FaceTrainer
 from tests.trainer_stubs import TinyFaces
 
 NUM_CLASSES, GLOBAL_BATCH, STEPS, SAVE_AT = 12, 6, 4, 2
@@ -45,10 +45,10 @@ def make_trainer(out, parallel: str, info: DistInfo = None) -> Trainer:
         "train.tensorboard=false", "train.precision=off", "train.float64=true", "train.device=cpu", "checkpoint.every=2", "checkpoint.keep=0",
         "eval.pairs=",
     ])
-    return Trainer(cfg, TinyFaces(NUM_CLASSES), info)
+    return FaceTrainer.from_config(cfg, TinyFaces(NUM_CLASSES), info)
 
 
-def run_steps(trainer: Trainer, steps, world: int = 1, rank: int = 0, save_at=()):
+def run_steps(trainer: FaceTrainer, steps, world: int = 1, rank: int = 0, save_at=()):
     losses = []
     for step in steps:
         stats = trainer.train_step(*batch(step, world, rank))
@@ -176,7 +176,7 @@ def test_cli_train_with_a_sharded_head_on_one_process(tmp_path):
 
     from sphereface_plus.cli import main
 
-    smoke = Path(__file__).resolve().parents[1] / "configs" / "cpu_smoke.yaml"
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "face" / "cpu_smoke.yaml"
     args = ["train", "--config", str(smoke), f"out_dir={tmp_path / 'run'}", "train.iterations=2", "train.batch_size=4",
             "model.embedding_dim=16", f"data.synthetic.cache_dir={tmp_path / 'cache'}", "data.synthetic.num_identities=20",
             "data.synthetic.images_per_identity=2", "data.synthetic.pairs_per_fold=2", "train.tensorboard=false",
@@ -191,7 +191,7 @@ def test_sharded_rollback_to_the_start_state_and_to_a_checkpoint(tmp_path):
     """The NaN guard with a sharded head: the start state is this rank's own (no collective), a
     checkpoint is cut to this rank's rows; both restore the exact weights and momentum."""
     trainer = make_trainer(tmp_path, "sharded")
-    trainer.cfg.train.nan_patience = 1
+    trainer.loop.patience = 1  # the guard of the loop (train.nan_patience, read when the trainer is built)
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     images, labels = batch(0)
     bad = torch.full_like(images, float("nan"))

@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 
 from data_prep.landmarks import read_landmarks
-from data_prep.synthetic import (
-    ensure_synthetic_dataset,
-    identity_params,
-    image_params,
-    make_synthetic_dataset,
-    render_image,
-)
+from data_prep.synthetic import ensure_synthetic_dataset, make_synthetic_dataset
+from data_prep.synthetic_faces import identity_params, image_params, render_image
 
 K, M, PAIRS = 20, 4, 8  # the smallest set with 10 person-disjoint folds
 

@@ -21,16 +21,17 @@ import torch
 import yaml
 import torch.nn.functional as F
 
-from sphereface_plus.config import ConfigError, load_config
+from sphereface_plus.config import ConfigError
+from sphereface_plus.face.config import load_config
 from sphereface_plus.errors import UsageError
 from sphereface_plus.engine.checkpoint import find_resume_checkpoint
 from sphereface_plus.engine.optim import build_optimizer, build_scheduler, lr_factor
 from sphereface_plus.engine.sampler import ResumableSampler
-from sphereface_plus.apps.train import make_trainer, train
+from sphereface_plus.commands.train import make_trainer, train
 
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "configs" / "cpu_smoke.yaml"
+SMOKE = REPO / "configs" / "face" / "cpu_smoke.yaml"
 REF_ITERS = 8
 
 
@@ -169,7 +170,7 @@ def test_cli_sigkill_after_save_then_resume_auto(reference, cache, tmp_path):
     out = tmp_path / "run"
     args = ["--config", str(SMOKE), *_overrides(out, cache, 1000)]
     # same thread count as this process (the default), so that float reductions match bit for bit
-    proc = subprocess.Popen([sys.executable, "-m", "sphereface_plus.apps.train", *args], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "sphereface_plus", "train", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 90
@@ -210,7 +211,7 @@ def test_two_processes_match_one(cache, tmp_path):
     assert main(["train", "--config", str(SMOKE), *_overrides(one, cache, 4, extra=extra)]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sphereface_plus.apps.train", "--config", str(SMOKE), *_overrides(two, cache, 4, extra=extra)]
+           "-m", "sphereface_plus", "train", "--config", str(SMOKE), *_overrides(two, cache, 4, extra=extra)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     got = [h["loss"] for h in json.loads((two / "summary.json").read_text())["history"]]
@@ -231,7 +232,7 @@ def test_two_processes_match_one(cache, tmp_path):
 #   N = 4 x 112 x 96 = 43008 < 2^16, so the relative change of any gradient entry is below
 #   2 x 2^16 x 2^-53 = 2^-36 = 1.5e-11 of the sum of the magnitudes of its terms;
 # - over the iterations the difference grows at most by the factor by which a perturbation of the
-#   weights grows. Float32 (u = 2^-24) gives differences up to ~1e-4 after 4 iterations (issue 19),
+#   weights grows. Float32 (u = 2^-24) gives differences up to ~1e-4 after 4 iterations,
 #   i.e. an amplification of at most 1e-4 / 2^-24 < 2e3 times the unit roundoff; in float64 the same
 #   amplification gives 2e3 x 2^-53 < 3e-13.
 # A tolerance of 1e-9 leaves a factor > 1e3 above the bound for the weights (|w| < 10) and for the
@@ -252,7 +253,7 @@ def test_torchrun_with_a_sharded_head_matches_one_sharded_process(cache, tmp_pat
     assert main(["train", "--config", str(SMOKE), *_overrides(one, cache, 4, extra=extra)]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sphereface_plus.apps.train", "--config", str(SMOKE), *_overrides(two, cache, 4, extra=extra)]
+           "-m", "sphereface_plus", "train", "--config", str(SMOKE), *_overrides(two, cache, 4, extra=extra)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     got = [h["loss"] for h in json.loads((two / "summary.json").read_text())["history"]]
@@ -265,7 +266,7 @@ def test_torchrun_with_a_sharded_head_matches_one_sharded_process(cache, tmp_pat
 
 
 def test_the_same_seed_gives_the_same_model_whatever_head_parallel(cache, tmp_path):
-    """Issue 19: through the CLI, 4 iterations of cpu_smoke with ``head.parallel=sharded`` on one process
+    """Through the CLI, 4 iterations of cpu_smoke with ``head.parallel=sharded`` on one process
     and with ``replicated`` give the same weights, bit for bit: both layouts draw the classifier with the
     world-size-independent ``init_rows_(seed)`` (and leave the default generator alone), and the sharded
     classifier on one process runs the head's own forward and the single-process MHE."""
@@ -398,7 +399,7 @@ def test_precision_setup_of_the_trainer(cache, tmp_path):
         pytest.skip("this CPU has no bf16")
     seen = {}
     bf16.model.backbone.register_forward_hook(lambda m, i, o: seen.__setitem__("emb", o.dtype))
-    bf16.model.head.register_forward_hook(lambda m, i, o: seen.__setitem__("logits", o.dtype))
+    bf16.model.head.register_forward_hook(lambda m, i, o: seen.__setitem__("logits", o.logits.dtype))
     images, labels, _ = next(iter(bf16.make_loader(1)))
     bf16.train_step(images, labels)
     assert seen == {"emb": torch.bfloat16, "logits": torch.float32}
@@ -436,7 +437,9 @@ def test_a_head_setting_given_is_passed_and_the_others_keep_their_defaults(cache
     cfg = load_config(str(SMOKE), ["head.name=arcface", "head.s=30", *_overrides(tmp_path, cache, 1)])
     trainer = make_trainer(cfg)
     assert (trainer.head.s, trainer.head.m) == (30.0, 0.5)
-    assert (cfg.head.s, cfg.head.m) == (30.0, 0.5)  # the values in force, as config.yaml writes them
+    # the values in force are the resolved config's (what config.yaml writes); the recipe is left as it was
+    assert (trainer.cfg.head.s, trainer.cfg.head.m) == (30.0, 0.5)
+    assert (cfg.head.s, cfg.head.m) == (30, None)
     with pytest.raises(ConfigError, match="a_softmax.*does not take.*Its settings: base, feature_norm"):
         load_config(str(SMOKE), ["head.easy_margin=true", *_overrides(tmp_path / "b", cache, 1)])
 
@@ -449,7 +452,7 @@ def test_resume_with_changed_settings_is_refused(reference, cache, tmp_path):
 
 
 def test_caffe_gradient_and_caffe_among_train(cache, tmp_path):
-    """Issue 11 wired: head.gradient=caffe reaches the head, mhe.mode=caffe_among the MHE term; the
+    """The released recipes' settings wired: head.gradient=caffe reaches the head, mhe.mode=caffe_among the MHE term; the
     logged MHE of the first step is the Caffe InterClass AMONG value D of the unit rows (a float64 loop
     over inter_class_layer.cpp's forward), and a short run trains to the end with finite losses."""
     import numpy as np
@@ -461,7 +464,7 @@ def test_caffe_gradient_and_caffe_among_train(cache, tmp_path):
     stats = trainer.train_step(images, labels)
     w = trainer.head.weight.detach().double()  # renormalised in place by the training forward, then stepped
     # D at the forward: recompute from the rows before the step (the initial state, renormalised)
-    init = torch.load(io.BytesIO(trainer._initial_state), weights_only=True)["head"]["weight"].double()
+    init = trainer.loop.start_state()["head"]["weight"].double()
     unit = (init / init.norm(dim=1, keepdim=True)).numpy()
     n = unit.shape[0]
     d = sum(float(np.sum((unit[i] - unit[int(y)]) ** 2)) for i in range(n) for y in labels) / n

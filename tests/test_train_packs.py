@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from sphereface_plus.cli import main  # noqa: E402
 
-SMOKE = Path(__file__).resolve().parents[1] / "configs" / "cpu_smoke.yaml"
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "face" / "cpu_smoke.yaml"
 
 
 def _packs(folder: Path, names=("lfw", "cfp_fp"), pairs=12):
@@ -95,7 +95,7 @@ def test_two_processes_validate_on_rank0_and_keep_best(tmp_path):
     _packs(packs, pairs=8)
     argv = _argv(out, packs, tmp_path / "cache", "eval.packs=[lfw,cfp_fp]", "head.parallel=sharded")[1:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sphereface_plus.apps.train", *argv]
+           "-m", "sphereface_plus", "train", *argv]
     res = subprocess.run(cmd, cwd=SMOKE.parents[1], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Issue 10: each everyday mistake ends in one clear 'error:' line (exit 2, no traceback), and broken
+"""Each everyday mistake ends in one clear 'error:' line (exit 2, no traceback), and broken
 training data is skipped and named, never trained on. Every case runs through the real command line
 (``python -m sphereface_plus`` in a subprocess, this tree on ``PYTHONPATH``)."""
 from __future__ import annotations
@@ -135,7 +135,7 @@ def test_version_debug_and_env():
 def test_case1_eval_pairs_auto_without_synthetic_pairs(data, tmp_path, capsys, caplog):
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO):
-        rc, _, err = main_inproc(capsys, "train", "--config", ROOT / "configs/cpu_smoke.yaml", "data.source=folder",
+        rc, _, err = main_inproc(capsys, "train", "--config", ROOT / "configs/face/cpu_smoke.yaml", "data.source=folder",
                                  f"data.root={data['crops']}", f"out_dir={out}",
                                  *[a for a in TRAIN_SMALL if not a.startswith("eval.pairs")])
     assert rc == 0, err
@@ -181,7 +181,7 @@ def test_case2_missing_resume_or_init_file_writes_nothing(tmp_path, flag):
     out = tmp_path / "run"
     missing = tmp_path / "nope.pt"
     args = ["--resume", missing] if flag == "--resume" else [f"train.init_from={missing}"]
-    p = cli("train", "--config", "configs/cpu_smoke.yaml", f"out_dir={out}", "train.iterations=1", *args)
+    p = cli("train", "--config", "configs/face/cpu_smoke.yaml", f"out_dir={out}", "train.iterations=1", *args)
     one_error(p, "nope.pt")
     assert not out.exists()
 

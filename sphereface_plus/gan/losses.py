@@ -21,7 +21,7 @@ the zeroed entries each contribute ``log(1e-4)`` to the mean. The discriminator'
 unit, so its term is the constant ``-magnitude * log(1e-4)``. The magnitude is hard-coded in ``ops.py``:
 ``1e-7`` in the sn-model, ``1e-6`` in the non-sn-model.
 
-The issue this module implements (issue 12) describes the term as summed once over the layers. The
+The task this module implements (docs/gan.md) describes the term as summed once over the layers. The
 original adds each layer's term to the ``d_mhe_loss`` collection *every time the discriminator is built*,
 and ``train.py`` builds it twice (``d_fake`` and ``d_real``), so the ``d_mhe_loss`` added to D's loss is
 twice the per-layer sum. :func:`gan_mhe_loss` reproduces that by default (``copies=2``) so that the

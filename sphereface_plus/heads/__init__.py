@@ -20,7 +20,23 @@ import torch.nn as nn
 from sphereface_plus.registry import Registry
 
 HEADS = Registry("head")
-register_head = HEADS.register
+
+#: the constructor arguments every head takes from the trainer, never settings
+HEAD_SIZE_ARGUMENTS = ("in_features", "num_classes")
+
+
+def register_head(name: str):
+    """Class decorator: register a head under ``name``. Its constructor's keyword arguments (after
+    ``in_features`` and ``num_classes``) are its settings (``head.<setting>=value`` in a recipe), read from the
+    signature itself: a constructor that hides them behind ``**kwargs`` is refused here."""
+    def deco(cls):
+        params = inspect.signature(cls).parameters.values()
+        if any(p.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL) for p in params):
+            raise TypeError(f"head {name!r}: {getattr(cls, '__name__', cls)} takes *args/**kwargs; a head's settings "
+                            "are its constructor's named keyword arguments (docs/heads.md#adding-a-head)")
+        return HEADS.register(name)(cls)
+
+    return deco
 
 
 def create_head(name: str, in_features: int = 512, num_classes: int = 10572, **kwargs: Any) -> nn.Module:
@@ -32,38 +48,25 @@ def list_heads() -> List[str]:
     return HEADS.names()
 
 
-#: the constructor arguments every head takes from the trainer, never settings
-HEAD_SIZE_ARGUMENTS = ("in_features", "num_classes")
-
-
 def head_parameters(name: str) -> Dict[str, inspect.Parameter]:
     """The settings of the registered head ``name``: its constructor's keyword arguments (defaults and
-    annotations as declared), ``in_features`` / ``num_classes`` left out. A builder that passes
-    ``**kwargs`` on is looked through to the class its return annotation names."""
-    builder = HEADS.get(name)
-    target = builder
-    params = inspect.signature(builder).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        hints = typing.get_type_hints(builder) if not isinstance(builder, type) else {}
-        cls = hints.get("return")
-        if isinstance(cls, type):
-            target = cls
-            params = inspect.signature(cls).parameters
+    annotations as declared, string annotations resolved), ``in_features`` / ``num_classes`` left out."""
+    cls = HEADS.get(name)
+    try:  # resolve string annotations (from __future__ import annotations)
+        hints = typing.get_type_hints(cls.__init__ if isinstance(cls, type) else cls)
+    except Exception:  # an annotation that does not resolve: no type check for it
+        hints = {}
     out = {}
-    for pname, p in params.items():
-        if pname in HEAD_SIZE_ARGUMENTS or p.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
+    for pname, p in inspect.signature(cls).parameters.items():
+        if pname in HEAD_SIZE_ARGUMENTS:
             continue
-        if p.annotation is not inspect.Parameter.empty and isinstance(p.annotation, str):
-            try:  # resolve string annotations (from __future__ import annotations)
-                hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
-                p = p.replace(annotation=hints.get(pname, p.annotation))
-            except Exception:  # an annotation that does not resolve: no type check for it
-                p = p.replace(annotation=inspect.Parameter.empty)
+        if isinstance(p.annotation, str):
+            p = p.replace(annotation=hints.get(pname, inspect.Parameter.empty))
         out[pname] = p
     return out
 
 
-# importing the modules registers their builders
+# importing the modules registers their heads
 from sphereface_plus.heads.functional import (  # noqa: E402
     A_SOFTMAX_GRADIENTS,
     a_softmax_lambda,
@@ -75,7 +78,8 @@ from sphereface_plus.heads.functional import (  # noqa: E402
 )
 from sphereface_plus.heads.base import ClassifierHead, HeadOutput, NO_TARGET  # noqa: E402
 from sphereface_plus.heads.modules import ArcFaceHead, ASoftmaxHead, CosFaceHead, SoftmaxHead  # noqa: E402
-# the heads of issue 19 beyond the originals (each file registers its builder)
+# the heads of the SphereFace family and the field beyond the originals (docs/heads_family.md; each file
+# registers its heads)
 from sphereface_plus.heads.sphereface_r import SphereFaceRHead  # noqa: E402
 from sphereface_plus.heads.sphereface2 import SphereFace2Head  # noqa: E402
 from sphereface_plus.heads.adaface import AdaFaceHead  # noqa: E402

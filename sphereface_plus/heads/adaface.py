@@ -53,6 +53,7 @@ def adaface_logits(cos: torch.Tensor, target: torch.Tensor, scaler: torch.Tensor
     return (torch.cos(theta_m) - one_hot * g_add) * float(s)
 
 
+@register_head("adaface")
 class AdaFaceHead(ClassifierHead):
     """AdaFace (CVPR 2022); formulas in the module docstring and docs/theory.md#adaface.
 
@@ -126,9 +127,3 @@ class AdaFaceHead(ClassifierHead):
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, m={self.m}, h={self.h}, "
                 f"s={self.s}, t_alpha={self.t_alpha}, norm_stats={self.norm_stats!r}, "
                 f"weight_gradient={self.weight_gradient!r}")
-
-
-@register_head("adaface")
-def adaface(in_features: int = 512, num_classes: int = 10572, **kwargs) -> AdaFaceHead:
-    """AdaFace (CVPR 2022): m, h, s, t_alpha, norm_stats (global|local), weight_gradient."""
-    return AdaFaceHead(in_features, num_classes, **kwargs)

@@ -1,4 +1,4 @@
-"""The classifier-head contract (issue 19; docs/theory.md#head-contract): a head owns its loss.
+"""The classifier-head contract (docs/theory.md#head-contract): a head owns its loss.
 
 A head maps ``(embeddings B x d, labels B)`` to a :class:`HeadOutput`:
 
@@ -61,8 +61,9 @@ a binary loss, :meth:`binary_loss_terms`), register a builder with
 """
 from __future__ import annotations
 
+import abc
 import math
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -123,7 +124,7 @@ def init_rows(weight: torch.Tensor, start: int, num_classes: int, seed: int, uni
         weight.copy_(out)
 
 
-class ClassifierHead(nn.Module):
+class ClassifierHead(nn.Module, abc.ABC):
     """Base class of every classifier head: a ``C x d`` ``weight`` and the hooks of the contract.
 
     Class attributes a subclass may change: ``loss_kind`` (:data:`LOSS_KINDS`), ``row_parameters``,
@@ -152,6 +153,15 @@ class ClassifierHead(nn.Module):
         self.num_classes = int(num_classes)
         self.renorm_weight = bool(renorm_weight)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features))
+
+    @classmethod
+    def settings_in_force(cls, settings: Dict[str, Any]) -> Dict[str, Any]:
+        """The values this head would use for ``settings`` (its constructor's keyword arguments, the given ones
+        and the plain defaults): a head whose default is derived from another setting (``None`` in its
+        signature) fills it in, so a run's recorded config names every value it trained with. Pure: nothing
+        is built; a setting it cannot derive (an invalid other setting) is left out for the constructor to
+        report."""
+        return dict(settings)
 
     # ------------------------------------------------------------------ initialisation
     def reset_parameters(self) -> None:
@@ -189,13 +199,14 @@ class ClassifierHead(nn.Module):
             with torch.no_grad():
                 self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
+    @abc.abstractmethod
     def margin_logits(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         """``B x C`` training logits (margin on each target; ``labels=None``: margin-free)."""
-        raise NotImplementedError
 
     def binary_loss_terms(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``B x C`` per-(sample, class) loss terms of a binary head (``NO_TARGET``: all negatives)."""
-        raise NotImplementedError(f"{type(self).__name__} has loss_kind={self.loss_kind!r}, not 'binary'")
+        raise TypeError(f"{type(self).__name__} has loss_kind={self.loss_kind!r}, not 'binary': it has no binary "
+                        "loss terms")
 
     def aux_loss(self, embeddings: torch.Tensor) -> Tuple[torch.Tensor, Terms]:
         """Loss terms of the embeddings alone (added to the loss once per global batch): default none."""
@@ -206,10 +217,15 @@ class ClassifierHead(nn.Module):
         return {}
 
     # ------------------------------------------------------------------ composed from the hooks
+    #: check each batch's label range (False when the caller checked it already: the face trainer does,
+    #: once per batch on the host, so that the step has no host sync for it)
+    check_label_range = True
+
     def check_labels(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``labels`` as a flat long tensor on the embeddings' device, checked against this head's
-        classes (:data:`NO_TARGET` only when ``row_block``)."""
-        labels = check_labels(labels, embeddings.shape[0], self.num_classes, allow_no_target=self.row_block)
+        classes (:data:`NO_TARGET` only when ``row_block``; the range only when ``check_label_range``)."""
+        labels = check_labels(labels, embeddings.shape[0], self.num_classes, allow_no_target=self.row_block,
+                              check_range=self.check_label_range)
         return labels.to(embeddings.device)
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:

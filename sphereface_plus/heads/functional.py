@@ -111,11 +111,14 @@ def check_margin_m(m) -> int:
 
 
 def check_labels(
-    labels: torch.Tensor, batch_size: Optional[int], num_classes: int, allow_no_target: bool = False
+    labels: torch.Tensor, batch_size: Optional[int], num_classes: int, allow_no_target: bool = False,
+    check_range: bool = True,
 ) -> torch.Tensor:
     """``labels``: integer class indices in ``[0, num_classes)`` (exactly ``batch_size`` of them unless
     that is None); returns them as a flat long tensor. Shared by the heads and the MHE terms.
-    ``allow_no_target`` also accepts :data:`NO_TARGET` (-1) entries (the margin functions do)."""
+    ``allow_no_target`` also accepts :data:`NO_TARGET` (-1) entries (the margin functions do).
+    ``check_range=False`` leaves out the range check (a reduction, so a host sync for labels on a GPU): for
+    labels their owner checked already (the face trainer checks each batch once, on the host)."""
     if not isinstance(labels, torch.Tensor):
         labels = torch.as_tensor(labels)
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
@@ -123,7 +126,7 @@ def check_labels(
     labels = labels.reshape(-1).long()
     if batch_size is not None and labels.numel() != batch_size:
         raise ValueError(f"got {labels.numel()} labels for a batch of {batch_size} embeddings")
-    if labels.numel():
+    if check_range and labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < (NO_TARGET if allow_no_target else 0) or hi >= num_classes:
             bad = lo if lo < 0 else hi

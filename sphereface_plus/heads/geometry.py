@@ -1,4 +1,4 @@
-"""Shared geometry of the SphereFace-family heads of issue 19 (SphereFace-R, SphereFace2, AdaFace, MagFace).
+"""Shared geometry of the newer heads (SphereFace-R, SphereFace2, AdaFace, MagFace; docs/heads_family.md).
 
 Two ways the peers' code differentiates the unit weight rows, offered as :data:`WEIGHT_GRADIENTS` (the
 names of the ported heads' ``weight_gradient``):

@@ -48,6 +48,7 @@ def magface_target(cos_y: torch.Tensor, margin: torch.Tensor, easy_margin: bool 
     return torch.where(cos_y > threshold, phi, cos_y - torch.sin(math.pi - margin) * margin)
 
 
+@register_head("magface")
 class MagFaceHead(ClassifierHead):
     """MagFace (CVPR 2021); formulas in the module docstring and docs/theory.md#magface.
 
@@ -102,9 +103,3 @@ class MagFaceHead(ClassifierHead):
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, s={self.s}, l_a={self.l_a}, "
                 f"u_a={self.u_a}, l_m={self.l_m}, u_m={self.u_m}, lambda_g={self.lambda_g}, "
                 f"easy_margin={self.easy_margin}, weight_gradient={self.weight_gradient!r}")
-
-
-@register_head("magface")
-def magface(in_features: int = 512, num_classes: int = 10572, **kwargs) -> MagFaceHead:
-    """MagFace (CVPR 2021): s, l_a, u_a, l_m, u_m, lambda_g, easy_margin, weight_gradient."""
-    return MagFaceHead(in_features, num_classes, **kwargs)

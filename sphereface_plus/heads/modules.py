@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ASoftmaxHead", "SoftmaxHead", "CosFaceHead", "ArcFaceHead"]
 
 
+@register_head("a_softmax")
 class ASoftmaxHead(ClassifierHead):
     """A-Softmax (SphereFace, Liu et al. 2017, eq. 7; docs/theory.md#a-softmax) with λ annealing.
 
@@ -115,6 +116,7 @@ class ASoftmaxHead(ClassifierHead):
         )
 
 
+@register_head("softmax")
 class SoftmaxHead(ClassifierHead):
     """Plain linear classifier ``x W^T + b`` (the softmax-loss baseline); the labels only pick the CE target.
 
@@ -137,6 +139,7 @@ class SoftmaxHead(ClassifierHead):
         return f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}"
 
 
+@register_head("cosface")
 class CosFaceHead(ClassifierHead):
     """CosFace / LMCL (docs/theory.md#cosface): ``s (cos θ_j - m [j = y])``, normalised features and weights.
 
@@ -162,6 +165,7 @@ class CosFaceHead(ClassifierHead):
         return f"in_features={self.in_features}, num_classes={self.num_classes}, s={self.s}, m={self.m}"
 
 
+@register_head("arcface")
 class ArcFaceHead(ClassifierHead):
     """ArcFace (docs/theory.md#arcface): ``s cos(θ_y + m)`` on the target, ``s cos θ_j`` elsewhere.
 
@@ -199,28 +203,3 @@ class ArcFaceHead(ClassifierHead):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, s={self.s}, m={self.m}, "
                 f"easy_margin={self.easy_margin}, gradient={self.gradient!r}, wrap={self.wrap!r}")
-
-
-@register_head("a_softmax")
-def a_softmax(in_features: int = 512, num_classes: int = 10572, **kwargs) -> ASoftmaxHead:
-    """A-Softmax (SphereFace): m, base, gamma, power, lambda_min, renorm_weight, gradient, feature_norm, s,
-    weight_gradient."""
-    return ASoftmaxHead(in_features, num_classes, **kwargs)
-
-
-@register_head("softmax")
-def softmax(in_features: int = 512, num_classes: int = 10572, **kwargs) -> SoftmaxHead:
-    """Plain linear softmax classifier (baseline)."""
-    return SoftmaxHead(in_features, num_classes, **kwargs)
-
-
-@register_head("cosface")
-def cosface(in_features: int = 512, num_classes: int = 10572, **kwargs) -> CosFaceHead:
-    """CosFace: s, m, renorm_weight, gradient, weight_gradient."""
-    return CosFaceHead(in_features, num_classes, **kwargs)
-
-
-@register_head("arcface")
-def arcface(in_features: int = 512, num_classes: int = 10572, **kwargs) -> ArcFaceHead:
-    """ArcFace: s, m, easy_margin, renorm_weight, gradient, wrap, weight_gradient."""
-    return ArcFaceHead(in_features, num_classes, **kwargs)

@@ -26,7 +26,7 @@ parameter of a sharded classifier and is not used at test time (the margin-free 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -102,6 +102,7 @@ def sphereface2_binary_terms(logits: torch.Tensor, target: torch.Tensor, lam: fl
     return F.binary_cross_entropy_with_logits(logits, one_hot, weight=weight, reduction="none")
 
 
+@register_head("sphereface2")
 class SphereFace2Head(ClassifierHead):
     """SphereFace2 (ICLR 2022); formulas in the module docstring and docs/theory.md#sphereface2.
 
@@ -116,6 +117,14 @@ class SphereFace2Head(ClassifierHead):
 
     loss_kind = "binary"
     shared_parameters = ("bias",)
+
+    @classmethod
+    def settings_in_force(cls, settings: Dict[str, Any]) -> Dict[str, Any]:
+        """``m`` follows the variant when not given (:data:`DEFAULT_M`)."""
+        out = dict(settings)
+        if out.get("m") is None and out.get("variant", "C") in DEFAULT_M:
+            out["m"] = float(DEFAULT_M[out.get("variant", "C")])
+        return out
 
     def __init__(
         self,
@@ -186,9 +195,3 @@ class SphereFace2Head(ClassifierHead):
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, variant={self.variant!r}, "
                 f"lam={self.lam}, r={self.r}, m={self.m}, t={self.t}, lw={self.lw}, gradient={self.gradient!r}, "
                 f"weight_gradient={self.weight_gradient!r}")
-
-
-@register_head("sphereface2")
-def sphereface2(in_features: int = 512, num_classes: int = 10572, **kwargs) -> SphereFace2Head:
-    """SphereFace2 (ICLR 2022): variant (C|A|M), lam, r, m, t, lw, gradient, weight_gradient."""
-    return SphereFace2Head(in_features, num_classes, **kwargs)

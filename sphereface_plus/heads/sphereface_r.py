@@ -22,7 +22,7 @@ before use), ``t`` the buffer ``iteration`` saved in checkpoints.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -81,6 +81,7 @@ def sphereface_r_margin(cos: torch.Tensor, target: torch.Tensor, m: float, versi
     return cos + d
 
 
+@register_head("sphereface_r")
 class SphereFaceRHead(ClassifierHead):
     """SphereFace-R (TPAMI 2022), OpenSphere_v0's ``SphereFaceR_H`` (``norm='hard'``) and ``SphereFaceR_S``
     (``norm='soft'``); formulas in the module docstring and docs/theory.md#sphereface-r.
@@ -98,6 +99,16 @@ class SphereFaceRHead(ClassifierHead):
         weight_gradient: ``'stored'`` (default, OpenSphere: in-place unit rows, plain gradient) or
             ``'normalized'`` (normalise in the graph).
     """
+
+    @classmethod
+    def settings_in_force(cls, settings: Dict[str, Any]) -> Dict[str, Any]:
+        """``m`` and ``dm`` follow the feature normalisation when not given (hard or soft: OpenSphere's)."""
+        out = dict(settings)
+        defaults = _DEFAULTS.get(out.get("norm", "hard"))
+        for key in ("m", "dm"):
+            if out.get(key) is None and defaults is not None:
+                out[key] = float(defaults[key])
+        return out
 
     def __init__(
         self,
@@ -170,10 +181,3 @@ class SphereFaceRHead(ClassifierHead):
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, version={self.version!r}, "
                 f"norm={self.norm!r}, s={self.s}, m={self.m}, dm={self.dm}, steps={self.steps}, t={self.t}, "
                 f"lw={self.lw}, gradient={self.gradient!r}, weight_gradient={self.weight_gradient!r}")
-
-
-@register_head("sphereface_r")
-def sphereface_r(in_features: int = 512, num_classes: int = 10572, **kwargs) -> SphereFaceRHead:
-    """SphereFace-R (TPAMI 2022): version (v0|v1|v2), norm (hard|soft), s, m, dm, steps, t, lw, gradient,
-    weight_gradient."""
-    return SphereFaceRHead(in_features, num_classes, **kwargs)

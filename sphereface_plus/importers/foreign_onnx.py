@@ -29,15 +29,16 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from sphereface_plus.errors import CheckpointError, InputFileError, MissingFileError, UsageError
+from sphereface_plus.export_format import EMBEDDING_OUTPUT, FEATURE_OUTPUT, INPUT_NAME
 from sphereface_plus.importers.preprocessing import INSIGHTFACE, TOOLKIT_MEAN, TOOLKIT_STD, Preprocessing
+from sphereface_plus.templates import TEMPLATE_SIZES
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["read_onnx", "guess_preprocessing", "convert_onnx", "INPUT_NAME", "FEATURE_OUTPUT", "EMBEDDING_OUTPUT"]
 
-# the interface of eval.onnx_model (an exported file); the library does not import eval, so the names are repeated
-INPUT_NAME, EMBEDDING_OUTPUT, FEATURE_OUTPUT = "input", "embedding", "feature"
-_SIZES = {(112, 112): "112x112", (112, 96): "112x96"}
+# crop size -> template name
+_SIZES = {size: name for name, size in TEMPLATE_SIZES.items()}
 
 
 def read_onnx(path):

@@ -77,7 +77,8 @@ def import_mhe_gan(path) -> Dict[str, Any]:
     """A checkpoint for ``sphereface-plus gan --init-from``: ``generator``, ``discriminator``, ``config``
     (``sn`` as found), ``iteration``, ``imported_from``."""
     from sphereface_plus.gan.models import Discriminator, Generator
-    from sphereface_plus.importers import check_state_dict, file_sha256
+    from sphereface_plus.importers import check_state_dict
+    from sphereface_plus.utils import sha256_file
     from sphereface_plus.importers.tf_bundle import read_tf_checkpoint, resolve_prefix
 
     prefix = resolve_prefix(path)
@@ -95,4 +96,4 @@ def import_mhe_gan(path) -> Dict[str, Any]:
                 "SN" if sn else "plain", iteration)
     return {"generator": G.state_dict(), "discriminator": D.state_dict(), "iteration": iteration,
             "config": {"sn": sn}, "imported_from": {"format": "mhe-gan", "files": [prefix.name + ".index"],
-                                                     "sha256": [file_sha256(where)]}}
+                                                     "sha256": [sha256_file(where)]}}

@@ -6,7 +6,7 @@ any error. An imported checkpoint therefore carries a ``preprocessing`` entry:
 
 ========== ================================================================================
 template   ``112x96`` (SphereFace) or ``112x112`` (insightface, OpenSphere): the alignment the
-           crops must have (``data_prep.geometry.TEMPLATES``)
+           crops must have (``sphereface_plus.templates.TEMPLATES``)
 color      ``bgr`` (Caffe / OpenCV order: SphereFace) or ``rgb`` (insightface, OpenSphere)
 mean, std  pixel normalisation ``(x - mean) / std`` per channel, in the source's channel order:
            SphereFace 127.5 / 128 (``test/code/evaluation.m``), insightface and OpenSphere
@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from sphereface_plus.templates import TEMPLATE_SIZES
 from sphereface_plus.errors import CheckpointError, UsageError
 
 __all__ = ["PREPROCESSING_KEY", "COLORS", "FLIP_POLICIES", "TEMPLATE_SIZES", "Preprocessing", "SourceInput",
@@ -44,9 +45,6 @@ __all__ = ["PREPROCESSING_KEY", "COLORS", "FLIP_POLICIES", "TEMPLATE_SIZES", "Pr
 PREPROCESSING_KEY = "preprocessing"
 COLORS = ("bgr", "rgb")
 FLIP_POLICIES = ("concat", "sum", "none")
-#: crop size (H, W) of each template (data_prep.geometry.TEMPLATES holds the landmarks; the library does
-#: not import data_prep, so the two sizes are repeated here)
-TEMPLATE_SIZES = {"112x96": (112, 96), "112x112": (112, 112)}
 #: the toolkit's own input: x_toolkit = (pixel - 127.5) / 128, BGR
 TOOLKIT_MEAN, TOOLKIT_STD = 127.5, 128.0
 

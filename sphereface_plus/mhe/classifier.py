@@ -33,8 +33,8 @@ __all__ = ["CLASSIFIER_MODES", "classifier_mhe", "ClassifierMHE"]
 CLASSIFIER_MODES = ("batch_vs_all", "batch_unique", "full", "caffe_among")
 
 
-def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    labels = check_labels(labels, None, num_classes)
+def _check_labels(labels: torch.Tensor, num_classes: int, check_range: bool = True) -> torch.Tensor:
+    labels = check_labels(labels, None, num_classes, check_range=check_range)
     if labels.numel() == 0:
         raise ValueError("labels is empty: classifier_mhe needs at least one sample")
     return labels
@@ -49,6 +49,7 @@ def classifier_mhe(
     check_finite: bool = True,
     replicas: int = 1,
     variant: str = "mhe",
+    check_labels: bool = True,
     objective: str = DEFAULT_OBJECTIVE,
     projections: Optional[torch.Tensor] = None,
     pole: Optional[torch.Tensor] = None,
@@ -81,7 +82,8 @@ def classifier_mhe(
         averages them (Caffe's multi-GPU all-reduce divides the summed diffs by the number of GPUs): the
         released recipe ran 2 GPUs x 256, and D, hence the diff, depends on the per-GPU batch.
 
-    ``check_finite``: as in :func:`mhe_energy`. ``replicas``: only for ``caffe_among``. ``variant``:
+    ``check_finite``: as in :func:`mhe_energy`; ``check_labels=False`` leaves out the labels' range check
+    (labels their owner checked already, without a host sync). ``replicas``: only for ``caffe_among``. ``variant``:
     ``'mhe'`` (default, the MHE reference code's kernels) or ``'opensphere_v0'`` (OpenSphere_v0's
     SphereFace+: unit rows, cosine clamped at 1e-5, kernels on theta itself; batch modes only; see
     :data:`~sphereface_plus.mhe.kernels.MHE_VARIANTS`, docs/theory.md#sphereface-plus-v0).
@@ -99,7 +101,7 @@ def classifier_mhe(
     power = normalize_power(power)
     if check_objective(objective) != "mhe":
         return _family_term(weight, labels, power, mode, block_size, check_finite, variant, objective, projections,
-                            pole, lr, gamma)
+                            pole, lr, gamma, check_labels)
     if mode not in CLASSIFIER_MODES:
         raise ValueError(f"unknown classifier_mhe mode {mode!r}: choose one of {', '.join(CLASSIFIER_MODES)}")
     check_variant(variant, mode)
@@ -109,12 +111,12 @@ def classifier_mhe(
     num_classes = weight.shape[0]
     if mode == "full":
         if labels is not None:
-            _check_labels(labels, num_classes)
+            _check_labels(labels, num_classes, check_labels)
         return mhe_energy(weight, power, half_space=False, block_size=block_size or _default_block(num_classes),
                           check_finite=check_finite)
     if labels is None:
         raise ValueError(f"classifier_mhe mode {mode!r} needs the batch labels")
-    labels = _check_labels(labels, num_classes).to(weight.device)
+    labels = _check_labels(labels, num_classes, check_labels).to(weight.device)
     if replicas != 1 and mode != "caffe_among":
         raise ValueError(f"replicas={replicas!r} is only for mode 'caffe_among' (got mode {mode!r})")
     if mode == "caffe_among":
@@ -166,7 +168,7 @@ def _mhs_batch_vs_all(weight: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def _family_term(weight, labels, power, mode, block_size, check_finite, variant, objective, projections, pole, lr,
-                 gamma) -> torch.Tensor:
+                 gamma, check_range=True) -> torch.Tensor:
     """:func:`classifier_mhe` for an objective other than MHE."""
     spec = OBJECTIVES[objective]
     if mode not in spec.classifier_modes:
@@ -183,12 +185,12 @@ def _family_term(weight, labels, power, mode, block_size, check_finite, variant,
         raise ValueError(f"MHE objective {objective!r} needs its {need[0]} (ClassifierMHE keeps them for a trainer)")
     if mode == "full":
         if labels is not None:
-            _check_labels(labels, weight.shape[0])
+            _check_labels(labels, weight.shape[0], check_range)
         rows = weight
     else:
         if labels is None:
             raise ValueError(f"classifier_mhe mode {mode!r} needs the batch labels")
-        labels = _check_labels(labels, weight.shape[0]).to(weight.device)
+        labels = _check_labels(labels, weight.shape[0], check_range).to(weight.device)
         if mode == "batch_vs_all":
             if objective == "mhs":
                 return _mhs_batch_vs_all(weight, labels)

@@ -8,7 +8,10 @@ activation after the sum, no batch norm anywhere). A 112x96 input ends at 7x6 (1
 Initialisation follows the original Caffe prototxt: stage convolutions and ``fc5`` are Xavier-uniform
 with a (zero-initialised, trainable) bias; residual convolutions are Gaussian with std 0.01 and a
 *fixed* zero bias (``lr_mult: 0`` in Caffe), which is exactly a convolution without bias, so they are
-built with ``bias=False``. PReLU slopes start at 0.25. The PReLU is
+built with ``bias=False``. ``residual_bias=True`` gives them a trainable bias (zero-initialised): the
+network of PyTorch ports that train those biases, e.g. clcarwin/sphereface_pytorch's ``sphere20a``, whose
+residual ``nn.Conv2d`` keep PyTorch's default ``bias=True`` (docs/import.md#from-pytorch). PReLU slopes
+start at 0.25. The PReLU is
 :class:`sphereface_plus.models.layers.PReLU` (``nn.PReLU`` with a backward as cheap as ReLU's, same
 parameters and state-dict keys).
 
@@ -31,7 +34,7 @@ __all__ = ["SphereNet", "ResidualUnit", "sphere4", "sphere10", "sphere20", "sphe
 
 STAGE_CHANNELS = (64, 128, 256, 512)
 SUPPORTED_INPUT_SIZES = ((112, 96), (112, 112))
-SPHERE_OPTIONS = ("input_size", "embedding_dim", "in_channels")  # SphereNet's arguments the builders pass on
+SPHERE_OPTIONS = ("input_size", "embedding_dim", "in_channels", "residual_bias")  # SphereNet's arguments the builders pass on
 SOURCE = "Liu et al., SphereFace (CVPR 2017), wy1iu/sphereface sphereface_model.prototxt"
 
 
@@ -43,11 +46,11 @@ def _stage_out(size: int) -> int:
 class ResidualUnit(nn.Module):
     """``x + PReLU(conv2(PReLU(conv1(x))))``: two 3x3 convolutions, no activation after the sum."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, bias: bool = False):
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, bias=bias)
         self.prelu1 = PReLU(channels, init=0.25)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=bias)
         self.prelu2 = PReLU(channels, init=0.25)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,11 +60,11 @@ class ResidualUnit(nn.Module):
 class SphereStage(nn.Module):
     """A stride-2 3x3 convolution (with bias) + PReLU, then ``num_units`` residual units."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_units: int):
+    def __init__(self, in_channels: int, out_channels: int, num_units: int, residual_bias: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 3, 2, 1, bias=True)
         self.prelu = PReLU(out_channels, init=0.25)
-        self.units = nn.Sequential(*[ResidualUnit(out_channels) for _ in range(num_units)])
+        self.units = nn.Sequential(*[ResidualUnit(out_channels, residual_bias) for _ in range(num_units)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.units(self.prelu(self.conv(x)))
@@ -75,6 +78,8 @@ class SphereNet(nn.Module):
         input_size: ``(H, W)`` of the aligned crops, ``(112, 96)`` (SphereFace) or ``(112, 112)``.
         embedding_dim: size of ``fc5`` (512 in the paper).
         in_channels: 3 for BGR crops.
+        residual_bias: give the residual convolutions a bias (see the module docstring; default False, the
+            Caffe release's fixed zero bias).
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class SphereNet(nn.Module):
         input_size: Tuple[int, int] = (112, 96),
         embedding_dim: int = 512,
         in_channels: int = 3,
+        residual_bias: bool = False,
     ):
         super().__init__()
         units = tuple(int(u) for u in units)
@@ -103,7 +109,7 @@ class SphereNet(nn.Module):
         stages = []
         c_in = in_channels
         for c_out, n in zip(STAGE_CHANNELS, units):
-            stages.append(SphereStage(c_in, c_out, n))
+            stages.append(SphereStage(c_in, c_out, n, bool(residual_bias)))
             c_in = c_out
             h, w = _stage_out(h), _stage_out(w)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -119,8 +125,10 @@ class SphereNet(nn.Module):
                 nn.init.xavier_uniform_(module.conv.weight)
                 nn.init.zeros_(module.conv.bias)
             elif isinstance(module, ResidualUnit):
-                nn.init.normal_(module.conv1.weight, std=0.01)
-                nn.init.normal_(module.conv2.weight, std=0.01)
+                for conv in (module.conv1, module.conv2):
+                    nn.init.normal_(conv.weight, std=0.01)
+                    if conv.bias is not None:
+                        nn.init.zeros_(conv.bias)
         nn.init.xavier_uniform_(self.fc5.weight)
         nn.init.zeros_(self.fc5.bias)
 

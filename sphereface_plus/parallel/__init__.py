@@ -1,4 +1,4 @@
-"""Model parallelism for the classifier: a row-sharded head over ``torch.distributed`` (issue 13).
+"""Model parallelism for the classifier: a row-sharded head over ``torch.distributed`` (docs/distributed.md).
 
 - :func:`shard_range` -- rows ``[start, end)`` of rank r of W (a pure function of C, W, r);
 - :class:`ShardedClassifier` -- a registered head holding one block of rows; exact cross-entropy and

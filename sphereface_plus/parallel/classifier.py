@@ -212,8 +212,12 @@ class ShardedClassifier(nn.Module):
         score[positive] = 2.0  # above every uniform draw: the positives are always among the top k
         return torch.topk(score, num_sample).indices.sort().values
 
+    #: check each batch's label range (see ``ClassifierHead.check_label_range``)
+    check_label_range = True
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> ShardedLogits:
-        labels = check_labels(labels, embeddings.shape[0], self.num_classes).to(embeddings.device)
+        labels = check_labels(labels, embeddings.shape[0], self.num_classes,
+                              check_range=self.check_label_range).to(embeddings.device)
         head = self.head
         sampling = self.sample_rate < 1.0 and self.training
         if self.world_size == 1 and not sampling and self.embedding_grad_scale == 1.0:

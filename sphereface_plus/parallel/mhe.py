@@ -141,6 +141,10 @@ def _caffe_among(weight, labels, start, num_classes, group):
     return caffe_among_layer(weight, local, num_classes=num_classes, all_reduce=lambda t: sum_replicated(t, group))
 
 
+def _checked(labels: torch.Tensor, num_classes: int, check_range: bool) -> torch.Tensor:
+    return check_labels(labels, None, num_classes, check_range=check_range)
+
+
 def sharded_classifier_mhe(
     weight: torch.Tensor,
     labels: Optional[torch.Tensor],
@@ -150,6 +154,7 @@ def sharded_classifier_mhe(
     block_size: Optional[int] = None,
     group=None,
     variant: str = "mhe",
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """:func:`sphereface_plus.mhe.classifier_mhe` of the whole classifier from this rank's rows.
 
@@ -158,7 +163,8 @@ def sharded_classifier_mhe(
         labels: the *global* batch's labels (all-gathered; :class:`ShardedLogits.labels`), the same
             on every rank; not used by ``full``.
         num_classes: C of the whole classifier.
-        power, mode, variant: as in ``classifier_mhe`` (``variant='opensphere_v0'``: batch modes only).
+        power, mode, variant, check_labels: as in ``classifier_mhe`` (``variant='opensphere_v0'``: batch
+            modes only).
         block_size: rows of this rank per chunk for ``full`` (default: about 4M kernel entries per
             chunk, as the single-process blocked path).
 
@@ -176,7 +182,7 @@ def sharded_classifier_mhe(
     if mode == "caffe_among":
         if labels is None:
             raise ValueError("classifier_mhe mode 'caffe_among' needs the batch labels")
-        labels = check_labels(labels, None, num_classes).to(weight.device)
+        labels = _checked(labels, num_classes, check_labels).to(weight.device)
         return _caffe_among(weight, labels, start, num_classes, group)
     w_hat = variant_rows(weight, variant)
     if mode == "full":
@@ -187,7 +193,7 @@ def sharded_classifier_mhe(
         return sum_replicated(_RingFullEnergy.apply(w_hat, power, chunk, num_classes, group), group)
     if labels is None:
         raise ValueError(f"classifier_mhe mode {mode!r} needs the batch labels")
-    labels = check_labels(labels, None, num_classes).to(weight.device)
+    labels = _checked(labels, num_classes, check_labels).to(weight.device)
     if labels.numel() == 0:
         raise ValueError("labels is empty: classifier_mhe needs at least one sample")
     if mode == "batch_unique":

@@ -1,0 +1,41 @@
+"""Command-line options that several commands share, defined once.
+
+- :func:`add_precision_argument`: ``--precision auto|fp32|bf16`` of every command that embeds images
+  (``verify``, ``compare``, ``megaface export``, ``gallery``).
+- :func:`add_field_flags` / :func:`load_config_from_args`: a recipe's top-level fields as flags (the
+  CIFAR and GAN commands keep the seed scripts' flags that way), merged as defaults < ``--config`` YAML <
+  ``key=value`` < flags.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
+
+from sphereface_plus.config import load_config
+
+T = TypeVar("T")
+
+
+def add_precision_argument(parser) -> None:
+    """``--precision auto|fp32|bf16`` for the commands that embed images."""
+    from sphereface_plus.engine.precision import EMBED_SETTINGS
+
+    parser.add_argument("--precision", choices=EMBED_SETTINGS, default="auto",
+                        help="backbone precision: bf16 (autocast, NHWC on CPU; features stay float32) or fp32; "
+                             "default auto = bf16 where the CPU/GPU has native bf16 (AVX512-BF16, AMX, "
+                             "Ampere+), else fp32")
+
+
+def add_field_flags(group, fields: Dict[str, Any], aliases: Optional[Dict[str, List[str]]] = None) -> None:
+    """One command-line flag per top-level recipe field (``{name: (type, help)}``), spelled with dashes and,
+    for names with an underscore, also with underscores (the original scripts' spelling), plus ``aliases``.
+    Every flag defaults to None, so :func:`load_config_from_args` passes on only the flags that were given."""
+    for name, (tp, text) in fields.items():
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else []) + (aliases or {}).get(name, [])
+        group.add_argument(*flags, dest=name, type=tp, default=None, help=text)
+
+
+def load_config_from_args(args: Any, flag_names: Sequence[str], schema: Type[T]) -> T:
+    """Defaults < ``args.config`` YAML < ``args.overrides`` (``key=value``) < the flags in ``flag_names``
+    that were given (not None)."""
+    flags = [f"{n}={getattr(args, n)}" for n in flag_names if getattr(args, n, None) is not None]
+    return load_config(args.config, list(getattr(args, "overrides", [])) + flags, schema=schema)
