@@ -24,6 +24,7 @@ _EXPORTS = {
     "tar_at_far": "eval.verification_metrics",
     "extract_features": "eval.features",
     "load_embedding_model": "eval.features",
+    "load_inference_model": "eval.runtime",
     "write_report": "eval.report",
     "FaceEmbedder": "eval.embedder",
 }

@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from eval.features import ArrayImages, extract_from_dataset, inference_setup, load_embedding_model
+from eval.features import ArrayImages, extract_from_dataset, inference_setup
+from eval.runtime import load_inference_model
 from sphereface_plus.errors import InputFileError, MissingFileError
 
 logger = logging.getLogger(__name__)
@@ -39,13 +40,16 @@ class FaceEmbedder:
     the model's flip policy says (``info["flip_policy"]``: concatenated for the toolkit's own and
     SphereFace models, summed for insightface's, crop only for ``none``; docs/import.md).
     With ``aligned=True`` the images are already aligned crops and no detector is loaded.
-    ``precision`` (``auto|fp32|bf16``) is the backbone's (:func:`eval.features.inference_setup`).
+    ``precision`` (``auto|fp32|bf16``) is the backbone's (:func:`eval.features.inference_setup`);
+    ``runtime`` (``auto|torch|onnxruntime``, default ``$SPHEREFACE_PLUS_RUNTIME`` or ``auto``) what runs it
+    (:mod:`eval.runtime`: ``auto`` is onnxruntime for float32 on a CPU where it is installed).
     """
 
     def __init__(self, checkpoint, device="cpu", detector: str = "mtcnn", flip: bool = True,
-                 face_policy: str = "center", batch_size: int = 32, precision: str = "auto"):
+                 face_policy: str = "center", batch_size: int = 32, precision: str = "auto",
+                 runtime: Optional[str] = None):
         self.device = torch.device(device)
-        self.model, self.info = load_embedding_model(checkpoint, device=self.device)
+        self.model, self.info = load_inference_model(checkpoint, self.device, precision, runtime)
         self.precision, self.channels_last = inference_setup(self.model, precision, self.device)
         self.threshold: Optional[float] = self.info["threshold"]
         self.template: str = self.info["template"]

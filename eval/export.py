@@ -319,10 +319,22 @@ def export_model(checkpoint, out, fmt: str = "onnx", check_images=None, check_co
         if isinstance(e, ToolkitError):
             raise
         raise InputFileError(f"{checkpoint} cannot be loaded as a training checkpoint: {str(e).splitlines()[0]}") from None
+    data, summary = export_checked(backbone, info, checkpoint, fmt, check_images, check_count, tolerance, reference)
+    atomic_write_bytes(out, data)
+    logger.info("wrote %s (%s, %.1f MB)", out, fmt, len(data) / 1e6)
+    return {"out": str(out), **summary}
+
+
+def export_checked(backbone: torch.nn.Module, info: Dict[str, object], checkpoint: Path, fmt: str = "onnx",
+                   check_images=None, check_count: int = DEFAULT_CHECK_COUNT, tolerance: float = DEFAULT_TOLERANCE,
+                   reference: Optional[torch.nn.Module] = None) -> Tuple[bytes, Dict[str, object]]:
+    """``(file bytes, check summary)`` of ``backbone`` (loaded from ``checkpoint``, with its ``info``) exported to
+    ``fmt`` and checked against ``reference`` (default: the backbone itself); :class:`ExportCheckError` when the
+    check fails. Nothing is written: :func:`export_model` and the runtime's cache (``eval.runtime``) write it."""
     batch, where = check_batch(info, check_images, check_count)
     with torch.inference_mode():
         embedding_dim = int(backbone(batch[:1]).shape[1])
-    metadata = build_metadata(info, checkpoint, embedding_dim, fmt)
+    metadata = build_metadata(info, Path(checkpoint), embedding_dim, fmt)
     net = EmbeddingNet(backbone).eval()
     exporter = export_onnx if fmt == "onnx" else export_torchscript
     data = exporter(net, batch, metadata)
@@ -332,8 +344,6 @@ def export_model(checkpoint, out, fmt: str = "onnx", check_images=None, check_co
                      "check_images": where, "check_tolerance": f"{tolerance:g}"})
     # only metadata changes from the checked bytes: ONNX metadata_props / the TorchScript extra file
     data = _set_onnx_metadata(data, metadata) if fmt == "onnx" else exporter(net, batch, metadata)
-    atomic_write_bytes(out, data)
-    logger.info("wrote %s (%s, %.1f MB)", out, fmt, len(data) / 1e6)
-    return {"out": str(out), "format": fmt, "bytes": len(data), "check_images": where,
-            "max_abs_diff_embedding": diffs["embedding"], "max_rel_diff_feature": diffs["feature"],
-            "batch_sizes": diffs["batch_sizes"], "metadata": metadata}
+    return data, {"format": fmt, "bytes": len(data), "check_images": where,
+                  "max_abs_diff_embedding": diffs["embedding"], "max_rel_diff_feature": diffs["feature"],
+                  "batch_sizes": diffs["batch_sizes"], "metadata": metadata}

@@ -206,7 +206,8 @@ def iter_embeddings(
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    logger.info("embedding on %s in %s%s", device, precision, ", channels_last" if channels_last else "")
+    # the runtime's one notice line is eval.runtime.load_inference_model's
+    logger.debug("embedding on %s in %s%s", device, precision, ", channels_last" if channels_last else "")
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

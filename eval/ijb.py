@@ -418,6 +418,7 @@ def identification_report(probe_feats, probe_subjects, gallery_feats, gallery_su
     searches at rank 1 whose mate scores strictly above it; ``fpir_reached`` is the fraction of
     non-mated searches whose best score lies strictly above it.
     """
+    from eval.vector_index import inner_products
     from eval.verification_metrics import far_key
 
     pf = np.asarray(probe_feats, dtype=np.float64)
@@ -438,7 +439,7 @@ def identification_report(probe_feats, probe_subjects, gallery_feats, gallery_su
     rank = np.zeros(ps.size, dtype=np.int64)
     top = np.full(ps.size, np.nan)
     for a in range(0, ps.size, block):
-        sim = pf[a:a + block] @ gf.T
+        sim = inner_products(pf[a:a + block], gf)  # exact: the kernel of eval.vector_index's exact index
         m = mate[a:a + block]
         rows = np.flatnonzero(m >= 0)
         ms = sim[rows, m[rows]]

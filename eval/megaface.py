@@ -14,6 +14,9 @@ Metrics (:func:`evaluate`), as the devkit defines them for the FaceScrub probe s
 - verification: genuine scores are the same-identity probe pairs, impostor scores all
   probe-versus-distractor pairs; TAR at FAR = 1e-6 with the decision ``score > t``.
 
+Scores are exact (brute force) through :func:`eval.vector_index.inner_products`, the kernel of the exact
+index that galleries use too (docs/gallery.md#indexes).
+
 The distractors are processed in chunks: only the running best distractor score per probe and the
 ``floor(FAR * n) + 1`` largest impostor scores are kept, so memory stays bounded at 1M distractors
 (3.5 billion impostor scores).
@@ -32,6 +35,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
+from eval.vector_index import inner_products
 from eval.verification_metrics import allowed_false_accepts, tar_from_top_impostors
 from sphereface_plus.errors import InputFileError, MissingFileError, require_file
 from sphereface_plus.utils import atomic_write_bytes, progress
@@ -247,7 +251,7 @@ def evaluate(
     for g in np.split(order, bounds):
         if g.size < 2:
             continue
-        S = P[g] @ P[g].T
+        S = inner_products(P[g], P[g])
         off = ~np.eye(g.size, dtype=bool)
         trial_probe.append(np.broadcast_to(g[:, None], S.shape)[off])
         trial_score.append(S[off])
@@ -275,7 +279,7 @@ def evaluate(
             if seen >= M:
                 raise ValueError(f"more distractor features than num_distractors={M}")
             end = min(chunk.shape[0], pos + boundary - seen)
-            S = P @ chunk[pos:end].T  # probes x distractors, one bounded block
+            S = inner_products(P, chunk[pos:end])  # probes x distractors, one bounded block
             np.maximum(best, S.max(axis=1), out=best)
             flat = np.concatenate([top, S.ravel()])
             top = flat if flat.size <= keep else np.partition(flat, flat.size - keep)[flat.size - keep:]

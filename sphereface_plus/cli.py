@@ -41,6 +41,8 @@ COMMANDS = {
     "pack-bin": ("sphereface_plus.commands.pack_bin",
                  "write an insightface-style .bin verification pack from a pairs file and aligned crops"),
     "check": ("sphereface_plus.commands.check", "verify checkpoints and packed datasets (checksums) before a long run"),
+    "gallery": ("sphereface_plus.commands.gallery",
+                "1:N identification: build a gallery, enrol and remove people, search probes (exact, HNSW, IVF-PQ)"),
 }
 
 EPILOG = """\
@@ -55,6 +57,8 @@ examples:
   sphereface-plus pack-bin --pairs pairs.txt --root lfw-112x96 --out lfw.bin
   sphereface-plus import --from caffe sphereface_deploy.prototxt sphereface_model.caffemodel --out sphere20.pt
   sphereface-plus check runs/x casia-112x96
+  sphereface-plus gallery build --gallery people --checkpoint last.pt --images enrol/
+  sphereface-plus gallery search --gallery people --images probes/ --top-k 5
 
 Run 'sphereface-plus COMMAND --help' for the options of a command.
 

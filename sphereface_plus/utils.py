@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic file writes, safe checkpoint loading, progress bars, logging.
+"""Small shared helpers: atomic file writes, the file hash, the cache folder, safe checkpoint loading, progress
+bars, logging.
 
 Every part of the toolkit (alignment, training, evaluation) writes its results through these so that
 an interrupted run never leaves a half-written file behind: data goes to a temporary file in the
@@ -19,6 +20,9 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
+
+#: the toolkit's cache folder (detector weights, exported graphs, GAN statistics); each user has one
+CACHE_DIR = Path("~/.cache/sphereface_plus")
 
 
 @contextmanager

@@ -7,6 +7,22 @@ import torch
 # train.compile=auto would compile the backbone of every trainer a test builds with the default (long)
 # train.iterations; tests that want compilation say train.compile=true (sphereface_plus.engine.compile)
 os.environ.setdefault("SPHEREFACE_PLUS_COMPILE_AUTO", "eager")
+# --runtime auto would export every checkpoint a test embeds to ONNX (seconds each) and compare onnxruntime's
+# features with references computed in PyTorch; tests of the runtime (tests/test_runtime.py) name it (eval.runtime)
+os.environ.setdefault("SPHEREFACE_PLUS_RUNTIME", "torch")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """The folder of exported graphs for the whole session: never the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    old = os.environ.get("SPHEREFACE_PLUS_ONNX_CACHE")
+    os.environ["SPHEREFACE_PLUS_ONNX_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("SPHEREFACE_PLUS_ONNX_CACHE", None)
+    else:
+        os.environ["SPHEREFACE_PLUS_ONNX_CACHE"] = old
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ class TinyFaces(torch.utils.data.Dataset):
 
     input_size = (112, 96)
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, input_size=(112, 96)):
         self.num_classes = num_classes
+        self.input_size = tuple(input_size)
 
     def __len__(self) -> int:
         return 4 * self.num_classes

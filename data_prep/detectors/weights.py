@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from sphereface_plus.errors import ToolkitError
-from sphereface_plus.utils import sha256_file  # noqa: F401 (the one file-hash helper, used here)
+from sphereface_plus.utils import CACHE_DIR, sha256_file
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "SPHEREFACE_PLUS_WEIGHTS"
-DEFAULT_DIR = Path("~/.cache/sphereface_plus/weights")
+DEFAULT_DIR = CACHE_DIR / "weights"
 FIX_COMMAND = "make weights"
 FIX_COMMAND_ALT = "sphereface-plus fetch-weights"
 

@@ -9,7 +9,7 @@ import argparse
 
 from data_prep.detectors import list_detectors
 from eval import embedder as E
-from sphereface_plus.commands.options import add_precision_argument
+from sphereface_plus.commands.options import add_inference_arguments
 
 HELP = "compare two face images: cosine similarity and same/different at the model's threshold"
 DESCRIPTION = E.__doc__ + """
@@ -35,14 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aligned", action="store_true", help="the images are already aligned crops: no detection")
     parser.add_argument("--no-flip", action="store_true", help="embed the crop only (default: crop + mirror)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    add_precision_argument(parser)
+    add_inference_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     # input mistakes raise ToolkitErrors: the command line prints them as one 'error:' line, exit 2
     images = [E.read_image(args.image1), E.read_image(args.image2)]
     emb = E.FaceEmbedder(args.checkpoint, device=args.device, detector=args.detector, flip=not args.no_flip,
-                         precision=args.precision)
+                         precision=args.precision, runtime=args.runtime)
     f = emb.embed(images, aligned=args.aligned, names=[args.image1, args.image2])
     sim = float(f[0] @ f[1])
     print(f"cosine similarity: {sim:.4f}")

@@ -16,7 +16,8 @@ import torch
 from eval import features as F
 from eval import megaface as M
 from eval.pairs import describe_missing, missing_images
-from sphereface_plus.commands.options import add_precision_argument
+from eval.runtime import load_inference_model
+from sphereface_plus.commands.options import add_inference_arguments
 from sphereface_plus.errors import MissingFileError, UsageError, require_dir, require_file
 from sphereface_plus.utils import atomic_write_json, progress
 
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ex.add_argument("--batch-size", type=int, default=64)
     ex.add_argument("--workers", type=int, default=2)
     ex.add_argument("--device", default="cpu")
-    add_precision_argument(ex)
+    add_inference_arguments(ex)
     sc = sub.add_parser("score", help="rank-1 identification and TAR@FAR from feature files",
                         description="Score MegaFace Challenge 1 from devkit feature files: rank-1 with "
                                     "distractor set sizes 10 .. 1M, and TAR at FAR (default 1e-6).")
@@ -92,7 +93,7 @@ def export(args) -> int:
     require_dir(args.root, "--root")
     paths, _ = M.read_image_list(args.list)
     out = Path(args.out)
-    model, info = F.load_embedding_model(args.checkpoint, device=args.device)  # before anything is written
+    model, info = load_inference_model(args.checkpoint, args.device, args.precision, args.runtime)  # before any write
     landmarks = F.read_landmarks(args.landmarks) if args.landmarks else None
     dim = _feature_dim(model, info, not args.no_flip)
     damaged: List[str] = []
@@ -122,14 +123,12 @@ def export(args) -> int:
     return 0
 
 
-def _feature_dim(model, info, flip: bool) -> Optional[int]:
+def _feature_dim(model, info, flip: bool) -> int:
     """The length of this model's feature vectors (doubled by the mirror), from one dummy forward."""
     h, w = info["input_size"]
-    try:
-        with torch.inference_mode():
-            d = int(model(torch.zeros(1, 3, h, w, device=next(model.parameters()).device)).shape[1])
-    except StopIteration:
-        return None
+    device = next(model.parameters(), torch.zeros(0)).device  # an onnxruntime model has none: its input is on CPU
+    with torch.inference_mode():
+        d = int(model(torch.zeros(1, 3, h, w, device=device)).shape[1])
     return 2 * d if flip else d
 
 

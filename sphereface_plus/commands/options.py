@@ -1,7 +1,8 @@
 """Command-line options that several commands share, defined once.
 
-- :func:`add_precision_argument`: ``--precision auto|fp32|bf16`` of every command that embeds images
-  (``verify``, ``compare``, ``megaface export``, ``gallery``).
+- :func:`add_inference_arguments`: ``--precision auto|fp32|bf16`` (:func:`add_precision_argument`) and
+  ``--runtime auto|torch|onnxruntime`` of every command that embeds images (``verify``, ``compare``,
+  ``megaface export``).
 - :func:`add_field_flags` / :func:`load_config_from_args`: a recipe's top-level fields as flags (the
   CIFAR and GAN commands keep the seed scripts' flags that way), merged as defaults < ``--config`` YAML <
   ``key=value`` < flags.
@@ -23,6 +24,18 @@ def add_precision_argument(parser) -> None:
                         help="backbone precision: bf16 (autocast, NHWC on CPU; features stay float32) or fp32; "
                              "default auto = bf16 where the CPU/GPU has native bf16 (AVX512-BF16, AMX, "
                              "Ampere+), else fp32")
+
+
+def add_inference_arguments(parser) -> None:
+    """``--precision`` and ``--runtime`` for the commands that embed images (``eval.runtime``)."""
+    from eval.runtime import RUNTIME_ENV, RUNTIMES
+
+    add_precision_argument(parser)
+    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
+                        help="what runs the network: torch, or onnxruntime on the checkpoint's ONNX export (made "
+                             "once, checked against PyTorch to 1e-5, cached under ~/.cache/sphereface_plus/onnx); "
+                             "default auto = onnxruntime for float32 on a CPU when it is installed (faster there), "
+                             f"else torch; ${RUNTIME_ENV} sets the default")
 
 
 def add_field_flags(group, fields: Dict[str, Any], aliases: Optional[Dict[str, List[str]]] = None) -> None:

@@ -37,6 +37,7 @@ from sphereface_plus.engine.preempt import Preemption
 from sphereface_plus.engine.run_folder import RunFolder
 from sphereface_plus.errors import MissingFileError, ToolkitError
 from sphereface_plus.face.config import FaceConfig, load_config
+from sphereface_plus.face.init_source import adopt_init_source, init_source_of
 from sphereface_plus.face.resolve import DataFacts, Resolved, resolve
 from sphereface_plus.face.trainer import FaceTrainer
 from sphereface_plus.utils import atomic_write_text, is_rank0
@@ -51,15 +52,17 @@ __all__ = ["HELP", "add_arguments", "run", "train", "load_train_config", "resolv
 
 def resolve_recipe(cfg: FaceConfig) -> Resolved:
     """The recipe resolved once (:func:`~sphereface_plus.face.resolve.resolve`) after the data section is
-    checked by its owner (``data_prep``: source, template, root); nothing is built."""
-    return resolve(cfg, DataFacts(check_data_config(cfg.data)))
+    checked by its owner (``data_prep``: source, template, root), with the network of ``train.init_from``'s
+    checkpoint when there is one (:mod:`sphereface_plus.face.init_source`); nothing is built."""
+    init = init_source_of(cfg)
+    return resolve(cfg, DataFacts(check_data_config(adopt_init_source(cfg, init).data)), init)
 
 
 def load_train_config(path: Optional[str] = None, overrides=()) -> FaceConfig:
     """The recipe (:func:`sphereface_plus.face.config.load_config`) with the checks that belong to
     ``data_prep`` (data source, template, root) and ``eval`` (pack names)."""
     cfg = load_config(path, overrides)
-    resolve_recipe(cfg)
+    resolve(cfg, DataFacts(check_data_config(cfg.data)))  # train.init_from's file is checked when the run starts
     check_pack_names(cfg.eval.packs, "eval.packs")
     return cfg
 
@@ -92,16 +95,15 @@ def train(cfg: Union[FaceConfig, Dict[str, Any], str, Path], resume: Optional[st
         cfg = load_config(str(cfg), overrides)
     elif isinstance(cfg, dict):
         cfg = FaceConfig.from_dict(cfg)
-    resolved = resolve(cfg, DataFacts(check_data_config(cfg.data)))  # once, before anything is built
     # the input files the run names, checked before anything is written (the synthetic source writes its cache
     # under out_dir): checkpoints that pass their checksum, standard packs that exist
-    for what, path in {"--resume": resume if resume not in (None, "auto") else "",
-                       "train.init_from": cfg.train.init_from}.items():
-        if path and not Path(path).is_file():
-            raise MissingFileError(f"{what} {path}: no such file; give an existing checkpoint (<out_dir>/checkpoints/"
-                                   f"last.pt of a run){' or --resume auto' if what == '--resume' else ''}")
-        if path:
-            load_checkpoint(path)
+    if resume not in (None, "auto"):
+        if not Path(resume).is_file():
+            raise MissingFileError(f"--resume {resume}: no such file; give an existing checkpoint (<out_dir>/"
+                                   "checkpoints/last.pt of a run) or --resume auto")
+        load_checkpoint(resume)
+    resolved = resolve_recipe(cfg)  # once, before anything is built (reads train.init_from's checkpoint)
+    cfg = resolved.config  # what is built from here on: the values in force (the template of train.init_from's model)
     if cfg.eval.packs:
         pack_paths(cfg.eval.pack_dir, check_pack_names(cfg.eval.packs, "eval.packs"), where="eval.pack_dir")
     dist = setup_distributed(cfg.train.device, cfg.train.dist_timeout)
@@ -154,7 +156,13 @@ def run(args: argparse.Namespace) -> int:
     by the caller (:func:`sphereface_plus.cli.main`, or :func:`sphereface_plus.cli.run_guarded`)."""
     cfg = load_config(args.config, args.overrides)
     if args.print_config:  # the values in force: the head's defaults, the input size of the template
-        print(config_to_yaml(resolve_recipe(cfg).config), end="")
+        if cfg.train.init_from and not Path(cfg.train.init_from).is_file():  # a recipe read before its first stage ran
+            print(f"note: train.init_from {cfg.train.init_from} does not exist yet; the model section shown is the "
+                  "recipe's (a run takes the checkpoint's)", file=sys.stderr)
+            resolved = resolve(cfg, DataFacts(check_data_config(cfg.data)))
+        else:
+            resolved = resolve_recipe(cfg)
+        print(config_to_yaml(resolved.config), end="")
         return 0
     summary = train(cfg, resume=args.resume)
     if summary["final"] and is_rank0():

@@ -69,7 +69,8 @@ from eval import pairs as P
 from eval.lfw import evaluate_features
 from eval.protocols import PROTOCOLS, resolve_protocol
 from eval.report import format_report, plot_roc, verification_markdown, write_json_report
-from sphereface_plus.commands.options import add_precision_argument
+from eval.runtime import load_inference_model
+from sphereface_plus.commands.options import add_inference_arguments
 from sphereface_plus.engine.checkpoint import load_checkpoint, serialize
 from sphereface_plus.errors import UsageError, require_dir, require_file
 from sphereface_plus.utils import atomic_write_bytes
@@ -128,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     run_.add_argument("--workers", type=int, default=2, help="DataLoader workers reading images (default 2)")
     run_.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    add_precision_argument(run_)
+    add_inference_arguments(run_)
     add_ijb_arguments(parser)
 
 
@@ -201,7 +202,7 @@ def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray, b
     if args.features:
         paths, feats = F.load_features_npz(args.features)
         return paths, feats, F.features_layout(args.features) == F.CROP_MIRROR_LAYOUT, None
-    model, info = F.load_embedding_model(args.checkpoint, device=args.device)
+    model, info = load_inference_model(args.checkpoint, args.device, args.precision, args.runtime)
     flip = not args.no_flip
     if pack_images is not None:
         K.check_pack_size(K.LoadedPack("pack", Path(args.pack), pack_images, np.zeros(0, bool)), info["input_size"])
@@ -386,7 +387,8 @@ def compute_ijb(args) -> Dict[str, object]:
     if args.features:
         names, feats = F.load_features_npz(args.features)
     else:
-        model, info = F.load_embedding_model(args.checkpoint, device=args.device)
+        # J.model_face_features embeds in float32 (it takes no precision): the runtime is chosen for that
+        model, info = load_inference_model(args.checkpoint, args.device, "fp32", args.runtime)
         names, feats = J.model_face_features(model, info, meta, args.batch_size, not args.no_flip, args.device,
                                              args.workers)
         if args.save_features:
@@ -435,7 +437,7 @@ def run_packs(args) -> int:
     protocol = resolve_protocol(args.protocol, "packs")
     paths = K.pack_paths(args.dir, args.packs or None)
     packs = K.load_packs(paths)
-    model, info = F.load_embedding_model(args.checkpoint, device=args.device)
+    model, info = load_inference_model(args.checkpoint, args.device, args.precision, args.runtime)
     for p in packs:  # before anything is embedded or written
         K.check_pack_size(p, info["input_size"])
     logger.info("%d packs: %s", len(packs), ", ".join(f"{p.name} ({len(p.issame)} pairs)" for p in packs))

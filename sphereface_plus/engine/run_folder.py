@@ -143,13 +143,18 @@ def _pid_alive(pid: int) -> bool:
 class RunLock:
     """An exclusive ``flock`` on ``<folder>/.run.lock``, holding ``{"pid", "host", "command", "started"}``.
 
+    ``name`` (the lock file), ``holder`` and ``busy_fix`` (the refusal's words) let another kind of folder
+    use the same lock: a gallery's writers (``eval.gallery_store``).
+
     The kernel drops the lock when the process ends, however it ends; the file's content then names a
     process that no longer holds it (a stale lock), which :meth:`acquire` reports and takes over.
     """
 
-    def __init__(self, folder, command: str = ""):
+    def __init__(self, folder, command: str = "", name: str = LOCK_NAME, holder: str = "another run",
+                 busy_fix: str = "wait for it to finish or stop it, or choose another output folder"):
         self.folder, self.command = Path(folder), command
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / name
+        self.holder, self.busy_fix = holder, busy_fix
         self._fd: Optional[int] = None
         self.stale: Optional[dict] = None
 
@@ -163,8 +168,7 @@ class RunLock:
             holder = _describe(_read_holder(fd))
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UsageError(f"{self.folder} is in use by another run ({holder}); wait for it to finish or stop "
-                                 f"it, or choose another output folder") from None
+                raise UsageError(f"{self.folder} is in use by {self.holder} ({holder}); {self.busy_fix}") from None
             raise
         previous = _read_holder(fd)
         if previous:

@@ -13,17 +13,21 @@ The values in force:
   settings, the given ones cast to the constructor's declared types and the others at the constructor's
   defaults (``sphereface_plus.heads.head_parameters``): a run's config.yaml shows the margin it trained with
   even when the recipe left it to the head;
-- the MHE kernel's canonical name (``mhe.power: 2`` -> ``"2"``) and ``train.compile`` as ``auto|true|false``.
+- the MHE kernel's canonical name (``mhe.power: 2`` -> ``"2"``) and ``train.compile`` as ``auto|true|false``;
+- with ``train.init_from``, the network its checkpoint holds (``model.backbone``, ``embedding_dim``, ``kwargs``,
+  ``data.template``) and, for an imported model, its input convention (``preprocessing``):
+  :mod:`sphereface_plus.face.init_source`.
 """
 from __future__ import annotations
 
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from sphereface_plus.config import ConfigError
 from sphereface_plus.face.config import FaceConfig
+from sphereface_plus.face.init_source import InitSource, adopt_init_source
 from sphereface_plus.face.layout import HeadSpec, Replicated, create_layout
 
 __all__ = ["DataFacts", "Resolved", "resolve", "head_settings_in_force"]
@@ -46,6 +50,8 @@ class Resolved:
     input_size: Tuple[int, int]
     head: HeadSpec
     layout: Replicated  # how the head is laid out over the processes: what builds it (face.layout)
+    # the input convention of an imported model the run starts from (train.init_from), None for the toolkit's own
+    preprocessing: Optional[Dict[str, Any]] = None
 
 
 def head_settings_in_force(name: str, given: Dict[str, Any]) -> Dict[str, Any]:
@@ -63,13 +69,16 @@ def head_settings_in_force(name: str, given: Dict[str, Any]) -> Dict[str, Any]:
     return HEADS.get(name).settings_in_force(out)
 
 
-def resolve(config: FaceConfig, data: Any) -> Resolved:
+def resolve(config: FaceConfig, data: Any, init: Optional[InitSource] = None) -> Resolved:
     """The run's values in force. ``data``: :class:`DataFacts` or the training set (anything with
-    ``input_size`` ``(H, W)``). Raises :class:`~sphereface_plus.config.ConfigError` when the config and the
-    data disagree."""
+    ``input_size`` ``(H, W)``) of the template in force (``adopt_init_source(config, init).data``);
+    ``init``: what ``train.init_from``'s checkpoint says (:func:`~sphereface_plus.face.init_source.
+    read_init_source`), or None. Raises :class:`~sphereface_plus.config.ConfigError` when the config, the
+    data and the checkpoint disagree."""
     from sphereface_plus.engine.compile import normalize_compile
     from sphereface_plus.mhe import normalize_power
 
+    config = adopt_init_source(config, init)
     input_size = (int(data.input_size[0]), int(data.input_size[1]))
     given = config.model.input_size
     if given is not None and tuple(int(v) for v in given) != input_size:
@@ -84,4 +93,5 @@ def resolve(config: FaceConfig, data: Any) -> Resolved:
     resolved.mhe.power = normalize_power(config.mhe.power)
     resolved.train.compile = normalize_compile(config.train.compile)
     spec = HeadSpec(head.name, head.parallel, float(head.sample_rate), dict(settings))
-    return Resolved(config=resolved, input_size=input_size, head=spec, layout=create_layout(spec))
+    return Resolved(config=resolved, input_size=input_size, head=spec, layout=create_layout(spec),
+                    preprocessing=None if init is None else init.preprocessing)

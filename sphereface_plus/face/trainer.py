@@ -45,6 +45,7 @@ from sphereface_plus.face.config import FaceConfig
 from sphereface_plus.face.model import head_dtype
 from sphereface_plus.face.resolve import Resolved, head_settings_in_force
 from sphereface_plus.heads.functional import check_labels
+from sphereface_plus.importers.preprocessing import PREPROCESSING_KEY, Preprocessing, source_backbone, wrap_backbone
 from sphereface_plus.models import backbone_from_config
 from sphereface_plus.utils import atomic_write_json, plain
 
@@ -121,6 +122,8 @@ class FaceTrainer(Task):
                     ", channels_last" if self.channels_last else "")
         _seed_everything(cfg.train.seed)  # initial weights depend on the seed alone
         backbone = backbone_from_config(cfg.model)  # name, input size, embedding_dim and model.kwargs
+        if resolved.preprocessing is not None:  # an imported model's input convention (face/init_source.py)
+            backbone = wrap_backbone(backbone, Preprocessing.from_dict(resolved.preprocessing, "train.init_from"))
         self.layout = resolved.layout
         self.collective_state = self.layout.collective_state
         try:  # the head is built here, once; its values (a margin out of range...) are its own to judge
@@ -129,13 +132,8 @@ class FaceTrainer(Task):
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"head.name={resolved.head.name!r} with {resolved.head.settings}: {exc}") from None
         self.model.to(self.device, memory_format=self.memory_format, dtype=self.dtype)
-        if cfg.train.init_from:  # a run's or an imported model's weights (a new head when it has none)
-            state = ckpt.load_checkpoint(cfg.train.init_from)
-            self.model.backbone.load_state_dict(state["model"])
-            if "head" in state:
-                self.layout.load_head_state(self.model.head, state["head"], cfg.train.init_from)
-            logger.info("initialised the backbone%s from %s (iteration %s)", " and head" if "head" in state else "",
-                        cfg.train.init_from, state.get("iteration"))
+        if cfg.train.init_from:
+            self._init_weights(cfg.train.init_from)
         self.optimizer = build_optimizer([self.model], cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.iterations)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -167,9 +165,34 @@ class FaceTrainer(Task):
     def from_config(cls, cfg: FaceConfig, dataset, dist: Optional[DistInfo] = None,
                     verifier: Optional[Verifier] = None) -> "FaceTrainer":
         """A trainer of a recipe and its training set: the recipe is resolved against the data here."""
+        from sphereface_plus.face.init_source import init_source_of
         from sphereface_plus.face.resolve import resolve
 
-        return cls(resolve(cfg, dataset), dataset, dist, verifier)
+        return cls(resolve(cfg, dataset, init_source_of(cfg)), dataset, dist, verifier)
+
+    def _init_weights(self, path: str) -> None:
+        """The backbone of checkpoint ``path`` (a run's or an imported model's), and its head where it is the
+        same head over as many classes; otherwise the new head stays (face/init_source.py)."""
+        state = ckpt.load_checkpoint(path)
+        self.network.load_state_dict(state["model"])
+        head = state.get("head")
+        saved_name = (state.get("config") or {}).get("head", {}).get("name")
+        own = self.model.head.state_dict() if self.layout.rank_rows(self.model.head) is None else None
+        fits = (head is not None and saved_name in (None, self.resolved.head.name)
+                and (own is None or (set(head) == set(own)
+                                     and all(tuple(head[k].shape) == tuple(own[k].shape) for k in own))))
+        if fits:
+            self.layout.load_head_state(self.model.head, head, path)
+        elif head is not None:
+            logger.info("train.init_from %s: its head (%s) is not this run's %s over %d classes: a new head",
+                        path, saved_name or "unnamed", self.resolved.head.name, self.num_classes)
+        logger.info("initialised the backbone%s from %s (iteration %s)", " and head" if fits else "", path,
+                    state.get("iteration"))
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The backbone whose weights the checkpoints hold (without the input adapter of an imported model)."""
+        return source_backbone(self.model.backbone)
 
     # ------------------------------------------------------------------ names tests and callers use
     @property
@@ -354,7 +377,7 @@ class FaceTrainer(Task):
     def _state(self, whole: bool) -> Dict[str, Any]:
         head = self.model.head
         state = {
-            "model": self.model.backbone.state_dict(),
+            "model": self.network.state_dict(),
             "head": self.layout.head_state(head, whole),
             "optimizer": self.layout.optimizer_state(self.optimizer, head, whole),
             "scheduler": self.scheduler.state_dict(),
@@ -366,6 +389,8 @@ class FaceTrainer(Task):
         }
         if self.model.mhe_term is not None:  # the objective's projections / poles and their optimisers
             state["mhe_state"] = self.model.mhe_term.state_dict()
+        if self.resolved.preprocessing is not None:  # verify / export put the same input adapter in front
+            state[PREPROCESSING_KEY] = dict(self.resolved.preprocessing)
         if self.threshold is not None:  # docs/interfaces.md: used by `sphereface-plus compare`
             state["threshold"] = self.threshold
         if self.best_accuracy is not None:
@@ -379,7 +404,7 @@ class FaceTrainer(Task):
         """Load a :meth:`state_dict` (whole head: from a run on any number of processes, sharded or
         replicated) or this rank's own :meth:`local_state_dict`."""
         head = self.model.head
-        self.model.backbone.load_state_dict(state["model"])
+        self.network.load_state_dict(state["model"])
         if state.get("rank_rows") is not None:  # this rank's own rows (the rollback start state)
             self.layout.load_rank_state(head, self.optimizer, state["head"], state["optimizer"])
         else:

@@ -6,7 +6,6 @@ it); the trainer is :mod:`sphereface_plus.gan.trainer`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from sphereface_plus.config import ConfigError
@@ -14,13 +13,14 @@ from sphereface_plus.engine.precision import SETTINGS as PRECISIONS
 from sphereface_plus.gan import losses as gan_losses
 from sphereface_plus.gan import steps
 from sphereface_plus.mhe import OBJECTIVES, check_objective, resolve_settings
+from sphereface_plus.utils import CACHE_DIR
 
 __all__ = ["GanConfig", "REAL_SPLITS", "DEFAULT_STATS_CACHE", "PUBLISHED_IS"]
 
 RESUMABLE = {"resumable": True}
 
 REAL_SPLITS = ("test", "train")
-DEFAULT_STATS_CACHE = str(Path("~/.cache/sphereface_plus/gan-stats"))
+DEFAULT_STATS_CACHE = str(CACHE_DIR / "gan-stats")
 
 # Inception Score of the paper's table (wy1iu/MHE README, CIFAR-10, 200k iterations); not computable here
 PUBLISHED_IS = {"baseline": 6.64, "sn": 7.40, "mhe": 7.48, "sn_mhe": 7.68}

@@ -39,7 +39,7 @@ from sphereface_plus.templates import TEMPLATE_SIZES
 from sphereface_plus.errors import CheckpointError, UsageError
 
 __all__ = ["PREPROCESSING_KEY", "COLORS", "FLIP_POLICIES", "TEMPLATE_SIZES", "Preprocessing", "SourceInput",
-           "TOOLKIT", "SPHEREFACE", "INSIGHTFACE", "OPENSPHERE", "wrap_backbone"]
+           "TOOLKIT", "SPHEREFACE", "INSIGHTFACE", "OPENSPHERE", "wrap_backbone", "source_backbone"]
 
 #: the checkpoint key holding the dict of :class:`Preprocessing`
 PREPROCESSING_KEY = "preprocessing"
@@ -181,3 +181,8 @@ def wrap_backbone(backbone: nn.Module, pre: Optional[Preprocessing]) -> nn.Modul
     if pre is None or pre.is_toolkit_input():
         return backbone
     return SourceInput(backbone, pre)
+
+
+def source_backbone(module: nn.Module) -> nn.Module:
+    """The backbone inside a :class:`SourceInput` (the module whose weights checkpoints hold), or ``module``."""
+    return module.backbone if isinstance(module, SourceInput) else module
