@@ -38,8 +38,11 @@ def machine() -> Dict[str, object]:
 
 def alternate(variants: Dict[str, Callable[[], object]], rounds: int, repeat: int = 1,
               sync: Optional[Callable[[], None]] = None, log: bool = True,
-              settle: int = 0) -> Dict[str, List[float]]:
+              settle: int = 0, clock: Callable[[], float] = time.perf_counter) -> Dict[str, List[float]]:
     """Seconds per call of each variant, ``rounds`` alternating rounds of ``repeat`` calls each.
+
+    ``clock``: ``time.perf_counter`` (wall clock) or ``time.thread_time`` (the calling thread's CPU time:
+    with one torch thread, the whole computation, not inflated by other processes on a shared machine).
 
     Each variant is called once before the rounds (warm-up: allocator, oneDNN primitives, compilation), and
     ``settle`` more times, untimed, at the start of each of its turns: the allocator's state left by the
@@ -56,12 +59,12 @@ def alternate(variants: Dict[str, Callable[[], object]], rounds: int, repeat: in
                 fn()
             if sync and settle:
                 sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(repeat):
                 fn()
             if sync:
                 sync()
-            times[name].append((time.perf_counter() - t0) / repeat)
+            times[name].append((clock() - t0) / repeat)
             if log:
                 print(f"  round {r + 1}/{rounds} {name}: {times[name][-1] * 1e3:.1f} ms", flush=True)
     return times

@@ -149,7 +149,11 @@ def test_cifar_recipes_are_spec_section_7(name, model_name, power):
     assert (cfg.iterations, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (42500, 128, 0.1, 0.9, 5e-4)
     assert cfg.milestones == (20000, 30000, 37500) and (cfg.label_smoothing, cfg.log_eps) == (0.01, 1e-4)
     assert cfg == CifarConfig(model_name=model_name, mhe_power="0" if power == "-" else power)  # = the built-in defaults
-    assert len(CIFAR_CONFIGS) == 3
+    # these three, and one recipe per other objective of the MHE family (tests/test_mhe_family_training.py)
+    from sphereface_plus.mhe import OBJECTIVES
+
+    family = [n for n in OBJECTIVES if n != "mhe"]
+    assert [p.stem for p in CIFAR_CONFIGS] == sorted(["baseline", "mhe", "half_mhe", *family])
 
 
 def test_cifar_seed_flags_are_aliases_that_override_the_yaml():

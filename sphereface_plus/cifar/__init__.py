@@ -15,7 +15,7 @@ from sphereface_plus.lazy_exports import lazy_exports
 _EXPORTS = {
     **{n: "sphereface_plus.cifar.config" for n in (
         "CifarConfig", "CIFAR_CLASSES", "MODEL_NAMES", "PUBLISHED_CIFAR100", "SWEEP_SETTINGS", "REFERENCE_ITERATIONS",
-        "REFERENCE_MILESTONES", "HIDDEN_LAYERS", "OUTPUT_LAYER", "scaled_milestones")},
+        "REFERENCE_MILESTONES", "LR_SCHEDULES", "HIDDEN_LAYERS", "OUTPUT_LAYER", "scaled_milestones")},
     **{n: "sphereface_plus.cifar.trainer" for n in (
         "CifarTrainer", "build_model", "build_optimizer", "build_regularizer", "split_terms", "mhe_snapshot",
         "frozen_batchnorm_stats", "forward", "evaluate", "train_step")},

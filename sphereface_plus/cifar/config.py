@@ -11,10 +11,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from sphereface_plus.config import ConfigError
 from sphereface_plus.engine.precision import SETTINGS as PRECISION_SETTINGS
-from sphereface_plus.mhe import DEFAULT_COEFFICIENTS, POWERS, normalize_power
+from sphereface_plus.mhe import (OBJECTIVES, POWERS, check_objective, default_coefficients, normalize_power,
+                                 resolve_settings)
 
 __all__ = ["CifarConfig", "CIFAR_CLASSES", "MODEL_NAMES", "PUBLISHED_CIFAR100", "SWEEP_SETTINGS", "REFERENCE_ITERATIONS",
-           "REFERENCE_MILESTONES", "HIDDEN_LAYERS", "OUTPUT_LAYER", "scaled_milestones"]
+           "REFERENCE_MILESTONES", "LR_SCHEDULES", "HIDDEN_LAYERS", "OUTPUT_LAYER", "scaled_milestones"]
 
 #: the recipe's datasets and their class counts (the loaders of ``data_prep.cifar`` read the files)
 CIFAR_CLASSES: Dict[str, int] = {"cifar100": 100, "cifar10": 10}
@@ -26,6 +27,12 @@ MODEL_NAMES = ("baseline", "mhe", "half_mhe")
 # The reference schedule (docs/theory.md#cifar-setup): 42.5k iterations, lr x0.1 at 20k, 30k and 37.5k.
 REFERENCE_ITERATIONS = 42500
 REFERENCE_MILESTONES = (20000, 30000, 37500)
+# lr_schedule -> (iterations, milestones) of the authors' train.py: wy1iu/MHE, and rmlin/CoMHE with
+# wy1iu/Sphere-Uniformity (75k iterations, x0.1 at 30k, 50k, 65k); scaled to a run's length
+LR_SCHEDULES: Dict[str, Tuple[int, Tuple[int, ...]]] = {
+    "mhe": (REFERENCE_ITERATIONS, REFERENCE_MILESTONES),
+    "comhe": (75000, (30000, 50000, 65000)),
+}
 EVAL_BATCH = 500
 
 # Published CIFAR-100 test accuracy (%) at the final iteration (docs/theory.md#cifar-setup).
@@ -70,6 +77,14 @@ class CifarConfig:
     # network precision: sphereface_plus.engine.precision.SETTINGS; auto = bf16 where the CPU/GPU has
     # native bf16, else fp32 (fp32 / off = float32). The loss and the MHE terms are always float32.
     precision: str = "auto"
+    # the regulariser: sphereface_plus.mhe.OBJECTIVES (docs/theory.md#mhe-family); null settings take the
+    # authors' defaults of the objective (CoMHE pd/pn, inner steps of projections and poles, MHC's gamma)
+    mhe_objective: str = "mhe"
+    mhe_projection_dim: Optional[int] = None
+    mhe_projections: Optional[int] = None
+    mhe_inner_steps: Optional[int] = None
+    mhe_gamma: Optional[float] = None
+    lr_schedule: str = "mhe"  # LR_SCHEDULES: the authors' milestones, scaled to `iterations`
 
     #: keys of earlier releases, still read (with a warning) from old recipes and checkpoints
     RENAMED_KEYS = {"amp": "precision", "power_s": "mhe_power"}
@@ -80,7 +95,16 @@ class CifarConfig:
     def validate(self) -> None:
         if self.model_name not in MODEL_NAMES:
             raise ConfigError(f"model_name {self.model_name!r}: choose one of {', '.join(MODEL_NAMES)}")
-        if self.model_name == "baseline":
+        try:
+            self.mhe_objective = check_objective(self.mhe_objective)
+            self.mhe_settings()
+        except ValueError as e:
+            raise ConfigError(str(e).replace("MHE objective", "mhe_objective")) from None  # names the recipe's keys
+        if self.model_name == "half_mhe" and not OBJECTIVES[self.mhe_objective].half_space:
+            raise ConfigError(f"mhe_objective {self.mhe_objective} has no half-space form: use model_name mhe")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        if self.model_name == "baseline" or not OBJECTIVES[self.mhe_objective].uses_power:
             self.mhe_power = "-"
         else:
             try:
@@ -107,8 +131,20 @@ class CifarConfig:
 
     @property
     def setting(self) -> str:
-        """``baseline``, ``mhe_0`` .. ``half_mhe_a2`` (the reference's log folder names)."""
-        return "baseline" if self.model_name == "baseline" else f"{self.model_name}_{self.mhe_power}"
+        """``baseline``, ``mhe_0`` .. ``half_mhe_a2`` (the reference's log folder names); another objective:
+        its name, its kernel for CoMHE, ``half_`` first for the half-space form (``half_comhe_rp_2``,
+        ``half_mhs``, ``r_mhp``)."""
+        if self.model_name == "baseline":
+            return "baseline"
+        if self.mhe_objective == "mhe":
+            return f"{self.model_name}_{self.mhe_power}"
+        name = self.mhe_objective + ("" if self.mhe_power == "-" else f"_{self.mhe_power}")
+        return f"half_{name}" if self.model_name == "half_mhe" else name
+
+    def mhe_settings(self):
+        """The objective's settings in force (``sphereface_plus.mhe.resolve_settings``)."""
+        return resolve_settings(self.mhe_objective, self.mhe_projection_dim, self.mhe_projections,
+                                self.mhe_inner_steps, self.mhe_gamma, self.seed, prefix="mhe_")
 
     @property
     def num_classes(self) -> int:
@@ -116,7 +152,7 @@ class CifarConfig:
 
     @property
     def milestones(self) -> Tuple[int, ...]:
-        return scaled_milestones(self.iterations)
+        return scaled_milestones(self.iterations, self.lr_schedule)
 
     def coefficients(self) -> Tuple[float, float]:
         """``(λ_h, λ_o)`` actually used: the coefficients of docs/theory.md#mhe-regularizer times
@@ -124,21 +160,21 @@ class CifarConfig:
         if self.model_name == "baseline":
             return 0.0, 0.0
         # the reference's (hidden, output) coefficients by power (docs/theory.md#mhe-regularizer, owned by mhe.py); the
-        # published full-space logs match these x 0.1, the half-space logs exactly
-        h, o = DEFAULT_COEFFICIENTS[self.mhe_power]
+        # published full-space logs match these x 0.1, the half-space logs exactly; the other objectives' own
+        h, o = default_coefficients(self.mhe_objective, None if self.mhe_power == "-" else self.mhe_power)
         return h * self.mhe_scale, o * self.mhe_scale
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
 
-
-def scaled_milestones(iterations: int) -> Tuple[int, ...]:
-    """The lr milestones for a run of ``iterations`` updates.
+def scaled_milestones(iterations: int, schedule: str = "mhe") -> Tuple[int, ...]:
+    """The lr milestones for a run of ``iterations`` updates (``schedule``: :data:`LR_SCHEDULES`).
 
     The reference's 20k/30k/37.5k of 42.5k are kept as fractions of the run, so ``iterations=42500``
     gives exactly (20000, 30000, 37500) and a shorter run keeps the same shape (e.g. 4250 ->
     (2000, 3000, 3750)). Scaling was chosen over truncating because a truncated run would never leave
     lr 0.1, and the last two thirds of the schedule are where the published accuracy is made.
     """
-    return tuple(int(round(m * iterations / REFERENCE_ITERATIONS)) for m in REFERENCE_MILESTONES)
+    reference, milestones = LR_SCHEDULES[schedule]
+    return tuple(int(round(m * iterations / reference)) for m in milestones)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from sphereface_plus.cifar.config import EVAL_BATCH, HIDDEN_LAYERS, OUTPUT_LAYER, CifarConfig
-from sphereface_plus.config import resumable_keys
+from sphereface_plus.config import resumable_keys, stored_config_as_read
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.loop import Cadence, Loop, StepOutcome, Task
 from sphereface_plus.engine.optim import build_sgd, lr_factor, multistep_scheduler
@@ -74,9 +74,10 @@ def build_regularizer(model: nn.Module, cfg: CifarConfig) -> Optional[MHERegular
     if cfg.model_name == "baseline" or cfg.mhe_scale == 0:
         return None
     hidden_coef, output_coef = cfg.coefficients()
-    reg = MHERegularizer(model, power=cfg.mhe_power, half_space=cfg.model_name == "half_mhe", hidden_coef=hidden_coef,
-                         output_coef=output_coef, include=list(HIDDEN_LAYERS) + [OUTPUT_LAYER],
-                         output_layers=[OUTPUT_LAYER])
+    reg = MHERegularizer(model, power=None if cfg.mhe_power == "-" else cfg.mhe_power,
+                         half_space=cfg.model_name == "half_mhe", hidden_coef=hidden_coef, output_coef=output_coef,
+                         include=list(HIDDEN_LAYERS) + [OUTPUT_LAYER], output_layers=[OUTPUT_LAYER],
+                         objective=cfg.mhe_objective, settings=cfg.mhe_settings())
     if tuple(reg.hidden_layers) != HIDDEN_LAYERS or tuple(reg.output_layers) != (OUTPUT_LAYER,):
         raise RuntimeError(f"MHE selected hidden={reg.hidden_layers}, output={reg.output_layers}; expected the 9 "
                            f"convs and fc6 as hidden layers and score as output (has cifar_cnn9 renamed its layers?)")
@@ -153,6 +154,7 @@ def train_step(model, reg, optimizer, x, y, cfg: CifarConfig, precision: str = "
     loss = task
     hidden = output = 0.0
     if reg is not None:
+        reg.advance(optimizer.param_groups[0]["lr"])  # the objective's projections / poles (docs/theory.md#mhe-family)
         mhe_loss, values = reg()
         loss = loss + mhe_loss
         hidden, output = split_terms(reg, values)
@@ -274,13 +276,16 @@ class CifarTrainer(Task):
     def state_dict(self) -> Dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "iteration": self.iteration, "config": self.cfg.to_dict(),
-                "logs": {"train": self.train_log.state_dict(), "test": self.test_log.state_dict()}}
+                "logs": {"train": self.train_log.state_dict(), "test": self.test_log.state_dict()},
+                "mhe_state": self.reg.state_dict() if self.reg is not None else None}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = int(state["iteration"])
+        if self.reg is not None and state.get("mhe_state") is not None:  # projections, poles, inner optimisers
+            self.reg.load_state_dict(state["mhe_state"])
         self._logs_state = state["logs"]
         if self.train_log is not None:
             self.train_log.load_state_dict(state["logs"]["train"])
@@ -289,7 +294,9 @@ class CifarTrainer(Task):
     # ------------------------------------------------------------------ the run
     def resume(self, resume: bool) -> None:
         """Continue from the newest readable checkpoint of the run folder (its settings must be this run's)."""
-        found = ckpt.resume_run_state(self.out, resume, self.cfg.to_dict(), resumable_keys(CifarConfig))
+        # a checkpoint of an earlier release lacks the settings added since: compared at their defaults
+        found = ckpt.resume_run_state(self.out, resume, self.cfg.to_dict(), resumable_keys(CifarConfig),
+                                      view=lambda c: stored_config_as_read(c, CifarConfig))
         if found:
             log.info("resuming %s from iteration %d (%s)", self.cfg.setting, int(found[1]["iteration"]), found[0])
             self.loop.restore(found[1])

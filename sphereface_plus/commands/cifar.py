@@ -26,7 +26,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from data_prep.cifar import CifarData
-from sphereface_plus.cifar.config import CIFAR_CLASSES, MODEL_NAMES, PUBLISHED_CIFAR100, SWEEP_SETTINGS, CifarConfig
+from sphereface_plus.cifar.config import (CIFAR_CLASSES, LR_SCHEDULES, MODEL_NAMES, PUBLISHED_CIFAR100, SWEEP_SETTINGS,
+                                          CifarConfig)
 from sphereface_plus.cifar.trainer import CifarTrainer
 from sphereface_plus.commands.options import add_field_flags, load_config_from_args
 from sphereface_plus.config import config_to_yaml
@@ -35,7 +36,7 @@ from sphereface_plus.engine.precision import resolve_precision
 from sphereface_plus.engine.preempt import Preemption
 from sphereface_plus.engine.run_folder import RunFolder
 from sphereface_plus.errors import UsageError
-from sphereface_plus.mhe import POWERS
+from sphereface_plus.mhe import OBJECTIVES, POWERS
 from sphereface_plus.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,10 @@ def run_sweep(base: CifarConfig, out_dir, device: str = "auto") -> Dict[str, Dic
 _SETTING_FLAGS = {
     "model_name": (str, f"{' | '.join(MODEL_NAMES)}: no MHE, full-space MHE, half-space MHE on hidden layers"),
     "mhe_power": (str, f"MHE kernel s (the seed's --power_s): {' | '.join(POWERS)} (0/1/2 Euclidean log, 1/d, 1/d^2; a0/a1/a2 angular)"),
+    "mhe_objective": (str, f"the regulariser: {' | '.join(OBJECTIVES)} (docs/theory.md#mhe-family); its settings as "
+                           f"key=value: mhe_projection_dim, mhe_projections, mhe_inner_steps, mhe_gamma"),
+    "lr_schedule": (str, f"{' | '.join(LR_SCHEDULES)}: the lr milestones of wy1iu/MHE (20k/30k/37.5k of 42.5k) or "
+                         f"rmlin/CoMHE (30k/50k/65k of 75k), scaled to iterations"),
     "mhe_scale": (float, "multiplies the original's coefficients (λ_h, λ_o) = (1, 10) for 0/1/2/a0, (0.1, 1) for a1/a2; "
                          "0.1 matches the published full-space logs"),
     "dataset": (str, f"{' | '.join(CIFAR_CLASSES)} (fine labels for cifar100)"),
@@ -151,6 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  sphereface-plus cifar --model-name mhe --power-s 0 --data cifar-100-python\n"
         "  sphereface-plus cifar --model_name half_mhe --power_s 2 --dataset cifar10 --data DIR --iterations 2000 --out runs/c10\n"
         "  sphereface-plus cifar --config configs/cifar/half_mhe.yaml mhe_power=a0 data=cifar-100-python\n"
+        "  sphereface-plus cifar --config configs/cifar/comhe_rp.yaml data=cifar-100-python\n"
         "  sphereface-plus cifar --sweep --data cifar-100-python --out runs/cifar-sweep\n"
         "\nThe published full-space (mhe) logs used the coefficients x 0.1: add --mhe-scale 0.1 to match them.\n"
         "Every flag of the seed is accepted with dashes or underscores; the defaults are the recipe's "

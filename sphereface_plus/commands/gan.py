@@ -26,6 +26,7 @@ from sphereface_plus.engine.run_folder import RunFolder
 from sphereface_plus.errors import UsageError
 from sphereface_plus.gan.config import DEFAULT_STATS_CACHE, GanConfig
 from sphereface_plus.gan.trainer import GanTrainer
+from sphereface_plus.mhe import OBJECTIVES
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def train_gan(cfg: GanConfig, out_dir, device: str = "auto", resume: bool = Fals
 _FLAGS = {
     "mhe": (float, "MHE magnitude on D's loss (ops.py formula); 0 = off; published: 1e-7 with SN, 1e-6 without"),
     "mhe_power": (str, "original (ops.py, default) or a toolkit kernel 0|1|2|a0|a1|a2 (sphereface_plus.mhe)"),
+    "mhe_objective": (str, f"the term on D: {' | '.join(OBJECTIVES)} (docs/gan.md#gan-family); CoMHE takes a "
+                           f"toolkit kernel (mhe_power=2), MHS/MHP/R-MHP/MHC/MGD none"),
     "loss": (str, "nonsaturating (the original's softplus form) or hinge"),
     "data": (str, "CIFAR-10 python folder (cifar-10-batches-py or its parent); read with data_prep.cifar"),
     "iterations": (int, "G+D iterations (original: 200000)"),

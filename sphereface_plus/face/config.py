@@ -118,6 +118,20 @@ class MHEConfig:
     # how the kernel reads the rows: sphereface_plus.mhe.MHE_VARIANTS; mhe = the MHE paper's code (default),
     # opensphere_v0 = OpenSphere_v0's SphereFace+ (unit rows, cosine clamp 1e-5, kernel on theta itself)
     variant: str = "mhe"
+    # the objective on the classifier rows: sphereface_plus.mhe.OBJECTIVES (docs/theory.md#classifier-family);
+    # null settings take the objective's defaults (CoMHE pd / pn, inner steps, MHC's gamma)
+    objective: str = "mhe"
+    projection_dim: Optional[int] = None
+    projections: Optional[int] = None
+    inner_steps: Optional[int] = None
+    gamma: Optional[float] = None
+
+    def settings(self, seed: int = 0):
+        """The objective's settings in force (``sphereface_plus.mhe.resolve_settings``)."""
+        from sphereface_plus.mhe import resolve_settings
+
+        return resolve_settings(self.objective, self.projection_dim, self.projections, self.inner_steps, self.gamma,
+                                seed, prefix="mhe.")
 
 
 @dataclass
@@ -238,7 +252,7 @@ class FaceConfig:
         from sphereface_plus.engine.optim import SCHEDULES
         from sphereface_plus.engine.precision import SETTINGS as PRECISION_SETTINGS
         from sphereface_plus.heads import list_heads
-        from sphereface_plus.mhe import CLASSIFIER_MODES, MHE_VARIANTS, POWERS, normalize_power
+        from sphereface_plus.mhe import CLASSIFIER_MODES, MHE_VARIANTS, OBJECTIVES, POWERS, normalize_power
         from sphereface_plus.models import check_model_config
         from sphereface_plus.parallel import PARALLEL_MODES
         from sphereface_plus.templates import TEMPLATES
@@ -249,6 +263,7 @@ class FaceConfig:
             "train.precision": (self.train.precision, PRECISION_SETTINGS),
             "mhe.mode": (self.mhe.mode, CLASSIFIER_MODES),
             "mhe.variant": (self.mhe.variant, MHE_VARIANTS),
+            "mhe.objective": (self.mhe.objective, tuple(OBJECTIVES)),
             "optim.schedule": (self.optim.schedule, SCHEDULES),
             "data.template": (self.data.template, sorted(TEMPLATES)),
         }
@@ -266,6 +281,20 @@ class FaceConfig:
         if self.mhe.variant == "opensphere_v0" and self.mhe.mode not in ("batch_unique", "batch_vs_all"):
             raise ConfigError(f"mhe.variant=opensphere_v0 needs mhe.mode=batch_unique (OpenSphere_v0's) or "
                               f"batch_vs_all, not {self.mhe.mode!r}")
+        if self.mhe.objective != "mhe":
+            modes = OBJECTIVES[self.mhe.objective].classifier_modes
+            if self.mhe.mode not in modes:
+                raise ConfigError(f"mhe.objective={self.mhe.objective} offers mhe.mode {', '.join(modes)}, not "
+                                  f"{self.mhe.mode!r}")
+            if self.mhe.variant != "mhe":
+                raise ConfigError(f"mhe.variant={self.mhe.variant} is only for mhe.objective=mhe")
+            if self.head.parallel == "sharded" and self.mhe.lambda_m > 0:
+                raise ConfigError(f"mhe.objective={self.mhe.objective} is not offered with head.parallel=sharded "
+                                  f"(the sharded classifier term is MHE's); use mhe.objective=mhe or a replicated head")
+        try:
+            self.mhe.settings()
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("MHE objective", "mhe.objective")) from None
         if self.model.input_size is not None and len(self.model.input_size) != 2:
             raise ConfigError(f"model.input_size must be [H, W], got {self.model.input_size}")
         try:  # a registered face backbone, its model.kwargs and input size (the registry's declarations)

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from sphereface_plus.face.model import FaceModel, head_dtype
 from sphereface_plus.heads import HEADS
-from sphereface_plus.mhe import classifier_mhe
+from sphereface_plus.mhe import ClassifierMHE, classifier_mhe
 from sphereface_plus.parallel import (ShardedClassifier, gather_head_state, gather_optimizer_state, load_head_state,
                                       shard_optimizer_state, sharded_classifier_mhe)
 
@@ -55,9 +55,12 @@ class Replicated:
                     world_size: int = 1) -> FaceModel:
         """The face model of ``backbone`` (``embedding_dim`` wide) and the head over ``num_classes`` (its rows
         drawn from ``seed``; on ``world_size`` processes), with the SphereFace+ term of the ``mhe`` settings
-        (``lambda_m``, ``power``, ``mode``, ``variant``)."""
+        (``lambda_m``, ``power``, ``mode``, ``variant``; another ``objective`` of the family and its settings,
+        docs/theory.md#classifier-family)."""
         head = self.build_head(embedding_dim, num_classes, seed, world_size)
-        return FaceModel(backbone, head, self, mhe.lambda_m, mhe.power, mhe.mode, mhe.variant)
+        term = None if mhe.objective == "mhe" else ClassifierMHE(
+            mhe.objective, mhe.power, mhe.mode, settings=mhe.settings(seed), coefficient=mhe.lambda_m)
+        return FaceModel(backbone, head, self, mhe.lambda_m, mhe.power, mhe.mode, mhe.variant, term)
 
     def build_head(self, in_features: int, num_classes: int, seed: int, world_size: int = 1) -> nn.Module:
         spec = self.spec

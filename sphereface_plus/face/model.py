@@ -5,7 +5,9 @@ head, its loss and the MHE term always in float32 (float64 in the reference mode
 polynomials lose too much in 16 bits. ``mhe`` is the unweighted classifier energy; the trainer's loss is
 ``out.loss + lambda_m * mhe`` (docs/theory.md#sphereface-plus), the one place lambda_M is applied. The MHE
 term is computed inside the forward so that DDP sees every use of the head's weight in one graph; how it
-is computed over the processes is the layout's (:mod:`sphereface_plus.face.layout`).
+is computed over the processes is the layout's (:mod:`sphereface_plus.face.layout`). Another objective of
+the MHE family (``mhe_term``, a :class:`~sphereface_plus.mhe.ClassifierMHE`; docs/theory.md#classifier-family)
+replaces MHE's term; its projections or poles are its own state, which the trainer advances and saves.
 """
 from __future__ import annotations
 
@@ -28,19 +30,23 @@ class FaceModel(nn.Module):
     optimiser state dicts line up between layouts); ``layout`` (not a module) says how the head is split."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, layout: Any, lambda_m: float = 0.0,
-                 mhe_power: str = "2", mhe_mode: str = "batch_vs_all", mhe_variant: str = "mhe"):
+                 mhe_power: str = "2", mhe_mode: str = "batch_vs_all", mhe_variant: str = "mhe",
+                 mhe_term: Optional[Any] = None):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.layout = layout
         self.lambda_m, self.mhe_power, self.mhe_mode = float(lambda_m), str(mhe_power), mhe_mode
         self.mhe_variant = mhe_variant  # sphereface_plus.mhe.MHE_VARIANTS
+        self.mhe_term = mhe_term  # another objective of the family (ClassifierMHE), or None for MHE's own
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, backbone: Optional[nn.Module] = None):
         """``backbone``: the DDP-wrapped backbone when only the backbone is data-parallel (a sharded head)."""
         emb = (backbone or self.backbone)(images)
         with torch.autocast(images.device.type, enabled=False):
             out = self.head(head_dtype(emb), labels)
-            if self.lambda_m > 0:
+            if self.lambda_m > 0 and self.mhe_term is not None:
+                mhe = self.mhe_term(head_dtype(self.head.weight), labels)
+            elif self.lambda_m > 0:
                 mhe = self.layout.classifier_mhe(self.head, out, labels, self.mhe_power, self.mhe_mode,
                                                  self.mhe_variant)
             else:

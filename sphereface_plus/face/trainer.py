@@ -42,6 +42,7 @@ from sphereface_plus.engine.precision import autocast, resolve_precision
 from sphereface_plus.engine.run_log import MetricsLogger, open_tensorboard
 from sphereface_plus.engine.sampler import ResumableSampler
 from sphereface_plus.face.config import FaceConfig
+from sphereface_plus.face.model import head_dtype
 from sphereface_plus.face.resolve import Resolved, head_settings_in_force
 from sphereface_plus.heads.functional import check_labels
 from sphereface_plus.importers.preprocessing import PREPROCESSING_KEY, Preprocessing, source_backbone, wrap_backbone
@@ -252,6 +253,8 @@ class FaceTrainer(Task):
         self.net.train()
         images = images.to(self.device, dtype=self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
+        if self.model.lambda_m > 0 and self.model.mhe_term is not None:  # its projections' / poles' inner steps
+            self.model.mhe_term.advance(head_dtype(self.model.head.weight), labels, self.optimizer.param_groups[0]["lr"])
         with autocast(self.device, self.precision):  # the head and MHE inside turn it off again
             out, mhe = self.net(images, labels)
         loss = out.loss + self.model.lambda_m * mhe  # the one place lambda_M is applied
@@ -384,6 +387,8 @@ class FaceTrainer(Task):
             "bad_images": self.bad_images,
             "config": self.cfg.to_dict(),
         }
+        if self.model.mhe_term is not None:  # the objective's projections / poles and their optimisers
+            state["mhe_state"] = self.model.mhe_term.state_dict()
         if self.resolved.preprocessing is not None:  # verify / export put the same input adapter in front
             state[PREPROCESSING_KEY] = dict(self.resolved.preprocessing)
         if self.threshold is not None:  # docs/interfaces.md: used by `sphereface-plus compare`
@@ -406,6 +411,8 @@ class FaceTrainer(Task):
             self.layout.load_head_state(head, state["head"], source)
             self.layout.load_optimizer_state(self.optimizer, head, state["optimizer"], source)
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("mhe_state") is not None and self.model.mhe_term is not None:
+            self.model.mhe_term.load_state_dict(state["mhe_state"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng(state["rng"])

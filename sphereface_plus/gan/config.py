@@ -6,12 +6,13 @@ it); the trainer is :mod:`sphereface_plus.gan.trainer`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from sphereface_plus.config import ConfigError
 from sphereface_plus.engine.precision import SETTINGS as PRECISIONS
 from sphereface_plus.gan import losses as gan_losses
 from sphereface_plus.gan import steps
+from sphereface_plus.mhe import OBJECTIVES, check_objective, resolve_settings
 from sphereface_plus.utils import CACHE_DIR
 
 __all__ = ["GanConfig", "REAL_SPLITS", "DEFAULT_STATS_CACHE", "PUBLISHED_IS"]
@@ -33,6 +34,13 @@ class GanConfig:
     mhe: float = gan_losses.MHE_MAGNITUDE["sn"]  # MHE magnitude on D's loss; 0 = off
     mhe_power: str = "original"  # ops.py's term, or a toolkit kernel: 0 1 2 a0 a1 a2
     mhe_half_space: bool = False  # toolkit kernels only
+    # another objective of the MHE family on D (sphereface_plus.mhe.OBJECTIVES, docs/gan.md#gan-family), with
+    # mhe as its magnitude; null settings take the objective's defaults
+    mhe_objective: str = "mhe"
+    mhe_projection_dim: Optional[int] = None
+    mhe_projections: Optional[int] = None
+    mhe_inner_steps: Optional[int] = None
+    mhe_gamma: Optional[float] = None
     loss: str = "nonsaturating"  # sphereface_plus.gan.losses.LOSSES
     # the settings a resumed run may change: paths that move, the run length, what is recorded
     data: str = field(default=".", metadata=RESUMABLE)  # CIFAR-10 python folder (cifar-10-batches-py or its parent)
@@ -69,9 +77,21 @@ class GanConfig:
         kernels = gan_losses.MHE_KERNELS
         if str(self.mhe_power) not in kernels:
             raise ConfigError(f"mhe_power {self.mhe_power!r}: choose one of {', '.join(kernels)}")
-        if self.mhe_half_space and self.mhe_power == "original":
+        try:
+            spec = OBJECTIVES[check_objective(self.mhe_objective)]
+            self.mhe_settings()
+        except ValueError as e:
+            raise ConfigError(str(e).replace("MHE objective", "mhe_objective")) from None
+        if self.mhe_half_space and self.mhe_power == "original" and spec.uses_power:
             raise ConfigError("mhe_half_space needs a toolkit kernel (mhe_power=0|1|2|a0|a1|a2); "
                               "the original formula is full-space")
+        if self.mhe_objective != "mhe" and spec.uses_power and self.mhe_power == "original":
+            raise ConfigError(f"mhe_objective={self.mhe_objective} needs a toolkit kernel: mhe_power=2 (the authors') "
+                              f"or 0|1|a0|a1|a2")
+        if self.mhe_objective != "mhe" and not spec.uses_power and self.mhe_power != "original":
+            raise ConfigError(f"mhe_objective={self.mhe_objective} has no kernel: leave mhe_power unset")
+        if self.mhe_half_space and not spec.half_space:
+            raise ConfigError(f"mhe_objective={self.mhe_objective} has no half-space form: mhe_half_space=false")
         splits = self.real_splits
         if not splits or any(s not in REAL_SPLITS for s in splits) or len(set(splits)) < len(splits):
             raise ConfigError(f"real_stats {self.real_stats!r}: one of {', '.join(REAL_SPLITS)}, or both comma-separated "
@@ -94,3 +114,15 @@ class GanConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    def mhe_settings(self):
+        """The MHE objective's settings in force (``sphereface_plus.mhe.resolve_settings``)."""
+        return resolve_settings(self.mhe_objective, self.mhe_projection_dim, self.mhe_projections,
+                                self.mhe_inner_steps, self.mhe_gamma, self.seed, prefix="mhe_")
+
+    def mhe_regularizer(self, D):
+        """The family objective's regulariser on ``D``, or None for MHE's own term."""
+        if self.mhe_objective == "mhe" or self.mhe == 0:
+            return None
+        return gan_losses.discriminator_regularizer(D, self.mhe_objective, self.mhe_power, self.mhe_half_space,
+                                                    self.mhe_settings())

@@ -30,13 +30,13 @@ published magnitudes mean the same here.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from sphereface_plus.errors import UsageError
-from sphereface_plus.mhe import POWERS, mhe_energy, normalize_power
+from sphereface_plus.mhe import POWERS, MHERegularizer, ObjectiveSettings, mhe_energy, normalize_power
 
 __all__ = [
     "LOSSES",
@@ -50,6 +50,7 @@ __all__ = [
     "adversarial_losses",
     "original_mhe_term",
     "gan_mhe_loss",
+    "discriminator_regularizer",
 ]
 
 MHE_EPS = 1e-4  # eps of ops.py, both in the column norm and inside the log
@@ -119,6 +120,7 @@ def gan_mhe_loss(
     kernel: Union[str, int] = "original",
     half_space: bool = False,
     copies: int = ORIGINAL_COPIES,
+    regularizer: Optional[MHERegularizer] = None,
 ) -> torch.Tensor:
     """The MHE term added to the discriminator's loss, on its raw (not spectrally normalised) weights.
 
@@ -136,6 +138,10 @@ def gan_mhe_loss(
             with ``"original"``, whose formula is full-space.
         copies: how many times the original's terms are counted (2: once per discriminator call of
             ``train.py``, see the module docstring). ``1`` gives the plain per-layer sum.
+        regularizer: another objective of the MHE family on D's convs
+            (:func:`discriminator_regularizer`; ``docs/gan.md#gan-family``): ``magnitude`` times its
+            weighted sum (coefficient 1 per layer); ``kernel`` and ``half_space`` are then the
+            regulariser's own.
 
     Returns:
         A 0-dim tensor with gradient with respect to the discriminator's weights.
@@ -146,6 +152,8 @@ def gan_mhe_loss(
     layers = list(discriminator.layers())
     if magnitude == 0:
         return layers[0][1].weight.new_zeros(())
+    if regularizer is not None:
+        return magnitude * regularizer()[0]
     if str(kernel) == "original":
         if half_space:
             raise UsageError("the original MHE-GAN term is full-space; half_space needs a toolkit kernel (0 1 2 a0 a1 a2)")
@@ -163,3 +171,22 @@ def gan_mhe_loss(
         if m.weight.shape[0] >= 2
     ]
     return magnitude * sum(energies)
+
+
+def discriminator_regularizer(discriminator: torch.nn.Module, objective: str, kernel: Union[str, int] = "2",
+                              half_space: bool = False, settings: Optional[ObjectiveSettings] = None) -> MHERegularizer:
+    """An objective of the MHE family (``sphereface_plus.mhe.OBJECTIVES``) on the discriminator's layers with at
+    least two neurons (its seven convs: the last linear layer has one unit), every layer a hidden layer of
+    coefficient 1, so that :func:`gan_mhe_loss`'s ``magnitude`` is the objective's only weight.
+
+    ``kernel``: the kernel of MHE and CoMHE (a toolkit kernel; ``"original"`` is only for MHE's own term);
+    ignored by the objectives without one. Its :meth:`~sphereface_plus.mhe.MHERegularizer.advance` runs once
+    per discriminator update, before the loss, with D's learning rate.
+    """
+    from sphereface_plus.mhe import OBJECTIVES
+
+    spec = OBJECTIVES[objective]
+    names = [name for name, m in discriminator.layers() if m.weight.shape[0] >= 2]
+    power = normalize_power(kernel) if spec.uses_power else None
+    return MHERegularizer(discriminator, power=power, half_space=half_space, hidden_coef=1.0, include=names,
+                          output_layers=(), objective=objective, settings=settings)

@@ -140,11 +140,14 @@ def g_step(generator: nn.Module, discriminator: nn.Module, opt_g: torch.optim.Op
 
 def d_step(generator: nn.Module, discriminator: nn.Module, opt_d: torch.optim.Optimizer, real: torch.Tensor,
            z: torch.Tensor, loss: str = "nonsaturating", mhe_magnitude: float = 0.0,
-           mhe_power: str = "original", mhe_half_space: bool = False) -> Dict[str, torch.Tensor]:
+           mhe_power: str = "original", mhe_half_space: bool = False,
+           mhe_regularizer=None) -> Dict[str, torch.Tensor]:
     """One discriminator update on a real batch (``N x 3 x 32 x 32`` in [-1, 1]) and ``G(z)``.
 
     The loss is ``d_loss + gan_mhe_loss(D, mhe_magnitude, ...)``; returns ``{"d_loss", "mhe"}`` (the
-    adversarial part and the MHE term as added, detached).
+    adversarial part and the MHE term as added, detached). ``mhe_regularizer``: another objective of the
+    MHE family (:func:`~sphereface_plus.gan.losses.discriminator_regularizer`), advanced here once per
+    update at D's learning rate.
     """
     d_loss_fn, _ = adversarial_losses(loss)
     generator.train()  # the original feeds is_training=True here too: BN batch stats, running averages move
@@ -153,7 +156,10 @@ def d_step(generator: nn.Module, discriminator: nn.Module, opt_d: torch.optim.Op
     logits = discriminator(torch.cat([fake, real]), update_u=True)
     d_fake, d_real = logits[: fake.shape[0]], logits[fake.shape[0]:]
     d_loss = d_loss_fn(d_real, d_fake)
-    mhe = gan_mhe_loss(discriminator, mhe_magnitude, kernel=mhe_power, half_space=mhe_half_space)
+    if mhe_regularizer is not None and mhe_magnitude > 0:
+        mhe_regularizer.advance(opt_d.param_groups[0]["lr"])
+    mhe = gan_mhe_loss(discriminator, mhe_magnitude, kernel=mhe_power, half_space=mhe_half_space,
+                       regularizer=mhe_regularizer)
     opt_d.zero_grad(set_to_none=True)
     (d_loss + mhe).backward()
     opt_d.step()
@@ -163,10 +169,11 @@ def d_step(generator: nn.Module, discriminator: nn.Module, opt_d: torch.optim.Op
 def train_iteration(generator: nn.Module, discriminator: nn.Module, opt_g: torch.optim.Optimizer,
                     opt_d: torch.optim.Optimizer, real: torch.Tensor, z_g: torch.Tensor, z_d: torch.Tensor,
                     loss: str = "nonsaturating", mhe_magnitude: float = 0.0, mhe_power: str = "original",
-                    mhe_half_space: bool = False) -> Dict[str, torch.Tensor]:
+                    mhe_half_space: bool = False, mhe_regularizer=None) -> Dict[str, torch.Tensor]:
     """One iteration in the original order: G step on ``z_g``, then D step on ``real`` and ``z_d``."""
     out = g_step(generator, discriminator, opt_g, z_g, loss)
-    out.update(d_step(generator, discriminator, opt_d, real, z_d, loss, mhe_magnitude, mhe_power, mhe_half_space))
+    out.update(d_step(generator, discriminator, opt_d, real, z_d, loss, mhe_magnitude, mhe_power, mhe_half_space,
+                      mhe_regularizer))
     return out
 
 

@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, Optional
 import numpy as np
 import torch
 
-from sphereface_plus.config import config_to_yaml, resumable_keys
+from sphereface_plus.config import config_to_yaml, resumable_keys, stored_config_as_read
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.loop import Cadence, Loop, StepOutcome, Task
 from sphereface_plus.engine.precision import autocast
@@ -75,6 +75,7 @@ class GanTrainer(Task):
         torch.manual_seed(cfg.seed)
         self.G, self.D = Generator().to(device), Discriminator(spectral_norm=cfg.sn).to(device)
         self.opt_g, self.opt_d = steps.make_optimizers(self.G, self.D, cfg.lr, (cfg.beta1, cfg.beta2))
+        self.reg = cfg.mhe_regularizer(self.D)  # another objective of the family on D; None for MHE's own term
         self.sample_z = steps.fixed_noise(device=device)
         self.iteration = 0
         self.logger: Optional[MetricsLogger] = None
@@ -109,7 +110,7 @@ class GanTrainer(Task):
         real, z_g, z_d = batch
         with autocast(self.device, self.precision):
             vals = steps.train_iteration(self.G, self.D, self.opt_g, self.opt_d, real, z_g, z_d, cfg.loss, cfg.mhe,
-                                         cfg.mhe_power, cfg.mhe_half_space)
+                                         cfg.mhe_power, cfg.mhe_half_space, self.reg)
         vals = {k: float(v) for k, v in vals.items()}
         self.iteration += 1
         self.logger.scalars(self.iteration, "train", **vals)
@@ -127,7 +128,8 @@ class GanTrainer(Task):
             g_loss = g_fn(D(G(z_g)))
             fake = G(z_d)
             d_loss = d_fn(D(real), D(fake))
-            mhe = gan_losses.gan_mhe_loss(D, cfg.mhe, kernel=cfg.mhe_power, half_space=cfg.mhe_half_space)
+            mhe = gan_losses.gan_mhe_loss(D, cfg.mhe, kernel=cfg.mhe_power, half_space=cfg.mhe_half_space,
+                                          regularizer=self.reg)
         G.load_state_dict(g_state)
         D.load_state_dict(d_state)
         return {"d_loss": float(d_loss), "g_loss": float(g_loss), "mhe": float(mhe)}
@@ -168,7 +170,8 @@ class GanTrainer(Task):
     def state_dict(self) -> Dict[str, Any]:
         return {"generator": self.G.state_dict(), "discriminator": self.D.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "iteration": self.iteration,
-                "config": self.cfg.to_dict(), "log": self.logger.state_dict()}
+                "config": self.cfg.to_dict(), "log": self.logger.state_dict(),
+                "mhe_state": self.reg.state_dict() if self.reg is not None else None}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.G.load_state_dict(state["generator"])
@@ -176,13 +179,17 @@ class GanTrainer(Task):
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.iteration = int(state["iteration"])
+        if self.reg is not None and state.get("mhe_state") is not None:  # projections, poles, inner optimisers
+            self.reg.load_state_dict(state["mhe_state"])
         self._log_state = state["log"]
         if self.logger is not None:
             self.logger.load_state_dict(state["log"])
 
     # ------------------------------------------------------------------ the run
     def resume(self, resume: bool) -> None:
-        found = ckpt.resume_run_state(self.out, resume, self.cfg.to_dict(), resumable_keys(GanConfig))
+        # a checkpoint of an earlier release lacks the settings added since: compared at their defaults
+        found = ckpt.resume_run_state(self.out, resume, self.cfg.to_dict(), resumable_keys(GanConfig),
+                                      view=lambda c: stored_config_as_read(c, GanConfig))
         if found:
             self.loop.restore(found[1])
             log.info("resuming %s from iteration %d", self.out, self.iteration)

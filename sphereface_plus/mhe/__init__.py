@@ -10,8 +10,16 @@ Energy", NeurIPS 2018), one module per concept:
 - :mod:`~sphereface_plus.mhe.caffe_among` -- the Caffe ``InterClass`` layer of type ``AMONG`` that
   trained the released SphereFace+ models, used by ``classifier_mhe(mode='caffe_among')`` and by the
   row-sharded classifier (``docs/theory.md#caffe-among``).
-- :mod:`~sphereface_plus.mhe.regularizer` -- :class:`MHERegularizer`, MHE on the convolution and linear
-  layers of any ``nn.Module`` with the reference's :data:`DEFAULT_COEFFICIENTS`.
+- :mod:`~sphereface_plus.mhe.regularizer` -- :class:`MHERegularizer`, MHE (or another objective of the
+  family) on the convolution and linear layers of any ``nn.Module`` with the reference's
+  :data:`DEFAULT_COEFFICIENTS`.
+- :mod:`~sphereface_plus.mhe.objectives` -- the family's registry :data:`OBJECTIVES` (MHE, CoMHE-RP/AP/AD,
+  MHS, MHP, R-MHP, MHC, MGD), their settings and the authors' per-layer weights
+  (``docs/theory.md#mhe-family``).
+- :mod:`~sphereface_plus.mhe.comhe` -- CoMHE's layer terms with explicit projections.
+- :mod:`~sphereface_plus.mhe.uniformity` -- MHS, MHP, R-MHP, MHC and MGD of one layer (explicit poles).
+- :mod:`~sphereface_plus.mhe.family` -- one layer's term by objective, and the state (projections,
+  poles, inner optimisers) of the objectives that keep one.
 
 The public names of the submodules are re-exported here: ``from sphereface_plus.mhe import classifier_mhe``.
 """
@@ -26,7 +34,16 @@ from sphereface_plus.mhe.caffe_among import (
     caffe_among_distance_from_sums,
     caffe_among_partial_sums,
 )
-from sphereface_plus.mhe.classifier import CLASSIFIER_MODES, classifier_mhe
+from sphereface_plus.mhe.classifier import CLASSIFIER_MODES, ClassifierMHE, classifier_mhe
+from sphereface_plus.mhe.comhe import (
+    adversarial_energy,
+    angle_preserving_loss,
+    comhe_learned_energy,
+    comhe_rp_energy,
+    lookahead_projection,
+    projection_step,
+    random_projections,
+)
 from sphereface_plus.mhe.energy import BLOCK_ENTRIES, DENSE_MAX_NEURONS, mhe_energy
 from sphereface_plus.mhe.kernels import (
     ANGLE_EPS,
@@ -41,7 +58,17 @@ from sphereface_plus.mhe.kernels import (
     normalize_rows,
     variant_rows,
 )
-from sphereface_plus.mhe.regularizer import DEFAULT_COEFFICIENTS, MHERegularizer
+from sphereface_plus.mhe.objectives import (
+    DEFAULT_COEFFICIENTS,
+    DEFAULT_OBJECTIVE,
+    OBJECTIVES,
+    ObjectiveSettings,
+    check_objective,
+    default_coefficients,
+    resolve_settings,
+)
+from sphereface_plus.mhe.regularizer import MHERegularizer
+from sphereface_plus.mhe.uniformity import mgd_energy, mhc_energy, mhp_energy, mhs_energy, pole_step, r_mhp_energy
 
 __all__ = [
     "POWERS",
@@ -52,6 +79,7 @@ __all__ = [
     "mhe_kernel",
     "mhe_energy",
     "classifier_mhe",
+    "ClassifierMHE",
     "caffe_among_partial_sums",
     "caffe_among_distance_from_sums",
     "caffe_among_distance",
@@ -62,4 +90,23 @@ __all__ = [
     "OPENSPHERE_V0_CLAMP",
     "check_variant",
     "variant_rows",
+    "OBJECTIVES",
+    "DEFAULT_OBJECTIVE",
+    "ObjectiveSettings",
+    "check_objective",
+    "default_coefficients",
+    "resolve_settings",
+    "comhe_rp_energy",
+    "comhe_learned_energy",
+    "angle_preserving_loss",
+    "adversarial_energy",
+    "lookahead_projection",
+    "random_projections",
+    "projection_step",
+    "pole_step",
+    "mhs_energy",
+    "mhp_energy",
+    "r_mhp_energy",
+    "mhc_energy",
+    "mgd_energy",
 ]
