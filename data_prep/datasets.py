@@ -103,11 +103,11 @@ def _fits(shape: Sequence[int], input_size: Tuple[int, int]) -> bool:
 
 def _decode(data: bytes) -> np.ndarray:
     """A complete JPEG by the fast decoder (:func:`data_prep.jpeg.decode_bgr`, simplejpeg when installed);
-    everything else by ``align``'s decoder and checks (:func:`data_prep.prepare.read_image`): empty file,
+    everything else by ``align``'s decoder and checks (:func:`data_prep.image_files.read_image`): empty file,
     JPEG without its end-of-image marker, undecodable or non-image content all raise ``ValueError`` with
     the reason."""
     from data_prep.jpeg import decode_bgr
-    from data_prep.prepare import read_image
+    from data_prep.image_files import read_image
 
     fast = decode_bgr(data)
     return fast if fast is not None else read_image(data)[0]

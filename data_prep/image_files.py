@@ -4,8 +4,8 @@ The extensions are those OpenCV's ``cv2.imread`` decodes (JPEG, PNG, BMP, the Ne
 JPEG 2000; GIF is read too), so a folder tree that ``align`` reads is also one that ``train`` (``data.source=folder``),
 ``verify folder`` and ``export --check-images`` read.
 
-Every image the toolkit decodes goes through :func:`decode_image` (bytes) or :func:`read_image_file` (a
-path), or is checked by :func:`check_image_header` before another decoder sees it (the training reader's
+Every image the toolkit decodes goes through :func:`decode_image` (bytes), :func:`read_image_file` (a
+path) or :func:`read_image` (bytes to BGR uint8 with ``align``'s checks: truncated JPEG, bit depth, channels), or is checked by :func:`check_image_header` before another decoder sees it (the training reader's
 simplejpeg, nvJPEG). The header is read first and an image of more than :func:`max_image_pixels` pixels is
 refused before anything is allocated: a 100 KB PNG may claim 100,000 x 100,000 pixels, 30 GB to decode (a
 decompression bomb). The limit is :data:`DEFAULT_MAX_PIXELS` (40 megapixels: a 7,300 x 5,500 photo; a
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Optional, Tuple, Union
+import sys
+from typing import List, Optional, Tuple, Union
 
 __all__ = ["IMAGE_EXTENSIONS", "is_image_file", "DEFAULT_MAX_PIXELS", "MAX_PIXELS_ENV", "max_image_pixels",
-           "image_size", "check_image_header", "decode_image", "read_image_file"]
+           "image_size", "check_image_header", "decode_image", "read_image_file", "read_image"]
 
 #: lower-case suffixes, with the dot
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp", ".jp2")
@@ -294,3 +295,47 @@ def read_image_file(path: Union[str, os.PathLike], flags: Optional[int] = None):
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
     return decode_image(data, flags, str(path))
+
+
+def read_image(data: bytes) -> Tuple[object, List[str]]:
+    """Decode an image file's bytes into BGR uint8; return (image, notes). Raises ValueError.
+
+    Grayscale is expanded to three channels and an alpha channel dropped (both noted); 16-bit images
+    are scaled to 8 bits. A JPEG without its end-of-image marker is reported as truncated: libjpeg
+    would otherwise fill the missing rows with grey and only print a warning.
+    """
+    import cv2
+    import numpy as np
+
+    if len(data) == 0:
+        raise ValueError("empty file (0 bytes)")
+    is_jpeg = data[:3] == b"\xff\xd8\xff"
+    if is_jpeg:
+        tail = data.rstrip(b"\x00\r\n ")
+        if not tail.endswith(b"\xff\xd9"):
+            # tolerate trailing junk after a real end-of-image marker, but not a missing one
+            if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+                raise ValueError(f"truncated JPEG: no end-of-image marker ({len(data)} bytes)")
+    img = decode_image(data, cv2.IMREAD_UNCHANGED)  # the header's size is checked against the pixel limit first
+    if img is None:
+        kind = image_size(data)[0]
+        if kind:
+            raise ValueError(f"corrupt {kind} data: OpenCV could not decode it ({len(data)} bytes)")
+        raise ValueError(f"not an image file (unrecognised content, first bytes {data[:8]!r})")
+    notes: List[str] = []
+    if img.dtype == np.uint16:
+        # the high byte of each sample (x >> 8), taken as a view: no 16-bit temporary as large as the image
+        high = 1 if sys.byteorder == "little" else 0
+        img = np.ascontiguousarray(img.view(np.uint8)[..., high::2])
+        notes.append("16-bit input scaled to 8 bit")
+    elif img.dtype != np.uint8:
+        raise ValueError(f"unsupported pixel type {img.dtype} (expected 8- or 16-bit)")
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
+        img = cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2BGR)
+        notes.append("grayscale input expanded to BGR")
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = np.ascontiguousarray(img[:, :, :3])
+        notes.append("alpha channel dropped")
+    elif not (img.ndim == 3 and img.shape[2] == 3):
+        raise ValueError(f"unsupported image layout {img.shape}")
+    return img, notes

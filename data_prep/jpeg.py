@@ -5,7 +5,7 @@ Decoding is most of the per-image cost of a folder, list or RecordIO training se
 ``simplejpeg.decode_jpeg`` (accurate integer DCT and fancy upsampling, the settings OpenCV's own libjpeg-turbo
 uses, so the pixels match ``cv2.imdecode`` within JPEG decoder tolerance: ``tests/test_speed.py``) and returns
 None for anything it does not handle (not a JPEG, no end-of-image marker, CMYK, a decoder error): the caller
-then takes the checked OpenCV path (:func:`data_prep.prepare.read_image`), which decodes every format and says
+then takes the checked OpenCV path (:func:`data_prep.image_files.read_image`), which decodes every format and says
 what is wrong with a bad file.
 
 Which decoder: ``SPHEREFACE_JPEG_DECODER=auto|simplejpeg|cv2`` in the environment (read per call, so a
@@ -66,7 +66,7 @@ def decoder_name() -> str:
 
 
 def _complete_jpeg(data: bytes) -> bool:
-    """A JPEG with its end-of-image marker (the check of :func:`data_prep.prepare.read_image`)."""
+    """A JPEG with its end-of-image marker (the check of :func:`data_prep.image_files.read_image`)."""
     if data[:3] != b"\xff\xd8\xff":
         return False
     if data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):

@@ -30,14 +30,12 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-import numpy as np
-
+from data_prep.align_worker import init_worker, process, release_worker
 from data_prep.image_files import IMAGE_EXTENSIONS
 from data_prep.landmarks import LandmarkEntry, parse_landmark_file
 from sphereface_plus.errors import UsageError  # noqa: F401  (re-exported: data_prep.prepare.UsageError)
@@ -46,19 +44,6 @@ logger = logging.getLogger(__name__)
 
 #: CASIA-WebFace identities that also appear in LFW (docs/theory.md#sphereface-recipe); removed by --exclude-lfw-overlap.
 LFW_OVERLAP_CASIA = ("0166921", "1056413", "1193098")
-
-#: --fallback landmarks for a W x H image: the mean of lfw_landmark.txt over all 13,233 LFW images,
-#: divided by the 250 px image side, scaled to the image. Suits loosely cropped, roughly centred faces
-#: (LFW, CASIA-WebFace); every image aligned this way is marked in the manifest.
-MEAN_LANDMARKS_UNIT = np.array(
-    [
-        [104.669, 112.486],
-        [145.090, 111.726],
-        [124.850, 136.512],
-        [107.596, 157.144],
-        [143.560, 156.729],
-    ]
-) / 250.0
 
 MANIFEST = "manifest.jsonl"
 CONFIG = ".align_config.json"
@@ -70,60 +55,6 @@ DEFAULT_LIST = "list.txt"
 
 
 # ------------------------------------------------------------------------------ reading inputs
-def read_image(data: bytes) -> Tuple[np.ndarray, List[str]]:
-    """Decode an image file's bytes into BGR uint8; return (image, notes). Raises ValueError.
-
-    Grayscale is expanded to three channels and an alpha channel dropped (both noted); 16-bit images
-    are scaled to 8 bits. A JPEG without its end-of-image marker is reported as truncated: libjpeg
-    would otherwise fill the missing rows with grey and only print a warning.
-    """
-    import cv2
-
-    from data_prep.image_files import decode_image
-
-    if len(data) == 0:
-        raise ValueError("empty file (0 bytes)")
-    is_jpeg = data[:3] == b"\xff\xd8\xff"
-    if is_jpeg:
-        tail = data.rstrip(b"\x00\r\n ")
-        if not tail.endswith(b"\xff\xd9"):
-            # tolerate trailing junk after a real end-of-image marker, but not a missing one
-            if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
-                raise ValueError(f"truncated JPEG: no end-of-image marker ({len(data)} bytes)")
-    img = decode_image(data, cv2.IMREAD_UNCHANGED)  # the header's size is checked against the pixel limit first
-    if img is None:
-        kind = _sniff(data)
-        if kind:
-            raise ValueError(f"corrupt {kind} data: OpenCV could not decode it ({len(data)} bytes)")
-        raise ValueError(f"not an image file (unrecognised content, first bytes {data[:8]!r})")
-    notes: List[str] = []
-    if img.dtype == np.uint16:
-        # the high byte of each sample (x >> 8), taken as a view: no 16-bit temporary as large as the image
-        high = 1 if sys.byteorder == "little" else 0
-        img = np.ascontiguousarray(img.view(np.uint8)[..., high::2])
-        notes.append("16-bit input scaled to 8 bit")
-    elif img.dtype != np.uint8:
-        raise ValueError(f"unsupported pixel type {img.dtype} (expected 8- or 16-bit)")
-    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
-        img = cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2BGR)
-        notes.append("grayscale input expanded to BGR")
-    elif img.ndim == 3 and img.shape[2] == 4:
-        img = np.ascontiguousarray(img[:, :, :3])
-        notes.append("alpha channel dropped")
-    elif not (img.ndim == 3 and img.shape[2] == 3):
-        raise ValueError(f"unsupported image layout {img.shape}")
-    return img, notes
-
-
-def _sniff(data: bytes) -> str:
-    sigs = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"BM": "BMP", b"GIF8": "GIF", b"RIFF": "WebP/RIFF",
-            b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"P5": "PGM", b"P6": "PPM"}
-    for sig, name in sigs.items():
-        if data.startswith(sig):
-            return name
-    return ""
-
-
 def output_complete(path: str) -> bool:
     """True when ``path`` is a finished crop: non-empty and ending with its format's trailer."""
     try:
@@ -182,119 +113,6 @@ def scan_tree(input_dir: Path, skip: Sequence[Path] = ()) -> List[str]:
     walk(str(input_dir), "")
     out.sort()
     return out
-
-
-# ---------------------------------------------------------------------------------------- workers
-_W: Dict[str, object] = {}  # per-process worker state (set by _init_worker)
-
-
-def _init_worker(cfg: Dict[str, object]) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would only contend
-    _W.clear()
-    _W.update(cfg)
-    ext = cfg["ext"]
-    _W["encode_params"] = [cv2.IMWRITE_JPEG_QUALITY, int(cfg["quality"])] if ext == ".jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
-    _W["detector_obj"] = None
-    if cfg.get("detector"):
-        from data_prep.detectors import create_detector
-
-        if cfg.get("one_thread"):  # several worker processes: one thread each, no oversubscription
-            import torch
-
-            torch.set_num_threads(1)
-
-        _W["detector_obj"] = create_detector(str(cfg["detector"]), device=str(cfg["device"]))
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path`` and rename it into place.
-
-    Deliberately without the per-file fsync of ``sphereface_plus.utils.atomic_write_bytes``: on this
-    kind of disk an fsync per crop costs ~5 ms, five times the whole alignment. The rename alone
-    guarantees that a killed run never leaves a partial crop under its final name; durability
-    against power loss is provided by one ``os.sync()`` at the end of the run, and a crop that did
-    not survive (empty or without its trailer) is detected and redone on resume.
-    """
-    d = os.path.dirname(path)
-    made = _W.setdefault("made_dirs", set())
-    if d not in made:
-        os.makedirs(d, exist_ok=True)
-        made.add(d)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _process(task: Tuple) -> Tuple[str, str, str]:
-    """Align one image. ``task`` = (rel, out_rel, points or None, landmark line or 0)."""
-    import cv2
-
-    from data_prep.geometry import align_face
-
-    rel, out_rel, pts, line = task
-    src = os.path.join(str(_W["input"]), rel)
-    try:
-        with open(src, "rb") as fh:
-            data = fh.read()
-        img, notes = read_image(data)
-    except (OSError, ValueError) as exc:
-        return rel, "failed", str(exc)
-    h, w = img.shape[:2]
-    how = ""
-    if pts is not None:
-        points = np.asarray(pts, dtype=np.float64).reshape(5, 2)
-        how = f"{_W['landmarks_name']} line {line}"
-        # landmarks for another image size (wrong file, resized images) land far outside the picture
-        if np.any(points < -0.5 * np.array([w, h])) or np.any(points > 1.5 * np.array([w, h])):
-            return rel, "failed", f"{how}: landmarks lie outside the {w}x{h} image: {points.round(1).tolist()}"
-    elif _W.get("detector_obj") is not None:
-        from data_prep.detectors import select_face
-
-        try:
-            boxes, cand = _W["detector_obj"].detect(img)
-        except Exception as exc:  # a detector crash on one image must not stop the run
-            return rel, "failed", f"detector error: {type(exc).__name__}: {exc}"
-        n = len(boxes)
-        if n == 0:
-            if not _W["fallback"]:
-                return rel, "skipped", f"no face detected ({_W['detector']})"
-            points = MEAN_LANDMARKS_UNIT * np.array([w, h])
-            how = f"fallback: no face detected ({_W['detector']}), aligned with the mean landmark set"
-        else:
-            i, _box, points = select_face(boxes, cand, img.shape, policy=str(_W["policy"]))
-            how = f"{_W['detector']}: 1 face" if n == 1 else f"{_W['detector']}: {n} faces, kept #{i} ({_W['policy']})"
-    elif _W["fallback"]:
-        points = MEAN_LANDMARKS_UNIT * np.array([w, h])
-        how = f"fallback: no entry in {_W['landmarks_name']}, aligned with the mean landmark set"
-    else:
-        return rel, "skipped", f"no entry in the landmark file {_W['landmarks_name']}"
-    try:
-        crop = align_face(img, points, str(_W["template"]))
-    except ValueError as exc:
-        return rel, "failed", f"cannot align ({how}): {exc}"
-    ok, buf = cv2.imencode(str(_W["ext"]), crop, _W["encode_params"])
-    if not ok:
-        return rel, "failed", f"could not encode the crop as {_W['ext']}"
-    try:
-        _write_atomic(os.path.join(str(_W["output"]), out_rel), buf.tobytes())
-    except OSError as exc:
-        return rel, "failed", f"cannot write {out_rel}: {exc}"
-    return rel, "aligned", "; ".join([how] + notes) if how else "; ".join(notes)
 
 
 # ------------------------------------------------------------------------------------ the command
@@ -679,14 +497,12 @@ def _run_tasks(
         logger.info("detector on %s: one process feeds the GPU (--workers ignored)", cfg["device"])
         workers = 1
     if workers == 1 or len(tasks) < 64:
-        _init_worker({**cfg, "detector": None} if detector is not None else cfg)
-        if detector is not None:
-            _W["detector"], _W["detector_obj"] = cfg["detector"], detector
+        init_worker(cfg, detector)
         try:
             for t in tasks:
-                yield _process(t)
+                yield process(t)
         finally:
-            _W.clear()
+            release_worker()
         return
     import multiprocessing as mp
 
@@ -695,9 +511,9 @@ def _run_tasks(
     method = "fork" if cfg["detector"] is None and "fork" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
     chunk = max(1, min(64, len(tasks) // (workers * 8)))
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=({**cfg, "one_thread": True},))
+    pool = ctx.Pool(workers, initializer=init_worker, initargs=({**cfg, "one_thread": True},))
     try:
-        for res in pool.imap_unordered(_process, tasks, chunksize=chunk):
+        for res in pool.imap_unordered(process, tasks, chunksize=chunk):
             yield res
         pool.close()
     except BaseException:

@@ -123,7 +123,7 @@ def read_image(path) -> np.ndarray:
     """The image at ``path`` (BGR uint8) with ``align``'s checks; errors name the file and the reason."""
     from pathlib import Path
 
-    from data_prep.prepare import read_image as decode
+    from data_prep.image_files import read_image as decode
 
     p = Path(path)
     if not p.is_file():

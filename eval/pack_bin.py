@@ -6,7 +6,7 @@ same/different flag (:func:`eval.pairs.save_bin_pack`, the layout of insightface
 is scored with ``sphereface-plus verify bin --pack FILE`` (or by insightface's own tools).
 
 The crops' bytes are stored as they are (no re-encoding, so nothing changes), after ``align``'s
-checks (:func:`data_prep.prepare.read_image`: complete JPEG, decodable) and a size check: every
+checks (:func:`data_prep.image_files.read_image`: complete JPEG, decodable) and a size check: every
 crop must have the same size, the one of the template the pack is for.
 
 Pairs are written fold by fold. ``verify bin`` cuts a pack into contiguous folds (as insightface's
@@ -31,7 +31,7 @@ def pack_pairs(pairs, root) -> Tuple[List[bytes], List[bool]]:
     Raises :class:`~sphereface_plus.errors.MissingFileError` naming the missing crops, and
     :class:`~sphereface_plus.errors.InputFileError` for a damaged crop or crops of different sizes.
     """
-    from data_prep.prepare import read_image
+    from data_prep.image_files import read_image
     from eval.pairs import describe_missing, missing_images
     from sphereface_plus.utils import progress
 

@@ -108,3 +108,32 @@ def test_the_head_is_kept_only_when_it_is_the_same_head_over_the_same_classes(tm
     own = trainer.model.head.state_dict()
     same = set(own) == set(head) and all(torch.equal(own[k], head[k]) for k in own)
     assert same == kept
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.25])
+def test_backbone_lr_scale_scales_the_backbones_first_update_alone(tmp_path, scale):
+    """The first SGD step is ``w -= lr (g + wd w)`` (momentum has no history yet): from the same start on the
+    same batch, the backbone moves ``scale`` times as far as at scale 1 and the head exactly as far."""
+    torch.set_num_threads(1)
+    init, _ = _imported(tmp_path)
+    g = torch.Generator().manual_seed(7)
+    images, labels = torch.randn(8, 3, 112, 112, generator=g), torch.randint(0, 5, (8,), generator=g)
+    moves = {}
+    for s in (1.0, scale):
+        cfg = _recipe(tmp_path / str(s), init, f"optim.backbone_lr_scale={s}", "train.float64=true",
+                      "mhe.lambda_m=0")
+        trainer = FaceTrainer(resolve_recipe(cfg), TinyFaces(5, input_size=(112, 112)))
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        trainer.train_step(images.double(), labels)
+        moves[s] = {k: trainer.model.state_dict()[k] - before[k] for k in before}
+    for k, full in moves[1.0].items():
+        want = full * scale if k.startswith("backbone.") else full
+        assert torch.allclose(moves[scale][k], want, rtol=1e-9, atol=1e-12), k
+    assert any(full.abs().max() > 0 for k, full in moves[1.0].items() if k.startswith("backbone."))
+
+
+def test_backbone_lr_scale_is_refused_out_of_range_and_with_a_sharded_head(tmp_path):
+    with pytest.raises(ConfigError, match="backbone_lr_scale=1.5 must be in"):
+        load_config(None, ["optim.backbone_lr_scale=1.5"])
+    with pytest.raises(ConfigError, match="replicated head only"):
+        load_config(None, ["optim.backbone_lr_scale=0.1", "head.parallel=sharded"])

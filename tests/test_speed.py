@@ -215,7 +215,7 @@ def _jpegs(n=6):
 def test_simplejpeg_pixels_match_opencv_within_decoder_tolerance():
     pytest.importorskip("simplejpeg", reason="simplejpeg is the optional extra fast-jpeg")
     from data_prep.jpeg import decode_bgr
-    from data_prep.prepare import read_image
+    from data_prep.image_files import read_image
 
     for data in _jpegs():
         fast = decode_bgr(data, decoder="simplejpeg")
