@@ -311,7 +311,7 @@ def nvjpeg_rate(device, batch):
     import cv2
     import numpy as np
 
-    from data_prep.datasets import _decode, preprocess
+    from data_prep.datasets import decode_crop, preprocess
     from data_prep.jpeg import decode_batch_cuda
 
     rng = np.random.default_rng(0)
@@ -327,7 +327,7 @@ def nvjpeg_rate(device, batch):
         _sync(device)
         best_gpu = min(best_gpu, time.perf_counter() - t0)
         t0 = time.perf_counter()
-        torch.stack([preprocess(_decode(d), (112, 96), f) for d, f in zip(datas, flips)])
+        torch.stack([preprocess(decode_crop(d), (112, 96), f) for d, f in zip(datas, flips)])
         best_cpu = min(best_cpu, time.perf_counter() - t0)
     return {"batch": batch, "gpu_images_per_s": round(batch / best_gpu, 1),
             "one_cpu_worker_images_per_s": round(batch / best_cpu, 1), "ratio": round(best_cpu / best_gpu, 2)}

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._timing import RESULTS, alternate, load_average, machine, ratios, write_json, write_report  # noqa: E402
 from data_prep import datasets as ds  # noqa: E402
+from data_prep import recordio  # noqa: E402
 from data_prep.jpeg import ENV, simplejpeg_available  # noqa: E402
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
@@ -62,7 +63,7 @@ def _crops(n: int, seed: int = 0):
 
 def _rec_record(fh, payload: bytes) -> int:
     """Append one dmlc RecordIO record (split at 4-aligned magic words, as the writer does); its offset."""
-    magic = struct.pack("<I", ds.RECORDIO_MAGIC)
+    magic = struct.pack("<I", recordio.RECORDIO_MAGIC)
     offset = fh.tell()
     parts, start = [], 0
     for i in range(0, len(payload) // 4 * 4, 4):
@@ -106,7 +107,7 @@ def build_sources(root: Path, n: int, identities: int = 16):
     datasets = {
         "folder": ds.ImageFolderDataset(root / "folder", (112, 96), scan_limit=8),
         "list": ds.ListDataset(root / "folder", root / "train.txt", (112, 96), scan_limit=8),
-        "rec": ds.RecordIODataset(root / "rec", (112, 96), scan_limit=8),
+        "rec": recordio.RecordIODataset(root / "rec", (112, 96), scan_limit=8),
         "packed": ds.PackedDataset(root / "packed", (112, 96), scan_limit=8),
     }
     return datasets, origin

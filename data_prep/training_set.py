@@ -17,7 +17,8 @@ from typing import Sequence, Tuple
 
 import torch
 
-from data_prep.datasets import FaceDataset, ImageFolderDataset, ListDataset, PackedDataset, RecordIODataset
+from data_prep.datasets import FaceDataset, ImageFolderDataset, ListDataset, PackedDataset
+from data_prep.recordio import RecordIODataset
 from sphereface_plus.config import ConfigError
 from sphereface_plus.errors import UsageError, require_dir
 from sphereface_plus.templates import TEMPLATE_SIZES

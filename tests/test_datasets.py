@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.datasets import ImageFolderDataset, ListDataset, PackedDataset, RecordIODataset, preprocess
+from data_prep.datasets import ImageFolderDataset, ListDataset, PackedDataset, preprocess
+from data_prep.recordio import RecordIODataset
 
 MAGIC = 0xCED7230A
 

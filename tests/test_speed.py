@@ -227,13 +227,13 @@ def test_simplejpeg_pixels_match_opencv_within_decoder_tolerance():
 
 def test_jpeg_decoder_falls_back_to_opencv(monkeypatch):
     from data_prep import jpeg
-    from data_prep.datasets import _decode
+    from data_prep.datasets import decode_crop
 
     data = _jpegs(1)[0]
     assert jpeg.decode_bgr(data, decoder="cv2") is None
     assert jpeg.decode_bgr(data[: len(data) // 2], decoder="simplejpeg") is None  # truncated: OpenCV explains
     with pytest.raises(ValueError, match="truncated JPEG"):
-        _decode(data[: len(data) // 2])
+        decode_crop(data[: len(data) // 2])
     monkeypatch.setenv(jpeg.ENV, "cv2")
     assert jpeg.decoder_name() == "cv2"
     monkeypatch.setenv(jpeg.ENV, "turbo")
@@ -254,13 +254,13 @@ def test_lookup_normalisation_equals_the_formula():
 def test_batched_torchvision_decode_matches_the_reader():
     """decode_batch_cuda's pixel path, run on the CPU (torchvision's decoder on the device is the CUDA option)."""
     pytest.importorskip("torchvision")
-    from data_prep.datasets import _decode, preprocess
+    from data_prep.datasets import decode_crop, preprocess
     from data_prep.jpeg import decode_batch_cuda
 
     datas = _jpegs(2)[:4]
     flips = [False, True, False, True]
     batch = decode_batch_cuda(datas, flips, (112, 96), device="cpu")
-    ref = torch.stack([preprocess(_decode(d), (112, 96), f) for d, f in zip(datas, flips)])
+    ref = torch.stack([preprocess(decode_crop(d), (112, 96), f) for d, f in zip(datas, flips)])
     assert batch.shape == ref.shape
     assert (batch - ref).abs().max() * 128 <= 2.0  # libjpeg-turbo in torchvision vs OpenCV/simplejpeg
 

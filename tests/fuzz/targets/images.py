@@ -135,7 +135,7 @@ class TrainingImages(Target):
     """The training reader: a folder tree of crops (the fast JPEG decoder first, then OpenCV's)."""
 
     name = "train_images"
-    reader = "data_prep.datasets.ImageFolderDataset / _decode (simplejpeg, then OpenCV) over a tree of crops"
+    reader = "data_prep.datasets.ImageFolderDataset / decode_crop (simplejpeg, then OpenCV) over a tree of crops"
     weight = 1.5
 
     def seeds(self, context: Path) -> List[Case]:

@@ -141,7 +141,7 @@ def _record_offsets(rec: bytes) -> List[int]:
 
 class RecordIO(Target):
     name = "recordio"
-    reader = "data_prep.datasets.RecordIODataset (insightface train.rec + train.idx)"
+    reader = "data_prep.recordio.RecordIODataset (insightface train.rec + train.idx)"
 
     def seeds(self, context: Path) -> List[Case]:
         imgs = [encode(crop(i % 3, i // 3, "112x112"), ".jpg") for i in range(6)]
@@ -160,7 +160,7 @@ class RecordIO(Target):
         return out
 
     def run(self, case: Path) -> Any:
-        from data_prep.datasets import RecordIODataset
+        from data_prep.recordio import RecordIODataset
 
         ds = RecordIODataset(case, input_size=(112, 96))
         items = [ds[i] for i in range(len(ds))]
