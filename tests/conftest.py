@@ -25,6 +25,16 @@ def onnx_cache(tmp_path_factory):
         os.environ["SPHEREFACE_PLUS_ONNX_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """A test that sets torch's thread count does not leak it: later tests compare float reductions bit for bit
+    with subprocesses that run at the default count (tests/test_train.py's SIGKILL resume)."""
+    old = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != old:
+        torch.set_num_threads(old)
+
+
 @pytest.fixture
 def two_torch_threads():
     """Run the test with 2 torch CPU threads (the machine's cores), restoring the previous setting."""
