@@ -21,7 +21,7 @@ is built and searched with the command line::
     sphereface-plus gallery search --gallery OUT/gallery --embeddings OUT/probes.npy --top-k 5 --json OUT/search.json
 
 The figures are computed from ``search.json`` and cross-checked against an independent brute force
-(``eval.ijb.identification_report`` on the same features: the same rank-1). Results:
+(``eval.ijb_1n.identification_report`` on the same features: the same rank-1). Results:
 ``bench/results/lfw_identification.md``.
 
     python bench/lfw_identification.py --checkpoint MODEL.pt [--lfw ../shared/data/lfw] [--out runs/lfw-ident]
@@ -150,7 +150,7 @@ def main() -> int:
     ap.add_argument("--report", type=Path, default=ROOT / "bench" / "results" / "lfw_identification.md")
     args = ap.parse_args()
     from eval.features import load_features_npz, save_features_npz
-    from eval.ijb import identification_report
+    from eval.ijb_1n import identification_report
 
     gallery, mated, nonmated = lfw_split(args.lfw / "images")
     paths = gallery + mated + nonmated
@@ -238,7 +238,7 @@ def main() -> int:
         f"unknown people | {100 * fpir_gal:.2f}% |",
         f"| ... DIR at it | {100 * dir_gal:.2f}% |",
         "",
-        f"Cross-checks on the same features: rank-1 of the brute-force 1:N of eval.ijb.identification_report "
+        f"Cross-checks on the same features: rank-1 of the brute-force 1:N of eval.ijb_1n.identification_report "
         f"{100 * ref['rank']['1']:.2f}%; DIR at FPIR = 1% from a float64 brute force {100 * dir64:.2f}% "
         f"(threshold {t64:.4f}).",
         "",

@@ -29,7 +29,7 @@ with ``<ds>`` = ``ijbc`` or ``ijbb``. The pipeline:
    of ``|fpr - far|``). That point's FPR can lie slightly above the target, so the report also
    gives ``tar_at_far_bounded``: the best TAR with FAR <= target (``eval.verification_metrics.tar_at_far``).
 
-1:N (``--task 1:N|both``, docs/theory.md#ijb-1n): the same template features; every probe template
+1:N (``--task 1:N|both``, docs/theory.md#ijb-1n, :mod:`eval.ijb_1n`): the same template features; every probe template
 searches each gallery separately (G1 and G2 are reported apart, never merged): CMC rank-1/5/10 over
 the mated searches, and TPIR at FPIR 1e-2 / 1e-1 with the threshold set on the best scores of the
 non-mated searches (the probes whose subject is in the other gallery), as ``ijb_evals.py`` does.
@@ -55,11 +55,8 @@ logger = logging.getLogger(__name__)
 IJB_DATASETS = ("IJBC", "IJBB")
 IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 IJB_TASKS = ("1:1", "1:N", "both")  # verify ijb --task
-IJB_FPIRS = (1e-2, 1e-1)  # 1:N: TPIR at these FPIRs (insightface's table)
-IJB_RANKS = (1, 5, 10)  # 1:N: CMC at these ranks
 #: the 1:N galleries of each release (the file name's last part, used as the report's key) and the probe set
 IJB_GALLERIES = {"IJBC": ("G1", "G2"), "IJBB": ("S1", "S2")}
-PROBE_BLOCK = 4096  # probe templates searched per block
 PAIR_BLOCK = 100_000  # template pairs scored per block
 FACE_CHUNK = 65_536  # faces pooled per chunk (bounded float64 memory)
 
@@ -249,6 +246,39 @@ def load_ijb_meta(root, dataset: str, need_landmarks: bool = True, need_pairs: b
     return meta
 
 
+def read_template_subjects(path) -> Tuple[np.ndarray, np.ndarray]:
+    """``(template ids, subject ids)``, one entry per template, of a 1:N gallery or probe CSV.
+
+    The official files have a header line, then one comma-separated line per face whose first two
+    fields are ``TEMPLATE_ID,SUBJECT_ID``; a template's subject is read from its first line (as
+    insightface's ``np.unique(..., return_index=True)`` does) and must be the same on all its lines.
+    """
+    path = Path(path)
+    _require(path, "a 1:N gallery or probe list")
+    fix = "each line after the header must start with 'TEMPLATE_ID,SUBJECT_ID' (integers), as in the official CSVs"
+    subject_of: Dict[int, Tuple[int, int]] = {}
+    header = True
+    for line_no, line, _ in _data_lines(path):
+        if header:
+            header = False
+            continue
+        f = [x.strip() for x in line.split(",")]
+        if len(f) < 2:
+            raise _bad_line(path, line_no, line, f"expected at least 2 comma-separated fields, got {len(f)}", fix)
+        try:
+            t, sub = int(f[0]), int(f[1])
+        except ValueError:
+            raise _bad_line(path, line_no, line, "template and subject ids must be integers", fix) from None
+        if t in subject_of and subject_of[t][0] != sub:
+            raise _bad_line(path, line_no, line, f"template {t} was listed with subject {subject_of[t][0]} on line "
+                            f"{subject_of[t][1]}", "a template belongs to one subject: use the files of one release")
+        subject_of.setdefault(t, (sub, line_no))
+    if not subject_of:
+        raise InputFileError(f"{path} lists no templates; {fix}")
+    tids = np.array(sorted(subject_of), dtype=np.int64)
+    return tids, np.array([subject_of[t][0] for t in tids], dtype=np.int64)
+
+
 # --------------------------------------------------------------------------- pooling and scores
 
 
@@ -371,150 +401,6 @@ def evaluate_ijb(meta: IJBMeta, names: Sequence[str], features: np.ndarray, dete
     report.update({"num_templates": int(tids.size), "num_faces": len(meta.face_names),
                    "detector_score": bool(detector_score), "normalize_faces": bool(normalize_faces)})
     return report, scores
-
-
-# --------------------------------------------------------------------------- 1:N identification
-
-
-def read_template_subjects(path) -> Tuple[np.ndarray, np.ndarray]:
-    """``(template ids, subject ids)``, one entry per template, of a 1:N gallery or probe CSV.
-
-    The official files have a header line, then one comma-separated line per face whose first two
-    fields are ``TEMPLATE_ID,SUBJECT_ID``; a template's subject is read from its first line (as
-    insightface's ``np.unique(..., return_index=True)`` does) and must be the same on all its lines.
-    """
-    path = Path(path)
-    _require(path, "a 1:N gallery or probe list")
-    fix = "each line after the header must start with 'TEMPLATE_ID,SUBJECT_ID' (integers), as in the official CSVs"
-    subject_of: Dict[int, Tuple[int, int]] = {}
-    header = True
-    for line_no, line, _ in _data_lines(path):
-        if header:
-            header = False
-            continue
-        f = [x.strip() for x in line.split(",")]
-        if len(f) < 2:
-            raise _bad_line(path, line_no, line, f"expected at least 2 comma-separated fields, got {len(f)}", fix)
-        try:
-            t, sub = int(f[0]), int(f[1])
-        except ValueError:
-            raise _bad_line(path, line_no, line, "template and subject ids must be integers", fix) from None
-        if t in subject_of and subject_of[t][0] != sub:
-            raise _bad_line(path, line_no, line, f"template {t} was listed with subject {subject_of[t][0]} on line "
-                            f"{subject_of[t][1]}", "a template belongs to one subject: use the files of one release")
-        subject_of.setdefault(t, (sub, line_no))
-    if not subject_of:
-        raise InputFileError(f"{path} lists no templates; {fix}")
-    tids = np.array(sorted(subject_of), dtype=np.int64)
-    return tids, np.array([subject_of[t][0] for t in tids], dtype=np.int64)
-
-
-def identification_report(probe_feats, probe_subjects, gallery_feats, gallery_subjects,
-                          fpirs: Sequence[float] = IJB_FPIRS, ranks: Sequence[int] = IJB_RANKS,
-                          block: int = PROBE_BLOCK) -> Dict[str, object]:
-    """Open-set 1:N search of every probe template in ONE gallery (docs/theory.md#ijb-1n).
-
-    Scores are cosines of L2-normalised template features. A probe whose subject has a template in
-    the gallery is a mated search, the others are non-mated. For a mated search the rank of its mate
-    is ``1 + #(other gallery templates scoring >= the mate)`` (a tie counts against the mate, so rank 1
-    means the mate scores strictly above every other template, insightface's ``pos > neg.max()``);
-    ``rank[k]`` is the fraction of mated searches with rank <= k (the CMC). TPIR at FPIR ``f``
-    (insightface's ``evaluation_1N``): the non-mated searches' best scores sorted in decreasing
-    order, the threshold is the ``max(int(n * f), 1)``-th of them, and TPIR is the fraction of mated
-    searches at rank 1 whose mate scores strictly above it; ``fpir_reached`` is the fraction of
-    non-mated searches whose best score lies strictly above it.
-    """
-    from eval.vector_index import inner_products
-    from eval.verification_metrics import far_key
-
-    pf = np.asarray(probe_feats, dtype=np.float64)
-    gf = np.asarray(gallery_feats, dtype=np.float64)
-    ps = np.asarray(probe_subjects, dtype=np.int64)
-    gs = np.asarray(gallery_subjects, dtype=np.int64)
-    order = np.argsort(gs, kind="mergesort")
-    sorted_gs = gs[order]
-    dup = np.flatnonzero(sorted_gs[1:] == sorted_gs[:-1])
-    if dup.size:
-        raise InputFileError(f"the gallery holds {dup.size + 1} or more templates of subject {int(sorted_gs[dup[0]])}; "
-                             f"a 1:N gallery holds one template per subject")
-    pos = np.searchsorted(sorted_gs, ps)
-    pos_clipped = np.minimum(pos, gs.size - 1)
-    mate = np.where(sorted_gs[pos_clipped] == ps, order[pos_clipped], -1)
-    mated = mate >= 0
-    mate_score = np.full(ps.size, np.nan)
-    rank = np.zeros(ps.size, dtype=np.int64)
-    top = np.full(ps.size, np.nan)
-    for a in range(0, ps.size, block):
-        sim = inner_products(pf[a:a + block], gf)  # exact: the kernel of eval.vector_index's exact index
-        m = mate[a:a + block]
-        rows = np.flatnonzero(m >= 0)
-        ms = sim[rows, m[rows]]
-        mate_score[a + rows] = ms
-        rank[a + rows] = (sim[rows] >= ms[:, None]).sum(1)  # the mate itself included: rank >= 1
-        top[a:a + block] = sim.max(1)
-    n_mated, n_non = int(mated.sum()), int((~mated).sum())
-    report: Dict[str, object] = {"num_probes": int(ps.size), "num_mated": n_mated, "num_nonmated": n_non,
-                                 "num_gallery_templates": int(gs.size)}
-    r = rank[mated]
-    report["rank"] = {str(k): (float(np.mean(r <= k)) if n_mated else None) for k in ranks}
-    tpir, thresholds, reached = {}, {}, {}
-    non_top = np.sort(top[~mated])[::-1]
-    for f in fpirs:
-        key = far_key(f)
-        if n_non == 0 or n_mated == 0:
-            tpir[key] = thresholds[key] = reached[key] = None
-            continue
-        t = float(non_top[max(int(n_non * f) - 1, 0)])
-        thresholds[key] = t
-        tpir[key] = float(np.mean((r == 1) & (mate_score[mated] > t)))
-        reached[key] = float(np.mean(non_top > t))
-    if n_non == 0:
-        logger.warning("no non-mated search in this gallery: TPIR at FPIR is undefined")
-    report.update({"tpir_at_fpir": tpir, "threshold_at_fpir": thresholds, "fpir_reached": reached})
-    return report
-
-
-def evaluate_ijb_1n(meta: IJBMeta, names: Sequence[str], features: np.ndarray, dataset: str,
-                    detector_score: bool = False, normalize_faces: bool = False,
-                    fpirs: Sequence[float] = IJB_FPIRS, ranks: Sequence[int] = IJB_RANKS,
-                    source: str = "the features") -> Dict[str, object]:
-    """1:N identification of the mixed probe templates in each gallery, scored and reported separately
-    (``galleries``: ``{"G1": report, "G2": report}``, ``S1`` / ``S2`` for IJB-B; never merged)."""
-    tids, tfeats = meta_template_features(meta, names, features, detector_score, normalize_faces, source)
-
-    def lookup(path: Path):
-        t, sub = read_template_subjects(path)
-        i = np.minimum(np.searchsorted(tids, t), tids.size - 1)
-        bad = tids[i] != t
-        if bad.any():
-            raise InputFileError(f"{path}: {int(bad.sum())} template(s) (first {int(t[bad][0])}) have no face in "
-                                 f"{meta.files['tid_mid'].name}; use the meta files of one release")
-        return tfeats[i], sub
-
-    probe_feats, probe_subjects = lookup(meta.files["probes"])
-    galleries = {}
-    for g in IJB_GALLERIES[dataset]:
-        gallery_feats, gallery_subjects = lookup(meta.files[f"gallery_{g}"])
-        galleries[g] = identification_report(probe_feats, probe_subjects, gallery_feats, gallery_subjects, fpirs, ranks)
-    return {"galleries": galleries, "fpirs": [float(f) for f in fpirs], "ranks": [int(k) for k in ranks],
-            "detector_score": bool(detector_score), "normalize_faces": bool(normalize_faces)}
-
-
-def format_identification(report: Dict[str, object], dataset: str = "IJB") -> str:
-    """One line per gallery: searches, TPIR at each FPIR, rank-1/5/10 (percent)."""
-    ident = report["identification"]
-    galleries = ident["galleries"]
-    first = next(iter(galleries.values()))
-    fk, rk = list(first["tpir_at_fpir"]), list(first["rank"])
-    pct = lambda v: f"{100 * v:9.2f}" if v is not None else f"{'-':>9}"  # noqa: E731
-    lines = [f"{dataset} 1:N identification (galleries scored separately, probes: mixed)",
-             "gallery  mated/non-mated  " + "".join(f"{'TPIR@' + k:>12}" for k in fk)
-             + "".join(f"{'rank-' + k:>9}" for k in rk)]
-    for g, rep in galleries.items():
-        lines.append(f"{g:<8} {rep['num_mated']:>6}/{rep['num_nonmated']:<8} "
-                     + "".join(f"{pct(rep['tpir_at_fpir'][k]):>12}" for k in fk)
-                     + "".join(pct(rep["rank"][k]) for k in rk))
-    return "\n".join(lines)
 
 
 def model_face_features(model, info, meta: IJBMeta, batch_size: int = 64, flip: bool = True, device="cpu",

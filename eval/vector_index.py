@@ -24,7 +24,7 @@ every kind runs as the exact numpy search and one line says how to install faiss
 
 The exact kernel :func:`inner_products` (``queries @ vectors.T`` in the caller's dtype) is the one brute-force
 score of the evaluation floor: :class:`NumpyExactIndex`, the MegaFace scorer (``eval.megaface.evaluate``) and
-IJB 1:N (``eval.ijb.identification_report``) all score through it (docs/gallery.md#indexes).
+IJB 1:N (``eval.ijb_1n.identification_report``) all score through it (docs/gallery.md#indexes).
 """
 from __future__ import annotations
 

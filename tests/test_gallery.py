@@ -197,7 +197,7 @@ def test_one_identity_has_no_threshold_and_matches_everything(tmp_path, caplog):
 
 def test_identification_report_and_gallery_agree_on_rank_1():
     """IJB 1:N (brute force through the same kernel) and an exact gallery rank the same mates first."""
-    from eval.ijb import identification_report
+    from eval.ijb_1n import identification_report
 
     rng = np.random.default_rng(8)
     gal = rng.standard_normal((50, 16))

@@ -71,6 +71,7 @@ import numpy as np
 
 from eval import features as F
 from eval import ijb as J
+from eval import ijb_1n as I
 from eval import packs as K
 from eval import pairs as P
 from eval.lfw import evaluate_features
@@ -423,7 +424,7 @@ def compute_ijb(args) -> Dict[str, object]:
     if task != "1:N":
         report.update(J.evaluate_ijb(meta, names, feats, args.detector_score, args.normalize_faces, source=source)[0])
     if task != "1:1":
-        report["identification"] = J.evaluate_ijb_1n(meta, names, feats, args.dataset, args.detector_score,
+        report["identification"] = I.evaluate_ijb_1n(meta, names, feats, args.dataset, args.detector_score,
                                                      args.normalize_faces, source=source)
     report.update({"flip": (not args.no_flip) if args.checkpoint else None, "source": args.checkpoint or args.features})
     return report
@@ -434,7 +435,7 @@ def run_ijb(args) -> int:
     if "tar_at_far" in report:
         print(J.format_ijb_report(report))
     if "identification" in report:
-        print(J.format_identification(report, args.dataset))
+        print(I.format_identification(report, args.dataset))
     if args.json:
         write_json_report(report, args.json)
         print(f"report: {args.json}")

@@ -239,7 +239,8 @@ class Ijb(Target):
 
     def run(self, case: Path) -> Any:
         from eval.features import load_features_npz
-        from eval.ijb import IJB_GALLERIES, evaluate_ijb, evaluate_ijb_1n, load_ijb_meta, read_template_subjects
+        from eval.ijb import IJB_GALLERIES, evaluate_ijb, load_ijb_meta, read_template_subjects
+        from eval.ijb_1n import evaluate_ijb_1n
 
         meta = load_ijb_meta(case, "IJBC", need_landmarks=True, need_pairs=True)
         for key in ["probes"] + [f"gallery_{g}" for g in IJB_GALLERIES["IJBC"]]:
