@@ -160,10 +160,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  sphereface-plus cifar --sweep --data cifar-100-python --out runs/cifar-sweep\n"
         "\nThe published full-space (mhe) logs used the coefficients x 0.1: add --mhe-scale 0.1 to match them.\n"
         "Every flag of the seed is accepted with dashes or underscores; the defaults are the recipe's "
-        "(configs/cifar_<model_name>.yaml)."
+        "(configs/cifar/<model_name>.yaml)."
     )
-    parser.add_argument("--config", help="YAML recipe (configs/cifar/baseline.yaml, cifar_mhe.yaml, cifar_half_mhe.yaml); "
-                                         "default: the built-in recipe (= cifar_mhe.yaml)")
+    parser.add_argument("--config", help="YAML recipe (configs/cifar/*.yaml: baseline, mhe, half_mhe and one "
+                                         "per MHE family objective); default: the built-in recipe (= mhe.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe fields, e.g. mhe_power=2 iterations=2000")
     g = parser.add_argument_group("recipe fields as flags (the reference's flags; override the YAML)")
     add_field_flags(g, _SETTING_FLAGS, _FLAG_ALIASES)

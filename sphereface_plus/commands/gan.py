@@ -119,8 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "exit status: 0 done (or stopped by SIGUSR1 after a checkpoint); 1 environment failure; 2 usage or input "
         "error (one 'error:' line); 143 / 130 stopped by SIGTERM / SIGINT after a checkpoint (docs/robustness.md)."
     )
-    parser.add_argument("--config", help="YAML recipe: configs/gan/baseline.yaml, gan_sn.yaml, gan_mhe.yaml, "
-                                         "gan_sn_mhe.yaml (default: the built-in SN+MHE recipe)")
+    parser.add_argument("--config", help="YAML recipe: configs/gan/baseline.yaml, sn.yaml, mhe.yaml, sn_mhe.yaml "
+                                         "(default: the built-in SN+MHE recipe)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe fields, e.g. mhe=0 iterations=500")
     g = parser.add_argument_group("recipe fields as flags (the original's flags; override the YAML)")
     g.add_argument("--sn", dest="sn", action="store_const", const=True, default=None,
