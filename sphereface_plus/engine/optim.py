@@ -63,9 +63,23 @@ def build_adam(modules: Iterable[nn.Module], lr: float, betas: Tuple[float, floa
     return torch.optim.Adam(param_groups(modules, weight_decay, decay_biases), lr=lr, betas=tuple(betas), eps=eps)
 
 
-def build_optimizer(modules: Iterable[nn.Module], optim_cfg) -> torch.optim.SGD:
-    """The face trainer's SGD from its ``optim`` config section (biases not decayed)."""
-    return build_sgd(modules, optim_cfg.lr, optim_cfg.momentum, optim_cfg.weight_decay, optim_cfg.nesterov)
+def build_optimizer(modules: Iterable[nn.Module], optim_cfg, backbone: Optional[nn.Module] = None) -> torch.optim.SGD:
+    """The face trainer's SGD from its ``optim`` config section (biases not decayed).
+
+    With ``optim.backbone_lr_scale`` below 1, the parameters of ``backbone`` (one of ``modules``' submodules)
+    form two groups of their own at that fraction of the lr, ahead of the rest's two; at 1 the two groups
+    of :func:`build_sgd` are built as they always were (checkpoints of earlier runs load unchanged)."""
+    modules = list(modules)
+    scale = float(getattr(optim_cfg, "backbone_lr_scale", 1.0))
+    if backbone is None or scale == 1.0:
+        return build_sgd(modules, optim_cfg.lr, optim_cfg.momentum, optim_cfg.weight_decay, optim_cfg.nesterov)
+    own = param_groups([backbone], optim_cfg.weight_decay)
+    for group in own:
+        group["lr"] = optim_cfg.lr * scale
+    taken = {id(p) for group in own for p in group["params"]}
+    rest = [{**group, "params": [p for p in group["params"] if id(p) not in taken]}
+            for group in param_groups(modules, optim_cfg.weight_decay)]
+    return torch.optim.SGD(own + rest, lr=optim_cfg.lr, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov)
 
 
 def lr_factor(iteration: int, milestones: Sequence[int], gamma: float, warmup_iters: int = 0,

@@ -169,6 +169,10 @@ class OptimConfig:
     # poly = insightface arcface_torch's (1 - t / train.iterations) ** poly_power after the warm-up
     schedule: str = "multistep"
     poly_power: float = 2.0
+    # the backbone's lr as a fraction of optim.lr (the head and the MHE term keep optim.lr): below 1 when
+    # fine-tuning a trained network under a new head (train.init_from, docs/train.md#fine-tuning-a-released-model);
+    # 0 freezes the backbone
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -291,6 +295,12 @@ class FaceConfig:
             if self.head.parallel == "sharded" and self.mhe.lambda_m > 0:
                 raise ConfigError(f"mhe.objective={self.mhe.objective} is not offered with head.parallel=sharded "
                                   f"(the sharded classifier term is MHE's); use mhe.objective=mhe or a replicated head")
+        if not 0.0 <= self.optim.backbone_lr_scale <= 1.0:
+            raise ConfigError(f"optim.backbone_lr_scale={self.optim.backbone_lr_scale} must be in [0, 1] (a fraction "
+                              "of optim.lr; 0 freezes the backbone)")
+        if self.optim.backbone_lr_scale != 1.0 and self.head.parallel == "sharded":
+            raise ConfigError("optim.backbone_lr_scale is offered with a replicated head only (head.parallel="
+                              "replicated); a sharded head's optimiser state is gathered as two parameter groups")
         try:
             self.mhe.settings()
         except ValueError as exc:

@@ -134,7 +134,7 @@ class FaceTrainer(Task):
         self.model.to(self.device, memory_format=self.memory_format, dtype=self.dtype)
         if cfg.train.init_from:
             self._init_weights(cfg.train.init_from)
-        self.optimizer = build_optimizer([self.model], cfg.optim)
+        self.optimizer = build_optimizer([self.model], cfg.optim, backbone=self.model.backbone)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.iterations)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if self.compiled:  # in place (Module.compile): state_dict keys stay those of the plain backbone
@@ -254,7 +254,7 @@ class FaceTrainer(Task):
         images = images.to(self.device, dtype=self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         if self.model.lambda_m > 0 and self.model.mhe_term is not None:  # its projections' / poles' inner steps
-            self.model.mhe_term.advance(head_dtype(self.model.head.weight), labels, self.optimizer.param_groups[0]["lr"])
+            self.model.mhe_term.advance(head_dtype(self.model.head.weight), labels, self.optimizer.param_groups[-1]["lr"])
         with autocast(self.device, self.precision):  # the head and MHE inside turn it off again
             out, mhe = self.net(images, labels)
         loss = out.loss + self.model.lambda_m * mhe  # the one place lambda_M is applied
@@ -309,7 +309,7 @@ class FaceTrainer(Task):
     def log(self, iteration: int, means: Dict[str, float], steps: int, seconds: float) -> None:
         ips = steps * self.cfg.train.batch_size / seconds
         row = {k: means.get(k, float("nan")) for k in ("loss", *self._term_keys, "mhe", "acc")}
-        row.update(images_per_s=ips, iteration=iteration, lr=self.optimizer.param_groups[0]["lr"], **self.head_terms())
+        row.update(images_per_s=ips, iteration=iteration, lr=self.optimizer.param_groups[-1]["lr"], **self.head_terms())
         self.last_report = row
         self.history.append(row)
         self._metrics.log(iteration, **{k: v for k, v in row.items() if k != "iteration"})
