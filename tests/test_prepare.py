@@ -22,7 +22,8 @@ import pytest
 
 from data_prep.geometry import align_face
 from data_prep.image_files import read_image
-from data_prep.prepare import LFW_OVERLAP_CASIA, output_complete
+from data_prep.file_tree import output_complete
+from data_prep.prepare import LFW_OVERLAP_CASIA
 from sphereface_plus.cli import main as cli_main
 from shared_data import LFW
 
