@@ -29,7 +29,7 @@ from data_prep.cifar import CifarData
 from sphereface_plus.cifar.config import (CIFAR_CLASSES, LR_SCHEDULES, MODEL_NAMES, PUBLISHED_CIFAR100, SWEEP_SETTINGS,
                                           CifarConfig)
 from sphereface_plus.cifar.trainer import CifarTrainer
-from sphereface_plus.commands.options import add_field_flags, load_config_from_args
+from sphereface_plus.commands.options import add_field_flags, add_run_arguments, load_config_from_args
 from sphereface_plus.config import config_to_yaml
 from sphereface_plus.engine.device import resolve_device
 from sphereface_plus.engine.precision import resolve_precision
@@ -170,13 +170,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r = parser.add_argument_group("run")
     r.add_argument("--sweep", action="store_true",
                    help="run all 13 settings of the published table into OUT/<setting>/ and write OUT/results.md")
-    r.add_argument("--out", default=None, help="run folder (default: runs/cifar/<dataset>/<setting>, or .../sweep)")
-    r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    add_run_arguments(r, "runs/cifar/<dataset>/<setting>, or .../sweep",
+                      ". The augmentation is vectorised on the batch, so no loader processes (--workers elsewhere) "
+                      "are needed")
     r.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
-    r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default: auto)")
-    r.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (torch.set_num_threads); 0 keeps torch's default. The augmentation "
-                        "is vectorised on the batch, so no loader processes (--workers elsewhere) are needed")
 
 
 def config_from_args(args: argparse.Namespace) -> CifarConfig:

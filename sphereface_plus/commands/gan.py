@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from data_prep.cifar import load_cifar_split
-from sphereface_plus.commands.options import add_field_flags, load_config_from_args
+from sphereface_plus.commands.options import add_field_flags, add_run_arguments, load_config_from_args
 from sphereface_plus.config import config_to_yaml
 from sphereface_plus.engine import checkpoint as ckpt
 from sphereface_plus.engine.device import resolve_device
@@ -128,10 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-sn", "--no_sn", dest="sn", action="store_const", const=False, help="no spectral norm (non-sn-model)")
     add_field_flags(g, _FLAGS)
     r = parser.add_argument_group("run")
-    r.add_argument("--out", default=None, help="run folder (default: runs/gan/<variant>)")
-    r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
-    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_run_arguments(r, "runs/gan/<variant>")
     r.add_argument("--inception-weights", "--inception_weights", default=None, metavar="PATH",
                    help="the torch-fidelity 2015-12-05 Inception weights (1008-class logits) for the true Inception Score")
     r.add_argument("--init-from", "--init_from", default=None, metavar="CKPT",

@@ -3,6 +3,7 @@
 - :func:`add_inference_arguments`: ``--precision auto|fp32|bf16`` (:func:`add_precision_argument`) and
   ``--runtime auto|torch|onnxruntime`` of every command that embeds images (``verify``, ``compare``,
   ``megaface export``).
+- :func:`add_run_arguments`: ``--out``, ``--resume``, ``--device``, ``--threads`` of the CIFAR and GAN runs.
 - :func:`add_field_flags` / :func:`load_config_from_args`: a recipe's top-level fields as flags (the
   CIFAR and GAN commands keep the seed scripts' flags that way), merged as defaults < ``--config`` YAML <
   ``key=value`` < flags.
@@ -36,6 +37,16 @@ def add_inference_arguments(parser) -> None:
                              "once, checked against PyTorch to 1e-5, cached under ~/.cache/sphereface_plus/onnx); "
                              "default auto = onnxruntime for float32 on a CPU when it is installed (faster there), "
                              f"else torch; ${RUNTIME_ENV} sets the default")
+
+
+def add_run_arguments(group, default_out: str, threads_note: str = "") -> None:
+    """``--out``, ``--resume``, ``--device`` and ``--threads`` of a CIFAR or GAN run (``default_out``: where
+    the run goes without ``--out``)."""
+    group.add_argument("--out", default=None, help=f"run folder (default: {default_out})")
+    group.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default: auto)")
+    group.add_argument("--threads", type=int, default=0,
+                       help="CPU threads for torch (torch.set_num_threads); 0 keeps torch's default" + threads_note)
 
 
 def add_field_flags(group, fields: Dict[str, Any], aliases: Optional[Dict[str, List[str]]] = None) -> None:
