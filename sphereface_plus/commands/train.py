@@ -37,7 +37,7 @@ from sphereface_plus.engine.preempt import Preemption
 from sphereface_plus.engine.run_folder import RunFolder
 from sphereface_plus.errors import MissingFileError, ToolkitError
 from sphereface_plus.face.config import FaceConfig, load_config
-from sphereface_plus.face.init_source import adopt_init_source, init_source_of
+from sphereface_plus.face.init_source import start_from
 from sphereface_plus.face.resolve import DataFacts, Resolved, resolve
 from sphereface_plus.face.trainer import FaceTrainer
 from sphereface_plus.utils import atomic_write_text, is_rank0
@@ -54,8 +54,8 @@ def resolve_recipe(cfg: FaceConfig) -> Resolved:
     """The recipe resolved once (:func:`~sphereface_plus.face.resolve.resolve`) after the data section is
     checked by its owner (``data_prep``: source, template, root), with the network of ``train.init_from``'s
     checkpoint when there is one (:mod:`sphereface_plus.face.init_source`); nothing is built."""
-    init = init_source_of(cfg)
-    return resolve(cfg, DataFacts(check_data_config(adopt_init_source(cfg, init).data)), init)
+    cfg, init = start_from(cfg)
+    return resolve(cfg, DataFacts(check_data_config(cfg.data)), init)
 
 
 def load_train_config(path: Optional[str] = None, overrides=()) -> FaceConfig:
@@ -103,7 +103,8 @@ def train(cfg: Union[FaceConfig, Dict[str, Any], str, Path], resume: Optional[st
             raise MissingFileError(f"--resume {resume}: no such file; give an existing checkpoint (<out_dir>/"
                                    "checkpoints/last.pt of a run) or --resume auto")
         load_checkpoint(resume)
-    resolved = resolve_recipe(cfg)  # once, before anything is built (reads train.init_from's checkpoint)
+    cfg, init = start_from(cfg)  # train.init_from's network, its input convention and weights, read once
+    resolved = resolve(cfg, DataFacts(check_data_config(cfg.data)), init)  # once, before anything is built
     cfg = resolved.config  # what is built from here on: the values in force (the template of train.init_from's model)
     if cfg.eval.packs:
         pack_paths(cfg.eval.pack_dir, check_pack_names(cfg.eval.packs, "eval.packs"), where="eval.pack_dir")

@@ -18,24 +18,26 @@ docs/train.md#fine-tuning-a-released-model). Either way the weights decide the n
   starts a new one (logged): a released model's identities are not yours.
 
 :func:`read_init_source` reads the checkpoint (I/O, once, before the run folder is touched);
-:func:`adopt_init_source` is pure and is applied by :func:`sphereface_plus.face.resolve.resolve`.
+:func:`adopt_init_source` is pure; :func:`start_from` does both for a recipe, before
+:func:`sphereface_plus.face.resolve.resolve` records what the checkpoint says.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from sphereface_plus.config import ConfigError
 from sphereface_plus.face.config import DataConfig, FaceConfig, ModelConfig
 
-__all__ = ["InitSource", "read_init_source", "init_source_of", "adopt_init_source"]
+__all__ = ["InitSource", "read_init_source", "init_source_of", "adopt_init_source", "start_from"]
 
 
 @dataclass(frozen=True)
 class InitSource:
-    """What a ``train.init_from`` checkpoint says about the run (not its weights: those are loaded by the
-    trainer). ``preprocessing``: the imported model's input convention as a dict, None for the toolkit's own."""
+    """What a ``train.init_from`` checkpoint says about the run. ``preprocessing``: the imported model's input
+    convention as a dict, None for the toolkit's own; ``weights``: its ``model`` (backbone) and ``head`` state
+    dicts and ``iteration``, read with the rest (the trainer loads them: the file is read once)."""
 
     path: str
     backbone: str
@@ -44,6 +46,7 @@ class InitSource:
     template: str = "112x96"
     preprocessing: Optional[Dict[str, Any]] = None
     head_name: Optional[str] = None
+    weights: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 def read_init_source(path: str) -> InitSource:
@@ -61,8 +64,9 @@ def read_init_source(path: str) -> InitSource:
         template = str((state["config"].get("data") or {}).get("template", DataConfig.template))
         head = state["config"].get("head") or {}
         head_name = head.get("name") if isinstance(head, dict) else None
+        weights = {"model": state["model"], "head": state.get("head"), "iteration": state.get("iteration")}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"train.init_from {path}: not a checkpoint of this toolkit (no model config: {e}); "
+        raise CheckpointError(f"train.init_from {path}: not a checkpoint of this toolkit (no model config or weights: {e}); "
                               "give a run's checkpoints/last.pt or a model written by `sphereface-plus import`") from None
     pre = None
     if PREPROCESSING_KEY in state:
@@ -72,7 +76,7 @@ def read_init_source(path: str) -> InitSource:
                                   f"data.template {template}; import the model again")
         pre = None if pre.is_toolkit_input() else pre.to_dict()
     return InitSource(path=str(path), backbone=backbone, embedding_dim=dim, kwargs=kwargs, template=template,
-                      preprocessing=pre, head_name=head_name)
+                      preprocessing=pre, head_name=head_name, weights=weights)
 
 
 def init_source_of(config: FaceConfig) -> Optional[InitSource]:
@@ -112,3 +116,9 @@ def adopt_init_source(config: FaceConfig, init: Optional[InitSource]) -> FaceCon
                               f"{section}.{key}={value!r}; leave {section}.{key} out (it follows train.init_from)")
         setattr(getattr(out, section), key, copy.deepcopy(value))
     return out
+
+
+def start_from(config: FaceConfig) -> Tuple[FaceConfig, Optional[InitSource]]:
+    """``(config with train.init_from's network, what the checkpoint says)``; ``(config, None)`` without one."""
+    init = init_source_of(config)
+    return adopt_init_source(config, init), init

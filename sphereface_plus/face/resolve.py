@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from sphereface_plus.config import ConfigError
 from sphereface_plus.face.config import FaceConfig
-from sphereface_plus.face.init_source import InitSource, adopt_init_source
+from sphereface_plus.face.init_source import InitSource
 from sphereface_plus.face.layout import HeadSpec, Replicated, create_layout
 
 __all__ = ["DataFacts", "Resolved", "resolve", "head_settings_in_force"]
@@ -50,8 +50,13 @@ class Resolved:
     input_size: Tuple[int, int]
     head: HeadSpec
     layout: Replicated  # how the head is laid out over the processes: what builds it (face.layout)
-    # the input convention of an imported model the run starts from (train.init_from), None for the toolkit's own
-    preprocessing: Optional[Dict[str, Any]] = None
+    # what train.init_from's checkpoint says, and its weights (face/init_source.py); None without one
+    init: Optional[InitSource] = None
+
+    @property
+    def preprocessing(self) -> Optional[Dict[str, Any]]:
+        """The input convention of an imported model the run starts from, None for the toolkit's own."""
+        return None if self.init is None else self.init.preprocessing
 
 
 def head_settings_in_force(name: str, given: Dict[str, Any]) -> Dict[str, Any]:
@@ -71,14 +76,12 @@ def head_settings_in_force(name: str, given: Dict[str, Any]) -> Dict[str, Any]:
 
 def resolve(config: FaceConfig, data: Any, init: Optional[InitSource] = None) -> Resolved:
     """The run's values in force. ``data``: :class:`DataFacts` or the training set (anything with
-    ``input_size`` ``(H, W)``) of the template in force (``adopt_init_source(config, init).data``);
-    ``init``: what ``train.init_from``'s checkpoint says (:func:`~sphereface_plus.face.init_source.
-    read_init_source`), or None. Raises :class:`~sphereface_plus.config.ConfigError` when the config, the
+    ``input_size`` ``(H, W)``); ``init``: what ``train.init_from``'s checkpoint says, with ``config`` already
+    holding its network (both from :func:`~sphereface_plus.face.init_source.start_from`), or None. Raises :class:`~sphereface_plus.config.ConfigError` when the config, the
     data and the checkpoint disagree."""
     from sphereface_plus.engine.compile import normalize_compile
     from sphereface_plus.mhe import normalize_power
 
-    config = adopt_init_source(config, init)
     input_size = (int(data.input_size[0]), int(data.input_size[1]))
     given = config.model.input_size
     if given is not None and tuple(int(v) for v in given) != input_size:
@@ -94,4 +97,4 @@ def resolve(config: FaceConfig, data: Any, init: Optional[InitSource] = None) ->
     resolved.train.compile = normalize_compile(config.train.compile)
     spec = HeadSpec(head.name, head.parallel, float(head.sample_rate), dict(settings))
     return Resolved(config=resolved, input_size=input_size, head=spec, layout=create_layout(spec),
-                    preprocessing=None if init is None else init.preprocessing)
+                    init=init)

@@ -43,6 +43,7 @@ from sphereface_plus.engine.run_log import MetricsLogger, open_tensorboard
 from sphereface_plus.engine.sampler import ResumableSampler
 from sphereface_plus.face.config import FaceConfig
 from sphereface_plus.face.model import head_dtype
+from sphereface_plus.face.init_source import InitSource
 from sphereface_plus.face.resolve import Resolved, head_settings_in_force
 from sphereface_plus.heads.functional import check_labels
 from sphereface_plus.importers.preprocessing import PREPROCESSING_KEY, Preprocessing, source_backbone, wrap_backbone
@@ -132,8 +133,10 @@ class FaceTrainer(Task):
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"head.name={resolved.head.name!r} with {resolved.head.settings}: {exc}") from None
         self.model.to(self.device, memory_format=self.memory_format, dtype=self.dtype)
-        if cfg.train.init_from:
-            self._init_weights(cfg.train.init_from)
+        if cfg.train.init_from:  # the weights read with the checkpoint's metadata (face/init_source.py)
+            if resolved.init is None:  # a caller's mistake: FaceTrainer.from_config and the command resolve with it
+                raise ValueError("train.init_from is set: resolve the recipe with face.init_source.start_from")
+            self._init_weights(resolved.init)
         self.optimizer = build_optimizer([self.model], cfg.optim, backbone=self.model.backbone)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.iterations)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -165,29 +168,28 @@ class FaceTrainer(Task):
     def from_config(cls, cfg: FaceConfig, dataset, dist: Optional[DistInfo] = None,
                     verifier: Optional[Verifier] = None) -> "FaceTrainer":
         """A trainer of a recipe and its training set: the recipe is resolved against the data here."""
-        from sphereface_plus.face.init_source import init_source_of
+        from sphereface_plus.face.init_source import start_from
         from sphereface_plus.face.resolve import resolve
 
-        return cls(resolve(cfg, dataset, init_source_of(cfg)), dataset, dist, verifier)
+        cfg, init = start_from(cfg)
+        return cls(resolve(cfg, dataset, init), dataset, dist, verifier)
 
-    def _init_weights(self, path: str) -> None:
-        """The backbone of checkpoint ``path`` (a run's or an imported model's), and its head where it is the
+    def _init_weights(self, init: InitSource) -> None:
+        """The backbone of ``train.init_from`` (a run's or an imported model's), and its head where it is the
         same head over as many classes; otherwise the new head stays (face/init_source.py)."""
-        state = ckpt.load_checkpoint(path)
-        self.network.load_state_dict(state["model"])
-        head = state.get("head")
-        saved_name = (state.get("config") or {}).get("head", {}).get("name")
+        self.network.load_state_dict(init.weights["model"])
+        head = init.weights.get("head")
         own = self.model.head.state_dict() if self.layout.rank_rows(self.model.head) is None else None
-        fits = (head is not None and saved_name in (None, self.resolved.head.name)
+        fits = (head is not None and init.head_name in (None, self.resolved.head.name)
                 and (own is None or (set(head) == set(own)
                                      and all(tuple(head[k].shape) == tuple(own[k].shape) for k in own))))
         if fits:
-            self.layout.load_head_state(self.model.head, head, path)
+            self.layout.load_head_state(self.model.head, head, init.path)
         elif head is not None:
             logger.info("train.init_from %s: its head (%s) is not this run's %s over %d classes: a new head",
-                        path, saved_name or "unnamed", self.resolved.head.name, self.num_classes)
-        logger.info("initialised the backbone%s from %s (iteration %s)", " and head" if fits else "", path,
-                    state.get("iteration"))
+                        init.path, init.head_name or "unnamed", self.resolved.head.name, self.num_classes)
+        logger.info("initialised the backbone%s from %s (iteration %s)", " and head" if fits else "", init.path,
+                    init.weights.get("iteration"))
 
     @property
     def network(self) -> torch.nn.Module:
