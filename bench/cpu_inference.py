@@ -1,6 +1,6 @@
 """Embedding on a CPU: the toolkit against ONNX Runtime on the toolkit's own export, for every face backbone.
 
-    PYTHONPATH=. python bench/cpu_inference.py [--backbones sphere20,sfnet20,iresnet50,mobilefacenet]
+    PYTHONPATH=. python bench/cpu_inference.py [--backbones sphere20,sfnet20,iresnet50,mobilefacenet,dlib_resnet29]
         [--batch-sizes 64,2] [--rounds 5] [--threads N] [--data-path] [--out bench/results/cpu_inference.md]
 
 Per backbone: a seeded network (its batch-norm statistics those of the crops, as a trained network's
@@ -55,6 +55,7 @@ BACKBONES = {
     "sfnet20": ("sfnet20", {"input_size": [112, 112]}),
     "iresnet50": ("iresnet50", {"input_size": [112, 112]}),
     "mobilefacenet": ("mobilefacenet", {"input_size": [112, 96], "embedding_dim": 128, "scale": 1}),
+    "dlib_resnet29": ("dlib_resnet29", {"input_size": [150, 150], "embedding_dim": 128}),  # dlib's chip
 }
 
 

@@ -161,7 +161,8 @@ def main(argv=None):
             overrides = [f"out_dir={out / name}", f"train.init_from={model}", f"data.root={args.crops}",
                          f"data.list_file={listing}", f"train.iterations={args.iterations}",
                          f"train.batch_size={args.batch_size}", f"optim.lr={args.lr}", f"train.seed={args.seed}",
-                         f"optim.backbone_lr_scale={args.backbone_lr_scale}", f"optim.milestones=[{args.iterations * 2 // 3}]",
+                         f"optim.backbone_lr_scale={args.backbone_lr_scale}",
+                         f"optim.milestones=[{args.iterations * 2 // 3}]",
                          f"mhe.lambda_m={lam}"]
             resume = "auto" if (out / name / "checkpoints").is_dir() else None
             summary = train(str(ROOT / "configs" / "face" / "finetune_dlib.yaml"), resume=resume, overrides=overrides)

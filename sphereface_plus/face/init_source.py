@@ -66,8 +66,9 @@ def read_init_source(path: str) -> InitSource:
         head_name = head.get("name") if isinstance(head, dict) else None
         weights = {"model": state["model"], "head": state.get("head"), "iteration": state.get("iteration")}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"train.init_from {path}: not a checkpoint of this toolkit (no model config or weights: {e}); "
-                              "give a run's checkpoints/last.pt or a model written by `sphereface-plus import`") from None
+        raise CheckpointError(f"train.init_from {path}: not a checkpoint of this toolkit (no model config or weights: "
+                              f"{e}); give a run's checkpoints/last.pt or a model written by `sphereface-plus import`"
+                              ) from None
     pre = None
     if PREPROCESSING_KEY in state:
         pre = Preprocessing.from_dict(state[PREPROCESSING_KEY], f"train.init_from {path}")

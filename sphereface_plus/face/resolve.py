@@ -77,8 +77,8 @@ def head_settings_in_force(name: str, given: Dict[str, Any]) -> Dict[str, Any]:
 def resolve(config: FaceConfig, data: Any, init: Optional[InitSource] = None) -> Resolved:
     """The run's values in force. ``data``: :class:`DataFacts` or the training set (anything with
     ``input_size`` ``(H, W)``); ``init``: what ``train.init_from``'s checkpoint says, with ``config`` already
-    holding its network (both from :func:`~sphereface_plus.face.init_source.start_from`), or None. Raises :class:`~sphereface_plus.config.ConfigError` when the config, the
-    data and the checkpoint disagree."""
+    holding its network (both from :func:`~sphereface_plus.face.init_source.start_from`), or None. Raises
+    :class:`~sphereface_plus.config.ConfigError` when the config and the data disagree."""
     from sphereface_plus.engine.compile import normalize_compile
     from sphereface_plus.mhe import normalize_power
 
