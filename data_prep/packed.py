@@ -267,7 +267,10 @@ class PackedReader:
         self.template = index.get("template", "")
         self.classes: List[str] = list(index["classes"])
         self.paths: List[str] = list(index["paths"])
-        self.labels = np.asarray(index["labels"], dtype=np.int64)
+        try:  # a label beyond int64 is refused here; the range check below names the valid ones
+            self.labels = np.asarray(index["labels"], dtype=np.int64)
+        except OverflowError:
+            raise InputFileError(f"{p}: labels outside 0..{len(self.classes) - 1}") from None
         if not (len(self.paths) == len(self.labels) == self.shape[0]):
             raise InputFileError(f"{p}: {len(self.paths)} paths, {len(self.labels)} labels but {self.shape[0]} crops")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):

@@ -59,6 +59,7 @@ IJB_TASKS = ("1:1", "1:N", "both")  # verify ijb --task
 IJB_GALLERIES = {"IJBC": ("G1", "G2"), "IJBB": ("S1", "S2")}
 PAIR_BLOCK = 100_000  # template pairs scored per block
 FACE_CHUNK = 65_536  # faces pooled per chunk (bounded float64 memory)
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1  # the ids are held as int64
 
 
 # --------------------------------------------------------------------------- meta files
@@ -86,7 +87,20 @@ def _require(path: Path, what: str) -> None:
 
 
 def _bad_line(path, line_no: int, line: str, problem: str, fix: str) -> InputFileError:
-    return InputFileError(f"{path}:{line_no}: {problem}: {line.strip()!r}; {fix}")
+    text = line.strip()
+    shown = repr(text if len(text) <= 120 else text[:120] + "...")  # a damaged line can be megabytes long
+    return InputFileError(f"{path}:{line_no}: {problem}: {shown}; {fix}")
+
+
+def _ids(fields: Sequence[str], path: Path, line_no: int, line: str, what: str, fix: str) -> List[int]:
+    """``fields`` as integers that fit the int64 arrays they go into; one error line naming the line otherwise."""
+    try:
+        values = [int(v) for v in fields]
+    except ValueError:
+        raise _bad_line(path, line_no, line, f"{what} must be integers", fix) from None
+    if any(not _INT64_MIN <= v <= _INT64_MAX for v in values):
+        raise _bad_line(path, line_no, line, f"{what} must fit a 64-bit integer", fix)
+    return values
 
 
 def _data_lines(path: Path):
@@ -107,11 +121,9 @@ def read_face_tid_mid(path) -> Tuple[List[str], np.ndarray, np.ndarray]:
     for line_no, line, f in _data_lines(path):
         if len(f) != 3:
             raise _bad_line(path, line_no, line, f"expected 3 fields, got {len(f)}", fix)
-        try:
-            tids.append(int(f[1]))
-            mids.append(int(f[2]))
-        except ValueError:
-            raise _bad_line(path, line_no, line, "template and media ids must be integers", fix) from None
+        tid, mid = _ids(f[1:], path, line_no, line, "template and media ids", fix)
+        tids.append(tid)
+        mids.append(mid)
         names.append(f[0])
     if not names:
         raise InputFileError(f"{path} lists no faces; {fix}")
@@ -124,10 +136,7 @@ def _scan_pairs(path: Path) -> None:
     for line_no, line, f in _data_lines(path):
         if len(f) != 3:
             raise _bad_line(path, line_no, line, f"expected 3 fields, got {len(f)}", fix)
-        try:
-            values = [int(v) for v in f]
-        except ValueError:
-            raise _bad_line(path, line_no, line, "fields must be integers", fix) from None
+        values = _ids(f, path, line_no, line, "fields", fix)
         if values[2] not in (0, 1):
             raise _bad_line(path, line_no, line, f"label must be 0 or 1, got {values[2]}", fix)
 
@@ -265,10 +274,7 @@ def read_template_subjects(path) -> Tuple[np.ndarray, np.ndarray]:
         f = [x.strip() for x in line.split(",")]
         if len(f) < 2:
             raise _bad_line(path, line_no, line, f"expected at least 2 comma-separated fields, got {len(f)}", fix)
-        try:
-            t, sub = int(f[0]), int(f[1])
-        except ValueError:
-            raise _bad_line(path, line_no, line, "template and subject ids must be integers", fix) from None
+        t, sub = _ids(f[:2], path, line_no, line, "template and subject ids", fix)
         if t in subject_of and subject_of[t][0] != sub:
             raise _bad_line(path, line_no, line, f"template {t} was listed with subject {subject_of[t][0]} on line "
                             f"{subject_of[t][1]}", "a template belongs to one subject: use the files of one release")
