@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
 from sphereface_plus.errors import UsageError
+from sphereface_plus.errors import short_repr as _short
 
 logger = logging.getLogger(__name__)
 
@@ -112,17 +113,6 @@ def _unknown_key(key: str, root: Any, source: str) -> ConfigError:
         close = [k for k in valid if k.rsplit(".", 1)[-1] == leaf][:1]
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r} (in {source}).{hint} Valid keys: {', '.join(valid)}")
-
-
-def _short(value: Any) -> str:
-    """``repr(value)`` cut to a few items and characters: a value in an error message may be an enormous
-    (or aliased, YAML ``*ref``) structure whose full repr would take minutes and gigabytes."""
-    import reprlib
-
-    short = reprlib.Repr()
-    short.maxlevel, short.maxstring, short.maxother = 3, 80, 80
-    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 6
-    return short.repr(value)
 
 
 def coerce_value(value: Any, tp: Any, key: str, source: str) -> Any:

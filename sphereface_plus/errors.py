@@ -15,7 +15,7 @@ from pathlib import Path
 
 __all__ = [
     "ToolkitError", "UsageError", "InputFileError", "MissingFileError", "CheckpointError",
-    "RunEnvironmentError", "TrainingDiverged", "RunStopped", "require_file", "require_dir", "one_line",
+    "RunEnvironmentError", "TrainingDiverged", "RunStopped", "require_file", "require_dir", "one_line", "short_repr",
 ]
 
 
@@ -111,3 +111,15 @@ def one_line(exc: BaseException) -> str:
         name, sep, rest = last.partition(": ")
         text = rest if sep and name.replace(".", "").replace("_", "").isalnum() else last
     return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(exc).__name__
+
+
+def short_repr(value) -> str:
+    """``repr(value)`` cut to a few items and characters: a value in an error message may be an enormous (or
+    aliased: a YAML ``*ref``, a pickle's memo references) structure whose full repr would take minutes and
+    gigabytes."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, 80, 80
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 6
+    return short.repr(value)

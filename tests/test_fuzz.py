@@ -214,7 +214,7 @@ def test_a_yaml_alias_bomb_is_refused_in_a_moment(tmp_path):
 
 # ------------------------------------------- reproducers too large to store as files, rebuilt from the seeds
 @pytest.mark.parametrize("change", ["blocks", "block-count", "embedding", "kwargs-type", "builder-value", "config-type",
-                                    "laughs"])
+                                    "laughs", "negative-width", "infinite-blocks", "preprocessing-laughs"])
 def test_a_checkpoint_config_the_weights_cannot_justify_is_refused(change, tmp_path):
     """The campaign's checkpoint reproducers (2 MB each): a config asking for a network far larger than the file
     (it used to be built: 2 TB asked of the allocator; a block count of 10**30 was built part by part on the meta
@@ -240,10 +240,21 @@ def test_a_checkpoint_config_the_weights_cannot_justify_is_refused(change, tmp_p
         model["kwargs"] = {"blocks": []}
     elif change == "config-type":
         state["config"] = dict(state["config"], data=7)
+    elif change == "negative-width":  # the builder's own RuntimeError (a tensor of negative size)
+        model["embedding_dim"] = -1
+    elif change == "infinite-blocks":  # int(inf) in the builder: OverflowError
+        model["kwargs"] = {"scale": 1, "blocks": [1, 1, float("inf"), 1]}
+    elif change == "preprocessing-laughs":  # an imported model's text field as a billion-laughs list (its repr hung)
+        from sphereface_plus.importers.preprocessing import INSIGHTFACE
+
+        state["preprocessing"] = dict(INSIGHTFACE.to_dict(), template="112x96", embedding=wide_alias(9))
     else:
         state["config"]["notes"] = wide_alias(9)
     path = tmp_path / "model.pt"
-    path.write_bytes(checkpoint_bytes(state) if change != "laughs" else _keep_digest(state))
+    if change == "preprocessing-laughs":  # as the campaign wrote it: without a checksum (an older toolkit's file)
+        path.write_bytes(checkpoint_bytes(state, integrity=False))
+    else:
+        path.write_bytes(checkpoint_bytes(state) if change != "laughs" else _keep_digest(state))
     with pytest.raises(CheckpointError, match="model.pt"):
         load_embedding_model(path)
 

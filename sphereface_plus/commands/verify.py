@@ -80,7 +80,7 @@ from eval.report import format_report, plot_roc, verification_markdown, write_js
 from eval.runtime import load_inference_model
 from sphereface_plus.commands.options import add_inference_arguments
 from sphereface_plus.engine.checkpoint import load_checkpoint, write_checkpoint
-from sphereface_plus.errors import UsageError, require_dir, require_file
+from sphereface_plus.errors import InputFileError, UsageError, require_dir, require_file
 from sphereface_plus.utils import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -211,6 +211,17 @@ def build_pairs(args):
     return P.bin_pack_pairs(issame, num_folds=args.folds), images
 
 
+def _evaluate(paths, feats, pairs, source, **kwargs) -> Dict:
+    """:func:`eval.lfw.evaluate_features`; features it cannot score (NaN, all equal) are refused naming the file
+    they came from (a checkpoint whose weights give them, or a features file)."""
+    try:
+        return evaluate_features(paths, feats, pairs, source=source, **kwargs)
+    except InputFileError as e:
+        if str(source) in str(e):
+            raise
+        raise InputFileError(f"{source}: {e}") from None
+
+
 def compute_features(args, pairs, pack_images) -> Tuple[List[str], np.ndarray, bool, Optional[dict]]:
     """``(paths, features, flip_halves, info)`` of every image in ``pairs``, from the checkpoint or the .npz;
     ``flip_halves``: the rows are ``[f(crop), f(mirror)]`` (extracted with flip, or an .npz that says so);
@@ -257,13 +268,13 @@ def run(args) -> int:
     if args.save_features:
         F.save_features_npz(args.save_features, paths, feats, layout=F.CROP_MIRROR_LAYOUT if flip_halves else None)
         logger.info("features saved to %s", args.save_features)
-    source = args.features or "the extracted features"
-    report = evaluate_features(paths, feats, pairs, mean_sub=not args.no_mean_sub, source=source,
-                               protocol=args.protocol, flip_halves=flip_halves)
+    source = args.features or args.checkpoint or "the extracted features"
+    report = _evaluate(paths, feats, pairs, source, mean_sub=not args.no_mean_sub, protocol=args.protocol,
+                       flip_halves=flip_halves)
     if args.save_model:
         # compare scores one pair by plain cosine (no dataset mean to subtract): store that threshold
         same = args.no_mean_sub and args.protocol == "sphereface"
-        plain = report if same else evaluate_features(paths, feats, pairs, mean_sub=False, source=source)
+        plain = report if same else _evaluate(paths, feats, pairs, source, mean_sub=False)
         threshold = float(plain["threshold"])
         how = (f"verify {args.source}, {len(pairs)} pairs, plain cosine, "
                f"{'crop only' if args.no_flip else 'crop + mirror'}")

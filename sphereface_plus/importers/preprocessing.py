@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from sphereface_plus.templates import TEMPLATE_SIZES
-from sphereface_plus.errors import CheckpointError, UsageError
+from sphereface_plus.errors import CheckpointError, UsageError, short_repr
 
 __all__ = ["PREPROCESSING_KEY", "COLORS", "FLIP_POLICIES", "TEMPLATE_SIZES", "Preprocessing", "SourceInput",
            "TOOLKIT", "SPHEREFACE", "INSIGHTFACE", "OPENSPHERE", "DLIB", "wrap_backbone", "source_backbone"]
@@ -57,7 +57,7 @@ def _three(value: Number, name: str, where: str) -> List[float]:
     if len(vals) == 1:
         vals = vals * 3
     if len(vals) != 3 or not all(v == v for v in vals):
-        raise CheckpointError(f"{where}: preprocessing {name} must be one number or three (one per channel), got {value!r}")
+        raise CheckpointError(f"{where}: preprocessing {name} must be one number or three (one per channel), got {short_repr(value)}")
     return vals
 
 
@@ -78,12 +78,16 @@ class Preprocessing:
         self.check("preprocessing")
 
     def check(self, where: str) -> "Preprocessing":
+        for name in ("template", "color", "flip", "embedding", "source"):  # text fields, checked before any use
+            value = getattr(self, name)
+            if not isinstance(value, str) or len(value) > 200:
+                raise CheckpointError(f"{where}: {name} must be a short text, got {short_repr(value)}")
         if self.template not in TEMPLATE_SIZES:
-            raise CheckpointError(f"{where}: template {self.template!r} is not one of {', '.join(TEMPLATE_SIZES)}")
+            raise CheckpointError(f"{where}: template {short_repr(self.template)} is not one of {', '.join(TEMPLATE_SIZES)}")
         if self.color not in COLORS:
-            raise CheckpointError(f"{where}: color {self.color!r} is not one of {', '.join(COLORS)}")
+            raise CheckpointError(f"{where}: color {short_repr(self.color)} is not one of {', '.join(COLORS)}")
         if self.flip not in FLIP_POLICIES:
-            raise CheckpointError(f"{where}: flip {self.flip!r} is not one of {', '.join(FLIP_POLICIES)}")
+            raise CheckpointError(f"{where}: flip {short_repr(self.flip)} is not one of {', '.join(FLIP_POLICIES)}")
         self.mean = _three(self.mean, "mean", where)
         self.std = _three(self.std, "std", where)
         if any(s == 0 for s in self.std):

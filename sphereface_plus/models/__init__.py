@@ -138,17 +138,27 @@ def _check_arguments(spec: BackboneSpec, kwargs: Mapping[str, Any]) -> None:
         _check_input_size(spec, kwargs["input_size"])
 
 
+def _short_kwargs(kwargs: Mapping[str, Any]) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered backbone ``name``.
 
     An unknown name lists the registered ones; an unknown keyword or an input size the architecture
-    does not support is a :class:`BackboneOptionError` naming the valid ones.
+    does not support is a :class:`BackboneOptionError` naming the valid ones, and so is a value the builder
+    refuses (a negative width, an infinite block count: a damaged checkpoint's config).
     """
     spec = backbone_spec(name)
     _check_arguments(spec, kwargs)
     if "input_size" in kwargs:
         kwargs["input_size"] = tuple(int(v) for v in kwargs["input_size"])
-    return spec.builder(**kwargs)
+    try:
+        return spec.builder(**kwargs)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:  # e.g. embedding_dim=-1, blocks=[inf]
+        raise BackboneOptionError(f"backbone {name!r} cannot be built with {_short_kwargs(kwargs)}: "
+                                  f"{str(e).splitlines()[0][:200]}") from None
 
 
 def _as_mapping(model: Any) -> Mapping[str, Any]:
