@@ -259,6 +259,27 @@ def test_a_checkpoint_config_the_weights_cannot_justify_is_refused(change, tmp_p
         load_embedding_model(path)
 
 
+@pytest.mark.parametrize("weights", ["nan", "zero"])
+def test_verify_names_the_checkpoint_whose_features_cannot_be_scored(weights, tmp_path, capsys):
+    """The campaign's reproducers (2 MB each, rebuilt): weights that give NaN features, or the same feature for
+    every image, are refused by ``verify`` in one line that names the checkpoint (it named no file)."""
+    import torch
+
+    from fuzz.targets.common import checkpoint_bytes, crops_and_pairs, tiny_checkpoint_state
+    from sphereface_plus.cli import main
+
+    crops, pairs = crops_and_pairs(tmp_path)
+    state = tiny_checkpoint_state()
+    last = [k for k, v in state["model"].items() if v.is_floating_point() and v.dim() >= 2][-1]
+    fill = float("nan") if weights == "nan" else 0.0
+    state["model"] = dict(state["model"], **{last: torch.full_like(state["model"][last], fill)})
+    (tmp_path / "model.pt").write_bytes(checkpoint_bytes(state))
+    status = main(["verify", "pairs", "--checkpoint", str(tmp_path / "model.pt"), "--root", str(crops), "--pairs",
+                   str(pairs), "--workers", "0", "--runtime", "torch"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "model.pt" in err[0], err
+
+
 def _keep_digest(state) -> bytes:
     """``state`` saved with the digest of the tiny model's intact state (computing its own would not end)."""
     import io
