@@ -177,7 +177,13 @@ def embed_batch(model: torch.nn.Module, x: torch.Tensor, flip: bool = True, prec
         b, copies = x.shape[:2]
         return embed_batch(model, x.flatten(0, 1), flip, precision, channels_last).view(b, copies, -1).mean(1)
     n = x.shape[0]
-    if flip:
+    if flip and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
+        # in numpy: a torch operation here wakes torch's thread pool, whose threads keep spinning on the cores
+        # an onnxruntime session (--runtime auto) then needs; measured 1.6x slower at compare's batch of 2
+        # (bench/results/cpu_inference.md, docs/performance.md#cpu-inference). The values are the same.
+        xn = x.numpy()
+        x = torch.from_numpy(np.concatenate([xn, xn[..., ::-1]]))
+    elif flip:
         x = torch.cat([x, torch.flip(x, dims=[3])])
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
