@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -33,6 +34,35 @@ def machine() -> Dict[str, object]:
                                "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def cpu_name() -> str:
+    """The CPU a figure ran on: lscpu's model name with the family / model numbers and the vector extensions that matter here."""
+    name = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                name = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    info = cpuinfo()
+    flags = set(info.get("flags", "").split())
+    ext = [label for flag, label in (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"),
+                                     ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")) if flag in flags]
+    return (f"{name} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}; "
+            f"{', '.join(ext) or 'no AVX2'})")
+
+
+def cpuinfo() -> Dict[str, str]:
+    info: Dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
     return info
 
 

@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._timing import RESULTS, alternate, load_average, machine, write_json, write_report  # noqa: E402
+from bench._timing import RESULTS, alternate, cpu_name, cpuinfo, load_average, machine, write_json, write_report  # noqa: E402
 from bench.embed_throughput import model_flops  # noqa: E402
 
 LFW = REPO.parent / "shared" / "data" / "lfw"
@@ -59,35 +57,6 @@ BACKBONES = {
 }
 
 
-def cpu_name() -> str:
-    """lscpu's model name with the family / model numbers and the vector extensions that matter here."""
-    name = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                name = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    info = _cpuinfo()
-    flags = set(info.get("flags", "").split())
-    ext = [label for flag, label in (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"),
-                                     ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")) if flag in flags]
-    return (f"{name} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}; "
-            f"{', '.join(ext) or 'no AVX2'})")
-
-
-def _cpuinfo() -> Dict[str, str]:
-    info: Dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return info
-
-
 def fma_peak(cores: int, ghz: float = 0.0, flops_per_cycle: int = 0) -> Tuple[float, str]:
     """``(float32 FMA peak in GFLOP/s, how it was computed)`` for ``cores`` cores.
 
@@ -98,7 +67,7 @@ def fma_peak(cores: int, ghz: float = 0.0, flops_per_cycle: int = 0) -> Tuple[fl
     "cpu MHz" (in a VM the nominal clock: a boost clock raises the real peak). ``ghz`` and
     ``flops_per_cycle`` override both.
     """
-    info = _cpuinfo()
+    info = cpuinfo()
     flags = set(info.get("flags", "").split())
     vendor, family = info.get("vendor_id", ""), int(info.get("cpu family", "0") or 0)
     if not flops_per_cycle:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -176,7 +174,9 @@ def main(argv=None):
         results.append(row)
         print(json.dumps(row, default=str), flush=True)
         atomic_write_json(out / "results.json", {"args": vars(args), "results": results})
-    meta = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "load": os.getloadavg(),
+    from bench._timing import cpu_name, load_average
+
+    meta = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "load": load_average(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": " ".join(["python bench/finetune_lfw.py"] + list(sys.argv[1:] if argv is None else argv)),
             "people": n_people, "images": n_images, "test_people": n_test_people}
@@ -186,16 +186,6 @@ def main(argv=None):
     if args.tag == "main":
         atomic_write_text(args.results, text)
     return 0
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(results, meta, args) -> str:
